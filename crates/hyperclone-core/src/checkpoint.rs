@@ -1,0 +1,255 @@
+//! A Hugging Face model folder: config.json plus one safetensors file or an index and shards,
+//! memory-mapped and checked against the family's tensor rules and config.json's sizes.
+
+use crate::config::ModelConfig;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::family::{tensor_name, Presence, TensorRule};
+use crate::safetensors::{SafetensorsFile, TensorInfo};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+pub const SINGLE_FILE: &str = "model.safetensors";
+
+/// One weight of the source checkpoint, located and classified.
+#[derive(Debug, Clone)]
+pub struct SourceTensor {
+    pub file: usize,
+    pub info: TensorInfo,
+    pub rule: &'static TensorRule,
+    pub layer: Option<usize>,
+}
+
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub config: ModelConfig,
+    pub files: Vec<SafetensorsFile>,
+    /// Every tensor that will be grown, in (file, offset) order for sequential reading.
+    pub tensors: Vec<SourceTensor>,
+    /// Tensors accepted but not carried over (e.g. rotary `inv_freq` buffers).
+    pub dropped: Vec<String>,
+}
+
+impl Checkpoint {
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::format(dir, "not a directory (expected a Hugging Face model folder)"));
+        }
+        let config = ModelConfig::load(&dir.join("config.json"))?;
+        let file_names = weight_files(dir)?;
+        let mut files = Vec::with_capacity(file_names.len());
+        for name in &file_names {
+            files.push(SafetensorsFile::open(&dir.join(name))?);
+        }
+        check_index_agrees(dir, &files)?;
+        let (tensors, dropped) = classify(&config, &files)?;
+        Ok(Checkpoint { dir: dir.to_path_buf(), config, files, tensors, dropped })
+    }
+
+    pub fn find(&self, name: &str) -> Option<&SourceTensor> {
+        self.tensors.iter().find(|t| t.info.name == name)
+    }
+
+    pub fn parameter_count(&self) -> u64 {
+        self.tensors.iter().map(|t| t.info.numel() as u64).sum()
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.tensors.iter().map(|t| t.info.len as u64).sum()
+    }
+
+    /// Distinct tensor dtypes, for `inspect`.
+    pub fn dtypes(&self) -> Vec<DType> {
+        let mut d: Vec<DType> = self.tensors.iter().map(|t| t.info.dtype).collect();
+        d.sort();
+        d.dedup();
+        d
+    }
+
+    /// sha256 of config.json's bytes.
+    pub fn config_sha256(&self) -> Result<String> {
+        let bytes = std::fs::read(&self.config.path).map_err(|e| Error::io(&self.config.path, e))?;
+        Ok(hex(&Sha256::digest(&bytes)))
+    }
+
+    /// sha256 over every weight file's name and raw JSON header, in file-name order: it
+    /// identifies the source's tensor layout without reading gigabytes of data.
+    pub fn headers_sha256(&self) -> String {
+        let mut h = Sha256::new();
+        let mut files: Vec<&SafetensorsFile> = self.files.iter().collect();
+        files.sort_by(|a, b| a.path.file_name().cmp(&b.path.file_name()));
+        for f in files {
+            let name = f.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            h.update((name.len() as u64).to_le_bytes());
+            h.update(name.as_bytes());
+            h.update((f.header.len() as u64).to_le_bytes());
+            h.update(&f.header);
+        }
+        hex(&h.finalize())
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The weight files of a folder: the shards an index names, or the single file.
+fn weight_files(dir: &Path) -> Result<Vec<String>> {
+    let index = dir.join(INDEX_FILE);
+    if index.exists() {
+        let map = read_index(&index)?;
+        let mut names: Vec<String> = map.into_values().collect();
+        names.sort();
+        names.dedup();
+        for n in &names {
+            if !dir.join(n).is_file() {
+                return Err(Error::format(&index, format!("names shard `{n}`, which does not exist")));
+            }
+        }
+        return Ok(names);
+    }
+    if dir.join(SINGLE_FILE).is_file() {
+        return Ok(vec![SINGLE_FILE.to_string()]);
+    }
+    let hint = if dir.join("pytorch_model.bin").exists() || dir.join("pytorch_model.bin.index.json").exists() {
+        " (found PyTorch .bin weights: convert them to safetensors first, e.g. `save_pretrained(..., safe_serialization=True)`)"
+    } else {
+        ""
+    };
+    Err(Error::format(dir, format!("has neither {SINGLE_FILE} nor {INDEX_FILE}{hint}")))
+}
+
+/// tensor name -> shard file name, from `model.safetensors.index.json`.
+fn read_index(path: &Path) -> Result<BTreeMap<String, String>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let v: Value = serde_json::from_slice(&bytes).map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| Error::format(path, "has no `weight_map` object"))?;
+    map.iter()
+        .map(|(k, v)| match v.as_str() {
+            Some(s) if !s.contains('/') && !s.contains('\\') && s != ".." => Ok((k.clone(), s.to_string())),
+            _ => Err(Error::format(path, format!("`weight_map.{k}` is not a file name in this folder"))),
+        })
+        .collect()
+}
+
+/// The index must describe the shards exactly: no tensor missing, none in two shards.
+fn check_index_agrees(dir: &Path, files: &[SafetensorsFile]) -> Result<()> {
+    let index = dir.join(INDEX_FILE);
+    let mut location: HashMap<&str, &Path> = HashMap::new();
+    for f in files {
+        for t in &f.tensors {
+            if let Some(other) = location.insert(&t.name, &f.path) {
+                return Err(Error::tensor(&f.path, &t.name, format!("also stored in {}", other.display())));
+            }
+        }
+    }
+    if !index.exists() {
+        return Ok(());
+    }
+    for (name, shard) in read_index(&index)? {
+        match location.get(name.as_str()) {
+            Some(p) if p.file_name().map(|n| n.to_string_lossy() == shard.as_str()) == Some(true) => {}
+            Some(p) => {
+                return Err(Error::tensor(&index, &name, format!("the index says {shard}, but it is in {}", p.display())))
+            }
+            None => return Err(Error::tensor(dir.join(&shard), &name, "listed in the index but absent from the shard")),
+        }
+    }
+    Ok(())
+}
+
+fn classify(config: &ModelConfig, files: &[SafetensorsFile]) -> Result<(Vec<SourceTensor>, Vec<String>)> {
+    let family = config.family;
+    let layers = config.num_hidden_layers;
+    let mut tensors = Vec::new();
+    let mut dropped = Vec::new();
+    for (fi, f) in files.iter().enumerate() {
+        for t in &f.tensors {
+            let Some((rule, layer)) = family.match_name(&t.name) else {
+                return Err(Error::tensor(
+                    &f.path,
+                    &t.name,
+                    format!("unexpected for model_type `{}` (not part of its layout)", family.model_type),
+                ));
+            };
+            if let Some(l) = layer {
+                if l >= layers {
+                    return Err(Error::tensor(
+                        &f.path,
+                        &t.name,
+                        format!("layer {l} does not exist: config.json has num_hidden_layers = {layers}"),
+                    ));
+                }
+            }
+            let allowed = match rule.presence {
+                Presence::Required | Presence::UntiedHead | Presence::Dropped => true,
+                Presence::IfConfig(key) => config.flag(key),
+            };
+            if !allowed {
+                let key = match rule.presence {
+                    Presence::IfConfig(k) => k,
+                    _ => unreachable!(),
+                };
+                return Err(Error::tensor(&f.path, &t.name, format!("unexpected: config.json has `{key}` false or absent")));
+            }
+            if rule.presence == Presence::Dropped {
+                dropped.push(t.name.clone());
+                continue;
+            }
+            check_shape(config, rule, &f.path, t)?;
+            tensors.push(SourceTensor { file: fi, info: t.clone(), rule, layer });
+        }
+    }
+    // Every required tensor of every layer must be there.
+    let present: HashMap<&str, ()> = tensors.iter().map(|t| (t.info.name.as_str(), ())).collect();
+    let where_ = if files.len() == 1 { files[0].path.clone() } else { files[0].path.with_file_name(INDEX_FILE) };
+    for rule in family.all_rules() {
+        let required = match rule.presence {
+            Presence::Required => true,
+            Presence::IfConfig(key) => config.flag(key),
+            Presence::UntiedHead => !config.tie_word_embeddings,
+            Presence::Dropped => false,
+        };
+        if !required {
+            continue;
+        }
+        let instances: Vec<Option<usize>> =
+            if rule.pattern.contains("{L}") { (0..layers).map(Some).collect() } else { vec![None] };
+        for layer in instances {
+            let name = tensor_name(rule.pattern, layer);
+            if !present.contains_key(name.as_str()) {
+                let why = if rule.presence == Presence::UntiedHead {
+                    "missing (config.json says the head is untied: tie_word_embeddings = false)".to_string()
+                } else {
+                    format!("missing (required by model_type `{}`)", family.model_type)
+                };
+                return Err(Error::tensor(&where_, name, why));
+            }
+        }
+    }
+    Ok((tensors, dropped))
+}
+
+fn check_shape(config: &ModelConfig, rule: &TensorRule, path: &Path, t: &TensorInfo) -> Result<()> {
+    let expected: Vec<usize> = rule.axes.iter().map(|a| config.space_len(a.0)).collect();
+    if t.shape != expected {
+        let spaces: Vec<String> = rule.axes.iter().map(|a| format!("{:?}", a.0)).collect();
+        return Err(Error::tensor(
+            path,
+            &t.name,
+            format!(
+                "shape {:?} contradicts config.json, which implies {:?} ({})",
+                t.shape,
+                expected,
+                spaces.join(" x ")
+            ),
+        ));
+    }
+    Ok(())
+}

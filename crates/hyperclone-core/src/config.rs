@@ -1,0 +1,175 @@
+//! config.json: the few fields growth reads, and every other key kept verbatim.
+//!
+//! Both transformers 4.x (`torch_dtype`, top-level `rope_theta`) and 5.x (`dtype`,
+//! `rope_parameters`) styles are accepted; rotary settings are never touched, so either
+//! style passes through unchanged.
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::family::{Family, Space};
+use serde_json::{Map, Value};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub path: PathBuf,
+    /// The whole file, key order preserved, so the grown config differs only where it must.
+    pub raw: Map<String, Value>,
+    pub family: &'static Family,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub num_hidden_layers: usize,
+    pub vocab_size: usize,
+    pub tie_word_embeddings: bool,
+    /// The dtype config.json declares (`dtype` or `torch_dtype`), if any.
+    pub declared_dtype: Option<DType>,
+}
+
+impl ModelConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let value: Value = serde_json::from_slice(&text)
+            .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
+        let Value::Object(raw) = value else {
+            return Err(Error::format(path, "not a JSON object"));
+        };
+        Self::from_map(path, raw)
+    }
+
+    pub fn from_map(path: &Path, raw: Map<String, Value>) -> Result<Self> {
+        let err = |m: String| Error::config(path, m);
+        let model_type = raw
+            .get("model_type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| err("has no `model_type`; is this a Hugging Face causal-LM config?".into()))?;
+        let family = Family::lookup(model_type).ok_or_else(|| {
+            err(format!(
+                "model_type `{model_type}` is not supported; supported: {}",
+                Family::supported_names().join(", ")
+            ))
+        })?;
+        let req = |key: &str| -> Result<usize> {
+            match raw.get(key) {
+                Some(v) => v
+                    .as_u64()
+                    .filter(|&x| x > 0)
+                    .map(|x| x as usize)
+                    .ok_or_else(|| err(format!("`{key}` must be a positive integer, found {v}"))),
+                None => Err(err(format!("`{key}` is missing"))),
+            }
+        };
+        let hidden_size = req("hidden_size")?;
+        let num_attention_heads = req("num_attention_heads")?;
+        let num_key_value_heads = match raw.get("num_key_value_heads") {
+            None | Some(Value::Null) => num_attention_heads,
+            Some(_) => req("num_key_value_heads")?,
+        };
+        if num_attention_heads % num_key_value_heads != 0 {
+            return Err(err(format!(
+                "num_attention_heads {num_attention_heads} is not a multiple of num_key_value_heads {num_key_value_heads}"
+            )));
+        }
+        let head_dim = match raw.get("head_dim") {
+            None | Some(Value::Null) => {
+                if hidden_size % num_attention_heads != 0 {
+                    return Err(err(format!(
+                        "hidden_size {hidden_size} is not a multiple of num_attention_heads {num_attention_heads} and no `head_dim` is given"
+                    )));
+                }
+                hidden_size / num_attention_heads
+            }
+            Some(_) => req("head_dim")?,
+        };
+        let tie_word_embeddings = match raw.get("tie_word_embeddings") {
+            None | Some(Value::Null) => family.tie_default,
+            Some(Value::Bool(b)) => *b,
+            Some(v) => return Err(err(format!("`tie_word_embeddings` must be true or false, found {v}"))),
+        };
+        let declared_dtype = ["dtype", "torch_dtype"]
+            .iter()
+            .find_map(|k| raw.get(*k).and_then(Value::as_str))
+            .and_then(DType::parse);
+        Ok(ModelConfig {
+            path: path.to_path_buf(),
+            family,
+            hidden_size,
+            intermediate_size: req("intermediate_size")?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            num_hidden_layers: req("num_hidden_layers")?,
+            vocab_size: req("vocab_size")?,
+            tie_word_embeddings,
+            declared_dtype,
+            raw,
+        })
+    }
+
+    /// Source size of an index space.
+    pub fn space_len(&self, space: Space) -> usize {
+        match space {
+            Space::Vocab => self.vocab_size,
+            Space::Hidden => self.hidden_size,
+            Space::Heads => self.num_attention_heads * self.head_dim,
+            Space::KvHeads => self.num_key_value_heads * self.head_dim,
+            Space::Ffn => self.intermediate_size,
+            Space::HeadDim => self.head_dim,
+        }
+    }
+
+    /// A boolean switch of config.json (`attention_bias`, `mlp_bias`), false when absent.
+    pub fn flag(&self, key: &str) -> bool {
+        self.raw.get(key).and_then(Value::as_bool).unwrap_or(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn cfg(v: Value) -> Result<ModelConfig> {
+        let Value::Object(m) = v else { unreachable!() };
+        ModelConfig::from_map(Path::new("config.json"), m)
+    }
+
+    fn llama() -> Value {
+        json!({"model_type": "llama", "hidden_size": 32, "intermediate_size": 48,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
+               "vocab_size": 96, "torch_dtype": "bfloat16", "rope_theta": 10000.0})
+    }
+
+    #[test]
+    fn reads_4x_and_5x_styles() {
+        let c = cfg(llama()).unwrap();
+        assert_eq!((c.head_dim, c.num_key_value_heads), (8, 2));
+        assert_eq!(c.declared_dtype, Some(DType::BF16));
+        assert!(!c.tie_word_embeddings, "llama defaults to an untied head");
+        let mut v = llama();
+        v.as_object_mut().unwrap().remove("torch_dtype");
+        v["dtype"] = json!("float32");
+        v["rope_parameters"] = json!({"rope_type": "default", "rope_theta": 1e6});
+        assert_eq!(cfg(v).unwrap().declared_dtype, Some(DType::F32));
+    }
+
+    #[test]
+    fn unknown_family_lists_supported() {
+        let mut v = llama();
+        v["model_type"] = json!("mamba");
+        let msg = cfg(v).unwrap_err().to_string();
+        assert!(msg.contains("mamba") && msg.contains("llama") && msg.contains("qwen3"), "{msg}");
+    }
+
+    #[test]
+    fn rejects_inconsistent_heads() {
+        let mut v = llama();
+        v["num_key_value_heads"] = json!(3);
+        assert!(cfg(v).unwrap_err().to_string().contains("not a multiple"));
+        let mut v = llama();
+        v["hidden_size"] = json!(30);
+        assert!(cfg(v).unwrap_err().to_string().contains("head_dim"));
+    }
+}

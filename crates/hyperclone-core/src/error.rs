@@ -1,0 +1,68 @@
+//! One error type for the core. Every variant names the file (and the tensor where there is
+//! one) so the CLI can print a single self-explaining line.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An operating-system error on a file we read or write.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file whose contents are not what its format promises (corrupt safetensors, bad JSON).
+    #[error("{}: {message}", path.display())]
+    Format { path: PathBuf, message: String },
+    /// A tensor that is missing, unexpected, or has the wrong dtype or shape.
+    #[error("{}: tensor `{tensor}`: {message}", path.display())]
+    Tensor {
+        path: PathBuf,
+        tensor: String,
+        message: String,
+    },
+    /// config.json describes something we cannot grow (unknown family, missing field, ...).
+    #[error("{}: {message}", path.display())]
+    Config { path: PathBuf, message: String },
+    /// Growth options that make no sense (factor 0, head_dim change, ...).
+    #[error("{0}")]
+    Options(String),
+    /// The user interrupted a long operation (Ctrl-C); partial output was removed.
+    #[error("interrupted; the partial output was removed")]
+    Interrupted,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+    pub fn format(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::Format {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+    pub fn tensor(
+        path: impl Into<PathBuf>,
+        tensor: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Error::Tensor {
+            path: path.into(),
+            tensor: tensor.into(),
+            message: message.into(),
+        }
+    }
+    pub fn config(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::Config {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}

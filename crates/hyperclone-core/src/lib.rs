@@ -1,0 +1,23 @@
+//! hyperclone-core: HyperCloning growth math and streaming checkpoint I/O.
+//!
+//! The pieces, in the order a clone uses them: [`checkpoint`] opens a Hugging Face folder
+//! (config + safetensors) and classifies every tensor by its [`family`] rules; [`plan`]
+//! derives every destination tensor, shard and header; [`kernel`] expands one tensor; and
+//! [`write`] streams the plan into a temporary folder renamed into place when complete.
+
+pub mod checkpoint;
+pub mod config;
+pub mod dtype;
+pub mod error;
+pub mod family;
+pub mod kernel;
+pub mod plan;
+pub mod provenance;
+pub mod safetensors;
+pub mod write;
+
+pub use checkpoint::Checkpoint;
+pub use dtype::DType;
+pub use error::{Error, Result};
+pub use kernel::Variant;
+pub use plan::{GrowthOptions, Plan};

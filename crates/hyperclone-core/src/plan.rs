@@ -1,0 +1,288 @@
+//! The growth plan: every destination tensor, shard and header, computed from the source
+//! headers and config.json alone, before any weight is read.
+
+use crate::checkpoint::{Checkpoint, SINGLE_FILE};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::family::{Component, Space};
+use crate::kernel::{name_key, AxisGrowth, Variant};
+use crate::safetensors::{encode_header, HeaderEntry};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+
+/// Bytes of destination data produced per write (one buffer; rows are never split).
+pub const WRITE_CHUNK_BYTES: usize = 8 << 20;
+
+#[derive(Debug, Clone)]
+pub struct GrowthOptions {
+    /// Hidden width and head count multiplier n.
+    pub factor: usize,
+    /// FFN width multiplier m (the CLI defaults it to n).
+    pub ffn_factor: usize,
+    pub variant: Variant,
+    pub snr_db: f64,
+    pub seed: u64,
+    /// Output dtype; `None` keeps each tensor's source dtype.
+    pub dtype: Option<DType>,
+    /// Maximum data bytes per output shard.
+    pub shard_size: u64,
+}
+
+impl GrowthOptions {
+    pub fn validate(&self) -> Result<()> {
+        if self.factor == 0 || self.ffn_factor == 0 {
+            return Err(Error::Options("growth factors must be whole numbers >= 1 (got 0)".into()));
+        }
+        if !self.snr_db.is_finite() {
+            return Err(Error::Options(format!("--snr-db must be a finite number of decibels, got {}", self.snr_db)));
+        }
+        if self.shard_size == 0 {
+            return Err(Error::Options("--shard-size must be positive".into()));
+        }
+        Ok(())
+    }
+
+    /// Copies of each space in the destination.
+    pub fn copies(&self, space: Space, source_kv_heads: usize) -> usize {
+        match space {
+            Space::Vocab | Space::HeadDim => 1,
+            Space::Hidden | Space::Heads => self.factor,
+            // A single shared kv head (MQA) stays single: every query head may read it.
+            Space::KvHeads if source_kv_heads == 1 => 1,
+            Space::KvHeads => self.factor,
+            Space::Ffn => self.ffn_factor,
+        }
+    }
+}
+
+/// The factor that takes `source` to `target`, or an error naming both when it does not
+/// divide (HyperCloning tiles whole copies).
+pub fn factor_for(what: &str, source: usize, target: usize) -> Result<usize> {
+    if target == 0 || target % source != 0 {
+        return Err(Error::Options(format!(
+            "{what} {target} is not a whole multiple of the source's {source}: HyperCloning grows by whole copies"
+        )));
+    }
+    Ok(target / source)
+}
+
+#[derive(Debug, Clone)]
+pub struct DestTensor {
+    pub name: String,
+    /// Index into `Checkpoint::tensors`.
+    pub source: usize,
+    pub dtype: DType,
+    pub axes: Vec<AxisGrowth>,
+    pub shape: Vec<usize>,
+    pub component: Component,
+    pub noise_key: u64,
+}
+
+impl DestTensor {
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().product::<usize>() as u64
+    }
+    pub fn bytes(&self) -> u64 {
+        self.numel() * self.dtype.size() as u64
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Shard {
+    pub file_name: String,
+    /// Indices into `Plan::tensors`, in data order.
+    pub tensors: Vec<usize>,
+    /// The complete header, length prefix included.
+    pub header: Vec<u8>,
+    pub data_bytes: u64,
+}
+
+/// One config.json field the clone changes.
+#[derive(Debug, Clone)]
+pub struct ConfigChange {
+    pub key: String,
+    pub before: Value,
+    pub after: Value,
+}
+
+pub struct Plan {
+    pub options: GrowthOptions,
+    pub config: Map<String, Value>,
+    pub changes: Vec<ConfigChange>,
+    pub tensors: Vec<DestTensor>,
+    pub shards: Vec<Shard>,
+    pub params_before: BTreeMap<Component, u64>,
+    pub params_after: BTreeMap<Component, u64>,
+}
+
+impl Plan {
+    pub fn new(ckpt: &Checkpoint, options: &GrowthOptions, metadata: &BTreeMap<String, String>) -> Result<Plan> {
+        options.validate()?;
+        let cfg = &ckpt.config;
+        let family = cfg.family;
+        let mut tensors = Vec::with_capacity(ckpt.tensors.len() + 1);
+        let mut params_before = BTreeMap::new();
+        for (i, t) in ckpt.tensors.iter().enumerate() {
+            *params_before.entry(t.rule.component).or_insert(0) += t.info.numel() as u64;
+            tensors.push(dest_tensor(ckpt, options, i, &t.info.name, t.rule.axes, t.rule.component));
+        }
+        // A tied head becomes its own tensor: the embedding wants no division, the head
+        // wants 1/n on its hidden columns, and a plain from_pretrained must see both.
+        if ckpt.find(family.head).is_none() {
+            let emb = ckpt
+                .tensors
+                .iter()
+                .position(|t| t.info.name == family.embedding)
+                .ok_or_else(|| Error::tensor(&ckpt.dir, family.embedding, "missing"))?;
+            let head_rule = family
+                .all_rules()
+                .find(|r| r.pattern == family.head)
+                .expect("every family has a head rule");
+            tensors.push(dest_tensor(ckpt, options, emb, family.head, head_rule.axes, Component::Head));
+        }
+        let mut params_after = BTreeMap::new();
+        for t in &tensors {
+            *params_after.entry(t.component).or_insert(0) += t.numel();
+        }
+        let (config, changes) = grown_config(ckpt, options);
+        let shards = assign_shards(&tensors, options.shard_size, metadata);
+        Ok(Plan { options: options.clone(), config, changes, tensors, shards, params_before, params_after })
+    }
+
+    pub fn data_bytes(&self) -> u64 {
+        self.tensors.iter().map(DestTensor::bytes).sum()
+    }
+
+    /// Total bytes of the weight files (headers included).
+    pub fn output_bytes(&self) -> u64 {
+        self.shards.iter().map(|s| s.header.len() as u64 + s.data_bytes).sum()
+    }
+
+    /// Memory the clone allocates: the write buffer, per-thread row buffers and the headers.
+    /// Source pages are memory-mapped and reclaimable, so they are not counted.
+    pub fn peak_memory_bytes(&self, threads: usize) -> u64 {
+        let widest_rows = self
+            .tensors
+            .iter()
+            .map(|t| {
+                let cols = t.shape.last().copied().unwrap_or(1);
+                let src_cols = t.axes.last().map(|a| a.len).unwrap_or(1);
+                ((cols + src_cols) * 8) as u64
+            })
+            .max()
+            .unwrap_or(0);
+        let headers: u64 = self.shards.iter().map(|s| s.header.len() as u64).sum();
+        // Two chunk buffers: one being filled while the other is written.
+        2 * WRITE_CHUNK_BYTES as u64 + threads as u64 * widest_rows + headers
+    }
+
+    pub fn is_sharded(&self) -> bool {
+        self.shards.len() > 1
+    }
+
+    /// `model.safetensors.index.json` for a sharded output.
+    pub fn index_json(&self) -> Value {
+        let mut weight_map = Map::new();
+        for s in &self.shards {
+            for &t in &s.tensors {
+                weight_map.insert(self.tensors[t].name.clone(), Value::String(s.file_name.clone()));
+            }
+        }
+        serde_json::json!({
+            "metadata": { "total_size": self.data_bytes() },
+            "weight_map": weight_map,
+        })
+    }
+}
+
+fn dest_tensor(
+    ckpt: &Checkpoint,
+    options: &GrowthOptions,
+    source: usize,
+    name: &str,
+    rule_axes: &[crate::family::Axis],
+    component: Component,
+) -> DestTensor {
+    let cfg = &ckpt.config;
+    let axes: Vec<AxisGrowth> = rule_axes
+        .iter()
+        .map(|a| AxisGrowth { len: cfg.space_len(a.0), copies: options.copies(a.0, cfg.num_key_value_heads), role: a.1 })
+        .collect();
+    let shape = axes.iter().map(|a| a.len * a.copies).collect();
+    let src = &ckpt.tensors[source].info;
+    DestTensor {
+        name: name.to_string(),
+        source,
+        dtype: options.dtype.unwrap_or(src.dtype),
+        axes,
+        shape,
+        component,
+        noise_key: name_key(options.seed, name),
+    }
+}
+
+/// The destination config.json: only the grown fields change, every other key is kept in
+/// its place.
+fn grown_config(ckpt: &Checkpoint, options: &GrowthOptions) -> (Map<String, Value>, Vec<ConfigChange>) {
+    let cfg = &ckpt.config;
+    let mut out = cfg.raw.clone();
+    let mut changes = Vec::new();
+    let mut set = |key: &str, value: Value| {
+        let before = out.get(key).cloned().unwrap_or(Value::Null);
+        if before != value {
+            changes.push(ConfigChange { key: key.to_string(), before, after: value.clone() });
+            out.insert(key.to_string(), value);
+        }
+    };
+    let n = options.factor;
+    set("hidden_size", (cfg.hidden_size * n).into());
+    set("intermediate_size", (cfg.intermediate_size * options.ffn_factor).into());
+    set("num_attention_heads", (cfg.num_attention_heads * n).into());
+    let kv = cfg.num_key_value_heads * options.copies(Space::KvHeads, cfg.num_key_value_heads);
+    // An absent key means "as many as the query heads"; write it when that stops holding
+    // (a single-head model's one kv head stays single).
+    if cfg.raw.contains_key("num_key_value_heads") || kv != cfg.num_attention_heads * n {
+        set("num_key_value_heads", kv.into());
+    }
+    if n > 1 {
+        // Growing the hidden size needs separate embedding and head tensors.
+        set("tie_word_embeddings", Value::Bool(false));
+    }
+    if let Some(d) = options.dtype {
+        let key = if cfg.raw.contains_key("dtype") { "dtype" } else { "torch_dtype" };
+        set(key, d.torch_name().into());
+    }
+    (out, changes)
+}
+
+fn assign_shards(tensors: &[DestTensor], max_bytes: u64, metadata: &BTreeMap<String, String>) -> Vec<Shard> {
+    let mut groups: Vec<Vec<usize>> = vec![Vec::new()];
+    let mut current = 0u64;
+    for (i, t) in tensors.iter().enumerate() {
+        let b = t.bytes();
+        if current > 0 && current + b > max_bytes {
+            groups.push(Vec::new());
+            current = 0;
+        }
+        groups.last_mut().expect("non-empty").push(i);
+        current += b;
+    }
+    let count = groups.len();
+    groups
+        .into_iter()
+        .enumerate()
+        .map(|(k, ids)| {
+            let entries: Vec<HeaderEntry> = ids
+                .iter()
+                .map(|&i| HeaderEntry { name: tensors[i].name.clone(), dtype: tensors[i].dtype, shape: tensors[i].shape.clone() })
+                .collect();
+            let data_bytes = entries.iter().map(HeaderEntry::byte_len).sum();
+            let file_name = if count == 1 {
+                SINGLE_FILE.to_string()
+            } else {
+                format!("model-{:05}-of-{:05}.safetensors", k + 1, count)
+            };
+            Shard { header: encode_header(&entries, metadata), file_name, tensors: ids, data_bytes }
+        })
+        .collect()
+}

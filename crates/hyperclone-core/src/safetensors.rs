@@ -1,0 +1,353 @@
+//! A strict, memory-mapped safetensors reader and the header writer.
+//!
+//! We parse the format ourselves (it is 8 bytes of header length, a JSON header, then raw
+//! little-endian data) so that every defect is reported with the file and tensor it concerns:
+//! truncated files, header lengths or offsets past the end, overlapping tensors, and byte
+//! ranges that disagree with dtype x shape. Nothing is copied: tensors are slices of the map.
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use memmap2::Mmap;
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// Headers larger than this are refused, as the reference implementation does.
+pub const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// One tensor's entry in a safetensors header; `start` is an absolute file offset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub start: usize,
+    pub len: usize,
+}
+
+impl TensorInfo {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// An open, validated safetensors file.
+pub struct SafetensorsFile {
+    pub path: PathBuf,
+    map: Mmap,
+    /// Tensors in data order (ascending offset), so reading them in order is sequential.
+    pub tensors: Vec<TensorInfo>,
+    pub metadata: BTreeMap<String, String>,
+    /// The raw JSON header, hashed into provenance.
+    pub header: Vec<u8>,
+}
+
+impl SafetensorsFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the map is read-only; a concurrent truncation of the source by another
+        // process would be a SIGBUS, the same contract as every mmap-based loader.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let (tensors, metadata, header) = parse(path, &map)?;
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            map,
+            tensors,
+            metadata,
+            header,
+        })
+    }
+
+    /// The raw bytes of one tensor (validated to lie inside the file at open time).
+    pub fn data(&self, tensor: &TensorInfo) -> &[u8] {
+        &self.map[tensor.start..tensor.start + tensor.len]
+    }
+
+    pub fn get(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// Hints the kernel that a tensor will be read soon (sequential read-ahead).
+    pub fn advise_willneed(&self, tensor: &TensorInfo) {
+        #[cfg(unix)]
+        {
+            let _ = self.map.advise_range(
+                memmap2::Advice::WillNeed,
+                tensor.start & !4095,
+                tensor.len + (tensor.start & 4095),
+            );
+        }
+    }
+
+    /// Tells the kernel that a tensor's pages are no longer needed, keeping the page cache
+    /// from filling with source pages on machines with little memory.
+    pub fn advise_done(&self, tensor: &TensorInfo) {
+        #[cfg(unix)]
+        {
+            // Only whole pages inside the tensor, so no neighbour is affected.
+            let begin = tensor.start.div_ceil(4096) * 4096;
+            let end = (tensor.start + tensor.len) & !4095;
+            if end > begin {
+                // SAFETY: DontNeed on a read-only private file mapping only drops cached
+                // pages; later reads fault them back in from the file.
+                let _ = unsafe {
+                    self.map
+                        .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, begin, end - begin)
+                };
+            }
+        }
+    }
+}
+
+type Parsed = (Vec<TensorInfo>, BTreeMap<String, String>, Vec<u8>);
+
+fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
+    let file_len = bytes.len() as u64;
+    if file_len < 8 {
+        return Err(Error::format(
+            path,
+            format!("truncated safetensors file: {file_len} bytes, shorter than the 8-byte header length"),
+        ));
+    }
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+    if header_len > MAX_HEADER_BYTES {
+        return Err(Error::format(
+            path,
+            format!("header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit (corrupt file?)"),
+        ));
+    }
+    if 8 + header_len > file_len {
+        return Err(Error::format(
+            path,
+            format!(
+                "header length {header_len} points past the end of the file ({file_len} bytes): truncated or corrupt"
+            ),
+        ));
+    }
+    let header = bytes[8..8 + header_len as usize].to_vec();
+    let json: Value = serde_json::from_slice(&header)
+        .map_err(|e| Error::format(path, format!("header is not valid JSON: {e}")))?;
+    let Value::Object(entries) = json else {
+        return Err(Error::format(path, "header is not a JSON object"));
+    };
+    let data_start = 8 + header_len as usize;
+    let data_len = bytes.len() - data_start;
+    let mut metadata = BTreeMap::new();
+    let mut tensors = Vec::with_capacity(entries.len());
+    for (name, entry) in entries {
+        if name == "__metadata__" {
+            let Value::Object(m) = entry else {
+                return Err(Error::format(path, "`__metadata__` is not a JSON object"));
+            };
+            for (k, v) in m {
+                let Value::String(s) = v else {
+                    return Err(Error::format(path, format!("`__metadata__.{k}` is not a string")));
+                };
+                metadata.insert(k, s);
+            }
+            continue;
+        }
+        tensors.push(parse_entry(path, &name, &entry, data_start, data_len)?);
+    }
+    tensors.sort_by_key(|t| (t.start, t.len));
+    for pair in tensors.windows(2) {
+        let (a, b) = (&pair[0], &pair[1]);
+        if b.start < a.start + a.len {
+            return Err(Error::tensor(
+                path,
+                &b.name,
+                format!(
+                    "data range overlaps tensor `{}` (bytes {}..{} vs {}..{} of the data section)",
+                    a.name,
+                    a.start - data_start,
+                    a.start - data_start + a.len,
+                    b.start - data_start,
+                    b.start - data_start + b.len
+                ),
+            ));
+        }
+    }
+    Ok((tensors, metadata, header))
+}
+
+fn parse_entry(
+    path: &Path,
+    name: &str,
+    entry: &Value,
+    data_start: usize,
+    data_len: usize,
+) -> Result<TensorInfo> {
+    let bad = |msg: String| Error::tensor(path, name, msg);
+    let Value::Object(fields) = entry else {
+        return Err(bad("header entry is not a JSON object".into()));
+    };
+    let dtype_name = fields
+        .get("dtype")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("header entry has no string `dtype`".into()))?;
+    let dtype = DType::from_safetensors_name(dtype_name).ok_or_else(|| {
+        bad(format!(
+            "dtype {dtype_name} is not a floating-point weight type this tool grows (F64, F32, BF16, F16)"
+        ))
+    })?;
+    let shape = usize_list(fields, "shape").ok_or_else(|| bad("`shape` is not a list of non-negative integers".into()))?;
+    let offsets = usize_list(fields, "data_offsets")
+        .filter(|o| o.len() == 2)
+        .ok_or_else(|| bad("`data_offsets` is not a pair of non-negative integers".into()))?;
+    let (begin, end) = (offsets[0], offsets[1]);
+    if begin > end {
+        return Err(bad(format!("data_offsets [{begin}, {end}] are reversed")));
+    }
+    if end > data_len {
+        return Err(bad(format!(
+            "data_offsets [{begin}, {end}] point past the end of the data section ({data_len} bytes): truncated or corrupt file"
+        )));
+    }
+    let numel = shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| bad(format!("shape {shape:?} overflows")))?;
+    let expected = numel
+        .checked_mul(dtype.size())
+        .ok_or_else(|| bad(format!("shape {shape:?} overflows")))?;
+    if end - begin != expected {
+        return Err(bad(format!(
+            "holds {} bytes but {dtype_name} x {shape:?} needs {expected}",
+            end - begin
+        )));
+    }
+    Ok(TensorInfo {
+        name: name.to_string(),
+        dtype,
+        shape,
+        start: data_start + begin,
+        len: end - begin,
+    })
+}
+
+fn usize_list(fields: &Map<String, Value>, key: &str) -> Option<Vec<usize>> {
+    fields
+        .get(key)?
+        .as_array()?
+        .iter()
+        .map(|v| v.as_u64().and_then(|x| usize::try_from(x).ok()))
+        .collect()
+}
+
+/// A tensor to be written: its header entry, in the order the data will follow.
+#[derive(Debug, Clone)]
+pub struct HeaderEntry {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+impl HeaderEntry {
+    pub fn byte_len(&self) -> u64 {
+        self.shape.iter().product::<usize>() as u64 * self.dtype.size() as u64
+    }
+}
+
+/// Serialises a safetensors header (length prefix included, padded with spaces to a
+/// multiple of 8 so the data section is aligned). Data of `entries` follows in order.
+pub fn encode_header(entries: &[HeaderEntry], metadata: &BTreeMap<String, String>) -> Vec<u8> {
+    let mut obj = Map::new();
+    if !metadata.is_empty() {
+        let m: Map<String, Value> = metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
+        obj.insert("__metadata__".into(), Value::Object(m));
+    }
+    let mut offset = 0u64;
+    for e in entries {
+        let end = offset + e.byte_len();
+        obj.insert(
+            e.name.clone(),
+            serde_json::json!({
+                "dtype": e.dtype.safetensors_name(),
+                "shape": e.shape,
+                "data_offsets": [offset, end],
+            }),
+        );
+        offset = end;
+    }
+    let mut json = serde_json::to_vec(&Value::Object(obj)).expect("JSON of strings and numbers");
+    while (8 + json.len()) % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + json.len());
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = dir.join(name);
+        File::create(&p).unwrap().write_all(bytes).unwrap();
+        p
+    }
+
+    fn file_with(header: &str, data_len: usize) -> Vec<u8> {
+        let mut v = (header.len() as u64).to_le_bytes().to_vec();
+        v.extend_from_slice(header.as_bytes());
+        v.extend(std::iter::repeat_n(0u8, data_len));
+        v
+    }
+
+    fn open_err(bytes: &[u8]) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "m.safetensors", bytes);
+        match SafetensorsFile::open(&p) {
+            Ok(_) => panic!("expected an error"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn round_trip_header() {
+        let entries = vec![
+            HeaderEntry { name: "a".into(), dtype: DType::F32, shape: vec![2, 3] },
+            HeaderEntry { name: "b".into(), dtype: DType::BF16, shape: vec![5] },
+        ];
+        let mut meta = BTreeMap::new();
+        meta.insert("format".into(), "pt".into());
+        let mut bytes = encode_header(&entries, &meta);
+        assert_eq!(bytes.len() % 8, 0);
+        bytes.extend(std::iter::repeat_n(7u8, 24 + 10));
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "m.safetensors", &bytes);
+        let f = SafetensorsFile::open(&p).unwrap();
+        assert_eq!(f.metadata["format"], "pt");
+        assert_eq!(f.tensors.len(), 2);
+        assert_eq!(f.tensors[0].name, "a");
+        assert_eq!(f.data(&f.tensors[1]).len(), 10);
+    }
+
+    #[test]
+    fn rejects_truncated_and_corrupt_files() {
+        assert!(open_err(&[1, 2, 3]).contains("truncated"));
+        let mut huge = file_with("{}", 0);
+        huge[..8].copy_from_slice(&1000u64.to_le_bytes());
+        assert!(open_err(&huge).contains("points past the end"));
+        let past = file_with(r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, 8);
+        let msg = open_err(&past);
+        assert!(msg.contains("`w`") && msg.contains("past the end"), "{msg}");
+        let wrong = file_with(r#"{"w":{"dtype":"F32","shape":[3],"data_offsets":[0,16]}}"#, 16);
+        assert!(open_err(&wrong).contains("needs 12"));
+        let overlap = file_with(
+            r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"v":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}"#,
+            16,
+        );
+        assert!(open_err(&overlap).contains("overlaps"));
+        let int = file_with(r#"{"w":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}}"#, 8);
+        assert!(open_err(&int).contains("I64"));
+        assert!(open_err(&file_with("{not json", 0)).contains("not valid JSON"));
+    }
+}

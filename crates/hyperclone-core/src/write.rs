@@ -1,0 +1,299 @@
+//! Streaming the plan to disk: shard by shard, tensor by tensor, in bounded memory.
+//!
+//! A producer fills an 8 MiB buffer with destination rows (in parallel) while a writer
+//! thread writes the previous one, so compute overlaps I/O and only two buffers exist.
+//! Everything goes into a temporary folder beside DST that is renamed into place only when
+//! complete; any error (or Ctrl-C) removes it, so DST is either the whole clone or absent.
+
+use crate::checkpoint::{Checkpoint, INDEX_FILE};
+use crate::error::{Error, Result};
+use crate::kernel::{Expansion, ExpansionSpec};
+use crate::plan::{Plan, WRITE_CHUNK_BYTES};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+
+/// Receives progress in bytes written.
+pub trait Progress: Sync {
+    fn begin(&self, _total_bytes: u64) {}
+    fn advance(&self, _bytes: u64) {}
+}
+
+pub struct NoProgress;
+impl Progress for NoProgress {}
+
+/// Creates output files. Tests substitute one that fails part-way.
+pub type CreateFile = dyn Fn(&Path) -> std::io::Result<Box<dyn Write + Send>> + Sync;
+
+pub fn create_plain_file(path: &Path) -> std::io::Result<Box<dyn Write + Send>> {
+    Ok(Box::new(fs::File::create(path)?))
+}
+
+/// Files besides the weights that a model folder needs: tokenizer, generation settings,
+/// chat templates, licences. Weights in other formats and the old card are not copied.
+pub fn is_companion_file(name: &str) -> bool {
+    const EXACT: &[&str] = &[
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "tokenizer.model",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "vocab.txt",
+        "merges.txt",
+        "spiece.model",
+        "generation_config.json",
+        "chat_template.json",
+        "preprocessor_config.json",
+        "USE_POLICY.md",
+    ];
+    EXACT.contains(&name)
+        || name.ends_with(".jinja")
+        || name.ends_with(".tiktoken")
+        || name.starts_with("LICENSE")
+        || name.starts_with("NOTICE")
+}
+
+pub struct CloneOutcome {
+    pub files: Vec<String>,
+    pub bytes_written: u64,
+}
+
+/// Writes the clone described by `plan` to `dst`.
+pub fn write_clone(
+    ckpt: &Checkpoint,
+    plan: &Plan,
+    model_card: &str,
+    dst: &Path,
+    force: bool,
+    progress: &dyn Progress,
+    cancel: &AtomicBool,
+    create: &CreateFile,
+) -> Result<CloneOutcome> {
+    check_destination(&ckpt.dir, dst, force)?;
+    let staging = Staging::create(dst)?;
+    let mut files = Vec::new();
+    progress.begin(plan.output_bytes());
+    let mut bytes_written = write_shards(ckpt, plan, &staging.path, progress, cancel, create)?;
+    files.extend(plan.shards.iter().map(|s| s.file_name.clone()));
+    let mut small = |name: &str, bytes: Vec<u8>| -> Result<()> {
+        let path = staging.path.join(name);
+        let mut f = create(&path).map_err(|e| Error::io(&path, e))?;
+        f.write_all(&bytes).and_then(|_| f.flush()).map_err(|e| Error::io(&path, e))?;
+        bytes_written += bytes.len() as u64;
+        files.push(name.to_string());
+        Ok(())
+    };
+    if plan.is_sharded() {
+        small(INDEX_FILE, pretty_json(&plan.index_json()))?;
+    }
+    small("config.json", pretty_json(&serde_json::Value::Object(plan.config.clone())))?;
+    small("README.md", model_card.as_bytes().to_vec())?;
+    let mut companions: Vec<PathBuf> = fs::read_dir(&ckpt.dir)
+        .map_err(|e| Error::io(&ckpt.dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.file_name().and_then(|n| n.to_str()).is_some_and(is_companion_file))
+        .collect();
+    companions.sort();
+    for p in companions {
+        let name = p.file_name().and_then(|n| n.to_str()).expect("filtered above").to_string();
+        let bytes = fs::read(&p).map_err(|e| Error::io(&p, e))?;
+        small(&name, bytes)?;
+    }
+    if cancel.load(Ordering::Relaxed) {
+        return Err(Error::Interrupted);
+    }
+    staging.commit(dst, force)?;
+    Ok(CloneOutcome { files, bytes_written })
+}
+
+fn pretty_json(v: &serde_json::Value) -> Vec<u8> {
+    let mut s = serde_json::to_vec_pretty(v).expect("JSON value");
+    s.push(b'\n');
+    s
+}
+
+/// DST must not exist (unless forced) and must not overlap SRC: `--force` replaces DST,
+/// and replacing a folder that holds the source would destroy it.
+fn check_destination(src: &Path, dst: &Path, force: bool) -> Result<()> {
+    let src_abs = fs::canonicalize(src).map_err(|e| Error::io(src, e))?;
+    let dst_abs = absolute_lexical(dst)?;
+    if dst_abs.starts_with(&src_abs) || src_abs.starts_with(&dst_abs) {
+        return Err(Error::format(dst, format!("destination overlaps the source folder {}", src_abs.display())));
+    }
+    if dst.symlink_metadata().is_ok() && !force {
+        return Err(Error::format(dst, "already exists (pass --force to replace it)"));
+    }
+    Ok(())
+}
+
+/// An absolute path with its parent resolved through symlinks (DST itself need not exist).
+fn absolute_lexical(p: &Path) -> Result<PathBuf> {
+    let name = p.file_name().ok_or_else(|| Error::format(p, "destination needs a folder name"))?;
+    let parent = match p.parent() {
+        Some(q) if !q.as_os_str().is_empty() => q.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let parent = fs::canonicalize(&parent).map_err(|e| Error::io(&parent, e))?;
+    Ok(parent.join(name))
+}
+
+/// The temporary folder beside DST; removed on drop unless committed.
+struct Staging {
+    path: PathBuf,
+    committed: bool,
+}
+
+impl Staging {
+    fn create(dst: &Path) -> Result<Staging> {
+        let path = sibling(dst, "partial")?;
+        if path.exists() {
+            fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+        }
+        fs::create_dir(&path).map_err(|e| Error::io(&path, e))?;
+        Ok(Staging { path, committed: false })
+    }
+
+    fn commit(mut self, dst: &Path, force: bool) -> Result<()> {
+        let old = if force && dst.symlink_metadata().is_ok() {
+            let old = sibling(dst, "replaced")?;
+            fs::rename(dst, &old).map_err(|e| Error::io(dst, e))?;
+            Some(old)
+        } else {
+            None
+        };
+        if let Err(e) = fs::rename(&self.path, dst) {
+            if let Some(old) = &old {
+                let _ = fs::rename(old, dst); // put the previous DST back
+            }
+            return Err(Error::io(dst, e));
+        }
+        self.committed = true;
+        if let Some(old) = old {
+            let removed = if old.is_dir() { fs::remove_dir_all(&old) } else { fs::remove_file(&old) };
+            removed.map_err(|e| Error::io(&old, e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+fn sibling(dst: &Path, what: &str) -> Result<PathBuf> {
+    let abs = absolute_lexical(dst)?;
+    let name = abs.file_name().expect("has a name").to_string_lossy().into_owned();
+    Ok(abs.with_file_name(format!(".{name}.hyperclone-{what}-{}", std::process::id())))
+}
+
+enum Msg {
+    Begin(PathBuf, Vec<u8>),
+    Data(Vec<u8>),
+}
+
+fn write_shards(
+    ckpt: &Checkpoint,
+    plan: &Plan,
+    dir: &Path,
+    progress: &dyn Progress,
+    cancel: &AtomicBool,
+    create: &CreateFile,
+) -> Result<u64> {
+    let (to_writer, from_producer) = mpsc::sync_channel::<Msg>(2);
+    let (recycle, spare) = mpsc::channel::<Vec<u8>>();
+    for _ in 0..2 {
+        recycle.send(Vec::with_capacity(WRITE_CHUNK_BYTES)).expect("receiver alive");
+    }
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(move || -> Result<u64> {
+            let mut current: Option<(PathBuf, Box<dyn Write + Send>)> = None;
+            let mut total = 0u64;
+            for msg in from_producer {
+                match msg {
+                    Msg::Begin(path, header) => {
+                        if let Some((p, mut f)) = current.take() {
+                            f.flush().map_err(|e| Error::io(&p, e))?;
+                        }
+                        let mut f = create(&path).map_err(|e| Error::io(&path, e))?;
+                        f.write_all(&header).map_err(|e| Error::io(&path, e))?;
+                        total += header.len() as u64;
+                        progress.advance(header.len() as u64);
+                        current = Some((path, f));
+                    }
+                    Msg::Data(buf) => {
+                        let (p, f) = current.as_mut().expect("Begin precedes Data");
+                        f.write_all(&buf).map_err(|e| Error::io(&*p, e))?;
+                        total += buf.len() as u64;
+                        progress.advance(buf.len() as u64);
+                        let _ = recycle.send(buf);
+                    }
+                }
+            }
+            if let Some((p, mut f)) = current.take() {
+                f.flush().map_err(|e| Error::io(&p, e))?;
+            }
+            Ok(total)
+        });
+        let produced = produce(ckpt, plan, dir, cancel, &to_writer, &spare);
+        drop(to_writer);
+        let written = writer.join().expect("writer thread does not panic");
+        // A writer error explains a producer's failed send, so it comes first.
+        let written = written?;
+        produced?;
+        Ok(written)
+    })
+}
+
+fn produce(
+    ckpt: &Checkpoint,
+    plan: &Plan,
+    dir: &Path,
+    cancel: &AtomicBool,
+    to_writer: &mpsc::SyncSender<Msg>,
+    spare: &mpsc::Receiver<Vec<u8>>,
+) -> Result<()> {
+    // A closed channel means the writer failed; it reports why.
+    let writer_gone = || Error::format(dir, "writer stopped");
+    for shard in &plan.shards {
+        let path = dir.join(&shard.file_name);
+        to_writer.send(Msg::Begin(path.clone(), shard.header.clone())).map_err(|_| writer_gone())?;
+        for &ti in &shard.tensors {
+            let t = &plan.tensors[ti];
+            let src = &ckpt.tensors[t.source];
+            let file = &ckpt.files[src.file];
+            file.advise_willneed(&src.info);
+            let spec = ExpansionSpec {
+                variant: plan.options.variant,
+                snr_db: plan.options.snr_db,
+                noise_key: t.noise_key,
+                out_dtype: t.dtype,
+            };
+            let exp = Expansion::new(file.data(&src.info), src.info.dtype, &t.axes, spec)
+                .map_err(|m| Error::tensor(&file.path, &src.info.name, m))?;
+            let rows = exp.dest_shape()[0];
+            let row_bytes = exp.dest_row_bytes();
+            let rows_per_chunk = (WRITE_CHUNK_BYTES / row_bytes.max(1)).max(1);
+            let mut row = 0;
+            while row < rows {
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(Error::Interrupted);
+                }
+                let n = rows_per_chunk.min(rows - row);
+                let mut buf = spare.recv().map_err(|_| writer_gone())?;
+                buf.resize(n * row_bytes, 0);
+                exp.fill_rows(row, &mut buf);
+                to_writer.send(Msg::Data(buf)).map_err(|_| writer_gone())?;
+                row += n;
+            }
+            file.advise_done(&src.info);
+        }
+    }
+    Ok(())
+}
