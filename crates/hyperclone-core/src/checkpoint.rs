@@ -36,7 +36,10 @@ pub struct Checkpoint {
 impl Checkpoint {
     pub fn open(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(Error::format(dir, "not a directory (expected a Hugging Face model folder)"));
+            return Err(Error::format(
+                dir,
+                "not a directory (expected a Hugging Face model folder)",
+            ));
         }
         let config = ModelConfig::load(&dir.join("config.json"))?;
         let file_names = weight_files(dir)?;
@@ -46,7 +49,13 @@ impl Checkpoint {
         }
         check_index_agrees(dir, &files)?;
         let (tensors, dropped) = classify(&config, &files)?;
-        Ok(Checkpoint { dir: dir.to_path_buf(), config, files, tensors, dropped })
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            config,
+            files,
+            tensors,
+            dropped,
+        })
     }
 
     pub fn find(&self, name: &str) -> Option<&SourceTensor> {
@@ -71,7 +80,8 @@ impl Checkpoint {
 
     /// sha256 of config.json's bytes.
     pub fn config_sha256(&self) -> Result<String> {
-        let bytes = std::fs::read(&self.config.path).map_err(|e| Error::io(&self.config.path, e))?;
+        let bytes =
+            std::fs::read(&self.config.path).map_err(|e| Error::io(&self.config.path, e))?;
         Ok(hex(&Sha256::digest(&bytes)))
     }
 
@@ -82,7 +92,11 @@ impl Checkpoint {
         let mut files: Vec<&SafetensorsFile> = self.files.iter().collect();
         files.sort_by(|a, b| a.path.file_name().cmp(&b.path.file_name()));
         for f in files {
-            let name = f.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = f
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             h.update((name.len() as u64).to_le_bytes());
             h.update(name.as_bytes());
             h.update((f.header.len() as u64).to_le_bytes());
@@ -106,7 +120,10 @@ fn weight_files(dir: &Path) -> Result<Vec<String>> {
         names.dedup();
         for n in &names {
             if !dir.join(n).is_file() {
-                return Err(Error::format(&index, format!("names shard `{n}`, which does not exist")));
+                return Err(Error::format(
+                    &index,
+                    format!("names shard `{n}`, which does not exist"),
+                ));
             }
         }
         return Ok(names);
@@ -114,26 +131,37 @@ fn weight_files(dir: &Path) -> Result<Vec<String>> {
     if dir.join(SINGLE_FILE).is_file() {
         return Ok(vec![SINGLE_FILE.to_string()]);
     }
-    let hint = if dir.join("pytorch_model.bin").exists() || dir.join("pytorch_model.bin.index.json").exists() {
+    let hint = if dir.join("pytorch_model.bin").exists()
+        || dir.join("pytorch_model.bin.index.json").exists()
+    {
         " (found PyTorch .bin weights: convert them to safetensors first, e.g. `save_pretrained(..., safe_serialization=True)`)"
     } else {
         ""
     };
-    Err(Error::format(dir, format!("has neither {SINGLE_FILE} nor {INDEX_FILE}{hint}")))
+    Err(Error::format(
+        dir,
+        format!("has neither {SINGLE_FILE} nor {INDEX_FILE}{hint}"),
+    ))
 }
 
 /// tensor name -> shard file name, from `model.safetensors.index.json`.
 fn read_index(path: &Path) -> Result<BTreeMap<String, String>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let v: Value = serde_json::from_slice(&bytes).map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
+    let v: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
     let map = v
         .get("weight_map")
         .and_then(Value::as_object)
         .ok_or_else(|| Error::format(path, "has no `weight_map` object"))?;
     map.iter()
         .map(|(k, v)| match v.as_str() {
-            Some(s) if !s.contains('/') && !s.contains('\\') && s != ".." => Ok((k.clone(), s.to_string())),
-            _ => Err(Error::format(path, format!("`weight_map.{k}` is not a file name in this folder"))),
+            Some(s) if !s.contains('/') && !s.contains('\\') && s != ".." => {
+                Ok((k.clone(), s.to_string()))
+            }
+            _ => Err(Error::format(
+                path,
+                format!("`weight_map.{k}` is not a file name in this folder"),
+            )),
         })
         .collect()
 }
@@ -145,7 +173,11 @@ fn check_index_agrees(dir: &Path, files: &[SafetensorsFile]) -> Result<()> {
     for f in files {
         for t in &f.tensors {
             if let Some(other) = location.insert(&t.name, &f.path) {
-                return Err(Error::tensor(&f.path, &t.name, format!("also stored in {}", other.display())));
+                return Err(Error::tensor(
+                    &f.path,
+                    &t.name,
+                    format!("also stored in {}", other.display()),
+                ));
             }
         }
     }
@@ -154,17 +186,31 @@ fn check_index_agrees(dir: &Path, files: &[SafetensorsFile]) -> Result<()> {
     }
     for (name, shard) in read_index(&index)? {
         match location.get(name.as_str()) {
-            Some(p) if p.file_name().map(|n| n.to_string_lossy() == shard.as_str()) == Some(true) => {}
+            Some(p)
+                if p.file_name().map(|n| n.to_string_lossy() == shard.as_str()) == Some(true) => {}
             Some(p) => {
-                return Err(Error::tensor(&index, &name, format!("the index says {shard}, but it is in {}", p.display())))
+                return Err(Error::tensor(
+                    &index,
+                    &name,
+                    format!("the index says {shard}, but it is in {}", p.display()),
+                ))
             }
-            None => return Err(Error::tensor(dir.join(&shard), &name, "listed in the index but absent from the shard")),
+            None => {
+                return Err(Error::tensor(
+                    dir.join(&shard),
+                    &name,
+                    "listed in the index but absent from the shard",
+                ))
+            }
         }
     }
     Ok(())
 }
 
-fn classify(config: &ModelConfig, files: &[SafetensorsFile]) -> Result<(Vec<SourceTensor>, Vec<String>)> {
+fn classify(
+    config: &ModelConfig,
+    files: &[SafetensorsFile],
+) -> Result<(Vec<SourceTensor>, Vec<String>)> {
     let family = config.family;
     let layers = config.num_hidden_layers;
     let mut tensors = Vec::new();
@@ -175,7 +221,10 @@ fn classify(config: &ModelConfig, files: &[SafetensorsFile]) -> Result<(Vec<Sour
                 return Err(Error::tensor(
                     &f.path,
                     &t.name,
-                    format!("unexpected for model_type `{}` (not part of its layout)", family.model_type),
+                    format!(
+                        "unexpected for model_type `{}` (not part of its layout)",
+                        family.model_type
+                    ),
                 ));
             };
             if let Some(l) = layer {
@@ -196,19 +245,32 @@ fn classify(config: &ModelConfig, files: &[SafetensorsFile]) -> Result<(Vec<Sour
                     Presence::IfConfig(k) => k,
                     _ => unreachable!(),
                 };
-                return Err(Error::tensor(&f.path, &t.name, format!("unexpected: config.json has `{key}` false or absent")));
+                return Err(Error::tensor(
+                    &f.path,
+                    &t.name,
+                    format!("unexpected: config.json has `{key}` false or absent"),
+                ));
             }
             if rule.presence == Presence::Dropped {
                 dropped.push(t.name.clone());
                 continue;
             }
             check_shape(config, rule, &f.path, t)?;
-            tensors.push(SourceTensor { file: fi, info: t.clone(), rule, layer });
+            tensors.push(SourceTensor {
+                file: fi,
+                info: t.clone(),
+                rule,
+                layer,
+            });
         }
     }
     // Every required tensor of every layer must be there.
     let present: HashMap<&str, ()> = tensors.iter().map(|t| (t.info.name.as_str(), ())).collect();
-    let where_ = if files.len() == 1 { files[0].path.clone() } else { files[0].path.with_file_name(INDEX_FILE) };
+    let where_ = if files.len() == 1 {
+        files[0].path.clone()
+    } else {
+        files[0].path.with_file_name(INDEX_FILE)
+    };
     for rule in family.all_rules() {
         let required = match rule.presence {
             Presence::Required => true,
@@ -219,13 +281,17 @@ fn classify(config: &ModelConfig, files: &[SafetensorsFile]) -> Result<(Vec<Sour
         if !required {
             continue;
         }
-        let instances: Vec<Option<usize>> =
-            if rule.pattern.contains("{L}") { (0..layers).map(Some).collect() } else { vec![None] };
+        let instances: Vec<Option<usize>> = if rule.pattern.contains("{L}") {
+            (0..layers).map(Some).collect()
+        } else {
+            vec![None]
+        };
         for layer in instances {
             let name = tensor_name(rule.pattern, layer);
             if !present.contains_key(name.as_str()) {
                 let why = if rule.presence == Presence::UntiedHead {
-                    "missing (config.json says the head is untied: tie_word_embeddings = false)".to_string()
+                    "missing (config.json says the head is untied: tie_word_embeddings = false)"
+                        .to_string()
                 } else {
                     format!("missing (required by model_type `{}`)", family.model_type)
                 };

@@ -44,7 +44,9 @@ impl ModelConfig {
         let model_type = raw
             .get("model_type")
             .and_then(Value::as_str)
-            .ok_or_else(|| err("has no `model_type`; is this a Hugging Face causal-LM config?".into()))?;
+            .ok_or_else(|| {
+                err("has no `model_type`; is this a Hugging Face causal-LM config?".into())
+            })?;
         let family = Family::lookup(model_type).ok_or_else(|| {
             err(format!(
                 "model_type `{model_type}` is not supported; supported: {}",
@@ -86,7 +88,11 @@ impl ModelConfig {
         let tie_word_embeddings = match raw.get("tie_word_embeddings") {
             None | Some(Value::Null) => family.tie_default,
             Some(Value::Bool(b)) => *b,
-            Some(v) => return Err(err(format!("`tie_word_embeddings` must be true or false, found {v}"))),
+            Some(v) => {
+                return Err(err(format!(
+                    "`tie_word_embeddings` must be true or false, found {v}"
+                )))
+            }
         };
         let declared_dtype = ["dtype", "torch_dtype"]
             .iter()
@@ -160,7 +166,10 @@ mod tests {
         let mut v = llama();
         v["model_type"] = json!("mamba");
         let msg = cfg(v).unwrap_err().to_string();
-        assert!(msg.contains("mamba") && msg.contains("llama") && msg.contains("qwen3"), "{msg}");
+        assert!(
+            msg.contains("mamba") && msg.contains("llama") && msg.contains("qwen3"),
+            "{msg}"
+        );
     }
 
     #[test]

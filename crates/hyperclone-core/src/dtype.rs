@@ -143,7 +143,10 @@ mod tests {
             dtype.decode(&bytes, &mut back);
             for (a, b) in values.iter().zip(&back) {
                 // bf16 keeps 8 significant bits, f16 11: relative error <= 2^-8.
-                assert!((a - b).abs() <= a.abs() * 2f64.powi(-8), "{dtype}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= a.abs() * 2f64.powi(-8),
+                    "{dtype}: {a} vs {b}"
+                );
             }
         }
     }
@@ -151,7 +154,10 @@ mod tests {
     #[test]
     fn names_parse_back() {
         for dtype in [DType::F64, DType::F32, DType::BF16, DType::F16] {
-            assert_eq!(DType::from_safetensors_name(dtype.safetensors_name()), Some(dtype));
+            assert_eq!(
+                DType::from_safetensors_name(dtype.safetensors_name()),
+                Some(dtype)
+            );
             assert_eq!(DType::parse(dtype.torch_name()), Some(dtype));
         }
         assert_eq!(DType::from_safetensors_name("I64"), None);

@@ -110,7 +110,12 @@ const fn rule(
     component: Component,
     presence: Presence,
 ) -> TensorRule {
-    TensorRule { pattern, axes, component, presence }
+    TensorRule {
+        pattern,
+        axes,
+        component,
+        presence,
+    }
 }
 
 const EMBED: &[Axis] = &[Axis(Vocab, R), Axis(Hidden, W)];
@@ -129,51 +134,186 @@ const PER_HEAD_NORM: &[Axis] = &[Axis(HeadDim, W)];
 /// The Llama layout every family here shares: embedding, pre-norm attention and gated MLP,
 /// final norm, head.
 const LLAMA_CORE: &[TensorRule] = &[
-    rule("model.embed_tokens.weight", EMBED, C::Embedding, P::Required),
-    rule("model.layers.{L}.input_layernorm.weight", NORM, C::Norm, P::Required),
-    rule("model.layers.{L}.self_attn.q_proj.weight", Q, C::Attention, P::Required),
-    rule("model.layers.{L}.self_attn.k_proj.weight", KV, C::Attention, P::Required),
-    rule("model.layers.{L}.self_attn.v_proj.weight", KV, C::Attention, P::Required),
-    rule("model.layers.{L}.self_attn.o_proj.weight", O, C::Attention, P::Required),
-    rule("model.layers.{L}.self_attn.rotary_emb.inv_freq", &[Axis(HeadDim, W)], C::Attention, P::Dropped),
-    rule("model.layers.{L}.post_attention_layernorm.weight", NORM, C::Norm, P::Required),
-    rule("model.layers.{L}.mlp.gate_proj.weight", UP, C::Mlp, P::Required),
-    rule("model.layers.{L}.mlp.up_proj.weight", UP, C::Mlp, P::Required),
-    rule("model.layers.{L}.mlp.down_proj.weight", DOWN, C::Mlp, P::Required),
+    rule(
+        "model.embed_tokens.weight",
+        EMBED,
+        C::Embedding,
+        P::Required,
+    ),
+    rule(
+        "model.layers.{L}.input_layernorm.weight",
+        NORM,
+        C::Norm,
+        P::Required,
+    ),
+    rule(
+        "model.layers.{L}.self_attn.q_proj.weight",
+        Q,
+        C::Attention,
+        P::Required,
+    ),
+    rule(
+        "model.layers.{L}.self_attn.k_proj.weight",
+        KV,
+        C::Attention,
+        P::Required,
+    ),
+    rule(
+        "model.layers.{L}.self_attn.v_proj.weight",
+        KV,
+        C::Attention,
+        P::Required,
+    ),
+    rule(
+        "model.layers.{L}.self_attn.o_proj.weight",
+        O,
+        C::Attention,
+        P::Required,
+    ),
+    rule(
+        "model.layers.{L}.self_attn.rotary_emb.inv_freq",
+        &[Axis(HeadDim, W)],
+        C::Attention,
+        P::Dropped,
+    ),
+    rule(
+        "model.layers.{L}.post_attention_layernorm.weight",
+        NORM,
+        C::Norm,
+        P::Required,
+    ),
+    rule(
+        "model.layers.{L}.mlp.gate_proj.weight",
+        UP,
+        C::Mlp,
+        P::Required,
+    ),
+    rule(
+        "model.layers.{L}.mlp.up_proj.weight",
+        UP,
+        C::Mlp,
+        P::Required,
+    ),
+    rule(
+        "model.layers.{L}.mlp.down_proj.weight",
+        DOWN,
+        C::Mlp,
+        P::Required,
+    ),
     rule("model.norm.weight", NORM, C::Norm, P::Required),
     rule("lm_head.weight", HEAD, C::Head, P::UntiedHead),
 ];
 
 /// Llama's optional biases (`attention_bias`, `mlp_bias` in config.json).
 const LLAMA_BIASES: &[TensorRule] = &[
-    rule("model.layers.{L}.self_attn.q_proj.bias", Q_BIAS, C::Attention, P::IfConfig("attention_bias")),
-    rule("model.layers.{L}.self_attn.k_proj.bias", KV_BIAS, C::Attention, P::IfConfig("attention_bias")),
-    rule("model.layers.{L}.self_attn.v_proj.bias", KV_BIAS, C::Attention, P::IfConfig("attention_bias")),
-    rule("model.layers.{L}.self_attn.o_proj.bias", NORM, C::Attention, P::IfConfig("attention_bias")),
-    rule("model.layers.{L}.mlp.gate_proj.bias", FFN_BIAS, C::Mlp, P::IfConfig("mlp_bias")),
-    rule("model.layers.{L}.mlp.up_proj.bias", FFN_BIAS, C::Mlp, P::IfConfig("mlp_bias")),
-    rule("model.layers.{L}.mlp.down_proj.bias", NORM, C::Mlp, P::IfConfig("mlp_bias")),
+    rule(
+        "model.layers.{L}.self_attn.q_proj.bias",
+        Q_BIAS,
+        C::Attention,
+        P::IfConfig("attention_bias"),
+    ),
+    rule(
+        "model.layers.{L}.self_attn.k_proj.bias",
+        KV_BIAS,
+        C::Attention,
+        P::IfConfig("attention_bias"),
+    ),
+    rule(
+        "model.layers.{L}.self_attn.v_proj.bias",
+        KV_BIAS,
+        C::Attention,
+        P::IfConfig("attention_bias"),
+    ),
+    rule(
+        "model.layers.{L}.self_attn.o_proj.bias",
+        NORM,
+        C::Attention,
+        P::IfConfig("attention_bias"),
+    ),
+    rule(
+        "model.layers.{L}.mlp.gate_proj.bias",
+        FFN_BIAS,
+        C::Mlp,
+        P::IfConfig("mlp_bias"),
+    ),
+    rule(
+        "model.layers.{L}.mlp.up_proj.bias",
+        FFN_BIAS,
+        C::Mlp,
+        P::IfConfig("mlp_bias"),
+    ),
+    rule(
+        "model.layers.{L}.mlp.down_proj.bias",
+        NORM,
+        C::Mlp,
+        P::IfConfig("mlp_bias"),
+    ),
 ];
 
 /// Qwen2 always has q/k/v biases and no o bias.
 const QKV_BIASES: &[TensorRule] = &[
-    rule("model.layers.{L}.self_attn.q_proj.bias", Q_BIAS, C::Attention, P::Required),
-    rule("model.layers.{L}.self_attn.k_proj.bias", KV_BIAS, C::Attention, P::Required),
-    rule("model.layers.{L}.self_attn.v_proj.bias", KV_BIAS, C::Attention, P::Required),
+    rule(
+        "model.layers.{L}.self_attn.q_proj.bias",
+        Q_BIAS,
+        C::Attention,
+        P::Required,
+    ),
+    rule(
+        "model.layers.{L}.self_attn.k_proj.bias",
+        KV_BIAS,
+        C::Attention,
+        P::Required,
+    ),
+    rule(
+        "model.layers.{L}.self_attn.v_proj.bias",
+        KV_BIAS,
+        C::Attention,
+        P::Required,
+    ),
 ];
 
 /// Qwen3's q/k RMSNorm over one head (weights shared by all heads, so never grown).
 const QK_NORM_PER_HEAD: &[TensorRule] = &[
-    rule("model.layers.{L}.self_attn.q_norm.weight", PER_HEAD_NORM, C::Norm, P::Required),
-    rule("model.layers.{L}.self_attn.k_norm.weight", PER_HEAD_NORM, C::Norm, P::Required),
+    rule(
+        "model.layers.{L}.self_attn.q_norm.weight",
+        PER_HEAD_NORM,
+        C::Norm,
+        P::Required,
+    ),
+    rule(
+        "model.layers.{L}.self_attn.k_norm.weight",
+        PER_HEAD_NORM,
+        C::Norm,
+        P::Required,
+    ),
 ];
 
 /// Qwen3 keeps Llama's `attention_bias` switch for q/k/v/o.
 const QWEN3_BIASES: &[TensorRule] = &[
-    rule("model.layers.{L}.self_attn.q_proj.bias", Q_BIAS, C::Attention, P::IfConfig("attention_bias")),
-    rule("model.layers.{L}.self_attn.k_proj.bias", KV_BIAS, C::Attention, P::IfConfig("attention_bias")),
-    rule("model.layers.{L}.self_attn.v_proj.bias", KV_BIAS, C::Attention, P::IfConfig("attention_bias")),
-    rule("model.layers.{L}.self_attn.o_proj.bias", NORM, C::Attention, P::IfConfig("attention_bias")),
+    rule(
+        "model.layers.{L}.self_attn.q_proj.bias",
+        Q_BIAS,
+        C::Attention,
+        P::IfConfig("attention_bias"),
+    ),
+    rule(
+        "model.layers.{L}.self_attn.k_proj.bias",
+        KV_BIAS,
+        C::Attention,
+        P::IfConfig("attention_bias"),
+    ),
+    rule(
+        "model.layers.{L}.self_attn.v_proj.bias",
+        KV_BIAS,
+        C::Attention,
+        P::IfConfig("attention_bias"),
+    ),
+    rule(
+        "model.layers.{L}.self_attn.o_proj.bias",
+        NORM,
+        C::Attention,
+        P::IfConfig("attention_bias"),
+    ),
 ];
 
 pub static FAMILIES: &[Family] = &[
@@ -226,7 +366,8 @@ impl Family {
 
     /// Finds the rule a tensor name follows, and its layer index where the rule has `{L}`.
     pub fn match_name(&self, name: &str) -> Option<(&'static TensorRule, Option<usize>)> {
-        self.all_rules().find_map(|r| match_pattern(r.pattern, name).map(|layer| (r, layer)))
+        self.all_rules()
+            .find_map(|r| match_pattern(r.pattern, name).map(|layer| (r, layer)))
     }
 }
 
@@ -259,10 +400,16 @@ mod tests {
     #[test]
     fn patterns_match_layers() {
         let f = Family::lookup("qwen2").unwrap();
-        let (r, l) = f.match_name("model.layers.17.self_attn.k_proj.bias").unwrap();
+        let (r, l) = f
+            .match_name("model.layers.17.self_attn.k_proj.bias")
+            .unwrap();
         assert_eq!((r.axes, l), (KV_BIAS, Some(17)));
-        assert!(f.match_name("model.layers.x.self_attn.k_proj.bias").is_none());
-        assert!(f.match_name("model.layers.1.self_attn.k_proj.weightx").is_none());
+        assert!(f
+            .match_name("model.layers.x.self_attn.k_proj.bias")
+            .is_none());
+        assert!(f
+            .match_name("model.layers.1.self_attn.k_proj.weightx")
+            .is_none());
         assert_eq!(f.match_name("lm_head.weight").unwrap().1, None);
     }
 
@@ -271,7 +418,11 @@ mod tests {
         for f in FAMILIES {
             for r in f.all_rules() {
                 assert!(r.axes.len() <= 2, "{}", r.pattern);
-                assert!(r.axes.iter().filter(|a| a.1 == Role::Read).count() <= 1, "{}", r.pattern);
+                assert!(
+                    r.axes.iter().filter(|a| a.1 == Role::Read).count() <= 1,
+                    "{}",
+                    r.pattern
+                );
             }
         }
     }

@@ -25,7 +25,12 @@ pub enum Variant {
 }
 
 impl Variant {
-    pub const ALL: [Variant; 4] = [Variant::Symmetric, Variant::Noisy, Variant::Diagonal, Variant::NoisyDiagonal];
+    pub const ALL: [Variant; 4] = [
+        Variant::Symmetric,
+        Variant::Noisy,
+        Variant::Diagonal,
+        Variant::NoisyDiagonal,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -89,7 +94,10 @@ impl BlockPattern {
 
     /// Mean over the block-row of scale^2: the row's signal power relative to mean(W^2).
     fn row_power(&self, bw: usize) -> f64 {
-        (0..self.read_blocks).map(|b| self.scale(bw, b).powi(2)).sum::<f64>() / self.read_blocks as f64
+        (0..self.read_blocks)
+            .map(|b| self.scale(bw, b).powi(2))
+            .sum::<f64>()
+            / self.read_blocks as f64
     }
 }
 
@@ -127,9 +135,21 @@ pub struct ExpansionSpec {
 impl<'a> Expansion<'a> {
     /// `axes` has one or two entries with at most one `Read` axis; `src` holds
     /// `prod(len)` elements of `src_dtype`.
-    pub fn new(src: &'a [u8], src_dtype: DType, axes: &[AxisGrowth], spec: ExpansionSpec) -> Result<Self, String> {
+    pub fn new(
+        src: &'a [u8],
+        src_dtype: DType,
+        axes: &[AxisGrowth],
+        spec: ExpansionSpec,
+    ) -> Result<Self, String> {
         let axes: [AxisGrowth; 2] = match *axes {
-            [a] => [AxisGrowth { len: 1, copies: 1, role: Role::Read }, a],
+            [a] => [
+                AxisGrowth {
+                    len: 1,
+                    copies: 1,
+                    role: Role::Read,
+                },
+                a,
+            ],
             [a, b] => [a, b],
             _ => return Err(format!("tensors of rank {} are not supported", axes.len())),
         };
@@ -143,14 +163,26 @@ impl<'a> Expansion<'a> {
         };
         let numel = axes[0].len * axes[1].len;
         if src.len() != numel * src_dtype.size() {
-            return Err(format!("holds {} bytes, expected {}", src.len(), numel * src_dtype.size()));
+            return Err(format!(
+                "holds {} bytes, expected {}",
+                src.len(),
+                numel * src_dtype.size()
+            ));
         }
         let pattern = BlockPattern {
             write_blocks: axes[1 - read_axis].copies,
             read_blocks: axes[read_axis].copies,
             diagonal: spec.variant.is_diagonal(),
         };
-        let mut exp = Expansion { src, src_dtype, out_dtype: spec.out_dtype, axes, read_axis, pattern, noise: None };
+        let mut exp = Expansion {
+            src,
+            src_dtype,
+            out_dtype: spec.out_dtype,
+            axes,
+            read_axis,
+            pattern,
+            noise: None,
+        };
         if spec.variant.is_noisy() && pattern.read_blocks >= 2 {
             exp.noise = Some(exp.calibrate_noise(spec));
         }
@@ -158,7 +190,10 @@ impl<'a> Expansion<'a> {
     }
 
     pub fn dest_shape(&self) -> [usize; 2] {
-        [self.axes[0].len * self.axes[0].copies, self.axes[1].len * self.axes[1].copies]
+        [
+            self.axes[0].len * self.axes[0].copies,
+            self.axes[1].len * self.axes[1].copies,
+        ]
     }
 
     pub fn dest_row_bytes(&self) -> usize {
@@ -176,10 +211,18 @@ impl<'a> Expansion<'a> {
             for pair in 0..pairs {
                 let key = block_key(spec.noise_key, bw, pair);
                 let drawn = mean_square_of_noise(key, numel);
-                sigma.push(if drawn > 0.0 { (target / drawn).sqrt() } else { 0.0 });
+                sigma.push(if drawn > 0.0 {
+                    (target / drawn).sqrt()
+                } else {
+                    0.0
+                });
             }
         }
-        Noise { key: spec.noise_key, pairs, sigma }
+        Noise {
+            key: spec.noise_key,
+            pairs,
+            sigma,
+        }
     }
 
     /// Fills `out` with destination rows starting at `first_row` (`out.len()` must be a
@@ -188,14 +231,20 @@ impl<'a> Expansion<'a> {
         let row_bytes = self.dest_row_bytes();
         debug_assert_eq!(out.len() % row_bytes, 0);
         let rows_per_task = (256 * 1024 / row_bytes).max(1);
-        out.par_chunks_mut(rows_per_task * row_bytes).enumerate().for_each(|(task, chunk)| {
-            let mut src_row = vec![0f64; self.axes[1].len];
-            let mut dst_row = vec![0f64; self.dest_shape()[1]];
-            for (k, row_out) in chunk.chunks_exact_mut(row_bytes).enumerate() {
-                self.row(first_row + task * rows_per_task + k, &mut src_row, &mut dst_row);
-                self.out_dtype.encode(&dst_row, row_out);
-            }
-        });
+        out.par_chunks_mut(rows_per_task * row_bytes)
+            .enumerate()
+            .for_each(|(task, chunk)| {
+                let mut src_row = vec![0f64; self.axes[1].len];
+                let mut dst_row = vec![0f64; self.dest_shape()[1]];
+                for (k, row_out) in chunk.chunks_exact_mut(row_bytes).enumerate() {
+                    self.row(
+                        first_row + task * rows_per_task + k,
+                        &mut src_row,
+                        &mut dst_row,
+                    );
+                    self.out_dtype.encode(&dst_row, row_out);
+                }
+            });
     }
 
     fn row(&self, row: usize, src_row: &mut [f64], dst_row: &mut [f64]) {
@@ -203,9 +252,14 @@ impl<'a> Expansion<'a> {
         let (b0, sr) = (row / a0.len, row % a0.len);
         let elem = self.src_dtype.size();
         let start = sr * a1.len * elem;
-        self.src_dtype.decode(&self.src[start..start + a1.len * elem], src_row);
+        self.src_dtype
+            .decode(&self.src[start..start + a1.len * elem], src_row);
         for (b1, block) in dst_row.chunks_exact_mut(a1.len).enumerate() {
-            let (bw, br) = if self.read_axis == 1 { (b0, b1) } else { (b1, b0) };
+            let (bw, br) = if self.read_axis == 1 {
+                (b0, b1)
+            } else {
+                (b1, b0)
+            };
             let scale = self.pattern.scale(bw, br);
             for (d, s) in block.iter_mut().zip(src_row.iter()) {
                 *d = s * scale;
@@ -253,7 +307,11 @@ fn mean_square_of_noise(key: u64, n: usize) -> f64 {
     let n = n as u64;
     let partial: Vec<f64> = (0..n.div_ceil(CHUNK))
         .into_par_iter()
-        .map(|c| (c * CHUNK..((c + 1) * CHUNK).min(n)).map(|i| gaussian(key, i).powi(2)).sum::<f64>())
+        .map(|c| {
+            (c * CHUNK..((c + 1) * CHUNK).min(n))
+                .map(|i| gaussian(key, i).powi(2))
+                .sum::<f64>()
+        })
         .collect();
     partial.iter().sum::<f64>() / n as f64
 }
@@ -311,9 +369,20 @@ mod tests {
         (0..n).map(|i| gaussian(12345, i as u64) * 0.5).collect()
     }
 
-    fn expand(w: &[f64], dtype: DType, axes: &[AxisGrowth], variant: Variant, snr_db: f64) -> (Vec<f64>, [usize; 2]) {
+    fn expand(
+        w: &[f64],
+        dtype: DType,
+        axes: &[AxisGrowth],
+        variant: Variant,
+        snr_db: f64,
+    ) -> (Vec<f64>, [usize; 2]) {
         let src = encode(w, dtype);
-        let spec = ExpansionSpec { variant, snr_db, noise_key: 7, out_dtype: dtype };
+        let spec = ExpansionSpec {
+            variant,
+            snr_db,
+            noise_key: 7,
+            out_dtype: dtype,
+        };
         let e = Expansion::new(&src, dtype, axes, spec).unwrap();
         let shape = e.dest_shape();
         let mut out = vec![0u8; shape[0] * e.dest_row_bytes()];
@@ -341,13 +410,22 @@ mod tests {
         let (o, i) = (6, 5);
         let w = weights(o * i);
         for (ro, ri) in [(2, 2), (3, 3), (3, 2), (1, 4), (4, 1)] {
-            let (d, shape) = expand(&w, DType::F64, &[ax(o, ro, Role::Write), ax(i, ri, Role::Read)], Variant::Symmetric, 0.0);
+            let (d, shape) = expand(
+                &w,
+                DType::F64,
+                &[ax(o, ro, Role::Write), ax(i, ri, Role::Read)],
+                Variant::Symmetric,
+                0.0,
+            );
             assert_eq!(shape, [o * ro, i * ri]);
             for bo in 0..ro {
                 for bi in 0..ri {
                     let b = block(&d, i * ri, (o, i), (bo, bi));
                     for (x, y) in b.iter().zip(&w) {
-                        assert!((x - y / ri as f64).abs() <= 1e-15, "({ro},{ri}) block ({bo},{bi})");
+                        assert!(
+                            (x - y / ri as f64).abs() <= 1e-15,
+                            "({ro},{ri}) block ({bo},{bi})"
+                        );
                     }
                 }
             }
@@ -357,13 +435,29 @@ mod tests {
     #[test]
     fn write_only_tensors_are_plain_tiles() {
         let w = weights(7);
-        let (d, shape) = expand(&w, DType::F32, &[ax(7, 3, Role::Write)], Variant::NoisyDiagonal, 10.0);
+        let (d, shape) = expand(
+            &w,
+            DType::F32,
+            &[ax(7, 3, Role::Write)],
+            Variant::NoisyDiagonal,
+            10.0,
+        );
         assert_eq!(shape, [1, 21]);
         let w32: Vec<f64> = w.iter().map(|x| *x as f32 as f64).collect();
-        assert_eq!(d, [w32.clone(), w32.clone(), w32].concat(), "norms and biases: tile, no noise");
+        assert_eq!(
+            d,
+            [w32.clone(), w32.clone(), w32].concat(),
+            "norms and biases: tile, no noise"
+        );
         // The embedding: vocab read (never grown), hidden written: tiled columns, no scale.
         let w = weights(12);
-        let (d, _) = expand(&w, DType::F64, &[ax(4, 1, Role::Read), ax(3, 2, Role::Write)], Variant::Noisy, 10.0);
+        let (d, _) = expand(
+            &w,
+            DType::F64,
+            &[ax(4, 1, Role::Read), ax(3, 2, Role::Write)],
+            Variant::Noisy,
+            10.0,
+        );
         for r in 0..4 {
             assert_eq!(d[r * 6..r * 6 + 3], w[r * 3..r * 3 + 3]);
             assert_eq!(d[r * 6 + 3..r * 6 + 6], w[r * 3..r * 3 + 3]);
@@ -375,7 +469,13 @@ mod tests {
         let (o, i) = (4, 3);
         let w = weights(o * i);
         for (ro, ri) in [(2, 2), (3, 3), (3, 2), (2, 3), (1, 2), (4, 2)] {
-            let (d, _) = expand(&w, DType::F64, &[ax(o, ro, Role::Write), ax(i, ri, Role::Read)], Variant::Diagonal, 0.0);
+            let (d, _) = expand(
+                &w,
+                DType::F64,
+                &[ax(o, ro, Role::Write), ax(i, ri, Role::Read)],
+                Variant::Diagonal,
+                0.0,
+            );
             for bo in 0..ro {
                 let mut sum = vec![0.0; o * i];
                 for bi in 0..ri {
@@ -402,20 +502,34 @@ mod tests {
         let signal = w.iter().map(|x| x * x).sum::<f64>() / w.len() as f64;
         for variant in [Variant::Noisy, Variant::NoisyDiagonal] {
             for (ro, ri) in [(2, 2), (3, 3), (1, 2), (2, 4)] {
-                let pattern = BlockPattern { write_blocks: ro, read_blocks: ri, diagonal: variant.is_diagonal() };
-                let (d, _) = expand(&w, DType::F64, &[ax(o, ro, Role::Write), ax(i, ri, Role::Read)], variant, 10.0);
+                let pattern = BlockPattern {
+                    write_blocks: ro,
+                    read_blocks: ri,
+                    diagonal: variant.is_diagonal(),
+                };
+                let (d, _) = expand(
+                    &w,
+                    DType::F64,
+                    &[ax(o, ro, Role::Write), ax(i, ri, Role::Read)],
+                    variant,
+                    10.0,
+                );
                 for bo in 0..ro {
                     let mut sum = vec![0.0; o * i];
                     for bi in 0..ri {
                         let b = block(&d, i * ri, (o, i), (bo, bi));
                         let scale = pattern.scale(bo, bi);
-                        let noise: Vec<f64> = b.iter().zip(&w).map(|(x, y)| x - y * scale).collect();
+                        let noise: Vec<f64> =
+                            b.iter().zip(&w).map(|(x, y)| x - y * scale).collect();
                         let ms = noise.iter().map(|e| e * e).sum::<f64>() / noise.len() as f64;
                         if ri % 2 == 1 && bi == ri - 1 {
                             assert_eq!(ms, 0.0, "odd last block is noise-free");
                         } else {
                             let snr_db = 10.0 * (signal * pattern.row_power(bo) / ms).log10();
-                            assert!((snr_db - 10.0).abs() < 1e-3, "{variant:?} ({ro},{ri}) block ({bo},{bi}): {snr_db} dB");
+                            assert!(
+                                (snr_db - 10.0).abs() < 1e-3,
+                                "{variant:?} ({ro},{ri}) block ({bo},{bi}): {snr_db} dB"
+                            );
                         }
                         for (s, x) in sum.iter_mut().zip(b) {
                             *s += x;
@@ -434,7 +548,13 @@ mod tests {
         // At 10 dB and n = 2, cos(W/2 + e, W/2 - e) = (S - N) / (S + N) = 9/11 = 0.818.
         let (o, i) = (64, 64);
         let w = weights(o * i);
-        let (d, _) = expand(&w, DType::F64, &[ax(o, 2, Role::Write), ax(i, 2, Role::Read)], Variant::Noisy, 10.0);
+        let (d, _) = expand(
+            &w,
+            DType::F64,
+            &[ax(o, 2, Role::Write), ax(i, 2, Role::Read)],
+            Variant::Noisy,
+            10.0,
+        );
         let mut cos_sum = 0.0;
         for r in 0..2 * o {
             let row = &d[r * 2 * i..(r + 1) * 2 * i];
@@ -445,14 +565,22 @@ mod tests {
             cos_sum += dot / (na * nb);
         }
         let mean = cos_sum / (2 * o) as f64;
-        assert!((mean - 9.0 / 11.0).abs() < 0.02, "mean row-half cosine {mean}");
+        assert!(
+            (mean - 9.0 / 11.0).abs() < 0.02,
+            "mean row-half cosine {mean}"
+        );
     }
 
     #[test]
     fn same_inputs_same_bytes_and_rows_in_any_order() {
         let w = weights(40 * 8);
         let src = encode(&w, DType::BF16);
-        let spec = ExpansionSpec { variant: Variant::Noisy, snr_db: 10.0, noise_key: 3, out_dtype: DType::BF16 };
+        let spec = ExpansionSpec {
+            variant: Variant::Noisy,
+            snr_db: 10.0,
+            noise_key: 3,
+            out_dtype: DType::BF16,
+        };
         let axes = [ax(40, 2, Role::Write), ax(8, 2, Role::Read)];
         let e = Expansion::new(&src, DType::BF16, &axes, spec).unwrap();
         let rb = e.dest_row_bytes();
@@ -471,6 +599,9 @@ mod tests {
         let xs: Vec<f64> = (0..n).map(|i| gaussian(99, i)).collect();
         let mean = xs.iter().sum::<f64>() / n as f64;
         let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64;
-        assert!(mean.abs() < 0.01 && (var - 1.0).abs() < 0.01, "mean {mean} var {var}");
+        assert!(
+            mean.abs() < 0.01 && (var - 1.0).abs() < 0.01,
+            "mean {mean} var {var}"
+        );
     }
 }

@@ -31,10 +31,15 @@ pub struct GrowthOptions {
 impl GrowthOptions {
     pub fn validate(&self) -> Result<()> {
         if self.factor == 0 || self.ffn_factor == 0 {
-            return Err(Error::Options("growth factors must be whole numbers >= 1 (got 0)".into()));
+            return Err(Error::Options(
+                "growth factors must be whole numbers >= 1 (got 0)".into(),
+            ));
         }
         if !self.snr_db.is_finite() {
-            return Err(Error::Options(format!("--snr-db must be a finite number of decibels, got {}", self.snr_db)));
+            return Err(Error::Options(format!(
+                "--snr-db must be a finite number of decibels, got {}",
+                self.snr_db
+            )));
         }
         if self.shard_size == 0 {
             return Err(Error::Options("--shard-size must be positive".into()));
@@ -116,7 +121,11 @@ pub struct Plan {
 }
 
 impl Plan {
-    pub fn new(ckpt: &Checkpoint, options: &GrowthOptions, metadata: &BTreeMap<String, String>) -> Result<Plan> {
+    pub fn new(
+        ckpt: &Checkpoint,
+        options: &GrowthOptions,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<Plan> {
         options.validate()?;
         let cfg = &ckpt.config;
         let family = cfg.family;
@@ -124,7 +133,14 @@ impl Plan {
         let mut params_before = BTreeMap::new();
         for (i, t) in ckpt.tensors.iter().enumerate() {
             *params_before.entry(t.rule.component).or_insert(0) += t.info.numel() as u64;
-            tensors.push(dest_tensor(ckpt, options, i, &t.info.name, t.rule.axes, t.rule.component));
+            tensors.push(dest_tensor(
+                ckpt,
+                options,
+                i,
+                &t.info.name,
+                t.rule.axes,
+                t.rule.component,
+            ));
         }
         // A tied head becomes its own tensor: the embedding wants no division, the head
         // wants 1/n on its hidden columns, and a plain from_pretrained must see both.
@@ -138,7 +154,14 @@ impl Plan {
                 .all_rules()
                 .find(|r| r.pattern == family.head)
                 .expect("every family has a head rule");
-            tensors.push(dest_tensor(ckpt, options, emb, family.head, head_rule.axes, Component::Head));
+            tensors.push(dest_tensor(
+                ckpt,
+                options,
+                emb,
+                family.head,
+                head_rule.axes,
+                Component::Head,
+            ));
         }
         let mut params_after = BTreeMap::new();
         for t in &tensors {
@@ -146,7 +169,15 @@ impl Plan {
         }
         let (config, changes) = grown_config(ckpt, options);
         let shards = assign_shards(&tensors, options.shard_size, metadata);
-        Ok(Plan { options: options.clone(), config, changes, tensors, shards, params_before, params_after })
+        Ok(Plan {
+            options: options.clone(),
+            config,
+            changes,
+            tensors,
+            shards,
+            params_before,
+            params_after,
+        })
     }
 
     pub fn data_bytes(&self) -> u64 {
@@ -155,7 +186,10 @@ impl Plan {
 
     /// Total bytes of the weight files (headers included).
     pub fn output_bytes(&self) -> u64 {
-        self.shards.iter().map(|s| s.header.len() as u64 + s.data_bytes).sum()
+        self.shards
+            .iter()
+            .map(|s| s.header.len() as u64 + s.data_bytes)
+            .sum()
     }
 
     /// Memory the clone allocates: the write buffer, per-thread row buffers and the headers.
@@ -185,7 +219,10 @@ impl Plan {
         let mut weight_map = Map::new();
         for s in &self.shards {
             for &t in &s.tensors {
-                weight_map.insert(self.tensors[t].name.clone(), Value::String(s.file_name.clone()));
+                weight_map.insert(
+                    self.tensors[t].name.clone(),
+                    Value::String(s.file_name.clone()),
+                );
             }
         }
         serde_json::json!({
@@ -206,7 +243,11 @@ fn dest_tensor(
     let cfg = &ckpt.config;
     let axes: Vec<AxisGrowth> = rule_axes
         .iter()
-        .map(|a| AxisGrowth { len: cfg.space_len(a.0), copies: options.copies(a.0, cfg.num_key_value_heads), role: a.1 })
+        .map(|a| AxisGrowth {
+            len: cfg.space_len(a.0),
+            copies: options.copies(a.0, cfg.num_key_value_heads),
+            role: a.1,
+        })
         .collect();
     let shape = axes.iter().map(|a| a.len * a.copies).collect();
     let src = &ckpt.tensors[source].info;
@@ -223,20 +264,30 @@ fn dest_tensor(
 
 /// The destination config.json: only the grown fields change, every other key is kept in
 /// its place.
-fn grown_config(ckpt: &Checkpoint, options: &GrowthOptions) -> (Map<String, Value>, Vec<ConfigChange>) {
+fn grown_config(
+    ckpt: &Checkpoint,
+    options: &GrowthOptions,
+) -> (Map<String, Value>, Vec<ConfigChange>) {
     let cfg = &ckpt.config;
     let mut out = cfg.raw.clone();
     let mut changes = Vec::new();
     let mut set = |key: &str, value: Value| {
         let before = out.get(key).cloned().unwrap_or(Value::Null);
         if before != value {
-            changes.push(ConfigChange { key: key.to_string(), before, after: value.clone() });
+            changes.push(ConfigChange {
+                key: key.to_string(),
+                before,
+                after: value.clone(),
+            });
             out.insert(key.to_string(), value);
         }
     };
     let n = options.factor;
     set("hidden_size", (cfg.hidden_size * n).into());
-    set("intermediate_size", (cfg.intermediate_size * options.ffn_factor).into());
+    set(
+        "intermediate_size",
+        (cfg.intermediate_size * options.ffn_factor).into(),
+    );
     set("num_attention_heads", (cfg.num_attention_heads * n).into());
     let kv = cfg.num_key_value_heads * options.copies(Space::KvHeads, cfg.num_key_value_heads);
     // An absent key means "as many as the query heads"; write it when that stops holding
@@ -249,13 +300,21 @@ fn grown_config(ckpt: &Checkpoint, options: &GrowthOptions) -> (Map<String, Valu
         set("tie_word_embeddings", Value::Bool(false));
     }
     if let Some(d) = options.dtype {
-        let key = if cfg.raw.contains_key("dtype") { "dtype" } else { "torch_dtype" };
+        let key = if cfg.raw.contains_key("dtype") {
+            "dtype"
+        } else {
+            "torch_dtype"
+        };
         set(key, d.torch_name().into());
     }
     (out, changes)
 }
 
-fn assign_shards(tensors: &[DestTensor], max_bytes: u64, metadata: &BTreeMap<String, String>) -> Vec<Shard> {
+fn assign_shards(
+    tensors: &[DestTensor],
+    max_bytes: u64,
+    metadata: &BTreeMap<String, String>,
+) -> Vec<Shard> {
     let mut groups: Vec<Vec<usize>> = vec![Vec::new()];
     let mut current = 0u64;
     for (i, t) in tensors.iter().enumerate() {
@@ -274,7 +333,11 @@ fn assign_shards(tensors: &[DestTensor], max_bytes: u64, metadata: &BTreeMap<Str
         .map(|(k, ids)| {
             let entries: Vec<HeaderEntry> = ids
                 .iter()
-                .map(|&i| HeaderEntry { name: tensors[i].name.clone(), dtype: tensors[i].dtype, shape: tensors[i].shape.clone() })
+                .map(|&i| HeaderEntry {
+                    name: tensors[i].name.clone(),
+                    dtype: tensors[i].dtype,
+                    shape: tensors[i].shape.clone(),
+                })
                 .collect();
             let data_bytes = entries.iter().map(HeaderEntry::byte_len).sum();
             let file_name = if count == 1 {
@@ -282,7 +345,12 @@ fn assign_shards(tensors: &[DestTensor], max_bytes: u64, metadata: &BTreeMap<Str
             } else {
                 format!("model-{:05}-of-{:05}.safetensors", k + 1, count)
             };
-            Shard { header: encode_header(&entries, metadata), file_name, tensors: ids, data_bytes }
+            Shard {
+                header: encode_header(&entries, metadata),
+                file_name,
+                tensors: ids,
+                data_bytes,
+            }
         })
         .collect()
 }

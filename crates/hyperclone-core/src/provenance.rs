@@ -31,13 +31,26 @@ impl Provenance {
 
     /// The `__metadata__` of every output shard. `format: pt` is what transformers requires
     /// to load a safetensors file.
-    pub fn metadata(&self, factor: usize, ffn_factor: usize, variant: &str, snr_db: f64, seed: u64) -> BTreeMap<String, String> {
+    pub fn metadata(
+        &self,
+        factor: usize,
+        ffn_factor: usize,
+        variant: &str,
+        snr_db: f64,
+        seed: u64,
+    ) -> BTreeMap<String, String> {
         let mut m = BTreeMap::new();
         m.insert("format".into(), "pt".into());
         m.insert("hyperclone.version".into(), TOOL_VERSION.into());
         m.insert("hyperclone.source".into(), self.source.clone());
-        m.insert("hyperclone.source_config_sha256".into(), self.config_sha256.clone());
-        m.insert("hyperclone.source_headers_sha256".into(), self.headers_sha256.clone());
+        m.insert(
+            "hyperclone.source_config_sha256".into(),
+            self.config_sha256.clone(),
+        );
+        m.insert(
+            "hyperclone.source_headers_sha256".into(),
+            self.headers_sha256.clone(),
+        );
         m.insert("hyperclone.factor".into(), factor.to_string());
         m.insert("hyperclone.ffn_factor".into(), ffn_factor.to_string());
         m.insert("hyperclone.variant".into(), variant.into());
@@ -53,7 +66,10 @@ pub fn model_card(ckpt: &Checkpoint, plan: &Plan, prov: &Provenance) -> String {
     let o = &plan.options;
     let cfg = &ckpt.config;
     let mut s = String::new();
-    let _ = writeln!(s, "---\nlibrary_name: transformers\ntags:\n- hyperclone\n- hypercloning\n---\n");
+    let _ = writeln!(
+        s,
+        "---\nlibrary_name: transformers\ntags:\n- hyperclone\n- hypercloning\n---\n"
+    );
     let _ = writeln!(s, "# HyperCloned from `{}`\n", prov.source);
     let _ = writeln!(
         s,
@@ -82,7 +98,11 @@ pub fn model_card(ckpt: &Checkpoint, plan: &Plan, prov: &Provenance) -> String {
         let _ = writeln!(s, "- noise: {} dB SNR per block, seed {}", o.snr_db, o.seed);
     }
     let _ = writeln!(s, "- source config.json sha256: `{}`", prov.config_sha256);
-    let _ = writeln!(s, "- source tensor headers sha256: `{}`", prov.headers_sha256);
+    let _ = writeln!(
+        s,
+        "- source tensor headers sha256: `{}`",
+        prov.headers_sha256
+    );
     let _ = writeln!(s, "- command: `{}`\n", prov.command);
     let _ = writeln!(
         s,

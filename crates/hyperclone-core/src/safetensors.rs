@@ -92,8 +92,11 @@ impl SafetensorsFile {
                 // SAFETY: DontNeed on a read-only private file mapping only drops cached
                 // pages; later reads fault them back in from the file.
                 let _ = unsafe {
-                    self.map
-                        .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, begin, end - begin)
+                    self.map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        begin,
+                        end - begin,
+                    )
                 };
             }
         }
@@ -142,7 +145,10 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
             };
             for (k, v) in m {
                 let Value::String(s) = v else {
-                    return Err(Error::format(path, format!("`__metadata__.{k}` is not a string")));
+                    return Err(Error::format(
+                        path,
+                        format!("`__metadata__.{k}` is not a string"),
+                    ));
                 };
                 metadata.insert(k, s);
             }
@@ -191,7 +197,8 @@ fn parse_entry(
             "dtype {dtype_name} is not a floating-point weight type this tool grows (F64, F32, BF16, F16)"
         ))
     })?;
-    let shape = usize_list(fields, "shape").ok_or_else(|| bad("`shape` is not a list of non-negative integers".into()))?;
+    let shape = usize_list(fields, "shape")
+        .ok_or_else(|| bad("`shape` is not a list of non-negative integers".into()))?;
     let offsets = usize_list(fields, "data_offsets")
         .filter(|o| o.len() == 2)
         .ok_or_else(|| bad("`data_offsets` is not a pair of non-negative integers".into()))?;
@@ -313,8 +320,16 @@ mod tests {
     #[test]
     fn round_trip_header() {
         let entries = vec![
-            HeaderEntry { name: "a".into(), dtype: DType::F32, shape: vec![2, 3] },
-            HeaderEntry { name: "b".into(), dtype: DType::BF16, shape: vec![5] },
+            HeaderEntry {
+                name: "a".into(),
+                dtype: DType::F32,
+                shape: vec![2, 3],
+            },
+            HeaderEntry {
+                name: "b".into(),
+                dtype: DType::BF16,
+                shape: vec![5],
+            },
         ];
         let mut meta = BTreeMap::new();
         meta.insert("format".into(), "pt".into());
@@ -336,17 +351,26 @@ mod tests {
         let mut huge = file_with("{}", 0);
         huge[..8].copy_from_slice(&1000u64.to_le_bytes());
         assert!(open_err(&huge).contains("points past the end"));
-        let past = file_with(r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, 8);
+        let past = file_with(
+            r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#,
+            8,
+        );
         let msg = open_err(&past);
         assert!(msg.contains("`w`") && msg.contains("past the end"), "{msg}");
-        let wrong = file_with(r#"{"w":{"dtype":"F32","shape":[3],"data_offsets":[0,16]}}"#, 16);
+        let wrong = file_with(
+            r#"{"w":{"dtype":"F32","shape":[3],"data_offsets":[0,16]}}"#,
+            16,
+        );
         assert!(open_err(&wrong).contains("needs 12"));
         let overlap = file_with(
             r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"v":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}"#,
             16,
         );
         assert!(open_err(&overlap).contains("overlaps"));
-        let int = file_with(r#"{"w":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}}"#, 8);
+        let int = file_with(
+            r#"{"w":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}}"#,
+            8,
+        );
         assert!(open_err(&int).contains("I64"));
         assert!(open_err(&file_with("{not json", 0)).contains("not valid JSON"));
     }

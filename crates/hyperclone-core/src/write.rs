@@ -81,7 +81,9 @@ pub fn write_clone(
     let mut small = |name: &str, bytes: Vec<u8>| -> Result<()> {
         let path = staging.path.join(name);
         let mut f = create(&path).map_err(|e| Error::io(&path, e))?;
-        f.write_all(&bytes).and_then(|_| f.flush()).map_err(|e| Error::io(&path, e))?;
+        f.write_all(&bytes)
+            .and_then(|_| f.flush())
+            .map_err(|e| Error::io(&path, e))?;
         bytes_written += bytes.len() as u64;
         files.push(name.to_string());
         Ok(())
@@ -89,16 +91,28 @@ pub fn write_clone(
     if plan.is_sharded() {
         small(INDEX_FILE, pretty_json(&plan.index_json()))?;
     }
-    small("config.json", pretty_json(&serde_json::Value::Object(plan.config.clone())))?;
+    small(
+        "config.json",
+        pretty_json(&serde_json::Value::Object(plan.config.clone())),
+    )?;
     small("README.md", model_card.as_bytes().to_vec())?;
     let mut companions: Vec<PathBuf> = fs::read_dir(&ckpt.dir)
         .map_err(|e| Error::io(&ckpt.dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file() && p.file_name().and_then(|n| n.to_str()).is_some_and(is_companion_file))
+        .filter(|p| {
+            p.is_file()
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(is_companion_file)
+        })
         .collect();
     companions.sort();
     for p in companions {
-        let name = p.file_name().and_then(|n| n.to_str()).expect("filtered above").to_string();
+        let name = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("filtered above")
+            .to_string();
         let bytes = fs::read(&p).map_err(|e| Error::io(&p, e))?;
         small(&name, bytes)?;
     }
@@ -106,7 +120,10 @@ pub fn write_clone(
         return Err(Error::Interrupted);
     }
     staging.commit(dst, force)?;
-    Ok(CloneOutcome { files, bytes_written })
+    Ok(CloneOutcome {
+        files,
+        bytes_written,
+    })
 }
 
 fn pretty_json(v: &serde_json::Value) -> Vec<u8> {
@@ -121,17 +138,28 @@ fn check_destination(src: &Path, dst: &Path, force: bool) -> Result<()> {
     let src_abs = fs::canonicalize(src).map_err(|e| Error::io(src, e))?;
     let dst_abs = absolute_lexical(dst)?;
     if dst_abs.starts_with(&src_abs) || src_abs.starts_with(&dst_abs) {
-        return Err(Error::format(dst, format!("destination overlaps the source folder {}", src_abs.display())));
+        return Err(Error::format(
+            dst,
+            format!(
+                "destination overlaps the source folder {}",
+                src_abs.display()
+            ),
+        ));
     }
     if dst.symlink_metadata().is_ok() && !force {
-        return Err(Error::format(dst, "already exists (pass --force to replace it)"));
+        return Err(Error::format(
+            dst,
+            "already exists (pass --force to replace it)",
+        ));
     }
     Ok(())
 }
 
 /// An absolute path with its parent resolved through symlinks (DST itself need not exist).
 fn absolute_lexical(p: &Path) -> Result<PathBuf> {
-    let name = p.file_name().ok_or_else(|| Error::format(p, "destination needs a folder name"))?;
+    let name = p
+        .file_name()
+        .ok_or_else(|| Error::format(p, "destination needs a folder name"))?;
     let parent = match p.parent() {
         Some(q) if !q.as_os_str().is_empty() => q.to_path_buf(),
         _ => PathBuf::from("."),
@@ -153,7 +181,10 @@ impl Staging {
             fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
         }
         fs::create_dir(&path).map_err(|e| Error::io(&path, e))?;
-        Ok(Staging { path, committed: false })
+        Ok(Staging {
+            path,
+            committed: false,
+        })
     }
 
     fn commit(mut self, dst: &Path, force: bool) -> Result<()> {
@@ -172,7 +203,11 @@ impl Staging {
         }
         self.committed = true;
         if let Some(old) = old {
-            let removed = if old.is_dir() { fs::remove_dir_all(&old) } else { fs::remove_file(&old) };
+            let removed = if old.is_dir() {
+                fs::remove_dir_all(&old)
+            } else {
+                fs::remove_file(&old)
+            };
             removed.map_err(|e| Error::io(&old, e))?;
         }
         Ok(())
@@ -189,7 +224,11 @@ impl Drop for Staging {
 
 fn sibling(dst: &Path, what: &str) -> Result<PathBuf> {
     let abs = absolute_lexical(dst)?;
-    let name = abs.file_name().expect("has a name").to_string_lossy().into_owned();
+    let name = abs
+        .file_name()
+        .expect("has a name")
+        .to_string_lossy()
+        .into_owned();
     Ok(abs.with_file_name(format!(".{name}.hyperclone-{what}-{}", std::process::id())))
 }
 
@@ -209,7 +248,9 @@ fn write_shards(
     let (to_writer, from_producer) = mpsc::sync_channel::<Msg>(2);
     let (recycle, spare) = mpsc::channel::<Vec<u8>>();
     for _ in 0..2 {
-        recycle.send(Vec::with_capacity(WRITE_CHUNK_BYTES)).expect("receiver alive");
+        recycle
+            .send(Vec::with_capacity(WRITE_CHUNK_BYTES))
+            .expect("receiver alive");
     }
     std::thread::scope(|scope| {
         let writer = scope.spawn(move || -> Result<u64> {
@@ -263,7 +304,9 @@ fn produce(
     let writer_gone = || Error::format(dir, "writer stopped");
     for shard in &plan.shards {
         let path = dir.join(&shard.file_name);
-        to_writer.send(Msg::Begin(path.clone(), shard.header.clone())).map_err(|_| writer_gone())?;
+        to_writer
+            .send(Msg::Begin(path.clone(), shard.header.clone()))
+            .map_err(|_| writer_gone())?;
         for &ti in &shard.tensors {
             let t = &plan.tensors[ti];
             let src = &ckpt.tensors[t.source];

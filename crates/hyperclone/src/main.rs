@@ -1,1 +1,133 @@
-fn main(){}
+//! The `hyperclone` binary: flags in, core calls, progress and reports out. No growth math.
+
+mod args;
+mod growth;
+mod report;
+
+use anyhow::Result;
+use args::{Cli, CloneArgs, Command, InspectArgs, PlanArgs};
+use clap::Parser;
+use hyperclone_core::provenance::{model_card, Provenance};
+use hyperclone_core::write::{create_plain_file, write_clone, Progress};
+use hyperclone_core::{Checkpoint, Plan};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Clone(a) => clone(a),
+        Command::Plan(a) => plan(a),
+        Command::Inspect(a) => inspect(a),
+    };
+    if let Err(e) = result {
+        // One line: the core's errors already name the file and tensor.
+        let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+        eprintln!("error: {}", chain.join(": "));
+        std::process::exit(1);
+    }
+}
+
+/// The command line as typed, with the program's own path reduced to its name, so the
+/// recorded recipe (and so the output bytes) do not depend on where the binary lives.
+fn command_line() -> String {
+    std::iter::once("hyperclone".to_string())
+        .chain(std::env::args().skip(1))
+        .map(|a| {
+            if !a.is_empty()
+                && a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
+            {
+                a
+            } else {
+                format!("'{}'", a.replace('\'', r"'\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn open_and_plan(
+    src: &std::path::Path,
+    growth: &args::GrowthArgs,
+) -> Result<(Checkpoint, Plan, Provenance)> {
+    let ckpt = Checkpoint::open(src)?;
+    let options = growth::options(growth, &ckpt.config)?;
+    let prov = Provenance::of(&ckpt, &src.display().to_string(), &command_line())?;
+    let meta = prov.metadata(
+        options.factor,
+        options.ffn_factor,
+        options.variant.name(),
+        options.snr_db,
+        options.seed,
+    );
+    let plan = Plan::new(&ckpt, &options, &meta)?;
+    Ok((ckpt, plan, prov))
+}
+
+struct Bar(ProgressBar);
+
+impl Progress for Bar {
+    fn begin(&self, total: u64) {
+        self.0.set_length(total);
+    }
+    fn advance(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+}
+
+fn clone(a: CloneArgs) -> Result<()> {
+    let started = Instant::now();
+    let (ckpt, plan, prov) = open_and_plan(&a.src, &a.growth)?;
+    let card = model_card(&ckpt, &plan, &prov);
+    let cancel = Arc::new(AtomicBool::new(false));
+    {
+        let cancel = cancel.clone();
+        // Ctrl-C stops at the next chunk; the partial folder is then removed.
+        let _ = ctrlc::set_handler(move || cancel.store(true, Ordering::Relaxed));
+    }
+    let bar = if a.json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(0)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}")
+            .expect("valid template"),
+    );
+    let outcome = write_clone(
+        &ckpt,
+        &plan,
+        &card,
+        &a.dst,
+        a.force,
+        &Bar(bar.clone()),
+        &cancel,
+        &create_plain_file,
+    );
+    bar.finish_and_clear();
+    let outcome = outcome?;
+    report::clone_summary(
+        &ckpt,
+        &plan,
+        &a,
+        &outcome,
+        started.elapsed().as_secs_f64(),
+        a.json,
+    );
+    Ok(())
+}
+
+fn plan(a: PlanArgs) -> Result<()> {
+    let (ckpt, plan, _) = open_and_plan(&a.src, &a.growth)?;
+    report::plan(&ckpt, &plan, a.json);
+    Ok(())
+}
+
+fn inspect(a: InspectArgs) -> Result<()> {
+    let ckpt = Checkpoint::open(&a.model)?;
+    report::inspect(&ckpt, a.json);
+    Ok(())
+}

@@ -1,0 +1,116 @@
+//! Command-line flags. Names are a contract: scripts call them.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "hyperclone",
+    version,
+    about = "Grow a pretrained language model wider with HyperCloning: the grown model computes exactly the \
+             small model's function, then training continues from there.",
+    long_about = "Grow a pretrained language model wider with HyperCloning (Samragh et al., 2024).\n\n\
+        Every weight of a Hugging Face checkpoint (config.json + safetensors) is tiled so that the wider model \
+        computes exactly the small model's function: each hidden vector becomes n stacked copies. The output is an \
+        ordinary Hugging Face folder that loads with AutoModelForCausalLM.from_pretrained.\n\n\
+        Start with `hyperclone plan MODEL --factor 2` to see what a clone would produce, then \
+        `hyperclone clone MODEL OUT --factor 2`."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Grow SRC into a wider checkpoint at DST (streamed; memory does not grow with the model).
+    Clone(CloneArgs),
+    /// Show what `clone` would produce: config changes, parameters, bytes, memory. Writes nothing.
+    Plan(PlanArgs),
+    /// Describe a checkpoint: family, dimensions, parameters, dtypes, shards.
+    Inspect(InspectArgs),
+}
+
+#[derive(Args, Clone)]
+pub struct GrowthArgs {
+    /// Multiply the hidden size and the number of attention heads by N (head_dim is kept).
+    /// Key/value heads grow N times too, except a single MQA head, which stays single.
+    #[arg(
+        long,
+        value_name = "N",
+        required_unless_present = "hidden_size",
+        conflicts_with = "hidden_size"
+    )]
+    pub factor: Option<String>,
+    /// Alternative to --factor: the target hidden size (a whole multiple of the source's).
+    #[arg(long, value_name = "D")]
+    pub hidden_size: Option<usize>,
+    /// Multiply the MLP's intermediate size by M [default: the hidden factor N].
+    #[arg(long, value_name = "M", conflicts_with = "intermediate_size")]
+    pub ffn_factor: Option<String>,
+    /// Alternative to --ffn-factor: the target intermediate size (a whole multiple).
+    #[arg(long, value_name = "F")]
+    pub intermediate_size: Option<usize>,
+    /// Target number of attention heads; must grow by the hidden factor (head_dim cannot change).
+    #[arg(long, value_name = "H")]
+    pub num_attention_heads: Option<usize>,
+    /// How weights are tiled: symmetric = W/n in every block (the paper's recommendation);
+    /// noisy = symmetric plus noise that cancels over copies (breaks the copies' symmetry);
+    /// diagonal = W on the block diagonal, 0 elsewhere; noisy-diagonal = diagonal plus noise.
+    #[arg(long, value_name = "V", default_value = "symmetric",
+          value_parser = ["symmetric", "noisy", "diagonal", "noisy-diagonal"])]
+    pub variant: String,
+    /// Signal-to-noise ratio of the noisy variants, in dB, realised exactly per block.
+    #[arg(
+        long,
+        value_name = "DB",
+        default_value_t = 10.0,
+        allow_negative_numbers = true
+    )]
+    pub snr_db: f64,
+    /// Seed of the noise; the same source, flags and seed give byte-identical output.
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    pub seed: u64,
+    /// Output dtype: keep each tensor's source dtype, or convert (arithmetic is f64 either way).
+    #[arg(long, value_name = "T", default_value = "keep", value_parser = ["keep", "f32", "bf16", "f16", "f64"])]
+    pub dtype: String,
+    /// Largest shard (data bytes), e.g. 5GB, 500MB, 2GiB; one `model.safetensors` when it fits.
+    #[arg(long, value_name = "SIZE", default_value = "5GB")]
+    pub shard_size: String,
+}
+
+#[derive(Args)]
+pub struct CloneArgs {
+    /// Source model folder (config.json + model.safetensors or an index and shards).
+    pub src: PathBuf,
+    /// Destination folder; must not exist unless --force.
+    pub dst: PathBuf,
+    #[command(flatten)]
+    pub growth: GrowthArgs,
+    /// Replace DST if it exists (only once the new clone is complete).
+    #[arg(long)]
+    pub force: bool,
+    /// Print one JSON object with the summary instead of text and a progress bar.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct PlanArgs {
+    /// Source model folder.
+    pub src: PathBuf,
+    #[command(flatten)]
+    pub growth: GrowthArgs,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// Model folder.
+    pub model: PathBuf,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,248 @@
+//! Human and JSON renderings of plans, inspections and clone summaries.
+
+use crate::args::CloneArgs;
+use hyperclone_core::family::{Component, Family, FAMILIES};
+use hyperclone_core::write::CloneOutcome;
+use hyperclone_core::{Checkpoint, Plan};
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+
+fn by_component(counts: &BTreeMap<Component, u64>) -> Value {
+    let mut m = Map::new();
+    for c in Component::ALL {
+        m.insert(c.name().into(), counts.get(&c).copied().unwrap_or(0).into());
+    }
+    m.insert("total".into(), counts.values().sum::<u64>().into());
+    Value::Object(m)
+}
+
+fn human_bytes(b: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.2} {}", units[u])
+    }
+}
+
+fn human_params(p: u64) -> String {
+    match p {
+        p if p >= 1_000_000_000 => format!("{:.2}B", p as f64 / 1e9),
+        p if p >= 1_000_000 => format!("{:.2}M", p as f64 / 1e6),
+        p if p >= 1_000 => format!("{:.1}K", p as f64 / 1e3),
+        p => p.to_string(),
+    }
+}
+
+/// Worker threads the clone will use (rayon's rule: RAYON_NUM_THREADS, else all cores).
+fn threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n: &usize| n > 0)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+}
+
+fn plan_json(ckpt: &Checkpoint, plan: &Plan) -> Value {
+    let o = &plan.options;
+    json!({
+        "source": ckpt.dir.display().to_string(),
+        "model_type": ckpt.config.family.model_type,
+        "factor": o.factor,
+        "ffn_factor": o.ffn_factor,
+        "variant": o.variant.name(),
+        "snr_db": o.snr_db,
+        "seed": o.seed,
+        "dtype": o.dtype.map(|d| d.torch_name()).unwrap_or("keep"),
+        "config_changes": plan.changes.iter().map(|c| json!({"key": c.key, "before": c.before, "after": c.after})).collect::<Vec<_>>(),
+        "params_before": by_component(&plan.params_before),
+        "params_after": by_component(&plan.params_after),
+        "output_bytes": plan.output_bytes(),
+        "shards": plan.shards.iter().map(|s| json!({"file": s.file_name, "tensors": s.tensors.len(), "bytes": s.header.len() as u64 + s.data_bytes})).collect::<Vec<_>>(),
+        "expected_peak_memory_bytes": plan.peak_memory_bytes(threads()),
+    })
+}
+
+pub fn plan(ckpt: &Checkpoint, plan: &Plan, as_json: bool) {
+    if as_json {
+        println!("{}", plan_json(ckpt, plan));
+        return;
+    }
+    let o = &plan.options;
+    println!(
+        "Plan: {} `{}` x{} (FFN x{}), variant {}{}",
+        ckpt.config.family.model_type,
+        ckpt.dir.display(),
+        o.factor,
+        o.ffn_factor,
+        o.variant.name(),
+        if o.variant.is_noisy() {
+            format!(" at {} dB, seed {}", o.snr_db, o.seed)
+        } else {
+            String::new()
+        }
+    );
+    println!("\nconfig.json changes:");
+    for c in &plan.changes {
+        println!("  {:<22} {} -> {}", c.key, c.before, c.after);
+    }
+    println!("\nparameters:            before ->      after");
+    for c in Component::ALL {
+        let b = plan.params_before.get(&c).copied().unwrap_or(0);
+        let a = plan.params_after.get(&c).copied().unwrap_or(0);
+        println!(
+            "  {:<18} {:>10} -> {:>10}",
+            c.name(),
+            human_params(b),
+            human_params(a)
+        );
+    }
+    let (b, a): (u64, u64) = (
+        plan.params_before.values().sum(),
+        plan.params_after.values().sum(),
+    );
+    println!(
+        "  {:<18} {:>10} -> {:>10}",
+        "total",
+        human_params(b),
+        human_params(a)
+    );
+    println!(
+        "\noutput: {} in {} file(s); expected peak memory {} (source pages are memory-mapped, not counted)",
+        human_bytes(plan.output_bytes()),
+        plan.shards.len(),
+        human_bytes(plan.peak_memory_bytes(threads()))
+    );
+}
+
+pub fn inspect(ckpt: &Checkpoint, as_json: bool) {
+    let c = &ckpt.config;
+    let mut counts = BTreeMap::new();
+    for t in &ckpt.tensors {
+        *counts.entry(t.rule.component).or_insert(0u64) += t.info.numel() as u64;
+    }
+    let shards: Vec<Value> = ckpt
+        .files
+        .iter()
+        .map(|f| {
+            let bytes = std::fs::metadata(&f.path).map(|m| m.len()).unwrap_or(0);
+            json!({"file": f.path.file_name().map(|n| n.to_string_lossy().into_owned()), "tensors": f.tensors.len(), "bytes": bytes})
+        })
+        .collect();
+    let dtypes: Vec<&str> = ckpt.dtypes().iter().map(|d| d.torch_name()).collect();
+    let v = json!({
+        "path": ckpt.dir.display().to_string(),
+        "model_type": c.family.model_type,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads,
+        "head_dim": c.head_dim,
+        "num_hidden_layers": c.num_hidden_layers,
+        "vocab_size": c.vocab_size,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "attention": attention_kind(c.num_attention_heads, c.num_key_value_heads),
+        "parameters": by_component(&counts),
+        "dtypes": dtypes,
+        "shards": shards,
+        "dropped_tensors": ckpt.dropped,
+        "supported_families": FAMILIES.iter().map(|f| f.model_type).collect::<Vec<_>>(),
+    });
+    if as_json {
+        println!("{v}");
+        return;
+    }
+    println!("{}  ({})", ckpt.dir.display(), c.family.model_type);
+    println!(
+        "  hidden {}  intermediate {}  layers {}  vocab {}",
+        c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
+    );
+    println!(
+        "  heads {} / kv heads {} ({}), head_dim {}, head {}",
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        attention_kind(c.num_attention_heads, c.num_key_value_heads),
+        c.head_dim,
+        if c.tie_word_embeddings {
+            "tied"
+        } else {
+            "untied"
+        }
+    );
+    print!("  parameters {}:", human_params(counts.values().sum()));
+    for comp in Component::ALL {
+        print!(
+            " {} {}",
+            comp.name(),
+            human_params(counts.get(&comp).copied().unwrap_or(0))
+        );
+    }
+    println!();
+    println!("  dtypes {}", dtypes.join(", "));
+    for f in &ckpt.files {
+        let bytes = std::fs::metadata(&f.path).map(|m| m.len()).unwrap_or(0);
+        println!(
+            "  {} ({} tensors, {})",
+            f.path.display(),
+            f.tensors.len(),
+            human_bytes(bytes)
+        );
+    }
+    println!(
+        "  supported families: {}",
+        Family::supported_names().join(", ")
+    );
+}
+
+fn attention_kind(heads: usize, kv: usize) -> &'static str {
+    match kv {
+        1 if heads > 1 => "MQA",
+        k if k == heads => "MHA",
+        _ => "GQA",
+    }
+}
+
+pub fn clone_summary(
+    ckpt: &Checkpoint,
+    plan: &Plan,
+    a: &CloneArgs,
+    out: &CloneOutcome,
+    seconds: f64,
+    as_json: bool,
+) {
+    let params: u64 = plan.params_after.values().sum();
+    let gbps = out.bytes_written as f64 / seconds.max(1e-9) / 1e9;
+    if as_json {
+        let mut v = plan_json(ckpt, plan);
+        let m = v.as_object_mut().expect("object");
+        m.insert("destination".into(), a.dst.display().to_string().into());
+        m.insert("files".into(), json!(out.files));
+        m.insert("bytes_written".into(), out.bytes_written.into());
+        m.insert("seconds".into(), seconds.into());
+        m.insert("gb_per_s".into(), gbps.into());
+        println!("{v}");
+        return;
+    }
+    let before: u64 = plan.params_before.values().sum();
+    println!(
+        "cloned {} -> {}: {} -> {} parameters, {} in {:.2} s ({:.2} GB/s), {} file(s)",
+        a.src.display(),
+        a.dst.display(),
+        human_params(before),
+        human_params(params),
+        human_bytes(out.bytes_written),
+        seconds,
+        gbps,
+        out.files.len()
+    );
+}

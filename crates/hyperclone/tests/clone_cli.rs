@@ -1,0 +1,318 @@
+//! `hyperclone clone | plan | inspect` on synthetic checkpoints: output layout, config,
+//! shards, provenance, determinism and the parameter-count formula of HYPERCLONING.md.
+
+mod common;
+
+use common::*;
+use hyperclone_core::{Checkpoint, DType};
+use serde_json::Value;
+use std::path::Path;
+
+fn read_json(p: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+}
+
+fn decode(ckpt: &Checkpoint, name: &str) -> (Vec<f64>, Vec<usize>) {
+    let t = ckpt.find(name).unwrap_or_else(|| panic!("{name} missing"));
+    let f = &ckpt.files[t.file];
+    let mut v = vec![0.0; t.info.numel()];
+    t.info.dtype.decode(f.data(&t.info), &mut v);
+    (v, t.info.shape.clone())
+}
+
+#[test]
+fn clone_writes_a_complete_loadable_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = Tiny::default().write(&tmp.path().join("src"));
+    let out = run(
+        &["clone", "src", "dst", "--factor", "2", "--json"],
+        tmp.path(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["factor"], 2);
+    let dst = tmp.path().join("dst");
+    assert_eq!(
+        listing(&dst),
+        [
+            "README.md",
+            "config.json",
+            "generation_config.json",
+            "model.safetensors",
+            "tokenizer.json"
+        ]
+    );
+    assert_eq!(
+        listing(tmp.path()),
+        ["dst", "src"],
+        "no temporary folder left behind"
+    );
+    let cfg = read_json(&dst.join("config.json"));
+    assert_eq!(cfg["hidden_size"], 2 * HIDDEN);
+    assert_eq!(cfg["intermediate_size"], 2 * FFN);
+    assert_eq!(cfg["num_attention_heads"], 8);
+    assert_eq!(cfg["num_key_value_heads"], 4);
+    assert_eq!(cfg["tie_word_embeddings"], false);
+    assert_eq!(
+        cfg["some_unknown_key"],
+        read_json(&src.join("config.json"))["some_unknown_key"]
+    );
+    assert_eq!(cfg["rope_theta"], 10000.0);
+    let keys: Vec<&String> = cfg.as_object().unwrap().keys().collect();
+    let src_keys: Vec<String> = read_json(&src.join("config.json"))
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    assert_eq!(keys, src_keys.iter().collect::<Vec<_>>(), "key order kept");
+
+    let grown = Checkpoint::open(&dst).unwrap();
+    let small = Checkpoint::open(&src).unwrap();
+    let meta = &grown.files[0].metadata;
+    assert_eq!(meta["format"], "pt");
+    assert_eq!(meta["hyperclone.variant"], "symmetric");
+    assert_eq!(
+        meta["hyperclone.source_headers_sha256"],
+        small.headers_sha256()
+    );
+    assert_eq!(
+        meta["hyperclone.command"],
+        "hyperclone clone src dst --factor 2 --json"
+    );
+    let card = std::fs::read_to_string(dst.join("README.md")).unwrap();
+    assert!(
+        card.contains(&small.config_sha256().unwrap()) && card.contains("hyperclone clone src dst")
+    );
+
+    // o_proj: [hidden x2 (write), heads x2 (read)] = 1/2 [[W, W], [W, W]].
+    let (w, _) = decode(&small, "model.layers.1.self_attn.o_proj.weight");
+    let (d, shape) = decode(&grown, "model.layers.1.self_attn.o_proj.weight");
+    assert_eq!(shape, [2 * HIDDEN, 2 * HIDDEN]);
+    for r in 0..2 * HIDDEN {
+        for c in 0..2 * HIDDEN {
+            let expect = (w[(r % HIDDEN) * HIDDEN + c % HIDDEN] as f32 / 2.0) as f64;
+            assert_eq!(d[r * 2 * HIDDEN + c], expect);
+        }
+    }
+}
+
+#[test]
+fn tied_head_is_untied_with_one_over_n_columns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = Tiny {
+        tied: true,
+        kv_heads: 1,
+        ..Default::default()
+    }
+    .write(&tmp.path().join("src"));
+    let out = run(&["clone", "src", "dst", "--factor", "3"], tmp.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let small = Checkpoint::open(&src).unwrap();
+    let grown = Checkpoint::open(&tmp.path().join("dst")).unwrap();
+    let (e, _) = decode(&small, "model.embed_tokens.weight");
+    let (ge, _) = decode(&grown, "model.embed_tokens.weight");
+    let (gh, shape) = decode(&grown, "lm_head.weight");
+    assert_eq!(shape, [VOCAB, 3 * HIDDEN]);
+    for v in 0..VOCAB {
+        for c in 0..3 * HIDDEN {
+            let src = e[v * HIDDEN + c % HIDDEN];
+            assert_eq!(ge[v * 3 * HIDDEN + c], src, "embedding: tiled, not divided");
+            assert_eq!(
+                gh[v * 3 * HIDDEN + c],
+                (src as f32 / 3.0) as f64,
+                "head: tiled / 3"
+            );
+        }
+    }
+    // MQA: the single kv head stays single; k_proj only reads 3 hidden copies.
+    let cfg = read_json(&tmp.path().join("dst/config.json"));
+    assert_eq!(cfg["num_key_value_heads"], 1);
+    assert_eq!(
+        decode(&grown, "model.layers.0.self_attn.k_proj.weight").1,
+        [HIDDEN / 4, 3 * HIDDEN]
+    );
+}
+
+#[test]
+fn sharded_in_sharded_out_with_index() {
+    let tmp = tempfile::tempdir().unwrap();
+    Tiny {
+        shards: 3,
+        dtype: DType::BF16,
+        ..Default::default()
+    }
+    .write(&tmp.path().join("src"));
+    let out = run(
+        &[
+            "clone",
+            "src",
+            "dst",
+            "--factor",
+            "2",
+            "--shard-size",
+            "8KB",
+            "--dtype",
+            "f32",
+        ],
+        tmp.path(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dst = tmp.path().join("dst");
+    let index = read_json(&dst.join("model.safetensors.index.json"));
+    let grown = Checkpoint::open(&dst).unwrap();
+    assert!(grown.files.len() > 2, "8KB shards of a ~60KB model");
+    let last = format!(
+        "model-{:05}-of-{:05}.safetensors",
+        grown.files.len(),
+        grown.files.len()
+    );
+    assert!(dst.join(last).exists());
+    assert_eq!(
+        index["metadata"]["total_size"].as_u64().unwrap(),
+        grown.bytes()
+    );
+    assert_eq!(grown.dtypes(), [DType::F32]);
+    assert_eq!(
+        read_json(&dst.join("config.json"))["torch_dtype"],
+        "float32"
+    );
+}
+
+#[test]
+fn same_source_flags_and_seed_give_identical_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    for run_dir in ["a", "b"] {
+        let d = tmp.path().join(run_dir);
+        Tiny::default().write(&d.join("src"));
+        let out = run(
+            &[
+                "clone",
+                "src",
+                "dst",
+                "--factor",
+                "2",
+                "--variant",
+                "noisy",
+                "--seed",
+                "7",
+            ],
+            &d,
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let files = listing(&tmp.path().join("a/dst"));
+    assert_eq!(files, listing(&tmp.path().join("b/dst")));
+    for f in &files {
+        let a = std::fs::read(tmp.path().join("a/dst").join(f)).unwrap();
+        let b = std::fs::read(tmp.path().join("b/dst").join(f)).unwrap();
+        assert!(a == b, "{f} differs between identical runs");
+    }
+    // A different seed gives different noise.
+    let d = tmp.path().join("a");
+    let out = run(
+        &[
+            "clone",
+            "src",
+            "dst2",
+            "--factor",
+            "2",
+            "--variant",
+            "noisy",
+            "--seed",
+            "8",
+        ],
+        &d,
+    );
+    assert!(out.status.success());
+    let a = std::fs::read(d.join("dst/model.safetensors")).unwrap();
+    let b = std::fs::read(d.join("dst2/model.safetensors")).unwrap();
+    assert_ne!(a, b);
+}
+
+#[test]
+fn plan_counts_parameters_by_the_formula_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (heads, kv, n, m) in [(4, 4, 2, 2), (4, 2, 3, 2), (4, 1, 2, 3)] {
+        let dir = tmp.path().join(format!("src-{heads}-{kv}-{n}-{m}"));
+        Tiny {
+            heads,
+            kv_heads: kv,
+            tied: true,
+            ..Default::default()
+        }
+        .write(&dir);
+        let before = listing(tmp.path());
+        let out = run(
+            &[
+                "plan",
+                dir.to_str().unwrap(),
+                "--factor",
+                &n.to_string(),
+                "--ffn-factor",
+                &m.to_string(),
+                "--json",
+            ],
+            tmp.path(),
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(before, listing(tmp.path()));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let (d, f, hd, l) = (
+            HIDDEN as u64,
+            FFN as u64,
+            (HIDDEN / heads) as u64,
+            LAYERS as u64,
+        );
+        let (h, k, n, m, vocab) = (heads as u64, kv as u64, n as u64, m as u64, VOCAB as u64);
+        let kv_copies = if k == 1 { 1 } else { n };
+        let after = &v["params_after"];
+        assert_eq!(after["embedding"], vocab * n * d);
+        assert_eq!(after["head"], vocab * n * d);
+        assert_eq!(
+            after["attention"],
+            l * (n * n * 2 * h * hd * d + n * kv_copies * 2 * k * hd * d)
+        );
+        assert_eq!(after["mlp"], l * n * m * 3 * d * f);
+        assert_eq!(after["norms"], n * (2 * d * l + d));
+        assert_eq!(
+            v["params_before"]["head"], 0,
+            "tied head counted once, with the embedding"
+        );
+    }
+}
+
+#[test]
+fn inspect_reports_dimensions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = Tiny {
+        kv_heads: 1,
+        ..Default::default()
+    }
+    .write(&tmp.path().join("src"));
+    let out = run(&["inspect", src.to_str().unwrap(), "--json"], tmp.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["attention"], "MQA");
+    assert_eq!(v["head_dim"], 4);
+    assert_eq!(v["dtypes"], serde_json::json!(["float32"]));
+    assert!(v["supported_families"].as_array().unwrap().len() >= 4);
+    let text = run(&["inspect", src.to_str().unwrap()], tmp.path());
+    assert!(String::from_utf8_lossy(&text.stdout).contains("heads 4 / kv heads 1 (MQA)"));
+}
+
+#[test]
+fn force_replaces_an_existing_destination() {
+    let tmp = tempfile::tempdir().unwrap();
+    Tiny::default().write(&tmp.path().join("src"));
+    std::fs::create_dir(tmp.path().join("dst")).unwrap();
+    std::fs::write(tmp.path().join("dst/old.txt"), b"old").unwrap();
+    let out = run(
+        &["clone", "src", "dst", "--factor", "2", "--force"],
+        tmp.path(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!tmp.path().join("dst/old.txt").exists());
+    assert!(tmp.path().join("dst/model.safetensors").exists());
+    assert_eq!(listing(tmp.path()), ["dst", "src"]);
+}
