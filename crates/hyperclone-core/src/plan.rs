@@ -63,7 +63,7 @@ impl GrowthOptions {
 /// The factor that takes `source` to `target`, or an error naming both when it does not
 /// divide (HyperCloning tiles whole copies).
 pub fn factor_for(what: &str, source: usize, target: usize) -> Result<usize> {
-    if target == 0 || target % source != 0 {
+    if target == 0 || !target.is_multiple_of(source) {
         return Err(Error::Options(format!(
             "{what} {target} is not a whole multiple of the source's {source}: HyperCloning grows by whole copies"
         )));
@@ -295,10 +295,9 @@ fn grown_config(
     if cfg.raw.contains_key("num_key_value_heads") || kv != cfg.num_attention_heads * n {
         set("num_key_value_heads", kv.into());
     }
-    if n > 1 {
-        // Growing the hidden size needs separate embedding and head tensors.
-        set("tie_word_embeddings", Value::Bool(false));
-    }
+    // The clone always stores the head as its own tensor (a tied head would need a 1/n
+    // scale that a plain from_pretrained cannot express).
+    set("tie_word_embeddings", Value::Bool(false));
     if let Some(d) = options.dtype {
         let key = if cfg.raw.contains_key("dtype") {
             "dtype"

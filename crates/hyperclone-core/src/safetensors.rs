@@ -281,7 +281,7 @@ pub fn encode_header(entries: &[HeaderEntry], metadata: &BTreeMap<String, String
         offset = end;
     }
     let mut json = serde_json::to_vec(&Value::Object(obj)).expect("JSON of strings and numbers");
-    while (8 + json.len()) % 8 != 0 {
+    while !(8 + json.len()).is_multiple_of(8) {
         json.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + json.len());

@@ -56,6 +56,14 @@ pub fn is_companion_file(name: &str) -> bool {
         || name.starts_with("NOTICE")
 }
 
+/// How a clone reaches the outside world: progress reports, cancellation, file creation.
+pub struct WriteEnv<'a> {
+    pub progress: &'a dyn Progress,
+    /// Set (e.g. by a Ctrl-C handler) to stop at the next chunk and remove partial output.
+    pub cancel: &'a AtomicBool,
+    pub create: &'a CreateFile,
+}
+
 pub struct CloneOutcome {
     pub files: Vec<String>,
     pub bytes_written: u64,
@@ -68,10 +76,13 @@ pub fn write_clone(
     model_card: &str,
     dst: &Path,
     force: bool,
-    progress: &dyn Progress,
-    cancel: &AtomicBool,
-    create: &CreateFile,
+    env: &WriteEnv,
 ) -> Result<CloneOutcome> {
+    let WriteEnv {
+        progress,
+        cancel,
+        create,
+    } = *env;
     check_destination(&ckpt.dir, dst, force)?;
     let staging = Staging::create(dst)?;
     let mut files = Vec::new();

@@ -8,7 +8,7 @@ use anyhow::Result;
 use args::{Cli, CloneArgs, Command, InspectArgs, PlanArgs};
 use clap::Parser;
 use hyperclone_core::provenance::{model_card, Provenance};
-use hyperclone_core::write::{create_plain_file, write_clone, Progress};
+use hyperclone_core::write::{create_plain_file, write_clone, Progress, WriteEnv};
 use hyperclone_core::{Checkpoint, Plan};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -97,16 +97,13 @@ fn clone(a: CloneArgs) -> Result<()> {
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}")
             .expect("valid template"),
     );
-    let outcome = write_clone(
-        &ckpt,
-        &plan,
-        &card,
-        &a.dst,
-        a.force,
-        &Bar(bar.clone()),
-        &cancel,
-        &create_plain_file,
-    );
+    let progress = Bar(bar.clone());
+    let env = WriteEnv {
+        progress: &progress,
+        cancel: &cancel,
+        create: &create_plain_file,
+    };
+    let outcome = write_clone(&ckpt, &plan, &card, &a.dst, a.force, &env);
     bar.finish_and_clear();
     let outcome = outcome?;
     report::clone_summary(

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use hyperclone_core::safetensors::SafetensorsFile;
-use hyperclone_core::write::{write_clone, NoProgress};
+use hyperclone_core::write::{write_clone, NoProgress, WriteEnv};
 use hyperclone_core::{Checkpoint, GrowthOptions, Plan, Variant};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -15,7 +15,10 @@ use std::sync::atomic::AtomicBool;
 
 /// Snapshot of every file's bytes under a folder.
 fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    listing(dir).into_iter().map(|f| (f.clone(), std::fs::read(dir.join(&f)).unwrap())).collect()
+    listing(dir)
+        .into_iter()
+        .map(|f| (f.clone(), std::fs::read(dir.join(&f)).unwrap()))
+        .collect()
 }
 
 /// Runs `hyperclone clone src dst <extra>` in `root` and checks the failure contract.
@@ -25,12 +28,19 @@ fn fails(root: &Path, extra: &[&str], expect: &[&str]) {
     let before_root = listing(root);
     let mut args = vec!["clone", "src", "dst"];
     args.extend_from_slice(extra);
-    if !extra.iter().any(|a| a.starts_with("--factor") || a.starts_with("--hidden-size")) {
+    if !extra
+        .iter()
+        .any(|a| a.starts_with("--factor") || a.starts_with("--hidden-size"))
+    {
         args.extend_from_slice(&["--factor", "2"]);
     }
     let out = run(&args, root);
     let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(1), "expected failure for {args:?}; stderr: {err}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "expected failure for {args:?}; stderr: {err}"
+    );
     assert_eq!(err.trim_end().lines().count(), 1, "one line, got: {err}");
     assert!(err.starts_with("error: "), "{err}");
     for e in expect {
@@ -59,10 +69,11 @@ fn edit_header(root: &Path, edit: impl FnOnce(&mut serde_json::Map<String, Value
     let path = root.join("src/model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let mut header: serde_json::Map<String, Value> = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let mut header: serde_json::Map<String, Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap();
     edit(&mut header);
     let mut json = serde_json::to_vec(&header).unwrap();
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
     let mut out = (json.len() as u64).to_le_bytes().to_vec();
@@ -79,49 +90,105 @@ fn root() -> tempfile::TempDir {
 fn unknown_model_type_lists_supported_families() {
     let r = root();
     with_config(r.path(), |c| c["model_type"] = json!("mamba"));
-    fails(r.path(), &[], &["config.json", "mamba", "supported: llama, mistral, qwen2, qwen3"]);
+    fails(
+        r.path(),
+        &[],
+        &[
+            "config.json",
+            "mamba",
+            "supported: llama, mistral, qwen2, qwen3",
+        ],
+    );
 }
 
 #[test]
 fn missing_tensor() {
     let r = root();
-    with_tensors(r.path(), |t| t.retain(|(n, _)| n != "model.layers.1.mlp.up_proj.weight"));
-    fails(r.path(), &[], &["model.safetensors", "`model.layers.1.mlp.up_proj.weight`", "missing"]);
+    with_tensors(r.path(), |t| {
+        t.retain(|(n, _)| n != "model.layers.1.mlp.up_proj.weight")
+    });
+    fails(
+        r.path(),
+        &[],
+        &[
+            "model.safetensors",
+            "`model.layers.1.mlp.up_proj.weight`",
+            "missing",
+        ],
+    );
 }
 
 #[test]
 fn missing_untied_head() {
     let r = root();
     with_tensors(r.path(), |t| t.retain(|(n, _)| n != "lm_head.weight"));
-    fails(r.path(), &[], &["`lm_head.weight`", "tie_word_embeddings = false"]);
+    fails(
+        r.path(),
+        &[],
+        &["`lm_head.weight`", "tie_word_embeddings = false"],
+    );
 }
 
 #[test]
 fn unexpected_tensor() {
     let r = root();
-    with_tensors(r.path(), |t| t.push(("model.layers.0.mlp.extra.weight".into(), vec![HIDDEN])));
-    fails(r.path(), &[], &["model.safetensors", "`model.layers.0.mlp.extra.weight`", "unexpected"]);
+    with_tensors(r.path(), |t| {
+        t.push(("model.layers.0.mlp.extra.weight".into(), vec![HIDDEN]))
+    });
+    fails(
+        r.path(),
+        &[],
+        &[
+            "model.safetensors",
+            "`model.layers.0.mlp.extra.weight`",
+            "unexpected",
+        ],
+    );
 }
 
 #[test]
 fn layer_beyond_config() {
     let r = root();
-    with_tensors(r.path(), |t| t.push(("model.layers.5.input_layernorm.weight".into(), vec![HIDDEN])));
-    fails(r.path(), &[], &["`model.layers.5.input_layernorm.weight`", "num_hidden_layers = 2"]);
+    with_tensors(r.path(), |t| {
+        t.push(("model.layers.5.input_layernorm.weight".into(), vec![HIDDEN]))
+    });
+    fails(
+        r.path(),
+        &[],
+        &[
+            "`model.layers.5.input_layernorm.weight`",
+            "num_hidden_layers = 2",
+        ],
+    );
 }
 
 #[test]
 fn bias_without_config_switch() {
     let r = root();
-    with_tensors(r.path(), |t| t.push(("model.layers.0.self_attn.q_proj.bias".into(), vec![HIDDEN])));
-    fails(r.path(), &[], &["`model.layers.0.self_attn.q_proj.bias`", "attention_bias"]);
+    with_tensors(r.path(), |t| {
+        t.push(("model.layers.0.self_attn.q_proj.bias".into(), vec![HIDDEN]))
+    });
+    fails(
+        r.path(),
+        &[],
+        &["`model.layers.0.self_attn.q_proj.bias`", "attention_bias"],
+    );
 }
 
 #[test]
 fn shape_contradicting_config() {
     let r = root();
     with_config(r.path(), |c| c["intermediate_size"] = json!(20));
-    fails(r.path(), &[], &["model.safetensors", "mlp.", "[24, 16] contradicts config.json", "[20, 16]"]);
+    fails(
+        r.path(),
+        &[],
+        &[
+            "model.safetensors",
+            "mlp.",
+            "[24, 16] contradicts config.json",
+            "[20, 16]",
+        ],
+    );
 }
 
 #[test]
@@ -129,17 +196,37 @@ fn zero_fractional_and_non_dividing_factors() {
     let r = root();
     Tiny::default().write(&r.path().join("src"));
     fails(r.path(), &["--factor", "0"], &["--factor 0", ">= 1"]);
-    fails(r.path(), &["--factor", "1.5"], &["--factor 1.5", "whole number"]);
-    fails(r.path(), &["--factor", "2", "--ffn-factor", "0"], &["--ffn-factor 0"]);
-    fails(r.path(), &["--hidden-size", "40"], &["--hidden-size 40", "whole multiple", "16"]);
-    fails(r.path(), &["--factor", "2", "--intermediate-size", "50"], &["--intermediate-size 50"]);
+    fails(
+        r.path(),
+        &["--factor", "1.5"],
+        &["--factor 1.5", "whole number"],
+    );
+    fails(
+        r.path(),
+        &["--factor", "2", "--ffn-factor", "0"],
+        &["--ffn-factor 0"],
+    );
+    fails(
+        r.path(),
+        &["--hidden-size", "40"],
+        &["--hidden-size 40", "whole multiple", "16"],
+    );
+    fails(
+        r.path(),
+        &["--factor", "2", "--intermediate-size", "50"],
+        &["--intermediate-size 50"],
+    );
 }
 
 #[test]
 fn head_dim_change_is_refused() {
     let r = root();
     Tiny::default().write(&r.path().join("src"));
-    fails(r.path(), &["--factor", "2", "--num-attention-heads", "4"], &["head_dim", "expected 8 heads"]);
+    fails(
+        r.path(),
+        &["--factor", "2", "--num-attention-heads", "4"],
+        &["head_dim", "expected 8 heads"],
+    );
 }
 
 #[test]
@@ -149,7 +236,16 @@ fn truncated_file() {
     let p = r.path().join("src/model.safetensors");
     let bytes = std::fs::read(&p).unwrap();
     std::fs::write(&p, &bytes[..bytes.len() - 4]).unwrap();
-    fails(r.path(), &[], &["model.safetensors", "`lm_head.weight`", "past the end", "truncated"]);
+    fails(
+        r.path(),
+        &[],
+        &[
+            "model.safetensors",
+            "`lm_head.weight`",
+            "past the end",
+            "truncated",
+        ],
+    );
     std::fs::write(&p, &bytes[..5]).unwrap();
     fails(r.path(), &[], &["model.safetensors", "truncated"]);
 }
@@ -163,7 +259,11 @@ fn header_length_past_the_file() {
     let len = bytes.len() as u64;
     bytes[..8].copy_from_slice(&len.to_le_bytes());
     std::fs::write(&p, &bytes).unwrap();
-    fails(r.path(), &[], &["model.safetensors", "header length", "past the end"]);
+    fails(
+        r.path(),
+        &[],
+        &["model.safetensors", "header length", "past the end"],
+    );
 }
 
 #[test]
@@ -192,19 +292,37 @@ fn bytes_disagreeing_with_dtype_and_shape() {
     let r = root();
     Tiny::default().write(&r.path().join("src"));
     edit_header(r.path(), |h| h["model.norm.weight"]["shape"] = json!([15]));
-    fails(r.path(), &[], &["`model.norm.weight`", "F32 x [15] needs 60"]);
+    fails(
+        r.path(),
+        &[],
+        &["`model.norm.weight`", "F32 x [15] needs 60"],
+    );
     let r = root();
     Tiny::default().write(&r.path().join("src"));
-    edit_header(r.path(), |h| h["model.norm.weight"]["dtype"] = json!("BF16"));
+    edit_header(r.path(), |h| {
+        h["model.norm.weight"]["dtype"] = json!("BF16")
+    });
     fails(r.path(), &[], &["`model.norm.weight`", "needs 32"]);
 }
 
 #[test]
 fn index_naming_a_missing_shard() {
     let r = root();
-    Tiny { shards: 2, ..Default::default() }.write(&r.path().join("src"));
+    Tiny {
+        shards: 2,
+        ..Default::default()
+    }
+    .write(&r.path().join("src"));
     std::fs::remove_file(r.path().join("src/model-00002-of-00002.safetensors")).unwrap();
-    fails(r.path(), &[], &["model.safetensors.index.json", "model-00002-of-00002.safetensors", "does not exist"]);
+    fails(
+        r.path(),
+        &[],
+        &[
+            "model.safetensors.index.json",
+            "model-00002-of-00002.safetensors",
+            "does not exist",
+        ],
+    );
 }
 
 #[test]
@@ -223,7 +341,11 @@ fn destination_exists_without_force() {
     std::fs::write(r.path().join("dst/keep.txt"), b"mine").unwrap();
     let out = run(&["clone", "src", "dst", "--factor", "2"], r.path());
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("already exists (pass --force"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("already exists (pass --force"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(listing(&r.path().join("dst")), ["keep.txt"]);
     assert_eq!(listing(r.path()), ["dst", "src"]);
 }
@@ -234,10 +356,20 @@ fn destination_inside_source_is_refused() {
     Tiny::default().write(&r.path().join("src"));
     let out = run(&["clone", "src", "src/grown", "--factor", "2"], r.path());
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("overlaps the source"), "{}", stderr(&out));
-    let out = run(&["clone", "src", "src", "--factor", "2", "--force"], r.path());
+    assert!(
+        stderr(&out).contains("overlaps the source"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(
+        &["clone", "src", "src", "--factor", "2", "--force"],
+        r.path(),
+    );
     assert_eq!(out.status.code(), Some(1));
-    assert!(r.path().join("src/model.safetensors").exists(), "--force never deletes SRC");
+    assert!(
+        r.path().join("src/model.safetensors").exists(),
+        "--force never deletes SRC"
+    );
 }
 
 /// A writer that fails with ENOSPC after `budget` bytes, like a disk filling up.
@@ -264,7 +396,11 @@ impl Write for FillsUp {
 #[test]
 fn write_failure_part_way_leaves_nothing() {
     let r = root();
-    let src = Tiny { shards: 2, ..Default::default() }.write(&r.path().join("src"));
+    let src = Tiny {
+        shards: 2,
+        ..Default::default()
+    }
+    .write(&r.path().join("src"));
     let before = snapshot(&src);
     let ckpt = Checkpoint::open(&src).unwrap();
     let options = GrowthOptions {
@@ -279,19 +415,38 @@ fn write_failure_part_way_leaves_nothing() {
     let plan = Plan::new(&ckpt, &options, &BTreeMap::new()).unwrap();
     assert!(plan.shards.len() > 1);
     // Fail inside the first shard, at a shard boundary, and in the small files at the end.
-    for budget in [100, plan.shards[0].header.len() + plan.shards[0].data_bytes as usize, plan.output_bytes() as usize + 10] {
+    for budget in [
+        100,
+        plan.shards[0].header.len() + plan.shards[0].data_bytes as usize,
+        plan.output_bytes() as usize + 10,
+    ] {
         let budget = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(budget));
         let create = move |p: &Path| -> std::io::Result<Box<dyn Write + Send>> {
             std::fs::File::create(p)?; // the file appears on disk, as on a real full disk
-            Ok(Box::new(FillsUp { budget: budget.clone() }))
+            Ok(Box::new(FillsUp {
+                budget: budget.clone(),
+            }))
         };
         let dst = r.path().join("dst");
-        let err = write_clone(&ckpt, &plan, "card", &dst, false, &NoProgress, &AtomicBool::new(false), &create)
+        let cancel = AtomicBool::new(false);
+        let env = WriteEnv {
+            progress: &NoProgress,
+            cancel: &cancel,
+            create: &create,
+        };
+        let err = write_clone(&ckpt, &plan, "card", &dst, false, &env)
             .err()
             .expect("the write fails");
         let msg = err.to_string();
-        assert!(msg.contains("No space left on device") && msg.contains(".hyperclone-partial-"), "{msg}");
-        assert_eq!(listing(r.path()), ["src"], "temporary folder removed, no DST");
+        assert!(
+            msg.contains("No space left on device") && msg.contains(".hyperclone-partial-"),
+            "{msg}"
+        );
+        assert_eq!(
+            listing(r.path()),
+            ["src"],
+            "temporary folder removed, no DST"
+        );
     }
     assert_eq!(snapshot(&src), before);
     let _ = SafetensorsFile::open(&src.join("model-00001-of-00002.safetensors")).unwrap();
@@ -304,7 +459,14 @@ fn full_disk_on_a_real_tmpfs() {
     let mnt = r.path().join("small");
     std::fs::create_dir(&mnt).unwrap();
     let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs", mnt.to_str().unwrap()])
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=64k",
+            "tmpfs",
+            mnt.to_str().unwrap(),
+        ])
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
@@ -313,7 +475,16 @@ fn full_disk_on_a_real_tmpfs() {
         return;
     }
     let src = Tiny::default().write(&r.path().join("src"));
-    let out = run(&["clone", src.to_str().unwrap(), mnt.join("dst").to_str().unwrap(), "--factor", "3"], r.path());
+    let out = run(
+        &[
+            "clone",
+            src.to_str().unwrap(),
+            mnt.join("dst").to_str().unwrap(),
+            "--factor",
+            "3",
+        ],
+        r.path(),
+    );
     let left = listing(&mnt);
     let _ = std::process::Command::new("umount").arg(&mnt).status();
     assert_eq!(out.status.code(), Some(1));
