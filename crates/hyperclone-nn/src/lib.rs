@@ -1,0 +1,9 @@
+//! hyperclone-nn: one generic decoder-only transformer on candle, used to verify clones
+//! without Python and (later) to train them.
+
+pub mod error;
+pub mod model;
+pub mod spec;
+
+pub use error::{NnError, Result};
+pub use model::{Decoder, ForwardOutput};
