@@ -28,6 +28,9 @@ pub enum Error {
     /// Growth options that make no sense (factor 0, head_dim change, ...).
     #[error("{0}")]
     Options(String),
+    /// The finished clone failed its check before being moved into place; nothing was kept.
+    #[error("verification failed, nothing was written: {0}")]
+    Verification(String),
     /// The user interrupted a long operation (Ctrl-C); partial output was removed.
     #[error("interrupted; the partial output was removed")]
     Interrupted,

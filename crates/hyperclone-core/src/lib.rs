@@ -14,6 +14,7 @@ pub mod kernel;
 pub mod plan;
 pub mod provenance;
 pub mod safetensors;
+pub mod symmetry;
 pub mod write;
 
 pub use checkpoint::Checkpoint;

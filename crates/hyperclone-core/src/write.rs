@@ -62,6 +62,9 @@ pub struct WriteEnv<'a> {
     /// Set (e.g. by a Ctrl-C handler) to stop at the next chunk and remove partial output.
     pub cancel: &'a AtomicBool,
     pub create: &'a CreateFile,
+    /// Runs on the complete staging folder before it is moved into place (`clone
+    /// --verify`); an error removes it.
+    pub check: Option<&'a (dyn Fn(&Path) -> std::result::Result<(), String> + Sync)>,
 }
 
 pub struct CloneOutcome {
@@ -82,6 +85,7 @@ pub fn write_clone(
         progress,
         cancel,
         create,
+        check,
     } = *env;
     check_destination(&ckpt.dir, dst, force)?;
     let staging = Staging::create(dst)?;
@@ -129,6 +133,9 @@ pub fn write_clone(
     }
     if cancel.load(Ordering::Relaxed) {
         return Err(Error::Interrupted);
+    }
+    if let Some(check) = check {
+        check(&staging.path).map_err(Error::Verification)?;
     }
     staging.commit(dst, force)?;
     Ok(CloneOutcome {

@@ -7,3 +7,4 @@ pub mod spec;
 
 pub use error::{NnError, Result};
 pub use model::{Decoder, ForwardOutput};
+pub mod verify;

@@ -29,6 +29,77 @@ pub enum Command {
     Plan(PlanArgs),
     /// Describe a checkpoint: family, dimensions, parameters, dtypes, shards.
     Inspect(InspectArgs),
+    /// Run a model on tokens or text and report (or save) the logits of every position.
+    Forward(ForwardArgs),
+    /// Check that BIG computes SMALL's function: logits, their scale, every residual state.
+    Verify(VerifyArgs),
+    /// Continue a prompt with a model (greedy at --temperature 0), streaming to stdout.
+    Generate(GenerateArgs),
+}
+
+/// Token input for forward and verify.
+#[derive(Args, Clone)]
+pub struct InputArgs {
+    /// Comma-separated token ids, e.g. 1,2,3 [default: a built-in 16-token probe].
+    #[arg(long, value_name = "IDS", conflicts_with = "text")]
+    pub tokens: Option<String>,
+    /// Text, tokenized with the model's tokenizer.json.
+    #[arg(long, value_name = "TEXT")]
+    pub text: Option<String>,
+}
+
+#[derive(Args)]
+pub struct ForwardArgs {
+    /// Model folder.
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// Working precision.
+    #[arg(long, default_value = "f32", value_parser = ["f64", "f32", "bf16"])]
+    pub dtype: String,
+    /// Save the logits as tensor `logits` [T, vocab] (f32) in a safetensors file.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Print a JSON summary (shape, last position's top 5).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct VerifyArgs {
+    /// The source model.
+    pub small: PathBuf,
+    /// Its clone.
+    pub big: PathBuf,
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// Working precision: f64 checks to 1e-9 of the logit scale, f32 to 1e-4.
+    #[arg(long, default_value = "f64", value_parser = ["f64", "f32"])]
+    pub dtype: String,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// Model folder (with tokenizer.json).
+    pub model: PathBuf,
+    /// The text to continue.
+    #[arg(long)]
+    pub prompt: String,
+    /// Tokens to generate at most (stops early at the end-of-sequence token).
+    #[arg(long, default_value_t = 32)]
+    pub max_tokens: usize,
+    /// 0 = greedy; otherwise sample from softmax(logits / T).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Working precision.
+    #[arg(long, default_value = "f32", value_parser = ["f64", "f32", "bf16"])]
+    pub dtype: String,
 }
 
 #[derive(Args, Clone)]
@@ -90,6 +161,10 @@ pub struct CloneArgs {
     /// Replace DST if it exists (only once the new clone is complete).
     #[arg(long)]
     pub force: bool,
+    /// Before moving the clone into place, run both models (f64) on a probe sequence and
+    /// fail, keeping nothing, unless the clone computes the source's function.
+    #[arg(long)]
+    pub verify: bool,
     /// Print one JSON object with the summary instead of text and a progress bar.
     #[arg(long)]
     pub json: bool,

@@ -2,6 +2,7 @@
 
 mod args;
 mod growth;
+mod infer;
 mod report;
 
 use anyhow::Result;
@@ -21,6 +22,13 @@ fn main() {
         Command::Clone(a) => clone(a),
         Command::Plan(a) => plan(a),
         Command::Inspect(a) => inspect(a),
+        Command::Forward(a) => infer::forward(a),
+        Command::Verify(a) => match infer::verify_cmd(a) {
+            Ok(true) => Ok(()),
+            Ok(false) => std::process::exit(1),
+            Err(e) => Err(e),
+        },
+        Command::Generate(a) => infer::generate(a),
     };
     if let Err(e) = result {
         // One line: the core's errors already name the file and tensor.
@@ -98,10 +106,26 @@ fn clone(a: CloneArgs) -> Result<()> {
             .expect("valid template"),
     );
     let progress = Bar(bar.clone());
+    let src = a.src.clone();
+    // Verification runs on the finished staging folder, before it is moved into place.
+    let check = move |staged: &std::path::Path| -> std::result::Result<(), String> {
+        let probe = args::InputArgs {
+            tokens: None,
+            text: None,
+        };
+        let (r, _) = infer::run_verify(&src, staged, &probe, candle_core::DType::F64)
+            .map_err(|e| format!("{e:#}"))?;
+        if r.passed() {
+            Ok(())
+        } else {
+            Err(infer::failure_reason(&r))
+        }
+    };
     let env = WriteEnv {
         progress: &progress,
         cancel: &cancel,
         create: &create_plain_file,
+        check: if a.verify { Some(&check) } else { None },
     };
     let outcome = write_clone(&ckpt, &plan, &card, &a.dst, a.force, &env);
     bar.finish_and_clear();

@@ -1,0 +1,194 @@
+//! Does a clone compute its source's function? Logits, their scale, and the residual
+//! stream, compared between a small model and its n-times-wider clone.
+
+use crate::error::{NnError, Result};
+use crate::model::{Decoder, ForwardOutput};
+use candle_core::{DType, Tensor, D};
+
+#[derive(Debug, Clone)]
+pub struct StateDeviation {
+    /// "embedding", "layer 3", "final norm".
+    pub name: String,
+    /// max |big - tile(small, n)|
+    pub max_abs: f64,
+    /// max_abs relative to max |small state|.
+    pub relative: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct VerifyReport {
+    pub factor: usize,
+    pub tokens: usize,
+    pub max_abs_logit_diff: f64,
+    /// max_abs_logit_diff / max |small logit|.
+    pub max_rel_logit_diff: f64,
+    /// std(big logits) / std(small logits): 1 for a correct clone; catches a global scale
+    /// (e.g. a head divided by an extra n) that leaves every argmax unchanged.
+    pub std_ratio: f64,
+    pub top1_agreement: f64,
+    /// Mean over positions of KL(softmax(small) || softmax(big)).
+    pub kl_small_big: f64,
+    pub states: Vec<StateDeviation>,
+    pub tolerance: f64,
+}
+
+impl VerifyReport {
+    /// Logits and every state within tolerance, and the logit scale preserved.
+    pub fn passed(&self) -> bool {
+        self.max_rel_logit_diff <= self.tolerance
+            && (self.std_ratio - 1.0).abs() <= self.tolerance.max(1e-6)
+            && self.first_divergence().is_none()
+    }
+
+    /// The first residual-stream state that is not the n-fold tile of the small model's.
+    pub fn first_divergence(&self) -> Option<&StateDeviation> {
+        self.states.iter().find(|s| s.relative > self.tolerance)
+    }
+}
+
+/// The tolerance a correct clone meets, relative to the logit (or state) scale.
+///
+/// Two limits add up: the working precision (f64 agrees to rounding, 1e-9; f32 accumulates
+/// ~1e-6 per layer, so 1e-4) and the precision BIG's weights are *stored* in: W/3, or W/2
+/// plus noise, is rounded once per weight to the output dtype, an error of half an ulp
+/// (3e-8 in f32, 2e-3 in bf16) that no working precision can undo. Storage limits allow
+/// ~100 ulps of growth through the network.
+pub fn default_tolerance(working: DType, coarsest_storage: hyperclone_core::DType) -> f64 {
+    let work = match working {
+        DType::F64 => 1e-9,
+        DType::F32 => 1e-4,
+        _ => 5e-2,
+    };
+    let storage = match coarsest_storage {
+        hyperclone_core::DType::F64 => 0.0,
+        hyperclone_core::DType::F32 => 1e-5,
+        hyperclone_core::DType::F16 => 5e-3,
+        hyperclone_core::DType::BF16 => 3e-2,
+    };
+    work + storage
+}
+
+pub fn verify(small: &Decoder, big: &Decoder, ids: &[u32], tolerance: f64) -> Result<VerifyReport> {
+    let (s, b) = (&small.spec, &big.spec);
+    if b.hidden % s.hidden != 0 || b.vocab != s.vocab || b.layers != s.layers {
+        return Err(NnError::Input(format!(
+            "BIG (hidden {}, vocab {}, {} layers) is not a widened SMALL (hidden {}, vocab {}, {} layers)",
+            b.hidden, b.vocab, b.layers, s.hidden, s.vocab, s.layers
+        )));
+    }
+    let n = b.hidden / s.hidden;
+    let input = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &small.device)?;
+    let so = small.forward(&input)?;
+    let bo = big.forward(&input.to_device(&big.device)?)?;
+    let sl = to_rows(&so.logits)?;
+    let bl = to_rows(&bo.logits)?;
+    let scale = sl
+        .iter()
+        .flatten()
+        .fold(0f64, |m, x| m.max(x.abs()))
+        .max(1e-30);
+    let max_abs = sl
+        .iter()
+        .flatten()
+        .zip(bl.iter().flatten())
+        .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+    let std_ratio = std(bl.iter().flatten()) / std(sl.iter().flatten());
+    let mut agree = 0usize;
+    let mut kl = 0.0;
+    for (a, b) in sl.iter().zip(&bl) {
+        agree += (argmax(a) == argmax(b)) as usize;
+        kl += kl_divergence(a, b);
+    }
+    let states = state_deviations(&so, &bo, n)?;
+    Ok(VerifyReport {
+        factor: n,
+        tokens: ids.len(),
+        max_abs_logit_diff: max_abs,
+        max_rel_logit_diff: max_abs / scale,
+        std_ratio,
+        top1_agreement: agree as f64 / sl.len() as f64,
+        kl_small_big: kl / sl.len() as f64,
+        states,
+        tolerance,
+    })
+}
+
+fn state_deviations(
+    so: &ForwardOutput,
+    bo: &ForwardOutput,
+    n: usize,
+) -> Result<Vec<StateDeviation>> {
+    let mut pairs: Vec<(String, &Tensor, &Tensor)> = Vec::new();
+    for (i, (a, b)) in so.residual.iter().zip(&bo.residual).enumerate() {
+        let name = if i == 0 {
+            "embedding".to_string()
+        } else {
+            format!("layer {}", i - 1)
+        };
+        pairs.push((name, a, b));
+    }
+    pairs.push(("final norm".into(), &so.final_norm, &bo.final_norm));
+    pairs
+        .into_iter()
+        .map(|(name, a, b)| {
+            let tiled = Tensor::cat(&vec![a; n], D::Minus1)?;
+            let a_max = to_rows(a)?
+                .iter()
+                .flatten()
+                .fold(0f64, |m, x| m.max(x.abs()))
+                .max(1e-30);
+            let d = (b.to_dtype(DType::F64)? - tiled.to_dtype(DType::F64)?)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f64>()?;
+            Ok(StateDeviation {
+                name,
+                max_abs: d,
+                relative: d / a_max,
+            })
+        })
+        .collect()
+}
+
+/// [1, T, V] (or [T, V]) -> T rows of f64.
+fn to_rows(t: &Tensor) -> Result<Vec<Vec<f64>>> {
+    let v = t.dim(D::Minus1)?;
+    let flat: Vec<f64> = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    Ok(flat.chunks(v).map(<[f64]>::to_vec).collect())
+}
+
+fn std<'a>(xs: impl Iterator<Item = &'a f64> + Clone) -> f64 {
+    let n = xs.clone().count() as f64;
+    let mean = xs.clone().sum::<f64>() / n;
+    (xs.map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt()
+}
+
+pub fn argmax(xs: &[f64]) -> usize {
+    xs.iter()
+        .enumerate()
+        .fold((0, f64::NEG_INFINITY), |(bi, bv), (i, &v)| {
+            if v > bv {
+                (i, v)
+            } else {
+                (bi, bv)
+            }
+        })
+        .0
+}
+
+fn log_softmax(xs: &[f64]) -> Vec<f64> {
+    let m = xs.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let lse = m + xs.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+    xs.iter().map(|x| x - lse).collect()
+}
+
+fn kl_divergence(p_logits: &[f64], q_logits: &[f64]) -> f64 {
+    let lp = log_softmax(p_logits);
+    let lq = log_softmax(q_logits);
+    lp.iter()
+        .zip(&lq)
+        .map(|(a, b)| a.exp() * (a - b))
+        .sum::<f64>()
+        .max(0.0)
+}

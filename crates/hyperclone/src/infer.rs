@@ -1,0 +1,308 @@
+//! forward, verify, generate: the Rust decoder on the command line.
+
+use crate::args::{ForwardArgs, GenerateArgs, InputArgs, VerifyArgs};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use hyperclone_core::safetensors::{encode_header, HeaderEntry};
+use hyperclone_core::symmetry::mean_row_half_cosine;
+use hyperclone_core::Checkpoint;
+use hyperclone_nn::verify::{argmax, default_tolerance, verify, VerifyReport};
+use hyperclone_nn::Decoder;
+use serde_json::json;
+use std::io::Write;
+use std::path::Path;
+use tokenizers::Tokenizer;
+
+pub fn parse_dtype(s: &str) -> DType {
+    match s {
+        "f64" => DType::F64,
+        "bf16" => DType::BF16,
+        _ => DType::F32,
+    }
+}
+
+fn tokenizer(model: &Path) -> Result<Tokenizer> {
+    let p = model.join("tokenizer.json");
+    Tokenizer::from_file(&p)
+        .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", p.display()))
+}
+
+/// A fixed probe: 16 ids spread over the vocabulary (no tokenizer needed).
+pub fn probe_tokens(vocab: usize) -> Vec<u32> {
+    (0..16u64)
+        .map(|i| ((i * 7919 + 13) % vocab as u64) as u32)
+        .collect()
+}
+
+fn input_ids(input: &InputArgs, model: &Path, vocab: usize) -> Result<Vec<u32>> {
+    if let Some(t) = &input.tokens {
+        let ids: Vec<u32> = t
+            .split(',')
+            .map(|x| {
+                x.trim()
+                    .parse::<u32>()
+                    .with_context(|| format!("--tokens: `{x}` is not a token id"))
+            })
+            .collect::<Result<_>>()?;
+        if ids.is_empty() {
+            bail!("--tokens is empty");
+        }
+        return Ok(ids);
+    }
+    if let Some(text) = &input.text {
+        let enc = tokenizer(model)?
+            .encode(text.as_str(), false)
+            .map_err(|e| anyhow::anyhow!("tokenizing --text: {e}"))?;
+        if enc.get_ids().is_empty() {
+            bail!("--text gave no tokens");
+        }
+        return Ok(enc.get_ids().to_vec());
+    }
+    Ok(probe_tokens(vocab))
+}
+
+fn load(model: &Path, dtype: DType) -> Result<(Checkpoint, Decoder)> {
+    let ckpt = Checkpoint::open(model)?;
+    let dec = Decoder::load(&ckpt, dtype, &Device::Cpu)?;
+    Ok((ckpt, dec))
+}
+
+pub fn forward(a: ForwardArgs) -> Result<()> {
+    let (_, model) = load(&a.model, parse_dtype(&a.dtype))?;
+    let ids = input_ids(&a.input, &a.model, model.spec.vocab)?;
+    let input = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu)?;
+    let logits = model
+        .forward(&input)?
+        .logits
+        .squeeze(0)?
+        .to_dtype(DType::F32)?;
+    let (t, v) = logits.dims2()?;
+    let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+    if let Some(out) = &a.out {
+        let entry = HeaderEntry {
+            name: "logits".into(),
+            dtype: hyperclone_core::DType::F32,
+            shape: vec![t, v],
+        };
+        let mut meta = std::collections::BTreeMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        let mut bytes = encode_header(&[entry], &meta);
+        for x in rows.iter().flatten() {
+            bytes.extend_from_slice(&x.to_le_bytes());
+        }
+        std::fs::write(out, bytes).with_context(|| format!("writing {}", out.display()))?;
+    }
+    let last: Vec<f64> = rows[t - 1].iter().map(|&x| x as f64).collect();
+    let mut order: Vec<usize> = (0..v).collect();
+    order.sort_by(|&i, &j| last[j].total_cmp(&last[i]));
+    let tok = tokenizer(&a.model).ok();
+    let top5: Vec<serde_json::Value> = order[..5.min(v)]
+        .iter()
+        .map(|&i| {
+            let text = tok.as_ref().and_then(|t| t.decode(&[i as u32], false).ok());
+            json!({"id": i, "logit": last[i], "text": text})
+        })
+        .collect();
+    if a.json {
+        println!(
+            "{}",
+            json!({"shape": [t, v], "tokens": ids, "last_top5": top5, "out": a.out.map(|p| p.display().to_string())})
+        );
+    } else {
+        println!(
+            "logits [{t}, {v}] for {} tokens; last position's top 5:",
+            ids.len()
+        );
+        for e in &top5 {
+            println!(
+                "  {:>8}  {:>10.4}  {}",
+                e["id"],
+                e["logit"].as_f64().unwrap_or(0.0),
+                e["text"].as_str().unwrap_or("")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Runs the verification of BIG against SMALL; used by `verify` and `clone --verify`.
+pub fn run_verify(
+    small: &Path,
+    big: &Path,
+    input: &InputArgs,
+    dtype: DType,
+) -> Result<(VerifyReport, Option<f64>)> {
+    let (small_ckpt, small_model) = load(small, dtype)?;
+    let (big_ckpt, big_model) = load(big, dtype)?;
+    let ids = input_ids(input, small, small_model.spec.vocab)?;
+    // The coarsest dtype BIG stores weights in bounds how exact it can be (see
+    // default_tolerance); SMALL's own rounding is shared by both models.
+    let coarsest = big_ckpt
+        .dtypes()
+        .into_iter()
+        .max_by_key(|d| std::cmp::Reverse(d.size()))
+        .unwrap_or(hyperclone_core::DType::F64);
+    let report = verify(
+        &small_model,
+        &big_model,
+        &ids,
+        default_tolerance(dtype, coarsest),
+    )?;
+    let symmetry = mean_row_half_cosine(&big_ckpt, &small_ckpt.config);
+    Ok((report, symmetry))
+}
+
+pub fn report_json(r: &VerifyReport, symmetry: Option<f64>) -> serde_json::Value {
+    json!({
+        "passed": r.passed(),
+        "factor": r.factor,
+        "tokens": r.tokens,
+        "tolerance": r.tolerance,
+        "max_abs_logit_diff": r.max_abs_logit_diff,
+        "max_rel_logit_diff": r.max_rel_logit_diff,
+        "std_ratio": r.std_ratio,
+        "top1_agreement": r.top1_agreement,
+        "kl_small_big": r.kl_small_big,
+        "first_divergence": r.first_divergence().map(|s| s.name.clone()),
+        "states": r.states.iter().map(|s| json!({"state": s.name, "max_abs": s.max_abs, "relative": s.relative})).collect::<Vec<_>>(),
+        "mean_row_half_cosine": symmetry,
+    })
+}
+
+/// One line saying why a clone does not verify.
+pub fn failure_reason(r: &VerifyReport) -> String {
+    if let Some(s) = r.first_divergence() {
+        return format!(
+            "residual stream first diverges at {} (max deviation {:.3e}, {:.3e} of its scale; tolerance {:.0e})",
+            s.name, s.max_abs, s.relative, r.tolerance
+        );
+    }
+    format!(
+        "logits differ by {:.3e} ({:.3e} of their scale) and std ratio is {:.9} (tolerance {:.0e})",
+        r.max_abs_logit_diff, r.max_rel_logit_diff, r.std_ratio, r.tolerance
+    )
+}
+
+pub fn verify_cmd(a: VerifyArgs) -> Result<bool> {
+    let (r, symmetry) = run_verify(&a.small, &a.big, &a.input, parse_dtype(&a.dtype))?;
+    if a.json {
+        println!("{}", report_json(&r, symmetry));
+        return Ok(r.passed());
+    }
+    println!(
+        "verify {} (x{}) against {} on {} tokens, {}:",
+        a.big.display(),
+        r.factor,
+        a.small.display(),
+        r.tokens,
+        a.dtype
+    );
+    println!(
+        "  max |logit diff|     {:.3e} ({:.3e} of the logit scale)",
+        r.max_abs_logit_diff, r.max_rel_logit_diff
+    );
+    println!("  logit std ratio      {:.12}", r.std_ratio);
+    println!("  top-1 agreement      {:.1}%", r.top1_agreement * 100.0);
+    println!("  KL(small || big)     {:.3e}", r.kl_small_big);
+    for s in &r.states {
+        println!(
+            "  {:<20} max deviation from the {}-fold tile {:.3e}",
+            s.name, r.factor, s.max_abs
+        );
+    }
+    if let Some(c) = symmetry {
+        println!("  mean row-half cosine {c:.4} (1 = symmetric copies)");
+    }
+    if r.passed() {
+        println!(
+            "PASS: the clone computes the source's function (tolerance {:.0e})",
+            r.tolerance
+        );
+    } else {
+        println!("FAIL: {}", failure_reason(&r));
+    }
+    Ok(r.passed())
+}
+
+pub fn generate(a: GenerateArgs) -> Result<()> {
+    let (ckpt, model) = load(&a.model, parse_dtype(&a.dtype))?;
+    let tok = tokenizer(&a.model)?;
+    let mut ids = tok
+        .encode(a.prompt.as_str(), false)
+        .map_err(|e| anyhow::anyhow!("tokenizing --prompt: {e}"))?
+        .get_ids()
+        .to_vec();
+    if ids.is_empty() {
+        bail!("--prompt gave no tokens");
+    }
+    let eos = eos_ids(&ckpt);
+    let prompt_len = ids.len();
+    let mut rng = a.seed ^ 0x9e37_79b9_7f4a_7c15;
+    let mut printed = String::new();
+    let mut out = std::io::stdout();
+    print!("{}", a.prompt);
+    for _ in 0..a.max_tokens {
+        // No KV cache: the whole sequence is recomputed each step (fine for verification-size
+        // models; generation speed is not this command's job).
+        let input = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu)?;
+        let logits = model.forward(&input)?.logits.squeeze(0)?;
+        let last: Vec<f64> = logits.get(ids.len() - 1)?.to_dtype(DType::F64)?.to_vec1()?;
+        let next = if a.temperature <= 0.0 {
+            argmax(&last)
+        } else {
+            sample(&last, a.temperature, &mut rng)
+        } as u32;
+        if eos.contains(&next) {
+            break;
+        }
+        ids.push(next);
+        let text = tok
+            .decode(&ids[prompt_len..], true)
+            .map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
+        if let Some(new) = text.strip_prefix(printed.as_str()) {
+            print!("{new}");
+            let _ = out.flush();
+        }
+        printed = text;
+    }
+    println!();
+    Ok(())
+}
+
+fn eos_ids(ckpt: &Checkpoint) -> Vec<u32> {
+    let mut v = Vec::new();
+    let mut add = |x: Option<&serde_json::Value>| match x {
+        Some(serde_json::Value::Number(n)) => v.extend(n.as_u64().map(|n| n as u32)),
+        Some(serde_json::Value::Array(a)) => {
+            v.extend(a.iter().filter_map(|n| n.as_u64()).map(|n| n as u32))
+        }
+        _ => {}
+    };
+    add(ckpt.config.raw.get("eos_token_id"));
+    if let Ok(bytes) = std::fs::read(ckpt.dir.join("generation_config.json")) {
+        if let Ok(g) = serde_json::from_slice::<serde_json::Value>(&bytes) {
+            add(g.get("eos_token_id"));
+        }
+    }
+    v
+}
+
+fn sample(logits: &[f64], temperature: f64, state: &mut u64) -> usize {
+    let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let w: Vec<f64> = logits
+        .iter()
+        .map(|x| ((x - m) / temperature).exp())
+        .collect();
+    let total: f64 = w.iter().sum();
+    *state = state
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut u = (*state >> 11) as f64 / (1u64 << 53) as f64 * total;
+    for (i, x) in w.iter().enumerate() {
+        if u < *x {
+            return i;
+        }
+        u -= x;
+    }
+    w.len() - 1
+}
