@@ -433,6 +433,7 @@ fn write_failure_part_way_leaves_nothing() {
             progress: &NoProgress,
             cancel: &cancel,
             create: &create,
+            check: None,
         };
         let err = write_clone(&ckpt, &plan, "card", &dst, false, &env)
             .err()
@@ -450,6 +451,51 @@ fn write_failure_part_way_leaves_nothing() {
     }
     assert_eq!(snapshot(&src), before);
     let _ = SafetensorsFile::open(&src.join("model-00001-of-00002.safetensors")).unwrap();
+}
+
+#[test]
+fn failed_verification_keeps_nothing() {
+    let r = root();
+    let src = Tiny::default().write(&r.path().join("src"));
+    let ckpt = Checkpoint::open(&src).unwrap();
+    let options = GrowthOptions {
+        factor: 2,
+        ffn_factor: 2,
+        variant: Variant::Symmetric,
+        snr_db: 10.0,
+        seed: 0,
+        dtype: None,
+        shard_size: 1 << 30,
+    };
+    let plan = Plan::new(&ckpt, &options, &BTreeMap::new()).unwrap();
+    let cancel = AtomicBool::new(false);
+    let seen = std::sync::Mutex::new(None);
+    let check = |staged: &Path| -> Result<(), String> {
+        *seen.lock().unwrap() = Some(listing(staged));
+        Err("logits differ".into())
+    };
+    let env = WriteEnv {
+        progress: &NoProgress,
+        cancel: &cancel,
+        create: &hyperclone_core::write::create_plain_file,
+        check: Some(&check),
+    };
+    let err = write_clone(&ckpt, &plan, "card", &r.path().join("dst"), false, &env)
+        .err()
+        .unwrap();
+    assert_eq!(
+        err.to_string(),
+        "verification failed, nothing was written: logits differ"
+    );
+    assert!(
+        seen.lock()
+            .unwrap()
+            .as_ref()
+            .unwrap()
+            .contains(&"model.safetensors".to_string()),
+        "checked the complete clone"
+    );
+    assert_eq!(listing(r.path()), ["src"]);
 }
 
 #[test]

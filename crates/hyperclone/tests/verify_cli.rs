@@ -1,0 +1,183 @@
+//! `hyperclone verify` passes every correct clone and catches the bugs that matter,
+//! including ones an argmax check misses.
+
+use hyperclone_core::Checkpoint;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/tiny")
+        .join(name)
+}
+
+fn hc(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_hyperclone"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn clone(src: &Path, dst: &Path, n: usize, variant: &str, dtype: &str) {
+    let o = hc(&[
+        "clone",
+        src.to_str().unwrap(),
+        dst.to_str().unwrap(),
+        "--factor",
+        &n.to_string(),
+        "--variant",
+        variant,
+        "--dtype",
+        dtype,
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+fn verify(small: &Path, big: &Path) -> (bool, Value) {
+    let o = hc(&[
+        "verify",
+        small.to_str().unwrap(),
+        big.to_str().unwrap(),
+        "--json",
+    ]);
+    let v: Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|_| panic!("no JSON; stderr: {}", String::from_utf8_lossy(&o.stderr)));
+    assert_eq!(o.status.success(), v["passed"].as_bool().unwrap());
+    (o.status.success(), v)
+}
+
+/// Rewrites one f64 tensor of a clone in place.
+fn edit_tensor(dir: &Path, name: &str, edit: impl FnOnce(&mut Vec<f64>, &[usize])) {
+    let ckpt = Checkpoint::open(dir).unwrap();
+    let t = ckpt.find(name).unwrap().clone();
+    let path = ckpt.files[t.file].path.clone();
+    let mut v = vec![0.0; t.info.numel()];
+    t.info
+        .dtype
+        .decode(ckpt.files[t.file].data(&t.info), &mut v);
+    drop(ckpt);
+    edit(&mut v, &t.info.shape);
+    let mut bytes = std::fs::read(&path).unwrap();
+    t.info
+        .dtype
+        .encode(&v, &mut bytes[t.info.start..t.info.start + t.info.len]);
+    std::fs::write(&path, bytes).unwrap();
+}
+
+#[test]
+fn every_correct_clone_passes() {
+    let tmp = tempfile::tempdir().unwrap();
+    for fx in [
+        "llama-mha-tied",
+        "llama-gqa-untied",
+        "llama-mqa-untied",
+        "qwen2-gqa",
+        "qwen3-gqa",
+        "mistral-gqa",
+    ] {
+        for n in [2, 3] {
+            for variant in ["symmetric", "noisy", "diagonal", "noisy-diagonal"] {
+                // f64 storage: the clone is exact, so verify holds it to 1e-9.
+                let dst = tmp.path().join(format!("{fx}-{n}-{variant}"));
+                clone(&fixture(fx), &dst, n, variant, "f64");
+                let (ok, v) = verify(&fixture(fx), &dst);
+                assert!(ok, "{fx} x{n} {variant}: {v}");
+                assert!(v["max_rel_logit_diff"].as_f64().unwrap() <= 1e-9);
+                assert_eq!(v["tolerance"].as_f64().unwrap(), 1e-9);
+            }
+        }
+    }
+    // Stored in the source's f32, n = 3 rounds W/3: still within the f32 storage bound.
+    let dst = tmp.path().join("f32-x3");
+    clone(&fixture("llama-gqa-untied"), &dst, 3, "noisy", "keep");
+    let (ok, v) = verify(&fixture("llama-gqa-untied"), &dst);
+    assert!(ok, "{v}");
+}
+
+#[test]
+fn head_scaled_by_an_extra_one_over_n_fails_on_the_std_ratio() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = tmp.path().join("big");
+    clone(&fixture("llama-gqa-tied"), &dst, 2, "symmetric", "f64");
+    edit_tensor(&dst, "lm_head.weight", |w, _| {
+        w.iter_mut().for_each(|x| *x /= 2.0)
+    });
+    let (ok, v) = verify(&fixture("llama-gqa-tied"), &dst);
+    assert!(!ok);
+    assert_eq!(
+        v["top1_agreement"].as_f64().unwrap(),
+        1.0,
+        "argmax cannot see this bug"
+    );
+    assert!((v["std_ratio"].as_f64().unwrap() - 0.5).abs() < 1e-9, "{v}");
+    assert_eq!(
+        v["first_divergence"],
+        Value::Null,
+        "states are fine; only the head is off"
+    );
+}
+
+#[test]
+fn swapped_heads_in_q_proj_fail_at_that_layer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = tmp.path().join("big");
+    clone(&fixture("llama-mha-untied"), &dst, 2, "symmetric", "f64");
+    edit_tensor(
+        &dst,
+        "model.layers.1.self_attn.q_proj.weight",
+        |w, shape| {
+            let (cols, hd) = (shape[1], 8);
+            // Swap query heads 0 and 1 (rows 0..8 and 8..16).
+            for r in 0..hd {
+                for c in 0..cols {
+                    w.swap(r * cols + c, (r + hd) * cols + c);
+                }
+            }
+        },
+    );
+    let (ok, v) = verify(&fixture("llama-mha-untied"), &dst);
+    assert!(!ok);
+    assert_eq!(v["first_divergence"], "layer 1", "{v}");
+}
+
+#[test]
+fn a_tensor_from_another_layer_fails() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = tmp.path().join("big");
+    clone(&fixture("qwen2-gqa"), &dst, 2, "noisy", "f64");
+    let ckpt = Checkpoint::open(&dst).unwrap();
+    let other = ckpt
+        .find("model.layers.0.mlp.down_proj.weight")
+        .unwrap()
+        .clone();
+    let mut donor = vec![0.0; other.info.numel()];
+    other
+        .info
+        .dtype
+        .decode(ckpt.files[other.file].data(&other.info), &mut donor);
+    drop(ckpt);
+    edit_tensor(&dst, "model.layers.1.mlp.down_proj.weight", |w, _| {
+        w.copy_from_slice(&donor)
+    });
+    let (ok, v) = verify(&fixture("qwen2-gqa"), &dst);
+    assert!(!ok);
+    assert_eq!(v["first_divergence"], "layer 1", "{v}");
+}
+
+#[test]
+fn clone_verify_keeps_a_correct_clone() {
+    // (A failing check removing everything is tested in bad_input.rs.)
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = tmp.path().join("ok");
+    let o = hc(&[
+        "clone",
+        fixture("qwen3-mqa-tied").to_str().unwrap(),
+        dst.to_str().unwrap(),
+        "--factor",
+        "2",
+        "--verify",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(dst.join("model.safetensors").exists());
+}
