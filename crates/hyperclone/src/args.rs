@@ -44,8 +44,11 @@ pub struct InputArgs {
     #[arg(long, value_name = "IDS", conflicts_with = "text")]
     pub tokens: Option<String>,
     /// Text, tokenized with the model's tokenizer.json.
-    #[arg(long, value_name = "TEXT")]
+    #[arg(long, value_name = "TEXT", conflicts_with = "random_tokens")]
     pub text: Option<String>,
+    /// T seeded pseudo-random token ids (for benchmarks).
+    #[arg(long, value_name = "T", conflicts_with = "tokens")]
+    pub random_tokens: Option<usize>,
 }
 
 #[derive(Args)]
@@ -60,6 +63,12 @@ pub struct ForwardArgs {
     /// Save the logits as tensor `logits` [T, vocab] (f32) in a safetensors file.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
+    /// Run a batch of B copies of the input (for benchmarks; reports use the first).
+    #[arg(long, value_name = "B", default_value_t = 1)]
+    pub batch: usize,
+    /// Time R forward passes after one warm-up and report seconds per pass.
+    #[arg(long, value_name = "R", default_value_t = 0)]
+    pub repeat: usize,
     /// Print a JSON summary (shape, last position's top 5).
     #[arg(long)]
     pub json: bool,

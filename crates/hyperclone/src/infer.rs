@@ -49,6 +49,17 @@ fn input_ids(input: &InputArgs, model: &Path, vocab: usize) -> Result<Vec<u32>> 
         }
         return Ok(ids);
     }
+    if let Some(t) = input.random_tokens {
+        let mut state = 0x5eed_u64;
+        return Ok((0..t)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 33) % vocab as u64) as u32
+            })
+            .collect());
+    }
     if let Some(text) = &input.text {
         let enc = tokenizer(model)?
             .encode(text.as_str(), false)
@@ -70,12 +81,25 @@ fn load(model: &Path, dtype: DType) -> Result<(Checkpoint, Decoder)> {
 pub fn forward(a: ForwardArgs) -> Result<()> {
     let (_, model) = load(&a.model, parse_dtype(&a.dtype))?;
     let ids = input_ids(&a.input, &a.model, model.spec.vocab)?;
-    let input = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu)?;
-    let logits = model
-        .forward(&input)?
-        .logits
-        .squeeze(0)?
-        .to_dtype(DType::F32)?;
+    if a.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    let batch: Vec<u32> = ids
+        .iter()
+        .copied()
+        .cycle()
+        .take(ids.len() * a.batch)
+        .collect();
+    let input = Tensor::from_vec(batch, (a.batch, ids.len()), &Device::Cpu)?;
+    let logits = model.forward(&input)?.logits.get(0)?.to_dtype(DType::F32)?;
+    let mut seconds_per_forward = None;
+    if a.repeat > 0 {
+        let start = std::time::Instant::now();
+        for _ in 0..a.repeat {
+            model.forward(&input)?;
+        }
+        seconds_per_forward = Some(start.elapsed().as_secs_f64() / a.repeat as f64);
+    }
     let (t, v) = logits.dims2()?;
     let rows: Vec<Vec<f32>> = logits.to_vec2()?;
     if let Some(out) = &a.out {
@@ -103,24 +127,37 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
             json!({"id": i, "logit": last[i], "text": text})
         })
         .collect();
+    let tokens_per_second = seconds_per_forward.map(|s| (a.batch * t) as f64 / s);
     if a.json {
+        let summary = json!({
+            "shape": [t, v],
+            "batch": a.batch,
+            "tokens": ids,
+            "last_top5": top5,
+            "out": a.out.map(|p| p.display().to_string()),
+            "seconds_per_forward": seconds_per_forward,
+            "tokens_per_second": tokens_per_second,
+        });
+        println!("{summary}");
+        return Ok(());
+    }
+    if let (Some(s), Some(tps)) = (seconds_per_forward, tokens_per_second) {
         println!(
-            "{}",
-            json!({"shape": [t, v], "tokens": ids, "last_top5": top5, "out": a.out.map(|p| p.display().to_string())})
+            "{s:.4} s per forward of {}x{t} tokens ({tps:.0} tokens/s)",
+            a.batch
         );
-    } else {
+    }
+    println!(
+        "logits [{t}, {v}] for {} tokens; last position's top 5:",
+        ids.len()
+    );
+    for e in &top5 {
+        let logit = e["logit"].as_f64().unwrap_or(0.0);
         println!(
-            "logits [{t}, {v}] for {} tokens; last position's top 5:",
-            ids.len()
+            "  {:>8}  {logit:>10.4}  {}",
+            e["id"],
+            e["text"].as_str().unwrap_or("")
         );
-        for e in &top5 {
-            println!(
-                "  {:>8}  {:>10.4}  {}",
-                e["id"],
-                e["logit"].as_f64().unwrap_or(0.0),
-                e["text"].as_str().unwrap_or("")
-            );
-        }
     }
     Ok(())
 }

@@ -112,6 +112,7 @@ fn clone(a: CloneArgs) -> Result<()> {
         let probe = args::InputArgs {
             tokens: None,
             text: None,
+            random_tokens: None,
         };
         let (r, _) = infer::run_verify(&src, staged, &probe, candle_core::DType::F64)
             .map_err(|e| format!("{e:#}"))?;
