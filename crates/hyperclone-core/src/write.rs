@@ -56,6 +56,9 @@ pub fn is_companion_file(name: &str) -> bool {
         || name.starts_with("NOTICE")
 }
 
+/// A last check of the complete staging folder; `Err(reason)` discards it.
+pub type CheckStaged<'a> = dyn Fn(&Path) -> std::result::Result<(), String> + Sync + 'a;
+
 /// How a clone reaches the outside world: progress reports, cancellation, file creation.
 pub struct WriteEnv<'a> {
     pub progress: &'a dyn Progress,
@@ -64,7 +67,7 @@ pub struct WriteEnv<'a> {
     pub create: &'a CreateFile,
     /// Runs on the complete staging folder before it is moved into place (`clone
     /// --verify`); an error removes it.
-    pub check: Option<&'a (dyn Fn(&Path) -> std::result::Result<(), String> + Sync)>,
+    pub check: Option<&'a CheckStaged<'a>>,
 }
 
 pub struct CloneOutcome {

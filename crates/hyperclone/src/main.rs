@@ -108,18 +108,22 @@ fn clone(a: CloneArgs) -> Result<()> {
     let progress = Bar(bar.clone());
     let src = a.src.clone();
     // Verification runs on the finished staging folder, before it is moved into place.
-    let check = move |staged: &std::path::Path| -> std::result::Result<(), String> {
+    let verified = std::sync::Mutex::new(None);
+    let check = |staged: &std::path::Path| -> std::result::Result<(), String> {
         let probe = args::InputArgs {
             tokens: None,
             text: None,
             random_tokens: None,
         };
-        let (r, _) = infer::run_verify(&src, staged, &probe, candle_core::DType::F64)
+        let (r, symmetry) = infer::run_verify(&src, staged, &probe, candle_core::DType::F64)
             .map_err(|e| format!("{e:#}"))?;
-        if r.passed() {
+        let passed = r.passed();
+        let reason = infer::failure_reason(&r);
+        *verified.lock().expect("not poisoned") = Some(infer::report_json(&r, symmetry));
+        if passed {
             Ok(())
         } else {
-            Err(infer::failure_reason(&r))
+            Err(reason)
         }
     };
     let env = WriteEnv {
@@ -131,12 +135,14 @@ fn clone(a: CloneArgs) -> Result<()> {
     let outcome = write_clone(&ckpt, &plan, &card, &a.dst, a.force, &env);
     bar.finish_and_clear();
     let outcome = outcome?;
+    let verification = verified.into_inner().expect("not poisoned");
     report::clone_summary(
         &ckpt,
         &plan,
         &a,
         &outcome,
         started.elapsed().as_secs_f64(),
+        verification.as_ref(),
         a.json,
     );
     Ok(())

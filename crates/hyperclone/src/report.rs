@@ -218,6 +218,7 @@ pub fn clone_summary(
     a: &CloneArgs,
     out: &CloneOutcome,
     seconds: f64,
+    verification: Option<&Value>,
     as_json: bool,
 ) {
     let params: u64 = plan.params_after.values().sum();
@@ -230,6 +231,10 @@ pub fn clone_summary(
         m.insert("bytes_written".into(), out.bytes_written.into());
         m.insert("seconds".into(), seconds.into());
         m.insert("gb_per_s".into(), gbps.into());
+        m.insert(
+            "verification".into(),
+            verification.cloned().unwrap_or(Value::Null),
+        );
         println!("{v}");
         return;
     }
@@ -245,4 +250,12 @@ pub fn clone_summary(
         gbps,
         out.files.len()
     );
+    if let Some(v) = verification {
+        println!(
+            "verified (f64, {}-token probe): max |logit diff| {:.2e} ({:.2e} of the scale), logit std ratio {:.9}, \
+             every residual state the {}-fold tile of the source's",
+            v["tokens"], v["max_abs_logit_diff"].as_f64().unwrap_or(f64::NAN),
+            v["max_rel_logit_diff"].as_f64().unwrap_or(f64::NAN), v["std_ratio"].as_f64().unwrap_or(f64::NAN), v["factor"]
+        );
+    }
 }
