@@ -53,20 +53,83 @@ fn read_f64(path: &PathBuf, name: &str) -> (Vec<f64>, Vec<usize>) {
     )
 }
 
-fn read_ids(path: &PathBuf) -> Vec<u32> {
-    raw(path, "input_ids")
+fn read_ids(path: &PathBuf, name: &str) -> Vec<u32> {
+    raw(path, name)
         .0
         .chunks_exact(8)
         .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
         .collect()
 }
 
+fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs()))
+}
+
+fn flat(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// golden64.safetensors: transformers patched to compute RMSNorm, rotary tables and the
+/// softmax in float64 too (tests/fixtures/exact_goldens.py), for T = 1, 7 and 23 tokens.
+/// Our f64 decoder must agree to rounding: 1e-9 of the logit scale; f32 to 1e-4.
 #[test]
-fn logits_and_hidden_states_match_transformers() {
+fn logits_and_states_match_exact_f64_transformers_for_several_lengths() {
+    for dir in fixtures() {
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let golden = dir.join("golden64.safetensors");
+        for (dtype, tol) in [(DType::F64, 1e-9), (DType::F32, 1e-4)] {
+            let model = Decoder::load(&ckpt, dtype, &Device::Cpu).unwrap();
+            for t in [1, 7, 23] {
+                let ids = read_ids(&golden, &format!("input_ids_T{t}"));
+                let (logits, _) = read_f64(&golden, &format!("logits_T{t}"));
+                let (hidden, hshape) = read_f64(&golden, &format!("hidden_states_T{t}"));
+                let input = Tensor::from_vec(ids.clone(), (1, t), &Device::Cpu).unwrap();
+                let out = model.forward(&input).unwrap();
+                let scale = logits.iter().fold(1f64, |m, x| m.max(x.abs()));
+                let err = max_abs_diff(&flat(&out.logits), &logits);
+                println!(
+                    "{} T={t} {dtype:?}: max |logit diff| {err:.3e} ({:.3e} of scale)",
+                    dir.display(),
+                    err / scale
+                );
+                assert!(
+                    err <= tol * scale,
+                    "{}: T={t} {dtype:?} logits differ by {err}",
+                    dir.display()
+                );
+                let per = hidden.len() / hshape[0];
+                for i in 0..hshape[0] {
+                    let mine = if i + 1 == hshape[0] {
+                        &out.final_norm
+                    } else {
+                        &out.residual[i]
+                    };
+                    let want = &hidden[i * per..(i + 1) * per];
+                    let s = want.iter().fold(1f64, |m, x| m.max(x.abs()));
+                    let e = max_abs_diff(&flat(mine), want);
+                    assert!(
+                        e <= tol * s,
+                        "{}: T={t} {dtype:?} hidden state {i} differs by {e}",
+                        dir.display()
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn logits_and_hidden_states_match_stock_transformers() {
     for dir in fixtures() {
         let ckpt = Checkpoint::open(&dir).unwrap();
         let golden_path = dir.join("golden.safetensors");
-        let ids = read_ids(&golden_path);
+        let ids = read_ids(&golden_path, "input_ids");
         let (logits, _) = read_f64(&golden_path, "logits");
         let (hidden, hshape) = read_f64(&golden_path, "hidden_states");
         // These goldens come from stock transformers, whose float64 mode still computes
