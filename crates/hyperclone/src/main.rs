@@ -16,7 +16,30 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+/// glibc returns every allocation above 128 KiB to the kernel on free, so each tensor of a
+/// forward pass costs fresh page faults and zeroing (~20% of a SmolLM2 forward in perf).
+/// Keeping freed blocks in the heap removes that; the clone path allocates little either way.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only adjusts allocator thresholds; called before any other thread.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 512 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
+/// candle's CPU thread pool spins between ops by default; on a 2-core machine the spinning
+/// worker steals the core gemm needs (1x128 SmolLM2 forward: 0.34 s spinning, 0.24 s not).
+/// Park at once unless the user chose otherwise.
+fn tune_thread_pool() {
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
+    }
+}
+
 fn main() {
+    tune_allocator();
+    tune_thread_pool();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Clone(a) => clone(a),
