@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod model;
+pub mod softmax;
 pub mod spec;
 
 pub use error::{NnError, Result};

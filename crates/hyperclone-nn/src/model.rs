@@ -4,6 +4,7 @@
 //! the same code serves verification in f64 and training in f32.
 
 use crate::error::{NnError, Result};
+use crate::softmax::CausalSoftmax;
 use crate::spec::{Activation, DecoderSpec};
 use candle_core::{DType, Device, Tensor, D};
 use hyperclone_core::Checkpoint;
@@ -129,7 +130,6 @@ impl Decoder {
             )));
         }
         let (cos, sin) = self.rope_tables(t)?;
-        let masks: Vec<Tensor> = self.masks(t)?;
         let mut x = self
             .embed
             .index_select(&ids.flatten_all()?, 0)?
@@ -137,7 +137,7 @@ impl Decoder {
         let mut residual = vec![x.reshape((b, t, s.hidden))?];
         for (l, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.input_norm, s.norm_eps)?;
-            let a = self.attention(layer, &h, b, t, &cos, &sin, &masks[l])?;
+            let a = self.attention(layer, &h, b, t, &cos, &sin, s.sliding_window[l])?;
             x = (x + a)?;
             let h = rms_norm(&x, &layer.post_norm, s.norm_eps)?;
             let m = self.mlp(layer, &h)?;
@@ -162,7 +162,7 @@ impl Decoder {
         t: usize,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &Tensor,
+        window: Option<usize>,
     ) -> Result<Tensor> {
         let s = &self.spec;
         let (nh, nk, hd) = (s.heads, s.kv_heads, s.head_dim);
@@ -180,21 +180,21 @@ impl Decoder {
         }
         let q = apply_rope(&q, cos, sin)?;
         let k = apply_rope(&k, cos, sin)?;
-        // Grouped-query attention: every group of nh/nk query heads shares one kv head.
+        // Grouped-query attention without copying k and v: the nh/nk query heads that share
+        // a kv head are adjacent, so [B, nh, T, hd] views as [B, nk, group*T, hd] and each
+        // kv head serves group*T query rows (query position = row % T).
         let group = nh / nk;
-        let expand = |x: Tensor| -> Result<Tensor> {
-            if group == 1 {
-                return Ok(x);
-            }
-            Ok(x.unsqueeze(2)?
-                .broadcast_as((b, nk, group, t, hd))?
-                .reshape((b, nh, t, hd))?)
-        };
-        let (k, v) = (expand(k)?, expand(v)?);
+        let q = q.reshape((b, nk, group * t, hd))?;
         let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let probs = softmax_last_dim(&scores.broadcast_add(mask)?)?;
+        let probs = if self.device.is_cpu() && matches!(self.dtype, DType::F32 | DType::F64) {
+            scores.apply_op1(CausalSoftmax { window })?
+        } else {
+            let mask = self.mask(t, window)?.repeat((group, 1))?;
+            softmax_last_dim(&scores.broadcast_add(&mask)?)?
+        };
         let out = probs
             .matmul(&v)?
+            .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b * t, nh * hd))?;
         l.o.forward(&out)
@@ -233,31 +233,20 @@ impl Decoder {
         Ok((mk(cos)?, mk(sin)?))
     }
 
-    /// Additive causal masks [T, T] per layer (0 where attended, -inf elsewhere).
-    fn masks(&self, t: usize) -> Result<Vec<Tensor>> {
-        let mut cache: HashMap<Option<usize>, Tensor> = HashMap::new();
-        let mut out = Vec::with_capacity(self.spec.layers);
-        for w in &self.spec.sliding_window {
-            if !cache.contains_key(w) {
-                let m: Vec<f64> = (0..t * t)
-                    .map(|k| {
-                        let (i, j) = (k / t, k % t);
-                        let visible = j <= i && w.is_none_or(|w| i - j < w);
-                        if visible {
-                            0.0
-                        } else {
-                            f64::NEG_INFINITY
-                        }
-                    })
-                    .collect();
-                cache.insert(
-                    *w,
-                    Tensor::from_vec(m, (t, t), &self.device)?.to_dtype(self.dtype)?,
-                );
-            }
-            out.push(cache[w].clone());
-        }
-        Ok(out)
+    /// Additive causal mask [T, T] (0 where attended, -inf elsewhere), for devices and dtypes
+    /// without the fused causal softmax.
+    fn mask(&self, t: usize, window: Option<usize>) -> Result<Tensor> {
+        let m: Vec<f64> = (0..t * t)
+            .map(|k| {
+                let (i, j) = (k / t, k % t);
+                if j <= i && window.is_none_or(|w| i - j < w) {
+                    0.0
+                } else {
+                    f64::NEG_INFINITY
+                }
+            })
+            .collect();
+        Ok(Tensor::from_vec(m, (t, t), &self.device)?.to_dtype(self.dtype)?)
     }
 }
 

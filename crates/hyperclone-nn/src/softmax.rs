@@ -1,0 +1,176 @@
+//! Causal softmax as one fused CPU op (with a backward), replacing mask-add + max + sub +
+//! exp + sum + div: six passes over the [B, H, T, T] scores become one read and one write,
+//! and masked entries are never exponentiated. At 4x512 tokens this traffic, not the
+//! matmuls, was what separated us from PyTorch's fused attention.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+/// Softmax over the last axis of scores [.., g*T, T] (row r is query position i = r % T),
+/// where query i sees keys j <= i (and
+/// i - j < window when a sliding window is set). Masked entries come out 0.
+pub struct CausalSoftmax {
+    pub window: Option<usize>,
+}
+
+impl CausalSoftmax {
+    fn rows<T: num_like::Float>(&self, x: &[T], t: usize) -> Vec<T> {
+        let mut out = vec![T::zero(); x.len()];
+        out.par_chunks_mut(t)
+            .zip(x.par_chunks(t))
+            .enumerate()
+            .for_each(|(r, (o, xs))| {
+                let i = r % t;
+                let lo = self.window.map_or(0, |w| (i + 1).saturating_sub(w));
+                let seen = &xs[lo..=i];
+                let max = seen.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
+                let mut sum = T::zero();
+                for (d, &v) in o[lo..=i].iter_mut().zip(seen) {
+                    let e = (v - max).exp();
+                    *d = e;
+                    sum = sum + e;
+                }
+                let inv = T::one() / sum;
+                for d in &mut o[lo..=i] {
+                    *d = *d * inv;
+                }
+            });
+        out
+    }
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = layout.dims();
+        let t = *dims.last().unwrap_or(&0);
+        // Rows may stack several query heads that share keys ([.., g*T, T], GQA).
+        if dims.len() < 2 || t == 0 || dims[dims.len() - 2] % t != 0 {
+            candle_core::bail!("causal-softmax needs [.., g*T, T] scores, got {dims:?}");
+        }
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("causal-softmax needs contiguous scores");
+        };
+        let out = match storage {
+            CpuStorage::F32(x) => CpuStorage::F32(self.rows(&x[a..b], t)),
+            CpuStorage::F64(x) => CpuStorage::F64(self.rows(&x[a..b], t)),
+            _ => candle_core::bail!("causal-softmax: only f32 and f64 scores"),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    /// d softmax: dx = y * (dy - sum(dy * y)); masked entries have y = 0, so dx = 0 there.
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let dot = (grad_res * res)?.sum_keepdim(D::Minus1)?;
+        Ok(Some((res * grad_res.broadcast_sub(&dot)?)?))
+    }
+}
+
+/// The float operations the op needs, for f32 and f64.
+mod num_like {
+    pub trait Float:
+        Copy
+        + Send
+        + Sync
+        + std::ops::Sub<Output = Self>
+        + std::ops::Add<Output = Self>
+        + std::ops::Mul<Output = Self>
+        + std::ops::Div<Output = Self>
+    {
+        fn zero() -> Self;
+        fn one() -> Self;
+        fn neg_infinity() -> Self;
+        fn max(self, o: Self) -> Self;
+        fn exp(self) -> Self;
+    }
+    macro_rules! float {
+        ($t:ty) => {
+            impl Float for $t {
+                fn zero() -> Self {
+                    0.0
+                }
+                fn one() -> Self {
+                    1.0
+                }
+                fn neg_infinity() -> Self {
+                    <$t>::NEG_INFINITY
+                }
+                fn max(self, o: Self) -> Self {
+                    <$t>::max(self, o)
+                }
+                fn exp(self) -> Self {
+                    <$t>::exp(self)
+                }
+            }
+        };
+    }
+    float!(f32);
+    float!(f64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    /// The decomposed reference: mask, then softmax from plain ops.
+    fn reference(x: &Tensor, t: usize, window: Option<usize>) -> Result<Tensor> {
+        let rows = x.dim(D::Minus2)?;
+        let m: Vec<f64> = (0..rows * t)
+            .map(|k| {
+                let (i, j) = ((k / t) % t, k % t);
+                if j <= i && window.is_none_or(|w| i - j < w) {
+                    0.0
+                } else {
+                    f64::NEG_INFINITY
+                }
+            })
+            .collect();
+        let x = x.broadcast_add(&Tensor::from_vec(m, (rows, t), x.device())?)?;
+        let e = x.broadcast_sub(&x.max_keepdim(D::Minus1)?)?.exp()?;
+        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    }
+
+    #[test]
+    fn forward_and_gradient_match_the_decomposed_softmax() -> Result<()> {
+        let t = 5;
+        for window in [None, Some(2)] {
+            // [B=2, K=1, g*T = 2*5, T] scores, as grouped-query attention produces them.
+            let x = Var::from_tensor(&Tensor::randn(0f64, 2.0, (2, 1, 2 * t, t), &Device::Cpu)?)?;
+            let w = Tensor::randn(0f64, 1.0, (2, 1, 2 * t, t), &Device::Cpu)?;
+            let fused = x.as_tensor().apply_op1(CausalSoftmax { window })?;
+            let plain = reference(x.as_tensor(), t, window)?;
+            let diff = (&fused - &plain)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f64>()?;
+            assert!(diff < 1e-15, "forward differs by {diff}");
+            let g_fused = (fused * &w)?
+                .sum_all()?
+                .backward()?
+                .get(x.as_tensor())
+                .unwrap()
+                .clone();
+            let g_plain = (plain * &w)?
+                .sum_all()?
+                .backward()?
+                .get(x.as_tensor())
+                .unwrap()
+                .clone();
+            let gdiff = (g_fused - g_plain)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f64>()?;
+            assert!(gdiff < 1e-14, "gradient differs by {gdiff}");
+        }
+        let f32_out = Tensor::ones((1, 3, 3), DType::F32, &Device::Cpu)?
+            .apply_op1(CausalSoftmax { window: None })?;
+        assert_eq!(f32_out.to_vec3::<f32>()?[0][2], vec![1.0 / 3.0; 3]);
+        Ok(())
+    }
+}
