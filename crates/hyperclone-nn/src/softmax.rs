@@ -48,7 +48,7 @@ impl CustomOp1 for CausalSoftmax {
         let dims = layout.dims();
         let t = *dims.last().unwrap_or(&0);
         // Rows may stack several query heads that share keys ([.., g*T, T], GQA).
-        if dims.len() < 2 || t == 0 || dims[dims.len() - 2] % t != 0 {
+        if dims.len() < 2 || t == 0 || !dims[dims.len() - 2].is_multiple_of(t) {
             candle_core::bail!("causal-softmax needs [.., g*T, T] scores, got {dims:?}");
         }
         let Some((a, b)) = layout.contiguous_offsets() else {
