@@ -303,9 +303,18 @@ fn classify(
 }
 
 fn check_shape(config: &ModelConfig, rule: &TensorRule, path: &Path, t: &TensorInfo) -> Result<()> {
-    let expected: Vec<usize> = rule.axes.iter().map(|a| config.space_len(a.0)).collect();
+    let expected: Vec<usize> = rule.axes.iter().map(|a| config.axis_len(a.0)).collect();
     if t.shape != expected {
-        let spaces: Vec<String> = rule.axes.iter().map(|a| format!("{:?}", a.0)).collect();
+        let spaces: Vec<String> = rule
+            .axes
+            .iter()
+            .map(|a| {
+                a.0.iter()
+                    .map(|s| format!("{s:?}"))
+                    .collect::<Vec<_>>()
+                    .join("+")
+            })
+            .collect();
         return Err(Error::tensor(
             path,
             &t.name,

@@ -126,6 +126,11 @@ impl ModelConfig {
         }
     }
 
+    /// Source size of a (possibly fused) axis: the sum of its spaces.
+    pub fn axis_len(&self, spaces: &[Space]) -> usize {
+        spaces.iter().map(|&s| self.space_len(s)).sum()
+    }
+
     /// A boolean switch of config.json (`attention_bias`, `mlp_bias`), false when absent.
     pub fn flag(&self, key: &str) -> bool {
         self.raw.get(key).and_then(Value::as_bool).unwrap_or(false)

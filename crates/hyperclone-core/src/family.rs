@@ -32,8 +32,11 @@ pub enum Role {
     Read,
 }
 
+/// One tensor axis: the space(s) along it, in order, and whether the tensor writes or reads
+/// them. More than one space is a fused layout ([q | k | v], [gate | up]), grown segment by
+/// segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Axis(pub Space, pub Role);
+pub struct Axis(pub &'static [Space], pub Role);
 
 /// Where a tensor's parameters are counted in `plan` output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -95,6 +98,9 @@ pub struct Family {
     /// The output head's tensor name (written untied in every clone).
     pub head: &'static str,
     pub rules: &'static [&'static [TensorRule]],
+    /// The model multiplies embeddings by sqrt(hidden_size) (Gemma): the clone stores the
+    /// tiled embedding divided by sqrt(n) so the product is unchanged.
+    pub embedding_scaled_by_sqrt_hidden: bool,
     /// Shown in the support table.
     pub notes: &'static str,
 }
@@ -118,18 +124,18 @@ const fn rule(
     }
 }
 
-const EMBED: &[Axis] = &[Axis(Vocab, R), Axis(Hidden, W)];
-const HEAD: &[Axis] = &[Axis(Vocab, W), Axis(Hidden, R)];
-const NORM: &[Axis] = &[Axis(Hidden, W)];
-const Q: &[Axis] = &[Axis(Heads, W), Axis(Hidden, R)];
-const KV: &[Axis] = &[Axis(KvHeads, W), Axis(Hidden, R)];
-const O: &[Axis] = &[Axis(Hidden, W), Axis(Heads, R)];
-const Q_BIAS: &[Axis] = &[Axis(Heads, W)];
-const KV_BIAS: &[Axis] = &[Axis(KvHeads, W)];
-const UP: &[Axis] = &[Axis(Ffn, W), Axis(Hidden, R)];
-const DOWN: &[Axis] = &[Axis(Hidden, W), Axis(Ffn, R)];
-const FFN_BIAS: &[Axis] = &[Axis(Ffn, W)];
-const PER_HEAD_NORM: &[Axis] = &[Axis(HeadDim, W)];
+const EMBED: &[Axis] = &[Axis(&[Vocab], R), Axis(&[Hidden], W)];
+const HEAD: &[Axis] = &[Axis(&[Vocab], W), Axis(&[Hidden], R)];
+const NORM: &[Axis] = &[Axis(&[Hidden], W)];
+const Q: &[Axis] = &[Axis(&[Heads], W), Axis(&[Hidden], R)];
+const KV: &[Axis] = &[Axis(&[KvHeads], W), Axis(&[Hidden], R)];
+const O: &[Axis] = &[Axis(&[Hidden], W), Axis(&[Heads], R)];
+const Q_BIAS: &[Axis] = &[Axis(&[Heads], W)];
+const KV_BIAS: &[Axis] = &[Axis(&[KvHeads], W)];
+const UP: &[Axis] = &[Axis(&[Ffn], W), Axis(&[Hidden], R)];
+const DOWN: &[Axis] = &[Axis(&[Hidden], W), Axis(&[Ffn], R)];
+const FFN_BIAS: &[Axis] = &[Axis(&[Ffn], W)];
+const PER_HEAD_NORM: &[Axis] = &[Axis(&[HeadDim], W)];
 
 /// The Llama layout every family here shares: embedding, pre-norm attention and gated MLP,
 /// final norm, head.
@@ -172,7 +178,7 @@ const LLAMA_CORE: &[TensorRule] = &[
     ),
     rule(
         "model.layers.{L}.self_attn.rotary_emb.inv_freq",
-        &[Axis(HeadDim, W)],
+        &[Axis(&[HeadDim], W)],
         C::Attention,
         P::Dropped,
     ),
@@ -323,6 +329,7 @@ pub static FAMILIES: &[Family] = &[
         embedding: "model.embed_tokens.weight",
         head: "lm_head.weight",
         rules: &[LLAMA_CORE, LLAMA_BIASES],
+        embedding_scaled_by_sqrt_hidden: false,
         notes: "MHA, GQA, MQA; tied or untied head; attention_bias / mlp_bias",
     },
     Family {
@@ -331,6 +338,7 @@ pub static FAMILIES: &[Family] = &[
         embedding: "model.embed_tokens.weight",
         head: "lm_head.weight",
         rules: &[LLAMA_CORE],
+        embedding_scaled_by_sqrt_hidden: false,
         notes: "GQA; sliding_window kept",
     },
     Family {
@@ -339,6 +347,7 @@ pub static FAMILIES: &[Family] = &[
         embedding: "model.embed_tokens.weight",
         head: "lm_head.weight",
         rules: &[LLAMA_CORE, QKV_BIASES],
+        embedding_scaled_by_sqrt_hidden: false,
         notes: "q/k/v biases tiled per head",
     },
     Family {
@@ -347,6 +356,7 @@ pub static FAMILIES: &[Family] = &[
         embedding: "model.embed_tokens.weight",
         head: "lm_head.weight",
         rules: &[LLAMA_CORE, QK_NORM_PER_HEAD, QWEN3_BIASES],
+        embedding_scaled_by_sqrt_hidden: false,
         notes: "per-head q_norm/k_norm kept; explicit head_dim",
     },
 ];

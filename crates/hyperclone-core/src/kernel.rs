@@ -54,12 +54,67 @@ impl Variant {
     }
 }
 
-/// How one tensor axis grows: `len` source indices tiled `copies` times.
+/// One piece of an axis: `len` consecutive source indices, tiled `copies` times in place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AxisGrowth {
+pub struct Segment {
     pub len: usize,
     pub copies: usize,
+}
+
+/// How one tensor axis grows. Usually one space tiled `copies` times; a fused axis (GPT-2's
+/// [q | k | v] columns, phi3's [gate | up] rows) is several segments, each tiled where it
+/// stands: [q | k | v] -> [q q | k k | v v], never a tile of the whole fused axis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AxisGrowth {
+    pub segments: Vec<Segment>,
     pub role: Role,
+}
+
+impl AxisGrowth {
+    pub fn tiled(len: usize, copies: usize, role: Role) -> Self {
+        AxisGrowth {
+            segments: vec![Segment { len, copies }],
+            role,
+        }
+    }
+
+    pub fn src_len(&self) -> usize {
+        self.segments.iter().map(|s| s.len).sum()
+    }
+
+    pub fn dest_len(&self) -> usize {
+        self.segments.iter().map(|s| s.len * s.copies).sum()
+    }
+
+    /// The destination axis as pieces in order: each piece is one copy of one segment.
+    fn pieces(&self) -> Vec<Piece> {
+        let mut out = Vec::new();
+        let (mut src, mut dest) = (0, 0);
+        for (seg, s) in self.segments.iter().enumerate() {
+            for copy in 0..s.copies {
+                out.push(Piece {
+                    seg,
+                    src,
+                    dest,
+                    len: s.len,
+                    copy,
+                });
+                dest += s.len;
+            }
+            src += s.len;
+        }
+        out
+    }
+}
+
+/// One copy of one segment inside a destination axis.
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    seg: usize,
+    src: usize,
+    dest: usize,
+    len: usize,
+    copy: usize,
 }
 
 /// Which blocks of a block-row carry the weight, and with what scale.
@@ -101,13 +156,14 @@ impl BlockPattern {
     }
 }
 
-/// Noise for one tensor: sigma per (block-row, pair), chosen so that the realised
-/// mean-square of the noise in every block is exactly row_signal / 10^(snr_db/10).
+/// Noise for one tensor: sigma per (write segment, block-row, pair), chosen so that the
+/// realised mean-square of the noise in every block is exactly row_signal / 10^(snr_db/10).
 #[derive(Debug, Clone)]
 struct Noise {
     key: u64,
     pairs: usize,
-    sigma: Vec<f64>,
+    /// [write segment][block-row * pairs + pair]
+    sigma: Vec<Vec<f64>>,
 }
 
 /// A planned expansion of one tensor, ready to produce destination rows in any order.
@@ -118,7 +174,10 @@ pub struct Expansion<'a> {
     /// Axis 0 (rows) and axis 1 (columns); a 1-D tensor gets a dummy 1-row axis 0.
     axes: [AxisGrowth; 2],
     read_axis: usize,
-    pattern: BlockPattern,
+    row_pieces: Vec<Piece>,
+    col_pieces: Vec<Piece>,
+    diagonal: bool,
+    scale: f64,
     noise: Option<Noise>,
 }
 
@@ -130,38 +189,38 @@ pub struct ExpansionSpec {
     /// Seed of the run mixed with the tensor's name: independent noise per tensor.
     pub noise_key: u64,
     pub out_dtype: DType,
+    /// A constant factor on the whole tensor (Gemma's embedding: 1/sqrt(n), since the model
+    /// multiplies embeddings by sqrt(hidden_size), which grows by sqrt(n)).
+    pub scale: f64,
 }
 
 impl<'a> Expansion<'a> {
-    /// `axes` has one or two entries with at most one `Read` axis; `src` holds
-    /// `prod(len)` elements of `src_dtype`.
+    /// `axes` has one or two entries with at most one `Read` axis (not fused); `src` holds
+    /// `prod(src_len)` elements of `src_dtype`.
     pub fn new(
         src: &'a [u8],
         src_dtype: DType,
         axes: &[AxisGrowth],
         spec: ExpansionSpec,
     ) -> Result<Self, String> {
-        let axes: [AxisGrowth; 2] = match *axes {
-            [a] => [
-                AxisGrowth {
-                    len: 1,
-                    copies: 1,
-                    role: Role::Read,
-                },
-                a,
-            ],
-            [a, b] => [a, b],
+        let axes: [AxisGrowth; 2] = match axes {
+            [a] => [AxisGrowth::tiled(1, 1, Role::Read), a.clone()],
+            [a, b] => [a.clone(), b.clone()],
             _ => return Err(format!("tensors of rank {} are not supported", axes.len())),
         };
+        let grown = |a: &AxisGrowth| a.segments.iter().any(|s| s.copies > 1);
         let read_axis = match (axes[0].role, axes[1].role) {
             (Role::Read, Role::Write) => 0,
             (Role::Write, Role::Read) => 1,
-            // Two write axes: only legal when neither is a grown read; pick the ungrown one.
-            (Role::Write, Role::Write) if axes[0].copies == 1 => 0,
-            (Role::Write, Role::Write) if axes[1].copies == 1 => 1,
+            // Two write axes: only legal when one of them is not grown; it plays the reader.
+            (Role::Write, Role::Write) if !grown(&axes[0]) => 0,
+            (Role::Write, Role::Write) if !grown(&axes[1]) => 1,
             _ => return Err("a tensor needs one read and one write axis".into()),
         };
-        let numel = axes[0].len * axes[1].len;
+        if axes[read_axis].segments.len() != 1 {
+            return Err("a fused read axis is not supported".into());
+        }
+        let numel = axes[0].src_len() * axes[1].src_len();
         if src.len() != numel * src_dtype.size() {
             return Err(format!(
                 "holds {} bytes, expected {}",
@@ -169,55 +228,90 @@ impl<'a> Expansion<'a> {
                 numel * src_dtype.size()
             ));
         }
-        let pattern = BlockPattern {
-            write_blocks: axes[1 - read_axis].copies,
-            read_blocks: axes[read_axis].copies,
-            diagonal: spec.variant.is_diagonal(),
-        };
         let mut exp = Expansion {
             src,
             src_dtype,
             out_dtype: spec.out_dtype,
+            row_pieces: axes[0].pieces(),
+            col_pieces: axes[1].pieces(),
             axes,
             read_axis,
-            pattern,
+            diagonal: spec.variant.is_diagonal(),
+            scale: spec.scale,
             noise: None,
         };
-        if spec.variant.is_noisy() && pattern.read_blocks >= 2 {
+        if spec.variant.is_noisy() && exp.read_blocks() >= 2 {
             exp.noise = Some(exp.calibrate_noise(spec));
         }
         Ok(exp)
     }
 
     pub fn dest_shape(&self) -> [usize; 2] {
-        [
-            self.axes[0].len * self.axes[0].copies,
-            self.axes[1].len * self.axes[1].copies,
-        ]
+        [self.axes[0].dest_len(), self.axes[1].dest_len()]
     }
 
     pub fn dest_row_bytes(&self) -> usize {
         self.dest_shape()[1] * self.out_dtype.size()
     }
 
-    fn calibrate_noise(&self, spec: ExpansionSpec) -> Noise {
-        let numel = self.axes[0].len * self.axes[1].len;
-        let signal = mean_square_of_source(self.src, self.src_dtype);
-        let snr = 10f64.powf(spec.snr_db / 10.0);
-        let pairs = self.pattern.read_blocks / 2;
-        let mut sigma = Vec::with_capacity(self.pattern.write_blocks * pairs);
-        for bw in 0..self.pattern.write_blocks {
-            let target = signal * self.pattern.row_power(bw) / snr;
-            for pair in 0..pairs {
-                let key = block_key(spec.noise_key, bw, pair);
-                let drawn = mean_square_of_noise(key, numel);
-                sigma.push(if drawn > 0.0 {
-                    (target / drawn).sqrt()
-                } else {
-                    0.0
-                });
-            }
+    fn read_blocks(&self) -> usize {
+        self.axes[self.read_axis].segments[0].copies
+    }
+
+    fn pattern(&self, write_segment: usize) -> BlockPattern {
+        BlockPattern {
+            write_blocks: self.axes[1 - self.read_axis].segments[write_segment].copies,
+            read_blocks: self.read_blocks(),
+            diagonal: self.diagonal,
         }
+    }
+
+    /// Source element ranges (flat indices) making up one write segment's block.
+    fn segment_ranges(&self, write_segment: usize) -> Vec<std::ops::Range<usize>> {
+        let cols = self.axes[1].src_len();
+        let rows = self.axes[0].src_len();
+        let w = 1 - self.read_axis;
+        let offset: usize = self.axes[w].segments[..write_segment]
+            .iter()
+            .map(|s| s.len)
+            .sum();
+        let len = self.axes[w].segments[write_segment].len;
+        if w == 0 {
+            std::iter::once(offset * cols..(offset + len) * cols).collect()
+        } else {
+            (0..rows)
+                .map(|r| r * cols + offset..r * cols + offset + len)
+                .collect()
+        }
+    }
+
+    fn calibrate_noise(&self, spec: ExpansionSpec) -> Noise {
+        let snr = 10f64.powf(spec.snr_db / 10.0);
+        let pairs = self.read_blocks() / 2;
+        let w = 1 - self.read_axis;
+        let sigma = (0..self.axes[w].segments.len())
+            .map(|ws| {
+                let ranges = self.segment_ranges(ws);
+                let signal = mean_square_of_source(self.src, self.src_dtype, &ranges)
+                    * self.scale
+                    * self.scale;
+                let pattern = self.pattern(ws);
+                let mut sig = Vec::with_capacity(pattern.write_blocks * pairs);
+                for bw in 0..pattern.write_blocks {
+                    let target = signal * pattern.row_power(bw) / snr;
+                    for pair in 0..pairs {
+                        let drawn =
+                            mean_square_of_noise(block_key(spec.noise_key, ws, bw, pair), &ranges);
+                        sig.push(if drawn > 0.0 {
+                            (target / drawn).sqrt()
+                        } else {
+                            0.0
+                        });
+                    }
+                }
+                sig
+            })
+            .collect();
         Noise {
             key: spec.noise_key,
             pairs,
@@ -234,7 +328,7 @@ impl<'a> Expansion<'a> {
         out.par_chunks_mut(rows_per_task * row_bytes)
             .enumerate()
             .for_each(|(task, chunk)| {
-                let mut src_row = vec![0f64; self.axes[1].len];
+                let mut src_row = vec![0f64; self.axes[1].src_len()];
                 let mut dst_row = vec![0f64; self.dest_shape()[1]];
                 for (k, row_out) in chunk.chunks_exact_mut(row_bytes).enumerate() {
                     self.row(
@@ -248,20 +342,26 @@ impl<'a> Expansion<'a> {
     }
 
     fn row(&self, row: usize, src_row: &mut [f64], dst_row: &mut [f64]) {
-        let [a0, a1] = self.axes;
-        let (b0, sr) = (row / a0.len, row % a0.len);
+        let p0 = *self
+            .row_pieces
+            .iter()
+            .find(|p| row >= p.dest && row < p.dest + p.len)
+            .expect("row inside the destination");
+        let sr = p0.src + (row - p0.dest);
+        let cols = self.axes[1].src_len();
         let elem = self.src_dtype.size();
-        let start = sr * a1.len * elem;
         self.src_dtype
-            .decode(&self.src[start..start + a1.len * elem], src_row);
-        for (b1, block) in dst_row.chunks_exact_mut(a1.len).enumerate() {
-            let (bw, br) = if self.read_axis == 1 {
-                (b0, b1)
+            .decode(&self.src[sr * cols * elem..(sr + 1) * cols * elem], src_row);
+        for p1 in &self.col_pieces {
+            let (ws, bw, br) = if self.read_axis == 1 {
+                (p0.seg, p0.copy, p1.copy)
             } else {
-                (b1, b0)
+                (p1.seg, p1.copy, p0.copy)
             };
-            let scale = self.pattern.scale(bw, br);
-            for (d, s) in block.iter_mut().zip(src_row.iter()) {
+            let scale = self.pattern(ws).scale(bw, br) * self.scale;
+            let block = &mut dst_row[p1.dest..p1.dest + p1.len];
+            let source = &src_row[p1.src..p1.src + p1.len];
+            for (d, s) in block.iter_mut().zip(source) {
                 *d = s * scale;
             }
             let Some(noise) = &self.noise else { continue };
@@ -269,10 +369,10 @@ impl<'a> Expansion<'a> {
             if pair >= noise.pairs {
                 continue; // the odd last block of an odd copy count stays noise-free
             }
-            let sigma = noise.sigma[bw * noise.pairs + pair];
+            let sigma = noise.sigma[ws][bw * noise.pairs + pair];
             let signed = if br % 2 == 0 { sigma } else { -sigma };
-            let key = block_key(noise.key, bw, pair);
-            let base = (sr * a1.len) as u64;
+            let key = block_key(noise.key, ws, bw, pair);
+            let base = (sr * cols + p1.src) as u64;
             for (k, d) in block.iter_mut().enumerate() {
                 *d += signed * gaussian(key, base + k as u64);
             }
@@ -280,40 +380,51 @@ impl<'a> Expansion<'a> {
     }
 }
 
-/// mean(W^2) of a source tensor, summed in fixed-size chunks so the result does not depend
-/// on thread scheduling (byte-identical output).
-fn mean_square_of_source(src: &[u8], dtype: DType) -> f64 {
-    const CHUNK: usize = 1 << 16;
-    let n = src.len() / dtype.size();
+/// mean(W^2) over some flat element ranges of a source tensor, summed per range in a fixed
+/// order so the result does not depend on thread scheduling (byte-identical output).
+fn mean_square_of_source(src: &[u8], dtype: DType, ranges: &[std::ops::Range<usize>]) -> f64 {
+    let n: usize = ranges.iter().map(|r| r.len()).sum();
     if n == 0 {
         return 0.0;
     }
-    let partial: Vec<f64> = src
-        .par_chunks(CHUNK * dtype.size())
-        .map(|bytes| {
-            let mut buf = vec![0f64; bytes.len() / dtype.size()];
-            dtype.decode(bytes, &mut buf);
+    let e = dtype.size();
+    let partial: Vec<f64> = split(ranges)
+        .into_par_iter()
+        .map(|r| {
+            let mut buf = vec![0f64; r.len()];
+            dtype.decode(&src[r.start * e..r.end * e], &mut buf);
             buf.iter().map(|x| x * x).sum::<f64>()
         })
         .collect();
     partial.iter().sum::<f64>() / n as f64
 }
 
-fn mean_square_of_noise(key: u64, n: usize) -> f64 {
-    const CHUNK: u64 = 1 << 16;
+/// mean(z^2) of the noise draws addressed by the given element ranges.
+fn mean_square_of_noise(key: u64, ranges: &[std::ops::Range<usize>]) -> f64 {
+    let n: usize = ranges.iter().map(|r| r.len()).sum();
     if n == 0 {
         return 0.0;
     }
-    let n = n as u64;
-    let partial: Vec<f64> = (0..n.div_ceil(CHUNK))
+    let partial: Vec<f64> = split(ranges)
         .into_par_iter()
-        .map(|c| {
-            (c * CHUNK..((c + 1) * CHUNK).min(n))
-                .map(|i| gaussian(key, i).powi(2))
-                .sum::<f64>()
-        })
+        .map(|r| r.map(|i| gaussian(key, i as u64).powi(2)).sum::<f64>())
         .collect();
     partial.iter().sum::<f64>() / n as f64
+}
+
+/// Ranges cut into pieces of at most 64 Ki elements: the unit of parallel work whose partial
+/// sums are then added in order.
+fn split(ranges: &[std::ops::Range<usize>]) -> Vec<std::ops::Range<usize>> {
+    const CHUNK: usize = 1 << 16;
+    let mut out = Vec::new();
+    for r in ranges {
+        let mut s = r.start;
+        while s < r.end {
+            out.push(s..(s + CHUNK).min(r.end));
+            s += CHUNK;
+        }
+    }
+    out
 }
 
 /// SplitMix64's finaliser: a bijective, well-mixed hash of a 64-bit counter.
@@ -333,8 +444,9 @@ pub fn name_key(seed: u64, name: &str) -> u64 {
     mix64(h ^ mix64(seed))
 }
 
-fn block_key(key: u64, bw: usize, pair: usize) -> u64 {
-    mix64(key ^ mix64(((bw as u64) << 32) ^ pair as u64 ^ 0x9e37_79b9_7f4a_7c15))
+fn block_key(key: u64, write_segment: usize, bw: usize, pair: usize) -> u64 {
+    let block = ((write_segment as u64) << 48) ^ ((bw as u64) << 32) ^ pair as u64;
+    mix64(key ^ mix64(block ^ 0x9e37_79b9_7f4a_7c15))
 }
 
 /// A standard normal draw addressed by (key, index).
@@ -382,6 +494,7 @@ mod tests {
             snr_db,
             noise_key: 7,
             out_dtype: dtype,
+            scale: 1.0,
         };
         let e = Expansion::new(&src, dtype, axes, spec).unwrap();
         let shape = e.dest_shape();
@@ -391,7 +504,7 @@ mod tests {
     }
 
     fn ax(len: usize, copies: usize, role: Role) -> AxisGrowth {
-        AxisGrowth { len, copies, role }
+        AxisGrowth::tiled(len, copies, role)
     }
 
     /// Block (bw, br) of a [rows x cols] destination whose write axis is rows.
@@ -580,6 +693,7 @@ mod tests {
             snr_db: 10.0,
             noise_key: 3,
             out_dtype: DType::BF16,
+            scale: 1.0,
         };
         let axes = [ax(40, 2, Role::Write), ax(8, 2, Role::Read)];
         let e = Expansion::new(&src, DType::BF16, &axes, spec).unwrap();
@@ -591,6 +705,127 @@ mod tests {
             e.fill_rows(r, &mut pieces[r * rb..(r + 1) * rb]);
         }
         assert_eq!(whole, pieces);
+    }
+
+    #[test]
+    fn fused_axes_grow_segment_by_segment() {
+        // phi3-style rows [q (4) | k (2) | v (2)] with q, k, v copies (2, 2, 1) (as for a
+        // single MQA kv head), reading a hidden axis of 3 grown x2: [q q | k k | v].
+        let w = weights(8 * 3);
+        let fused = AxisGrowth {
+            segments: vec![
+                Segment { len: 4, copies: 2 },
+                Segment { len: 2, copies: 2 },
+                Segment { len: 2, copies: 1 },
+            ],
+            role: Role::Write,
+        };
+        for variant in Variant::ALL {
+            let (d, shape) = expand(
+                &w,
+                DType::F64,
+                &[fused.clone(), ax(3, 2, Role::Read)],
+                variant,
+                10.0,
+            );
+            assert_eq!(shape, [14, 6]);
+            let src_row = [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 4, 5, 6, 7];
+            for (r, &sr) in src_row.iter().enumerate() {
+                // Every destination row sums over its two input copies to the source row.
+                for c in 0..3 {
+                    let sum = d[r * 6 + c] + d[r * 6 + 3 + c];
+                    assert!((sum - w[sr * 3 + c]).abs() < 1e-14, "{variant:?} row {r}");
+                }
+            }
+        }
+        // GPT-2 Conv1D: [in = hidden (read, axis 0), out = [q | k | v] (write, axis 1)].
+        let w = weights(3 * 6);
+        let cols = AxisGrowth {
+            segments: vec![Segment { len: 2, copies: 2 }; 3],
+            role: Role::Write,
+        };
+        let (d, shape) = expand(
+            &w,
+            DType::F64,
+            &[ax(3, 2, Role::Read), cols],
+            Variant::Symmetric,
+            0.0,
+        );
+        assert_eq!(shape, [6, 12]);
+        let src_col = [0, 1, 0, 1, 2, 3, 2, 3, 4, 5, 4, 5];
+        for r in 0..6 {
+            for (c, &sc) in src_col.iter().enumerate() {
+                assert_eq!(d[r * 12 + c], w[(r % 3) * 6 + sc] / 2.0);
+            }
+        }
+    }
+
+    #[test]
+    fn noise_on_a_fused_axis_has_the_exact_snr_per_segment() {
+        let w: Vec<f64> = weights(6 * 4)
+            .iter()
+            .enumerate()
+            .map(|(i, x)| if i < 16 { x * 3.0 } else { *x })
+            .collect();
+        let fused = AxisGrowth {
+            segments: vec![Segment { len: 4, copies: 2 }, Segment { len: 2, copies: 2 }],
+            role: Role::Write,
+        };
+        let (d, _) = expand(
+            &w,
+            DType::F64,
+            &[fused, ax(4, 2, Role::Read)],
+            Variant::Noisy,
+            10.0,
+        );
+        // Segment rows: [0..4) copies at dest rows 0..8, [4..6) at 8..12.
+        for (seg_rows, dest_start, src_start) in [(4, 0, 0), (2, 8, 4)] {
+            let src = &w[src_start * 4..(src_start + seg_rows) * 4];
+            let signal = src.iter().map(|x| x * x).sum::<f64>() / src.len() as f64 / 4.0;
+            for bw in 0..2 {
+                let mut ms = 0.0;
+                for r in 0..seg_rows {
+                    let dr = dest_start + bw * seg_rows + r;
+                    for c in 0..4 {
+                        let e = d[dr * 8 + c] - src[r * 4 + c] / 2.0;
+                        ms += e * e;
+                    }
+                }
+                let snr = 10.0 * (signal / (ms / (seg_rows * 4) as f64)).log10();
+                assert!(
+                    (snr - 10.0).abs() < 1e-3,
+                    "segment at {src_start}, block-row {bw}: {snr} dB"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn extra_scale_multiplies_the_whole_tensor() {
+        let w = weights(4 * 3);
+        let src = encode(&w, DType::F64);
+        let spec = ExpansionSpec {
+            variant: Variant::Symmetric,
+            snr_db: 10.0,
+            noise_key: 1,
+            out_dtype: DType::F64,
+            scale: 0.5,
+        };
+        let e = Expansion::new(
+            &src,
+            DType::F64,
+            &[ax(4, 1, Role::Read), ax(3, 4, Role::Write)],
+            spec,
+        )
+        .unwrap();
+        let mut out = vec![0u8; 4 * e.dest_row_bytes()];
+        e.fill_rows(0, &mut out);
+        let d = decode(&out, DType::F64);
+        for r in 0..4 {
+            for c in 0..12 {
+                assert_eq!(d[r * 12 + c], w[r * 3 + c % 3] * 0.5);
+            }
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@ use crate::checkpoint::{Checkpoint, SINGLE_FILE};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::family::{Component, Space};
-use crate::kernel::{name_key, AxisGrowth, Variant};
+use crate::kernel::{name_key, AxisGrowth, Segment, Variant};
 use crate::safetensors::{encode_header, HeaderEntry};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -81,6 +81,8 @@ pub struct DestTensor {
     pub shape: Vec<usize>,
     pub component: Component,
     pub noise_key: u64,
+    /// A constant factor on the whole tensor (1 except Gemma-style scaled embeddings).
+    pub scale: f64,
 }
 
 impl DestTensor {
@@ -200,7 +202,7 @@ impl Plan {
             .iter()
             .map(|t| {
                 let cols = t.shape.last().copied().unwrap_or(1);
-                let src_cols = t.axes.last().map(|a| a.len).unwrap_or(1);
+                let src_cols = t.axes.last().map(AxisGrowth::src_len).unwrap_or(1);
                 ((cols + src_cols) * 8) as u64
             })
             .max()
@@ -244,12 +246,23 @@ fn dest_tensor(
     let axes: Vec<AxisGrowth> = rule_axes
         .iter()
         .map(|a| AxisGrowth {
-            len: cfg.space_len(a.0),
-            copies: options.copies(a.0, cfg.num_key_value_heads),
+            segments: a
+                .0
+                .iter()
+                .map(|&space| Segment {
+                    len: cfg.space_len(space),
+                    copies: options.copies(space, cfg.num_key_value_heads),
+                })
+                .collect(),
             role: a.1,
         })
         .collect();
-    let shape = axes.iter().map(|a| a.len * a.copies).collect();
+    let shape = axes.iter().map(AxisGrowth::dest_len).collect();
+    let scale = if name == cfg.family.embedding && cfg.family.embedding_scaled_by_sqrt_hidden {
+        1.0 / (options.factor as f64).sqrt()
+    } else {
+        1.0
+    };
     let src = &ckpt.tensors[source].info;
     DestTensor {
         name: name.to_string(),
@@ -259,6 +272,7 @@ fn dest_tensor(
         shape,
         component,
         noise_key: name_key(options.seed, name),
+        scale,
     }
 }
 

@@ -21,8 +21,8 @@ pub fn row_half_cosines(big: &Checkpoint, small: &ModelConfig) -> Vec<(String, f
         if axes.len() != 2 {
             continue;
         }
-        let space = axes[ra].0;
-        let (len_big, len_small) = (big.config.space_len(space), small.space_len(space));
+        let spaces = axes[ra].0;
+        let (len_big, len_small) = (big.config.axis_len(spaces), small.axis_len(spaces));
         if len_small == 0 || len_big < 2 * len_small {
             continue;
         }

@@ -338,6 +338,7 @@ fn produce(
                 snr_db: plan.options.snr_db,
                 noise_key: t.noise_key,
                 out_dtype: t.dtype,
+                scale: t.scale,
             };
             let exp = Expansion::new(file.data(&src.info), src.info.dtype, &t.axes, spec)
                 .map_err(|m| Error::tensor(&file.path, &src.info.name, m))?;
