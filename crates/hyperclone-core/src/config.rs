@@ -23,6 +23,10 @@ pub struct ModelConfig {
     pub head_dim: usize,
     pub num_hidden_layers: usize,
     pub vocab_size: usize,
+    /// Rows of a learned position table (max positions + the family's offset), if any.
+    pub positions: usize,
+    /// OPT's word_embed_proj_dim (= hidden_size elsewhere).
+    pub embed_proj_dim: usize,
     pub tie_word_embeddings: bool,
     /// The dtype config.json declares (`dtype` or `torch_dtype`), if any.
     pub declared_dtype: Option<DType>,
@@ -63,11 +67,16 @@ impl ModelConfig {
                 None => Err(err(format!("`{key}` is missing"))),
             }
         };
-        let hidden_size = req("hidden_size")?;
-        let num_attention_heads = req("num_attention_heads")?;
-        let num_key_value_heads = match raw.get("num_key_value_heads") {
-            None | Some(Value::Null) => num_attention_heads,
-            Some(_) => req("num_key_value_heads")?,
+        let keys = family.keys;
+        let hidden_size = req(keys.hidden)?;
+        let num_attention_heads = req(keys.heads)?;
+        let num_key_value_heads = match keys.kv_heads.and_then(|k| raw.get(k).map(|v| (k, v))) {
+            None | Some((_, Value::Null)) => num_attention_heads,
+            Some((k, _)) => req(k)?,
+        };
+        let intermediate_size = match (raw.get(keys.ffn), keys.ffn_default_multiple) {
+            (None | Some(Value::Null), Some(m)) => m * hidden_size,
+            _ => req(keys.ffn)?,
         };
         if num_attention_heads % num_key_value_heads != 0 {
             return Err(err(format!(
@@ -102,12 +111,20 @@ impl ModelConfig {
             path: path.to_path_buf(),
             family,
             hidden_size,
-            intermediate_size: req("intermediate_size")?,
+            intermediate_size,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            num_hidden_layers: req("num_hidden_layers")?,
-            vocab_size: req("vocab_size")?,
+            num_hidden_layers: req(keys.layers)?,
+            vocab_size: req(keys.vocab)?,
+            positions: match keys.positions.and_then(|k| raw.get(k)) {
+                Some(v) => v.as_u64().unwrap_or(0) as usize + family.position_offset,
+                None => 0,
+            },
+            embed_proj_dim: match raw.get("word_embed_proj_dim") {
+                Some(Value::Number(n)) => n.as_u64().unwrap_or(0) as usize,
+                _ => hidden_size,
+            },
             tie_word_embeddings,
             declared_dtype,
             raw,
@@ -123,6 +140,9 @@ impl ModelConfig {
             Space::KvHeads => self.num_key_value_heads * self.head_dim,
             Space::Ffn => self.intermediate_size,
             Space::HeadDim => self.head_dim,
+            Space::Positions => self.positions,
+            Space::EmbedProj => self.embed_proj_dim,
+            Space::QkvPerHead => 3 * self.num_attention_heads * self.head_dim,
         }
     }
 

@@ -23,6 +23,13 @@ pub enum Space {
     Ffn,
     /// One head's width, for per-head norms (qk-norm). Never grown.
     HeadDim,
+    /// Positions of a learned position table (rows). Never grown.
+    Positions,
+    /// OPT's `word_embed_proj_dim` when it differs from the hidden size. Never grown.
+    EmbedProj,
+    /// GPT-NeoX's fused QKV rows, laid out (heads, 3, head_dim): per head, so tiling the
+    /// whole axis n times gives n*heads heads, head c*H + h a copy of head h.
+    QkvPerHead,
 }
 
 /// Whether a tensor axis produces values in its space or consumes them.
@@ -88,9 +95,39 @@ pub struct TensorRule {
     pub presence: Presence,
 }
 
+/// Where config.json keeps each size (GPT-2 says `n_embd`, OPT `ffn_dim`, ...).
+#[derive(Debug, Clone, Copy)]
+pub struct ConfigKeys {
+    pub hidden: &'static str,
+    pub ffn: &'static str,
+    /// When the FFN key is absent or null: `ffn_default_multiple * hidden` (GPT-2: 4).
+    pub ffn_default_multiple: Option<usize>,
+    pub heads: &'static str,
+    /// None: the family has no GQA, kv heads = heads.
+    pub kv_heads: Option<&'static str>,
+    pub layers: &'static str,
+    pub vocab: &'static str,
+    pub positions: Option<&'static str>,
+}
+
+/// transformers' usual names.
+pub const HF_KEYS: ConfigKeys = ConfigKeys {
+    hidden: "hidden_size",
+    ffn: "intermediate_size",
+    ffn_default_multiple: None,
+    heads: "num_attention_heads",
+    kv_heads: Some("num_key_value_heads"),
+    layers: "num_hidden_layers",
+    vocab: "vocab_size",
+    positions: Some("max_position_embeddings"),
+};
+
 #[derive(Debug)]
 pub struct Family {
     pub model_type: &'static str,
+    pub keys: ConfigKeys,
+    /// Rows of a learned position table beyond max positions (OPT: 2).
+    pub position_offset: usize,
     /// transformers' default for `tie_word_embeddings` when config.json omits it.
     pub tie_default: bool,
     /// The token embedding; a tied head is written from it.
@@ -325,6 +362,8 @@ const QWEN3_BIASES: &[TensorRule] = &[
 pub static FAMILIES: &[Family] = &[
     Family {
         model_type: "llama",
+        keys: HF_KEYS,
+        position_offset: 0,
         tie_default: false,
         embedding: "model.embed_tokens.weight",
         head: "lm_head.weight",
@@ -334,6 +373,8 @@ pub static FAMILIES: &[Family] = &[
     },
     Family {
         model_type: "mistral",
+        keys: HF_KEYS,
+        position_offset: 0,
         tie_default: false,
         embedding: "model.embed_tokens.weight",
         head: "lm_head.weight",
@@ -343,6 +384,8 @@ pub static FAMILIES: &[Family] = &[
     },
     Family {
         model_type: "qwen2",
+        keys: HF_KEYS,
+        position_offset: 0,
         tie_default: false,
         embedding: "model.embed_tokens.weight",
         head: "lm_head.weight",
@@ -352,6 +395,8 @@ pub static FAMILIES: &[Family] = &[
     },
     Family {
         model_type: "qwen3",
+        keys: HF_KEYS,
+        position_offset: 0,
         tie_default: false,
         embedding: "model.embed_tokens.weight",
         head: "lm_head.weight",

@@ -50,8 +50,8 @@ impl GrowthOptions {
     /// Copies of each space in the destination.
     pub fn copies(&self, space: Space, source_kv_heads: usize) -> usize {
         match space {
-            Space::Vocab | Space::HeadDim => 1,
-            Space::Hidden | Space::Heads => self.factor,
+            Space::Vocab | Space::HeadDim | Space::Positions | Space::EmbedProj => 1,
+            Space::Hidden | Space::Heads | Space::QkvPerHead => self.factor,
             // A single shared kv head (MQA) stays single: every query head may read it.
             Space::KvHeads if source_kv_heads == 1 => 1,
             Space::KvHeads => self.factor,
@@ -297,17 +297,20 @@ fn grown_config(
         }
     };
     let n = options.factor;
-    set("hidden_size", (cfg.hidden_size * n).into());
+    let keys = cfg.family.keys;
+    set(keys.hidden, (cfg.hidden_size * n).into());
     set(
-        "intermediate_size",
+        keys.ffn,
         (cfg.intermediate_size * options.ffn_factor).into(),
     );
-    set("num_attention_heads", (cfg.num_attention_heads * n).into());
+    set(keys.heads, (cfg.num_attention_heads * n).into());
     let kv = cfg.num_key_value_heads * options.copies(Space::KvHeads, cfg.num_key_value_heads);
     // An absent key means "as many as the query heads"; write it when that stops holding
     // (a single-head model's one kv head stays single).
-    if cfg.raw.contains_key("num_key_value_heads") || kv != cfg.num_attention_heads * n {
-        set("num_key_value_heads", kv.into());
+    if let Some(kv_key) = keys.kv_heads {
+        if cfg.raw.get(kv_key).is_some_and(|v| !v.is_null()) || kv != cfg.num_attention_heads * n {
+            set(kv_key, kv.into());
+        }
     }
     // The clone always stores the head as its own tensor (a tied head would need a 1/n
     // scale that a plain from_pretrained cannot express).
