@@ -237,7 +237,10 @@ fn classify(
                 }
             }
             let allowed = match rule.presence {
-                Presence::Required | Presence::UntiedHead | Presence::Dropped => true,
+                Presence::Required
+                | Presence::Optional
+                | Presence::UntiedHead
+                | Presence::Dropped => true,
                 Presence::IfConfig(key) => config.flag(key),
             };
             if !allowed {
@@ -276,7 +279,7 @@ fn classify(
             Presence::Required => true,
             Presence::IfConfig(key) => config.flag(key),
             Presence::UntiedHead => !config.tie_word_embeddings,
-            Presence::Dropped => false,
+            Presence::Dropped | Presence::Optional => false,
         };
         if !required {
             continue;

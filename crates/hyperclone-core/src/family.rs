@@ -80,6 +80,8 @@ pub enum Presence {
     Required,
     /// Required when this boolean config key is true, unexpected otherwise.
     IfConfig(&'static str),
+    /// Present in some configurations only (OPT's project_in/out, its final norm).
+    Optional,
     /// The output head: required when the head is untied; tolerated when tied.
     UntiedHead,
     /// Buffers some old checkpoints carry (rotary inv_freq): accepted, not written.
@@ -108,6 +110,9 @@ pub struct ConfigKeys {
     pub layers: &'static str,
     pub vocab: &'static str,
     pub positions: Option<&'static str>,
+    /// Keys that equal the hidden size when a feature is off and must then grow with it
+    /// (OPT's word_embed_proj_dim: equal means no project_in/out).
+    pub hidden_mirrors: &'static [&'static str],
 }
 
 /// transformers' usual names.
@@ -120,6 +125,7 @@ pub const HF_KEYS: ConfigKeys = ConfigKeys {
     layers: "num_hidden_layers",
     vocab: "vocab_size",
     positions: Some("max_position_embeddings"),
+    hidden_mirrors: &[],
 };
 
 #[derive(Debug)]
@@ -161,8 +167,11 @@ const fn rule(
     }
 }
 
+// Axis layouts shared by many tensors.
 const EMBED: &[Axis] = &[Axis(&[Vocab], R), Axis(&[Hidden], W)];
 const HEAD: &[Axis] = &[Axis(&[Vocab], W), Axis(&[Hidden], R)];
+const HEAD_BIAS: &[Axis] = &[Axis(&[Vocab], W)];
+const POSITIONS: &[Axis] = &[Axis(&[Positions], R), Axis(&[Hidden], W)];
 const NORM: &[Axis] = &[Axis(&[Hidden], W)];
 const Q: &[Axis] = &[Axis(&[Heads], W), Axis(&[Hidden], R)];
 const KV: &[Axis] = &[Axis(&[KvHeads], W), Axis(&[Hidden], R)];
@@ -173,236 +182,389 @@ const UP: &[Axis] = &[Axis(&[Ffn], W), Axis(&[Hidden], R)];
 const DOWN: &[Axis] = &[Axis(&[Hidden], W), Axis(&[Ffn], R)];
 const FFN_BIAS: &[Axis] = &[Axis(&[Ffn], W)];
 const PER_HEAD_NORM: &[Axis] = &[Axis(&[HeadDim], W)];
+// Fused layouts.
+const QKV_CONCAT: &[Axis] = &[Axis(&[Heads, KvHeads, KvHeads], W), Axis(&[Hidden], R)];
+const GATE_UP_CONCAT: &[Axis] = &[Axis(&[Ffn, Ffn], W), Axis(&[Hidden], R)];
+const QKV_PER_HEAD: &[Axis] = &[Axis(&[QkvPerHead], W), Axis(&[Hidden], R)];
+const QKV_PER_HEAD_BIAS: &[Axis] = &[Axis(&[QkvPerHead], W)];
+// GPT-2's Conv1D stores weights [in, out]: the read axis comes first.
+const CONV_QKV: &[Axis] = &[Axis(&[Hidden], R), Axis(&[Heads, KvHeads, KvHeads], W)];
+const CONV_QKV_BIAS: &[Axis] = &[Axis(&[Heads, KvHeads, KvHeads], W)];
+const CONV_O: &[Axis] = &[Axis(&[Heads], R), Axis(&[Hidden], W)];
+const CONV_UP: &[Axis] = &[Axis(&[Hidden], R), Axis(&[Ffn], W)];
+const CONV_DOWN: &[Axis] = &[Axis(&[Ffn], R), Axis(&[Hidden], W)];
+// OPT's embedding width (see Space::EmbedProj).
+const OPT_EMBED: &[Axis] = &[Axis(&[Vocab], R), Axis(&[EmbedProj], W)];
+const OPT_HEAD: &[Axis] = &[Axis(&[Vocab], W), Axis(&[EmbedProj], R)];
+const PROJECT_IN: &[Axis] = &[Axis(&[Hidden], W), Axis(&[EmbedProj], R)];
+const PROJECT_OUT: &[Axis] = &[Axis(&[EmbedProj], W), Axis(&[Hidden], R)];
 
-/// The Llama layout every family here shares: embedding, pre-norm attention and gated MLP,
-/// final norm, head.
-const LLAMA_CORE: &[TensorRule] = &[
-    rule(
-        "model.embed_tokens.weight",
-        EMBED,
-        C::Embedding,
-        P::Required,
-    ),
-    rule(
-        "model.layers.{L}.input_layernorm.weight",
-        NORM,
-        C::Norm,
-        P::Required,
-    ),
-    rule(
-        "model.layers.{L}.self_attn.q_proj.weight",
-        Q,
-        C::Attention,
-        P::Required,
-    ),
-    rule(
-        "model.layers.{L}.self_attn.k_proj.weight",
-        KV,
-        C::Attention,
-        P::Required,
-    ),
-    rule(
-        "model.layers.{L}.self_attn.v_proj.weight",
-        KV,
-        C::Attention,
-        P::Required,
-    ),
-    rule(
-        "model.layers.{L}.self_attn.o_proj.weight",
-        O,
-        C::Attention,
-        P::Required,
-    ),
-    rule(
-        "model.layers.{L}.self_attn.rotary_emb.inv_freq",
-        &[Axis(&[HeadDim], W)],
-        C::Attention,
-        P::Dropped,
-    ),
-    rule(
-        "model.layers.{L}.post_attention_layernorm.weight",
-        NORM,
-        C::Norm,
-        P::Required,
-    ),
-    rule(
-        "model.layers.{L}.mlp.gate_proj.weight",
-        UP,
-        C::Mlp,
-        P::Required,
-    ),
-    rule(
-        "model.layers.{L}.mlp.up_proj.weight",
-        UP,
-        C::Mlp,
-        P::Required,
-    ),
-    rule(
-        "model.layers.{L}.mlp.down_proj.weight",
-        DOWN,
-        C::Mlp,
-        P::Required,
-    ),
+/// Pieces of the Llama layout, composed per family below.
+#[rustfmt::skip]
+const EMBED_TOKENS: &[TensorRule] = &[
+    rule("model.embed_tokens.weight", EMBED, C::Embedding, P::Required),
+    rule("model.layers.{L}.self_attn.rotary_emb.inv_freq", &[Axis(&[HeadDim], W)], C::Attention, P::Dropped),
+];
+#[rustfmt::skip]
+const INPUT_NORM: &[TensorRule] = &[rule("model.layers.{L}.input_layernorm.weight", NORM, C::Norm, P::Required)];
+#[rustfmt::skip]
+const INPUT_NORM_BIAS: &[TensorRule] = &[rule("model.layers.{L}.input_layernorm.bias", NORM, C::Norm, P::Required)];
+#[rustfmt::skip]
+const POST_ATTN_NORM: &[TensorRule] = &[rule("model.layers.{L}.post_attention_layernorm.weight", NORM, C::Norm, P::Required)];
+#[rustfmt::skip]
+const POST_ATTN_NORM_BIAS: &[TensorRule] = &[rule("model.layers.{L}.post_attention_layernorm.bias", NORM, C::Norm, P::Required)];
+#[rustfmt::skip]
+const ATTN_QKVO: &[TensorRule] = &[
+    rule("model.layers.{L}.self_attn.q_proj.weight", Q, C::Attention, P::Required),
+    rule("model.layers.{L}.self_attn.k_proj.weight", KV, C::Attention, P::Required),
+    rule("model.layers.{L}.self_attn.v_proj.weight", KV, C::Attention, P::Required),
+    rule("model.layers.{L}.self_attn.o_proj.weight", O, C::Attention, P::Required),
+];
+#[rustfmt::skip]
+const MLP_GATED: &[TensorRule] = &[
+    rule("model.layers.{L}.mlp.gate_proj.weight", UP, C::Mlp, P::Required),
+    rule("model.layers.{L}.mlp.up_proj.weight", UP, C::Mlp, P::Required),
+    rule("model.layers.{L}.mlp.down_proj.weight", DOWN, C::Mlp, P::Required),
+];
+#[rustfmt::skip]
+const FINAL_NORM_AND_HEAD: &[TensorRule] = &[
     rule("model.norm.weight", NORM, C::Norm, P::Required),
     rule("lm_head.weight", HEAD, C::Head, P::UntiedHead),
 ];
-
-/// Llama's optional biases (`attention_bias`, `mlp_bias` in config.json).
-const LLAMA_BIASES: &[TensorRule] = &[
-    rule(
-        "model.layers.{L}.self_attn.q_proj.bias",
-        Q_BIAS,
-        C::Attention,
-        P::IfConfig("attention_bias"),
-    ),
-    rule(
-        "model.layers.{L}.self_attn.k_proj.bias",
-        KV_BIAS,
-        C::Attention,
-        P::IfConfig("attention_bias"),
-    ),
-    rule(
-        "model.layers.{L}.self_attn.v_proj.bias",
-        KV_BIAS,
-        C::Attention,
-        P::IfConfig("attention_bias"),
-    ),
-    rule(
-        "model.layers.{L}.self_attn.o_proj.bias",
-        NORM,
-        C::Attention,
-        P::IfConfig("attention_bias"),
-    ),
-    rule(
-        "model.layers.{L}.mlp.gate_proj.bias",
-        FFN_BIAS,
-        C::Mlp,
-        P::IfConfig("mlp_bias"),
-    ),
-    rule(
-        "model.layers.{L}.mlp.up_proj.bias",
-        FFN_BIAS,
-        C::Mlp,
-        P::IfConfig("mlp_bias"),
-    ),
-    rule(
-        "model.layers.{L}.mlp.down_proj.bias",
-        NORM,
-        C::Mlp,
-        P::IfConfig("mlp_bias"),
-    ),
+/// Llama, Mistral, Qwen: embedding, pre-norm attention and gated MLP, final norm, head.
+const LLAMA_CORE: &[&[TensorRule]] = &[
+    EMBED_TOKENS,
+    INPUT_NORM,
+    ATTN_QKVO,
+    POST_ATTN_NORM,
+    MLP_GATED,
+    FINAL_NORM_AND_HEAD,
 ];
 
-/// Qwen2 always has q/k/v biases and no o bias.
+/// Llama's optional biases (`attention_bias`, `mlp_bias` in config.json).
+#[rustfmt::skip]
+const LLAMA_BIASES: &[TensorRule] = &[
+    rule("model.layers.{L}.self_attn.q_proj.bias", Q_BIAS, C::Attention, P::IfConfig("attention_bias")),
+    rule("model.layers.{L}.self_attn.k_proj.bias", KV_BIAS, C::Attention, P::IfConfig("attention_bias")),
+    rule("model.layers.{L}.self_attn.v_proj.bias", KV_BIAS, C::Attention, P::IfConfig("attention_bias")),
+    rule("model.layers.{L}.self_attn.o_proj.bias", NORM, C::Attention, P::IfConfig("attention_bias")),
+    rule("model.layers.{L}.mlp.gate_proj.bias", FFN_BIAS, C::Mlp, P::IfConfig("mlp_bias")),
+    rule("model.layers.{L}.mlp.up_proj.bias", FFN_BIAS, C::Mlp, P::IfConfig("mlp_bias")),
+    rule("model.layers.{L}.mlp.down_proj.bias", NORM, C::Mlp, P::IfConfig("mlp_bias")),
+];
+
+/// q/k/v biases, always present (Qwen2) or behind a config switch (StableLM).
+#[rustfmt::skip]
 const QKV_BIASES: &[TensorRule] = &[
-    rule(
-        "model.layers.{L}.self_attn.q_proj.bias",
-        Q_BIAS,
-        C::Attention,
-        P::Required,
-    ),
-    rule(
-        "model.layers.{L}.self_attn.k_proj.bias",
-        KV_BIAS,
-        C::Attention,
-        P::Required,
-    ),
-    rule(
-        "model.layers.{L}.self_attn.v_proj.bias",
-        KV_BIAS,
-        C::Attention,
-        P::Required,
-    ),
+    rule("model.layers.{L}.self_attn.q_proj.bias", Q_BIAS, C::Attention, P::Required),
+    rule("model.layers.{L}.self_attn.k_proj.bias", KV_BIAS, C::Attention, P::Required),
+    rule("model.layers.{L}.self_attn.v_proj.bias", KV_BIAS, C::Attention, P::Required),
+];
+#[rustfmt::skip]
+const STABLELM_QKV_BIASES: &[TensorRule] = &[
+    rule("model.layers.{L}.self_attn.q_proj.bias", Q_BIAS, C::Attention, P::IfConfig("use_qkv_bias")),
+    rule("model.layers.{L}.self_attn.k_proj.bias", KV_BIAS, C::Attention, P::IfConfig("use_qkv_bias")),
+    rule("model.layers.{L}.self_attn.v_proj.bias", KV_BIAS, C::Attention, P::IfConfig("use_qkv_bias")),
 ];
 
 /// Qwen3's q/k RMSNorm over one head (weights shared by all heads, so never grown).
+#[rustfmt::skip]
 const QK_NORM_PER_HEAD: &[TensorRule] = &[
-    rule(
-        "model.layers.{L}.self_attn.q_norm.weight",
-        PER_HEAD_NORM,
-        C::Norm,
-        P::Required,
-    ),
-    rule(
-        "model.layers.{L}.self_attn.k_norm.weight",
-        PER_HEAD_NORM,
-        C::Norm,
-        P::Required,
-    ),
+    rule("model.layers.{L}.self_attn.q_norm.weight", PER_HEAD_NORM, C::Norm, P::Required),
+    rule("model.layers.{L}.self_attn.k_norm.weight", PER_HEAD_NORM, C::Norm, P::Required),
+];
+/// OLMo-2's q/k RMSNorm over the whole projection: tiled like the heads.
+#[rustfmt::skip]
+const QK_NORM_WHOLE: &[TensorRule] = &[
+    rule("model.layers.{L}.self_attn.q_norm.weight", Q_BIAS, C::Norm, P::Required),
+    rule("model.layers.{L}.self_attn.k_norm.weight", KV_BIAS, C::Norm, P::Required),
 ];
 
 /// Qwen3 keeps Llama's `attention_bias` switch for q/k/v/o.
+#[rustfmt::skip]
 const QWEN3_BIASES: &[TensorRule] = &[
-    rule(
-        "model.layers.{L}.self_attn.q_proj.bias",
-        Q_BIAS,
-        C::Attention,
-        P::IfConfig("attention_bias"),
-    ),
-    rule(
-        "model.layers.{L}.self_attn.k_proj.bias",
-        KV_BIAS,
-        C::Attention,
-        P::IfConfig("attention_bias"),
-    ),
-    rule(
-        "model.layers.{L}.self_attn.v_proj.bias",
-        KV_BIAS,
-        C::Attention,
-        P::IfConfig("attention_bias"),
-    ),
-    rule(
-        "model.layers.{L}.self_attn.o_proj.bias",
-        NORM,
-        C::Attention,
-        P::IfConfig("attention_bias"),
-    ),
+    rule("model.layers.{L}.self_attn.q_proj.bias", Q_BIAS, C::Attention, P::IfConfig("attention_bias")),
+    rule("model.layers.{L}.self_attn.k_proj.bias", KV_BIAS, C::Attention, P::IfConfig("attention_bias")),
+    rule("model.layers.{L}.self_attn.v_proj.bias", KV_BIAS, C::Attention, P::IfConfig("attention_bias")),
+    rule("model.layers.{L}.self_attn.o_proj.bias", NORM, C::Attention, P::IfConfig("attention_bias")),
 ];
 
+/// Gemma-2 / OLMo-2 norms around the MLP.
+#[rustfmt::skip]
+const PRE_FFN_NORM: &[TensorRule] = &[rule("model.layers.{L}.pre_feedforward_layernorm.weight", NORM, C::Norm, P::Required)];
+#[rustfmt::skip]
+const POST_FFN_NORM: &[TensorRule] = &[rule("model.layers.{L}.post_feedforward_layernorm.weight", NORM, C::Norm, P::Required)];
+
+#[rustfmt::skip]
+const PHI3: &[TensorRule] = &[
+    rule("model.layers.{L}.self_attn.qkv_proj.weight", QKV_CONCAT, C::Attention, P::Required),
+    rule("model.layers.{L}.self_attn.o_proj.weight", O, C::Attention, P::Required),
+    rule("model.layers.{L}.mlp.gate_up_proj.weight", GATE_UP_CONCAT, C::Mlp, P::Required),
+    rule("model.layers.{L}.mlp.down_proj.weight", DOWN, C::Mlp, P::Required),
+];
+
+#[rustfmt::skip]
+const LAYERNORM_FINAL_BIAS: &[TensorRule] = &[rule("model.norm.bias", NORM, C::Norm, P::Required)];
+
+#[rustfmt::skip]
+const STARCODER2: &[TensorRule] = &[
+    rule("model.layers.{L}.self_attn.q_proj.bias", Q_BIAS, C::Attention, P::IfConfig("use_bias")),
+    rule("model.layers.{L}.self_attn.k_proj.bias", KV_BIAS, C::Attention, P::IfConfig("use_bias")),
+    rule("model.layers.{L}.self_attn.v_proj.bias", KV_BIAS, C::Attention, P::IfConfig("use_bias")),
+    rule("model.layers.{L}.self_attn.o_proj.bias", NORM, C::Attention, P::IfConfig("use_bias")),
+    rule("model.layers.{L}.mlp.c_fc.weight", UP, C::Mlp, P::Required),
+    rule("model.layers.{L}.mlp.c_fc.bias", FFN_BIAS, C::Mlp, P::IfConfig("use_bias")),
+    rule("model.layers.{L}.mlp.c_proj.weight", DOWN, C::Mlp, P::Required),
+    rule("model.layers.{L}.mlp.c_proj.bias", NORM, C::Mlp, P::IfConfig("use_bias")),
+];
+
+#[rustfmt::skip]
+const PHI: &[TensorRule] = &[
+    rule("model.embed_tokens.weight", EMBED, C::Embedding, P::Required),
+    rule("model.layers.{L}.input_layernorm.weight", NORM, C::Norm, P::Required),
+    rule("model.layers.{L}.input_layernorm.bias", NORM, C::Norm, P::Required),
+    rule("model.layers.{L}.self_attn.q_proj.weight", Q, C::Attention, P::Required),
+    rule("model.layers.{L}.self_attn.q_proj.bias", Q_BIAS, C::Attention, P::Required),
+    rule("model.layers.{L}.self_attn.k_proj.weight", KV, C::Attention, P::Required),
+    rule("model.layers.{L}.self_attn.k_proj.bias", KV_BIAS, C::Attention, P::Required),
+    rule("model.layers.{L}.self_attn.v_proj.weight", KV, C::Attention, P::Required),
+    rule("model.layers.{L}.self_attn.v_proj.bias", KV_BIAS, C::Attention, P::Required),
+    rule("model.layers.{L}.self_attn.dense.weight", O, C::Attention, P::Required),
+    rule("model.layers.{L}.self_attn.dense.bias", NORM, C::Attention, P::Required),
+    rule("model.layers.{L}.mlp.fc1.weight", UP, C::Mlp, P::Required),
+    rule("model.layers.{L}.mlp.fc1.bias", FFN_BIAS, C::Mlp, P::Required),
+    rule("model.layers.{L}.mlp.fc2.weight", DOWN, C::Mlp, P::Required),
+    rule("model.layers.{L}.mlp.fc2.bias", NORM, C::Mlp, P::Required),
+    rule("model.final_layernorm.weight", NORM, C::Norm, P::Required),
+    rule("model.final_layernorm.bias", NORM, C::Norm, P::Required),
+    rule("lm_head.weight", HEAD, C::Head, P::UntiedHead),
+    rule("lm_head.bias", HEAD_BIAS, C::Head, P::Optional),
+];
+
+#[rustfmt::skip]
+const GPT2: &[TensorRule] = &[
+    rule("transformer.wte.weight", EMBED, C::Embedding, P::Required),
+    rule("transformer.wpe.weight", POSITIONS, C::Embedding, P::Required),
+    rule("transformer.h.{L}.ln_1.weight", NORM, C::Norm, P::Required),
+    rule("transformer.h.{L}.ln_1.bias", NORM, C::Norm, P::Required),
+    rule("transformer.h.{L}.attn.c_attn.weight", CONV_QKV, C::Attention, P::Required),
+    rule("transformer.h.{L}.attn.c_attn.bias", CONV_QKV_BIAS, C::Attention, P::Required),
+    rule("transformer.h.{L}.attn.c_proj.weight", CONV_O, C::Attention, P::Required),
+    rule("transformer.h.{L}.attn.c_proj.bias", NORM, C::Attention, P::Required),
+    rule("transformer.h.{L}.attn.bias", &[Axis(&[Positions], R)], C::Attention, P::Dropped),
+    rule("transformer.h.{L}.attn.masked_bias", &[], C::Attention, P::Dropped),
+    rule("transformer.h.{L}.ln_2.weight", NORM, C::Norm, P::Required),
+    rule("transformer.h.{L}.ln_2.bias", NORM, C::Norm, P::Required),
+    rule("transformer.h.{L}.mlp.c_fc.weight", CONV_UP, C::Mlp, P::Required),
+    rule("transformer.h.{L}.mlp.c_fc.bias", FFN_BIAS, C::Mlp, P::Required),
+    rule("transformer.h.{L}.mlp.c_proj.weight", CONV_DOWN, C::Mlp, P::Required),
+    rule("transformer.h.{L}.mlp.c_proj.bias", NORM, C::Mlp, P::Required),
+    rule("transformer.ln_f.weight", NORM, C::Norm, P::Required),
+    rule("transformer.ln_f.bias", NORM, C::Norm, P::Required),
+    rule("lm_head.weight", HEAD, C::Head, P::UntiedHead),
+];
+
+#[rustfmt::skip]
+const GPT_NEOX: &[TensorRule] = &[
+    rule("gpt_neox.embed_in.weight", EMBED, C::Embedding, P::Required),
+    rule("gpt_neox.layers.{L}.input_layernorm.weight", NORM, C::Norm, P::Required),
+    rule("gpt_neox.layers.{L}.input_layernorm.bias", NORM, C::Norm, P::Required),
+    rule("gpt_neox.layers.{L}.post_attention_layernorm.weight", NORM, C::Norm, P::Required),
+    rule("gpt_neox.layers.{L}.post_attention_layernorm.bias", NORM, C::Norm, P::Required),
+    rule("gpt_neox.layers.{L}.attention.query_key_value.weight", QKV_PER_HEAD, C::Attention, P::Required),
+    rule("gpt_neox.layers.{L}.attention.query_key_value.bias", QKV_PER_HEAD_BIAS, C::Attention, P::Required),
+    rule("gpt_neox.layers.{L}.attention.dense.weight", O, C::Attention, P::Required),
+    rule("gpt_neox.layers.{L}.attention.dense.bias", NORM, C::Attention, P::Required),
+    rule("gpt_neox.layers.{L}.attention.bias", &[], C::Attention, P::Dropped),
+    rule("gpt_neox.layers.{L}.attention.masked_bias", &[], C::Attention, P::Dropped),
+    rule("gpt_neox.layers.{L}.attention.rotary_emb.inv_freq", &[], C::Attention, P::Dropped),
+    rule("gpt_neox.layers.{L}.mlp.dense_h_to_4h.weight", UP, C::Mlp, P::Required),
+    rule("gpt_neox.layers.{L}.mlp.dense_h_to_4h.bias", FFN_BIAS, C::Mlp, P::Required),
+    rule("gpt_neox.layers.{L}.mlp.dense_4h_to_h.weight", DOWN, C::Mlp, P::Required),
+    rule("gpt_neox.layers.{L}.mlp.dense_4h_to_h.bias", NORM, C::Mlp, P::Required),
+    rule("gpt_neox.final_layer_norm.weight", NORM, C::Norm, P::Required),
+    rule("gpt_neox.final_layer_norm.bias", NORM, C::Norm, P::Required),
+    rule("embed_out.weight", HEAD, C::Head, P::UntiedHead),
+];
+
+#[rustfmt::skip]
+const OPT: &[TensorRule] = &[
+    rule("model.decoder.embed_tokens.weight", OPT_EMBED, C::Embedding, P::Required),
+    rule("model.decoder.embed_positions.weight", POSITIONS, C::Embedding, P::Required),
+    rule("model.decoder.project_in.weight", PROJECT_IN, C::Embedding, P::Optional),
+    rule("model.decoder.project_out.weight", PROJECT_OUT, C::Head, P::Optional),
+    rule("model.decoder.layers.{L}.self_attn.q_proj.weight", Q, C::Attention, P::Required),
+    rule("model.decoder.layers.{L}.self_attn.q_proj.bias", Q_BIAS, C::Attention, P::Required),
+    rule("model.decoder.layers.{L}.self_attn.k_proj.weight", KV, C::Attention, P::Required),
+    rule("model.decoder.layers.{L}.self_attn.k_proj.bias", KV_BIAS, C::Attention, P::Required),
+    rule("model.decoder.layers.{L}.self_attn.v_proj.weight", KV, C::Attention, P::Required),
+    rule("model.decoder.layers.{L}.self_attn.v_proj.bias", KV_BIAS, C::Attention, P::Required),
+    rule("model.decoder.layers.{L}.self_attn.out_proj.weight", O, C::Attention, P::Required),
+    rule("model.decoder.layers.{L}.self_attn.out_proj.bias", NORM, C::Attention, P::Required),
+    rule("model.decoder.layers.{L}.self_attn_layer_norm.weight", NORM, C::Norm, P::Required),
+    rule("model.decoder.layers.{L}.self_attn_layer_norm.bias", NORM, C::Norm, P::Required),
+    rule("model.decoder.layers.{L}.fc1.weight", UP, C::Mlp, P::Required),
+    rule("model.decoder.layers.{L}.fc1.bias", FFN_BIAS, C::Mlp, P::Required),
+    rule("model.decoder.layers.{L}.fc2.weight", DOWN, C::Mlp, P::Required),
+    rule("model.decoder.layers.{L}.fc2.bias", NORM, C::Mlp, P::Required),
+    rule("model.decoder.layers.{L}.final_layer_norm.weight", NORM, C::Norm, P::Required),
+    rule("model.decoder.layers.{L}.final_layer_norm.bias", NORM, C::Norm, P::Required),
+    rule("model.decoder.final_layer_norm.weight", NORM, C::Norm, P::Optional),
+    rule("model.decoder.final_layer_norm.bias", NORM, C::Norm, P::Optional),
+    rule("lm_head.weight", OPT_HEAD, C::Head, P::UntiedHead),
+];
+
+const fn family(
+    model_type: &'static str,
+    tie_default: bool,
+    rules: &'static [&'static [TensorRule]],
+    notes: &'static str,
+) -> Family {
+    Family {
+        model_type,
+        keys: HF_KEYS,
+        position_offset: 0,
+        tie_default,
+        embedding: "model.embed_tokens.weight",
+        head: "lm_head.weight",
+        rules,
+        embedding_scaled_by_sqrt_hidden: false,
+        notes,
+    }
+}
+
+const fn concat<const N: usize>(a: &'static [&'static [TensorRule]]) -> [&'static [TensorRule]; N] {
+    let mut out: [&'static [TensorRule]; N] = [&[]; N];
+    let mut i = 0;
+    while i < a.len() {
+        out[i] = a[i];
+        i += 1;
+    }
+    out
+}
+
+const LLAMA_RULES: [&[TensorRule]; 7] = concat(&[
+    EMBED_TOKENS,
+    INPUT_NORM,
+    ATTN_QKVO,
+    POST_ATTN_NORM,
+    MLP_GATED,
+    FINAL_NORM_AND_HEAD,
+    LLAMA_BIASES,
+]);
+const QWEN2_RULES: [&[TensorRule]; 7] = concat(&[
+    EMBED_TOKENS,
+    INPUT_NORM,
+    ATTN_QKVO,
+    POST_ATTN_NORM,
+    MLP_GATED,
+    FINAL_NORM_AND_HEAD,
+    QKV_BIASES,
+]);
+const QWEN3_RULES: [&[TensorRule]; 8] = concat(&[
+    EMBED_TOKENS,
+    INPUT_NORM,
+    ATTN_QKVO,
+    POST_ATTN_NORM,
+    MLP_GATED,
+    FINAL_NORM_AND_HEAD,
+    QK_NORM_PER_HEAD,
+    QWEN3_BIASES,
+]);
+const GEMMA2_RULES: [&[TensorRule]; 8] = concat(&[
+    EMBED_TOKENS,
+    INPUT_NORM,
+    ATTN_QKVO,
+    POST_ATTN_NORM,
+    PRE_FFN_NORM,
+    POST_FFN_NORM,
+    MLP_GATED,
+    FINAL_NORM_AND_HEAD,
+]);
+const OLMO2_RULES: [&[TensorRule]; 7] = concat(&[
+    EMBED_TOKENS,
+    ATTN_QKVO,
+    QK_NORM_WHOLE,
+    POST_ATTN_NORM,
+    MLP_GATED,
+    POST_FFN_NORM,
+    FINAL_NORM_AND_HEAD,
+]);
+const PHI3_RULES: [&[TensorRule]; 5] = concat(&[
+    EMBED_TOKENS,
+    INPUT_NORM,
+    PHI3,
+    POST_ATTN_NORM,
+    FINAL_NORM_AND_HEAD,
+]);
+const STABLELM_RULES: [&[TensorRule]; 10] = concat(&[
+    EMBED_TOKENS,
+    INPUT_NORM,
+    INPUT_NORM_BIAS,
+    ATTN_QKVO,
+    STABLELM_QKV_BIASES,
+    POST_ATTN_NORM,
+    POST_ATTN_NORM_BIAS,
+    MLP_GATED,
+    FINAL_NORM_AND_HEAD,
+    LAYERNORM_FINAL_BIAS,
+]);
+const STARCODER2_RULES: [&[TensorRule]; 9] = concat(&[
+    EMBED_TOKENS,
+    INPUT_NORM,
+    INPUT_NORM_BIAS,
+    ATTN_QKVO,
+    POST_ATTN_NORM,
+    POST_ATTN_NORM_BIAS,
+    STARCODER2,
+    FINAL_NORM_AND_HEAD,
+    LAYERNORM_FINAL_BIAS,
+]);
+
 pub static FAMILIES: &[Family] = &[
+    family("llama", false, &LLAMA_RULES, "MHA, GQA, MQA; tied or untied head; attention_bias / mlp_bias"),
+    family("mistral", false, LLAMA_CORE, "GQA; sliding_window kept"),
+    family("qwen2", false, &QWEN2_RULES, "q/k/v biases tiled per head"),
+    family("qwen3", false, &QWEN3_RULES, "per-head q_norm/k_norm kept; explicit head_dim"),
     Family {
-        model_type: "llama",
-        keys: HF_KEYS,
-        position_offset: 0,
-        tie_default: false,
-        embedding: "model.embed_tokens.weight",
-        head: "lm_head.weight",
-        rules: &[LLAMA_CORE, LLAMA_BIASES],
-        embedding_scaled_by_sqrt_hidden: false,
-        notes: "MHA, GQA, MQA; tied or untied head; attention_bias / mlp_bias",
+        embedding_scaled_by_sqrt_hidden: true,
+        ..family("gemma", true, LLAMA_CORE, "embedding stored as tile/sqrt(n) (the model scales it by sqrt(hidden)); (1+w) norms tiled")
     },
     Family {
-        model_type: "mistral",
-        keys: HF_KEYS,
-        position_offset: 0,
-        tie_default: false,
-        embedding: "model.embed_tokens.weight",
-        head: "lm_head.weight",
-        rules: &[LLAMA_CORE],
-        embedding_scaled_by_sqrt_hidden: false,
-        notes: "GQA; sliding_window kept",
+        embedding_scaled_by_sqrt_hidden: true,
+        ..family("gemma2", true, &GEMMA2_RULES, "pre/post norms; soft-capping, query_pre_attn_scalar, sliding window kept")
+    },
+    family("olmo2", false, &OLMO2_RULES, "post-norms; q/k norms over the whole projection tiled like the heads"),
+    family("phi3", false, &PHI3_RULES, "fused qkv_proj and gate_up_proj grown segment by segment"),
+    family("stablelm", false, &STABLELM_RULES, "LayerNorm; partial rotary; optional qkv bias"),
+    family("starcoder2", true, &STARCODER2_RULES, "LayerNorm; biases; plain MLP"),
+    family("phi", false, &[PHI], "parallel block; partial rotary; dense biases; head bias"),
+    Family {
+        keys: ConfigKeys {
+            hidden: "n_embd",
+            ffn: "n_inner",
+            ffn_default_multiple: Some(4),
+            heads: "n_head",
+            kv_heads: None,
+            layers: "n_layer",
+            vocab: "vocab_size",
+            positions: Some("n_positions"),
+            hidden_mirrors: &[],
+        },
+        embedding: "transformer.wte.weight",
+        ..family("gpt2", true, &[GPT2], "Conv1D [in, out] weights; fused c_attn [q | k | v]; learned positions")
     },
     Family {
-        model_type: "qwen2",
-        keys: HF_KEYS,
-        position_offset: 0,
-        tie_default: false,
-        embedding: "model.embed_tokens.weight",
-        head: "lm_head.weight",
-        rules: &[LLAMA_CORE, QKV_BIASES],
-        embedding_scaled_by_sqrt_hidden: false,
-        notes: "q/k/v biases tiled per head",
+        keys: ConfigKeys { kv_heads: None, ..HF_KEYS },
+        embedding: "gpt_neox.embed_in.weight",
+        head: "embed_out.weight",
+        ..family("gpt_neox", false, &[GPT_NEOX], "fused QKV laid out per head; parallel residual; partial rotary")
     },
     Family {
-        model_type: "qwen3",
-        keys: HF_KEYS,
-        position_offset: 0,
-        tie_default: false,
-        embedding: "model.embed_tokens.weight",
-        head: "lm_head.weight",
-        rules: &[LLAMA_CORE, QK_NORM_PER_HEAD, QWEN3_BIASES],
-        embedding_scaled_by_sqrt_hidden: false,
-        notes: "per-head q_norm/k_norm kept; explicit head_dim",
+        keys: ConfigKeys { ffn: "ffn_dim", kv_heads: None, hidden_mirrors: &["word_embed_proj_dim"], ..HF_KEYS },
+        position_offset: 2,
+        embedding: "model.decoder.embed_tokens.weight",
+        ..family("opt", true, &[OPT], "learned positions (offset 2); project_in/out kept ungrown when word_embed_proj_dim != hidden")
     },
 ];
 

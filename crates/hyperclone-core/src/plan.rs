@@ -2,6 +2,7 @@
 //! headers and config.json alone, before any weight is read.
 
 use crate::checkpoint::{Checkpoint, SINGLE_FILE};
+use crate::config::ModelConfig;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::family::{Component, Space};
@@ -48,14 +49,18 @@ impl GrowthOptions {
     }
 
     /// Copies of each space in the destination.
-    pub fn copies(&self, space: Space, source_kv_heads: usize) -> usize {
+    pub fn copies(&self, space: Space, cfg: &ModelConfig) -> usize {
         match space {
-            Space::Vocab | Space::HeadDim | Space::Positions | Space::EmbedProj => 1,
+            Space::Vocab | Space::HeadDim | Space::Positions => 1,
             Space::Hidden | Space::Heads | Space::QkvPerHead => self.factor,
             // A single shared kv head (MQA) stays single: every query head may read it.
-            Space::KvHeads if source_kv_heads == 1 => 1,
+            Space::KvHeads if cfg.num_key_value_heads == 1 => 1,
             Space::KvHeads => self.factor,
             Space::Ffn => self.ffn_factor,
+            // OPT's embedding width: a space of its own behind project_in/out (never grown),
+            // but the hidden space itself when the two are equal and there is no projection.
+            Space::EmbedProj if cfg.embed_proj_dim == cfg.hidden_size => self.factor,
+            Space::EmbedProj => 1,
         }
     }
 }
@@ -251,7 +256,7 @@ fn dest_tensor(
                 .iter()
                 .map(|&space| Segment {
                     len: cfg.space_len(space),
-                    copies: options.copies(space, cfg.num_key_value_heads),
+                    copies: options.copies(space, cfg),
                 })
                 .collect(),
             role: a.1,
@@ -304,7 +309,12 @@ fn grown_config(
         (cfg.intermediate_size * options.ffn_factor).into(),
     );
     set(keys.heads, (cfg.num_attention_heads * n).into());
-    let kv = cfg.num_key_value_heads * options.copies(Space::KvHeads, cfg.num_key_value_heads);
+    for key in keys.hidden_mirrors {
+        if cfg.raw.get(*key).and_then(Value::as_u64) == Some(cfg.hidden_size as u64) {
+            set(key, (cfg.hidden_size * n).into());
+        }
+    }
+    let kv = cfg.num_key_value_heads * options.copies(Space::KvHeads, cfg);
     // An absent key means "as many as the query heads"; write it when that stops holding
     // (a single-head model's one kv head stays single).
     if let Some(kv_key) = keys.kv_heads {
