@@ -76,6 +76,16 @@ def head_dim(cfg) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
+def ffn_size(cfg) -> int:
+    # Families name the MLP width differently: intermediate_size, GPT-2's n_inner (None
+    # means 4 * hidden), OPT's ffn_dim.
+    for key in ("intermediate_size", "ffn_dim"):
+        v = getattr(cfg, key, None)
+        if v:
+            return v
+    return getattr(cfg, "n_inner", None) or 4 * cfg.hidden_size
+
+
 def kv_heads(cfg) -> int:
     return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
 
@@ -122,7 +132,7 @@ def check_config(cfg_s, cfg_d, n: int, m: int | None = None) -> list[str]:
     k = kv_heads(cfg_s)
     want("num_key_value_heads", kv_heads(cfg_d), 1 if k == 1 else n * k)
     want("head_dim", head_dim(cfg_d), head_dim(cfg_s))
-    f_s, f_d = cfg_s.intermediate_size, cfg_d.intermediate_size
+    f_s, f_d = ffn_size(cfg_s), ffn_size(cfg_d)
     if m is not None:
         want("intermediate_size", f_d, m * f_s)
     elif f_d % f_s or f_d < f_s:
@@ -163,7 +173,11 @@ def compare(
     if len(out_s.hidden) != len(out_d.hidden):
         problems.append(f"{len(out_d.hidden)} hidden states, expected {len(out_s.hidden)}")
     for i, (hs, hd) in enumerate(zip(out_s.hidden, out_d.hidden)):
-        tiled = torch.cat([hs] * n, dim=-1)
+        # OPT with project_out returns its last state in the ungrown word_embed_proj_dim
+        # space: a state as wide as the source's must equal it (a 1-fold tile).
+        # (Residual-stream states cannot stay narrow: the grown config fixes their width.)
+        copies = 1 if hd.shape[-1] == hs.shape[-1] else n
+        tiled = torch.cat([hs] * copies, dim=-1)
         if tiled.shape != hd.shape:
             problems.append(f"hidden[{i}] shape {tuple(hd.shape)}, expected {tuple(tiled.shape)}")
             hidden.append({"i": i, "abs": math.inf, "rel": math.inf})
