@@ -1,6 +1,7 @@
 //! hyperclone-nn: one generic decoder-only transformer on candle, used to verify clones
 //! without Python and (later) to train them.
 
+pub mod arch;
 pub mod error;
 pub mod model;
 pub mod softmax;

@@ -1,11 +1,13 @@
-//! The generic decoder: embedding, pre-norm attention + gated MLP blocks, final norm, head.
+//! The generic decoder: one forward pass for every supported family, wired by `arch.rs`
+//! (where tensors live, how a block is connected) and `spec.rs` (numeric switches).
 //!
 //! Written with plain differentiable candle ops (no fused kernels without a backward), so
 //! the same code serves verification in f64 and training in f32.
 
+use crate::arch::{arch, AttnLayout, BlockLayout, MlpLayout};
 use crate::error::{NnError, Result};
 use crate::softmax::CausalSoftmax;
-use crate::spec::{Activation, DecoderSpec};
+use crate::spec::{Activation, DecoderSpec, NormKind};
 use candle_core::{DType, Device, Tensor, D};
 use hyperclone_core::Checkpoint;
 use std::collections::HashMap;
@@ -24,30 +26,85 @@ impl Linear {
             None => y,
         })
     }
+
+    /// Rows [start, start + len) of a fused Linear.
+    fn rows(&self, start: usize, len: usize) -> Result<Linear> {
+        Ok(Linear {
+            w: self.w.narrow(0, start, len)?.contiguous()?,
+            b: self
+                .b
+                .as_ref()
+                .map(|b| b.narrow(0, start, len))
+                .transpose()?,
+        })
+    }
+}
+
+struct Norm {
+    w: Tensor,
+    b: Option<Tensor>,
+    kind: NormKind,
+}
+
+impl Norm {
+    fn forward(&self, x: &Tensor, eps: f64) -> Result<Tensor> {
+        match self.kind {
+            NormKind::Rms => rms_norm(x, &self.w, eps),
+            NormKind::RmsOnePlus => rms_norm(x, &(self.w.affine(1.0, 1.0))?, eps),
+            NormKind::Layer => {
+                let mean = x.mean_keepdim(D::Minus1)?;
+                let centred = x.broadcast_sub(&mean)?;
+                let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+                let y = centred
+                    .broadcast_div(&(var + eps)?.sqrt()?)?
+                    .broadcast_mul(&self.w)?;
+                Ok(match &self.b {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                })
+            }
+        }
+    }
+}
+
+enum Mlp {
+    Gated {
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+    },
+    Plain {
+        up: Linear,
+        down: Linear,
+    },
 }
 
 struct Layer {
-    input_norm: Tensor,
+    pre_attn: Option<Norm>,
+    post_attn: Option<Norm>,
+    pre_mlp: Option<Norm>,
+    post_mlp: Option<Norm>,
     q: Linear,
     k: Linear,
     v: Linear,
     o: Linear,
-    q_norm: Option<Tensor>,
-    k_norm: Option<Tensor>,
-    post_norm: Tensor,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    q_norm: Option<Norm>,
+    k_norm: Option<Norm>,
+    mlp: Mlp,
 }
 
 pub struct Decoder {
     pub spec: DecoderSpec,
     pub dtype: DType,
     pub device: Device,
+    block: BlockLayout,
     embed: Tensor,
+    positions: Option<(Tensor, usize)>,
+    project_in: Option<Linear>,
+    project_out: Option<Linear>,
     layers: Vec<Layer>,
-    norm: Tensor,
-    head: Tensor,
+    norm: Option<Norm>,
+    head: Linear,
 }
 
 /// Logits and the residual stream, for verification.
@@ -56,13 +113,36 @@ pub struct ForwardOutput {
     pub logits: Tensor,
     /// The residual stream after the embedding and after every layer: L + 1 tensors [B, T, d].
     pub residual: Vec<Tensor>,
-    /// After the final norm: [B, T, d].
+    /// What the head reads (after the final norm, and OPT's project_out): [B, T, d'].
     pub final_norm: Tensor,
+}
+
+fn join(a: &str, b: &str) -> String {
+    if b.is_empty() {
+        a.to_string()
+    } else if a.is_empty() {
+        b.to_string()
+    } else {
+        format!("{a}.{b}")
+    }
 }
 
 impl Decoder {
     pub fn load(ckpt: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
-        let spec = DecoderSpec::from_checkpoint(ckpt)?;
+        let model_type = ckpt.config.family.model_type;
+        let arch = arch(model_type, &serde_json::Value::Object(ckpt.config.raw.clone())).ok_or_else(|| {
+            NnError::Unsupported(format!(
+                "the Rust decoder does not cover model_type `{model_type}` yet (cloning does; check the clone in transformers)"
+            ))
+        })?;
+        let mut spec = DecoderSpec::from_checkpoint(ckpt)?;
+        if spec.norm_eps.is_nan() {
+            spec.norm_eps = if arch.norm == NormKind::Layer {
+                1e-5
+            } else {
+                1e-6
+            };
+        }
         let mut weights: HashMap<String, Tensor> = HashMap::new();
         for t in &ckpt.tensors {
             let f = &ckpt.files[t.file];
@@ -71,7 +151,6 @@ impl Decoder {
             let tensor = Tensor::from_vec(v, t.info.shape.clone(), device)?.to_dtype(dtype)?;
             weights.insert(t.info.name.clone(), tensor);
         }
-        let family = ckpt.config.family;
         let take = |name: &str| -> Result<Tensor> {
             weights.get(name).cloned().ok_or_else(|| {
                 NnError::Input(format!("{}: tensor `{name}` missing", ckpt.dir.display()))
@@ -84,32 +163,177 @@ impl Decoder {
                 b: opt(&format!("{p}.bias")),
             })
         };
+        // GPT-2's Conv1D keeps [in, out]: transpose once here.
+        let conv = |p: &str| -> Result<Linear> {
+            Ok(Linear {
+                w: take(&format!("{p}.weight"))?.t()?.contiguous()?,
+                b: opt(&format!("{p}.bias")),
+            })
+        };
+        let norm = |name: &str| -> Option<Norm> {
+            opt(&format!("{name}.weight")).map(|w| Norm {
+                w,
+                b: opt(&format!("{name}.bias")),
+                kind: arch.norm,
+            })
+        };
+        let (nh, nk, hd) = (spec.heads, spec.kv_heads, spec.head_dim);
         let mut layers = Vec::with_capacity(spec.layers);
         for l in 0..spec.layers {
-            let p = format!("model.layers.{l}");
+            let p = format!("{}.{l}", arch.layers);
+            let (q, k, v, o, attn_prefix) = match arch.attn {
+                AttnLayout::Separate { prefix, q, k, v, o } => {
+                    let a = join(&p, prefix);
+                    (
+                        lin(&join(&a, q))?,
+                        lin(&join(&a, k))?,
+                        lin(&join(&a, v))?,
+                        lin(&join(&a, o))?,
+                        a,
+                    )
+                }
+                AttnLayout::Concat { prefix, qkv, o } | AttnLayout::Conv1d { prefix, qkv, o } => {
+                    let a = join(&p, prefix);
+                    let is_conv = matches!(arch.attn, AttnLayout::Conv1d { .. });
+                    let fused = if is_conv {
+                        conv(&join(&a, qkv))?
+                    } else {
+                        lin(&join(&a, qkv))?
+                    };
+                    let out = if is_conv {
+                        conv(&join(&a, o))?
+                    } else {
+                        lin(&join(&a, o))?
+                    };
+                    (
+                        fused.rows(0, nh * hd)?,
+                        fused.rows(nh * hd, nk * hd)?,
+                        fused.rows((nh + nk) * hd, nk * hd)?,
+                        out,
+                        a,
+                    )
+                }
+                AttnLayout::PerHead { prefix, qkv, o } => {
+                    // Rows (heads, 3, head_dim): gather q, k, v rows head by head.
+                    let a = join(&p, prefix);
+                    let fused = lin(&join(&a, qkv))?;
+                    let cols = fused.w.dim(1)?;
+                    let pick = |s: usize| -> Result<Linear> {
+                        let w = fused
+                            .w
+                            .reshape((nh, 3, hd, cols))?
+                            .narrow(1, s, 1)?
+                            .reshape((nh * hd, cols))?;
+                        let b = fused
+                            .b
+                            .as_ref()
+                            .map(|b| b.reshape((nh, 3, hd))?.narrow(1, s, 1)?.reshape(nh * hd))
+                            .transpose()?;
+                        Ok(Linear { w, b })
+                    };
+                    (pick(0)?, pick(1)?, pick(2)?, lin(&join(&a, o))?, a)
+                }
+            };
+            let mlp = match arch.mlp {
+                MlpLayout::Gated {
+                    prefix,
+                    gate,
+                    up,
+                    down,
+                } => {
+                    let m = join(&p, prefix);
+                    Mlp::Gated {
+                        gate: lin(&join(&m, gate))?,
+                        up: lin(&join(&m, up))?,
+                        down: lin(&join(&m, down))?,
+                    }
+                }
+                MlpLayout::GatedFused {
+                    prefix,
+                    gate_up,
+                    down,
+                } => {
+                    let m = join(&p, prefix);
+                    let fused = lin(&join(&m, gate_up))?;
+                    Mlp::Gated {
+                        gate: fused.rows(0, spec.ffn)?,
+                        up: fused.rows(spec.ffn, spec.ffn)?,
+                        down: lin(&join(&m, down))?,
+                    }
+                }
+                MlpLayout::Plain { prefix, up, down } => {
+                    let m = join(&p, prefix);
+                    Mlp::Plain {
+                        up: lin(&join(&m, up))?,
+                        down: lin(&join(&m, down))?,
+                    }
+                }
+                MlpLayout::PlainConv1d { prefix, up, down } => {
+                    let m = join(&p, prefix);
+                    Mlp::Plain {
+                        up: conv(&join(&m, up))?,
+                        down: conv(&join(&m, down))?,
+                    }
+                }
+            };
+            let at = |n: Option<&str>| n.and_then(|n| norm(&join(&p, n)));
+            let (pre_attn, post_attn, pre_mlp, post_mlp) = match arch.block {
+                BlockLayout::Sequential {
+                    pre_attn,
+                    post_attn,
+                    pre_mlp,
+                    post_mlp,
+                } => (at(pre_attn), at(post_attn), at(pre_mlp), at(post_mlp)),
+                BlockLayout::Parallel {
+                    attn_norm,
+                    mlp_norm,
+                } => (at(Some(attn_norm)), None, at(Some(mlp_norm)), None),
+                BlockLayout::PostNorm {
+                    attn_norm,
+                    mlp_norm,
+                } => (None, at(Some(attn_norm)), None, at(Some(mlp_norm))),
+            };
+            let (q_norm, k_norm) = match arch.qk_norm {
+                Some((qn, kn)) => (norm(&join(&attn_prefix, qn)), norm(&join(&attn_prefix, kn))),
+                None => (None, None),
+            };
             layers.push(Layer {
-                input_norm: take(&format!("{p}.input_layernorm.weight"))?,
-                q: lin(&format!("{p}.self_attn.q_proj"))?,
-                k: lin(&format!("{p}.self_attn.k_proj"))?,
-                v: lin(&format!("{p}.self_attn.v_proj"))?,
-                o: lin(&format!("{p}.self_attn.o_proj"))?,
-                q_norm: opt(&format!("{p}.self_attn.q_norm.weight")),
-                k_norm: opt(&format!("{p}.self_attn.k_norm.weight")),
-                post_norm: take(&format!("{p}.post_attention_layernorm.weight"))?,
-                gate: lin(&format!("{p}.mlp.gate_proj"))?,
-                up: lin(&format!("{p}.mlp.up_proj"))?,
-                down: lin(&format!("{p}.mlp.down_proj"))?,
+                pre_attn,
+                post_attn,
+                pre_mlp,
+                post_mlp,
+                q,
+                k,
+                v,
+                o,
+                q_norm,
+                k_norm,
+                mlp,
             });
         }
-        let embed = take(family.embedding)?;
-        let head = opt(family.head).unwrap_or_else(|| embed.clone());
+        let embed = take(&format!("{}.weight", arch.embed))?;
+        let head = Linear {
+            w: opt(&format!("{}.weight", arch.head)).unwrap_or_else(|| embed.clone()),
+            b: opt(&format!("{}.bias", arch.head)),
+        };
+        let positions = match arch.positions {
+            Some((name, offset)) => Some((take(&format!("{name}.weight"))?, offset)),
+            None => None,
+        };
+        let project = |name: Option<&str>| {
+            name.and_then(|n| opt(&format!("{n}.weight")).map(|w| Linear { w, b: None }))
+        };
         Ok(Decoder {
+            project_in: project(arch.project_in),
+            project_out: project(arch.project_out),
+            norm: norm(arch.final_norm),
             spec,
             dtype,
             device: device.clone(),
+            block: arch.block,
             embed,
+            positions,
             layers,
-            norm: take("model.norm.weight")?,
             head,
         })
     }
@@ -129,27 +353,81 @@ impl Decoder {
                 s.vocab
             )));
         }
+        let eps = s.norm_eps;
         let (cos, sin) = self.rope_tables(t)?;
-        let mut x = self
-            .embed
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b * t, s.hidden))?;
-        let mut residual = vec![x.reshape((b, t, s.hidden))?];
-        for (l, layer) in self.layers.iter().enumerate() {
-            let h = rms_norm(&x, &layer.input_norm, s.norm_eps)?;
-            let a = self.attention(layer, &h, b, t, &cos, &sin, s.sliding_window[l])?;
-            x = (x + a)?;
-            let h = rms_norm(&x, &layer.post_norm, s.norm_eps)?;
-            let m = self.mlp(layer, &h)?;
-            x = (x + m)?;
-            residual.push(x.reshape((b, t, s.hidden))?);
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?;
+        if let Some(scale) = s.embed_scale {
+            x = (x * scale)?;
         }
-        let normed = rms_norm(&x, &self.norm, s.norm_eps)?;
-        let logits = normed.matmul(&self.head.t()?)?.reshape((b, t, s.vocab))?;
+        if let Some(p) = &self.project_in {
+            x = p.forward(&x)?;
+        }
+        if let Some((table, offset)) = &self.positions {
+            let pos: Vec<u32> = (0..b)
+                .flat_map(|_| (0..t).map(|p| (p + offset) as u32))
+                .collect();
+            x = (x + table.index_select(&Tensor::from_vec(pos, b * t, &self.device)?, 0)?)?;
+        }
+        let d = x.dim(1)?;
+        let mut residual = vec![x.reshape((b, t, d))?];
+        let apply = |n: &Option<Norm>, x: &Tensor| -> Result<Tensor> {
+            match n {
+                Some(n) => n.forward(x, eps),
+                None => Ok(x.clone()),
+            }
+        };
+        for (l, layer) in self.layers.iter().enumerate() {
+            let window = s.sliding_window[l];
+            x = match self.block {
+                BlockLayout::Sequential { .. } => {
+                    let a = self.attention(
+                        layer,
+                        &apply(&layer.pre_attn, &x)?,
+                        b,
+                        t,
+                        &cos,
+                        &sin,
+                        window,
+                    )?;
+                    let x = (x + apply(&layer.post_attn, &a)?)?;
+                    let m = self.mlp(layer, &apply(&layer.pre_mlp, &x)?)?;
+                    (x + apply(&layer.post_mlp, &m)?)?
+                }
+                BlockLayout::Parallel { .. } => {
+                    let a = self.attention(
+                        layer,
+                        &apply(&layer.pre_attn, &x)?,
+                        b,
+                        t,
+                        &cos,
+                        &sin,
+                        window,
+                    )?;
+                    let m = self.mlp(layer, &apply(&layer.pre_mlp, &x)?)?;
+                    ((x + a)? + m)?
+                }
+                BlockLayout::PostNorm { .. } => {
+                    let a = self.attention(layer, &x, b, t, &cos, &sin, window)?;
+                    let x = apply(&layer.post_attn, &(x + a)?)?;
+                    let m = self.mlp(layer, &x)?;
+                    apply(&layer.post_mlp, &(x + m)?)?
+                }
+            };
+            residual.push(x.reshape((b, t, d))?);
+        }
+        let mut h = apply(&self.norm, &x)?;
+        if let Some(p) = &self.project_out {
+            h = p.forward(&h)?;
+        }
+        let mut logits = self.head.forward(&h)?;
+        if let Some(c) = s.final_softcap {
+            logits = ((logits / c)?.tanh()? * c)?;
+        }
+        let dh = h.dim(1)?;
         Ok(ForwardOutput {
-            logits,
+            logits: logits.reshape((b, t, s.vocab))?,
             residual,
-            final_norm: normed.reshape((b, t, s.hidden))?,
+            final_norm: h.reshape((b, t, dh))?,
         })
     }
 
@@ -160,32 +438,53 @@ impl Decoder {
         h: &Tensor,
         b: usize,
         t: usize,
-        cos: &Tensor,
-        sin: &Tensor,
+        cos: &Option<Tensor>,
+        sin: &Option<Tensor>,
         window: Option<usize>,
     ) -> Result<Tensor> {
         let s = &self.spec;
         let (nh, nk, hd) = (s.heads, s.kv_heads, s.head_dim);
+        let eps = s.norm_eps;
+        let mut q = l.q.forward(h)?;
+        let mut k = l.k.forward(h)?;
+        // A q/k norm as wide as the projection (OLMo-2) runs before the head split; a
+        // per-head one (Qwen3) after it.
+        let whole = |n: &Option<Norm>| n.as_ref().is_some_and(|n| n.w.dims1().ok() != Some(hd));
+        if whole(&l.q_norm) {
+            q = l.q_norm.as_ref().expect("checked").forward(&q, eps)?;
+        }
+        if whole(&l.k_norm) {
+            k = l.k_norm.as_ref().expect("checked").forward(&k, eps)?;
+        }
         let heads = |x: Tensor, n: usize| -> Result<Tensor> {
             Ok(x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let mut q = heads(l.q.forward(h)?, nh)?;
-        let mut k = heads(l.k.forward(h)?, nk)?;
+        let mut q = heads(q, nh)?;
+        let mut k = heads(k, nk)?;
         let v = heads(l.v.forward(h)?, nk)?;
-        if let Some(w) = &l.q_norm {
-            q = rms_norm(&q, w, s.norm_eps)?;
+        if !whole(&l.q_norm) {
+            if let Some(n) = &l.q_norm {
+                q = n.forward(&q, eps)?;
+            }
         }
-        if let Some(w) = &l.k_norm {
-            k = rms_norm(&k, w, s.norm_eps)?;
+        if !whole(&l.k_norm) {
+            if let Some(n) = &l.k_norm {
+                k = n.forward(&k, eps)?;
+            }
         }
-        let q = apply_rope(&q, cos, sin)?;
-        let k = apply_rope(&k, cos, sin)?;
+        if let (Some(cos), Some(sin)) = (cos, sin) {
+            q = apply_rope(&q, cos, sin)?;
+            k = apply_rope(&k, cos, sin)?;
+        }
         // Grouped-query attention without copying k and v: the nh/nk query heads that share
         // a kv head are adjacent, so [B, nh, T, hd] views as [B, nk, group*T, hd] and each
         // kv head serves group*T query rows (query position = row % T).
         let group = nh / nk;
         let q = q.reshape((b, nk, group * t, hd))?;
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let mut scores = (q.matmul(&k.t()?.contiguous()?)? * s.attn_scale)?;
+        if let Some(c) = s.attn_softcap {
+            scores = ((scores / c)?.tanh()? * c)?;
+        }
         let probs = if self.device.is_cpu() && matches!(self.dtype, DType::F32 | DType::F64) {
             scores.apply_op1(CausalSoftmax { window })?
         } else {
@@ -201,27 +500,37 @@ impl Decoder {
     }
 
     fn mlp(&self, l: &Layer, h: &Tensor) -> Result<Tensor> {
-        let g = l.gate.forward(h)?;
-        let g = match self.spec.activation {
-            Activation::Silu => (&g * candle_nn::ops::sigmoid(&g)?)?,
-            Activation::GeluTanh => g.gelu()?,
-            Activation::Gelu => g.gelu_erf()?,
+        let act = |g: Tensor| -> Result<Tensor> {
+            Ok(match self.spec.activation {
+                Activation::Silu => (&g * candle_nn::ops::sigmoid(&g)?)?,
+                Activation::GeluTanh => g.gelu()?,
+                Activation::Gelu => g.gelu_erf()?,
+                Activation::Relu => g.relu()?,
+            })
         };
-        l.down.forward(&(g * l.up.forward(h)?)?)
+        match &l.mlp {
+            Mlp::Gated { gate, up, down } => {
+                down.forward(&(act(gate.forward(h)?)? * up.forward(h)?)?)
+            }
+            Mlp::Plain { up, down } => down.forward(&act(up.forward(h)?)?),
+        }
     }
 
-    /// cos/sin tables [T, rotary_dim], computed in f64 (the exact rotation) then cast.
-    fn rope_tables(&self, t: usize) -> Result<(Tensor, Tensor)> {
+    /// cos/sin tables [T, rotary_dim], computed in f64 (the exact rotation) then cast;
+    /// None for learned-position families.
+    fn rope_tables(&self, t: usize) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if self.positions.is_some() {
+            return Ok((None, None));
+        }
         let s = &self.spec;
         let rot = ((s.head_dim as f64 * s.partial_rotary) as usize) & !1;
-        let half = rot / 2;
+        let inv = s.inv_freq(rot);
         let mut cos = Vec::with_capacity(t * rot);
         let mut sin = Vec::with_capacity(t * rot);
         for p in 0..t {
             for _ in 0..2 {
-                for i in 0..half {
-                    let inv = 1.0 / s.rope_theta.powf((2 * i) as f64 / rot as f64);
-                    let a = p as f64 * inv;
+                for f in &inv {
+                    let a = p as f64 * f;
                     cos.push(a.cos());
                     sin.push(a.sin());
                 }
@@ -230,7 +539,7 @@ impl Decoder {
         let mk = |v: Vec<f64>| -> Result<Tensor> {
             Ok(Tensor::from_vec(v, (t, rot), &self.device)?.to_dtype(self.dtype)?)
         };
-        Ok((mk(cos)?, mk(sin)?))
+        Ok((Some(mk(cos)?), Some(mk(sin)?)))
     }
 
     /// Additive causal mask [T, T] (0 where attended, -inf elsewhere), for devices and dtypes

@@ -131,7 +131,13 @@ fn state_deviations(
     pairs
         .into_iter()
         .map(|(name, a, b)| {
-            let tiled = Tensor::cat(&vec![a; n], D::Minus1)?;
+            // A state outside the residual stream (OPT's project_out output) is not grown.
+            let copies = if b.dim(D::Minus1)? == a.dim(D::Minus1)? {
+                1
+            } else {
+                n
+            };
+            let tiled = Tensor::cat(&vec![a; copies], D::Minus1)?;
             let a_max = to_rows(a)?
                 .iter()
                 .flatten()

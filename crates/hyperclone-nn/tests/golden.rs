@@ -189,3 +189,88 @@ fn logits_and_hidden_states_match_stock_transformers() {
         }
     }
 }
+
+/// Every other family (tests/fixtures/families, goldens from transformers patched to
+/// exact float64 by make_family_fixtures.py): same bounds.
+#[test]
+fn other_families_match_exact_f64_transformers() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/families");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
+        .expect("tests/fixtures/families exists")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("golden64.safetensors").exists())
+        .collect();
+    dirs.sort();
+    assert!(
+        dirs.len() >= 12,
+        "expected the committed family fixtures, found {}",
+        dirs.len()
+    );
+    for dir in dirs {
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let golden = dir.join("golden64.safetensors");
+        let header_has = |name: &str| {
+            let bytes = std::fs::read(&golden).unwrap();
+            let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+            serde_json::from_slice::<serde_json::Value>(&bytes[8..8 + n])
+                .unwrap()
+                .get(name)
+                .is_some()
+        };
+        for (dtype, tol) in [(DType::F64, 1e-9), (DType::F32, 1e-4)] {
+            let model = Decoder::load(&ckpt, dtype, &Device::Cpu)
+                .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+            for t in [1, 7, 23] {
+                let ids = read_ids(&golden, &format!("input_ids_T{t}"));
+                let (logits, _) = read_f64(&golden, &format!("logits_T{t}"));
+                let (hidden, hshape) = read_f64(&golden, &format!("hidden_states_T{t}"));
+                let out = model
+                    .forward(&Tensor::from_vec(ids, (1, t), &Device::Cpu).unwrap())
+                    .unwrap();
+                let scale = logits.iter().fold(1f64, |m, x| m.max(x.abs()));
+                let err = max_abs_diff(&flat(&out.logits), &logits);
+                println!(
+                    "{} T={t} {dtype:?}: max |logit diff| {:.3e} of scale",
+                    dir.display(),
+                    err / scale
+                );
+                assert!(
+                    err <= tol * scale,
+                    "{}: T={t} {dtype:?} logits differ by {err}",
+                    dir.display()
+                );
+                // OPT with project_out stores its 16-wide last state separately.
+                let separate_last = header_has(&format!("hidden_states_last_T{t}"));
+                let mut states: Vec<(Vec<f64>, Vec<f64>)> = Vec::new();
+                let per = hidden.len() / hshape[0];
+                for i in 0..hshape[0] {
+                    let mine = if i + 1 == hshape[0] && !separate_last {
+                        &out.final_norm
+                    } else {
+                        &out.residual[i]
+                    };
+                    states.push((flat(mine), hidden[i * per..(i + 1) * per].to_vec()));
+                }
+                if separate_last {
+                    states.push((
+                        flat(&out.final_norm),
+                        read_f64(&golden, &format!("hidden_states_last_T{t}")).0,
+                    ));
+                    states.push((
+                        flat(out.residual.last().unwrap()),
+                        read_f64(&golden, &format!("pre_project_out_T{t}")).0,
+                    ));
+                }
+                for (i, (mine, want)) in states.iter().enumerate() {
+                    let s = want.iter().fold(1f64, |m, x| m.max(x.abs()));
+                    let e = max_abs_diff(mine, want);
+                    assert!(
+                        e <= tol * s,
+                        "{}: T={t} {dtype:?} hidden state {i} differs by {e}",
+                        dir.display()
+                    );
+                }
+            }
+        }
+    }
+}
