@@ -181,3 +181,85 @@ fn clone_verify_keeps_a_correct_clone() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(dst.join("model.safetensors").exists());
 }
+
+fn family(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/families")
+        .join(name)
+}
+
+const FAMILIES: [&str; 12] = [
+    "gemma-mqa",
+    "gemma2-gqa",
+    "gpt-neox-partial-rotary",
+    "gpt2-mha",
+    "llama-edge-cases",
+    "olmo2-gqa",
+    "opt-pre-ln",
+    "opt-proj",
+    "phi-mha",
+    "phi3-gqa",
+    "stablelm-gqa",
+    "starcoder2-gqa",
+];
+
+#[test]
+fn every_family_clone_verifies_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    for fx in FAMILIES {
+        for n in [2, 3] {
+            for variant in ["symmetric", "noisy", "diagonal", "noisy-diagonal"] {
+                let dst = tmp.path().join(format!("{fx}-{n}-{variant}"));
+                clone(&family(fx), &dst, n, variant, "f64");
+                let (ok, v) = verify(&family(fx), &dst);
+                assert!(ok, "{fx} x{n} {variant}: {v}");
+                assert!(
+                    v["max_rel_logit_diff"].as_f64().unwrap() <= 1e-9,
+                    "{fx} x{n} {variant}: {v}"
+                );
+            }
+        }
+    }
+}
+
+/// Replaces a fused tensor of a x2 symmetric clone by the naive flat tile of the source's
+/// (tiling the whole fused axis as one block, the mistake HYPERCLONING.md warns about).
+fn flat_tile_fused(src: &Path, dst: &Path, name: &str) {
+    let small = Checkpoint::open(src).unwrap();
+    let t = small.find(name).unwrap().clone();
+    let mut w = vec![0.0; t.info.numel()];
+    t.info
+        .dtype
+        .decode(small.files[t.file].data(&t.info), &mut w);
+    let (rows, cols) = (t.info.shape[0], t.info.shape[1]);
+    edit_tensor(dst, name, |d, shape| {
+        assert_eq!(shape, [2 * rows, 2 * cols]);
+        for r in 0..2 * rows {
+            for c in 0..2 * cols {
+                // The read axis (the other one) is divided by its 2 copies.
+                d[r * 2 * cols + c] = w[(r % rows) * cols + c % cols] / 2.0;
+            }
+        }
+    });
+}
+
+#[test]
+fn a_fused_layout_tiled_as_one_block_fails() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (fx, name) in [
+        ("phi3-gqa", "model.layers.0.self_attn.qkv_proj.weight"),
+        ("phi3-gqa", "model.layers.0.mlp.gate_up_proj.weight"),
+        ("gpt2-mha", "transformer.h.0.attn.c_attn.weight"),
+    ] {
+        let dst = tmp.path().join(format!("{fx}-{}", name.replace('.', "-")));
+        clone(&family(fx), &dst, 2, "symmetric", "f64");
+        assert!(
+            verify(&family(fx), &dst).0,
+            "{fx}: the untouched clone passes"
+        );
+        flat_tile_fused(&family(fx), &dst, name);
+        let (ok, v) = verify(&family(fx), &dst);
+        assert!(!ok, "{fx} {name}: a flat tile must fail: {v}");
+        assert_eq!(v["first_divergence"], "layer 0", "{fx} {name}: {v}");
+    }
+}
