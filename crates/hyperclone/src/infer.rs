@@ -162,6 +162,50 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
     Ok(())
 }
 
+/// Verification holds both models in memory in the working dtype; refuse up front, with the
+/// numbers, rather than be killed by the OOM killer half-way (a 7B clone in f64 is 56 GB).
+fn ensure_memory_for(models: &[&Checkpoint], dtype: DType) -> Result<()> {
+    let (need, available) = memory_for(models, dtype);
+    if let Some(avail) = available {
+        if need > avail {
+            bail!(
+                "verifying needs about {:.1} GiB in {:?} but {:.1} GiB is available (use `hyperclone verify --dtype f32`, \
+                 or a bigger machine)",
+                need as f64 / (1u64 << 30) as f64,
+                dtype,
+                avail as f64 / (1u64 << 30) as f64
+            );
+        }
+    }
+    Ok(())
+}
+
+/// (bytes verification needs, bytes available if known).
+fn memory_for(models: &[&Checkpoint], dtype: DType) -> (u64, Option<u64>) {
+    let params: u64 = models.iter().map(|c| c.parameter_count()).sum();
+    // Weights once in the working dtype plus one f64 staging copy of a model while loading;
+    // the activations of a probe are small in comparison.
+    let need = params * dtype.size_in_bytes() as u64 + params * 8 / models.len().max(1) as u64;
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find(|l| l.starts_with("MemAvailable:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    });
+    (need, available)
+}
+
+/// The precision `clone --verify` can afford: f64 (exact to 1e-9) when both models fit in
+/// memory that way, else f32 (1e-4 of the logit scale).
+pub fn affordable_dtype(small: &Path, big: &Path) -> Result<DType> {
+    let (s, b) = (Checkpoint::open(small)?, Checkpoint::open(big)?);
+    Ok(match memory_for(&[&s, &b], DType::F64) {
+        (need, Some(avail)) if need > avail => DType::F32,
+        _ => DType::F64,
+    })
+}
+
 /// Runs the verification of BIG against SMALL; used by `verify` and `clone --verify`.
 pub fn run_verify(
     small: &Path,
@@ -169,8 +213,11 @@ pub fn run_verify(
     input: &InputArgs,
     dtype: DType,
 ) -> Result<(VerifyReport, Option<f64>)> {
-    let (small_ckpt, small_model) = load(small, dtype)?;
-    let (big_ckpt, big_model) = load(big, dtype)?;
+    let small_ckpt = Checkpoint::open(small)?;
+    let big_ckpt = Checkpoint::open(big)?;
+    ensure_memory_for(&[&small_ckpt, &big_ckpt], dtype)?;
+    let small_model = Decoder::load(&small_ckpt, dtype, &Device::Cpu)?;
+    let big_model = Decoder::load(&big_ckpt, dtype, &Device::Cpu)?;
     let ids = input_ids(input, small, small_model.spec.vocab)?;
     // The coarsest dtype BIG stores weights in bounds how exact it can be (see
     // default_tolerance); SMALL's own rounding is shared by both models.

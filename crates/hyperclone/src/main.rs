@@ -138,8 +138,13 @@ fn clone(a: CloneArgs) -> Result<()> {
             text: None,
             random_tokens: None,
         };
-        let (r, symmetry) = infer::run_verify(&src, staged, &probe, candle_core::DType::F64)
-            .map_err(|e| format!("{e:#}"))?;
+        let (r, symmetry) = infer::run_verify(
+            &src,
+            staged,
+            &probe,
+            infer::affordable_dtype(&src, staged).map_err(|e| format!("{e:#}"))?,
+        )
+        .map_err(|e| format!("{e:#}"))?;
         let passed = r.passed();
         let reason = infer::failure_reason(&r);
         *verified.lock().expect("not poisoned") = Some(infer::report_json(&r, symmetry));

@@ -252,9 +252,9 @@ pub fn clone_summary(
     );
     if let Some(v) = verification {
         println!(
-            "verified (f64, {}-token probe): max |logit diff| {:.2e} ({:.2e} of the scale), logit std ratio {:.9}, \
+            "verified ({}-token probe, tolerance {:.0e}): max |logit diff| {:.2e} ({:.2e} of the scale), logit std ratio {:.9}, \
              every residual state the {}-fold tile of the source's",
-            v["tokens"], v["max_abs_logit_diff"].as_f64().unwrap_or(f64::NAN),
+            v["tokens"], v["tolerance"].as_f64().unwrap_or(f64::NAN), v["max_abs_logit_diff"].as_f64().unwrap_or(f64::NAN),
             v["max_rel_logit_diff"].as_f64().unwrap_or(f64::NAN), v["std_ratio"].as_f64().unwrap_or(f64::NAN), v["factor"]
         );
     }
