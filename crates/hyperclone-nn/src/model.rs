@@ -378,39 +378,29 @@ impl Decoder {
         };
         for (l, layer) in self.layers.iter().enumerate() {
             let window = s.sliding_window[l];
-            x = match self.block {
-                BlockLayout::Sequential { .. } => {
-                    let a = self.attention(
-                        layer,
-                        &apply(&layer.pre_attn, &x)?,
-                        b,
-                        t,
-                        &cos,
-                        &sin,
-                        window,
-                    )?;
+            x = if let BlockLayout::PostNorm { .. } = self.block {
+                let a = self.attention(layer, &x, b, t, &cos, &sin, window)?;
+                let x = apply(&layer.post_attn, &(x + a)?)?;
+                let m = self.mlp(layer, &x)?;
+                apply(&layer.post_mlp, &(x + m)?)?
+            } else {
+                let a = self.attention(
+                    layer,
+                    &apply(&layer.pre_attn, &x)?,
+                    b,
+                    t,
+                    &cos,
+                    &sin,
+                    window,
+                )?;
+                if let BlockLayout::Parallel { .. } = self.block {
+                    // Both branches read the same x.
+                    let m = self.mlp(layer, &apply(&layer.pre_mlp, &x)?)?;
+                    ((x + a)? + m)?
+                } else {
                     let x = (x + apply(&layer.post_attn, &a)?)?;
                     let m = self.mlp(layer, &apply(&layer.pre_mlp, &x)?)?;
                     (x + apply(&layer.post_mlp, &m)?)?
-                }
-                BlockLayout::Parallel { .. } => {
-                    let a = self.attention(
-                        layer,
-                        &apply(&layer.pre_attn, &x)?,
-                        b,
-                        t,
-                        &cos,
-                        &sin,
-                        window,
-                    )?;
-                    let m = self.mlp(layer, &apply(&layer.pre_mlp, &x)?)?;
-                    ((x + a)? + m)?
-                }
-                BlockLayout::PostNorm { .. } => {
-                    let a = self.attention(layer, &x, b, t, &cos, &sin, window)?;
-                    let x = apply(&layer.post_attn, &(x + a)?)?;
-                    let m = self.mlp(layer, &x)?;
-                    apply(&layer.post_mlp, &(x + m)?)?
                 }
             };
             residual.push(x.reshape((b, t, d))?);
