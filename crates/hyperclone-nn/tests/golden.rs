@@ -3,7 +3,7 @@
 use candle_core::{DType, Device, Tensor};
 use hyperclone_core::Checkpoint;
 use hyperclone_nn::Decoder;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The committed fixture folders under tests/fixtures/SUB that hold GOLDEN.
 fn fixture_dirs(sub: &str, golden: &str, at_least: usize) -> Vec<PathBuf> {
@@ -26,7 +26,7 @@ fn fixture_dirs(sub: &str, golden: &str, at_least: usize) -> Vec<PathBuf> {
 
 /// The golden file holds I64 ids, which the weight reader refuses by design, so it is read
 /// here directly: (raw little-endian bytes, shape) of one tensor.
-fn raw(path: &PathBuf, name: &str) -> (Vec<u8>, Vec<usize>) {
+fn raw(path: &Path, name: &str) -> (Vec<u8>, Vec<usize>) {
     let bytes = std::fs::read(path).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
@@ -46,7 +46,7 @@ fn raw(path: &PathBuf, name: &str) -> (Vec<u8>, Vec<usize>) {
     (bytes[8 + n + off[0]..8 + n + off[1]].to_vec(), shape)
 }
 
-fn read_f64(path: &PathBuf, name: &str) -> (Vec<f64>, Vec<usize>) {
+fn read_f64(path: &Path, name: &str) -> (Vec<f64>, Vec<usize>) {
     let (b, shape) = raw(path, name);
     (
         b.chunks_exact(8)
@@ -56,7 +56,7 @@ fn read_f64(path: &PathBuf, name: &str) -> (Vec<f64>, Vec<usize>) {
     )
 }
 
-fn read_ids(path: &PathBuf, name: &str) -> Vec<u32> {
+fn read_ids(path: &Path, name: &str) -> Vec<u32> {
     raw(path, name)
         .0
         .chunks_exact(8)
@@ -82,7 +82,7 @@ fn flat(t: &Tensor) -> Vec<f64> {
 /// soft-capping in float64 too (tests/fixtures/exact_goldens.py and make_family_fixtures.py),
 /// for T = 1, 7 and 23 tokens. Our f64 decoder must agree to rounding: 1e-9 of the logit
 /// scale, and every hidden state likewise; f32 to 1e-4.
-fn check_exact_goldens(dir: &PathBuf) {
+fn check_exact_goldens(dir: &Path) {
     let ckpt = Checkpoint::open(dir).unwrap();
     let golden = dir.join("golden64.safetensors");
     let bytes = std::fs::read(&golden).unwrap();
