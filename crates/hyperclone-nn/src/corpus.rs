@@ -1,0 +1,1 @@
+//! placeholder: corpus loading, BPE training and batching (being written)
