@@ -109,6 +109,15 @@ pub struct Arch {
     pub qk_norm: Option<(&'static str, &'static str)>,
 }
 
+impl Arch {
+    /// Every weight is used as stored (no fused split, no transpose), so training can
+    /// update the loaded tensors in place.
+    pub fn trains_in_place(&self) -> bool {
+        matches!(self.attn, AttnLayout::Separate { .. })
+            && matches!(self.mlp, MlpLayout::Gated { .. } | MlpLayout::Plain { .. })
+    }
+}
+
 const LLAMA_BLOCK: BlockLayout = BlockLayout::Sequential {
     pre_attn: Some("input_layernorm"),
     post_attn: None,

@@ -5,9 +5,10 @@ pub mod arch;
 pub mod corpus;
 pub mod error;
 pub mod model;
+pub mod rng;
 pub mod softmax;
 pub mod spec;
 
 pub use error::{NnError, Result};
-pub use model::{Decoder, ForwardOutput};
+pub use model::{Decoder, Dropout, ForwardOutput, Param};
 pub mod verify;

@@ -8,7 +8,7 @@ use crate::arch::{arch, AttnLayout, BlockLayout, MlpLayout};
 use crate::error::{NnError, Result};
 use crate::softmax::CausalSoftmax;
 use crate::spec::{Activation, DecoderSpec, NormKind};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, Var, D};
 use hyperclone_core::Checkpoint;
 use std::collections::HashMap;
 
@@ -127,8 +127,65 @@ fn join(a: &str, b: &str) -> String {
     }
 }
 
+/// A trainable weight: a candle variable shared with the decoder that reads it.
+pub struct Param {
+    pub name: String,
+    pub var: Var,
+    /// AdamW's weight decay applies to matrices and embeddings, not to norms and biases.
+    pub decay: bool,
+}
+
+/// Deterministic (inverted) dropout: the mask of each site is a pure function of
+/// (key, site, element), so a resumed run draws exactly the masks of an uninterrupted one.
+#[derive(Debug, Clone, Copy)]
+pub struct Dropout {
+    pub p: f64,
+    pub key: u64,
+}
+
+impl Dropout {
+    fn apply(&self, x: &Tensor, site: u64) -> Result<Tensor> {
+        if self.p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 / (1.0 - self.p);
+        let n = x.elem_count();
+        let key = crate::rng::mix64(self.key ^ crate::rng::mix64(site.wrapping_add(0x5151)));
+        let mask: Vec<f64> = (0..n as u64)
+            .map(|i| {
+                if crate::rng::uniform(key, i) < self.p {
+                    0.0
+                } else {
+                    keep
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        Ok((x * mask)?)
+    }
+}
+
 impl Decoder {
     pub fn load(ckpt: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
+        Ok(Self::load_with(ckpt, dtype, device, false)?.0)
+    }
+
+    /// Loads every weight as a trainable variable. Layouts that are rearranged at load time
+    /// (fused q|k|v, Conv1D) are refused: their derived copies would not follow updates.
+    pub fn load_trainable(
+        ckpt: &Checkpoint,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Self, Vec<Param>)> {
+        Self::load_with(ckpt, dtype, device, true)
+    }
+
+    fn load_with(
+        ckpt: &Checkpoint,
+        dtype: DType,
+        device: &Device,
+        trainable: bool,
+    ) -> Result<(Self, Vec<Param>)> {
         let model_type = ckpt.config.family.model_type;
         let arch = arch(model_type, &serde_json::Value::Object(ckpt.config.raw.clone())).ok_or_else(|| {
             NnError::Unsupported(format!(
@@ -143,12 +200,27 @@ impl Decoder {
                 1e-6
             };
         }
+        if trainable && !arch.trains_in_place() {
+            return Err(NnError::Unsupported(format!(
+                "training model_type `{model_type}` is not supported yet (its fused or transposed weights are rearranged at load time)"
+            )));
+        }
         let mut weights: HashMap<String, Tensor> = HashMap::new();
+        let mut params = Vec::new();
         for t in &ckpt.tensors {
             let f = &ckpt.files[t.file];
             let mut v = vec![0f64; t.info.numel()];
             t.info.dtype.decode(f.data(&t.info), &mut v);
-            let tensor = Tensor::from_vec(v, t.info.shape.clone(), device)?.to_dtype(dtype)?;
+            let mut tensor = Tensor::from_vec(v, t.info.shape.clone(), device)?.to_dtype(dtype)?;
+            if trainable {
+                let var = Var::from_tensor(&tensor)?;
+                tensor = var.as_tensor().clone();
+                params.push(Param {
+                    name: t.info.name.clone(),
+                    var,
+                    decay: t.info.shape.len() >= 2,
+                });
+            }
             weights.insert(t.info.name.clone(), tensor);
         }
         let take = |name: &str| -> Result<Tensor> {
@@ -323,7 +395,7 @@ impl Decoder {
         let project = |name: Option<&str>| {
             name.and_then(|n| opt(&format!("{n}.weight")).map(|w| Linear { w, b: None }))
         };
-        Ok(Decoder {
+        let decoder = Decoder {
             project_in: project(arch.project_in),
             project_out: project(arch.project_out),
             norm: norm(arch.final_norm),
@@ -335,11 +407,17 @@ impl Decoder {
             positions,
             layers,
             head,
-        })
+        };
+        Ok((decoder, params))
     }
 
     /// Runs token ids [B, T] through the model.
     pub fn forward(&self, ids: &Tensor) -> Result<ForwardOutput> {
+        self.forward_with(ids, None)
+    }
+
+    /// Forward with optional (training) dropout on each attention and MLP output.
+    pub fn forward_with(&self, ids: &Tensor, dropout: Option<&Dropout>) -> Result<ForwardOutput> {
         let (b, t) = ids.dims2()?;
         let s = &self.spec;
         if let Some(bad) = ids
@@ -376,30 +454,41 @@ impl Decoder {
                 None => Ok(x.clone()),
             }
         };
+        let dropped = |x: Tensor, site: u64| -> Result<Tensor> {
+            match dropout {
+                Some(d) => d.apply(&x, site),
+                None => Ok(x),
+            }
+        };
         for (l, layer) in self.layers.iter().enumerate() {
             let window = s.sliding_window[l];
             x = if let BlockLayout::PostNorm { .. } = self.block {
-                let a = self.attention(layer, &x, b, t, &cos, &sin, window)?;
+                let a = dropped(
+                    self.attention(layer, &x, b, t, &cos, &sin, window)?,
+                    2 * l as u64,
+                )?;
                 let x = apply(&layer.post_attn, &(x + a)?)?;
-                let m = self.mlp(layer, &x)?;
+                let m = dropped(self.mlp(layer, &x)?, 2 * l as u64 + 1)?;
                 apply(&layer.post_mlp, &(x + m)?)?
             } else {
-                let a = self.attention(
-                    layer,
-                    &apply(&layer.pre_attn, &x)?,
-                    b,
-                    t,
-                    &cos,
-                    &sin,
-                    window,
+                let h = apply(&layer.pre_attn, &x)?;
+                let a = dropped(
+                    self.attention(layer, &h, b, t, &cos, &sin, window)?,
+                    2 * l as u64,
                 )?;
                 if let BlockLayout::Parallel { .. } = self.block {
                     // Both branches read the same x.
-                    let m = self.mlp(layer, &apply(&layer.pre_mlp, &x)?)?;
+                    let m = dropped(
+                        self.mlp(layer, &apply(&layer.pre_mlp, &x)?)?,
+                        2 * l as u64 + 1,
+                    )?;
                     ((x + a)? + m)?
                 } else {
                     let x = (x + apply(&layer.post_attn, &a)?)?;
-                    let m = self.mlp(layer, &apply(&layer.pre_mlp, &x)?)?;
+                    let m = dropped(
+                        self.mlp(layer, &apply(&layer.pre_mlp, &x)?)?,
+                        2 * l as u64 + 1,
+                    )?;
                     (x + apply(&layer.post_mlp, &m)?)?
                 }
             };
