@@ -8,6 +8,7 @@ pub mod model;
 pub mod rng;
 pub mod softmax;
 pub mod spec;
+pub mod train;
 
 pub use error::{NnError, Result};
 pub use model::{Decoder, Dropout, ForwardOutput, Param};
