@@ -4,6 +4,7 @@
 pub mod arch;
 pub mod corpus;
 pub mod error;
+pub mod init;
 pub mod model;
 pub mod rng;
 pub mod softmax;

@@ -189,3 +189,35 @@ fn schedule_warms_up_then_decays_to_a_tenth() {
     assert!((cfg.lr_at(100) - 3e-4).abs() < 1e-12);
     assert!(cfg.lr_at(55) < cfg.lr_at(30));
 }
+
+#[test]
+fn random_init_from_a_config_is_a_valid_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["llama-mqa-tied", "qwen2-gqa", "qwen3-gqa"] {
+        let out = tmp.path().join(name);
+        hyperclone_nn::init::write_random_checkpoint(
+            &fixture(name).join("config.json"),
+            &out,
+            0.02,
+            1,
+        )
+        .unwrap();
+        let ckpt = Checkpoint::open(&out).unwrap();
+        assert_eq!(
+            ckpt.parameter_count(),
+            Checkpoint::open(&fixture(name)).unwrap().parameter_count(),
+            "{name}"
+        );
+        let model = Decoder::load(&ckpt, DType::F32, &Device::Cpu).unwrap();
+        let (inputs, targets) = batch_for(0, 0);
+        let loss = batch_loss(&model, &inputs, &targets, 2, None)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        // Near-uniform predictions at std 0.02: loss close to ln(96) = 4.56.
+        assert!(
+            (loss - 96f32.ln()).abs() < 0.1,
+            "{name}: initial loss {loss}"
+        );
+    }
+}
