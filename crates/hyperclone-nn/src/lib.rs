@@ -3,6 +3,7 @@
 
 pub mod arch;
 pub mod corpus;
+pub mod data;
 pub mod error;
 pub mod init;
 pub mod model;

@@ -35,6 +35,72 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Continue a prompt with a model (greedy at --temperature 0), streaming to stdout.
     Generate(GenerateArgs),
+    /// Train a checkpoint (or a random init) on text: AdamW, warmup + cosine, checkpoints, metrics.
+    Train(TrainArgs),
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Model folder to start from (e.g. a clone).
+    #[arg(long, value_name = "DIR", conflicts_with = "init_config")]
+    pub model: Option<PathBuf>,
+    /// Start from a random init of this config.json instead (weights N(0, 0.02), seeded).
+    #[arg(long, value_name = "CONFIG")]
+    pub init_config: Option<PathBuf>,
+    /// Training text: .txt files or folders of them.
+    #[arg(long, value_name = "FILE_OR_DIR", num_args = 1.., required = true)]
+    pub data: Vec<PathBuf>,
+    /// Validation text [default: the last --data file is held out].
+    #[arg(long, value_name = "FILE_OR_DIR", num_args = 1..)]
+    pub val: Vec<PathBuf>,
+    /// tokenizer.json [default: the model's].
+    #[arg(long, value_name = "FILE")]
+    pub tokenizer: Option<PathBuf>,
+    /// Output folder: OUT/last (an HF checkpoint + optimizer state), OUT/metrics.jsonl.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 200)]
+    pub steps: u64,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 128)]
+    pub seq: usize,
+    /// Peak learning rate (after warmup; cosine decay to 10% of it at the last step).
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 20)]
+    pub warmup: u64,
+    /// AdamW decoupled weight decay (matrices and embeddings only, not norms or biases).
+    #[arg(long, default_value_t = 0.1)]
+    pub weight_decay: f64,
+    /// Global gradient-norm clipping (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub grad_clip: f64,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: u64,
+    /// Dropout on attention and MLP outputs; a symmetric clone needs dropout or noise for
+    /// its copies to diverge.
+    #[arg(long, default_value_t = 0.0)]
+    pub dropout: f64,
+    /// Evaluate (validation loss, symmetry) every E steps.
+    #[arg(long, default_value_t = 50)]
+    pub eval_every: u64,
+    /// Save OUT/last every S steps (and at the end).
+    #[arg(long, default_value_t = 100)]
+    pub save_every: u64,
+    /// Seed of the batches, dropout and a random init.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Continue from OUT/last, reproducing the uninterrupted run exactly.
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop after this step with a checkpoint, as if interrupted (run long jobs in slices:
+    /// the schedule still spans --steps; continue with --resume).
+    #[arg(long, value_name = "STEP")]
+    pub stop_at: Option<u64>,
 }
 
 /// Token input for forward and verify.

@@ -4,6 +4,7 @@ mod args;
 mod growth;
 mod infer;
 mod report;
+mod train_cmd;
 
 use anyhow::Result;
 use args::{Cli, CloneArgs, Command, InspectArgs, PlanArgs};
@@ -52,6 +53,7 @@ fn main() {
             Err(e) => Err(e),
         },
         Command::Generate(a) => infer::generate(a),
+        Command::Train(a) => train_cmd::train(a),
     };
     if let Err(e) = result {
         // One line: the core's errors already name the file and tensor.

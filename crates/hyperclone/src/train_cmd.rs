@@ -1,0 +1,255 @@
+//! `hyperclone train`: continue training a checkpoint (or a random init) on text files.
+
+use crate::args::TrainArgs;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use hyperclone_core::symmetry::mean_row_half_cosine_of;
+use hyperclone_core::Checkpoint;
+use hyperclone_nn::data::{batch, eval_windows, text_files, tokenize_to_cache, TokenFile};
+use hyperclone_nn::train::{batch_loss, save_params, train_step, AdamW, TrainConfig};
+use hyperclone_nn::{Decoder, Param};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// The checkpoint a run writes and `--resume` reads.
+const LAST: &str = "last";
+
+pub fn train(a: TrainArgs) -> Result<()> {
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let last = a.out.join(LAST);
+    // Where the weights come from: the last checkpoint, a model, or a fresh random init.
+    let (source, start_step) = if a.resume {
+        let state = read_state(&last)
+            .with_context(|| format!("--resume: no usable checkpoint in {}", last.display()))?;
+        (last.clone(), state)
+    } else if let Some(m) = &a.model {
+        (m.clone(), 0)
+    } else if let Some(cfg) = &a.init_config {
+        let init = a.out.join("init");
+        hyperclone_nn::init::write_random_checkpoint(cfg, &init, 0.02, a.seed)?;
+        (init, 0)
+    } else {
+        bail!("give --model DIR, --init-config CONFIG.json or --resume");
+    };
+    let tokenizer = a
+        .tokenizer
+        .clone()
+        .or_else(|| Some(source.join("tokenizer.json")).filter(|p| p.exists()))
+        .or_else(|| a.model.as_ref().map(|m| m.join("tokenizer.json")))
+        .context("no tokenizer.json next to the model: pass --tokenizer")?;
+    let (train_files, val_files) = split_files(&a.data, &a.val)?;
+    let cache = a.out.join("tokens");
+    let eos = None;
+    let train_tokens = TokenFile::open(&tokenize_to_cache(&tokenizer, &train_files, eos, &cache)?)?;
+    let val_tokens = TokenFile::open(&tokenize_to_cache(&tokenizer, &val_files, eos, &cache)?)?;
+
+    let ckpt = Checkpoint::open(&source)?;
+    let (model, params) = Decoder::load_trainable(&ckpt, DType::F32, &Device::Cpu)?;
+    let mut opt = if a.resume {
+        AdamW::load(&params, &last.join("optimizer.safetensors"))?
+    } else {
+        AdamW::new(&params)
+    };
+    let growth = clone_factors(&ckpt);
+    let cfg = TrainConfig {
+        steps: a.steps,
+        lr: a.lr,
+        warmup: a.warmup,
+        weight_decay: a.weight_decay,
+        grad_clip: a.grad_clip,
+        grad_accum: a.grad_accum,
+        dropout: a.dropout,
+        seed: a.seed,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+    };
+    let metrics_path = a.out.join("metrics.jsonl");
+    let mut metrics = open_metrics(&metrics_path, start_step)?;
+    let bar = ProgressBar::new(a.steps);
+    bar.set_position(start_step);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} ETA {eta}")
+            .expect("template"),
+    );
+    let tokens_per_step = (a.batch * a.seq) as u64 * cfg.grad_accum.max(1);
+    let started = std::time::Instant::now();
+    let end = a.stop_at.unwrap_or(a.steps).min(a.steps);
+    for step in start_step..end {
+        let t0 = std::time::Instant::now();
+        let stats = train_step(&model, &params, &mut opt, &cfg, step, a.batch, |micro| {
+            batch(&train_tokens, a.seed, step, micro, a.batch, a.seq)
+        })?;
+        if !stats.loss.is_finite() || !stats.grad_norm.is_finite() {
+            bar.abandon();
+            let kept = if last.exists() {
+                format!("the last good checkpoint is {}", last.display())
+            } else {
+                "no checkpoint had been saved yet".to_string()
+            };
+            bail!(
+                "step {}: the loss became {} (gradient norm {}); stopped, {kept} (lower --lr or raise --warmup)",
+                step + 1,
+                stats.loss,
+                stats.grad_norm
+            );
+        }
+        let done = step + 1;
+        let tps = tokens_per_step as f64 / t0.elapsed().as_secs_f64();
+        let mut record = json!({
+            "step": done,
+            "tokens": done * tokens_per_step,
+            "train_loss": stats.loss,
+            "lr": stats.lr,
+            "grad_norm": stats.grad_norm,
+            "tokens_per_s": tps,
+        });
+        if done % a.eval_every.max(1) == 0 || done == a.steps {
+            record["val_loss"] = json!(eval_loss(&model, &val_tokens, a.seq, a.batch)?);
+            if let Some((n, m)) = growth {
+                record["symmetry"] = json!(symmetry(&ckpt, &params, n, m)?);
+            }
+        }
+        writeln!(metrics, "{record}")?;
+        metrics.flush()?;
+        bar.set_position(done);
+        bar.set_message(format!("loss {:.4} {:.0} tok/s", stats.loss, tps));
+        if done % a.save_every.max(1) == 0 || done == end {
+            save_checkpoint(&source, &tokenizer, &a.out, &params, &opt, done)?;
+        }
+    }
+    bar.finish();
+    println!(
+        "trained {} steps ({} tokens) in {:.1} s; checkpoint {}, metrics {}",
+        end.saturating_sub(start_step),
+        end.saturating_sub(start_step) * tokens_per_step,
+        started.elapsed().as_secs_f64(),
+        last.display(),
+        metrics_path.display()
+    );
+    Ok(())
+}
+
+/// Training and validation files: `--val` when given, else the last data file is held out.
+fn split_files(data: &[PathBuf], val: &[PathBuf]) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+    let mut train = text_files(data)?;
+    if train.is_empty() {
+        bail!("--data: no .txt files found");
+    }
+    let val = if val.is_empty() {
+        if train.len() < 2 {
+            bail!("one data file: pass --val FILE (validation is split by file)");
+        }
+        vec![train.pop().expect("two or more")]
+    } else {
+        text_files(val)?
+    };
+    Ok((train, val))
+}
+
+fn eval_loss(model: &Decoder, tokens: &TokenFile, seq: usize, batch: usize) -> Result<f64> {
+    let (inputs, targets) = eval_windows(tokens, batch.max(8), seq)?;
+    let rows = inputs.len() / seq;
+    Ok(batch_loss(model, &inputs, &targets, rows, None)?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?)
+}
+
+/// (n, m) when the model is a hyperclone clone (from its safetensors metadata).
+fn clone_factors(ckpt: &Checkpoint) -> Option<(usize, usize)> {
+    let meta = &ckpt.files.first()?.metadata;
+    let n = meta.get("hyperclone.factor")?.parse().ok()?;
+    let m = meta.get("hyperclone.ffn_factor")?.parse().ok()?;
+    (n > 1).then_some((n, m))
+}
+
+fn symmetry(ckpt: &Checkpoint, params: &[Param], n: usize, m: usize) -> Result<Option<f64>> {
+    let tensors = params
+        .iter()
+        .map(|p| -> Result<(String, Vec<f64>, Vec<usize>)> {
+            let v: Vec<f64> = p.var.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
+            Ok((p.name.clone(), v, p.var.dims().to_vec()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(mean_row_half_cosine_of(&ckpt.config, n, m, &tensors))
+}
+
+/// OUT/last: an HF folder (config, weights, tokenizer files, the source's metadata) plus
+/// optimizer.safetensors and trainer_state.json, replaced atomically.
+fn save_checkpoint(
+    source: &Path,
+    tokenizer: &Path,
+    out: &Path,
+    params: &[Param],
+    opt: &AdamW,
+    step: u64,
+) -> Result<()> {
+    let staging = out.join(".last-partial");
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging)?;
+    for entry in std::fs::read_dir(source)? {
+        let p = entry?.path();
+        let name = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("")
+            .to_string();
+        if p.is_file()
+            && (name == "config.json" || hyperclone_core::write::is_companion_file(&name))
+        {
+            std::fs::copy(&p, staging.join(&name))?;
+        }
+    }
+    // The checkpoint must be usable on its own: bring the tokenizer the run used.
+    if !staging.join("tokenizer.json").exists() {
+        std::fs::copy(tokenizer, staging.join("tokenizer.json"))?;
+    }
+    save_params(
+        params,
+        hyperclone_core::DType::F32,
+        &staging.join("model.safetensors"),
+    )?;
+    opt.save(params, &staging.join("optimizer.safetensors"))?;
+    std::fs::write(
+        staging.join("trainer_state.json"),
+        json!({ "step": step }).to_string(),
+    )?;
+    let last = out.join(LAST);
+    let old = out.join(".last-old");
+    let _ = std::fs::remove_dir_all(&old);
+    if last.exists() {
+        std::fs::rename(&last, &old)?;
+    }
+    std::fs::rename(&staging, &last)?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+fn read_state(last: &Path) -> Result<u64> {
+    let text = std::fs::read_to_string(last.join("trainer_state.json"))?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    v["step"].as_u64().context("trainer_state.json has no step")
+}
+
+/// Opens metrics.jsonl for appending, first dropping records past the resumed step so a
+/// resumed run's log reads like an uninterrupted one.
+fn open_metrics(path: &Path, start_step: u64) -> Result<std::fs::File> {
+    let kept: Vec<String> = std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= start_step)
+        })
+        .map(str::to_string)
+        .collect();
+    let mut f = std::fs::File::create(path)?;
+    for l in kept {
+        writeln!(f, "{l}")?;
+    }
+    Ok(f)
+}
