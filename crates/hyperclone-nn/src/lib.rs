@@ -3,7 +3,6 @@
 
 pub mod arch;
 pub mod corpus;
-pub mod data;
 pub mod error;
 pub mod init;
 pub mod model;

@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use hyperclone_core::symmetry::mean_row_half_cosine_of;
 use hyperclone_core::Checkpoint;
-use hyperclone_nn::data::{batch, eval_windows, text_files, tokenize_to_cache, TokenFile};
+use hyperclone_nn::corpus::{batch, eval_windows, text_files, tokenize_to_cache, TokenFile};
 use hyperclone_nn::train::{batch_loss, save_params, train_step, AdamW, TrainConfig};
 use hyperclone_nn::{Decoder, Param};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -41,7 +41,10 @@ pub fn train(a: TrainArgs) -> Result<()> {
         .context("no tokenizer.json next to the model: pass --tokenizer")?;
     let (train_files, val_files) = split_files(&a.data, &a.val)?;
     let cache = a.out.join("tokens");
-    let eos = None;
+    // Documents are separated by the end-of-text token when the tokenizer has one.
+    let eos = tokenizers::Tokenizer::from_file(&tokenizer)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", tokenizer.display()))?
+        .token_to_id(hyperclone_nn::corpus::EOS_TOKEN);
     let train_tokens = TokenFile::open(&tokenize_to_cache(&tokenizer, &train_files, eos, &cache)?)?;
     let val_tokens = TokenFile::open(&tokenize_to_cache(&tokenizer, &val_files, eos, &cache)?)?;
 
