@@ -37,6 +37,24 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Train a checkpoint (or a random init) on text: AdamW, warmup + cosine, checkpoints, metrics.
     Train(TrainArgs),
+    /// Train a byte-level BPE tokenizer on text files and write tokenizer.json.
+    Tokenizer(TokenizerArgs),
+}
+
+#[derive(Args)]
+pub struct TokenizerArgs {
+    /// Text: .txt files or folders of them.
+    #[arg(long, value_name = "FILE_OR_DIR", num_args = 1.., required = true)]
+    pub data: Vec<PathBuf>,
+    /// Vocabulary size: the end-of-text token, the 256 bytes, then merges.
+    #[arg(long, default_value_t = 4096)]
+    pub vocab_size: usize,
+    /// Merges need at least this many occurrences.
+    #[arg(long, default_value_t = 2)]
+    pub min_frequency: u64,
+    /// Output tokenizer.json.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
 }
 
 #[derive(Args)]

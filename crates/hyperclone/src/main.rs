@@ -54,6 +54,7 @@ fn main() {
         },
         Command::Generate(a) => infer::generate(a),
         Command::Train(a) => train_cmd::train(a),
+        Command::Tokenizer(a) => train_cmd::tokenizer(a),
     };
     if let Err(e) = result {
         // One line: the core's errors already name the file and tensor.

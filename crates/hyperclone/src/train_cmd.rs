@@ -1,6 +1,6 @@
 //! `hyperclone train`: continue training a checkpoint (or a random init) on text files.
 
-use crate::args::TrainArgs;
+use crate::args::{TokenizerArgs, TrainArgs};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use hyperclone_core::symmetry::mean_row_half_cosine_of;
@@ -255,4 +255,23 @@ fn open_metrics(path: &Path, start_step: u64) -> Result<std::fs::File> {
         writeln!(f, "{l}")?;
     }
     Ok(f)
+}
+
+pub fn tokenizer(a: TokenizerArgs) -> Result<()> {
+    let files = text_files(&a.data)?;
+    if files.is_empty() {
+        bail!("--data: no .txt files found");
+    }
+    let started = std::time::Instant::now();
+    let tok = hyperclone_nn::corpus::train_bpe(&files, a.vocab_size, a.min_frequency)?;
+    tok.save(&a.out, true)
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", a.out.display()))?;
+    println!(
+        "trained a {}-token byte-level BPE on {} file(s) in {:.1} s: {}",
+        tok.get_vocab_size(true),
+        files.len(),
+        started.elapsed().as_secs_f64(),
+        a.out.display()
+    );
+    Ok(())
 }
