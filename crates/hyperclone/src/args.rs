@@ -39,6 +39,21 @@ pub enum Command {
     Train(TrainArgs),
     /// Train a byte-level BPE tokenizer on text files and write tokenizer.json.
     Tokenizer(TokenizerArgs),
+    /// Grow the bundled Shakespeare model, verify it, and let both continue a verse (offline).
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Growth factor.
+    #[arg(long, default_value_t = 2)]
+    pub factor: usize,
+    /// The verse to continue.
+    #[arg(long, default_value = "ROMEO.\nBut soft, what light")]
+    pub prompt: String,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 24)]
+    pub max_tokens: usize,
 }
 
 #[derive(Args)]

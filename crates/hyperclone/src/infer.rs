@@ -21,7 +21,7 @@ pub fn parse_dtype(s: &str) -> DType {
     }
 }
 
-fn tokenizer(model: &Path) -> Result<Tokenizer> {
+pub fn tokenizer(model: &Path) -> Result<Tokenizer> {
     let p = model.join("tokenizer.json");
     Tokenizer::from_file(&p)
         .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", p.display()))
@@ -72,7 +72,7 @@ fn input_ids(input: &InputArgs, model: &Path, vocab: usize) -> Result<Vec<u32>> 
     Ok(probe_tokens(vocab))
 }
 
-fn load(model: &Path, dtype: DType) -> Result<(Checkpoint, Decoder)> {
+pub fn load(model: &Path, dtype: DType) -> Result<(Checkpoint, Decoder)> {
     let ckpt = Checkpoint::open(model)?;
     let dec = Decoder::load(&ckpt, dtype, &Device::Cpu)?;
     Ok((ckpt, dec))
@@ -311,30 +311,60 @@ pub fn verify_cmd(a: VerifyArgs) -> Result<bool> {
 pub fn generate(a: GenerateArgs) -> Result<()> {
     let (ckpt, model) = load(&a.model, parse_dtype(&a.dtype))?;
     let tok = tokenizer(&a.model)?;
+    let mut out = std::io::stdout();
+    print!("{}", a.prompt);
+    complete(
+        &ckpt,
+        &model,
+        &tok,
+        &a.prompt,
+        a.max_tokens,
+        a.temperature,
+        a.seed,
+        |new| {
+            print!("{new}");
+            let _ = out.flush();
+        },
+    )?;
+    println!();
+    Ok(())
+}
+
+/// Continues `prompt` for at most `max_tokens` (greedy at temperature 0, else seeded
+/// sampling), calling `emit` with each newly decoded piece; returns the continuation.
+#[allow(clippy::too_many_arguments)]
+pub fn complete(
+    ckpt: &Checkpoint,
+    model: &Decoder,
+    tok: &Tokenizer,
+    prompt: &str,
+    max_tokens: usize,
+    temperature: f64,
+    seed: u64,
+    mut emit: impl FnMut(&str),
+) -> Result<String> {
     let mut ids = tok
-        .encode(a.prompt.as_str(), false)
-        .map_err(|e| anyhow::anyhow!("tokenizing --prompt: {e}"))?
+        .encode(prompt, false)
+        .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?
         .get_ids()
         .to_vec();
     if ids.is_empty() {
-        bail!("--prompt gave no tokens");
+        bail!("the prompt gave no tokens");
     }
-    let eos = eos_ids(&ckpt);
+    let eos = eos_ids(ckpt);
     let prompt_len = ids.len();
-    let mut rng = a.seed ^ 0x9e37_79b9_7f4a_7c15;
+    let mut rng = seed ^ 0x9e37_79b9_7f4a_7c15;
     let mut printed = String::new();
-    let mut out = std::io::stdout();
-    print!("{}", a.prompt);
-    for _ in 0..a.max_tokens {
+    for _ in 0..max_tokens {
         // No KV cache: the whole sequence is recomputed each step (fine for verification-size
         // models; generation speed is not this command's job).
         let input = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu)?;
         let logits = model.forward(&input)?.logits.squeeze(0)?;
         let last: Vec<f64> = logits.get(ids.len() - 1)?.to_dtype(DType::F64)?.to_vec1()?;
-        let next = if a.temperature <= 0.0 {
+        let next = if temperature <= 0.0 {
             argmax(&last)
         } else {
-            sample(&last, a.temperature, &mut rng)
+            sample(&last, temperature, &mut rng)
         } as u32;
         if eos.contains(&next) {
             break;
@@ -344,13 +374,11 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             .decode(&ids[prompt_len..], true)
             .map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
         if let Some(new) = text.strip_prefix(printed.as_str()) {
-            print!("{new}");
-            let _ = out.flush();
+            emit(new);
         }
         printed = text;
     }
-    println!();
-    Ok(())
+    Ok(printed)
 }
 
 fn eos_ids(ckpt: &Checkpoint) -> Vec<u32> {

@@ -1,6 +1,7 @@
 //! The `hyperclone` binary: flags in, core calls, progress and reports out. No growth math.
 
 mod args;
+mod demo;
 mod growth;
 mod infer;
 mod report;
@@ -58,6 +59,7 @@ fn main() {
         Command::Generate(a) => infer::generate(a),
         Command::Train(a) => train_cmd::train(a),
         Command::Tokenizer(a) => train_cmd::tokenizer(a),
+        Command::Demo(a) => demo::demo(a),
     };
     if let Err(e) = result {
         // One line: the core's errors already name the file and tensor.
