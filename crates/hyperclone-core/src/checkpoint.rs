@@ -4,7 +4,7 @@
 use crate::config::ModelConfig;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::family::{tensor_name, Presence, TensorRule};
+use crate::family::{Presence, TensorRule};
 use crate::safetensors::{SafetensorsFile, TensorInfo};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -274,32 +274,15 @@ fn classify(
     } else {
         files[0].path.with_file_name(INDEX_FILE)
     };
-    for rule in family.all_rules() {
-        let required = match rule.presence {
-            Presence::Required => true,
-            Presence::IfConfig(key) => config.flag(key),
-            Presence::UntiedHead => !config.tie_word_embeddings,
-            Presence::Dropped | Presence::Optional => false,
-        };
-        if !required {
-            continue;
-        }
-        let instances: Vec<Option<usize>> = if rule.pattern.contains("{L}") {
-            (0..layers).map(Some).collect()
-        } else {
-            vec![None]
-        };
-        for layer in instances {
-            let name = tensor_name(rule.pattern, layer);
-            if !present.contains_key(name.as_str()) {
-                let why = if rule.presence == Presence::UntiedHead {
-                    "missing (config.json says the head is untied: tie_word_embeddings = false)"
-                        .to_string()
-                } else {
-                    format!("missing (required by model_type `{}`)", family.model_type)
-                };
-                return Err(Error::tensor(&where_, name, why));
-            }
+    for (name, rule) in config.required_tensors() {
+        if !present.contains_key(name.as_str()) {
+            let why = if rule.presence == Presence::UntiedHead {
+                "missing (config.json says the head is untied: tie_word_embeddings = false)"
+                    .to_string()
+            } else {
+                format!("missing (required by model_type `{}`)", family.model_type)
+            };
+            return Err(Error::tensor(&where_, name, why));
         }
     }
     Ok((tensors, dropped))

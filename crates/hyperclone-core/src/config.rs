@@ -151,6 +151,33 @@ impl ModelConfig {
         spaces.iter().map(|&s| self.space_len(s)).sum()
     }
 
+    /// Every tensor name this config requires, with its rule: required rules (and switched-on
+    /// or untied-head ones) expanded over the layers. Used to check a checkpoint and to
+    /// build a random one.
+    pub fn required_tensors(&self) -> Vec<(String, &'static crate::family::TensorRule)> {
+        use crate::family::{tensor_name, Presence};
+        let mut out = Vec::new();
+        for rule in self.family.all_rules() {
+            let required = match rule.presence {
+                Presence::Required => true,
+                Presence::IfConfig(key) => self.flag(key),
+                Presence::UntiedHead => !self.tie_word_embeddings,
+                Presence::Dropped | Presence::Optional => false,
+            };
+            if !required {
+                continue;
+            }
+            if rule.pattern.contains("{L}") {
+                out.extend(
+                    (0..self.num_hidden_layers).map(|l| (tensor_name(rule.pattern, Some(l)), rule)),
+                );
+            } else {
+                out.push((tensor_name(rule.pattern, None), rule));
+            }
+        }
+        out
+    }
+
     /// A boolean switch of config.json (`attention_bias`, `mlp_bias`), false when absent.
     pub fn flag(&self, key: &str) -> bool {
         self.raw.get(key).and_then(Value::as_bool).unwrap_or(false)

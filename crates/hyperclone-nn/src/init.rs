@@ -5,7 +5,7 @@ use crate::arch::arch;
 use crate::error::{NnError, Result};
 use crate::spec::NormKind;
 use hyperclone_core::config::ModelConfig;
-use hyperclone_core::family::{tensor_name, Component, Presence};
+use hyperclone_core::family::Component;
 use hyperclone_core::safetensors::{encode_header, HeaderEntry};
 use hyperclone_core::DType;
 use std::collections::BTreeMap;
@@ -23,27 +23,17 @@ pub fn write_random_checkpoint(config_path: &Path, out: &Path, std: f64, seed: u
         Some(a) if a.norm == NormKind::RmsOnePlus => 0.0,
         _ => 1.0,
     };
-    let mut tensors: Vec<(String, Vec<usize>, Component)> = Vec::new();
-    for rule in family.all_rules() {
-        let wanted = match rule.presence {
-            Presence::Required => true,
-            Presence::IfConfig(key) => cfg.flag(key),
-            Presence::UntiedHead => !cfg.tie_word_embeddings,
-            Presence::Optional | Presence::Dropped => false,
-        };
-        if !wanted {
-            continue;
-        }
-        let shape: Vec<usize> = rule.axes.iter().map(|a| cfg.axis_len(a.0)).collect();
-        let layers: Vec<Option<usize>> = if rule.pattern.contains("{L}") {
-            (0..cfg.num_hidden_layers).map(Some).collect()
-        } else {
-            vec![None]
-        };
-        for l in layers {
-            tensors.push((tensor_name(rule.pattern, l), shape.clone(), rule.component));
-        }
-    }
+    let tensors: Vec<(String, Vec<usize>, Component)> = cfg
+        .required_tensors()
+        .into_iter()
+        .map(|(name, rule)| {
+            (
+                name,
+                rule.axes.iter().map(|a| cfg.axis_len(a.0)).collect(),
+                rule.component,
+            )
+        })
+        .collect();
     if tensors.is_empty() {
         return Err(NnError::Input(format!(
             "{}: no tensors for model_type {}",
