@@ -41,6 +41,84 @@ pub enum Command {
     Tokenizer(TokenizerArgs),
     /// Grow the bundled Shakespeare model, verify it, and let both continue a verse (offline).
     Demo(DemoArgs),
+    /// The paper's experiment on a CPU: train a small model, grow it (symmetric, noisy,
+    /// diagonal), train every clone and a random init of the large shape alike, and report.
+    Experiment(ExperimentArgs),
+}
+
+#[derive(Args, Clone)]
+#[command(long_about = "The HyperCloning paper's experiment, scaled to one CPU machine.\n\n\
+    1. train a small Llama from random init (the base);\n\
+    2. grow it x2 with the symmetric, noisy (10 dB) and diagonal variants;\n\
+    3. train each clone, the symmetric clone once more with dropout, and a random init of the large \
+    shape, all with the same hyperparameters, batches (same seed: same windows in the same order) and \
+    token budget;\n\
+    4. write OUT/report.md, OUT/report.json and PNG plots (validation loss and symmetry vs tokens).\n\n\
+    Runs that finished are kept and reused, and an interrupted run resumes from its last checkpoint, \
+    so rerunning the same command continues an experiment. The default (about an hour on 2 cores) is \
+    what the README quotes; --quick (tiny models, about a minute) checks the pipeline.\n\n\
+    Data: the Shakespeare corpus of scripts/fetch_shakespeare.sh by default.")]
+pub struct ExperimentArgs {
+    /// Output folder: base/, clones/, runs/NAME/ (checkpoint + metrics.jsonl), report.*, *.png.
+    #[arg(long, value_name = "DIR", default_value = "experiment")]
+    pub out: PathBuf,
+    /// Tiny models and a few steps: checks the pipeline end to end in about a minute.
+    #[arg(long)]
+    pub quick: bool,
+    /// Training text [default: ~/.cache/hyperclone/shakespeare/train].
+    #[arg(long, value_name = "FILE_OR_DIR", num_args = 1..)]
+    pub data: Vec<PathBuf>,
+    /// Validation text [default: ~/.cache/hyperclone/shakespeare/val].
+    #[arg(long, value_name = "FILE_OR_DIR", num_args = 1..)]
+    pub val: Vec<PathBuf>,
+    /// tokenizer.json [default: the bundled 4096-token Shakespeare BPE].
+    #[arg(long, value_name = "FILE")]
+    pub tokenizer: Option<PathBuf>,
+    /// config.json of the small base model [default: a built-in Llama, hidden 64 (quick: 32)].
+    #[arg(long, value_name = "CONFIG")]
+    pub base_config: Option<PathBuf>,
+    /// Growth factor of hidden size, heads and FFN.
+    #[arg(long, default_value_t = 2)]
+    pub factor: usize,
+    /// Signal-to-noise ratio of the noisy clone, in dB.
+    #[arg(long, default_value_t = 10.0)]
+    pub snr_db: f64,
+    /// Dropout of the second symmetric run (the others train without dropout).
+    #[arg(long, default_value_t = 0.1)]
+    pub dropout: f64,
+    /// Steps of the base model [default: 600; quick: 40].
+    #[arg(long)]
+    pub base_steps: Option<u64>,
+    /// Peak learning rate of the base model [default: 3e-3].
+    #[arg(long)]
+    pub base_lr: Option<f64>,
+    /// Steps of every large run [default: 1500; quick: 30].
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Peak learning rate of every large run [default: 2e-3].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Warmup steps of every run [default: 50; quick: 5].
+    #[arg(long)]
+    pub warmup: Option<u64>,
+    /// Sequences per step [default: 16; quick: 8].
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Tokens per sequence [default: 128; quick: 64].
+    #[arg(long)]
+    pub seq: Option<usize>,
+    /// Evaluate every E steps [default: 50; quick: 10].
+    #[arg(long)]
+    pub eval_every: Option<u64>,
+    /// Validation windows per evaluation [default: 64; quick: 16].
+    #[arg(long)]
+    pub eval_windows: Option<usize>,
+    /// Seed of the data order, dropout, noise and random inits (shared by all runs).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Only rewrite the report and plots from the runs' metrics.
+    #[arg(long)]
+    pub report_only: bool,
 }
 
 #[derive(Args)]
@@ -72,7 +150,7 @@ pub struct TokenizerArgs {
     pub out: PathBuf,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct TrainArgs {
     /// Model folder to start from (e.g. a clone).
     #[arg(long, value_name = "DIR", conflicts_with = "init_config")]
@@ -121,6 +199,13 @@ pub struct TrainArgs {
     /// Evaluate (validation loss, symmetry) every E steps.
     #[arg(long, default_value_t = 50)]
     pub eval_every: u64,
+    /// Validation windows of --seq tokens per evaluation, spread evenly over the validation
+    /// text [default: max(--batch, 8)].
+    #[arg(long, value_name = "K")]
+    pub eval_windows: Option<usize>,
+    /// Where tokenized text is cached [default: OUT/tokens].
+    #[arg(long, value_name = "DIR")]
+    pub token_cache: Option<PathBuf>,
     /// Save OUT/last every S steps (and at the end).
     #[arg(long, default_value_t = 100)]
     pub save_every: u64,

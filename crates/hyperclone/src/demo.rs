@@ -6,11 +6,9 @@ use crate::args::{DemoArgs, InputArgs};
 use crate::infer;
 use anyhow::{Context, Result};
 use candle_core::DType;
-use hyperclone_core::provenance::{model_card, Provenance};
-use hyperclone_core::write::{create_plain_file, write_clone, NoProgress, WriteEnv};
-use hyperclone_core::{Checkpoint, GrowthOptions, Plan, Variant};
+use crate::growth::grow_quietly;
+use hyperclone_core::{GrowthOptions, Variant};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 /// The bundled model, compiled in so the demo runs from any folder without a network.
@@ -49,7 +47,6 @@ pub fn demo(a: DemoArgs) -> Result<()> {
     let big = scratch.0.join(format!("shakespeare-tiny-x{}", a.factor));
 
     let started = Instant::now();
-    let ckpt = Checkpoint::open(&small)?;
     let options = GrowthOptions {
         factor: a.factor,
         ffn_factor: a.factor,
@@ -60,27 +57,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         shard_size: 5_000_000_000,
     };
     let command = format!("hyperclone demo --factor {}", a.factor);
-    let prov = Provenance::of(&ckpt, "assets/shakespeare-tiny", &command)?;
-    let plan = Plan::new(
-        &ckpt,
-        &options,
-        &prov.metadata(a.factor, a.factor, "symmetric", 10.0, 0),
-    )?;
-    let cancel = AtomicBool::new(false);
-    let env = WriteEnv {
-        progress: &NoProgress,
-        cancel: &cancel,
-        create: &create_plain_file,
-        check: None,
-    };
-    write_clone(
-        &ckpt,
-        &plan,
-        &model_card(&ckpt, &plan, &prov),
-        &big,
-        false,
-        &env,
-    )?;
+    let (ckpt, plan) = grow_quietly(&small, &big, &options, "assets/shakespeare-tiny", &command)?;
     let cloned = started.elapsed().as_secs_f64();
     let before: u64 = plan.params_before.values().sum();
     let after: u64 = plan.params_after.values().sum();

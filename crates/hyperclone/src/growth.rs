@@ -4,7 +4,11 @@ use crate::args::GrowthArgs;
 use anyhow::{bail, Context, Result};
 use hyperclone_core::config::ModelConfig;
 use hyperclone_core::plan::factor_for;
-use hyperclone_core::{DType, GrowthOptions, Variant};
+use hyperclone_core::provenance::{model_card, Provenance};
+use hyperclone_core::write::{create_plain_file, write_clone, NoProgress, WriteEnv};
+use hyperclone_core::{Checkpoint, DType, GrowthOptions, Plan, Variant};
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
 
 pub fn options(args: &GrowthArgs, cfg: &ModelConfig) -> Result<GrowthOptions> {
     let factor = match (&args.factor, args.hidden_size) {
@@ -112,4 +116,37 @@ mod tests {
             .to_string()
             .contains("whole number"));
     }
+}
+
+/// Grows `src` into `dst` without progress output (small models, inside other commands);
+/// `source` and `command` go into the provenance. Returns the source and the plan it followed.
+pub fn grow_quietly(
+    src: &Path,
+    dst: &Path,
+    options: &GrowthOptions,
+    source: &str,
+    command: &str,
+) -> Result<(Checkpoint, Plan)> {
+    let ckpt = Checkpoint::open(src)?;
+    let prov = Provenance::of(&ckpt, source, command)?;
+    let plan = Plan::new(
+        &ckpt,
+        options,
+        &prov.metadata(
+            options.factor,
+            options.ffn_factor,
+            options.variant.name(),
+            options.snr_db,
+            options.seed,
+        ),
+    )?;
+    let cancel = AtomicBool::new(false);
+    let env = WriteEnv {
+        progress: &NoProgress,
+        cancel: &cancel,
+        create: &create_plain_file,
+        check: None,
+    };
+    write_clone(&ckpt, &plan, &model_card(&ckpt, &plan, &prov), dst, false, &env)?;
+    Ok((ckpt, plan))
 }

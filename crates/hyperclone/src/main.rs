@@ -2,8 +2,11 @@
 
 mod args;
 mod demo;
+mod experiment;
+mod experiment_report;
 mod growth;
 mod infer;
+mod plot;
 mod report;
 mod train_cmd;
 
@@ -58,6 +61,7 @@ fn main() {
         },
         Command::Generate(a) => infer::generate(a),
         Command::Train(a) => train_cmd::train(a),
+        Command::Experiment(a) => experiment::experiment(a),
         Command::Tokenizer(a) => train_cmd::tokenizer(a),
         Command::Demo(a) => demo::demo(a),
     };

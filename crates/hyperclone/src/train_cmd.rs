@@ -17,6 +17,28 @@ use std::path::{Path, PathBuf};
 const LAST: &str = "last";
 
 pub fn train(a: TrainArgs) -> Result<()> {
+    let done = run(&a, "")?;
+    println!(
+        "trained {} steps ({} tokens) in {:.1} s; checkpoint {}, metrics {}",
+        done.steps,
+        done.tokens,
+        done.seconds,
+        a.out.join(LAST).display(),
+        a.out.join("metrics.jsonl").display()
+    );
+    Ok(())
+}
+
+/// What one call of [`run`] did.
+pub struct RunDone {
+    /// Steps trained by this call (not counting resumed ones).
+    pub steps: u64,
+    pub tokens: u64,
+    pub seconds: f64,
+}
+
+/// Trains as `hyperclone train` does; `label` prefixes the progress bar.
+pub fn run(a: &TrainArgs, label: &str) -> Result<RunDone> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let last = a.out.join(LAST);
     // Where the weights come from: the last checkpoint, a model, or a fresh random init.
@@ -40,7 +62,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         .or_else(|| a.model.as_ref().map(|m| m.join("tokenizer.json")))
         .context("no tokenizer.json next to the model: pass --tokenizer")?;
     let (train_files, val_files) = split_files(&a.data, &a.val)?;
-    let cache = a.out.join("tokens");
+    let cache = a.token_cache.clone().unwrap_or_else(|| a.out.join("tokens"));
     // Documents are separated by the end-of-text token when the tokenizer has one.
     let eos = tokenizers::Tokenizer::from_file(&tokenizer)
         .map_err(|e| anyhow::anyhow!("{}: {e}", tokenizer.display()))?
@@ -71,12 +93,27 @@ pub fn train(a: TrainArgs) -> Result<()> {
     };
     let metrics_path = a.out.join("metrics.jsonl");
     let mut metrics = open_metrics(&metrics_path, start_step)?;
+    let eval_count = a.eval_windows.unwrap_or(a.batch.max(8));
     let bar = ProgressBar::new(a.steps);
     bar.set_position(start_step);
     bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} ETA {eta}")
+        ProgressStyle::with_template("{prefix}{bar:30} {pos}/{len} steps {msg} ETA {eta}")
             .expect("template"),
     );
+    bar.set_prefix(if label.is_empty() { String::new() } else { format!("{label:<18} ") });
+    // Where the run starts from: for a clone this is the small model's loss (the function is
+    // preserved), the reference for the early-forgetting dip.
+    if start_step == 0 {
+        let mut record = json!({
+            "step": 0,
+            "tokens": 0,
+            "val_loss": eval_loss(&model, &val_tokens, a.seq, eval_count)?,
+        });
+        if let Some((n, m)) = growth {
+            record["symmetry"] = json!(symmetry(&ckpt, &params, n, m)?);
+        }
+        writeln!(metrics, "{record}")?;
+    }
     let tokens_per_step = (a.batch * a.seq) as u64 * cfg.grad_accum.max(1);
     let started = std::time::Instant::now();
     let end = a.stop_at.unwrap_or(a.steps).min(a.steps);
@@ -110,7 +147,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
             "tokens_per_s": tps,
         });
         if done % a.eval_every.max(1) == 0 || done == a.steps {
-            record["val_loss"] = json!(eval_loss(&model, &val_tokens, a.seq, a.batch)?);
+            record["val_loss"] = json!(eval_loss(&model, &val_tokens, a.seq, eval_count)?);
             if let Some((n, m)) = growth {
                 record["symmetry"] = json!(symmetry(&ckpt, &params, n, m)?);
             }
@@ -124,15 +161,11 @@ pub fn train(a: TrainArgs) -> Result<()> {
         }
     }
     bar.finish();
-    println!(
-        "trained {} steps ({} tokens) in {:.1} s; checkpoint {}, metrics {}",
-        end.saturating_sub(start_step),
-        end.saturating_sub(start_step) * tokens_per_step,
-        started.elapsed().as_secs_f64(),
-        last.display(),
-        metrics_path.display()
-    );
-    Ok(())
+    Ok(RunDone {
+        steps: end.saturating_sub(start_step),
+        tokens: end.saturating_sub(start_step) * tokens_per_step,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 /// Training and validation files: `--val` when given, else the last data file is held out.
@@ -152,8 +185,8 @@ fn split_files(data: &[PathBuf], val: &[PathBuf]) -> Result<(Vec<PathBuf>, Vec<P
     Ok((train, val))
 }
 
-fn eval_loss(model: &Decoder, tokens: &TokenFile, seq: usize, batch: usize) -> Result<f64> {
-    let (inputs, targets) = eval_windows(tokens, batch.max(8), seq)?;
+fn eval_loss(model: &Decoder, tokens: &TokenFile, seq: usize, count: usize) -> Result<f64> {
+    let (inputs, targets) = eval_windows(tokens, count, seq)?;
     let rows = inputs.len() / seq;
     Ok(batch_loss(model, &inputs, &targets, rows, None)?
         .to_dtype(DType::F64)?
@@ -239,8 +272,12 @@ fn read_state(last: &Path) -> Result<u64> {
 /// Opens metrics.jsonl for appending, first dropping records past the resumed step so a
 /// resumed run's log reads like an uninterrupted one.
 fn open_metrics(path: &Path, start_step: u64) -> Result<std::fs::File> {
-    let kept: Vec<String> = std::fs::read_to_string(path)
-        .unwrap_or_default()
+    let previous = if start_step == 0 {
+        String::new() // a fresh run: an earlier attempt's log is stale
+    } else {
+        std::fs::read_to_string(path).unwrap_or_default()
+    };
+    let kept: Vec<String> = previous
         .lines()
         .filter(|l| {
             serde_json::from_str::<serde_json::Value>(l)
