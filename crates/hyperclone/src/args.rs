@@ -86,13 +86,13 @@ pub struct ExperimentArgs {
     /// Dropout of the second symmetric run (the others train without dropout).
     #[arg(long, default_value_t = 0.1)]
     pub dropout: f64,
-    /// Steps of the base model [default: 600; quick: 40].
+    /// Steps of the base model [default: 1000; quick: 40].
     #[arg(long)]
     pub base_steps: Option<u64>,
     /// Peak learning rate of the base model [default: 3e-3].
     #[arg(long)]
     pub base_lr: Option<f64>,
-    /// Steps of every large run [default: 1500; quick: 30].
+    /// Steps of every large run [default: 2000; quick: 30].
     #[arg(long)]
     pub steps: Option<u64>,
     /// Peak learning rate of every large run [default: 2e-3].
