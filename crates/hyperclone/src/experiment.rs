@@ -136,11 +136,12 @@ pub fn experiment(a: ExperimentArgs) -> Result<()> {
     let started = Instant::now();
     let s = Settings::resolve(&a);
     let out = a.out.clone();
+    // Nothing is created before the inputs are known to exist.
+    let corpus = if a.report_only { None } else { Some(corpus(&a)?) };
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     check_same_settings(&out, &s)?;
 
-    if !a.report_only {
-        let (data, val) = corpus(&a)?;
+    if let Some((data, val)) = corpus {
         let tokenizer = out.join("tokenizer.json");
         match &a.tokenizer {
             Some(t) => std::fs::copy(t, &tokenizer)

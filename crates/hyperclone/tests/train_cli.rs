@@ -3,38 +3,15 @@
 //! loadable model folder, and a diverging run stops with a clear message.
 
 use hyperclone_core::Checkpoint;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::path::Path;
 use std::process::Command;
 
-const TEXT: &str =
-    "the cat sat on the mat and the dog sat on the log while the bird sang in the tree ";
+mod common;
 
-/// A word-level tokenizer.json over TEXT's words, and a tiny Llama config with that vocabulary.
+/// The toy corpus, tokenizer and config (common::toy_corpus).
 fn setup(dir: &Path) {
-    let mut words: Vec<&str> = TEXT.split_whitespace().collect();
-    words.sort();
-    words.dedup();
-    let mut vocab = serde_json::Map::new();
-    vocab.insert("[UNK]".into(), json!(0));
-    for (i, w) in words.iter().enumerate() {
-        vocab.insert((*w).into(), json!(i + 1));
-    }
-    let tok = json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
-    });
-    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
-    let cfg = json!({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": words.len() + 1,
-        "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": true
-    });
-    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
-    std::fs::create_dir_all(dir.join("data")).unwrap();
-    std::fs::write(dir.join("data/a.txt"), TEXT.repeat(40)).unwrap();
-    std::fs::write(dir.join("data/b.txt"), TEXT.repeat(10)).unwrap();
+    common::toy_corpus(dir);
 }
 
 /// Runs `hyperclone train` with the test's defaults; `extra` flags replace same-named ones.
@@ -87,13 +64,17 @@ fn trains_resumes_exactly_and_writes_a_loadable_checkpoint() {
     let o = train(d, "straight", &["--init-config", "config.json"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let straight = metrics(&d.join("straight/metrics.jsonl"));
-    assert_eq!(straight.len(), 24);
-    let first = straight[0]["train_loss"].as_f64().unwrap();
-    let last = straight[23]["train_loss"].as_f64().unwrap();
+    // One record per step, after the starting point's evaluation (step 0, no training loss).
+    assert_eq!(straight.len(), 25);
+    assert_eq!(straight[0]["step"], 0);
+    assert!(straight[0]["train_loss"].is_null() && straight[0]["val_loss"].as_f64().is_some());
+    let first = straight[1]["train_loss"].as_f64().unwrap();
+    let last = straight[24]["train_loss"].as_f64().unwrap();
     assert!(last < first * 0.5, "loss {first} -> {last}");
     assert!(
-        straight[23]["val_loss"].as_f64().is_some() && straight[5]["val_loss"].as_f64().is_some()
+        straight[24]["val_loss"].as_f64().is_some() && straight[6]["val_loss"].as_f64().is_some()
     );
+    assert!(straight[5]["val_loss"].is_null(), "evaluates every 6 steps only");
     // Validation is the held-out last file (b.txt); the checkpoint is a complete model folder.
     let ckpt = Checkpoint::open(&d.join("straight/last")).unwrap();
     assert_eq!(ckpt.config.hidden_size, 32);
@@ -106,7 +87,7 @@ fn trains_resumes_exactly_and_writes_a_loadable_checkpoint() {
         &["--init-config", "config.json", "--stop-at", "9"],
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(metrics(&d.join("resumed/metrics.jsonl")).len(), 9);
+    assert_eq!(metrics(&d.join("resumed/metrics.jsonl")).len(), 10);
     let o = train(d, "resumed", &["--resume"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(metrics(&d.join("resumed/metrics.jsonl")), straight);
@@ -166,7 +147,7 @@ fn a_diverging_run_stops_and_keeps_the_last_good_checkpoint() {
         &std::fs::read_to_string(d.join("kept/last/trainer_state.json")).unwrap(),
     )
     .unwrap();
-    let failed_at = metrics(&d.join("kept/metrics.jsonl")).len() as u64 + 1;
+    let failed_at = metrics(&d.join("kept/metrics.jsonl")).len() as u64; // step 0 + steps 1..=k; the failing step k + 1 writes no record
     assert_eq!(
         state["step"].as_u64().unwrap() + 1,
         failed_at,

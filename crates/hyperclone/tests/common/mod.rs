@@ -192,3 +192,34 @@ pub fn listing(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+pub const TEXT: &str =
+    "the cat sat on the mat and the dog sat on the log while the bird sang in the tree ";
+
+/// A word-level tokenizer.json over TEXT's words, a tiny Llama config.json with that
+/// vocabulary, and data/a.txt (train) + data/b.txt (held out) for training tests.
+pub fn toy_corpus(dir: &Path) {
+    let mut words: Vec<&str> = TEXT.split_whitespace().collect();
+    words.sort();
+    words.dedup();
+    let mut vocab = serde_json::Map::new();
+    vocab.insert("[UNK]".into(), json!(0));
+    for (i, w) in words.iter().enumerate() {
+        vocab.insert((*w).into(), json!(i + 1));
+    }
+    let tok = json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+    let cfg = json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": words.len() + 1,
+        "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": true
+    });
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    std::fs::write(dir.join("data/a.txt"), TEXT.repeat(40)).unwrap();
+    std::fs::write(dir.join("data/b.txt"), TEXT.repeat(10)).unwrap();
+}
