@@ -44,7 +44,8 @@ def rust(binary: Path, work: Path, tokenizer: Path, steps: int, batch: int, seq:
         cwd=work, env=env, check=True, capture_output=True,
     )
     rows = [json.loads(l) for l in (work / "out" / "metrics.jsonl").read_text().splitlines()]
-    return statistics.median(r["tokens_per_s"] for r in rows[2:])
+    steps = [r for r in rows if "tokens_per_s" in r]  # the step-0 evaluation has no step time
+    return statistics.median(r["tokens_per_s"] for r in steps[2:])
 
 
 def torch_side(steps: int, batch: int, seq: int, threads: int) -> float:

@@ -9,6 +9,7 @@ use crate::error::{NnError, Result};
 use crate::model::{Decoder, Dropout, Param};
 use candle_core::{DType, Tensor, D};
 use hyperclone_core::safetensors::{encode_header, HeaderEntry, SafetensorsFile};
+use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -99,14 +100,29 @@ impl AdamW {
     /// One optimizer step from accumulated gradients (already averaged over micro-batches):
     /// global-norm clipping, bias-corrected moments, decoupled weight decay on `decay`
     /// parameters only, all in one pass per parameter.
-    pub fn step(
+    ///
+    /// Arithmetic is f64 per element, rounded once to the parameter's f32 storage. The norm
+    /// is one sequential sum, so the result does not depend on the thread count; the
+    /// element-wise update runs on all cores.
+    pub fn step<G>(
         &mut self,
         params: &[Param],
-        grads: &[Vec<f64>],
+        grads: &[Vec<G>],
         cfg: &TrainConfig,
         lr: f64,
-    ) -> Result<f64> {
-        let norm = grads.iter().flatten().map(|g| g * g).sum::<f64>().sqrt();
+    ) -> Result<f64>
+    where
+        G: Copy + Into<f64> + Send + Sync,
+    {
+        let norm = grads
+            .iter()
+            .flatten()
+            .map(|&g| {
+                let g: f64 = g.into();
+                g * g
+            })
+            .sum::<f64>()
+            .sqrt();
         let clip = if cfg.grad_clip > 0.0 && norm > cfg.grad_clip {
             cfg.grad_clip / norm
         } else {
@@ -116,19 +132,27 @@ impl AdamW {
         let (b1, b2) = (cfg.beta1, cfg.beta2);
         let c1 = 1.0 - b1.powi(self.t as i32);
         let c2 = 1.0 - b2.powi(self.t as i32);
+        const CHUNK: usize = 1 << 14;
         for (i, p) in params.iter().enumerate() {
-            let mut w: Vec<f64> = p.var.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
+            let mut w: Vec<f32> = p.var.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
             let decay = if p.decay { cfg.weight_decay } else { 0.0 };
-            let (m, v) = (&mut self.m[i], &mut self.v[i]);
-            for k in 0..w.len() {
-                let g = grads[i][k] * clip;
-                let mk = b1 * m[k] as f64 + (1.0 - b1) * g;
-                let vk = b2 * v[k] as f64 + (1.0 - b2) * g * g;
-                m[k] = mk as f32;
-                v[k] = vk as f32;
-                let update = (mk / c1) / ((vk / c2).sqrt() + cfg.eps);
-                w[k] -= lr * (update + decay * w[k]);
-            }
+            let (m, v, g) = (&mut self.m[i], &mut self.v[i], &grads[i]);
+            w.par_chunks_mut(CHUNK)
+                .zip(m.par_chunks_mut(CHUNK))
+                .zip(v.par_chunks_mut(CHUNK))
+                .zip(g.par_chunks(CHUNK))
+                .for_each(|(((w, m), v), g)| {
+                    for k in 0..w.len() {
+                        let gk = g[k].into() * clip;
+                        let mk = b1 * m[k] as f64 + (1.0 - b1) * gk;
+                        let vk = b2 * v[k] as f64 + (1.0 - b2) * gk * gk;
+                        m[k] = mk as f32;
+                        v[k] = vk as f32;
+                        let update = (mk / c1) / ((vk / c2).sqrt() + cfg.eps);
+                        let wk = w[k] as f64;
+                        w[k] = (wk - lr * (update + decay * wk)) as f32;
+                    }
+                });
             let t = Tensor::from_vec(w, p.var.shape(), p.var.device())?.to_dtype(p.var.dtype())?;
             p.var.set(&t)?;
         }
@@ -209,25 +233,51 @@ pub fn train_step(
     batch: usize,
     mut batch_for: impl FnMut(u64) -> Result<(Vec<u32>, Vec<u32>)>,
 ) -> Result<StepStats> {
-    let mut grads: Vec<Vec<f64>> = params
-        .iter()
-        .map(|p| vec![0.0; p.var.elem_count()])
-        .collect();
-    let mut loss_sum = 0.0;
     let k = cfg.grad_accum.max(1);
-    for micro in 0..k {
-        let (inputs, targets) = batch_for(micro)?;
+    let micro_loss = |micro: u64, inputs: &[u32], targets: &[u32]| -> Result<Tensor> {
         let dropout = Dropout {
             p: cfg.dropout,
             key: crate::rng::mix64(cfg.seed ^ crate::rng::mix64(step * 1024 + micro)),
         };
         let loss = batch_loss(
             model,
-            &inputs,
-            &targets,
+            inputs,
+            targets,
             batch,
             (cfg.dropout > 0.0).then_some(&dropout),
         )?;
+        Ok(loss)
+    };
+    let lr = cfg.lr_at(step);
+    if k == 1 {
+        // One micro-batch: the f32 gradients go to the optimizer as they are (converting
+        // them to f64 first gives the same numbers and cost 10% of a step in copies).
+        let (inputs, targets) = batch_for(0)?;
+        let loss = micro_loss(0, &inputs, &targets)?;
+        let store = loss.backward()?;
+        let grads = params
+            .iter()
+            .map(|p| match store.get(p.var.as_tensor()) {
+                Some(g) => Ok(g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+                None => Ok(vec![0.0f32; p.var.elem_count()]),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let grad_norm = opt.step(params, &grads, cfg, lr)?;
+        return Ok(StepStats {
+            loss: loss.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+            grad_norm,
+            lr,
+        });
+    }
+    // Several micro-batches: their gradients are summed in f64.
+    let mut grads: Vec<Vec<f64>> = params
+        .iter()
+        .map(|p| vec![0.0; p.var.elem_count()])
+        .collect();
+    let mut loss_sum = 0.0;
+    for micro in 0..k {
+        let (inputs, targets) = batch_for(micro)?;
+        let loss = micro_loss(micro, &inputs, &targets)?;
         loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let store = (loss / k as f64)?.backward()?;
         for (g, p) in grads.iter_mut().zip(params) {
@@ -239,7 +289,6 @@ pub fn train_step(
             }
         }
     }
-    let lr = cfg.lr_at(step);
     let grad_norm = opt.step(params, &grads, cfg, lr)?;
     Ok(StepStats {
         loss: loss_sum / k as f64,
