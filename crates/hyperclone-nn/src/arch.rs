@@ -1,6 +1,7 @@
 //! Where each family keeps its tensors and how its blocks are wired: data for the one
-//! generic decoder in `model.rs`. Fused and transposed layouts are undone at load time, so
-//! the forward pass sees the same separate q/k/v and gate/up for every family.
+//! generic decoder in `model.rs`. Fused and transposed layouts are read through views of
+//! the stored tensors, so the forward pass sees the same separate q/k/v and gate/up for
+//! every family, and training updates the stored tensors themselves.
 
 use crate::spec::NormKind;
 
@@ -107,15 +108,6 @@ pub struct Arch {
     pub mlp: MlpLayout,
     /// q_norm/k_norm names under the attention prefix.
     pub qk_norm: Option<(&'static str, &'static str)>,
-}
-
-impl Arch {
-    /// Every weight is used as stored (no fused split, no transpose), so training can
-    /// update the loaded tensors in place.
-    pub fn trains_in_place(&self) -> bool {
-        matches!(self.attn, AttnLayout::Separate { .. })
-            && matches!(self.mlp, MlpLayout::Gated { .. } | MlpLayout::Plain { .. })
-    }
 }
 
 const LLAMA_BLOCK: BlockLayout = BlockLayout::Sequential {

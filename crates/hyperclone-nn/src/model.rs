@@ -12,31 +12,48 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use hyperclone_core::Checkpoint;
 use std::collections::HashMap;
 
+/// A projection whose weight is always a view of the loaded tensor (a narrow or a
+/// transpose shares its storage), never a copy made at load time: training updates the
+/// loaded tensors in place, and every view sees the update. Rows that no view can express
+/// (NeoX's per-head q|k|v interleave) are gathered at each forward instead.
 struct Linear {
+    /// [out, in] (possibly a strided view).
     w: Tensor,
     b: Option<Tensor>,
+    /// Rows of `w` (and `b`) to use, gathered at forward time.
+    select: Option<Tensor>,
 }
 
 impl Linear {
+    fn new(w: Tensor, b: Option<Tensor>) -> Linear {
+        Linear { w, b, select: None }
+    }
+
     /// x: [N, in] -> [N, out]
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.w.t()?)?;
-        Ok(match &self.b {
-            Some(b) => y.broadcast_add(b)?,
+        let (w, b) = match &self.select {
+            Some(idx) => (
+                self.w.index_select(idx, 0)?,
+                self.b.as_ref().map(|b| b.index_select(idx, 0)).transpose()?,
+            ),
+            None => (self.w.clone(), self.b.clone()),
+        };
+        let y = x.matmul(&w.t()?)?;
+        Ok(match b {
+            Some(b) => y.broadcast_add(&b)?,
             None => y,
         })
     }
 
-    /// Rows [start, start + len) of a fused Linear.
+    /// Rows [start, start + len) of a fused Linear (a view).
     fn rows(&self, start: usize, len: usize) -> Result<Linear> {
-        Ok(Linear {
-            w: self.w.narrow(0, start, len)?.contiguous()?,
-            b: self
-                .b
+        Ok(Linear::new(
+            self.w.narrow(0, start, len)?,
+            self.b
                 .as_ref()
                 .map(|b| b.narrow(0, start, len))
                 .transpose()?,
-        })
+        ))
     }
 }
 
@@ -170,8 +187,8 @@ impl Decoder {
         Ok(Self::load_with(ckpt, dtype, device, false)?.0)
     }
 
-    /// Loads every weight as a trainable variable. Layouts that are rearranged at load time
-    /// (fused q|k|v, Conv1D) are refused: their derived copies would not follow updates.
+    /// Loads every weight as a trainable variable (every layout: fused and transposed
+    /// weights are used through views, see [`Linear`]).
     pub fn load_trainable(
         ckpt: &Checkpoint,
         dtype: DType,
@@ -200,11 +217,6 @@ impl Decoder {
                 1e-6
             };
         }
-        if trainable && !arch.trains_in_place() {
-            return Err(NnError::Unsupported(format!(
-                "training model_type `{model_type}` is not supported yet (its fused or transposed weights are rearranged at load time)"
-            )));
-        }
         let mut weights: HashMap<String, Tensor> = HashMap::new();
         let mut params = Vec::new();
         for t in &ckpt.tensors {
@@ -230,17 +242,17 @@ impl Decoder {
         };
         let opt = |name: &str| weights.get(name).cloned();
         let lin = |p: &str| -> Result<Linear> {
-            Ok(Linear {
-                w: take(&format!("{p}.weight"))?,
-                b: opt(&format!("{p}.bias")),
-            })
+            Ok(Linear::new(
+                take(&format!("{p}.weight"))?,
+                opt(&format!("{p}.bias")),
+            ))
         };
-        // GPT-2's Conv1D keeps [in, out]: transpose once here.
+        // GPT-2's Conv1D keeps [in, out]: a transposed view (the matmul reads it as stored).
         let conv = |p: &str| -> Result<Linear> {
-            Ok(Linear {
-                w: take(&format!("{p}.weight"))?.t()?.contiguous()?,
-                b: opt(&format!("{p}.bias")),
-            })
+            Ok(Linear::new(
+                take(&format!("{p}.weight"))?.t()?,
+                opt(&format!("{p}.bias")),
+            ))
         };
         let norm = |name: &str| -> Option<Norm> {
             opt(&format!("{name}.weight")).map(|w| Norm {
@@ -288,20 +300,13 @@ impl Decoder {
                 AttnLayout::PerHead { prefix, qkv, o } => {
                     // Rows (heads, 3, head_dim): gather q, k, v rows head by head.
                     let a = join(&p, prefix);
-                    let fused = lin(&join(&a, qkv))?;
-                    let cols = fused.w.dim(1)?;
                     let pick = |s: usize| -> Result<Linear> {
-                        let w = fused
-                            .w
-                            .reshape((nh, 3, hd, cols))?
-                            .narrow(1, s, 1)?
-                            .reshape((nh * hd, cols))?;
-                        let b = fused
-                            .b
-                            .as_ref()
-                            .map(|b| b.reshape((nh, 3, hd))?.narrow(1, s, 1)?.reshape(nh * hd))
-                            .transpose()?;
-                        Ok(Linear { w, b })
+                        let rows: Vec<u32> = (0..nh)
+                            .flat_map(|h| (0..hd).map(move |d| ((h * 3 + s) * hd + d) as u32))
+                            .collect();
+                        let mut l = lin(&join(&a, qkv))?;
+                        l.select = Some(Tensor::from_vec(rows, nh * hd, device)?);
+                        Ok(l)
                     };
                     (pick(0)?, pick(1)?, pick(2)?, lin(&join(&a, o))?, a)
                 }
@@ -384,16 +389,16 @@ impl Decoder {
             });
         }
         let embed = take(&format!("{}.weight", arch.embed))?;
-        let head = Linear {
-            w: opt(&format!("{}.weight", arch.head)).unwrap_or_else(|| embed.clone()),
-            b: opt(&format!("{}.bias", arch.head)),
-        };
+        let head = Linear::new(
+            opt(&format!("{}.weight", arch.head)).unwrap_or_else(|| embed.clone()),
+            opt(&format!("{}.bias", arch.head)),
+        );
         let positions = match arch.positions {
             Some((name, offset)) => Some((take(&format!("{name}.weight"))?, offset)),
             None => None,
         };
         let project = |name: Option<&str>| {
-            name.and_then(|n| opt(&format!("{n}.weight")).map(|w| Linear { w, b: None }))
+            name.and_then(|n| opt(&format!("{n}.weight")).map(|w| Linear::new(w, None)))
         };
         let decoder = Decoder {
             project_in: project(arch.project_in),
