@@ -16,5 +16,5 @@ cargo test --release --locked --workspace
 
 echo "== transformers reference checks =="
 PY=$(scripts/pyenv.sh | tail -1)
-export HYPERCLONE_BIN="$PWD/target/release/hyperclone"
+export HYPERCLONE_BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/hyperclone"
 "$PY" -m pytest tests/python -q -p no:cacheprovider
