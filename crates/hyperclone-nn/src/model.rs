@@ -34,7 +34,10 @@ impl Linear {
         let (w, b) = match &self.select {
             Some(idx) => (
                 self.w.index_select(idx, 0)?,
-                self.b.as_ref().map(|b| b.index_select(idx, 0)).transpose()?,
+                self.b
+                    .as_ref()
+                    .map(|b| b.index_select(idx, 0))
+                    .transpose()?,
             ),
             None => (self.w.clone(), self.b.clone()),
         };

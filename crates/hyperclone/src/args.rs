@@ -47,7 +47,8 @@ pub enum Command {
 }
 
 #[derive(Args, Clone)]
-#[command(long_about = "The HyperCloning paper's experiment, scaled to one CPU machine.\n\n\
+#[command(
+    long_about = "The HyperCloning paper's experiment, scaled to one CPU machine.\n\n\
     1. train a small Llama from random init (the base);\n\
     2. grow it x2 with the symmetric, noisy (10 dB) and diagonal variants;\n\
     3. train each clone, the symmetric clone once more with dropout, and a random init of the large \
@@ -57,7 +58,8 @@ pub enum Command {
     Runs that finished are kept and reused, and an interrupted run resumes from its last checkpoint, \
     so rerunning the same command continues an experiment. The default (about an hour on 2 cores) is \
     what the README quotes; --quick (tiny models, about a minute) checks the pipeline.\n\n\
-    Data: the Shakespeare corpus of scripts/fetch_shakespeare.sh by default.")]
+    Data: the Shakespeare corpus of scripts/fetch_shakespeare.sh by default."
+)]
 pub struct ExperimentArgs {
     /// Output folder: base/, clones/, runs/NAME/ (checkpoint + metrics.jsonl), report.*, *.png.
     #[arg(long, value_name = "DIR", default_value = "experiment")]

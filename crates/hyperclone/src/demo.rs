@@ -3,10 +3,10 @@
 //! verified, and both models continue the same verse.
 
 use crate::args::{DemoArgs, InputArgs};
+use crate::growth::grow_quietly;
 use crate::infer;
 use anyhow::{Context, Result};
 use candle_core::DType;
-use crate::growth::grow_quietly;
 use hyperclone_core::{GrowthOptions, Variant};
 use std::path::{Path, PathBuf};
 use std::time::Instant;

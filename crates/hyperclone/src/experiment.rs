@@ -112,15 +112,30 @@ fn default_base_config(quick: bool) -> Value {
 /// The large runs, in report order: name, role, what they start from, dropout.
 pub fn large_runs(s: &Settings) -> Vec<(String, RunRole, Start, f64)> {
     vec![
-        ("symmetric".into(), RunRole::Clone, Start::Clone(Variant::Symmetric), 0.0),
+        (
+            "symmetric".into(),
+            RunRole::Clone,
+            Start::Clone(Variant::Symmetric),
+            0.0,
+        ),
         (
             format!("symmetric+dropout{}", s.dropout),
             RunRole::Clone,
             Start::Clone(Variant::Symmetric),
             s.dropout,
         ),
-        ("noisy".into(), RunRole::Clone, Start::Clone(Variant::Noisy), 0.0),
-        ("diagonal".into(), RunRole::Clone, Start::Clone(Variant::Diagonal), 0.0),
+        (
+            "noisy".into(),
+            RunRole::Clone,
+            Start::Clone(Variant::Noisy),
+            0.0,
+        ),
+        (
+            "diagonal".into(),
+            RunRole::Clone,
+            Start::Clone(Variant::Diagonal),
+            0.0,
+        ),
         ("random-init".into(), RunRole::Random, Start::Random, 0.0),
     ]
 }
@@ -137,7 +152,11 @@ pub fn experiment(a: ExperimentArgs) -> Result<()> {
     let s = Settings::resolve(&a);
     let out = a.out.clone();
     // Nothing is created before the inputs are known to exist.
-    let corpus = if a.report_only { None } else { Some(corpus(&a)?) };
+    let corpus = if a.report_only {
+        None
+    } else {
+        Some(corpus(&a)?)
+    };
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     check_same_settings(&out, &s)?;
 

@@ -38,7 +38,10 @@ pub struct Curve {
 impl Curve {
     pub fn read(name: &str, role: RunRole, path: &Path) -> Result<Curve> {
         let text = std::fs::read_to_string(path).with_context(|| {
-            format!("run {name}: no {} (run the experiment without --report-only)", path.display())
+            format!(
+                "run {name}: no {} (run the experiment without --report-only)",
+                path.display()
+            )
         })?;
         let mut curve = Curve {
             name: name.to_string(),
@@ -113,10 +116,13 @@ pub struct Dip {
 
 pub fn forgetting_dip(evals: &[EvalPoint]) -> Dip {
     let start = evals[0].val_loss;
-    let (peak_at, peak) = evals
-        .iter()
-        .enumerate()
-        .fold((0, start), |(i, m), (j, e)| if e.val_loss > m { (j, e.val_loss) } else { (i, m) });
+    let (peak_at, peak) = evals.iter().enumerate().fold((0, start), |(i, m), (j, e)| {
+        if e.val_loss > m {
+            (j, e.val_loss)
+        } else {
+            (i, m)
+        }
+    });
     Dip {
         rise: peak - start,
         peak_tokens: evals[peak_at].tokens,
@@ -173,7 +179,11 @@ impl Report {
                     tokens_to_target: reach,
                     speedup: reach.filter(|t| *t > 0.0).map(|t| random_tokens / t),
                     speedup_with_base: reach.map(|t| {
-                        let base = if r.role == RunRole::Clone { base_tokens } else { 0.0 };
+                        let base = if r.role == RunRole::Clone {
+                            base_tokens
+                        } else {
+                            0.0
+                        };
                         random_tokens / (t + base)
                     }),
                     dip: forgetting_dip(&r.evals),
@@ -219,7 +229,8 @@ impl Report {
                     (None, Some(_)) => "starts below".into(),
                     (None, None) => "-".into(),
                 },
-                s.speedup_with_base.map_or("-".into(), |x| format!("{x:.2}x")),
+                s.speedup_with_base
+                    .map_or("-".into(), |x| format!("{x:.2}x")),
                 if s.role == RunRole::Random {
                     "-".into()
                 } else {
@@ -350,8 +361,11 @@ impl Report {
                 self.base.final_loss() - self.target
             );
         }
-        let clones: Vec<&RunSummary> =
-            self.summaries.iter().filter(|s| s.role == RunRole::Clone).collect();
+        let clones: Vec<&RunSummary> = self
+            .summaries
+            .iter()
+            .filter(|s| s.role == RunRole::Clone)
+            .collect();
         let reached: Vec<f64> = clones.iter().filter_map(|s| s.speedup).collect();
         if !reached.is_empty() {
             let lo = reached.iter().cloned().fold(f64::INFINITY, f64::min);
@@ -432,7 +446,13 @@ mod tests {
 
     #[test]
     fn dip_is_the_rise_above_the_start_and_when_it_recovers() {
-        let e = evals(&[(0.0, 4.0), (100.0, 4.3), (200.0, 4.5), (300.0, 4.1), (400.0, 3.5)]);
+        let e = evals(&[
+            (0.0, 4.0),
+            (100.0, 4.3),
+            (200.0, 4.5),
+            (300.0, 4.1),
+            (400.0, 3.5),
+        ]);
         let d = forgetting_dip(&e);
         assert!((d.rise - 0.5).abs() < 1e-12);
         assert_eq!(d.peak_tokens, 200.0);

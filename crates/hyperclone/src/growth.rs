@@ -147,6 +147,13 @@ pub fn grow_quietly(
         create: &create_plain_file,
         check: None,
     };
-    write_clone(&ckpt, &plan, &model_card(&ckpt, &plan, &prov), dst, false, &env)?;
+    write_clone(
+        &ckpt,
+        &plan,
+        &model_card(&ckpt, &plan, &prov),
+        dst,
+        false,
+        &env,
+    )?;
     Ok((ckpt, plan))
 }

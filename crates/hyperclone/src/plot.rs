@@ -45,7 +45,12 @@ pub fn val_loss(report: &Report, path: &Path) -> Result<()> {
     root.fill(&WHITE).map_err(err)?;
     let (left, right) = root.split_horizontally(SIZE.0 / 2);
     let max_tokens = report.runs.iter().map(Curve::tokens).fold(1.0, f64::max) / 1e6;
-    let all = || report.runs.iter().flat_map(|r| r.evals.iter().map(|e| e.val_loss));
+    let all = || {
+        report
+            .runs
+            .iter()
+            .flat_map(|r| r.evals.iter().map(|e| e.val_loss))
+    };
     let lo = all().fold(f64::INFINITY, f64::min);
     let hi = all().fold(f64::NEG_INFINITY, f64::max);
     let base = report.base.final_loss();
@@ -53,7 +58,12 @@ pub fn val_loss(report: &Report, path: &Path) -> Result<()> {
     let zoom_hi = base.max(lo) + 0.35 * (base - lo).abs().max(0.05);
     for (area, (y0, y1), title, legend) in [
         (&left, (lo - 0.05, hi + 0.05), "validation loss", true),
-        (&right, (lo - 0.02, zoom_hi), "validation loss (zoom)", false),
+        (
+            &right,
+            (lo - 0.02, zoom_hi),
+            "validation loss (zoom)",
+            false,
+        ),
     ] {
         let mut chart = ChartBuilder::on(area)
             .caption(title, ("sans-serif", 24))
@@ -90,7 +100,9 @@ pub fn val_loss(report: &Report, path: &Path) -> Result<()> {
                 .draw_series(LineSeries::new(points, c.stroke_width(3)))
                 .map_err(err)?
                 .label(format!("{} ({:.3})", run.name, run.final_loss()))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3))
+                });
         }
         if legend {
             chart

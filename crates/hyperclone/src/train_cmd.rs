@@ -62,7 +62,10 @@ pub fn run(a: &TrainArgs, label: &str) -> Result<RunDone> {
         .or_else(|| a.model.as_ref().map(|m| m.join("tokenizer.json")))
         .context("no tokenizer.json next to the model: pass --tokenizer")?;
     let (train_files, val_files) = split_files(&a.data, &a.val)?;
-    let cache = a.token_cache.clone().unwrap_or_else(|| a.out.join("tokens"));
+    let cache = a
+        .token_cache
+        .clone()
+        .unwrap_or_else(|| a.out.join("tokens"));
     // Documents are separated by the end-of-text token when the tokenizer has one.
     let eos = tokenizers::Tokenizer::from_file(&tokenizer)
         .map_err(|e| anyhow::anyhow!("{}: {e}", tokenizer.display()))?
@@ -100,7 +103,11 @@ pub fn run(a: &TrainArgs, label: &str) -> Result<RunDone> {
         ProgressStyle::with_template("{prefix}{bar:30} {pos}/{len} steps {msg} ETA {eta}")
             .expect("template"),
     );
-    bar.set_prefix(if label.is_empty() { String::new() } else { format!("{label:<18} ") });
+    bar.set_prefix(if label.is_empty() {
+        String::new()
+    } else {
+        format!("{label:<18} ")
+    });
     // Where the run starts from: for a clone this is the small model's loss (the function is
     // preserved), the reference for the early-forgetting dip.
     if start_step == 0 {

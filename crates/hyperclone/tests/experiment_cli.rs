@@ -85,7 +85,10 @@ fn quick_experiment_writes_a_complete_report_and_reruns_reuse_it() {
     let dropped = runs[1]["final_symmetry"].as_f64().unwrap();
     assert!(sym > 0.999_999, "symmetric without dropout: {sym}");
     assert!(dropped < 0.9999, "symmetric with dropout: {dropped}");
-    assert!(runs[4]["final_symmetry"].is_null(), "random init has no symmetry");
+    assert!(
+        runs[4]["final_symmetry"].is_null(),
+        "random init has no symmetry"
+    );
 
     let md = std::fs::read_to_string(d.join("exp/report.md")).unwrap();
     for needle in RUNS.iter().copied().chain([
@@ -125,7 +128,10 @@ fn quick_experiment_writes_a_complete_report_and_reruns_reuse_it() {
     let o = experiment(d, &["--steps", "31"]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("other settings") && err.contains("steps"), "{err}");
+    assert!(
+        err.contains("other settings") && err.contains("steps"),
+        "{err}"
+    );
     assert_eq!(report(d)["runs"], again["runs"]);
 }
 

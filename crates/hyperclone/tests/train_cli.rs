@@ -74,7 +74,10 @@ fn trains_resumes_exactly_and_writes_a_loadable_checkpoint() {
     assert!(
         straight[24]["val_loss"].as_f64().is_some() && straight[6]["val_loss"].as_f64().is_some()
     );
-    assert!(straight[5]["val_loss"].is_null(), "evaluates every 6 steps only");
+    assert!(
+        straight[5]["val_loss"].is_null(),
+        "evaluates every 6 steps only"
+    );
     // Validation is the held-out last file (b.txt); the checkpoint is a complete model folder.
     let ckpt = Checkpoint::open(&d.join("straight/last")).unwrap();
     assert_eq!(ckpt.config.hidden_size, 32);
