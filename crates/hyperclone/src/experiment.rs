@@ -320,12 +320,7 @@ fn differences(before: &Value, now: &Value) -> Vec<String> {
 
 /// Trains `args` to its last step: skips a finished run, resumes an interrupted one.
 fn run_once(args: &TrainArgs, label: &str) -> Result<()> {
-    let state = args.out.join("last/trainer_state.json");
-    let done = std::fs::read_to_string(&state)
-        .ok()
-        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-        .and_then(|v| v["step"].as_u64());
-    let args = match done {
+    let args = match train_cmd::read_state(&args.out.join("last")).ok() {
         Some(step) if step >= args.steps => {
             println!("   {label}: finished earlier, reused");
             return Ok(());
@@ -387,12 +382,7 @@ fn models_json(out: &Path) -> Result<Value> {
     let describe = |dir: PathBuf| -> Result<Value> {
         let ckpt = hyperclone_core::Checkpoint::open(&dir)?;
         let c = &ckpt.config;
-        let params: u64 = ckpt
-            .files
-            .iter()
-            .flat_map(|f| f.tensors.iter())
-            .map(|t| t.shape.iter().product::<usize>() as u64)
-            .sum();
+        let params: usize = ckpt.tensors.iter().map(|t| t.info.numel()).sum();
         Ok(json!({
             "hidden_size": c.hidden_size,
             "intermediate_size": c.intermediate_size,

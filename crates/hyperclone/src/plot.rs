@@ -3,6 +3,8 @@
 
 use crate::experiment_report::{Curve, Report, RunRole};
 use anyhow::{anyhow, Result};
+use plotters::coord::types::RangedCoordf64;
+use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
 use std::path::Path;
@@ -37,6 +39,45 @@ fn err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow!("plotting: {e}")
 }
 
+type Chart<'a, 'b> =
+    ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// Axes over tokens (millions, x) and `y`, with caption, grid and labels.
+fn frame<'a, 'b>(
+    area: &DrawingArea<BitMapBackend<'b>, Shift>,
+    title: &str,
+    max_tokens: f64,
+    (y0, y1): (f64, f64),
+    y_desc: &str,
+) -> Result<Chart<'a, 'b>> {
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 24))
+        .margin(12)
+        .x_label_area_size(44)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..max_tokens, y0..y1)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("tokens trained after growth (millions)")
+        .y_desc(y_desc)
+        .label_style(("sans-serif", 16))
+        .draw()
+        .map_err(err)?;
+    Ok(chart)
+}
+
+fn draw_legend<'a, 'b: 'a>(chart: &mut Chart<'a, 'b>, position: SeriesLabelPosition) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .label_font(("sans-serif", 16))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(position)
+        .draw()
+        .map_err(err)
+}
+
 /// Validation loss vs tokens: the whole runs (left) and a zoom on where they finish (right),
 /// with the small base's final loss as a dashed line.
 pub fn val_loss(report: &Report, path: &Path) -> Result<()> {
@@ -65,20 +106,7 @@ pub fn val_loss(report: &Report, path: &Path) -> Result<()> {
             false,
         ),
     ] {
-        let mut chart = ChartBuilder::on(area)
-            .caption(title, ("sans-serif", 24))
-            .margin(12)
-            .x_label_area_size(44)
-            .y_label_area_size(60)
-            .build_cartesian_2d(0.0..max_tokens, y0..y1)
-            .map_err(err)?;
-        chart
-            .configure_mesh()
-            .x_desc("tokens trained after growth (millions)")
-            .y_desc("loss (nats/token)")
-            .label_style(("sans-serif", 16))
-            .draw()
-            .map_err(err)?;
+        let mut chart = frame(area, title, max_tokens, (y0, y1), "loss (nats/token)")?;
         chart
             .draw_series(DashedLineSeries::new(
                 [(0.0, base), (max_tokens, base)],
@@ -105,14 +133,7 @@ pub fn val_loss(report: &Report, path: &Path) -> Result<()> {
                 });
         }
         if legend {
-            chart
-                .configure_series_labels()
-                .label_font(("sans-serif", 16))
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .position(SeriesLabelPosition::UpperRight)
-                .draw()
-                .map_err(err)?;
+            draw_legend(&mut chart, SeriesLabelPosition::UpperRight)?;
         }
     }
     root.present().map_err(err)?;
@@ -136,20 +157,13 @@ pub fn symmetry(report: &Report, path: &Path) -> Result<()> {
         .flat_map(|(_, r)| r.evals.iter().filter_map(|e| e.symmetry))
         .fold(1.0, f64::min);
     let y0 = (lo - 0.05 * (1.0 - lo).max(0.01)).max(-1.0);
-    let mut chart = ChartBuilder::on(&root)
-        .caption("symmetry of the grown weights", ("sans-serif", 24))
-        .margin(12)
-        .x_label_area_size(44)
-        .y_label_area_size(70)
-        .build_cartesian_2d(0.0..max_tokens, y0..1.0 + 0.02 * (1.0 - y0))
-        .map_err(err)?;
-    chart
-        .configure_mesh()
-        .x_desc("tokens trained after growth (millions)")
-        .y_desc("mean row-half cosine")
-        .label_style(("sans-serif", 16))
-        .draw()
-        .map_err(err)?;
+    let mut chart = frame(
+        &root,
+        "symmetry of the grown weights",
+        max_tokens,
+        (y0, 1.0 + 0.02 * (1.0 - y0)),
+        "mean row-half cosine",
+    )?;
     for (i, run) in clones {
         let c = colour(i, run.role);
         let points: Vec<(f64, f64)> = run
@@ -164,14 +178,7 @@ pub fn symmetry(report: &Report, path: &Path) -> Result<()> {
             .label(format!("{} ({last:.4})", run.name))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3)));
     }
-    chart
-        .configure_series_labels()
-        .label_font(("sans-serif", 16))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerLeft)
-        .draw()
-        .map_err(err)?;
+    draw_legend(&mut chart, SeriesLabelPosition::LowerLeft)?;
     root.present().map_err(err)?;
     Ok(())
 }

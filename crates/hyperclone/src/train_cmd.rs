@@ -110,15 +110,17 @@ pub fn run(a: &TrainArgs, label: &str) -> Result<RunDone> {
     });
     // Where the run starts from: for a clone this is the small model's loss (the function is
     // preserved), the reference for the early-forgetting dip.
-    if start_step == 0 {
-        let mut record = json!({
-            "step": 0,
-            "tokens": 0,
-            "val_loss": eval_loss(&model, &val_tokens, a.seq, eval_count)?,
-        });
+    // Validation loss, and symmetry for a clone, added to a metrics record.
+    let evaluate = |record: &mut serde_json::Value| -> Result<()> {
+        record["val_loss"] = json!(eval_loss(&model, &val_tokens, a.seq, eval_count)?);
         if let Some((n, m)) = growth {
             record["symmetry"] = json!(symmetry(&ckpt, &params, n, m)?);
         }
+        Ok(())
+    };
+    if start_step == 0 {
+        let mut record = json!({ "step": 0, "tokens": 0 });
+        evaluate(&mut record)?;
         writeln!(metrics, "{record}")?;
     }
     let tokens_per_step = (a.batch * a.seq) as u64 * cfg.grad_accum.max(1);
@@ -154,10 +156,7 @@ pub fn run(a: &TrainArgs, label: &str) -> Result<RunDone> {
             "tokens_per_s": tps,
         });
         if done % a.eval_every.max(1) == 0 || done == a.steps {
-            record["val_loss"] = json!(eval_loss(&model, &val_tokens, a.seq, eval_count)?);
-            if let Some((n, m)) = growth {
-                record["symmetry"] = json!(symmetry(&ckpt, &params, n, m)?);
-            }
+            evaluate(&mut record)?;
         }
         writeln!(metrics, "{record}")?;
         metrics.flush()?;
@@ -270,7 +269,8 @@ fn save_checkpoint(
     Ok(())
 }
 
-fn read_state(last: &Path) -> Result<u64> {
+/// The step a checkpoint folder (OUT/last) was saved at.
+pub fn read_state(last: &Path) -> Result<u64> {
     let text = std::fs::read_to_string(last.join("trainer_state.json"))?;
     let v: serde_json::Value = serde_json::from_str(&text)?;
     v["step"].as_u64().context("trainer_state.json has no step")

@@ -35,11 +35,7 @@ fn experiment(dir: &Path, extra: &[&str]) -> Output {
         "12",
     ];
     args.extend_from_slice(extra);
-    Command::new(env!("CARGO_BIN_EXE_hyperclone"))
-        .args(&args)
-        .current_dir(dir)
-        .output()
-        .unwrap()
+    common::run(&args, dir)
 }
 
 fn report(dir: &Path) -> Value {

@@ -5,7 +5,6 @@
 use hyperclone_core::Checkpoint;
 use serde_json::Value;
 use std::path::Path;
-use std::process::Command;
 
 mod common;
 
@@ -36,11 +35,7 @@ fn train(dir: &Path, out: &str, extra: &[&str]) -> std::process::Output {
         }
     }
     args.extend_from_slice(extra);
-    Command::new(env!("CARGO_BIN_EXE_hyperclone"))
-        .args(&args)
-        .current_dir(dir)
-        .output()
-        .unwrap()
+    common::run(&args, dir)
 }
 
 /// metrics.jsonl records without the wall-clock field (tokens_per_s).
