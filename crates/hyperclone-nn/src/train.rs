@@ -1,6 +1,7 @@
 //! Training: cross-entropy loss, a fused AdamW with parameter groups and global-norm
-//! clipping, linear warmup + cosine decay to 10%, gradient accumulation, and checkpoints that
-//! are ordinary Hugging Face folders plus the optimizer state.
+//! clipping, learning-rate schedules (linear warmup, then cosine, warmup-stable-decay or
+//! constant), gradient accumulation, and checkpoints that are ordinary Hugging Face folders
+//! plus the optimizer state.
 //!
 //! Everything random is addressed by (seed, step, micro-batch), so a resumed run reproduces
 //! the loss curve of an uninterrupted one bit for bit.
@@ -13,11 +14,37 @@ use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::path::Path;
 
+/// The learning-rate shape after the linear warmup.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Schedule {
+    /// Cosine from the peak to `min_lr` at the last step.
+    Cosine,
+    /// Warmup-stable-decay: the peak until the last `decay_frac` of the steps, then linear
+    /// to `min_lr`. The stable phase is where a grown model re-learns without forgetting;
+    /// its checkpoints can be branched off and decayed at any budget.
+    Wsd { decay_frac: f64 },
+    /// The peak to the end.
+    Constant,
+}
+
+impl Schedule {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Schedule::Cosine => "cosine",
+            Schedule::Wsd { .. } => "wsd",
+            Schedule::Constant => "constant",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct TrainConfig {
     pub steps: u64,
     pub lr: f64,
     pub warmup: u64,
+    pub schedule: Schedule,
+    /// Where the decay ends (cosine and WSD).
+    pub min_lr: f64,
     pub weight_decay: f64,
     /// Global-norm clipping threshold (0 = off).
     pub grad_clip: f64,
@@ -30,15 +57,31 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
-    /// Linear warmup to `lr`, then cosine decay to 10% of it at the last step.
+    /// Linear warmup to `lr`, then the schedule's shape down to `min_lr`.
     pub fn lr_at(&self, step: u64) -> f64 {
         if self.warmup > 0 && step < self.warmup {
             return self.lr * (step + 1) as f64 / self.warmup as f64;
         }
-        let span = self.steps.saturating_sub(self.warmup).max(1) as f64;
-        let progress = ((step - self.warmup.min(step)) as f64 / span).min(1.0);
-        let floor = 0.1 * self.lr;
-        floor + (self.lr - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+        let floor = self.min_lr;
+        match self.schedule {
+            Schedule::Constant => self.lr,
+            Schedule::Cosine => {
+                let span = self.steps.saturating_sub(self.warmup).max(1) as f64;
+                let progress = ((step - self.warmup.min(step)) as f64 / span).min(1.0);
+                floor + (self.lr - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+            }
+            Schedule::Wsd { decay_frac } => {
+                let decay_steps = ((self.steps as f64 * decay_frac).round() as u64)
+                    .min(self.steps.saturating_sub(self.warmup));
+                let decay_start = self.steps - decay_steps;
+                if step < decay_start || decay_steps == 0 {
+                    return self.lr;
+                }
+                // Linear from the peak at decay_start to min_lr at the last step.
+                let progress = ((step - decay_start + 1) as f64 / decay_steps as f64).min(1.0);
+                self.lr + (floor - self.lr) * progress
+            }
+        }
     }
 }
 

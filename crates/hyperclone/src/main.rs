@@ -1,13 +1,15 @@
 //! The `hyperclone` binary: flags in, core calls, progress and reports out. No growth math.
 
 mod args;
+mod curve;
 mod demo;
 mod experiment;
-mod experiment_report;
 mod growth;
 mod infer;
+mod optimizer_carry;
 mod plot;
 mod report;
+mod study_report;
 mod train_cmd;
 
 use anyhow::Result;

@@ -1,12 +1,12 @@
 //! `hyperclone train`: continue training a checkpoint (or a random init) on text files.
 
-use crate::args::{TokenizerArgs, TrainArgs};
+use crate::args::{ScheduleArg, TokenizerArgs, TrainArgs};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use hyperclone_core::symmetry::mean_row_half_cosine_of;
 use hyperclone_core::Checkpoint;
 use hyperclone_nn::corpus::{batch, eval_windows, text_files, tokenize_to_cache, TokenFile};
-use hyperclone_nn::train::{batch_loss, save_params, train_step, AdamW, TrainConfig};
+use hyperclone_nn::train::{batch_loss, save_params, train_step, AdamW, Schedule, TrainConfig};
 use hyperclone_nn::{Decoder, Param};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -39,6 +39,7 @@ pub struct RunDone {
 
 /// Trains as `hyperclone train` does; `label` prefixes the progress bar.
 pub fn run(a: &TrainArgs, label: &str) -> Result<RunDone> {
+    check_schedule(a)?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let last = a.out.join(LAST);
     // Where the weights come from: the last checkpoint, a model, or a fresh random init.
@@ -75,16 +76,44 @@ pub fn run(a: &TrainArgs, label: &str) -> Result<RunDone> {
 
     let ckpt = Checkpoint::open(&source)?;
     let (model, params) = Decoder::load_trainable(&ckpt, DType::F32, &Device::Cpu)?;
+    let growth = clone_factors(&ckpt);
     let mut opt = if a.resume {
         AdamW::load(&params, &last.join("optimizer.safetensors"))?
+    } else if let Some(base) = &a.optimizer_from {
+        let Some((n, m)) = growth else {
+            bail!(
+                "--optimizer-from: {} is not a hyperclone clone (no hyperclone.factor in its metadata)",
+                source.display()
+            );
+        };
+        let (opt, carried) = crate::optimizer_carry::carry(base, n, m, &params)?;
+        eprintln!(
+            "AdamW moments of {} tensors carried from {} (step {}){}",
+            carried.tensors,
+            base.display(),
+            carried.step,
+            if carried.fresh.is_empty() {
+                String::new()
+            } else {
+                format!("; from zero: {}", carried.fresh.join(", "))
+            }
+        );
+        opt
     } else {
         AdamW::new(&params)
     };
-    let growth = clone_factors(&ckpt);
     let cfg = TrainConfig {
         steps: a.steps,
         lr: a.lr,
         warmup: a.warmup,
+        schedule: match a.schedule {
+            ScheduleArg::Cosine => Schedule::Cosine,
+            ScheduleArg::Wsd => Schedule::Wsd {
+                decay_frac: a.decay_frac,
+            },
+            ScheduleArg::Constant => Schedule::Constant,
+        },
+        min_lr: a.min_lr.unwrap_or(0.1 * a.lr),
         weight_decay: a.weight_decay,
         grad_clip: a.grad_clip,
         grad_accum: a.grad_accum,
@@ -172,6 +201,21 @@ pub fn run(a: &TrainArgs, label: &str) -> Result<RunDone> {
         tokens: end.saturating_sub(start_step) * tokens_per_step,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+fn check_schedule(a: &TrainArgs) -> Result<()> {
+    if !(a.lr.is_finite() && a.lr > 0.0) {
+        bail!("--lr {}: must be a positive number", a.lr);
+    }
+    if let Some(min) = a.min_lr {
+        if !(min.is_finite() && (0.0..=a.lr).contains(&min)) {
+            bail!("--min-lr {min}: must be between 0 and --lr {}", a.lr);
+        }
+    }
+    if !(0.0..=1.0).contains(&a.decay_frac) {
+        bail!("--decay-frac {}: must be between 0 and 1", a.decay_frac);
+    }
+    Ok(())
 }
 
 /// Training and validation files: `--val` when given, else the last data file is held out.

@@ -1,0 +1,190 @@
+//! `train --optimizer-from`: start a clone's AdamW from the moments of the model it was grown
+//! from, grown with the same tiling as the weights.
+//!
+//! Why the moments scale by the *write* copies: in a clone every reader of a grown space
+//! divides by its copies, so the gradient reaching each copy of an output is 1/r_o of the
+//! small model's (r_o = copies of the tensor's write axis; 1 for the head, whose vocab rows
+//! are not copied; n for the embedding, whose hidden columns are). For the symmetric clone
+//! this is exact, g_D = tile(g_S) / r_o, so the estimates are m_D = tile(m_S) / r_o and
+//! v_D = tile(v_S) / r_o^2. (Dividing by the read copies, as the weights are, would be
+//! wrong for the head and the embedding.) The step count is carried too, so the bias
+//! correction continues where the small run's stopped.
+//!
+//! The tiling itself is the growth kernel's: the moments are written as a checkpoint of the
+//! small model's shape, grown symmetrically (tile / r_i), and rescaled by r_i / r_o (r_o^2);
+//! r_i comes from growing ones (each element becomes 1 / r_i) and r_o * r_i is the element
+//! ratio of the two shapes.
+
+use crate::growth::grow_quietly;
+use anyhow::{bail, Context, Result};
+use hyperclone_core::safetensors::{encode_header, HeaderEntry, SafetensorsFile};
+use hyperclone_core::{Checkpoint, GrowthOptions, Variant};
+use hyperclone_nn::train::AdamW;
+use hyperclone_nn::Param;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// What [`carry`] did, for the log.
+pub struct Carried {
+    pub step: u64,
+    pub tensors: usize,
+    /// Parameters that start from zero moments (no estimate exists: the small model's tied
+    /// embedding saw the sum of both gradients, the clone's two tensors see one each).
+    pub fresh: Vec<String>,
+}
+
+/// AdamW state for `params` (the clone's) from `base`'s optimizer.safetensors.
+pub fn carry(
+    base: &Path,
+    factor: usize,
+    ffn_factor: usize,
+    params: &[Param],
+) -> Result<(AdamW, Carried)> {
+    let state = base.join("optimizer.safetensors");
+    let opt_file = SafetensorsFile::open(&state)
+        .with_context(|| format!("--optimizer-from {}: no optimizer state", base.display()))?;
+    let step: u64 = opt_file
+        .metadata
+        .get("adamw.step")
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("{}: no adamw.step in the metadata", state.display()))?;
+    let small = Checkpoint::open(base)?;
+    let tied = small.config.tie_word_embeddings;
+
+    let work = tempfile::tempdir().context("creating a temporary folder")?;
+    let grow = |prefix: &str| -> Result<BTreeMap<String, Vec<f64>>> {
+        let src = work
+            .path()
+            .join(format!("small-{}", prefix.trim_end_matches('.')));
+        std::fs::create_dir_all(&src)?;
+        std::fs::copy(base.join("config.json"), src.join("config.json"))?;
+        let mut entries = Vec::new();
+        let mut data = Vec::new();
+        for t in &small.tensors {
+            let values: Vec<f64> = if prefix.is_empty() {
+                vec![1.0; t.info.numel()]
+            } else {
+                let name = format!("{prefix}{}", t.info.name);
+                let info = opt_file
+                    .get(&name)
+                    .with_context(|| format!("{}: `{name}` missing", state.display()))?;
+                if info.numel() != t.info.numel() {
+                    bail!(
+                        "{}: `{name}` has {} values, `{}` in {} has {}",
+                        state.display(),
+                        info.numel(),
+                        t.info.name,
+                        base.display(),
+                        t.info.numel()
+                    );
+                }
+                let mut v = vec![0f64; info.numel()];
+                info.dtype.decode(opt_file.data(info), &mut v);
+                v
+            };
+            entries.push(HeaderEntry {
+                name: t.info.name.clone(),
+                dtype: hyperclone_core::DType::F64,
+                shape: t.info.shape.clone(),
+            });
+            for x in values {
+                data.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        let mut meta = BTreeMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        let mut bytes = encode_header(&entries, &meta);
+        bytes.extend_from_slice(&data);
+        std::fs::write(src.join("model.safetensors"), bytes)?;
+        let dst = work
+            .path()
+            .join(format!("grown-{}", prefix.trim_end_matches('.')));
+        let options = GrowthOptions {
+            factor,
+            ffn_factor,
+            variant: Variant::Symmetric,
+            snr_db: 0.0,
+            seed: 0,
+            dtype: None,
+            shard_size: u64::MAX,
+        };
+        grow_quietly(
+            &src,
+            &dst,
+            &options,
+            "optimizer moments",
+            "train --optimizer-from",
+        )?;
+        let grown = Checkpoint::open(&dst)?;
+        grown
+            .tensors
+            .iter()
+            .map(|t| {
+                let file = &grown.files[t.file];
+                let mut v = vec![0f64; t.info.numel()];
+                t.info.dtype.decode(file.data(&t.info), &mut v);
+                Ok((t.info.name.clone(), v))
+            })
+            .collect()
+    };
+    let inv_read = grow("")?;
+    let m_grown = grow("m.")?;
+    let v_grown = grow("v.")?;
+    let small_numel: BTreeMap<&str, usize> = small
+        .tensors
+        .iter()
+        .map(|t| (t.info.name.as_str(), t.info.numel()))
+        .collect();
+
+    let mut opt = AdamW::new(params);
+    opt.t = step;
+    let mut carried = Carried {
+        step,
+        tensors: 0,
+        fresh: Vec::new(),
+    };
+    let tied_names = ["model.embed_tokens.weight", "lm_head.weight"];
+    for (i, p) in params.iter().enumerate() {
+        let (Some(m), Some(v), Some(ones)) = (
+            m_grown.get(&p.name),
+            v_grown.get(&p.name),
+            inv_read.get(&p.name),
+        ) else {
+            bail!(
+                "--optimizer-from {}: the clone's `{}` has no counterpart in the grown moments \
+                 (was the clone grown from this model?)",
+                base.display(),
+                p.name
+            );
+        };
+        if m.len() != p.var.elem_count() {
+            bail!(
+                "--optimizer-from {}: `{}` grows to {} values, the clone has {} (was the clone \
+                 grown from this model with factor {factor}?)",
+                base.display(),
+                p.name,
+                m.len(),
+                p.var.elem_count()
+            );
+        }
+        if tied && tied_names.contains(&p.name.as_str()) {
+            carried.fresh.push(p.name.clone());
+            continue;
+        }
+        // The tied head is grown from the embedding: count it against that tensor.
+        let src_numel = small_numel
+            .get(p.name.as_str())
+            .or_else(|| small_numel.get("model.embed_tokens.weight"))
+            .copied()
+            .context("source tensor")?;
+        let ratio = m.len() as f64 / src_numel as f64; // r_o * r_i
+        for k in 0..m.len() {
+            let r_i = 1.0 / ones[k];
+            let r_o = ratio / r_i;
+            opt.m[i][k] = (m[k] * r_i / r_o) as f32;
+            opt.v[i][k] = (v[k] * r_i / (r_o * r_o)) as f32;
+        }
+        carried.tensors += 1;
+    }
+    Ok((opt, carried))
+}

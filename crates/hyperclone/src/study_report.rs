@@ -1,0 +1,704 @@
+//! The study's numbers: for each clone arm and seed, the tokens it needs to reach the same
+//! seed's random-init final loss (the paper's speedup), the same charging the base's
+//! training compute, the speedup at every loss level, the early rise after growth,
+//! symmetry, final-loss differences with their seed spread; the learning-rate screen; the
+//! speedup against the base's budget; report.md and report.json with the `headline`.
+
+use crate::curve::{forgetting_dip, mega, tokens_to_reach, Curve, RunRole};
+use crate::experiment::Settings;
+use anyhow::{bail, Result};
+use hyperclone_core::Variant;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// One way of starting the large model.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Arm {
+    Random,
+    /// The paper's symmetric clone without dropout: on exact arithmetic its copies never
+    /// diverge (it stays the small model).
+    Symmetric,
+    SymmetricDropout(f64),
+    Noisy,
+    Diagonal,
+}
+
+impl Arm {
+    pub fn all(dropout: f64) -> Vec<Arm> {
+        vec![
+            Arm::Random,
+            Arm::Symmetric,
+            Arm::SymmetricDropout(dropout),
+            Arm::Noisy,
+            Arm::Diagonal,
+        ]
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Arm::Random => "random-init",
+            Arm::Symmetric => "symmetric",
+            Arm::SymmetricDropout(_) => "symmetric+dropout",
+            Arm::Noisy => "noisy",
+            Arm::Diagonal => "diagonal",
+        }
+    }
+
+    pub fn parse(name: &str, dropout: f64) -> Result<Arm> {
+        match Arm::all(dropout).into_iter().find(|a| a.name() == name.trim()) {
+            Some(a) => Ok(a),
+            None => bail!(
+                "--arms: unknown arm `{name}` (choose from random-init, symmetric, symmetric+dropout, noisy, diagonal)"
+            ),
+        }
+    }
+
+    pub fn role(&self) -> RunRole {
+        match self {
+            Arm::Random => RunRole::Random,
+            _ => RunRole::Clone,
+        }
+    }
+
+    pub fn variant(&self) -> Option<Variant> {
+        match self {
+            Arm::Random => None,
+            Arm::Symmetric | Arm::SymmetricDropout(_) => Some(Variant::Symmetric),
+            Arm::Noisy => Some(Variant::Noisy),
+            Arm::Diagonal => Some(Variant::Diagonal),
+        }
+    }
+
+    pub fn dropout(&self) -> f64 {
+        match self {
+            Arm::SymmetricDropout(p) => *p,
+            _ => 0.0,
+        }
+    }
+}
+
+/// The finished runs, by where they sit in the study (lr keys are `f64::to_bits`).
+#[derive(Default)]
+pub struct StudyRuns {
+    pub bases: BTreeMap<u64, Curve>,
+    pub screen: BTreeMap<(&'static str, u64), Curve>,
+    pub finals: BTreeMap<(&'static str, u64), Curve>,
+    pub budget: BTreeMap<(u64, &'static str, u64), Curve>,
+}
+
+/// One clone run measured against the same seed's random init.
+#[derive(Clone, Debug)]
+pub struct Paired {
+    pub seed: u64,
+    pub final_loss: f64,
+    /// The random init's final loss for this seed: the target.
+    pub target: f64,
+    pub random_tokens: f64,
+    pub clone_tokens: Option<f64>,
+    /// random_tokens / clone_tokens; infinite when the clone starts at or below the target.
+    pub speedup: Option<f64>,
+    /// random_tokens / (clone_tokens + base tokens x N_small / N_large): the base's training
+    /// compute charged at 6N FLOPs per token.
+    pub speedup_charging_base: Option<f64>,
+    pub rise: f64,
+    pub rise_peak_tokens: f64,
+    pub final_symmetry: Option<f64>,
+}
+
+fn pair(clone: &Curve, random: &Curve, seed: u64, base_compute_tokens: f64) -> Paired {
+    let target = random.final_loss();
+    // The random run's own first crossing, not its length: a noisy curve may touch its
+    // final value early, and timing every run by the same rule keeps the ratio fair.
+    let random_tokens = tokens_to_reach(&random.evals, target).unwrap_or(random.tokens());
+    let clone_tokens = tokens_to_reach(&clone.evals, target);
+    let dip = forgetting_dip(&clone.evals);
+    Paired {
+        seed,
+        final_loss: clone.final_loss(),
+        target,
+        random_tokens,
+        clone_tokens,
+        speedup: clone_tokens.map(|t| {
+            if t > 0.0 {
+                random_tokens / t
+            } else {
+                f64::INFINITY
+            }
+        }),
+        speedup_charging_base: clone_tokens.map(|t| random_tokens / (t + base_compute_tokens)),
+        rise: dip.rise,
+        rise_peak_tokens: dip.peak_tokens,
+        final_symmetry: clone.evals.last().and_then(|e| e.symmetry),
+    }
+}
+
+/// Tokens of the base's training, in large-model token equivalents (6N FLOPs per token).
+fn base_compute_tokens(base: &Curve, models: &Value) -> f64 {
+    let small = models["small"]["parameters"].as_f64();
+    let large = models["large"]["parameters"].as_f64();
+    match (small, large) {
+        (Some(s), Some(l)) if l > 0.0 => base.tokens() * s / l,
+        _ => f64::NAN,
+    }
+}
+
+/// The clone arm with the best worst-seed speedup (then the lowest mean final loss) among
+/// those whose every seed has finished next to a finished random init.
+pub fn best_clone_arm(runs: &StudyRuns, s: &Settings) -> Option<Arm> {
+    let top = runs.bases.get(&s.largest_base())?;
+    let score = |arm: &Arm| -> Option<(f64, f64)> {
+        let mut worst = f64::INFINITY;
+        let mut loss = 0.0;
+        for &seed in &s.seeds {
+            let clone = runs.finals.get(&(arm.name(), seed))?;
+            let random = runs.finals.get(&(Arm::Random.name(), seed))?;
+            let p = pair(clone, random, seed, 0.0);
+            worst = worst.min(p.speedup.unwrap_or(0.0));
+            loss += p.final_loss / s.seeds.len() as f64;
+        }
+        let _ = top;
+        Some((worst, -loss))
+    };
+    s.arms
+        .iter()
+        .filter(|a| a.role() == RunRole::Clone)
+        .filter_map(|a| score(a).map(|sc| (*a, sc)))
+        .max_by(|x, y| x.1.partial_cmp(&y.1).unwrap_or(std::cmp::Ordering::Equal))
+        .map(|(a, _)| a)
+}
+
+fn mean(xs: &[f64]) -> f64 {
+    xs.iter().sum::<f64>() / xs.len().max(1) as f64
+}
+
+/// Sample standard deviation (0 for one value).
+fn sd(xs: &[f64]) -> f64 {
+    if xs.len() < 2 {
+        return 0.0;
+    }
+    let m = mean(xs);
+    (xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (xs.len() - 1) as f64).sqrt()
+}
+
+fn fmt_speedup(x: Option<f64>) -> String {
+    match x {
+        Some(x) if x.is_infinite() => "starts below".into(),
+        Some(x) => format!("{x:.2}x"),
+        None => "not reached".into(),
+    }
+}
+
+fn json_speedup(x: Option<f64>) -> Value {
+    match x {
+        Some(x) if x.is_finite() => json!(x),
+        Some(_) => json!("starts below"),
+        None => Value::Null,
+    }
+}
+
+/// One arm's final runs, summarised over seeds.
+pub struct ArmSummary {
+    pub arm: Arm,
+    pub lr: Option<f64>,
+    pub finals: Vec<(u64, f64)>,
+    pub paired: Vec<Paired>,
+}
+
+pub struct Report {
+    pub settings: Settings,
+    pub settings_json: Value,
+    pub models: Value,
+    pub corpus: Value,
+    pub runs: StudyRuns,
+    pub arms: Vec<ArmSummary>,
+    /// (base steps, base final loss, base tokens, arm, paired per seed)
+    pub budget: Vec<(u64, f64, f64, &'static str, Vec<Paired>)>,
+    pub best_arm: Option<Arm>,
+}
+
+impl Report {
+    pub fn new(s: &Settings, models: Value, corpus: Value, runs: StudyRuns) -> Report {
+        let top_steps = s.largest_base();
+        let top_compute = runs
+            .bases
+            .get(&top_steps)
+            .map_or(f64::NAN, |b| base_compute_tokens(b, &models));
+        let best_lr = |arm: &Arm| -> Option<f64> {
+            s.lrs
+                .iter()
+                .filter_map(|lr| {
+                    runs.screen
+                        .get(&(arm.name(), lr.to_bits()))
+                        .map(|c| (c.final_loss(), *lr))
+                })
+                .filter(|(l, _)| l.is_finite())
+                .min_by(|a, b| a.0.total_cmp(&b.0))
+                .map(|(_, lr)| lr)
+        };
+        let arms = s
+            .arms
+            .iter()
+            .map(|arm| {
+                let finals: Vec<(u64, f64)> = s
+                    .seeds
+                    .iter()
+                    .filter_map(|&seed| {
+                        runs.finals
+                            .get(&(arm.name(), seed))
+                            .map(|c| (seed, c.final_loss()))
+                    })
+                    .collect();
+                let paired = if arm.role() == RunRole::Clone {
+                    s.seeds
+                        .iter()
+                        .filter_map(|&seed| {
+                            let c = runs.finals.get(&(arm.name(), seed))?;
+                            let r = runs.finals.get(&(Arm::Random.name(), seed))?;
+                            Some(pair(c, r, seed, top_compute))
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                ArmSummary {
+                    arm: *arm,
+                    lr: best_lr(arm),
+                    finals,
+                    paired,
+                }
+            })
+            .collect();
+        let best_arm = best_clone_arm(&runs, s);
+        let mut budget = Vec::new();
+        if let Some(arm) = best_arm {
+            for &steps in &s.base_steps {
+                let Some(base) = runs.bases.get(&steps) else {
+                    continue;
+                };
+                let compute = base_compute_tokens(base, &models);
+                let paired: Vec<Paired> = s
+                    .seeds
+                    .iter()
+                    .filter_map(|&seed| {
+                        let c = if steps == top_steps {
+                            runs.finals.get(&(arm.name(), seed))?
+                        } else {
+                            runs.budget.get(&(steps, arm.name(), seed))?
+                        };
+                        let r = runs.finals.get(&(Arm::Random.name(), seed))?;
+                        Some(pair(c, r, seed, compute))
+                    })
+                    .collect();
+                budget.push((steps, base.final_loss(), base.tokens(), arm.name(), paired));
+            }
+        }
+        Report {
+            settings: s.clone(),
+            settings_json: s.to_json(),
+            models,
+            corpus,
+            runs,
+            arms,
+            budget,
+            best_arm,
+        }
+    }
+
+    fn random_finals(&self) -> Vec<f64> {
+        self.arms
+            .iter()
+            .find(|a| a.arm == Arm::Random)
+            .map(|a| a.finals.iter().map(|f| f.1).collect())
+            .unwrap_or_default()
+    }
+
+    fn top_base(&self) -> Option<&Curve> {
+        self.runs.bases.get(&self.settings.largest_base())
+    }
+
+    fn large_budget_tokens(&self) -> f64 {
+        (self.settings.steps * self.settings.tokens_per_step()) as f64
+    }
+
+    fn corpus_train_tokens(&self) -> Option<f64> {
+        self.corpus["train_tokens"].as_f64()
+    }
+
+    /// Speedup at each loss level between the random init's mean final loss and the base's
+    /// loss: mean over seeds of random tokens / clone tokens to reach it.
+    pub fn speedup_curve(&self, arm: &ArmSummary) -> Vec<(f64, f64)> {
+        let (Some(base), false) = (self.top_base(), self.random_finals().is_empty()) else {
+            return Vec::new();
+        };
+        let lo = mean(&self.random_finals());
+        let hi = base.final_loss();
+        if !(hi > lo) {
+            return Vec::new();
+        }
+        (0..=24)
+            .filter_map(|i| {
+                let level = lo + (hi - lo) * i as f64 / 24.0;
+                let ratios: Vec<f64> = self
+                    .settings
+                    .seeds
+                    .iter()
+                    .filter_map(|&seed| {
+                        let c = self.runs.finals.get(&(arm.arm.name(), seed))?;
+                        let r = self.runs.finals.get(&(Arm::Random.name(), seed))?;
+                        let tr = tokens_to_reach(&r.evals, level)?;
+                        let tc = tokens_to_reach(&c.evals, level)?;
+                        (tc > 0.0).then(|| tr / tc)
+                    })
+                    .collect();
+                (ratios.len() == self.settings.seeds.len()).then(|| (level, mean(&ratios)))
+            })
+            .collect()
+    }
+
+    pub fn headline(&self) -> Value {
+        let Some(arm) = self.best_arm else {
+            return Value::Null;
+        };
+        let Some(a) = self.arms.iter().find(|x| x.arm == arm) else {
+            return Value::Null;
+        };
+        let speedups: Vec<Value> = a.paired.iter().map(|p| json_speedup(p.speedup)).collect();
+        let charged: Vec<Value> = a
+            .paired
+            .iter()
+            .map(|p| json_speedup(p.speedup_charging_base))
+            .collect();
+        let every_2x =
+            !a.paired.is_empty() && a.paired.iter().all(|p| p.speedup.is_some_and(|x| x >= 2.0));
+        json!({
+            "variant": arm.name(),
+            "lr": a.lr,
+            "seeds": a.paired.iter().map(|p| p.seed).collect::<Vec<_>>(),
+            "speedups": speedups,
+            "speedups_charging_base": charged,
+            "reaches_2x_on_every_seed": every_2x,
+            "base_tokens": self.top_base().map(Curve::tokens),
+            "large_budget_tokens": self.large_budget_tokens(),
+            "corpus_train_tokens": self.corpus_train_tokens(),
+            "corpus_passes_of_a_large_run": self.corpus_train_tokens().map(|c| self.large_budget_tokens() / c),
+        })
+    }
+
+    pub fn headline_sentence(&self) -> String {
+        let h = self.headline();
+        if h.is_null() {
+            return "headline: pending (no clone arm has finished every seed next to the random init)".into();
+        }
+        let a = self
+            .arms
+            .iter()
+            .find(|x| Some(x.arm) == self.best_arm)
+            .expect("headline has an arm");
+        let per_seed: Vec<String> = a.paired.iter().map(|p| fmt_speedup(p.speedup)).collect();
+        format!(
+            "headline: {} reaches the random init's final loss {} sooner (seeds {:?}){}",
+            h["variant"].as_str().unwrap_or("?"),
+            per_seed.join(", "),
+            h["seeds"]
+                .as_array()
+                .map(|v| v.iter().filter_map(Value::as_u64).collect::<Vec<_>>())
+                .unwrap_or_default(),
+            if h["reaches_2x_on_every_seed"] == json!(true) {
+                ": the paper's >= 2x holds on every seed"
+            } else {
+                ": the paper's >= 2x on every seed is NOT reproduced"
+            }
+        )
+    }
+
+    pub fn table_markdown(&self) -> String {
+        let mut t = String::new();
+        let _ = writeln!(
+            t,
+            "| arm | lr | final val loss (mean ± sd) | vs random init | tokens to random's final loss | speedup per seed | charging the base | early rise (peak at) | final symmetry |"
+        );
+        let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|");
+        let random = self.random_finals();
+        for a in &self.arms {
+            let losses: Vec<f64> = a.finals.iter().map(|f| f.1).collect();
+            let lr = a.lr.map_or("-".into(), |l| format!("{l:e}"));
+            if losses.is_empty() {
+                let _ = writeln!(t, "| {} | {lr} | pending | | | | | | |", a.arm.name());
+                continue;
+            }
+            let loss = format!(
+                "{:.4} ± {:.4} (n={})",
+                mean(&losses),
+                sd(&losses),
+                losses.len()
+            );
+            if a.arm == Arm::Random {
+                let _ = writeln!(
+                    t,
+                    "| {} | {lr} | {loss} | - | {} | 1x | - | - | - |",
+                    a.arm.name(),
+                    mega(self.large_budget_tokens())
+                );
+                continue;
+            }
+            let diffs: Vec<f64> = a.paired.iter().map(|p| p.final_loss - p.target).collect();
+            let reach: Vec<String> = a
+                .paired
+                .iter()
+                .map(|p| p.clone_tokens.map_or("-".into(), mega))
+                .collect();
+            let rises: Vec<f64> = a.paired.iter().map(|p| p.rise).collect();
+            let syms: Vec<f64> = a.paired.iter().filter_map(|p| p.final_symmetry).collect();
+            let _ = writeln!(
+                t,
+                "| {} | {lr} | {loss} | {} | {} | {} | {} | {} | {} |",
+                a.arm.name(),
+                if diffs.is_empty() || random.is_empty() {
+                    "-".into()
+                } else {
+                    format!("{:+.4} ± {:.4}", mean(&diffs), sd(&diffs))
+                },
+                reach.join(", "),
+                a.paired
+                    .iter()
+                    .map(|p| fmt_speedup(p.speedup))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                a.paired
+                    .iter()
+                    .map(|p| fmt_speedup(p.speedup_charging_base))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if rises.is_empty() {
+                    "-".into()
+                } else {
+                    format!(
+                        "{:+.4} ({})",
+                        mean(&rises),
+                        mega(mean(
+                            &a.paired
+                                .iter()
+                                .map(|p| p.rise_peak_tokens)
+                                .collect::<Vec<_>>()
+                        ))
+                    )
+                },
+                if syms.is_empty() {
+                    "-".into()
+                } else {
+                    format!("{:.4}", mean(&syms))
+                },
+            );
+        }
+        t
+    }
+
+    fn screen_markdown(&self) -> String {
+        let s = &self.settings;
+        let mut t = String::new();
+        let _ = write!(t, "| arm |");
+        for lr in &s.lrs {
+            let _ = write!(t, " lr {lr:e} |");
+        }
+        let _ = writeln!(t, " chosen |");
+        let _ = writeln!(t, "|---|{}---|", "---|".repeat(s.lrs.len()));
+        for a in &self.arms {
+            let _ = write!(t, "| {} |", a.arm.name());
+            for lr in &s.lrs {
+                let cell = self
+                    .runs
+                    .screen
+                    .get(&(a.arm.name(), lr.to_bits()))
+                    .map_or("pending".into(), |c| format!("{:.4}", c.final_loss()));
+                let _ = write!(t, " {cell} |");
+            }
+            let _ = writeln!(t, " {} |", a.lr.map_or("-".into(), |l| format!("{l:e}")));
+        }
+        t
+    }
+
+    fn budget_markdown(&self) -> String {
+        let mut t = String::new();
+        let _ = writeln!(t, "| base steps | base tokens | base val loss | arm | speedup per seed | charging the base |");
+        let _ = writeln!(t, "|---|---|---|---|---|---|");
+        for (steps, loss, tokens, arm, paired) in &self.budget {
+            let _ = writeln!(
+                t,
+                "| {steps} | {} | {loss:.4} | {arm} | {} | {} |",
+                mega(*tokens),
+                if paired.is_empty() {
+                    "pending".into()
+                } else {
+                    paired
+                        .iter()
+                        .map(|p| fmt_speedup(p.speedup))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                },
+                paired
+                    .iter()
+                    .map(|p| fmt_speedup(p.speedup_charging_base))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            );
+        }
+        t
+    }
+
+    pub fn to_json(&self) -> Value {
+        let curve = |c: &Curve| {
+            json!({
+                "name": c.name,
+                "tokens": c.tokens(),
+                "final_val_loss": c.final_loss(),
+                "train_seconds": c.train_seconds,
+                "evals": c.evals.iter().map(|e| json!({
+                    "step": e.step, "tokens": e.tokens, "val_loss": e.val_loss, "symmetry": e.symmetry,
+                })).collect::<Vec<_>>(),
+            })
+        };
+        let paired = |p: &Paired| {
+            json!({
+                "seed": p.seed,
+                "final_val_loss": p.final_loss,
+                "target_val_loss": p.target,
+                "random_tokens_to_target": p.random_tokens,
+                "tokens_to_target": p.clone_tokens,
+                "speedup": json_speedup(p.speedup),
+                "speedup_charging_base": json_speedup(p.speedup_charging_base),
+                "early_rise": p.rise,
+                "early_rise_peak_tokens": p.rise_peak_tokens,
+                "final_symmetry": p.final_symmetry,
+            })
+        };
+        json!({
+            "headline": self.headline(),
+            "settings": self.settings_json,
+            "models": self.models,
+            "corpus": self.corpus,
+            "bases": self.runs.bases.iter().map(|(steps, c)| json!({"steps": steps, "curve": curve(c)})).collect::<Vec<_>>(),
+            "screen": self.runs.screen.iter().map(|((arm, lr), c)| json!({
+                "arm": arm, "lr": f64::from_bits(*lr), "final_val_loss": c.final_loss(),
+            })).collect::<Vec<_>>(),
+            "arms": self.arms.iter().map(|a| json!({
+                "arm": a.arm.name(),
+                "lr": a.lr,
+                "final_val_loss": a.finals.iter().map(|f| json!({"seed": f.0, "loss": f.1})).collect::<Vec<_>>(),
+                "paired_with_random_init": a.paired.iter().map(paired).collect::<Vec<_>>(),
+                "speedup_by_loss_level": self.speedup_curve(a).iter().map(|(l, x)| json!({"loss": l, "speedup": x})).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+            "speedup_vs_base_budget": self.budget.iter().map(|(steps, loss, tokens, arm, p)| json!({
+                "base_steps": steps, "base_tokens": tokens, "base_val_loss": loss, "arm": arm,
+                "runs": p.iter().map(paired).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+            "curves": self.runs.finals.iter().map(|((arm, seed), c)| json!({
+                "arm": arm, "seed": seed, "curve": curve(c),
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    pub fn markdown(&self) -> String {
+        let s = &self.settings;
+        let mut m = String::new();
+        let _ = writeln!(m, "# Convergence study: HyperCloning on one CPU machine\n");
+        let _ = writeln!(m, "**{}**\n", self.headline_sentence());
+        let small = &self.models["small"];
+        let large = &self.models["large"];
+        let _ = writeln!(
+            m,
+            "Small Llama: hidden {}, {} layers, {} parameters. Large (x{}): hidden {}, {} parameters. \
+             Bases trained for {:?} steps; every large run {} steps x {} tokens = {}; learning rates screened \
+             for {} steps from the largest base on {:?}; final runs on seeds {:?}. Schedule: linear warmup ({} steps), \
+             stable, linear decay over the last {:.0}% to {:.0}% of the peak (WSD); AdamW (0.9, 0.95), weight decay 0.1, \
+             clipping 1.0; clones {} their base's AdamW moments.\n",
+            small["hidden_size"], small["num_hidden_layers"], small["parameters"], s.factor,
+            large["hidden_size"], large["parameters"],
+            s.base_steps, s.steps, s.tokens_per_step(), mega(self.large_budget_tokens()),
+            s.screen_steps, s.lrs, s.seeds, s.warmup, s.decay_frac * 100.0, s.min_lr_frac * 100.0,
+            if s.carry_optimizer { "carry (grown with the weights' tiling)" } else { "do not carry" },
+        );
+        if let Some(train) = self.corpus_train_tokens() {
+            let _ = writeln!(
+                m,
+                "Corpus: {} training tokens, {} validation tokens (whole held-out documents); a large run reads {:.2} of the training split, its base {:.2}.\n",
+                mega(train),
+                self.corpus["val_tokens"].as_f64().map_or("?".into(), mega),
+                self.large_budget_tokens() / train,
+                self.top_base().map_or(f64::NAN, |b| b.tokens() / train),
+            );
+        }
+        let _ = writeln!(m, "## Final runs\n\nEach clone seed is paired with the random init of the same seed (data order, init, noise): the target is that run's final validation loss. \"Charging the base\" adds the base's training compute in large-model tokens (6N FLOPs per token).\n");
+        m.push_str(&self.table_markdown());
+        let _ = writeln!(m, "\n![validation loss](val_loss.png)\n\n![speedup by loss level](speedup.png)\n\n![symmetry](symmetry.png)\n");
+        let _ = writeln!(
+            m,
+            "## Learning-rate screen (final validation loss after {} steps, seed {})\n",
+            s.screen_steps, s.seeds[0]
+        );
+        m.push_str(&self.screen_markdown());
+        let _ = writeln!(m, "\n## Speedup vs base budget\n");
+        if self.budget.is_empty() {
+            let _ = writeln!(m, "pending\n");
+        } else {
+            m.push_str(&self.budget_markdown());
+        }
+        m.push('\n');
+        m.push_str(&self.findings());
+        m
+    }
+
+    /// What the tables say, in sentences.
+    fn findings(&self) -> String {
+        let mut f = String::from("## Findings\n\n");
+        let random = self.random_finals();
+        if let (Some(base), false) = (self.top_base(), random.is_empty()) {
+            let r = mean(&random);
+            let gap = base.final_loss() - r;
+            let _ = writeln!(
+                f,
+                "- The large random init ends at {r:.4} (sd {:.4} over {} seeds), {} the largest base's {:.4} by {:.4}{}",
+                sd(&random),
+                random.len(),
+                if gap > 0.0 { "below" } else { "above" },
+                base.final_loss(),
+                gap.abs(),
+                if gap > 0.05 {
+                    ": the extra width pays within the budget, so there is something for growth to speed up."
+                } else {
+                    ": at this budget the large model does not beat the small one, so a speedup is not meaningful; raise --steps."
+                }
+            );
+        }
+        for a in self.arms.iter().filter(|a| !a.paired.is_empty()) {
+            let sp: Vec<String> = a.paired.iter().map(|p| fmt_speedup(p.speedup)).collect();
+            let diffs: Vec<f64> = a.paired.iter().map(|p| p.final_loss - p.target).collect();
+            let rises: Vec<f64> = a.paired.iter().map(|p| p.rise).collect();
+            let _ = writeln!(
+                f,
+                "- {} (lr {}): speedup {} ; final loss {:+.4} ± {:.4} against the random init; early rise {:+.4}{}.",
+                a.arm.name(),
+                a.lr.map_or("-".into(), |l| format!("{l:e}")),
+                sp.join(", "),
+                mean(&diffs),
+                sd(&diffs),
+                mean(&rises),
+                a.paired
+                    .first()
+                    .and_then(|p| p.final_symmetry)
+                    .map_or(String::new(), |x| format!("; symmetry ends at {x:.4}"))
+            );
+        }
+        f
+    }
+
+    pub fn write(&self, out: &Path) -> Result<()> {
+        std::fs::write(out.join("report.md"), self.markdown())?;
+        std::fs::write(
+            out.join("report.json"),
+            serde_json::to_string_pretty(&self.to_json())?,
+        )?;
+        Ok(())
+    }
+}
