@@ -188,3 +188,144 @@ pub fn carry(
     }
     Ok((opt, carried))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use hyperclone_nn::train::batch_loss;
+    use hyperclone_nn::Decoder;
+    use serde_json::json;
+
+    /// A tiny Llama (GQA, 2 layers) with random weights of std 0.3, as the invariants ask.
+    fn small(dir: &Path, tied: bool) {
+        let cfg = json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": 16, "intermediate_size": 24, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 40,
+            "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "tie_word_embeddings": tied, "torch_dtype": "float32"
+        });
+        let cfg_path = dir.join("small-config.json");
+        std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+        hyperclone_nn::init::write_random_checkpoint(&cfg_path, &dir.join("small"), 0.3, 5)
+            .unwrap();
+    }
+
+    /// Gradients of every parameter on a fixed batch, in parameter order.
+    fn gradients(dir: &Path) -> (Vec<Param>, Vec<Vec<f32>>) {
+        let ckpt = Checkpoint::open(dir).unwrap();
+        let (model, params) = Decoder::load_trainable(&ckpt, DType::F32, &Device::Cpu).unwrap();
+        let inputs: Vec<u32> = (0..16).map(|i| (i * 7 + 3) % 40).collect();
+        let targets: Vec<u32> = (0..16).map(|i| (i * 11 + 1) % 40).collect();
+        let loss = batch_loss(&model, &inputs, &targets, 2, None).unwrap();
+        let store = loss.backward().unwrap();
+        let grads = params
+            .iter()
+            .map(|p| {
+                store
+                    .get(p.var.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .collect();
+        (params, grads)
+    }
+
+    /// Writes `base/optimizer.safetensors` with m = g and v = g^2 of the small model.
+    fn state_from_gradients(base: &Path) {
+        let (params, g) = gradients(base);
+        let mut opt = AdamW::new(&params);
+        opt.t = 17;
+        for (i, gi) in g.iter().enumerate() {
+            opt.m[i] = gi.clone();
+            opt.v[i] = gi.iter().map(|x| x * x).collect();
+        }
+        opt.save(&params, &base.join("optimizer.safetensors"))
+            .unwrap();
+    }
+
+    fn grow_symmetric(base: &Path, dst: &Path) {
+        let options = GrowthOptions {
+            factor: 2,
+            ffn_factor: 3,
+            variant: Variant::Symmetric,
+            snr_db: 10.0,
+            seed: 0,
+            dtype: None,
+            shard_size: u64::MAX,
+        };
+        grow_quietly(base, dst, &options, "small", "test").unwrap();
+    }
+
+    /// The carried moments of the small model's gradient are the clone's own gradient on the
+    /// same batch (exact for the symmetric clone): m_D = g_D, v_D = g_D^2 for every tensor.
+    /// (Scaling by the read copies instead, as the weights are, fails here: the embedding's
+    /// moment comes out 2x the clone's gradient.)
+    #[test]
+    fn carried_moments_are_the_clones_gradient_moments() {
+        let tmp = tempfile::tempdir().unwrap();
+        small(tmp.path(), false);
+        let base = tmp.path().join("small");
+        state_from_gradients(&base);
+        let clone = tmp.path().join("clone");
+        grow_symmetric(&base, &clone);
+
+        let (params, g_clone) = gradients(&clone);
+        let (opt, carried) = carry(&base, 2, 3, &params).unwrap();
+        assert_eq!(carried.step, 17);
+        assert!(carried.fresh.is_empty());
+        assert_eq!(carried.tensors, params.len());
+        for (i, p) in params.iter().enumerate() {
+            let scale = g_clone[i]
+                .iter()
+                .fold(0f32, |a, x| a.max(x.abs()))
+                .max(1e-30);
+            for (k, g) in g_clone[i].iter().enumerate() {
+                // f32 forward/backward in two different shapes: rounding ~1e-6 of the scale.
+                assert!(
+                    (opt.m[i][k] - g).abs() <= 2e-5 * scale,
+                    "{}[{k}]: m {} vs gradient {g}",
+                    p.name,
+                    opt.m[i][k]
+                );
+                assert!(
+                    (opt.v[i][k] - g * g).abs() <= 4e-5 * scale * scale,
+                    "{}[{k}]: v {} vs g^2 {}",
+                    p.name,
+                    opt.v[i][k],
+                    g * g
+                );
+            }
+        }
+    }
+
+    /// A tied base has one moment for two gradients: the clone's embedding and head start
+    /// from zero, the rest is carried.
+    #[test]
+    fn tied_embedding_moments_start_from_zero() {
+        let tmp = tempfile::tempdir().unwrap();
+        small(tmp.path(), true);
+        let base = tmp.path().join("small");
+        state_from_gradients(&base);
+        let clone = tmp.path().join("clone");
+        grow_symmetric(&base, &clone);
+        let ckpt = Checkpoint::open(&clone).unwrap();
+        let (_, params) = Decoder::load_trainable(&ckpt, DType::F32, &Device::Cpu).unwrap();
+        let (opt, carried) = carry(&base, 2, 3, &params).unwrap();
+        assert_eq!(
+            carried.fresh,
+            ["model.embed_tokens.weight", "lm_head.weight"]
+        );
+        for (i, p) in params.iter().enumerate() {
+            let zero = opt.m[i].iter().all(|x| *x == 0.0);
+            assert_eq!(zero, carried.fresh.contains(&p.name), "{}", p.name);
+        }
+        // A clone grown with another factor is refused with the tensor named.
+        let err = carry(&base, 3, 3, &params).err().unwrap().to_string();
+        assert!(err.contains("grows to"), "{err}");
+    }
+}
