@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 
-RUNS = ["symmetric", "symmetric+dropout0.1", "noisy", "diagonal", "random-init"]
+ARMS = ["random-init", "symmetric", "symmetric+dropout", "noisy", "diagonal"]
 TEXT = "ROMEO.\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun."
 
 
@@ -44,19 +44,25 @@ def experiment(hyperclone_bin, corpus, tmp_path_factory) -> Path:
 
 def test_quick_report_is_complete(experiment):
     report = json.loads((experiment / "report.json").read_text())
-    assert [r["name"] for r in report["runs"]] == RUNS
-    for run in report["runs"]:
-        assert math.isfinite(run["final_val_loss"]), run
-    assert math.isfinite(report["target_val_loss"])
+    assert [a["arm"] for a in report["arms"]] == ARMS
+    for arm in report["arms"]:
+        assert [f["seed"] for f in arm["final_val_loss"]] == [0, 1], arm["arm"]
+        for f in arm["final_val_loss"]:
+            assert math.isfinite(f["loss"]), arm
+    head = report["headline"]
+    for key in ["variant", "seeds", "speedups", "speedups_charging_base", "base_tokens",
+                "large_budget_tokens", "corpus_train_tokens"]:
+        assert key in head, key
+    assert len(head["speedups"]) == len(head["seeds"]) == 2
     assert report["models"]["large"]["hidden_size"] == 2 * report["models"]["small"]["hidden_size"]
     md = (experiment / "report.md").read_text()
-    for needle in RUNS + ["## Findings", "val_loss.png", "symmetry.png"]:
+    for needle in ARMS + ["## Findings", "## Learning-rate screen", "## Speedup vs base budget", "val_loss.png"]:
         assert needle in md, needle
-    for png in ["val_loss.png", "symmetry.png"]:
+    for png in ["val_loss.png", "symmetry.png", "speedup.png"]:
         assert (experiment / png).read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), png
 
 
-@pytest.mark.parametrize("run", ["base", "runs/symmetric+dropout0.1", "runs/random-init"])
+@pytest.mark.parametrize("run", ["bases/base-40", "runs/symmetric+dropout/s0", "runs/random-init/s1"])
 def test_trained_checkpoints_load_in_transformers(hyperclone_bin, experiment, run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
