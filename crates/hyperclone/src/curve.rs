@@ -8,7 +8,6 @@ use std::path::Path;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum RunRole {
-    Base,
     Clone,
     Random,
 }
@@ -24,7 +23,6 @@ pub struct EvalPoint {
 #[derive(Clone, Debug)]
 pub struct Curve {
     pub name: String,
-    pub role: RunRole,
     /// Validation evaluations in step order, the first at step 0.
     pub evals: Vec<EvalPoint>,
     /// (tokens, training loss) of every step.
@@ -34,7 +32,7 @@ pub struct Curve {
 }
 
 impl Curve {
-    pub fn read(name: &str, role: RunRole, path: &Path) -> Result<Curve> {
+    pub fn read(name: &str, path: &Path) -> Result<Curve> {
         let text = std::fs::read_to_string(path).with_context(|| {
             format!(
                 "run {name}: no {} (run the experiment without --report-only)",
@@ -43,7 +41,6 @@ impl Curve {
         })?;
         let mut curve = Curve {
             name: name.to_string(),
-            role,
             evals: Vec::new(),
             train: Vec::new(),
             train_seconds: 0.0,

@@ -15,7 +15,7 @@
 //! across sessions, and `--report-only` reports whatever has finished.
 
 use crate::args::{ExperimentArgs, ScheduleArg, TrainArgs};
-use crate::curve::{Curve, RunRole};
+use crate::curve::Curve;
 use crate::growth::grow_quietly;
 use crate::study_report::{self, Arm, StudyRuns};
 use crate::train_cmd;
@@ -200,6 +200,16 @@ fn default_base_config(quick: bool, vocab: usize) -> Value {
     })
 }
 
+/// One large run: which arm, from which base, how long, at which peak lr and seed.
+#[derive(Clone, Copy)]
+struct LargeRun {
+    arm: Arm,
+    base_steps: u64,
+    steps: u64,
+    lr: f64,
+    seed: u64,
+}
+
 /// Everything a run needs besides its own start, steps, lr and seed.
 struct Common {
     out: PathBuf,
@@ -224,17 +234,15 @@ impl Common {
             .join(name)
     }
 
-    /// Trains `arm` from the base of `base_steps` steps into `dir`.
-    fn large_run(
-        &self,
-        dir: PathBuf,
-        arm: Arm,
-        base_steps: u64,
-        steps: u64,
-        lr: f64,
-        seed: u64,
-        label: &str,
-    ) -> Result<()> {
+    /// Trains `r.arm` from the base of `r.base_steps` steps into `dir`.
+    fn large_run(&self, dir: PathBuf, r: LargeRun, label: &str) -> Result<()> {
+        let LargeRun {
+            arm,
+            base_steps,
+            steps,
+            lr,
+            seed,
+        } = r;
         let mut run = TrainArgs {
             out: dir,
             steps,
@@ -359,15 +367,14 @@ pub fn experiment(a: ExperimentArgs) -> Result<()> {
         for &arm in &s.arms {
             for &lr in &s.lrs {
                 let label = format!("{}@{lr:e}", arm.name());
-                c.large_run(
-                    screen_dir(&out, arm, lr),
+                let r = LargeRun {
                     arm,
-                    top,
-                    s.screen_steps,
+                    base_steps: top,
+                    steps: s.screen_steps,
                     lr,
-                    s.seeds[0],
-                    &label,
-                )?;
+                    seed: s.seeds[0],
+                };
+                c.large_run(screen_dir(&out, arm, lr), r, &label)?;
             }
         }
         let best = best_lrs(&out, &s)?;
@@ -382,15 +389,14 @@ pub fn experiment(a: ExperimentArgs) -> Result<()> {
             let lr = best[arm.name()];
             for &seed in &s.seeds {
                 let label = format!("{} s{seed}", arm.name());
-                c.large_run(
-                    final_dir(&out, arm, seed),
+                let r = LargeRun {
                     arm,
-                    top,
-                    s.steps,
+                    base_steps: top,
+                    steps: s.steps,
                     lr,
                     seed,
-                    &label,
-                )?;
+                };
+                c.large_run(final_dir(&out, arm, seed), r, &label)?;
             }
         }
 
@@ -406,15 +412,14 @@ pub fn experiment(a: ExperimentArgs) -> Result<()> {
             for &steps in &s.base_steps[..s.base_steps.len() - 1] {
                 for &seed in &seeds {
                     let label = format!("{} base-{steps} s{seed}", arm.name());
-                    c.large_run(
-                        budget_dir(&out, steps, arm, seed),
+                    let r = LargeRun {
                         arm,
-                        steps,
-                        s.steps,
+                        base_steps: steps,
+                        steps: s.steps,
                         lr,
                         seed,
-                        &label,
-                    )?;
+                    };
+                    c.large_run(budget_dir(&out, steps, arm, seed), r, &label)?;
                 }
             }
         }
@@ -471,7 +476,7 @@ fn best_lrs(out: &Path, s: &Settings) -> Result<BTreeMap<&'static str, f64>> {
         let mut winner: Option<(f64, f64)> = None;
         for &lr in &s.lrs {
             let path = screen_dir(out, arm, lr).join("metrics.jsonl");
-            let loss = Curve::read(arm.name(), arm.role(), &path)?.final_loss();
+            let loss = Curve::read(arm.name(), &path)?.final_loss();
             if loss.is_finite() && winner.is_none_or(|(l, _)| loss < l) {
                 winner = Some((loss, lr));
             }
@@ -486,17 +491,16 @@ fn best_lrs(out: &Path, s: &Settings) -> Result<BTreeMap<&'static str, f64>> {
 
 /// Every finished run's curve (missing ones are simply absent: the report says pending).
 fn read_runs(out: &Path, s: &Settings) -> Result<StudyRuns> {
-    let read = |name: String, role: RunRole, dir: PathBuf| -> Option<Curve> {
+    let read = |name: String, dir: PathBuf| -> Option<Curve> {
         let path = dir.join("metrics.jsonl");
         let done = train_cmd::read_state(&dir.join("last")).ok()?;
-        let curve = Curve::read(&name, role, &path).ok()?;
+        let curve = Curve::read(&name, &path).ok()?;
         (curve.evals.last()?.step == done).then_some(curve)
     };
     let mut runs = StudyRuns::default();
     for &steps in &s.base_steps {
         if let Some(c) = read(
             format!("base-{steps}"),
-            RunRole::Base,
             out.join("bases").join(format!("base-{steps}")),
         ) {
             runs.bases.insert(steps, c);
@@ -504,20 +508,16 @@ fn read_runs(out: &Path, s: &Settings) -> Result<StudyRuns> {
     }
     for &arm in &s.arms {
         for &lr in &s.lrs {
-            if let Some(c) = read(arm.name().into(), arm.role(), screen_dir(out, arm, lr)) {
+            if let Some(c) = read(arm.name().into(), screen_dir(out, arm, lr)) {
                 runs.screen.insert((arm.name(), lr.to_bits()), c);
             }
         }
         for &seed in &s.seeds {
-            if let Some(c) = read(arm.name().into(), arm.role(), final_dir(out, arm, seed)) {
+            if let Some(c) = read(arm.name().into(), final_dir(out, arm, seed)) {
                 runs.finals.insert((arm.name(), seed), c);
             }
             for &steps in &s.base_steps {
-                if let Some(c) = read(
-                    arm.name().into(),
-                    arm.role(),
-                    budget_dir(out, steps, arm, seed),
-                ) {
+                if let Some(c) = read(arm.name().into(), budget_dir(out, steps, arm, seed)) {
                     runs.budget.insert((steps, arm.name(), seed), c);
                 }
             }

@@ -90,34 +90,6 @@ pub fn parse_size(text: &str) -> Result<u64> {
     Ok(bytes as u64)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("5GB").unwrap(), 5_000_000_000);
-        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
-        assert_eq!(parse_size("1048576").unwrap(), 1 << 20);
-        assert_eq!(parse_size("1.5MB").unwrap(), 1_500_000);
-        assert!(parse_size("5 parsecs").is_err());
-        assert!(parse_size("0").is_err());
-    }
-
-    #[test]
-    fn factors() {
-        assert_eq!(parse_factor("--factor", "3").unwrap(), 3);
-        assert!(parse_factor("--factor", "0")
-            .unwrap_err()
-            .to_string()
-            .contains(">= 1"));
-        assert!(parse_factor("--factor", "1.5")
-            .unwrap_err()
-            .to_string()
-            .contains("whole number"));
-    }
-}
-
 /// Grows `src` into `dst` without progress output (small models, inside other commands);
 /// `source` and `command` go into the provenance. Returns the source and the plan it followed.
 pub fn grow_quietly(
@@ -156,4 +128,32 @@ pub fn grow_quietly(
         &env,
     )?;
     Ok((ckpt, plan))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("5GB").unwrap(), 5_000_000_000);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1048576").unwrap(), 1 << 20);
+        assert_eq!(parse_size("1.5MB").unwrap(), 1_500_000);
+        assert!(parse_size("5 parsecs").is_err());
+        assert!(parse_size("0").is_err());
+    }
+
+    #[test]
+    fn factors() {
+        assert_eq!(parse_factor("--factor", "3").unwrap(), 3);
+        assert!(parse_factor("--factor", "0")
+            .unwrap_err()
+            .to_string()
+            .contains(">= 1"));
+        assert!(parse_factor("--factor", "1.5")
+            .unwrap_err()
+            .to_string()
+            .contains("whole number"));
+    }
 }

@@ -31,7 +31,6 @@ fn colour(i: usize, role: RunRole) -> RGBColor {
     ];
     match role {
         RunRole::Random => RGBColor(214, 39, 40),
-        RunRole::Base => RGBColor(90, 90, 90),
         RunRole::Clone => PALETTE[i % PALETTE.len()],
     }
 }
@@ -79,13 +78,12 @@ fn draw_legend<'a, 'b: 'a>(chart: &mut Chart<'a, 'b>, position: SeriesLabelPosit
         .map_err(err)
 }
 
+/// (tokens in millions, mean, min, max) per evaluation.
+type Band = Vec<(f64, f64, f64, f64)>;
+
 /// Mean and (min, max) over seeds at each evaluation of an arm's final runs: (tokens in
 /// millions, mean, min, max). Seeds share the evaluation steps.
-fn seed_band(
-    report: &Report,
-    arm: &str,
-    value: impl Fn(&EvalPoint) -> Option<f64>,
-) -> Vec<(f64, f64, f64, f64)> {
+fn seed_band(report: &Report, arm: &str, value: impl Fn(&EvalPoint) -> Option<f64>) -> Band {
     let curves: Vec<&Curve> = report
         .settings
         .seeds
@@ -144,7 +142,7 @@ pub fn val_loss(report: &Report, path: &Path) -> Result<()> {
     let root = BitMapBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let (left, right) = root.split_horizontally(SIZE.0 / 2);
-    let bands: Vec<(&Arm, Vec<(f64, f64, f64, f64)>)> = report
+    let bands: Vec<(&Arm, Band)> = report
         .arms
         .iter()
         .map(|a| {
@@ -226,7 +224,7 @@ pub fn symmetry(report: &Report, path: &Path) -> Result<()> {
     fonts();
     let root = BitMapBackend::new(path, (SIZE.0 / 2 + 100, SIZE.1)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
-    let bands: Vec<(usize, &Arm, Vec<(f64, f64, f64, f64)>)> = report
+    let bands: Vec<(usize, &Arm, Band)> = report
         .arms
         .iter()
         .enumerate()
@@ -266,13 +264,16 @@ pub fn symmetry(report: &Report, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// (loss level, speedup) points.
+type Levels = Vec<(f64, f64)>;
+
 /// Speedup (random-init tokens / clone tokens to reach a loss) at each loss level between
 /// the random init's final loss and the base's, mean over seeds; 1x and 2x dashed.
 pub fn speedup(report: &Report, path: &Path) -> Result<()> {
     fonts();
     let root = BitMapBackend::new(path, (SIZE.0 / 2 + 100, SIZE.1)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
-    let curves: Vec<(usize, &Arm, Vec<(f64, f64)>)> = report
+    let curves: Vec<(usize, &Arm, Levels)> = report
         .arms
         .iter()
         .enumerate()

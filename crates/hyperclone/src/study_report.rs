@@ -334,7 +334,7 @@ impl Report {
         };
         let lo = mean(&self.random_finals());
         let hi = base.final_loss();
-        if !(hi > lo) {
+        if hi.is_nan() || lo.is_nan() || hi <= lo {
             return Vec::new();
         }
         (0..=24)

@@ -58,7 +58,7 @@ fn curve<'a>(r: &'a Value, arm: &str, seed: u64) -> &'a Value {
         .unwrap_or_else(|| panic!("no curve {arm} s{seed}"))
 }
 
-fn paired<'a>(r: &'a Value, arm: usize, seed: usize) -> &'a Value {
+fn paired(r: &Value, arm: usize, seed: usize) -> &Value {
     &r["arms"][arm]["paired_with_random_init"][seed]
 }
 
