@@ -1,11 +1,14 @@
 """Training throughput: `hyperclone train` against PyTorch on the same model, batch and
 sequence length, same thread count, in one run.
 
-    PY=$(scripts/pyenv.sh | tail -1); $PY benches/train_vs_torch.py [--threads 2] [--steps 12]
+    PY=$(scripts/pyenv.sh | tail -1); $PY benches/train_vs_torch.py [--shape S] [--threads 2] [--steps 12]
 
-The model is a small Llama (hidden 256, 4 layers, 4 heads / 2 kv heads, FFN 688) with the
-SmolLM2 tokenizer's 49152-token vocabulary (tied head), f32, batch 8 x 128 tokens, AdamW.
-Both sides skip the first 2 steps (warm-up) and report the median tokens/s of the rest.
+--shape default: a small Llama (hidden 256, 4 layers, 4 heads / 2 kv heads, FFN 688) with the
+SmolLM2 tokenizer's 49152-token vocabulary (tied head), batch 8 x 128.
+--shape study-small / study-large: the convergence study's models (`hyperclone experiment`):
+hidden 64 (tied) and its x2 clone, hidden 128 (untied), 4 layers, vocabulary 4096 (the
+bundled BPE), batch 16 x 128.
+f32, AdamW. Both sides skip the first 2 steps (warm-up) and report the median tokens/s of the rest.
 """
 
 from __future__ import annotations
@@ -23,11 +26,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "fixtures"))
 
-CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256, "intermediate_size": 688,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 4, "vocab_size": 49152,
-    "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": True,
+COMMON = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 4,
+    "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
 }
+SHAPES = {
+    "default": dict(COMMON, hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=2,
+                    vocab_size=49152, tie_word_embeddings=True),
+    "study-small": dict(COMMON, hidden_size=64, intermediate_size=172, num_attention_heads=2, num_key_value_heads=1,
+                        vocab_size=4096, tie_word_embeddings=True),
+    "study-large": dict(COMMON, hidden_size=128, intermediate_size=344, num_attention_heads=4, num_key_value_heads=2,
+                        vocab_size=4096, tie_word_embeddings=False),
+}
+CONFIG = SHAPES["default"]
 
 
 def rust(binary: Path, work: Path, tokenizer: Path, steps: int, batch: int, seq: int, threads: int) -> float:
@@ -74,19 +85,29 @@ def torch_side(steps: int, batch: int, seq: int, threads: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="default")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=None, help="default: 8 (study shapes: 16)")
     args = ap.parse_args()
+    global CONFIG
+    CONFIG = SHAPES[args.shape]
+    if args.batch is None:
+        args.batch = 8 if args.shape == "default" else 16
     binary = Path(os.environ.get("HYPERCLONE_BIN", REPO / "target" / "release" / "hyperclone"))
-    import smollm2  # tests/fixtures/smollm2.py: SmolLM2's tokenizer gives a real vocabulary
+    if args.shape == "default":
+        import smollm2  # tests/fixtures/smollm2.py: SmolLM2's tokenizer gives a real vocabulary
 
-    tokenizer = smollm2.convert(smollm2.DEFAULT_OUT) / "tokenizer.json"
+        tokenizer = smollm2.convert(smollm2.DEFAULT_OUT) / "tokenizer.json"
+    else:
+        tokenizer = REPO / "assets" / "shakespeare-tiny" / "tokenizer.json"
     with tempfile.TemporaryDirectory() as tmp:
         r = rust(binary, Path(tmp), tokenizer, args.steps, args.batch, args.seq, args.threads)
     t = torch_side(args.steps, args.batch, args.seq, args.threads)
-    print(f"model: llama hidden 256, 4 layers, vocab 49152; f32; batch {args.batch} x {args.seq}; {args.threads} threads")
+    c = CONFIG
+    print(f"model ({args.shape}): llama hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, vocab {c['vocab_size']}, "
+          f"tied {c['tie_word_embeddings']}; f32; batch {args.batch} x {args.seq}; {args.threads} threads")
     print(f"{'':10} {'tokens/s':>10}")
     print(f"{'rust':10} {r:10.0f}")
     print(f"{'torch':10} {t:10.0f}")
