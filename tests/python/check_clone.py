@@ -5,7 +5,7 @@
 
 Both folders are loaded independently by `AutoModelForCausalLM.from_pretrained` in float64
 with eager attention on the CPU, so this checks the written checkpoint exactly as a user
-would load it (shared/HYPERCLONING.md, invariants 1, 2, 5 and 6). Reported:
+would load it (docs/hypercloning.md, invariants 1, 2, 5 and 6). Reported:
 
   * max |logits_D - logits_S|, and that over max |logits_S|
   * std(logits_D) / std(logits_S): catches a global 1/n scale that argmax checks miss
