@@ -460,12 +460,13 @@ pub fn budget_dir(out: &Path, base_steps: u64, arm: Arm, seed: u64) -> PathBuf {
         .join(format!("s{seed}"))
 }
 
-/// The smaller bases get one seed by default (all of them under --full).
+/// The smaller bases get every seed (the headline may come from one of them), except under
+/// --quick (one seed: a pipeline check).
 pub fn budget_seeds(s: &Settings) -> Vec<u64> {
-    if s.preset == "full" {
-        s.seeds.clone()
-    } else {
+    if s.preset == "quick" {
         s.seeds[..1].to_vec()
+    } else {
+        s.seeds.clone()
     }
 }
 

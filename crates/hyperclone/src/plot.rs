@@ -273,14 +273,34 @@ pub fn speedup(report: &Report, path: &Path) -> Result<()> {
     fonts();
     let root = BitMapBackend::new(path, (SIZE.0 / 2 + 100, SIZE.1)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
-    let curves: Vec<(usize, &Arm, Levels)> = report
+    // Every clone arm from the largest base, and the best arm from each smaller base.
+    let top = report.settings.largest_base();
+    let mut curves: Vec<(usize, String, Levels)> = report
         .arms
         .iter()
         .enumerate()
         .filter(|(_, a)| a.arm.role() == RunRole::Clone)
-        .map(|(i, a)| (i, &a.arm, report.speedup_curve(a)))
-        .filter(|(_, _, c)| !c.is_empty())
+        .map(|(i, a)| {
+            (
+                i,
+                format!("{} (base-{top})", a.arm.name()),
+                report.speedup_curve(top, a.arm),
+            )
+        })
         .collect();
+    for (j, row) in report
+        .budget
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.steps != top)
+    {
+        curves.push((
+            5 + j,
+            format!("{} (base-{})", row.arm.name(), row.steps),
+            report.speedup_curve(row.steps, row.arm),
+        ));
+    }
+    curves.retain(|(_, _, c)| !c.is_empty());
     let xs = || curves.iter().flat_map(|(_, _, c)| c.iter().map(|p| p.0));
     let (x0, x1) = (
         xs().fold(f64::INFINITY, f64::min),
@@ -324,15 +344,15 @@ pub fn speedup(report: &Report, path: &Path) -> Result<()> {
             ))
             .map_err(err)?;
     }
-    for (i, arm, c) in &curves {
-        let col = colour(*i, arm.role());
+    for (i, label, c) in &curves {
+        let col = colour(*i, RunRole::Clone);
         chart
             .draw_series(LineSeries::new(
                 c.iter().map(|p| (p.0, p.1.min(y1))),
                 col.stroke_width(3),
             ))
             .map_err(err)?
-            .label(arm.name().to_string())
+            .label(label.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], col.stroke_width(3)));
     }
     draw_legend(&mut chart, SeriesLabelPosition::UpperRight)?;
