@@ -22,7 +22,6 @@ use crate::train_cmd;
 use anyhow::{bail, Context, Result};
 use hyperclone_core::{GrowthOptions, Variant};
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -42,6 +41,8 @@ pub struct Settings {
     pub steps: u64,
     pub screen_steps: u64,
     pub lrs: Vec<f64>,
+    /// How many times the grid may grow by 2x past an edge where the best lr sits.
+    pub lr_extensions: u32,
     pub seeds: Vec<u64>,
     pub arms: Vec<Arm>,
     pub warmup: u64,
@@ -93,6 +94,7 @@ impl Settings {
                     vec![5e-4, 1e-3, 2e-3, 4e-3]
                 }
             }),
+            lr_extensions: if q { 0 } else { 2 },
             seeds: a
                 .seeds
                 .clone()
@@ -155,6 +157,7 @@ impl Settings {
             "steps": self.steps,
             "screen_steps": self.screen_steps,
             "lrs": self.lrs,
+            "lr_screen_extensions_at_edges": self.lr_extensions,
             "seeds": self.seeds,
             "arms": self.arms.iter().map(Arm::name).collect::<Vec<_>>(),
             "warmup": self.warmup,
@@ -365,7 +368,7 @@ pub fn experiment(a: ExperimentArgs) -> Result<()> {
             s.screen_steps, s.lrs
         );
         for &arm in &s.arms {
-            for &lr in &s.lrs {
+            let screen = |lr: f64| -> Result<()> {
                 let label = format!("{}@{lr:e}", arm.name());
                 let r = LargeRun {
                     arm,
@@ -374,58 +377,103 @@ pub fn experiment(a: ExperimentArgs) -> Result<()> {
                     lr,
                     seed: s.seeds[0],
                 };
-                c.large_run(screen_dir(&out, arm, lr), r, &label)?;
+                c.large_run(screen_dir(&out, arm, lr), r, &label)
+            };
+            for &lr in &s.lrs {
+                screen(lr)?;
+            }
+            // An optimum at the edge of the grid is not an optimum: extend the grid by 2x
+            // steps on that side until the best is inside (at most lr_extensions times).
+            for _ in 0..s.lr_extensions {
+                let results = read_screen(&out, arm)?;
+                let Some(next) = study_report::edge_extension(&results) else {
+                    break;
+                };
+                println!(
+                    "   {}: best lr at the grid's edge, screening {next:e}",
+                    arm.name()
+                );
+                screen(next)?;
             }
         }
-        let best = best_lrs(&out, &s)?;
+        let runs = read_runs(&out, &s)?;
+        let best = study_report::best_lrs(&runs, &s);
+        for (arm, (lr, loss)) in &best {
+            println!("   {arm}: lr {lr:e} (screen loss {loss:.4})");
+        }
+        let chosen = study_report::chosen_clone_arm(&runs, &s);
 
+        // The runs the headline needs come first, so a study cut short (and resumed later)
+        // has them: the random inits, then the screen's best clone arm from every base
+        // (largest first), then the other clone arms.
         println!(
-            "3. final runs: {} steps x {} tokens, seeds {:?}",
+            "3. random init: {} steps x {} tokens, seeds {:?}",
             s.steps,
             s.tokens_per_step(),
             s.seeds
         );
-        for &arm in &s.arms {
-            let lr = best[arm.name()];
+        let final_run = |arm: Arm, base_steps: u64, seed: u64| -> Result<()> {
+            let Some(&(lr, _)) = best.get(arm.name()) else {
+                bail!("{}: no learning rate from the screen", arm.name());
+            };
+            let (dir, label) = if base_steps == top {
+                (
+                    final_dir(&out, arm, seed),
+                    format!("{} s{seed}", arm.name()),
+                )
+            } else {
+                (
+                    budget_dir(&out, base_steps, arm, seed),
+                    format!("{} base-{base_steps} s{seed}", arm.name()),
+                )
+            };
+            let r = LargeRun {
+                arm,
+                base_steps,
+                steps: s.steps,
+                lr,
+                seed,
+            };
+            c.large_run(dir, r, &label)
+        };
+        if s.arms.contains(&Arm::Random) {
             for &seed in &s.seeds {
-                let label = format!("{} s{seed}", arm.name());
-                let r = LargeRun {
-                    arm,
-                    base_steps: top,
-                    steps: s.steps,
-                    lr,
-                    seed,
-                };
-                c.large_run(final_dir(&out, arm, seed), r, &label)?;
+                final_run(Arm::Random, top, seed)?;
             }
         }
-
-        let runs = read_runs(&out, &s)?;
-        if let Some(arm) = study_report::best_clone_arm(&runs, &s) {
-            let lr = best[arm.name()];
-            let seeds = budget_seeds(&s);
+        if let Some(arm) = chosen {
             println!(
-                "4. {} from the smaller bases {:?}",
-                arm.name(),
-                &s.base_steps[..s.base_steps.len() - 1]
+                "4. {} (the screen's best clone arm) from every base, largest first",
+                arm.name()
             );
-            for &steps in &s.base_steps[..s.base_steps.len() - 1] {
-                for &seed in &seeds {
-                    let label = format!("{} base-{steps} s{seed}", arm.name());
-                    let r = LargeRun {
-                        arm,
-                        base_steps: steps,
-                        steps: s.steps,
-                        lr,
-                        seed,
-                    };
-                    c.large_run(budget_dir(&out, steps, arm, seed), r, &label)?;
+            for &steps in s.base_steps.iter().rev() {
+                let seeds = if steps == top {
+                    s.seeds.clone()
+                } else {
+                    budget_seeds(&s)
+                };
+                for seed in seeds {
+                    final_run(arm, steps, seed)?;
                 }
+            }
+        }
+        let others: Vec<Arm> = s
+            .arms
+            .iter()
+            .copied()
+            .filter(|a| *a != Arm::Random && Some(*a) != chosen)
+            .collect();
+        if !others.is_empty() {
+            println!("5. the other clone arms from base-{top}");
+        }
+        for arm in others {
+            for &seed in &s.seeds {
+                final_run(arm, top, seed)?;
             }
         }
     }
 
-    println!("5. report");
+    println!("6. report");
     let runs = read_runs(&out, &s)?;
     let corpus_tokens = read_corpus(&out);
     let report = study_report::Report::new(&s, models_json(&out, &s)?, corpus_tokens, runs);
@@ -470,34 +518,39 @@ pub fn budget_seeds(s: &Settings) -> Vec<u64> {
     }
 }
 
-/// Each arm's screen winner: the lowest final validation loss.
-fn best_lrs(out: &Path, s: &Settings) -> Result<BTreeMap<&'static str, f64>> {
-    let mut best = BTreeMap::new();
-    for &arm in &s.arms {
-        let mut winner: Option<(f64, f64)> = None;
-        for &lr in &s.lrs {
-            let path = screen_dir(out, arm, lr).join("metrics.jsonl");
-            let loss = Curve::read(arm.name(), &path)?.final_loss();
-            if loss.is_finite() && winner.is_none_or(|(l, _)| loss < l) {
-                winner = Some((loss, lr));
-            }
+/// (lr, final validation loss) of every finished screen run of `arm`, whatever grid it came
+/// from (the folder name holds the lr).
+fn read_screen(out: &Path, arm: Arm) -> Result<Vec<(f64, f64)>> {
+    let dir = out.join("screen").join(arm.name());
+    let mut results = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        let Some(lr) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("lr"))
+            .and_then(|n| n.parse::<f64>().ok())
+        else {
+            continue;
+        };
+        if let Some(c) = finished_curve(arm.name(), &path) {
+            results.push((lr, c.final_loss()));
         }
-        let (loss, lr) =
-            winner.with_context(|| format!("{}: every screen run diverged", arm.name()))?;
-        println!("   {}: lr {lr:e} (screen loss {loss:.4})", arm.name());
-        best.insert(arm.name(), lr);
     }
-    Ok(best)
+    results.sort_by(|a, b| a.0.total_cmp(&b.0));
+    Ok(results)
+}
+
+/// A run's curve when the run has finished (its last evaluation is at its saved step).
+fn finished_curve(name: &str, dir: &Path) -> Option<Curve> {
+    let done = train_cmd::read_state(&dir.join("last")).ok()?;
+    let curve = Curve::read(name, &dir.join("metrics.jsonl")).ok()?;
+    (curve.evals.last()?.step == done).then_some(curve)
 }
 
 /// Every finished run's curve (missing ones are simply absent: the report says pending).
 fn read_runs(out: &Path, s: &Settings) -> Result<StudyRuns> {
-    let read = |name: String, dir: PathBuf| -> Option<Curve> {
-        let path = dir.join("metrics.jsonl");
-        let done = train_cmd::read_state(&dir.join("last")).ok()?;
-        let curve = Curve::read(&name, &path).ok()?;
-        (curve.evals.last()?.step == done).then_some(curve)
-    };
+    let read = |name: String, dir: PathBuf| finished_curve(&name, &dir);
     let mut runs = StudyRuns::default();
     for &steps in &s.base_steps {
         if let Some(c) = read(
@@ -508,8 +561,18 @@ fn read_runs(out: &Path, s: &Settings) -> Result<StudyRuns> {
         }
     }
     for &arm in &s.arms {
-        for &lr in &s.lrs {
-            if let Some(c) = read(arm.name().into(), screen_dir(out, arm, lr)) {
+        let screened = std::fs::read_dir(out.join("screen").join(arm.name()))
+            .into_iter()
+            .flatten()
+            .flatten();
+        for entry in screened {
+            let path = entry.path();
+            let lr = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix("lr"))
+                .and_then(|n| n.parse::<f64>().ok());
+            if let (Some(lr), Some(c)) = (lr, read(arm.name().into(), path.clone())) {
                 runs.screen.insert((arm.name(), lr.to_bits()), c);
             }
         }

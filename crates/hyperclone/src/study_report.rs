@@ -144,28 +144,51 @@ fn base_compute_tokens(base: &Curve, models: &Value) -> f64 {
     }
 }
 
-/// The clone arm with the best worst-seed speedup (then the lowest mean final loss) among
-/// those whose every seed has finished next to a finished random init.
-pub fn best_clone_arm(runs: &StudyRuns, s: &Settings) -> Option<Arm> {
-    let top = runs.bases.get(&s.largest_base())?;
-    let score = |arm: &Arm| -> Option<(f64, f64)> {
-        let mut worst = f64::INFINITY;
-        let mut loss = 0.0;
-        for &seed in &s.seeds {
-            let clone = runs.finals.get(&(arm.name(), seed))?;
-            let random = runs.finals.get(&(Arm::Random.name(), seed))?;
-            let p = pair(clone, random, seed, 0.0);
-            worst = worst.min(p.speedup.unwrap_or(0.0));
-            loss += p.final_loss / s.seeds.len() as f64;
-        }
-        let _ = top;
-        Some((worst, -loss))
-    };
+/// The next learning rate to screen when the best of `results` ((lr, loss), any order) sits
+/// at the grid's edge: half the smallest or twice the largest; None when it is inside.
+pub fn edge_extension(results: &[(f64, f64)]) -> Option<f64> {
+    let finite: Vec<&(f64, f64)> = results.iter().filter(|r| r.1.is_finite()).collect();
+    let best = finite.iter().min_by(|a, b| a.1.total_cmp(&b.1))?.0;
+    let lo = results.iter().map(|r| r.0).fold(f64::INFINITY, f64::min);
+    let hi = results
+        .iter()
+        .map(|r| r.0)
+        .fold(f64::NEG_INFINITY, f64::max);
+    if results.len() < 2 {
+        None
+    } else if best == lo {
+        Some(lo / 2.0)
+    } else if best == hi {
+        Some(hi * 2.0)
+    } else {
+        None
+    }
+}
+
+/// Each arm's screen winner: (lr, final validation loss) of its lowest finished screen run.
+pub fn best_lrs(runs: &StudyRuns, s: &Settings) -> BTreeMap<&'static str, (f64, f64)> {
+    s.arms
+        .iter()
+        .filter_map(|arm| {
+            runs.screen
+                .iter()
+                .filter(|((name, _), c)| *name == arm.name() && c.final_loss().is_finite())
+                .map(|((_, lr), c)| (f64::from_bits(*lr), c.final_loss()))
+                .min_by(|a, b| a.1.total_cmp(&b.1))
+                .map(|best| (arm.name(), best))
+        })
+        .collect()
+}
+
+/// The clone arm that is grown from every base: the lowest screen loss at its best lr (the
+/// screen selects; the seeded final runs measure).
+pub fn chosen_clone_arm(runs: &StudyRuns, s: &Settings) -> Option<Arm> {
+    let best = best_lrs(runs, s);
     s.arms
         .iter()
         .filter(|a| a.role() == RunRole::Clone)
-        .filter_map(|a| score(a).map(|sc| (*a, sc)))
-        .max_by(|x, y| x.1.partial_cmp(&y.1).unwrap_or(std::cmp::Ordering::Equal))
+        .filter_map(|a| best.get(a.name()).map(|(_, loss)| (*a, *loss)))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
         .map(|(a, _)| a)
 }
 
@@ -242,18 +265,8 @@ impl Report {
             .bases
             .get(&top_steps)
             .map_or(f64::NAN, |b| base_compute_tokens(b, &models));
-        let best_lr = |arm: &Arm| -> Option<f64> {
-            s.lrs
-                .iter()
-                .filter_map(|lr| {
-                    runs.screen
-                        .get(&(arm.name(), lr.to_bits()))
-                        .map(|c| (c.final_loss(), *lr))
-                })
-                .filter(|(l, _)| l.is_finite())
-                .min_by(|a, b| a.0.total_cmp(&b.0))
-                .map(|(_, lr)| lr)
-        };
+        let screen_best = best_lrs(&runs, s);
+        let best_lr = |arm: &Arm| screen_best.get(arm.name()).map(|b| b.0);
         let arms = s
             .arms
             .iter()
@@ -287,7 +300,7 @@ impl Report {
                 }
             })
             .collect();
-        let best_arm = best_clone_arm(&runs, s);
+        let best_arm = chosen_clone_arm(&runs, s);
         let mut budget = Vec::new();
         if let Some(arm) = best_arm {
             for &steps in &s.base_steps {
@@ -558,22 +571,29 @@ impl Report {
     }
 
     fn screen_markdown(&self) -> String {
-        let s = &self.settings;
+        let mut lrs: Vec<f64> = self
+            .runs
+            .screen
+            .keys()
+            .map(|(_, lr)| f64::from_bits(*lr))
+            .collect();
+        lrs.sort_by(f64::total_cmp);
+        lrs.dedup();
         let mut t = String::new();
         let _ = write!(t, "| arm |");
-        for lr in &s.lrs {
+        for lr in &lrs {
             let _ = write!(t, " lr {lr:e} |");
         }
         let _ = writeln!(t, " chosen |");
-        let _ = writeln!(t, "|---|{}---|", "---|".repeat(s.lrs.len()));
+        let _ = writeln!(t, "|---|{}---|", "---|".repeat(lrs.len()));
         for a in &self.arms {
             let _ = write!(t, "| {} |", a.arm.name());
-            for lr in &s.lrs {
+            for lr in &lrs {
                 let cell = self
                     .runs
                     .screen
                     .get(&(a.arm.name(), lr.to_bits()))
-                    .map_or("pending".into(), |c| format!("{:.4}", c.final_loss()));
+                    .map_or("".into(), |c| format!("{:.4}", c.final_loss()));
                 let _ = write!(t, " {cell} |");
             }
             let _ = writeln!(t, " {} |", a.lr.map_or("-".into(), |l| format!("{l:e}")));
@@ -769,5 +789,31 @@ impl Report {
             serde_json::to_string_pretty(&self.to_json())?,
         )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_grid_grows_past_an_edge_until_the_best_is_inside() {
+        let r = [(1e-3, 4.6), (2e-3, 4.7), (5e-4, 4.5)];
+        assert_eq!(edge_extension(&r), Some(2.5e-4), "best at the low edge");
+        let r = [(1e-3, 5.8), (2e-3, 5.6), (4e-3, 5.5)];
+        assert_eq!(edge_extension(&r), Some(8e-3), "best at the high edge");
+        let r = [(1e-3, 5.8), (2e-3, 5.4), (4e-3, 5.5)];
+        assert_eq!(edge_extension(&r), None, "inside");
+        // A diverged run never counts as best; one point is no grid.
+        let r = [(1e-3, 5.8), (2e-3, f64::NAN), (5e-4, 5.9)];
+        assert_eq!(edge_extension(&r), None);
+        assert_eq!(edge_extension(&[(1e-3, 5.0)]), None);
+    }
+
+    #[test]
+    fn mean_and_sample_sd() {
+        assert_eq!(mean(&[1.0, 2.0, 3.0]), 2.0);
+        assert_eq!(sd(&[1.0, 2.0, 3.0]), 1.0);
+        assert_eq!(sd(&[4.0]), 0.0);
     }
 }
