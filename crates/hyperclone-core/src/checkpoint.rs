@@ -80,8 +80,7 @@ impl Checkpoint {
 
     /// sha256 of config.json's bytes.
     pub fn config_sha256(&self) -> Result<String> {
-        let bytes =
-            std::fs::read(&self.config.path).map_err(|e| Error::io(&self.config.path, e))?;
+        let bytes = crate::limits::read_bounded(&self.config.path, crate::limits::MAX_JSON_BYTES)?;
         Ok(hex(&Sha256::digest(&bytes)))
     }
 
@@ -113,7 +112,7 @@ pub fn hex(bytes: &[u8]) -> String {
 /// The weight files of a folder: the shards an index names, or the single file.
 fn weight_files(dir: &Path) -> Result<Vec<String>> {
     let index = dir.join(INDEX_FILE);
-    if index.exists() {
+    if index.symlink_metadata().is_ok() {
         let map = read_index(&index)?;
         let mut names: Vec<String> = map.into_values().collect();
         names.sort();
@@ -146,9 +145,7 @@ fn weight_files(dir: &Path) -> Result<Vec<String>> {
 
 /// tensor name -> shard file name, from `model.safetensors.index.json`.
 fn read_index(path: &Path) -> Result<BTreeMap<String, String>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let v: Value = serde_json::from_slice(&bytes)
-        .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
+    let v: Value = crate::limits::read_json(path)?;
     let map = v
         .get("weight_map")
         .and_then(Value::as_object)
@@ -181,7 +178,7 @@ fn check_index_agrees(dir: &Path, files: &[SafetensorsFile]) -> Result<()> {
             }
         }
     }
-    if !index.exists() {
+    if index.symlink_metadata().is_err() {
         return Ok(());
     }
     for (name, shard) in read_index(&index)? {

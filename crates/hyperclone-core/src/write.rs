@@ -19,6 +19,8 @@ use std::sync::mpsc;
 pub trait Progress: Sync {
     fn begin(&self, _total_bytes: u64) {}
     fn advance(&self, _bytes: u64) {}
+    /// Something the user should know that is not an error (stale folders removed).
+    fn notice(&self, _message: &str) {}
 }
 
 pub struct NoProgress;
@@ -68,6 +70,8 @@ pub struct WriteEnv<'a> {
     /// Runs on the complete staging folder before it is moved into place (`clone
     /// --verify`); an error removes it.
     pub check: Option<&'a CheckStaged<'a>>,
+    /// Clone source tensors holding NaN or Inf instead of refusing them.
+    pub allow_nonfinite: bool,
 }
 
 pub struct CloneOutcome {
@@ -89,12 +93,28 @@ pub fn write_clone(
         cancel,
         create,
         check,
+        allow_nonfinite,
     } = *env;
     check_destination(&ckpt.dir, dst, force)?;
+    for removed in remove_stale_siblings(dst)? {
+        progress.notice(&format!(
+            "removed {}, left by an earlier clone into {} that did not finish (process gone)",
+            removed.display(),
+            dst.display()
+        ));
+    }
     let staging = Staging::create(dst)?;
     let mut files = Vec::new();
     progress.begin(plan.output_bytes());
-    let mut bytes_written = write_shards(ckpt, plan, &staging.path, progress, cancel, create)?;
+    let mut bytes_written = write_shards(
+        ckpt,
+        plan,
+        &staging.path,
+        progress,
+        cancel,
+        create,
+        allow_nonfinite,
+    )?;
     files.extend(plan.shards.iter().map(|s| s.file_name.clone()));
     let mut small = |name: &str, bytes: Vec<u8>| -> Result<()> {
         let path = staging.path.join(name);
@@ -173,7 +193,131 @@ fn check_destination(src: &Path, dst: &Path, force: bool) -> Result<()> {
             "already exists (pass --force to replace it)",
         ));
     }
+    if force && dst.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+        check_removable(dst)?;
+    }
     Ok(())
+}
+
+/// `--force` replaces DST all or nothing: before anything is written, every entry of the
+/// old DST must be deletable (each folder writable, no immutable or append-only file, no
+/// sticky folder holding another user's files), or the clone is refused with DST intact.
+fn check_removable(dst: &Path) -> Result<()> {
+    let refuse = |what: &Path, why: String| {
+        Error::format(
+            dst,
+            format!(
+                "--force cannot replace it: {} {why}; nothing was changed",
+                what.display()
+            ),
+        )
+    };
+    let probe_name = format!(".hyperclone-probe-{}", std::process::id());
+    let mut stack = vec![dst.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let probe = dir.join(&probe_name);
+        let created = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&probe);
+        let me = match created {
+            Ok(f) => {
+                let meta = f.metadata();
+                drop(f);
+                let _ = fs::remove_file(&probe);
+                meta.ok()
+            }
+            Err(e) => return Err(refuse(&dir, format!("cannot be emptied ({e})"))),
+        };
+        let entries =
+            fs::read_dir(&dir).map_err(|e| refuse(&dir, format!("cannot be read ({e})")))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| refuse(&dir, format!("cannot be read ({e})")))?;
+            let path = entry.path();
+            let meta = entry
+                .metadata()
+                .map_err(|e| refuse(&path, format!("cannot be examined ({e})")))?;
+            if meta.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::MetadataExt;
+                let Some(me) = &me else { continue };
+                let (uid, root) = (me.uid(), me.uid() == 0);
+                let dir_meta = fs::symlink_metadata(&dir).map_err(|e| Error::io(&dir, e))?;
+                if dir_meta.mode() & 0o1000 != 0
+                    && !root
+                    && meta.uid() != uid
+                    && dir_meta.uid() != uid
+                {
+                    return Err(refuse(
+                        &path,
+                        "belongs to another user in a sticky folder".into(),
+                    ));
+                }
+                // link() fails with EPERM on an immutable or append-only file, exactly when
+                // unlink() would; only try it where protected_hardlinks cannot interfere.
+                if meta.is_file() && (root || meta.uid() == uid) {
+                    let link = dir.join(format!("{probe_name}-link"));
+                    match fs::hard_link(&path, &link) {
+                        Ok(()) => {
+                            let _ = fs::remove_file(&link);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                            return Err(refuse(
+                                &path,
+                                format!("cannot be deleted (immutable or append-only? {e})"),
+                            ))
+                        }
+                        Err(_) => {} // e.g. a file system without hard links
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes `.DST.hyperclone-partial-PID` folders left beside DST by clones whose process
+/// no longer exists (killed by SIGKILL, a crash or a power cut); returns what it removed.
+/// Folders of live processes, and `-replaced-` folders (a previous DST), are never touched.
+fn remove_stale_siblings(dst: &Path) -> Result<Vec<PathBuf>> {
+    let abs = absolute_lexical(dst)?;
+    let (Some(parent), Some(name)) = (abs.parent(), abs.file_name()) else {
+        return Ok(Vec::new());
+    };
+    let prefix = format!(".{}.hyperclone-partial-", name.to_string_lossy());
+    let mut removed = Vec::new();
+    let Ok(entries) = fs::read_dir(parent) else {
+        return Ok(removed);
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = file_name
+            .strip_prefix(&prefix)
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || process_alive(pid) {
+            continue;
+        }
+        let path = entry.path();
+        fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+        removed.push(path);
+    }
+    Ok(removed)
+}
+
+/// Whether a process exists; `true` where this cannot be told (nothing is removed then).
+fn process_alive(pid: u32) -> bool {
+    let proc = Path::new("/proc");
+    if !proc.join("self").exists() {
+        return true;
+    }
+    proc.join(pid.to_string()).exists()
 }
 
 /// An absolute path with its parent resolved through symlinks (DST itself need not exist).
@@ -229,7 +373,19 @@ impl Staging {
             } else {
                 fs::remove_file(&old)
             };
-            removed.map_err(|e| Error::io(&old, e))?;
+            // Checked before writing (check_removable), so this fails only when the old
+            // DST changed meanwhile; say exactly where everything is.
+            removed.map_err(|e| {
+                Error::format(
+                    dst,
+                    format!(
+                        "now holds the new clone, but the previous {} (moved to {}) could not be fully deleted ({e}); \
+                         what is left of it is there: remove it yourself",
+                        dst.display(),
+                        old.display()
+                    ),
+                )
+            })?;
         }
         Ok(())
     }
@@ -265,6 +421,7 @@ fn write_shards(
     progress: &dyn Progress,
     cancel: &AtomicBool,
     create: &CreateFile,
+    allow_nonfinite: bool,
 ) -> Result<u64> {
     let (to_writer, from_producer) = mpsc::sync_channel::<Msg>(2);
     let (recycle, spare) = mpsc::channel::<Vec<u8>>();
@@ -303,7 +460,7 @@ fn write_shards(
             }
             Ok(total)
         });
-        let produced = produce(ckpt, plan, dir, cancel, &to_writer, &spare);
+        let produced = produce(ckpt, plan, dir, cancel, allow_nonfinite, &to_writer, &spare);
         drop(to_writer);
         let written = writer.join().expect("writer thread does not panic");
         // A writer error explains a producer's failed send, so it comes first.
@@ -318,6 +475,7 @@ fn produce(
     plan: &Plan,
     dir: &Path,
     cancel: &AtomicBool,
+    allow_nonfinite: bool,
     to_writer: &mpsc::SyncSender<Msg>,
     spare: &mpsc::Receiver<Vec<u8>>,
 ) -> Result<()> {
@@ -333,6 +491,21 @@ fn produce(
             let src = &ckpt.tensors[t.source];
             let file = &ckpt.files[src.file];
             file.advise_willneed(&src.info);
+            let data = file.data(&src.info);
+            if !allow_nonfinite {
+                let bad = src.info.dtype.count_nonfinite(data);
+                if bad > 0 {
+                    return Err(Error::tensor(
+                        &file.path,
+                        &src.info.name,
+                        format!(
+                            "{bad} of {} values are NaN or infinite; refusing to clone them \
+                             (pass --allow-nonfinite to clone them anyway)",
+                            src.info.numel()
+                        ),
+                    ));
+                }
+            }
             let spec = ExpansionSpec {
                 variant: plan.options.variant,
                 snr_db: plan.options.snr_db,
@@ -340,7 +513,7 @@ fn produce(
                 out_dtype: t.dtype,
                 scale: t.scale,
             };
-            let exp = Expansion::new(file.data(&src.info), src.info.dtype, &t.axes, spec)
+            let exp = Expansion::new(data, src.info.dtype, &t.axes, spec)
                 .map_err(|m| Error::tensor(&file.path, &src.info.name, m))?;
             let rows = exp.dest_shape()[0];
             let row_bytes = exp.dest_row_bytes();
