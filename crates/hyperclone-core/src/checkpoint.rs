@@ -118,7 +118,9 @@ fn weight_files(dir: &Path) -> Result<Vec<String>> {
         names.sort();
         names.dedup();
         for n in &names {
-            if !dir.join(n).is_file() {
+            if dir.join(n).symlink_metadata().is_ok() {
+                crate::limits::ensure_regular_file(&dir.join(n))?;
+            } else {
                 return Err(Error::format(
                     &index,
                     format!("names shard `{n}`, which does not exist"),
@@ -127,7 +129,9 @@ fn weight_files(dir: &Path) -> Result<Vec<String>> {
         }
         return Ok(names);
     }
-    if dir.join(SINGLE_FILE).is_file() {
+    if dir.join(SINGLE_FILE).symlink_metadata().is_ok() {
+        // A FIFO or a link to a device is refused by name, not reported as missing.
+        crate::limits::ensure_regular_file(&dir.join(SINGLE_FILE))?;
         return Ok(vec![SINGLE_FILE.to_string()]);
     }
     let hint = if dir.join("pytorch_model.bin").exists()

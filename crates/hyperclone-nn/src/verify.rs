@@ -35,14 +35,15 @@ pub struct VerifyReport {
 impl VerifyReport {
     /// Logits and every state within tolerance, and the logit scale preserved.
     pub fn passed(&self) -> bool {
-        self.max_rel_logit_diff <= self.tolerance
+        self.max_rel_logit_diff <= self.tolerance // false for NaN
             && (self.std_ratio - 1.0).abs() <= self.tolerance.max(1e-6)
             && self.first_divergence().is_none()
     }
 
     /// The first residual-stream state that is not the n-fold tile of the small model's.
     pub fn first_divergence(&self) -> Option<&StateDeviation> {
-        self.states.iter().find(|s| s.relative > self.tolerance)
+        // NaN compares false: a NaN deviation is a divergence, never a pass.
+        self.states.iter().find(|s| !(s.relative <= self.tolerance))
     }
 }
 
@@ -54,11 +55,7 @@ impl VerifyReport {
 /// (3e-8 in f32, 2e-3 in bf16) that no working precision can undo. Storage limits allow
 /// ~100 ulps of growth through the network.
 pub fn default_tolerance(working: DType, coarsest_storage: hyperclone_core::DType) -> f64 {
-    let work = match working {
-        DType::F64 => 1e-9,
-        DType::F32 => 1e-4,
-        _ => 5e-2,
-    };
+    let work = working_tolerance(working);
     let storage = match coarsest_storage {
         hyperclone_core::DType::F64 => 0.0,
         hyperclone_core::DType::F32 => 1e-5,
@@ -66,6 +63,59 @@ pub fn default_tolerance(working: DType, coarsest_storage: hyperclone_core::DTyp
         hyperclone_core::DType::BF16 => 3e-2,
     };
     work + storage
+}
+
+/// How many times the measured rounding sensitivity a correct clone may deviate.
+///
+/// A clone's stored weights carry one rounding error each (W/n, or W/n plus noise, written
+/// in the storage dtype), the same kind and size of error the sensitivity probe puts into
+/// SMALL; summing n copies averages part of it away, so a correct clone stays well within
+/// a small multiple of the probe's deviation.
+pub const ROUNDING_MARGIN: f64 = 4.0;
+
+/// The working-precision part of the tolerance (see [`default_tolerance`]).
+pub fn working_tolerance(working: DType) -> f64 {
+    match working {
+        DType::F64 => 1e-9,
+        DType::F32 => 1e-4,
+        _ => 5e-2,
+    }
+}
+
+/// How far rounding every weight to `storage` moves SMALL's function, measured: SMALL is
+/// run with each weight w replaced by `round(w / 3) * 3` (an independent rounding error of
+/// up to half an ulp of `storage` at w's magnitude, as writing W/n or W/n + noise gives a
+/// clone) and compared with SMALL as stored. Returns the largest relative deviation of the
+/// logits, their scale, and every residual state.
+pub fn rounding_sensitivity(
+    ckpt: &hyperclone_core::Checkpoint,
+    small: &Decoder,
+    storage: hyperclone_core::DType,
+    working: DType,
+    ids: &[u32],
+) -> Result<f64> {
+    let round = |v: &mut [f64]| {
+        let third: Vec<f64> = v.iter().map(|x| x / 3.0).collect();
+        let mut bytes = vec![0u8; third.len() * storage.size()];
+        storage.encode(&third, &mut bytes);
+        storage.decode(&bytes, v);
+        for x in v.iter_mut() {
+            *x *= 3.0;
+        }
+    };
+    let rounded = Decoder::load_perturbed(ckpt, working, &small.device, &round)?;
+    let r = verify(small, &rounded, ids, 0.0)?;
+    let states = r.states.iter().map(|s| s.relative).fold(0.0, nan_max);
+    Ok(nan_max(
+        nan_max(r.max_rel_logit_diff, (r.std_ratio - 1.0).abs()),
+        states,
+    ))
+}
+
+/// The tolerance of a clone stored in a coarse dtype (bf16, f16): the working precision's
+/// plus [`ROUNDING_MARGIN`] times the measured [`rounding_sensitivity`].
+pub fn derived_tolerance(working: DType, sensitivity: f64) -> f64 {
+    working_tolerance(working) + ROUNDING_MARGIN * sensitivity
 }
 
 pub fn verify(small: &Decoder, big: &Decoder, ids: &[u32], tolerance: f64) -> Result<VerifyReport> {
@@ -85,13 +135,13 @@ pub fn verify(small: &Decoder, big: &Decoder, ids: &[u32], tolerance: f64) -> Re
     let scale = sl
         .iter()
         .flatten()
-        .fold(0f64, |m, x| m.max(x.abs()))
+        .fold(0f64, |m, x| nan_max(m, x.abs()))
         .max(1e-30);
     let max_abs = sl
         .iter()
         .flatten()
         .zip(bl.iter().flatten())
-        .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+        .fold(0f64, |m, (a, b)| nan_max(m, (a - b).abs()));
     let std_ratio = std(bl.iter().flatten()) / std(sl.iter().flatten());
     let mut agree = 0usize;
     let mut kl = 0.0;
@@ -146,8 +196,9 @@ fn state_deviations(
             let d = (b.to_dtype(DType::F64)? - tiled.to_dtype(DType::F64)?)?
                 .abs()?
                 .flatten_all()?
-                .max(0)?
-                .to_scalar::<f64>()?;
+                .to_vec1::<f64>()?
+                .into_iter()
+                .fold(0f64, nan_max);
             Ok(StateDeviation {
                 name,
                 max_abs: d,
@@ -155,6 +206,15 @@ fn state_deviations(
             })
         })
         .collect()
+}
+
+/// The larger of two, NaN if either is (f64::max drops NaN, hiding a broken model).
+fn nan_max(m: f64, x: f64) -> f64 {
+    if m.is_nan() || x.is_nan() {
+        f64::NAN
+    } else {
+        m.max(x)
+    }
 }
 
 /// [1, T, V] (or [T, V]) -> T rows of f64.

@@ -18,7 +18,7 @@ const LAST: &str = "last";
 
 pub fn train(a: TrainArgs) -> Result<()> {
     let done = run(&a, "")?;
-    println!(
+    outln!(
         "trained {} steps ({} tokens) in {:.1} s; checkpoint {}, metrics {}",
         done.steps,
         done.tokens,
@@ -39,12 +39,20 @@ pub struct RunDone {
 
 /// Trains as `hyperclone train` does; `label` prefixes the progress bar.
 pub fn run(a: &TrainArgs, label: &str) -> Result<RunDone> {
+    validate(a)?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let last = a.out.join(LAST);
     // Where the weights come from: the last checkpoint, a model, or a fresh random init.
     let (source, start_step) = if a.resume {
         let state = read_state(&last)
             .with_context(|| format!("--resume: no usable checkpoint in {}", last.display()))?;
+        if state > a.steps {
+            bail!(
+                "{}: step {state} is past --steps {}: this checkpoint belongs to a longer run (raise --steps)",
+                last.join("trainer_state.json").display(),
+                a.steps
+            );
+        }
         (last.clone(), state)
     } else if let Some(m) = &a.model {
         (m.clone(), 0)
@@ -76,6 +84,7 @@ pub fn run(a: &TrainArgs, label: &str) -> Result<RunDone> {
     let ckpt = Checkpoint::open(&source)?;
     let (model, params) = Decoder::load_trainable(&ckpt, DType::F32, &Device::Cpu)?;
     let mut opt = if a.resume {
+        check_optimizer_state(&last.join("optimizer.safetensors"))?;
         AdamW::load(&params, &last.join("optimizer.safetensors"))?
     } else {
         AdamW::new(&params)
@@ -172,6 +181,61 @@ pub fn run(a: &TrainArgs, label: &str) -> Result<RunDone> {
         tokens: end.saturating_sub(start_step) * tokens_per_step,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// AdamW moments must be finite and second moments non-negative: a corrupt state would
+/// otherwise turn every update into NaN (or a square root of a negative number).
+fn check_optimizer_state(path: &Path) -> Result<()> {
+    let f = hyperclone_core::safetensors::SafetensorsFile::open(path)?;
+    for t in &f.tensors {
+        let data = f.data(t);
+        let bad = t.dtype.count_nonfinite(data);
+        if bad > 0 {
+            bail!(
+                "{}: tensor `{}`: {bad} of {} values are NaN or infinite (corrupt optimizer state)",
+                path.display(),
+                t.name,
+                t.numel()
+            );
+        }
+        if t.name.starts_with("v.") {
+            let mut v = vec![0f64; t.numel()];
+            t.dtype.decode(data, &mut v);
+            let negative = v.iter().filter(|&&x| x < 0.0).count();
+            if negative > 0 {
+                bail!(
+                    "{}: tensor `{}`: {negative} negative second moments (corrupt optimizer state)",
+                    path.display(),
+                    t.name
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Flags that would make no sense or loop forever, refused before any work.
+fn validate(a: &TrainArgs) -> Result<()> {
+    if a.grad_accum == 0 {
+        bail!("--grad-accum 0: give at least one micro-batch per step");
+    }
+    if a.batch == 0 || a.seq == 0 {
+        bail!("--batch and --seq must be at least 1");
+    }
+    for (flag, v) in [
+        ("--lr", a.lr),
+        ("--weight-decay", a.weight_decay),
+        ("--grad-clip", a.grad_clip),
+        ("--dropout", a.dropout),
+    ] {
+        if !v.is_finite() || v < 0.0 {
+            bail!("{flag} {v}: must be a finite number >= 0");
+        }
+    }
+    if a.dropout >= 1.0 {
+        bail!("--dropout {}: must be below 1", a.dropout);
+    }
+    Ok(())
 }
 
 /// Training and validation files: `--val` when given, else the last data file is held out.
@@ -271,9 +335,11 @@ fn save_checkpoint(
 
 /// The step a checkpoint folder (OUT/last) was saved at.
 pub fn read_state(last: &Path) -> Result<u64> {
-    let text = std::fs::read_to_string(last.join("trainer_state.json"))?;
-    let v: serde_json::Value = serde_json::from_str(&text)?;
-    v["step"].as_u64().context("trainer_state.json has no step")
+    let path = last.join("trainer_state.json");
+    let v = hyperclone_core::limits::read_json(&path)?;
+    v["step"]
+        .as_u64()
+        .with_context(|| format!("{}: no integer `step`", path.display()))
 }
 
 /// Opens metrics.jsonl for appending, first dropping records past the resumed step so a
@@ -302,6 +368,11 @@ fn open_metrics(path: &Path, start_step: u64) -> Result<std::fs::File> {
 }
 
 pub fn tokenizer(a: TokenizerArgs) -> Result<()> {
+    // Token ids are u32 and the trainer allocates per id: far past any real vocabulary.
+    const MAX_VOCAB: usize = 1 << 24;
+    if a.vocab_size > MAX_VOCAB {
+        bail!("--vocab-size {}: at most {MAX_VOCAB} tokens", a.vocab_size);
+    }
     let files = text_files(&a.data)?;
     if files.is_empty() {
         bail!("--data: no .txt files found");
@@ -310,7 +381,7 @@ pub fn tokenizer(a: TokenizerArgs) -> Result<()> {
     let tok = hyperclone_nn::corpus::train_bpe(&files, a.vocab_size, a.min_frequency)?;
     tok.save(&a.out, true)
         .map_err(|e| anyhow::anyhow!("writing {}: {e}", a.out.display()))?;
-    println!(
+    outln!(
         "trained a {}-token byte-level BPE on {} file(s) in {:.1} s: {}",
         tok.get_vocab_size(true),
         files.len(),
