@@ -7,7 +7,7 @@ use hyperclone_core::safetensors::{encode_header, HeaderEntry};
 use hyperclone_core::symmetry::mean_row_half_cosine;
 use hyperclone_core::Checkpoint;
 use hyperclone_nn::verify::{
-    argmax, default_tolerance, derived_tolerance, rounding_sensitivity, verify, VerifyReport,
+    argmax, default_tolerance, rounding_sensitivity, verify, VerifyReport,
 };
 use hyperclone_nn::Decoder;
 use serde_json::json;
@@ -247,14 +247,18 @@ pub fn run_verify(
         .unwrap_or(hyperclone_core::DType::F64);
     // In bf16/f16 the storage rounding dominates, and how much it moves the logits depends
     // on the model (depth, norms, scale): measure it on SMALL instead of assuming it.
-    let tolerance = match coarsest {
-        hyperclone_core::DType::BF16 | hyperclone_core::DType::F16 => derived_tolerance(
-            dtype,
-            rounding_sensitivity(&small_ckpt, &small_model, coarsest, dtype, &ids)?,
-        ),
-        _ => default_tolerance(dtype, coarsest),
+    let report = match coarsest {
+        hyperclone_core::DType::BF16 | hyperclone_core::DType::F16 => {
+            let s = rounding_sensitivity(&small_ckpt, &small_model, coarsest, dtype, &ids)?;
+            verify(&small_model, &big_model, &ids, 0.0)?.with_measured_tolerance(dtype, s)
+        }
+        _ => verify(
+            &small_model,
+            &big_model,
+            &ids,
+            default_tolerance(dtype, coarsest),
+        )?,
     };
-    let report = verify(&small_model, &big_model, &ids, tolerance)?;
     let symmetry = mean_row_half_cosine(&big_ckpt, &small_ckpt.config);
     Ok((report, symmetry))
 }
@@ -265,6 +269,7 @@ pub fn report_json(r: &VerifyReport, symmetry: Option<f64>) -> serde_json::Value
         "factor": r.factor,
         "tokens": r.tokens,
         "tolerance": r.tolerance,
+        "std_tolerance": r.std_tolerance,
         "max_abs_logit_diff": r.max_abs_logit_diff,
         "max_rel_logit_diff": r.max_rel_logit_diff,
         "std_ratio": r.std_ratio,
@@ -285,8 +290,8 @@ pub fn failure_reason(r: &VerifyReport) -> String {
         );
     }
     format!(
-        "logits differ by {:.3e} ({:.3e} of their scale) and std ratio is {:.9} (tolerance {:.0e})",
-        r.max_abs_logit_diff, r.max_rel_logit_diff, r.std_ratio, r.tolerance
+        "logits differ by {:.3e} ({:.3e} of their scale; tolerance {:.0e}) and std ratio is {:.9} (tolerance {:.0e})",
+        r.max_abs_logit_diff, r.max_rel_logit_diff, r.tolerance, r.std_ratio, r.std_tolerance
     )
 }
 
