@@ -185,6 +185,9 @@ impl Dropout {
     }
 }
 
+/// Edits a weight's values (decoded to f64) before the decoder takes them.
+pub type Perturb<'a> = dyn Fn(&mut [f64]) + 'a;
+
 impl Decoder {
     pub fn load(ckpt: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
         Ok(Self::load_with(ckpt, dtype, device, false, None)?.0)
@@ -196,7 +199,7 @@ impl Decoder {
         ckpt: &Checkpoint,
         dtype: DType,
         device: &Device,
-        perturb: &dyn Fn(&mut [f64]),
+        perturb: &Perturb<'_>,
     ) -> Result<Self> {
         Ok(Self::load_with(ckpt, dtype, device, false, Some(perturb))?.0)
     }
@@ -216,7 +219,7 @@ impl Decoder {
         dtype: DType,
         device: &Device,
         trainable: bool,
-        perturb: Option<&dyn Fn(&mut [f64])>,
+        perturb: Option<&Perturb<'_>>,
     ) -> Result<(Self, Vec<Param>)> {
         let model_type = ckpt.config.family.model_type;
         let arch = arch(model_type, &serde_json::Value::Object(ckpt.config.raw.clone())).ok_or_else(|| {

@@ -46,7 +46,9 @@ impl VerifyReport {
     /// The first residual-stream state that is not the n-fold tile of the small model's.
     pub fn first_divergence(&self) -> Option<&StateDeviation> {
         // NaN compares false: a NaN deviation is a divergence, never a pass.
-        self.states.iter().find(|s| !(s.relative <= self.tolerance))
+        self.states
+            .iter()
+            .find(|s| s.relative.is_nan() || s.relative > self.tolerance)
     }
 }
 
