@@ -440,10 +440,9 @@ fn eos_ids(ckpt: &Checkpoint) -> Vec<u32> {
         _ => {}
     };
     add(ckpt.config.raw.get("eos_token_id"));
-    if let Ok(bytes) = std::fs::read(ckpt.dir.join("generation_config.json")) {
-        if let Ok(g) = serde_json::from_slice::<serde_json::Value>(&bytes) {
-            add(g.get("eos_token_id"));
-        }
+    // Bounded and regular-file only (a FIFO would hang); an unreadable file adds nothing.
+    if let Ok(g) = hyperclone_core::limits::read_json(&ckpt.dir.join("generation_config.json")) {
+        add(g.get("eos_token_id"));
     }
     v
 }
