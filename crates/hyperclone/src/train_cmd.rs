@@ -222,6 +222,17 @@ fn validate(a: &TrainArgs) -> Result<()> {
     if a.batch == 0 || a.seq == 0 {
         bail!("--batch and --seq must be at least 1");
     }
+    // Tokens held at once (a batch, or the validation windows): far past what fits in memory.
+    const MAX_TOKENS: usize = 1 << 28;
+    let eval = a.eval_windows.unwrap_or(a.batch.max(8));
+    for (what, n) in [
+        ("--batch x --seq", a.batch),
+        ("--eval-windows x --seq", eval),
+    ] {
+        if n.checked_mul(a.seq).is_none_or(|t| t > MAX_TOKENS) {
+            bail!("{what} = {n} x {} tokens: at most {MAX_TOKENS}", a.seq);
+        }
+    }
     for (flag, v) in [
         ("--lr", a.lr),
         ("--weight-decay", a.weight_decay),
