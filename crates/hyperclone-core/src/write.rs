@@ -220,10 +220,17 @@ fn check_removable(dst: &Path) -> Result<()> {
             .write(true)
             .create_new(true)
             .open(&probe);
+        let link = dir.join(format!("{probe_name}-link"));
+        // Whether this file system has hard links at all (vfat answers EPERM to every link).
+        let mut links_work = false;
         let me = match created {
             Ok(f) => {
                 let meta = f.metadata();
                 drop(f);
+                if fs::hard_link(&probe, &link).is_ok() {
+                    links_work = true;
+                    let _ = fs::remove_file(&link);
+                }
                 let _ = fs::remove_file(&probe);
                 meta.ok()
             }
@@ -259,8 +266,7 @@ fn check_removable(dst: &Path) -> Result<()> {
                 }
                 // link() fails with EPERM on an immutable or append-only file, exactly when
                 // unlink() would; only try it where protected_hardlinks cannot interfere.
-                if meta.is_file() && (root || meta.uid() == uid) {
-                    let link = dir.join(format!("{probe_name}-link"));
+                if links_work && meta.is_file() && (root || meta.uid() == uid) {
                     match fs::hard_link(&path, &link) {
                         Ok(()) => {
                             let _ = fs::remove_file(&link);

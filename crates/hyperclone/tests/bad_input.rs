@@ -979,6 +979,25 @@ fn train_flags_and_resume_state_are_validated() {
     // A real checkpoint whose optimizer state holds a NaN moment.
     let out = run(&with(&[]), r.path());
     assert!(out.status.success(), "{}", stderr(&out));
+    // generate warns when asked past the trained positions (max_position_embeddings 64).
+    let out = run(
+        &[
+            "generate",
+            "out/last",
+            "--prompt",
+            "the cat",
+            "--max-tokens",
+            "65",
+        ],
+        r.path(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out)
+            .contains("warning: --max-tokens 65 is past the model's max_position_embeddings 64"),
+        "{}",
+        stderr(&out)
+    );
     let opt = r.path().join("out/last/optimizer.safetensors");
     let f = SafetensorsFile::open(&opt).unwrap();
     let t = f
