@@ -521,6 +521,12 @@ fn produce(
             };
             let exp = Expansion::new(data, src.info.dtype, &t.axes, spec)
                 .map_err(|m| Error::tensor(&file.path, &src.info.name, m))?;
+            // Finite sources stay finite under W/n in the same or a wider dtype; a narrower
+            // dtype (f32 -> f16 past 65504) or noise can overflow, so check those outputs.
+            let check_output = !allow_nonfinite
+                && (plan.options.variant.is_noisy()
+                    || t.dtype.size() < src.info.dtype.size()
+                    || (t.dtype == crate::DType::F16 && src.info.dtype != crate::DType::F16));
             let rows = exp.dest_shape()[0];
             let row_bytes = exp.dest_row_bytes();
             let rows_per_chunk = (WRITE_CHUNK_BYTES / row_bytes.max(1)).max(1);
@@ -533,6 +539,21 @@ fn produce(
                 let mut buf = spare.recv().map_err(|_| writer_gone())?;
                 buf.resize(n * row_bytes, 0);
                 exp.fill_rows(row, &mut buf);
+                if check_output {
+                    let bad = t.dtype.count_nonfinite(&buf);
+                    if bad > 0 {
+                        return Err(Error::tensor(
+                            &file.path,
+                            &src.info.name,
+                            format!(
+                                "growing it into {} `{}` gives {bad} NaN or infinite values \
+                                 (out of range of the output dtype, or --snr-db too low)",
+                                t.dtype.safetensors_name(),
+                                t.name
+                            ),
+                        ));
+                    }
+                }
                 to_writer.send(Msg::Data(buf)).map_err(|_| writer_gone())?;
                 row += n;
             }

@@ -1200,3 +1200,22 @@ fn bf16_tolerance_is_measured_not_assumed() {
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("FAIL"), "{text}");
 }
+
+#[test]
+fn growth_that_overflows_the_output_dtype_is_refused() {
+    // 1e5 does not fit in f16 (max 65504): converting would silently write inf.
+    let r = root();
+    Tiny::default().write(&r.path().join("src"));
+    poison(r.path(), "model.norm.weight", &[1e5]);
+    fails(
+        r.path(),
+        &["--dtype", "f16"],
+        &["`model.norm.weight`", "F16", "NaN or infinite"],
+    );
+    // Noise at -1000 dB overflows every dtype.
+    fails(
+        r.path(),
+        &["--variant", "noisy", "--snr-db", "-1000"],
+        &["NaN or infinite", "--snr-db"],
+    );
+}
