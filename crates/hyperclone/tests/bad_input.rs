@@ -1219,3 +1219,52 @@ fn growth_that_overflows_the_output_dtype_is_refused() {
         &["NaN or infinite", "--snr-db"],
     );
 }
+
+#[test]
+fn force_as_a_user_who_cannot_delete_the_old_dst() {
+    // Needs root to set up (a folder of root's inside a DST of nobody's) and setpriv to
+    // run as nobody; CI runs as root.
+    use std::os::unix::fs::{chown, PermissionsExt};
+    let r = root();
+    Tiny::default().write(&r.path().join("src"));
+    let dst = r.path().join("dst");
+    std::fs::create_dir_all(dst.join("sub")).unwrap();
+    std::fs::write(dst.join("sub/old.txt"), b"old").unwrap();
+    let nobody = 65534;
+    let as_root = chown(r.path(), Some(nobody), Some(nobody)).is_ok();
+    if !as_root {
+        eprintln!("skipping: not root");
+        return;
+    }
+    chown(&dst, Some(nobody), Some(nobody)).unwrap();
+    std::fs::set_permissions(r.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(bin())
+        .args(["clone", "src", "dst", "--factor", "2", "--force"])
+        .current_dir(r.path())
+        .output();
+    let Ok(out) = out else {
+        eprintln!("skipping: setpriv unavailable");
+        return;
+    };
+    let err = stderr(&out);
+    if err.contains("setpriv") {
+        eprintln!("skipping: {err}");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("--force cannot replace it")
+            && err.contains("sub")
+            && err.contains("nothing was changed"),
+        "{err}"
+    );
+    assert_eq!(listing(r.path()), ["dst", "src"], "nothing beside DST");
+    assert_eq!(
+        listing(&dst.join("sub")),
+        ["old.txt"],
+        "the old DST is intact"
+    );
+}
