@@ -151,8 +151,17 @@ pub fn write_clone(
             .and_then(|n| n.to_str())
             .expect("filtered above")
             .to_string();
-        let bytes = fs::read(&p).map_err(|e| Error::io(&p, e))?;
-        small(&name, bytes)?;
+        // Streamed, not read into memory: a companion may be large (or a link to a large
+        // file); special files were filtered out above (`is_file` follows links).
+        crate::limits::ensure_regular_file(&p)?;
+        let mut from = fs::File::open(&p).map_err(|e| Error::io(&p, e))?;
+        let path = staging.path.join(&name);
+        let mut to = create(&path).map_err(|e| Error::io(&path, e))?;
+        let n = std::io::copy(&mut from, &mut to)
+            .and_then(|n| to.flush().map(|_| n))
+            .map_err(|e| Error::io(&path, e))?;
+        bytes_written += n;
+        files.push(name);
     }
     if cancel.load(Ordering::Relaxed) {
         return Err(Error::Interrupted);
