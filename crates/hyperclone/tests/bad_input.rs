@@ -766,6 +766,33 @@ fn special_files_are_refused_without_hanging() {
     std::fs::remove_file(&cfg).unwrap();
     std::os::unix::fs::symlink("/dev/zero", &cfg).unwrap();
     fails_within(r.path(), 20, &["config.json", "not a regular file"]);
+    // tokenizer.json and generation_config.json as FIFOs: forward must not wait on them
+    // (the tokenizer is optional there; an unreadable one is skipped).
+    let r = root();
+    Tiny::default().write(&r.path().join("src"));
+    for f in ["tokenizer.json", "generation_config.json"] {
+        std::fs::remove_file(r.path().join("src").join(f)).unwrap();
+        assert!(mkfifo(&r.path().join("src").join(f)));
+    }
+    let mut child = std::process::Command::new(bin())
+        .args(["forward", "src"])
+        .current_dir(r.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed().as_secs() > 20 {
+            let _ = child.kill();
+            panic!("forward hung on a FIFO tokenizer.json");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    assert!(status.success(), "{status:?}");
 }
 
 #[test]
