@@ -75,6 +75,7 @@ pub fn run(a: &TrainArgs, label: &str) -> Result<RunDone> {
         .clone()
         .unwrap_or_else(|| a.out.join("tokens"));
     // Documents are separated by the end-of-text token when the tokenizer has one.
+    hyperclone_core::limits::ensure_regular_file(&tokenizer)?; // a FIFO would hang
     let eos = tokenizers::Tokenizer::from_file(&tokenizer)
         .map_err(|e| anyhow::anyhow!("{}: {e}", tokenizer.display()))?
         .token_to_id(hyperclone_nn::corpus::EOS_TOKEN);
