@@ -80,8 +80,7 @@ impl Checkpoint {
 
     /// sha256 of config.json's bytes.
     pub fn config_sha256(&self) -> Result<String> {
-        let bytes =
-            std::fs::read(&self.config.path).map_err(|e| Error::io(&self.config.path, e))?;
+        let bytes = crate::limits::read_bounded(&self.config.path, crate::limits::MAX_JSON_BYTES)?;
         Ok(hex(&Sha256::digest(&bytes)))
     }
 
@@ -113,13 +112,15 @@ pub fn hex(bytes: &[u8]) -> String {
 /// The weight files of a folder: the shards an index names, or the single file.
 fn weight_files(dir: &Path) -> Result<Vec<String>> {
     let index = dir.join(INDEX_FILE);
-    if index.exists() {
+    if index.symlink_metadata().is_ok() {
         let map = read_index(&index)?;
         let mut names: Vec<String> = map.into_values().collect();
         names.sort();
         names.dedup();
         for n in &names {
-            if !dir.join(n).is_file() {
+            if dir.join(n).symlink_metadata().is_ok() {
+                crate::limits::ensure_regular_file(&dir.join(n))?;
+            } else {
                 return Err(Error::format(
                     &index,
                     format!("names shard `{n}`, which does not exist"),
@@ -128,7 +129,9 @@ fn weight_files(dir: &Path) -> Result<Vec<String>> {
         }
         return Ok(names);
     }
-    if dir.join(SINGLE_FILE).is_file() {
+    if dir.join(SINGLE_FILE).symlink_metadata().is_ok() {
+        // A FIFO or a link to a device is refused by name, not reported as missing.
+        crate::limits::ensure_regular_file(&dir.join(SINGLE_FILE))?;
         return Ok(vec![SINGLE_FILE.to_string()]);
     }
     let hint = if dir.join("pytorch_model.bin").exists()
@@ -146,9 +149,7 @@ fn weight_files(dir: &Path) -> Result<Vec<String>> {
 
 /// tensor name -> shard file name, from `model.safetensors.index.json`.
 fn read_index(path: &Path) -> Result<BTreeMap<String, String>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let v: Value = serde_json::from_slice(&bytes)
-        .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
+    let v: Value = crate::limits::read_json(path)?;
     let map = v
         .get("weight_map")
         .and_then(Value::as_object)
@@ -181,7 +182,7 @@ fn check_index_agrees(dir: &Path, files: &[SafetensorsFile]) -> Result<()> {
             }
         }
     }
-    if !index.exists() {
+    if index.symlink_metadata().is_err() {
         return Ok(());
     }
     for (name, shard) in read_index(&index)? {

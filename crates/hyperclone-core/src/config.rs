@@ -7,6 +7,7 @@
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::family::{Family, Space};
+use crate::limits::{checked_numel, MAX_LAYERS, MAX_TENSOR_ELEMENTS};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 
@@ -34,16 +35,23 @@ pub struct ModelConfig {
 
 impl ModelConfig {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let value: Value = serde_json::from_slice(&text)
-            .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
+        let value = crate::limits::read_json(path)?;
         let Value::Object(raw) = value else {
             return Err(Error::format(path, "not a JSON object"));
         };
         Self::from_map(path, raw)
     }
 
+    /// The one place a config is validated: every size a positive integer (never a float,
+    /// string or negative number read as 0), every product of sizes checked, and every
+    /// tensor the config implies within [`MAX_TENSOR_ELEMENTS`] elements.
     pub fn from_map(path: &Path, raw: Map<String, Value>) -> Result<Self> {
+        let cfg = Self::parse(path, raw)?;
+        cfg.validate_sizes()?;
+        Ok(cfg)
+    }
+
+    fn parse(path: &Path, raw: Map<String, Value>) -> Result<Self> {
         let err = |m: String| Error::config(path, m);
         let model_type = raw
             .get("model_type")
@@ -61,9 +69,13 @@ impl ModelConfig {
             match raw.get(key) {
                 Some(v) => v
                     .as_u64()
-                    .filter(|&x| x > 0)
+                    .filter(|&x| x > 0 && x <= MAX_TENSOR_ELEMENTS)
                     .map(|x| x as usize)
-                    .ok_or_else(|| err(format!("`{key}` must be a positive integer, found {v}"))),
+                    .ok_or_else(|| {
+                        err(format!(
+                            "`{key}` must be a positive integer of at most {MAX_TENSOR_ELEMENTS}, found {v}"
+                        ))
+                    }),
                 None => Err(err(format!("`{key}` is missing"))),
             }
         };
@@ -75,7 +87,9 @@ impl ModelConfig {
             Some((k, _)) => req(k)?,
         };
         let intermediate_size = match (raw.get(keys.ffn), keys.ffn_default_multiple) {
-            (None | Some(Value::Null), Some(m)) => m * hidden_size,
+            (None | Some(Value::Null), Some(m)) => m
+                .checked_mul(hidden_size)
+                .ok_or_else(|| err(format!("`{}` overflows", keys.hidden)))?,
             _ => req(keys.ffn)?,
         };
         if num_attention_heads % num_key_value_heads != 0 {
@@ -103,6 +117,11 @@ impl ModelConfig {
                 )))
             }
         };
+        for key in ["attention_bias", "mlp_bias"] {
+            if let Some(v) = raw.get(key).filter(|v| !v.is_null() && !v.is_boolean()) {
+                return Err(err(format!("`{key}` must be true or false, found {v}")));
+            }
+        }
         let declared_dtype = ["dtype", "torch_dtype"]
             .iter()
             .find_map(|k| raw.get(*k).and_then(Value::as_str))
@@ -117,18 +136,75 @@ impl ModelConfig {
             head_dim,
             num_hidden_layers: req(keys.layers)?,
             vocab_size: req(keys.vocab)?,
-            positions: match keys.positions.and_then(|k| raw.get(k)) {
-                Some(v) => v.as_u64().unwrap_or(0) as usize + family.position_offset,
-                None => 0,
+            positions: match keys.positions {
+                Some(k) if raw.get(k).is_some_and(|v| !v.is_null()) => req(k)?
+                    .checked_add(family.position_offset)
+                    .ok_or_else(|| err(format!("`{k}` overflows")))?,
+                _ => 0,
             },
             embed_proj_dim: match raw.get("word_embed_proj_dim") {
-                Some(Value::Number(n)) => n.as_u64().unwrap_or(0) as usize,
-                _ => hidden_size,
+                None | Some(Value::Null) => hidden_size,
+                Some(_) => req("word_embed_proj_dim")?,
             },
             tie_word_embeddings,
             declared_dtype,
             raw,
         })
+    }
+
+    /// Checked products of every size: the layer count is bounded, every index space and
+    /// every tensor the family's rules imply must stay within the element bound.
+    fn validate_sizes(&self) -> Result<()> {
+        let err = |m: String| Error::config(&self.path, m);
+        let keys = self.family.keys;
+        if self.num_hidden_layers > MAX_LAYERS {
+            return Err(err(format!(
+                "`{}` = {} is over the {MAX_LAYERS}-layer limit (corrupt config?)",
+                keys.layers, self.num_hidden_layers
+            )));
+        }
+        let too_big = |what: String| {
+            err(format!(
+                "{what} overflows the {MAX_TENSOR_ELEMENTS}-element limit of a tensor (corrupt config?)"
+            ))
+        };
+        let heads = self
+            .num_attention_heads
+            .checked_mul(self.head_dim)
+            .filter(|&x| x as u64 <= MAX_TENSOR_ELEMENTS)
+            .ok_or_else(|| {
+                too_big(format!(
+                    "{} ({}) x head_dim ({})",
+                    keys.heads, self.num_attention_heads, self.head_dim
+                ))
+            })?;
+        heads
+            .checked_mul(3)
+            .filter(|&x| x as u64 <= MAX_TENSOR_ELEMENTS)
+            .ok_or_else(|| too_big(format!("3 x {} x head_dim", keys.heads)))?;
+        self.num_key_value_heads
+            .checked_mul(self.head_dim)
+            .filter(|&x| x as u64 <= MAX_TENSOR_ELEMENTS)
+            .ok_or_else(|| too_big("num_key_value_heads x head_dim".to_string()))?;
+        // Every space is now bounded; axes sum a few of them and shapes multiply two or
+        // three, so check each rule's shape with checked arithmetic.
+        for rule in self.family.all_rules() {
+            let mut dims = Vec::with_capacity(rule.axes.len());
+            for a in rule.axes {
+                let len =
+                    a.0.iter()
+                        .try_fold(0usize, |acc, &s| acc.checked_add(self.space_len(s)))
+                        .ok_or_else(|| too_big(format!("an axis of `{}`", rule.pattern)))?;
+                dims.push(len);
+            }
+            if checked_numel(&dims).is_none() {
+                return Err(too_big(format!(
+                    "tensor `{}` of shape {dims:?}",
+                    rule.pattern
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Source size of an index space.

@@ -69,6 +69,27 @@ impl DType {
     }
 
     /// Decodes little-endian elements of this dtype into `out` (`bytes.len() == out.len() * size`).
+    /// How many of the little-endian values in `bytes` are NaN or infinite (the exponent
+    /// bits all set), without converting them.
+    pub fn count_nonfinite(self, bytes: &[u8]) -> usize {
+        fn count<const N: usize>(bytes: &[u8], mask: u64) -> usize {
+            bytes
+                .chunks_exact(N)
+                .filter(|c| {
+                    let mut v = [0u8; 8];
+                    v[..N].copy_from_slice(c);
+                    u64::from_le_bytes(v) & mask == mask
+                })
+                .count()
+        }
+        match self {
+            DType::F64 => count::<8>(bytes, 0x7ff0_0000_0000_0000),
+            DType::F32 => count::<4>(bytes, 0x7f80_0000),
+            DType::BF16 => count::<2>(bytes, 0x7f80),
+            DType::F16 => count::<2>(bytes, 0x7c00),
+        }
+    }
+
     pub fn decode(self, bytes: &[u8], out: &mut [f64]) {
         debug_assert_eq!(bytes.len(), out.len() * self.size());
         match self {
@@ -132,6 +153,24 @@ impl fmt::Display for DType {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_nonfinite_values() {
+        for d in [DType::F64, DType::F32, DType::BF16, DType::F16] {
+            let values = [
+                1.0,
+                f64::NAN,
+                -0.0,
+                f64::INFINITY,
+                f64::NEG_INFINITY,
+                65504.0,
+                -3.5e-3,
+            ];
+            let mut b = vec![0u8; values.len() * d.size()];
+            d.encode(&values, &mut b);
+            assert_eq!(d.count_nonfinite(&b), 3, "{d:?}");
+        }
+    }
 
     #[test]
     fn round_trip_every_dtype() {

@@ -11,6 +11,7 @@ pub mod dtype;
 pub mod error;
 pub mod family;
 pub mod kernel;
+pub mod limits;
 pub mod plan;
 pub mod provenance;
 pub mod safetensors;

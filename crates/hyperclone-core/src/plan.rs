@@ -147,7 +147,7 @@ impl Plan {
                 &t.info.name,
                 t.rule.axes,
                 t.rule.component,
-            ));
+            )?);
         }
         // A tied head becomes its own tensor: the embedding wants no division, the head
         // wants 1/n on its hidden columns, and a plain from_pretrained must see both.
@@ -168,11 +168,18 @@ impl Plan {
                 family.head,
                 head_rule.axes,
                 Component::Head,
-            ));
+            )?);
         }
         let mut params_after = BTreeMap::new();
+        let mut total_bytes = 0u64;
         for t in &tensors {
             *params_after.entry(t.component).or_insert(0) += t.numel();
+            total_bytes = total_bytes.checked_add(t.bytes()).ok_or_else(|| {
+                Error::Options(format!(
+                    "factor {}: the clone's size overflows 64 bits",
+                    options.factor
+                ))
+            })?;
         }
         let (config, changes) = grown_config(ckpt, options);
         let shards = assign_shards(&tensors, options.shard_size, metadata);
@@ -246,7 +253,7 @@ fn dest_tensor(
     name: &str,
     rule_axes: &[crate::family::Axis],
     component: Component,
-) -> DestTensor {
+) -> Result<DestTensor> {
     let cfg = &ckpt.config;
     let axes: Vec<AxisGrowth> = rule_axes
         .iter()
@@ -262,14 +269,34 @@ fn dest_tensor(
             role: a.1,
         })
         .collect();
-    let shape = axes.iter().map(AxisGrowth::dest_len).collect();
+    // Sizes come from config.json and the flags: multiply them checked, and hold every
+    // destination tensor to the element bound (a huge --factor is refused here, before
+    // anything is allocated).
+    let too_big = || {
+        Error::Options(format!(
+            "--factor {} (FFN x{}): tensor `{name}` would have more than {} elements",
+            options.factor,
+            options.ffn_factor,
+            crate::limits::MAX_TENSOR_ELEMENTS
+        ))
+    };
+    let shape: Vec<usize> = axes
+        .iter()
+        .map(|a| {
+            a.segments.iter().try_fold(0usize, |acc, s| {
+                s.len.checked_mul(s.copies).and_then(|x| acc.checked_add(x))
+            })
+        })
+        .collect::<Option<_>>()
+        .ok_or_else(too_big)?;
+    crate::limits::checked_numel(&shape).ok_or_else(too_big)?;
     let scale = if name == cfg.family.embedding && cfg.family.embedding_scaled_by_sqrt_hidden {
         1.0 / (options.factor as f64).sqrt()
     } else {
         1.0
     };
     let src = &ckpt.tensors[source].info;
-    DestTensor {
+    Ok(DestTensor {
         name: name.to_string(),
         source,
         dtype: options.dtype.unwrap_or(src.dtype),
@@ -278,7 +305,7 @@ fn dest_tensor(
         component,
         noise_key: name_key(options.seed, name),
         scale,
-    }
+    })
 }
 
 /// The destination config.json: only the grown fields change, every other key is kept in

@@ -45,7 +45,16 @@ pub struct SafetensorsFile {
 
 impl SafetensorsFile {
     pub fn open(path: &Path) -> Result<Self> {
+        // A FIFO would block in open() and a device (a symlink to /dev/zero) map endlessly.
+        crate::limits::ensure_regular_file(path)?;
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+        if !meta.is_file() {
+            return Err(Error::format(
+                path,
+                "is not a regular file; refusing to read it",
+            ));
+        }
         // SAFETY: the map is read-only; a concurrent truncation of the source by another
         // process would be a SIGBUS, the same contract as every mmap-based loader.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
@@ -129,7 +138,17 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
         ));
     }
     let header = bytes[8..8 + header_len as usize].to_vec();
-    let json: Value = serde_json::from_slice(&header)
+    // As the reference implementation: UTF-8 JSON that starts with `{` (trailing spaces
+    // pad it to alignment; nothing may precede it).
+    let text = std::str::from_utf8(&header)
+        .map_err(|e| Error::format(path, format!("header is not UTF-8: {e}")))?;
+    if !text.starts_with('{') {
+        return Err(Error::format(
+            path,
+            "header does not start with `{` (corrupt header length or file)",
+        ));
+    }
+    let json: Value = serde_json::from_str(text)
         .map_err(|e| Error::format(path, format!("header is not valid JSON: {e}")))?;
     let Value::Object(entries) = json else {
         return Err(Error::format(path, "header is not a JSON object"));
@@ -157,22 +176,54 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
         tensors.push(parse_entry(path, &name, &entry, data_start, data_len)?);
     }
     tensors.sort_by_key(|t| (t.start, t.len));
-    for pair in tensors.windows(2) {
-        let (a, b) = (&pair[0], &pair[1]);
-        if b.start < a.start + a.len {
+    // The data offsets must tile the data section exactly, as the format requires: no
+    // overlap, no hole, nothing after the last tensor. A header length moved into the
+    // JSON's padding shifts every tensor by a few bytes and is caught here.
+    let mut covered = 0usize; // relative to data_start
+    let mut previous: Option<&TensorInfo> = None;
+    for t in &tensors {
+        let (begin, end) = (t.start - data_start, t.start - data_start + t.len);
+        if begin < covered {
+            let a = previous.expect("covered > 0 only after a tensor");
             return Err(Error::tensor(
                 path,
-                &b.name,
+                &t.name,
                 format!(
                     "data range overlaps tensor `{}` (bytes {}..{} vs {}..{} of the data section)",
                     a.name,
                     a.start - data_start,
                     a.start - data_start + a.len,
-                    b.start - data_start,
-                    b.start - data_start + b.len
+                    begin,
+                    end
                 ),
             ));
         }
+        if begin > covered {
+            let after = previous
+                .map(|a| format!("after tensor `{}`", a.name))
+                .unwrap_or_else(|| "at the start of the data section".to_string());
+            return Err(Error::tensor(
+                path,
+                &t.name,
+                format!(
+                    "data_offsets start at byte {begin}, leaving a hole of {} bytes {after} \
+                     (safetensors offsets must cover the data section exactly: corrupt header?)",
+                    begin - covered
+                ),
+            ));
+        }
+        covered = end;
+        previous = Some(t);
+    }
+    if covered != data_len {
+        return Err(Error::format(
+            path,
+            format!(
+                "{} trailing bytes after the last tensor: the data section is {data_len} bytes but the \
+                 header's offsets cover {covered} (corrupt header length or file?)",
+                data_len - covered
+            ),
+        ));
     }
     Ok((tensors, metadata, header))
 }
@@ -211,10 +262,12 @@ fn parse_entry(
             "data_offsets [{begin}, {end}] point past the end of the data section ({data_len} bytes): truncated or corrupt file"
         )));
     }
-    let numel = shape
-        .iter()
-        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or_else(|| bad(format!("shape {shape:?} overflows")))?;
+    let numel = crate::limits::checked_numel(&shape).ok_or_else(|| {
+        bad(format!(
+            "shape {shape:?} has more than {} elements (corrupt header?)",
+            crate::limits::MAX_TENSOR_ELEMENTS
+        ))
+    })? as usize;
     let expected = numel
         .checked_mul(dtype.size())
         .ok_or_else(|| bad(format!("shape {shape:?} overflows")))?;
@@ -373,5 +426,78 @@ mod tests {
         );
         assert!(open_err(&int).contains("I64"));
         assert!(open_err(&file_with("{not json", 0)).contains("not valid JSON"));
+    }
+
+    #[test]
+    fn offsets_must_cover_the_data_exactly() {
+        let hole = file_with(
+            r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"v":{"dtype":"F32","shape":[1],"data_offsets":[12,16]}}"#,
+            16,
+        );
+        let msg = open_err(&hole);
+        assert!(
+            msg.contains("`v`") && msg.contains("hole of 4 bytes"),
+            "{msg}"
+        );
+        let late = file_with(
+            r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
+            12,
+        );
+        assert!(open_err(&late).contains("at the start"));
+        let trailing = file_with(
+            r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+            9,
+        );
+        let msg = open_err(&trailing);
+        assert!(msg.contains("1 trailing bytes"), "{msg}");
+        // Zero-sized tensors take no bytes and are fine anywhere.
+        let empty = file_with(
+            r#"{"e":{"dtype":"F32","shape":[0,3],"data_offsets":[0,0]},"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+            8,
+        );
+        let dir = tempfile::tempdir().unwrap();
+        assert!(SafetensorsFile::open(&write(dir.path(), "m.safetensors", &empty)).is_ok());
+    }
+
+    #[test]
+    fn header_length_moved_into_the_padding_is_refused() {
+        let entries = vec![HeaderEntry {
+            name: "w".into(),
+            dtype: DType::F32,
+            shape: vec![3],
+        }];
+        // A metadata value of the length that leaves at least 4 spaces of padding.
+        let mut bytes = (0..8)
+            .map(|k| {
+                let meta = BTreeMap::from([("k".to_string(), "x".repeat(k))]);
+                encode_header(&entries, &meta)
+            })
+            .find(|b| b.ends_with(b"    "))
+            .expect("some length pads with 4 spaces");
+        bytes.extend_from_slice(&[0u8; 12]);
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+        bytes[..8].copy_from_slice(&(n - 4).to_le_bytes());
+        let msg = open_err(&bytes);
+        assert!(msg.contains("4 trailing bytes"), "{msg}");
+        let mut spaced = file_with(
+            r#" {"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+            4,
+        );
+        spaced[8] = b' ';
+        assert!(open_err(&spaced).contains("does not start with"));
+        let big = file_with(
+            r#"{"w":{"dtype":"F32","shape":[1099511627776,2],"data_offsets":[0,4]}}"#,
+            4,
+        );
+        assert!(open_err(&big).contains("more than 1099511627776 elements"));
+    }
+
+    #[test]
+    fn special_files_are_refused() {
+        let msg = match SafetensorsFile::open(Path::new("/dev/zero")) {
+            Ok(_) => panic!("opened /dev/zero"),
+            Err(e) => e.to_string(),
+        };
+        assert!(msg.contains("not a regular file"), "{msg}");
     }
 }

@@ -19,6 +19,8 @@ use std::sync::mpsc;
 pub trait Progress: Sync {
     fn begin(&self, _total_bytes: u64) {}
     fn advance(&self, _bytes: u64) {}
+    /// Something the user should know that is not an error (stale folders removed).
+    fn notice(&self, _message: &str) {}
 }
 
 pub struct NoProgress;
@@ -68,6 +70,8 @@ pub struct WriteEnv<'a> {
     /// Runs on the complete staging folder before it is moved into place (`clone
     /// --verify`); an error removes it.
     pub check: Option<&'a CheckStaged<'a>>,
+    /// Clone source tensors holding NaN or Inf instead of refusing them.
+    pub allow_nonfinite: bool,
 }
 
 pub struct CloneOutcome {
@@ -89,12 +93,28 @@ pub fn write_clone(
         cancel,
         create,
         check,
+        allow_nonfinite,
     } = *env;
     check_destination(&ckpt.dir, dst, force)?;
+    for removed in remove_stale_siblings(dst)? {
+        progress.notice(&format!(
+            "removed {}, left by an earlier clone into {} that did not finish (process gone)",
+            removed.display(),
+            dst.display()
+        ));
+    }
     let staging = Staging::create(dst)?;
     let mut files = Vec::new();
     progress.begin(plan.output_bytes());
-    let mut bytes_written = write_shards(ckpt, plan, &staging.path, progress, cancel, create)?;
+    let mut bytes_written = write_shards(
+        ckpt,
+        plan,
+        &staging.path,
+        progress,
+        cancel,
+        create,
+        allow_nonfinite,
+    )?;
     files.extend(plan.shards.iter().map(|s| s.file_name.clone()));
     let mut small = |name: &str, bytes: Vec<u8>| -> Result<()> {
         let path = staging.path.join(name);
@@ -131,8 +151,17 @@ pub fn write_clone(
             .and_then(|n| n.to_str())
             .expect("filtered above")
             .to_string();
-        let bytes = fs::read(&p).map_err(|e| Error::io(&p, e))?;
-        small(&name, bytes)?;
+        // Streamed, not read into memory: a companion may be large (or a link to a large
+        // file); special files were filtered out above (`is_file` follows links).
+        crate::limits::ensure_regular_file(&p)?;
+        let mut from = fs::File::open(&p).map_err(|e| Error::io(&p, e))?;
+        let path = staging.path.join(&name);
+        let mut to = create(&path).map_err(|e| Error::io(&path, e))?;
+        let n = std::io::copy(&mut from, &mut to)
+            .and_then(|n| to.flush().map(|_| n))
+            .map_err(|e| Error::io(&path, e))?;
+        bytes_written += n;
+        files.push(name);
     }
     if cancel.load(Ordering::Relaxed) {
         return Err(Error::Interrupted);
@@ -173,7 +202,137 @@ fn check_destination(src: &Path, dst: &Path, force: bool) -> Result<()> {
             "already exists (pass --force to replace it)",
         ));
     }
+    if force && dst.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+        check_removable(dst)?;
+    }
     Ok(())
+}
+
+/// `--force` replaces DST all or nothing: before anything is written, every entry of the
+/// old DST must be deletable (each folder writable, no immutable or append-only file, no
+/// sticky folder holding another user's files), or the clone is refused with DST intact.
+fn check_removable(dst: &Path) -> Result<()> {
+    let refuse = |what: &Path, why: String| {
+        Error::format(
+            dst,
+            format!(
+                "--force cannot replace it: {} {why}; nothing was changed",
+                what.display()
+            ),
+        )
+    };
+    let probe_name = format!(".hyperclone-probe-{}", std::process::id());
+    let mut stack = vec![dst.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let probe = dir.join(&probe_name);
+        let created = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&probe);
+        let link = dir.join(format!("{probe_name}-link"));
+        // Whether this file system has hard links at all (vfat answers EPERM to every link).
+        let mut links_work = false;
+        let me = match created {
+            Ok(f) => {
+                let meta = f.metadata();
+                drop(f);
+                if fs::hard_link(&probe, &link).is_ok() {
+                    links_work = true;
+                    let _ = fs::remove_file(&link);
+                }
+                let _ = fs::remove_file(&probe);
+                meta.ok()
+            }
+            Err(e) => return Err(refuse(&dir, format!("cannot be emptied ({e})"))),
+        };
+        let entries =
+            fs::read_dir(&dir).map_err(|e| refuse(&dir, format!("cannot be read ({e})")))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| refuse(&dir, format!("cannot be read ({e})")))?;
+            let path = entry.path();
+            let meta = entry
+                .metadata()
+                .map_err(|e| refuse(&path, format!("cannot be examined ({e})")))?;
+            if meta.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::MetadataExt;
+                let Some(me) = &me else { continue };
+                let (uid, root) = (me.uid(), me.uid() == 0);
+                let dir_meta = fs::symlink_metadata(&dir).map_err(|e| Error::io(&dir, e))?;
+                if dir_meta.mode() & 0o1000 != 0
+                    && !root
+                    && meta.uid() != uid
+                    && dir_meta.uid() != uid
+                {
+                    return Err(refuse(
+                        &path,
+                        "belongs to another user in a sticky folder".into(),
+                    ));
+                }
+                // link() fails with EPERM on an immutable or append-only file, exactly when
+                // unlink() would; only try it where protected_hardlinks cannot interfere.
+                if links_work && meta.is_file() && (root || meta.uid() == uid) {
+                    match fs::hard_link(&path, &link) {
+                        Ok(()) => {
+                            let _ = fs::remove_file(&link);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                            return Err(refuse(
+                                &path,
+                                format!("cannot be deleted (immutable or append-only? {e})"),
+                            ))
+                        }
+                        Err(_) => {} // e.g. a file system without hard links
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes `.DST.hyperclone-partial-PID` folders left beside DST by clones whose process
+/// no longer exists (killed by SIGKILL, a crash or a power cut); returns what it removed.
+/// Folders of live processes, and `-replaced-` folders (a previous DST), are never touched.
+fn remove_stale_siblings(dst: &Path) -> Result<Vec<PathBuf>> {
+    let abs = absolute_lexical(dst)?;
+    let (Some(parent), Some(name)) = (abs.parent(), abs.file_name()) else {
+        return Ok(Vec::new());
+    };
+    let prefix = format!(".{}.hyperclone-partial-", name.to_string_lossy());
+    let mut removed = Vec::new();
+    let Ok(entries) = fs::read_dir(parent) else {
+        return Ok(removed);
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = file_name
+            .strip_prefix(&prefix)
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || process_alive(pid) {
+            continue;
+        }
+        let path = entry.path();
+        fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+        removed.push(path);
+    }
+    Ok(removed)
+}
+
+/// Whether a process exists; `true` where this cannot be told (nothing is removed then).
+fn process_alive(pid: u32) -> bool {
+    let proc = Path::new("/proc");
+    if !proc.join("self").exists() {
+        return true;
+    }
+    proc.join(pid.to_string()).exists()
 }
 
 /// An absolute path with its parent resolved through symlinks (DST itself need not exist).
@@ -229,7 +388,19 @@ impl Staging {
             } else {
                 fs::remove_file(&old)
             };
-            removed.map_err(|e| Error::io(&old, e))?;
+            // Checked before writing (check_removable), so this fails only when the old
+            // DST changed meanwhile; say exactly where everything is.
+            removed.map_err(|e| {
+                Error::format(
+                    dst,
+                    format!(
+                        "now holds the new clone, but the previous {} (moved to {}) could not be fully deleted ({e}); \
+                         what is left of it is there: remove it yourself",
+                        dst.display(),
+                        old.display()
+                    ),
+                )
+            })?;
         }
         Ok(())
     }
@@ -265,6 +436,7 @@ fn write_shards(
     progress: &dyn Progress,
     cancel: &AtomicBool,
     create: &CreateFile,
+    allow_nonfinite: bool,
 ) -> Result<u64> {
     let (to_writer, from_producer) = mpsc::sync_channel::<Msg>(2);
     let (recycle, spare) = mpsc::channel::<Vec<u8>>();
@@ -303,7 +475,7 @@ fn write_shards(
             }
             Ok(total)
         });
-        let produced = produce(ckpt, plan, dir, cancel, &to_writer, &spare);
+        let produced = produce(ckpt, plan, dir, cancel, allow_nonfinite, &to_writer, &spare);
         drop(to_writer);
         let written = writer.join().expect("writer thread does not panic");
         // A writer error explains a producer's failed send, so it comes first.
@@ -318,6 +490,7 @@ fn produce(
     plan: &Plan,
     dir: &Path,
     cancel: &AtomicBool,
+    allow_nonfinite: bool,
     to_writer: &mpsc::SyncSender<Msg>,
     spare: &mpsc::Receiver<Vec<u8>>,
 ) -> Result<()> {
@@ -333,6 +506,21 @@ fn produce(
             let src = &ckpt.tensors[t.source];
             let file = &ckpt.files[src.file];
             file.advise_willneed(&src.info);
+            let data = file.data(&src.info);
+            if !allow_nonfinite {
+                let bad = src.info.dtype.count_nonfinite(data);
+                if bad > 0 {
+                    return Err(Error::tensor(
+                        &file.path,
+                        &src.info.name,
+                        format!(
+                            "{bad} of {} values are NaN or infinite; refusing to clone them \
+                             (pass --allow-nonfinite to clone them anyway)",
+                            src.info.numel()
+                        ),
+                    ));
+                }
+            }
             let spec = ExpansionSpec {
                 variant: plan.options.variant,
                 snr_db: plan.options.snr_db,
@@ -340,8 +528,14 @@ fn produce(
                 out_dtype: t.dtype,
                 scale: t.scale,
             };
-            let exp = Expansion::new(file.data(&src.info), src.info.dtype, &t.axes, spec)
+            let exp = Expansion::new(data, src.info.dtype, &t.axes, spec)
                 .map_err(|m| Error::tensor(&file.path, &src.info.name, m))?;
+            // Finite sources stay finite under W/n in the same or a wider dtype; a narrower
+            // dtype (f32 -> f16 past 65504) or noise can overflow, so check those outputs.
+            let check_output = !allow_nonfinite
+                && (plan.options.variant.is_noisy()
+                    || t.dtype.size() < src.info.dtype.size()
+                    || (t.dtype == crate::DType::F16 && src.info.dtype != crate::DType::F16));
             let rows = exp.dest_shape()[0];
             let row_bytes = exp.dest_row_bytes();
             let rows_per_chunk = (WRITE_CHUNK_BYTES / row_bytes.max(1)).max(1);
@@ -354,6 +548,21 @@ fn produce(
                 let mut buf = spare.recv().map_err(|_| writer_gone())?;
                 buf.resize(n * row_bytes, 0);
                 exp.fill_rows(row, &mut buf);
+                if check_output {
+                    let bad = t.dtype.count_nonfinite(&buf);
+                    if bad > 0 {
+                        return Err(Error::tensor(
+                            &file.path,
+                            &src.info.name,
+                            format!(
+                                "growing it into {} `{}` gives {bad} NaN or infinite values \
+                                 (out of range of the output dtype, or --snr-db too low)",
+                                t.dtype.safetensors_name(),
+                                t.name
+                            ),
+                        ));
+                    }
+                }
                 to_writer.send(Msg::Data(buf)).map_err(|_| writer_gone())?;
                 row += n;
             }

@@ -185,9 +185,23 @@ impl Dropout {
     }
 }
 
+/// Edits a weight's values (decoded to f64) before the decoder takes them.
+pub type Perturb<'a> = dyn Fn(&mut [f64]) + 'a;
+
 impl Decoder {
     pub fn load(ckpt: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
-        Ok(Self::load_with(ckpt, dtype, device, false)?.0)
+        Ok(Self::load_with(ckpt, dtype, device, false, None)?.0)
+    }
+
+    /// Loads with every weight (decoded to f64) passed through `perturb` first: used to
+    /// measure how much storage rounding of the weights moves the logits.
+    pub fn load_perturbed(
+        ckpt: &Checkpoint,
+        dtype: DType,
+        device: &Device,
+        perturb: &Perturb<'_>,
+    ) -> Result<Self> {
+        Ok(Self::load_with(ckpt, dtype, device, false, Some(perturb))?.0)
     }
 
     /// Loads every weight as a trainable variable (every layout: fused and transposed
@@ -197,7 +211,7 @@ impl Decoder {
         dtype: DType,
         device: &Device,
     ) -> Result<(Self, Vec<Param>)> {
-        Self::load_with(ckpt, dtype, device, true)
+        Self::load_with(ckpt, dtype, device, true, None)
     }
 
     fn load_with(
@@ -205,6 +219,7 @@ impl Decoder {
         dtype: DType,
         device: &Device,
         trainable: bool,
+        perturb: Option<&Perturb<'_>>,
     ) -> Result<(Self, Vec<Param>)> {
         let model_type = ckpt.config.family.model_type;
         let arch = arch(model_type, &serde_json::Value::Object(ckpt.config.raw.clone())).ok_or_else(|| {
@@ -226,6 +241,9 @@ impl Decoder {
             let f = &ckpt.files[t.file];
             let mut v = vec![0f64; t.info.numel()];
             t.info.dtype.decode(f.data(&t.info), &mut v);
+            if let Some(perturb) = perturb {
+                perturb(&mut v);
+            }
             let mut tensor = Tensor::from_vec(v, t.info.shape.clone(), device)?.to_dtype(dtype)?;
             if trainable {
                 let var = Var::from_tensor(&tensor)?;

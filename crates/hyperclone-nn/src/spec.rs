@@ -135,7 +135,7 @@ impl DecoderSpec {
                     .map(|v| v.as_str().unwrap_or("").to_string())
                     .collect()
             });
-        let sliding_window = (0..c.num_hidden_layers)
+        let sliding_window: Vec<Option<usize>> = (0..c.num_hidden_layers)
             .map(|l| {
                 let sliding = match &layer_types {
                     Some(t) => {
@@ -165,6 +165,50 @@ impl DecoderSpec {
             None => (c.head_dim as f64).powf(-0.5),
         };
         let softcap = |k: &str| num(raw.get(k)).filter(|&v| v > 0.0);
+        // Numbers the forward pass divides by, raises to powers or sizes buffers with: refuse
+        // values that would panic or silently give NaN instead of computing with them.
+        let bad = |what: &str, v: f64| {
+            NnError::Unsupported(format!("{path}: `{what}` = {v} is out of range"))
+        };
+        let positive = |what: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(bad(what, v))
+            }
+        };
+        positive("rope_theta", rope_theta)?;
+        if !(partial_rotary > 0.0 && partial_rotary <= 1.0) {
+            return Err(bad("partial_rotary_factor", partial_rotary));
+        }
+        if let Some(eps) = norm_eps {
+            if !(eps.is_finite() && eps >= 0.0) {
+                return Err(bad("rms_norm_eps", eps));
+            }
+        }
+        if !attn_scale.is_finite() {
+            return Err(bad("query_pre_attn_scalar", attn_scale.powi(-2)));
+        }
+        if let Some(r) = &llama3_rope {
+            positive("rope_scaling.factor", r.factor)?;
+            positive("rope_scaling.low_freq_factor", r.low_freq_factor)?;
+            positive("rope_scaling.high_freq_factor", r.high_freq_factor)?;
+            positive(
+                "rope_scaling.original_max_position_embeddings",
+                r.original_max_position_embeddings,
+            )?;
+            if r.high_freq_factor == r.low_freq_factor {
+                return Err(bad(
+                    "rope_scaling.high_freq_factor (= low_freq_factor)",
+                    r.high_freq_factor,
+                ));
+            }
+        }
+        if let Some(w) = sliding_window.iter().flatten().next() {
+            if *w == 0 {
+                return Err(bad("sliding_window", 0.0));
+            }
+        }
         Ok(DecoderSpec {
             vocab: c.vocab_size,
             hidden: c.hidden_size,

@@ -404,6 +404,9 @@ pub struct CloneArgs {
     /// fail, keeping nothing, unless the clone computes the source's function.
     #[arg(long)]
     pub verify: bool,
+    /// Clone source tensors that hold NaN or Inf (refused by default, naming the tensor).
+    #[arg(long)]
+    pub allow_nonfinite: bool,
     /// Print one JSON object with the summary instead of text and a progress bar.
     #[arg(long)]
     pub json: bool,

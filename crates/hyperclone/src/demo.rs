@@ -61,7 +61,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
     let cloned = started.elapsed().as_secs_f64();
     let before: u64 = plan.params_before.values().sum();
     let after: u64 = plan.params_after.values().sum();
-    println!(
+    outln!(
         "1. grew the bundled Shakespeare model x{}: {} -> {} parameters, hidden {} -> {}, heads {} -> {} ({:.2} s)",
         a.factor,
         before,
@@ -79,7 +79,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         random_tokens: None,
     };
     let (report, symmetry) = infer::run_verify(&small, &big, &probe, DType::F64)?;
-    println!(
+    outln!(
         "2. verified in f64 on the prompt: max |logit diff| {:.2e} ({:.2e} of the scale), logit std ratio {:.12}, \
          every residual state the {}-fold tile; symmetry {:.4} -> {}",
         report.max_abs_logit_diff,
@@ -90,15 +90,15 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         if report.passed() { "PASS" } else { "FAIL" }
     );
 
-    println!("3. greedy continuation of {:?}:", a.prompt);
+    outln!("3. greedy continuation of {:?}:", a.prompt);
     for (label, dir) in [("small", &small), ("grown", &big)] {
         let text = continue_prompt(dir, &a.prompt, a.max_tokens)?;
-        println!(
+        outln!(
             "   {label:>5}: {}",
             one_line(&format!("{}{}", a.prompt, text))
         );
     }
-    println!("   (the same words: the grown model computes the small one's function; train it to make it better)");
+    outln!("   (the same words: the grown model computes the small one's function; train it to make it better)");
     if !report.passed() {
         anyhow::bail!("the demo clone did not verify");
     }

@@ -22,13 +22,13 @@ pub fn options(args: &GrowthArgs, cfg: &ModelConfig) -> Result<GrowthOptions> {
         (None, None) => factor,
     };
     if let Some(h) = args.num_attention_heads {
-        let expected = cfg.num_attention_heads * factor;
+        let expected = cfg.num_attention_heads.saturating_mul(factor);
         if h != expected {
             bail!(
                 "--num-attention-heads {h} would change head_dim from {} to {:.3}: HyperCloning keeps head_dim and \
                  grows the head count with the hidden size (expected {expected} heads for factor {factor})",
                 cfg.head_dim,
-                (cfg.hidden_size * factor) as f64 / h as f64
+                cfg.hidden_size as f64 * factor as f64 / h as f64
             );
         }
     }
@@ -118,6 +118,7 @@ pub fn grow_quietly(
         cancel: &cancel,
         create: &create_plain_file,
         check: None,
+        allow_nonfinite: false,
     };
     write_clone(
         &ckpt,

@@ -6,10 +6,11 @@ use candle_core::{DType, Device, Tensor};
 use hyperclone_core::safetensors::{encode_header, HeaderEntry};
 use hyperclone_core::symmetry::mean_row_half_cosine;
 use hyperclone_core::Checkpoint;
-use hyperclone_nn::verify::{argmax, default_tolerance, verify, VerifyReport};
+use hyperclone_nn::verify::{
+    argmax, default_tolerance, rounding_sensitivity, verify, VerifyReport,
+};
 use hyperclone_nn::Decoder;
 use serde_json::json;
-use std::io::Write;
 use std::path::Path;
 use tokenizers::Tokenizer;
 
@@ -23,6 +24,8 @@ pub fn parse_dtype(s: &str) -> DType {
 
 pub fn tokenizer(model: &Path) -> Result<Tokenizer> {
     let p = model.join("tokenizer.json");
+    // A FIFO or device would hang or never end.
+    hyperclone_core::limits::ensure_regular_file(&p)?;
     Tokenizer::from_file(&p)
         .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", p.display()))
 }
@@ -33,6 +36,9 @@ pub fn probe_tokens(vocab: usize) -> Vec<u32> {
         .map(|i| ((i * 7919 + 13) % vocab as u64) as u32)
         .collect()
 }
+
+/// Longest token sequence forward and verify accept (attention is quadratic in it).
+const MAX_TOKENS: usize = 1 << 20;
 
 fn input_ids(input: &InputArgs, model: &Path, vocab: usize) -> Result<Vec<u32>> {
     if let Some(t) = &input.tokens {
@@ -47,9 +53,18 @@ fn input_ids(input: &InputArgs, model: &Path, vocab: usize) -> Result<Vec<u32>> 
         if ids.is_empty() {
             bail!("--tokens is empty");
         }
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            bail!("--tokens: id {bad} is outside the model's vocabulary of {vocab}");
+        }
         return Ok(ids);
     }
     if let Some(t) = input.random_tokens {
+        if t == 0 {
+            bail!("--random-tokens 0: give at least one token");
+        }
+        if t > MAX_TOKENS {
+            bail!("--random-tokens {t}: at most {MAX_TOKENS} tokens");
+        }
         let mut state = 0x5eed_u64;
         return Ok((0..t)
             .map(|_| {
@@ -81,8 +96,11 @@ pub fn load(model: &Path, dtype: DType) -> Result<(Checkpoint, Decoder)> {
 pub fn forward(a: ForwardArgs) -> Result<()> {
     let (_, model) = load(&a.model, parse_dtype(&a.dtype))?;
     let ids = input_ids(&a.input, &a.model, model.spec.vocab)?;
-    if a.batch == 0 {
-        bail!("--batch must be at least 1");
+    if a.batch == 0 || a.batch > MAX_TOKENS / ids.len() {
+        bail!(
+            "--batch {}: must be at least 1 and hold at most {MAX_TOKENS} tokens in all",
+            a.batch
+        );
     }
     let batch: Vec<u32> = ids
         .iter()
@@ -138,22 +156,23 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
             "seconds_per_forward": seconds_per_forward,
             "tokens_per_second": tokens_per_second,
         });
-        println!("{summary}");
+        outln!("{summary}");
         return Ok(());
     }
     if let (Some(s), Some(tps)) = (seconds_per_forward, tokens_per_second) {
-        println!(
+        outln!(
             "{s:.4} s per forward of {}x{t} tokens ({tps:.0} tokens/s)",
             a.batch
         );
     }
-    println!(
+    outln!(
         "logits [{t}, {v}] for {} tokens; last position's top 5:",
         ids.len()
     );
-    for e in &top5 {
-        let logit = e["logit"].as_f64().unwrap_or(0.0);
-        println!(
+    for (e, &i) in top5.iter().zip(&order) {
+        // From the logits themselves: JSON has no NaN (it would read back as null).
+        let logit = last[i];
+        outln!(
             "  {:>8}  {logit:>10.4}  {}",
             e["id"],
             e["text"].as_str().unwrap_or("")
@@ -226,12 +245,20 @@ pub fn run_verify(
         .into_iter()
         .max_by_key(|d| std::cmp::Reverse(d.size()))
         .unwrap_or(hyperclone_core::DType::F64);
-    let report = verify(
-        &small_model,
-        &big_model,
-        &ids,
-        default_tolerance(dtype, coarsest),
-    )?;
+    // In bf16/f16 the storage rounding dominates, and how much it moves the logits depends
+    // on the model (depth, norms, scale): measure it on SMALL instead of assuming it.
+    let report = match coarsest {
+        hyperclone_core::DType::BF16 | hyperclone_core::DType::F16 => {
+            let s = rounding_sensitivity(&small_ckpt, &small_model, coarsest, dtype, &ids)?;
+            verify(&small_model, &big_model, &ids, 0.0)?.with_measured_tolerance(dtype, s)
+        }
+        _ => verify(
+            &small_model,
+            &big_model,
+            &ids,
+            default_tolerance(dtype, coarsest),
+        )?,
+    };
     let symmetry = mean_row_half_cosine(&big_ckpt, &small_ckpt.config);
     Ok((report, symmetry))
 }
@@ -242,6 +269,7 @@ pub fn report_json(r: &VerifyReport, symmetry: Option<f64>) -> serde_json::Value
         "factor": r.factor,
         "tokens": r.tokens,
         "tolerance": r.tolerance,
+        "std_tolerance": r.std_tolerance,
         "max_abs_logit_diff": r.max_abs_logit_diff,
         "max_rel_logit_diff": r.max_rel_logit_diff,
         "std_ratio": r.std_ratio,
@@ -262,18 +290,18 @@ pub fn failure_reason(r: &VerifyReport) -> String {
         );
     }
     format!(
-        "logits differ by {:.3e} ({:.3e} of their scale) and std ratio is {:.9} (tolerance {:.0e})",
-        r.max_abs_logit_diff, r.max_rel_logit_diff, r.std_ratio, r.tolerance
+        "logits differ by {:.3e} ({:.3e} of their scale; tolerance {:.0e}) and std ratio is {:.9} (tolerance {:.0e})",
+        r.max_abs_logit_diff, r.max_rel_logit_diff, r.tolerance, r.std_ratio, r.std_tolerance
     )
 }
 
 pub fn verify_cmd(a: VerifyArgs) -> Result<bool> {
     let (r, symmetry) = run_verify(&a.small, &a.big, &a.input, parse_dtype(&a.dtype))?;
     if a.json {
-        println!("{}", report_json(&r, symmetry));
+        outln!("{}", report_json(&r, symmetry));
         return Ok(r.passed());
     }
-    println!(
+    outln!(
         "verify {} (x{}) against {} on {} tokens, {}:",
         a.big.display(),
         r.factor,
@@ -281,38 +309,60 @@ pub fn verify_cmd(a: VerifyArgs) -> Result<bool> {
         r.tokens,
         a.dtype
     );
-    println!(
+    outln!(
         "  max |logit diff|     {:.3e} ({:.3e} of the logit scale)",
-        r.max_abs_logit_diff, r.max_rel_logit_diff
+        r.max_abs_logit_diff,
+        r.max_rel_logit_diff
     );
-    println!("  logit std ratio      {:.12}", r.std_ratio);
-    println!("  top-1 agreement      {:.1}%", r.top1_agreement * 100.0);
-    println!("  KL(small || big)     {:.3e}", r.kl_small_big);
+    outln!("  logit std ratio      {:.12}", r.std_ratio);
+    outln!("  top-1 agreement      {:.1}%", r.top1_agreement * 100.0);
+    outln!("  KL(small || big)     {:.3e}", r.kl_small_big);
     for s in &r.states {
-        println!(
+        outln!(
             "  {:<20} max deviation from the {}-fold tile {:.3e}",
-            s.name, r.factor, s.max_abs
+            s.name,
+            r.factor,
+            s.max_abs
         );
     }
     if let Some(c) = symmetry {
-        println!("  mean row-half cosine {c:.4} (1 = symmetric copies)");
+        outln!("  mean row-half cosine {c:.4} (1 = symmetric copies)");
     }
     if r.passed() {
-        println!(
+        outln!(
             "PASS: the clone computes the source's function (tolerance {:.0e})",
             r.tolerance
         );
     } else {
-        println!("FAIL: {}", failure_reason(&r));
+        outln!("FAIL: {}", failure_reason(&r));
     }
     Ok(r.passed())
 }
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
+    if !a.temperature.is_finite() || a.temperature < 0.0 {
+        bail!(
+            "--temperature {}: must be a finite number >= 0 (0 = greedy)",
+            a.temperature
+        );
+    }
     let (ckpt, model) = load(&a.model, parse_dtype(&a.dtype))?;
+    if let Some(max) = ckpt
+        .config
+        .raw
+        .get("max_position_embeddings")
+        .and_then(serde_json::Value::as_u64)
+    {
+        if a.max_tokens as u64 > max {
+            eprintln!(
+                "warning: --max-tokens {} is past the model's max_position_embeddings {max}: \
+                 positions beyond it were never trained",
+                a.max_tokens
+            );
+        }
+    }
     let tok = tokenizer(&a.model)?;
-    let mut out = std::io::stdout();
-    print!("{}", a.prompt);
+    out!("{}", a.prompt);
     complete(
         &ckpt,
         &model,
@@ -322,11 +372,10 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         a.temperature,
         a.seed,
         |new| {
-            print!("{new}");
-            let _ = out.flush();
+            out!("{new}");
         },
     )?;
-    println!();
+    outln!();
     Ok(())
 }
 
@@ -391,10 +440,9 @@ fn eos_ids(ckpt: &Checkpoint) -> Vec<u32> {
         _ => {}
     };
     add(ckpt.config.raw.get("eos_token_id"));
-    if let Ok(bytes) = std::fs::read(ckpt.dir.join("generation_config.json")) {
-        if let Ok(g) = serde_json::from_slice::<serde_json::Value>(&bytes) {
-            add(g.get("eos_token_id"));
-        }
+    // Bounded and regular-file only (a FIFO would hang); an unreadable file adds nothing.
+    if let Ok(g) = hyperclone_core::limits::read_json(&ckpt.dir.join("generation_config.json")) {
+        add(g.get("eos_token_id"));
     }
     v
 }

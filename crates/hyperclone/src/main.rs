@@ -1,5 +1,17 @@
 //! The `hyperclone` binary: flags in, core calls, progress and reports out. No growth math.
 
+/// `println!` that ends the program quietly (exit 0) when stdout is a closed pipe
+/// (`hyperclone plan ... | head -1`), as ripgrep does, instead of panicking.
+macro_rules! outln {
+    () => { $crate::write_stdout(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::write_stdout(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// `print!` with the same broken-pipe handling as [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::write_stdout(format_args!($($arg)*)) };
+}
+
 mod args;
 mod curve;
 mod demo;
@@ -68,11 +80,50 @@ fn main() {
         Command::Demo(a) => demo::demo(a),
     };
     if let Err(e) = result {
-        // One line: the core's errors already name the file and tensor.
-        let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-        eprintln!("error: {}", chain.join(": "));
+        if is_broken_pipe(&e) {
+            std::process::exit(0);
+        }
+        eprintln!("error: {}", one_line(&e));
         std::process::exit(1);
     }
+}
+
+/// Writes to stdout; a closed pipe ends the program with success, other errors are ignored
+/// (stdout is a report, not the product).
+pub fn write_stdout(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|_| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// The error chain as one line: each cause once (the core's messages already include
+/// their OS error), and only the first line of each (candle appends a backtrace when
+/// RUST_BACKTRACE is set).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        let first = text.lines().next().unwrap_or("").trim_end();
+        if first.is_empty() || line.contains(first) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(first);
+    }
+    line
 }
 
 /// The command line as typed, with the program's own path reduced to its name, so the
@@ -121,6 +172,9 @@ impl Progress for Bar {
     fn advance(&self, bytes: u64) {
         self.0.inc(bytes);
     }
+    fn notice(&self, message: &str) {
+        self.0.suspend(|| eprintln!("note: {message}"));
+    }
 }
 
 fn clone(a: CloneArgs) -> Result<()> {
@@ -130,7 +184,9 @@ fn clone(a: CloneArgs) -> Result<()> {
     let cancel = Arc::new(AtomicBool::new(false));
     {
         let cancel = cancel.clone();
-        // Ctrl-C stops at the next chunk; the partial folder is then removed.
+        // Ctrl-C, SIGTERM and SIGHUP stop at the next chunk; the partial folder is then
+        // removed (ctrlc's `termination` feature). SIGKILL cannot be caught: the next clone
+        // into the same DST removes what it left.
         let _ = ctrlc::set_handler(move || cancel.store(true, Ordering::Relaxed));
     }
     let bar = if a.json {
@@ -173,6 +229,7 @@ fn clone(a: CloneArgs) -> Result<()> {
         cancel: &cancel,
         create: &create_plain_file,
         check: if a.verify { Some(&check) } else { None },
+        allow_nonfinite: a.allow_nonfinite,
     };
     let outcome = write_clone(&ckpt, &plan, &card, &a.dst, a.force, &env);
     bar.finish_and_clear();
@@ -200,4 +257,22 @@ fn inspect(a: InspectArgs) -> Result<()> {
     let ckpt = Checkpoint::open(&a.model)?;
     report::inspect(&ckpt, a.json);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_one_line_with_each_cause_once() {
+        let io = std::io::Error::from_raw_os_error(2);
+        let e = anyhow::Error::new(hyperclone_core::Error::io("a/config.json", io));
+        assert_eq!(
+            one_line(&e),
+            "a/config.json: No such file or directory (os error 2)"
+        );
+        let bt = anyhow::anyhow!("shape mismatch in matmul\n   0: backtrace frame\n   1: more")
+            .context("loading model");
+        assert_eq!(one_line(&bt), "loading model: shape mismatch in matmul");
+    }
 }

@@ -75,11 +75,11 @@ fn plan_json(ckpt: &Checkpoint, plan: &Plan) -> Value {
 
 pub fn plan(ckpt: &Checkpoint, plan: &Plan, as_json: bool) {
     if as_json {
-        println!("{}", plan_json(ckpt, plan));
+        outln!("{}", plan_json(ckpt, plan));
         return;
     }
     let o = &plan.options;
-    println!(
+    outln!(
         "Plan: {} `{}` x{} (FFN x{}), variant {}{}",
         ckpt.config.family.model_type,
         ckpt.dir.display(),
@@ -92,15 +92,15 @@ pub fn plan(ckpt: &Checkpoint, plan: &Plan, as_json: bool) {
             String::new()
         }
     );
-    println!("\nconfig.json changes:");
+    outln!("\nconfig.json changes:");
     for c in &plan.changes {
-        println!("  {:<22} {} -> {}", c.key, c.before, c.after);
+        outln!("  {:<22} {} -> {}", c.key, c.before, c.after);
     }
-    println!("\nparameters:            before ->      after");
+    outln!("\nparameters:            before ->      after");
     for c in Component::ALL {
         let b = plan.params_before.get(&c).copied().unwrap_or(0);
         let a = plan.params_after.get(&c).copied().unwrap_or(0);
-        println!(
+        outln!(
             "  {:<18} {:>10} -> {:>10}",
             c.name(),
             human_params(b),
@@ -111,13 +111,13 @@ pub fn plan(ckpt: &Checkpoint, plan: &Plan, as_json: bool) {
         plan.params_before.values().sum(),
         plan.params_after.values().sum(),
     );
-    println!(
+    outln!(
         "  {:<18} {:>10} -> {:>10}",
         "total",
         human_params(b),
         human_params(a)
     );
-    println!(
+    outln!(
         "\noutput: {} in {} file(s); expected peak memory {} (source pages are memory-mapped, not counted)",
         human_bytes(plan.output_bytes()),
         plan.shards.len(),
@@ -159,15 +159,18 @@ pub fn inspect(ckpt: &Checkpoint, as_json: bool) {
         "supported_families": FAMILIES.iter().map(|f| f.model_type).collect::<Vec<_>>(),
     });
     if as_json {
-        println!("{v}");
+        outln!("{v}");
         return;
     }
-    println!("{}  ({})", ckpt.dir.display(), c.family.model_type);
-    println!(
+    outln!("{}  ({})", ckpt.dir.display(), c.family.model_type);
+    outln!(
         "  hidden {}  intermediate {}  layers {}  vocab {}",
-        c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_hidden_layers,
+        c.vocab_size
     );
-    println!(
+    outln!(
         "  heads {} / kv heads {} ({}), head_dim {}, head {}",
         c.num_attention_heads,
         c.num_key_value_heads,
@@ -179,26 +182,26 @@ pub fn inspect(ckpt: &Checkpoint, as_json: bool) {
             "untied"
         }
     );
-    print!("  parameters {}:", human_params(counts.values().sum()));
+    out!("  parameters {}:", human_params(counts.values().sum()));
     for comp in Component::ALL {
-        print!(
+        out!(
             " {} {}",
             comp.name(),
             human_params(counts.get(&comp).copied().unwrap_or(0))
         );
     }
-    println!();
-    println!("  dtypes {}", dtypes.join(", "));
+    outln!();
+    outln!("  dtypes {}", dtypes.join(", "));
     for f in &ckpt.files {
         let bytes = std::fs::metadata(&f.path).map(|m| m.len()).unwrap_or(0);
-        println!(
+        outln!(
             "  {} ({} tensors, {})",
             f.path.display(),
             f.tensors.len(),
             human_bytes(bytes)
         );
     }
-    println!(
+    outln!(
         "  supported families: {}",
         Family::supported_names().join(", ")
     );
@@ -235,11 +238,11 @@ pub fn clone_summary(
             "verification".into(),
             verification.cloned().unwrap_or(Value::Null),
         );
-        println!("{v}");
+        outln!("{v}");
         return;
     }
     let before: u64 = plan.params_before.values().sum();
-    println!(
+    outln!(
         "cloned {} -> {}: {} -> {} parameters, {} in {:.2} s ({:.2} GB/s), {} file(s)",
         a.src.display(),
         a.dst.display(),
@@ -251,7 +254,7 @@ pub fn clone_summary(
         out.files.len()
     );
     if let Some(v) = verification {
-        println!(
+        outln!(
             "verified ({}-token probe, tolerance {:.0e}): max |logit diff| {:.2e} ({:.2e} of the scale), logit std ratio {:.9}, \
              every residual state the {}-fold tile of the source's",
             v["tokens"], v["tolerance"].as_f64().unwrap_or(f64::NAN), v["max_abs_logit_diff"].as_f64().unwrap_or(f64::NAN),

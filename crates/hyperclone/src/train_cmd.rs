@@ -18,7 +18,7 @@ const LAST: &str = "last";
 
 pub fn train(a: TrainArgs) -> Result<()> {
     let done = run(&a, "")?;
-    println!(
+    outln!(
         "trained {} steps ({} tokens) in {:.1} s; checkpoint {}, metrics {}",
         done.steps,
         done.tokens,
@@ -39,13 +39,20 @@ pub struct RunDone {
 
 /// Trains as `hyperclone train` does; `label` prefixes the progress bar.
 pub fn run(a: &TrainArgs, label: &str) -> Result<RunDone> {
-    check_schedule(a)?;
+    validate(a)?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let last = a.out.join(LAST);
     // Where the weights come from: the last checkpoint, a model, or a fresh random init.
     let (source, start_step) = if a.resume {
         let state = read_state(&last)
             .with_context(|| format!("--resume: no usable checkpoint in {}", last.display()))?;
+        if state > a.steps {
+            bail!(
+                "{}: step {state} is past --steps {}: this checkpoint belongs to a longer run (raise --steps)",
+                last.join("trainer_state.json").display(),
+                a.steps
+            );
+        }
         (last.clone(), state)
     } else if let Some(m) = &a.model {
         (m.clone(), 0)
@@ -68,6 +75,7 @@ pub fn run(a: &TrainArgs, label: &str) -> Result<RunDone> {
         .clone()
         .unwrap_or_else(|| a.out.join("tokens"));
     // Documents are separated by the end-of-text token when the tokenizer has one.
+    hyperclone_core::limits::ensure_regular_file(&tokenizer)?; // a FIFO would hang
     let eos = tokenizers::Tokenizer::from_file(&tokenizer)
         .map_err(|e| anyhow::anyhow!("{}: {e}", tokenizer.display()))?
         .token_to_id(hyperclone_nn::corpus::EOS_TOKEN);
@@ -78,6 +86,7 @@ pub fn run(a: &TrainArgs, label: &str) -> Result<RunDone> {
     let (model, params) = Decoder::load_trainable(&ckpt, DType::F32, &Device::Cpu)?;
     let growth = clone_factors(&ckpt);
     let mut opt = if a.resume {
+        check_optimizer_state(&last.join("optimizer.safetensors"))?;
         AdamW::load(&params, &last.join("optimizer.safetensors"))?
     } else if let Some(base) = &a.optimizer_from {
         let Some((n, m)) = growth else {
@@ -203,9 +212,68 @@ pub fn run(a: &TrainArgs, label: &str) -> Result<RunDone> {
     })
 }
 
-fn check_schedule(a: &TrainArgs) -> Result<()> {
-    if !(a.lr.is_finite() && a.lr > 0.0) {
-        bail!("--lr {}: must be a positive number", a.lr);
+/// AdamW moments must be finite and second moments non-negative: a corrupt state would
+/// otherwise turn every update into NaN (or a square root of a negative number).
+fn check_optimizer_state(path: &Path) -> Result<()> {
+    let f = hyperclone_core::safetensors::SafetensorsFile::open(path)?;
+    for t in &f.tensors {
+        let data = f.data(t);
+        let bad = t.dtype.count_nonfinite(data);
+        if bad > 0 {
+            bail!(
+                "{}: tensor `{}`: {bad} of {} values are NaN or infinite (corrupt optimizer state)",
+                path.display(),
+                t.name,
+                t.numel()
+            );
+        }
+        if t.name.starts_with("v.") {
+            let mut v = vec![0f64; t.numel()];
+            t.dtype.decode(data, &mut v);
+            let negative = v.iter().filter(|&&x| x < 0.0).count();
+            if negative > 0 {
+                bail!(
+                    "{}: tensor `{}`: {negative} negative second moments (corrupt optimizer state)",
+                    path.display(),
+                    t.name
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Flags that would make no sense or loop forever, refused before any work.
+fn validate(a: &TrainArgs) -> Result<()> {
+    if a.grad_accum == 0 {
+        bail!("--grad-accum 0: give at least one micro-batch per step");
+    }
+    if a.batch == 0 || a.seq == 0 {
+        bail!("--batch and --seq must be at least 1");
+    }
+    // Tokens held at once (a batch, or the validation windows): far past what fits in memory.
+    const MAX_TOKENS: usize = 1 << 28;
+    let eval = a.eval_windows.unwrap_or(a.batch.max(8));
+    for (what, n) in [
+        ("--batch x --seq", a.batch),
+        ("--eval-windows x --seq", eval),
+    ] {
+        if n.checked_mul(a.seq).is_none_or(|t| t > MAX_TOKENS) {
+            bail!("{what} = {n} x {} tokens: at most {MAX_TOKENS}", a.seq);
+        }
+    }
+    for (flag, v) in [
+        ("--lr", a.lr),
+        ("--weight-decay", a.weight_decay),
+        ("--grad-clip", a.grad_clip),
+        ("--dropout", a.dropout),
+    ] {
+        if !v.is_finite() || v < 0.0 {
+            bail!("{flag} {v}: must be a finite number >= 0");
+        }
+    }
+    if a.dropout >= 1.0 {
+        bail!("--dropout {}: must be below 1", a.dropout);
     }
     if let Some(min) = a.min_lr {
         if !(min.is_finite() && (0.0..=a.lr).contains(&min)) {
@@ -315,9 +383,11 @@ fn save_checkpoint(
 
 /// The step a checkpoint folder (OUT/last) was saved at.
 pub fn read_state(last: &Path) -> Result<u64> {
-    let text = std::fs::read_to_string(last.join("trainer_state.json"))?;
-    let v: serde_json::Value = serde_json::from_str(&text)?;
-    v["step"].as_u64().context("trainer_state.json has no step")
+    let path = last.join("trainer_state.json");
+    let v = hyperclone_core::limits::read_json(&path)?;
+    v["step"]
+        .as_u64()
+        .with_context(|| format!("{}: no integer `step`", path.display()))
 }
 
 /// Opens metrics.jsonl for appending, first dropping records past the resumed step so a
@@ -346,6 +416,11 @@ fn open_metrics(path: &Path, start_step: u64) -> Result<std::fs::File> {
 }
 
 pub fn tokenizer(a: TokenizerArgs) -> Result<()> {
+    // Token ids are u32 and the trainer allocates per id: far past any real vocabulary.
+    const MAX_VOCAB: usize = 1 << 24;
+    if a.vocab_size > MAX_VOCAB {
+        bail!("--vocab-size {}: at most {MAX_VOCAB} tokens", a.vocab_size);
+    }
     let files = text_files(&a.data)?;
     if files.is_empty() {
         bail!("--data: no .txt files found");
@@ -354,7 +429,7 @@ pub fn tokenizer(a: TokenizerArgs) -> Result<()> {
     let tok = hyperclone_nn::corpus::train_bpe(&files, a.vocab_size, a.min_frequency)?;
     tok.save(&a.out, true)
         .map_err(|e| anyhow::anyhow!("writing {}: {e}", a.out.display()))?;
-    println!(
+    outln!(
         "trained a {}-token byte-level BPE on {} file(s) in {:.1} s: {}",
         tok.get_vocab_size(true),
         files.len(),

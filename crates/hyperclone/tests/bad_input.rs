@@ -17,7 +17,18 @@ use std::sync::atomic::AtomicBool;
 fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     listing(dir)
         .into_iter()
-        .map(|f| (f.clone(), std::fs::read(dir.join(&f)).unwrap()))
+        .map(|f| {
+            let p = dir.join(&f);
+            // Special files (FIFOs, links to devices) are recorded by kind, never read.
+            let bytes = match std::fs::symlink_metadata(&p).unwrap() {
+                m if m.is_file() => std::fs::read(&p).unwrap(),
+                m if m.file_type().is_symlink() => {
+                    format!("-> {}", std::fs::read_link(&p).unwrap().display()).into_bytes()
+                }
+                m => format!("{:?}", m.file_type()).into_bytes(),
+            };
+            (f, bytes)
+        })
         .collect()
 }
 
@@ -434,6 +445,7 @@ fn write_failure_part_way_leaves_nothing() {
             cancel: &cancel,
             create: &create,
             check: None,
+            allow_nonfinite: false,
         };
         let err = write_clone(&ckpt, &plan, "card", &dst, false, &env)
             .err()
@@ -479,6 +491,7 @@ fn failed_verification_keeps_nothing() {
         cancel: &cancel,
         create: &hyperclone_core::write::create_plain_file,
         check: Some(&check),
+        allow_nonfinite: false,
     };
     let err = write_clone(&ckpt, &plan, "card", &r.path().join("dst"), false, &env)
         .err()
@@ -538,4 +551,747 @@ fn full_disk_on_a_real_tmpfs() {
     assert!(err.contains("No space left on device"), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1);
     assert!(left.is_empty(), "left on the full disk: {left:?}");
+}
+
+// ---- issue 10: hostile input ----
+
+/// Rewrites the 8-byte header length of src/model.safetensors.
+fn set_header_len(root: &Path, edit: impl FnOnce(u64) -> u64) {
+    let p = root.join("src/model.safetensors");
+    let mut bytes = std::fs::read(&p).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+    bytes[..8].copy_from_slice(&edit(n).to_le_bytes());
+    std::fs::write(&p, bytes).unwrap();
+}
+
+/// Trailing spaces of src/model.safetensors' JSON header.
+fn header_padding(root: &Path) -> u64 {
+    let bytes = std::fs::read(root.join("src/model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    bytes[8..8 + n]
+        .iter()
+        .rev()
+        .take_while(|&&c| c == b' ')
+        .count() as u64
+}
+
+#[test]
+fn header_length_moved_into_the_padding_is_refused() {
+    let r = root();
+    // A metadata value long enough that the header ends in at least 4 spaces of padding.
+    let mut shift = 0;
+    for extra in 0..8 {
+        Tiny::default().write(&r.path().join("src"));
+        edit_header(r.path(), |h| {
+            h["__metadata__"]["note"] = json!("x".repeat(extra));
+        });
+        if header_padding(r.path()) >= 4 {
+            shift = 4;
+            break;
+        }
+    }
+    assert_eq!(shift, 4, "found a padded header");
+    set_header_len(r.path(), |n| n - 4);
+    fails(
+        r.path(),
+        &[],
+        &["model.safetensors", "4 trailing bytes", "offsets cover"],
+    );
+}
+
+#[test]
+fn trailing_bytes_and_holes_are_refused() {
+    let r = root();
+    Tiny::default().write(&r.path().join("src"));
+    let p = r.path().join("src/model.safetensors");
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes.extend_from_slice(&[0u8; 8]);
+    std::fs::write(&p, &bytes).unwrap();
+    fails(r.path(), &[], &["model.safetensors", "8 trailing bytes"]);
+    // A hole: the last tensor moved 8 bytes later, into the 8 appended bytes.
+    edit_header(r.path(), |h| {
+        let [a, b] = [0, 1].map(|i| h["lm_head.weight"]["data_offsets"][i].as_u64().unwrap());
+        h["lm_head.weight"]["data_offsets"] = json!([a + 8, b + 8]);
+    });
+    fails(
+        r.path(),
+        &[],
+        &["model.safetensors", "`lm_head.weight`", "hole of 8 bytes"],
+    );
+}
+
+#[test]
+fn overflowing_config_sizes_are_refused() {
+    let cases: Vec<(&str, Value, &str)> = vec![
+        // 2^61+6 heads x head_dim 8 wraps to 48 in 64 bits.
+        (
+            "num_attention_heads",
+            json!((1u64 << 61) + 6),
+            "num_attention_heads",
+        ),
+        ("num_hidden_layers", json!(1u64 << 31), "num_hidden_layers"),
+        ("hidden_size", json!(u64::MAX), "hidden_size"),
+        // Within the per-field bound, but the embedding would exceed 2^40 elements.
+        ("vocab_size", json!(1u64 << 40), "model.embed_tokens.weight"),
+        // 2^39 heads x head_dim 8 = 2^42 elements.
+        ("num_attention_heads", json!(1u64 << 39), "x head_dim (8)"),
+    ];
+    for (key, value, expect) in cases {
+        let r = root();
+        with_config(r.path(), |c| {
+            c[key] = value.clone();
+            if key == "num_attention_heads" {
+                c["head_dim"] = json!(8);
+                c["num_key_value_heads"] = json!(1);
+            }
+        });
+        fails(r.path(), &[], &["config.json", expect]);
+    }
+}
+
+#[test]
+fn non_integer_config_values_are_refused() {
+    for (key, value) in [
+        ("max_position_embeddings", json!(64.5)),
+        ("max_position_embeddings", json!("64")),
+        ("hidden_size", json!(16.0)),
+        ("head_dim", json!(-4)),
+        ("attention_bias", json!("no")),
+    ] {
+        let r = root();
+        with_config(r.path(), |c| c[key] = value.clone());
+        fails(r.path(), &[], &["config.json", key]);
+    }
+}
+
+#[test]
+fn huge_growth_factors_are_refused() {
+    let r = root();
+    Tiny::default().write(&r.path().join("src"));
+    for f in [
+        "576460752303423488",
+        "18446744073709551615",
+        "1099511627776",
+    ] {
+        fails(r.path(), &["--factor", f], &["--factor", "elements"]);
+    }
+    fails(
+        r.path(),
+        &["--hidden-size", "18446744073709551600"],
+        &["elements"],
+    );
+    fails(
+        r.path(),
+        &[
+            "--factor",
+            "2",
+            "--num-attention-heads",
+            "18446744073709551615",
+        ],
+        &["--num-attention-heads"],
+    );
+    // `plan` refuses alike (it printed hidden 32 -> 0 and 0 parameters).
+    let out = run(&["plan", "src", "--factor", "576460752303423488"], r.path());
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("elements"), "{}", stderr(&out));
+}
+
+fn mkfifo(p: &Path) -> bool {
+    std::process::Command::new("mkfifo")
+        .arg(p)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Runs `hyperclone clone` under a watchdog: a hang is a failure, not a stuck test.
+fn fails_within(root: &Path, seconds: u64, expect: &[&str]) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let root_owned = root.to_path_buf();
+    let expect: Vec<String> = expect.iter().map(|s| s.to_string()).collect();
+    std::thread::spawn(move || {
+        let e: Vec<&str> = expect.iter().map(String::as_str).collect();
+        let r = std::panic::catch_unwind(|| fails(&root_owned, &[], &e));
+        let _ = tx.send(r.is_ok());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(seconds)) {
+        Ok(true) => {}
+        Ok(false) => panic!("the clone did not fail as promised (see above)"),
+        Err(_) => panic!("the clone hung for {seconds} s"),
+    }
+}
+
+#[test]
+fn special_files_are_refused_without_hanging() {
+    // config.json as a FIFO.
+    let r = root();
+    Tiny::default().write(&r.path().join("src"));
+    let cfg = r.path().join("src/config.json");
+    std::fs::remove_file(&cfg).unwrap();
+    if !mkfifo(&cfg) {
+        eprintln!("skipping: mkfifo unavailable");
+        return;
+    }
+    fails_within(r.path(), 20, &["config.json", "not a regular file", "FIFO"]);
+    // The index as a FIFO.
+    let r = root();
+    Tiny {
+        shards: 2,
+        ..Default::default()
+    }
+    .write(&r.path().join("src"));
+    let index = r.path().join("src/model.safetensors.index.json");
+    std::fs::remove_file(&index).unwrap();
+    assert!(mkfifo(&index));
+    fails_within(
+        r.path(),
+        20,
+        &["model.safetensors.index.json", "not a regular file"],
+    );
+    // The weights as a symlink to /dev/zero.
+    let r = root();
+    Tiny::default().write(&r.path().join("src"));
+    let w = r.path().join("src/model.safetensors");
+    std::fs::remove_file(&w).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &w).unwrap();
+    fails_within(
+        r.path(),
+        20,
+        &["model.safetensors", "not a regular file", "device"],
+    );
+    // config.json as a symlink to /dev/zero.
+    let r = root();
+    Tiny::default().write(&r.path().join("src"));
+    let cfg = r.path().join("src/config.json");
+    std::fs::remove_file(&cfg).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &cfg).unwrap();
+    fails_within(r.path(), 20, &["config.json", "not a regular file"]);
+    // tokenizer.json and generation_config.json as FIFOs: forward must not wait on them
+    // (the tokenizer is optional there; an unreadable one is skipped).
+    let r = root();
+    Tiny::default().write(&r.path().join("src"));
+    for f in ["tokenizer.json", "generation_config.json"] {
+        std::fs::remove_file(r.path().join("src").join(f)).unwrap();
+        assert!(mkfifo(&r.path().join("src").join(f)));
+    }
+    let mut child = std::process::Command::new(bin())
+        .args(["forward", "src"])
+        .current_dir(r.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed().as_secs() > 20 {
+            let _ = child.kill();
+            panic!("forward hung on a FIFO tokenizer.json");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn oversized_config_is_refused() {
+    let r = root();
+    Tiny::default().write(&r.path().join("src"));
+    let f = std::fs::File::create(r.path().join("src/config.json")).unwrap();
+    f.set_len(65 << 20).unwrap(); // sparse: 65 MiB of zeros
+    fails(r.path(), &[], &["config.json", "limit"]);
+}
+
+/// Writes NaN and Inf into one tensor of src/model.safetensors.
+fn poison(root: &Path, tensor: &str, values: &[f32]) {
+    let p = root.join("src/model.safetensors");
+    let f = SafetensorsFile::open(&p).unwrap();
+    let t = f.get(tensor).unwrap().clone();
+    drop(f);
+    let mut bytes = std::fs::read(&p).unwrap();
+    for (i, v) in values.iter().enumerate() {
+        bytes[t.start + 4 * i..t.start + 4 * i + 4].copy_from_slice(&v.to_le_bytes());
+    }
+    std::fs::write(&p, bytes).unwrap();
+}
+
+#[test]
+fn nonfinite_source_weights_are_refused_unless_allowed() {
+    let r = root();
+    Tiny::default().write(&r.path().join("src"));
+    poison(
+        r.path(),
+        "model.layers.1.mlp.up_proj.weight",
+        &[f32::NAN, 1.0, f32::INFINITY],
+    );
+    fails(
+        r.path(),
+        &[],
+        &[
+            "model.safetensors",
+            "`model.layers.1.mlp.up_proj.weight`",
+            "2 of 384 values are NaN or infinite",
+            "--allow-nonfinite",
+        ],
+    );
+    let out = run(
+        &["clone", "src", "dst", "--factor", "2", "--allow-nonfinite"],
+        r.path(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    // forward prints NaN as NaN, never as 0.
+    let r = root();
+    Tiny::default().write(&r.path().join("src"));
+    poison(r.path(), "model.norm.weight", &[f32::NAN; HIDDEN]);
+    let out = run(&["forward", "src"], r.path());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(text.contains("NaN") && !text.contains(" 0.0000 "), "{text}");
+}
+
+#[test]
+fn verify_of_a_nan_clone_fails_and_says_nan() {
+    let r = root();
+    let src = Tiny::default().write(&r.path().join("src"));
+    let out = run(&["clone", "src", "dst", "--factor", "2"], r.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Poison the clone's final norm.
+    let p = r.path().join("dst/model.safetensors");
+    let f = SafetensorsFile::open(&p).unwrap();
+    let t = f.get("model.norm.weight").unwrap().clone();
+    drop(f);
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes[t.start..t.start + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&p, bytes).unwrap();
+    let out = run(&["verify", src.to_str().unwrap(), "dst"], r.path());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("FAIL") && text.contains("NaN"), "{text}");
+}
+
+/// Runs a command with stdout a pipe whose reader is gone, like `... | head -0`.
+fn run_into_closed_pipe(args: &[&str], cwd: &Path) -> std::process::Output {
+    let mut child = std::process::Command::new(bin())
+        .args(args)
+        .current_dir(cwd)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn broken_pipe_is_a_normal_end() {
+    let r = root();
+    Tiny::default().write(&r.path().join("src"));
+    for args in [
+        &["plan", "src", "--factor", "2"][..],
+        &["inspect", "src"],
+        &["forward", "src"],
+    ] {
+        let out = run_into_closed_pipe(args, r.path());
+        let err = stderr(&out);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+    }
+}
+
+/// Runs a command expected to fail with one `error:` line containing `expect`.
+fn one_error_line(args: &[&str], cwd: &Path, expect: &[&str]) -> String {
+    let out = run(args, cwd);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "{args:?}: one line, got: {err}"
+    );
+    assert!(err.starts_with("error: "), "{err}");
+    for e in expect {
+        assert!(err.contains(e), "{args:?}: `{e}` not in: {err}");
+    }
+    err
+}
+
+#[test]
+fn flags_that_used_to_panic_give_one_error_line() {
+    let r = root();
+    Tiny::default().write(&r.path().join("src"));
+    one_error_line(
+        &["forward", "src", "--random-tokens", "0"],
+        r.path(),
+        &["--random-tokens 0"],
+    );
+    one_error_line(
+        &["forward", "src", "--tokens", "1,99999"],
+        r.path(),
+        &["99999", "vocabulary"],
+    );
+    one_error_line(
+        &[
+            "tokenizer",
+            "--data",
+            "src",
+            "--vocab-size",
+            "18446744073709551615",
+            "--out",
+            "t.json",
+        ],
+        r.path(),
+        &["--vocab-size"],
+    );
+    one_error_line(
+        &["generate", "src", "--prompt", "hi", "--temperature", "nan"],
+        r.path(),
+        &["--temperature NaN"],
+    );
+}
+
+#[test]
+fn causes_are_printed_once_even_with_backtraces() {
+    let r = root();
+    Tiny::default().write(&r.path().join("src"));
+    std::fs::remove_file(r.path().join("src/config.json")).unwrap();
+    let err = one_error_line(&["inspect", "src"], r.path(), &["config.json"]);
+    assert_eq!(err.matches("os error 2").count(), 1, "{err}");
+}
+
+#[test]
+fn train_flags_and_resume_state_are_validated() {
+    let r = root();
+    toy_corpus(r.path());
+    let base = [
+        "train",
+        "--init-config",
+        "config.json",
+        "--tokenizer",
+        "tokenizer.json",
+        "--data",
+        "data",
+        "--out",
+        "out",
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--seq",
+        "8",
+        "--eval-every",
+        "1",
+    ];
+    let with = |extra: &[&'static str]| -> Vec<&'static str> {
+        let mut v = base.to_vec();
+        v.extend_from_slice(extra);
+        v
+    };
+    one_error_line(&with(&["--grad-accum", "0"]), r.path(), &["--grad-accum 0"]);
+    one_error_line(&with(&["--lr", "nan"]), r.path(), &["--lr NaN"]);
+    // A trainer_state.json past --steps.
+    std::fs::create_dir_all(r.path().join("out/last")).unwrap();
+    std::fs::write(
+        r.path().join("out/last/trainer_state.json"),
+        r#"{"step": 500}"#,
+    )
+    .unwrap();
+    one_error_line(
+        &with(&["--resume"]),
+        r.path(),
+        &["trainer_state.json", "step 500 is past --steps 2"],
+    );
+    std::fs::remove_dir_all(r.path().join("out")).unwrap();
+    // A real checkpoint whose optimizer state holds a NaN moment.
+    let out = run(&with(&[]), r.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    // generate warns when asked past the trained positions (max_position_embeddings 64).
+    let out = run(
+        &[
+            "generate",
+            "out/last",
+            "--prompt",
+            "the cat",
+            "--max-tokens",
+            "65",
+        ],
+        r.path(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out)
+            .contains("warning: --max-tokens 65 is past the model's max_position_embeddings 64"),
+        "{}",
+        stderr(&out)
+    );
+    let opt = r.path().join("out/last/optimizer.safetensors");
+    let f = SafetensorsFile::open(&opt).unwrap();
+    let t = f
+        .tensors
+        .iter()
+        .find(|t| t.name.starts_with("m."))
+        .unwrap()
+        .clone();
+    let v = f
+        .tensors
+        .iter()
+        .find(|t| t.name.starts_with("v."))
+        .unwrap()
+        .clone();
+    drop(f);
+    let good = std::fs::read(&opt).unwrap();
+    let mut bytes = good.clone();
+    bytes[t.start..t.start + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&opt, &bytes).unwrap();
+    let resume = |steps: &'static str| {
+        let mut v = with(&["--resume"]);
+        let i = v.iter().position(|a| *a == "--steps").unwrap();
+        v[i + 1] = steps;
+        v
+    };
+    one_error_line(
+        &resume("4"),
+        r.path(),
+        &["optimizer.safetensors", &format!("`{}`", t.name), "NaN"],
+    );
+    let mut bytes = good.clone();
+    bytes[v.start..v.start + 4].copy_from_slice(&(-1.0f32).to_le_bytes());
+    std::fs::write(&opt, &bytes).unwrap();
+    one_error_line(
+        &resume("4"),
+        r.path(),
+        &[
+            "optimizer.safetensors",
+            &format!("`{}`", v.name),
+            "negative",
+        ],
+    );
+}
+
+#[test]
+fn stale_partial_folders_of_dead_clones_are_removed() {
+    let r = root();
+    Tiny::default().write(&r.path().join("src"));
+    // PID 4294967 is above Linux's pid_max limit (2^22): never a live process.
+    let stale = r.path().join(".dst.hyperclone-partial-4294967");
+    std::fs::create_dir(&stale).unwrap();
+    std::fs::write(stale.join("model.safetensors"), b"half").unwrap();
+    // A live process's folder (ours) is kept.
+    let live = r
+        .path()
+        .join(format!(".dst.hyperclone-partial-{}", std::process::id()));
+    std::fs::create_dir(&live).unwrap();
+    let out = run(&["clone", "src", "dst", "--factor", "2"], r.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("removed") && stderr(&out).contains("4294967"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stale.exists() && live.exists());
+}
+
+#[test]
+fn sigterm_and_sighup_remove_the_partial_folder() {
+    // A clone big enough to take a moment: factor 48 of the tiny model (~40 MB).
+    for signal in ["TERM", "HUP"] {
+        let r = root();
+        Tiny::default().write(&r.path().join("src"));
+        let child = std::process::Command::new(bin())
+            .args(["clone", "src", "dst", "--factor", "48", "--json"])
+            .current_dir(r.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let partial = r
+            .path()
+            .join(format!(".dst.hyperclone-partial-{}", child.id()));
+        let t0 = std::time::Instant::now();
+        while !partial.exists() && t0.elapsed().as_secs() < 20 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        if out.status.success() {
+            eprintln!("skipping SIG{signal}: the clone finished before the signal");
+            continue;
+        }
+        assert_eq!(out.status.code(), Some(1), "SIG{signal}: {}", stderr(&out));
+        assert!(stderr(&out).contains("interrupted"), "{}", stderr(&out));
+        assert_eq!(listing(r.path()), ["src"], "SIG{signal} left files");
+    }
+}
+
+#[test]
+fn force_refuses_up_front_when_the_old_dst_cannot_be_deleted() {
+    let r = root();
+    Tiny::default().write(&r.path().join("src"));
+    let dst = r.path().join("dst");
+    std::fs::create_dir_all(dst.join("sub")).unwrap();
+    std::fs::write(dst.join("a.txt"), b"old").unwrap();
+    std::fs::write(dst.join("sub/locked.txt"), b"old").unwrap();
+    // As root, an immutable file; otherwise a read-only folder.
+    let locked = std::process::Command::new("chattr")
+        .args(["+i", dst.join("sub/locked.txt").to_str().unwrap()])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    let unlock = || {
+        let _ = std::process::Command::new("chattr")
+            .args(["-i", dst.join("sub/locked.txt").to_str().unwrap()])
+            .status();
+    };
+    use std::os::unix::fs::PermissionsExt;
+    let read_only = !locked && {
+        std::fs::set_permissions(dst.join("sub"), std::fs::Permissions::from_mode(0o555)).unwrap();
+        // Root ignores permissions: then there is nothing to test.
+        std::fs::write(dst.join("sub/probe"), b"").is_err()
+    };
+    if !locked && !read_only {
+        eprintln!("skipping: cannot make a file undeletable here");
+        return;
+    }
+    let out = run(
+        &["clone", "src", "dst", "--factor", "2", "--force"],
+        r.path(),
+    );
+    unlock();
+    std::fs::set_permissions(dst.join("sub"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--force cannot replace it") && err.contains("nothing was changed"),
+        "{err}"
+    );
+    assert_eq!(listing(r.path()), ["dst", "src"], "nothing beside DST");
+    assert_eq!(listing(&dst), ["a.txt", "sub"], "the old DST is intact");
+    assert_eq!(listing(&dst.join("sub")), ["locked.txt"]);
+}
+
+fn tiny_fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/tiny")
+        .join(name)
+}
+
+#[test]
+fn bf16_tolerance_is_measured_not_assumed() {
+    // These bf16 clones deviate by 2.4e-2 and 3.9e-2 of the logit scale, past the old
+    // fixed 3e-2 (llama-gqa-untied x3), and are correct: each verifies.
+    let r = root();
+    for (fixture, factor) in [("qwen2-gqa", "2"), ("llama-gqa-untied", "3")] {
+        let dst = r.path().join(format!("{fixture}-x{factor}"));
+        let out = run(
+            &[
+                "clone",
+                tiny_fixture(fixture).to_str().unwrap(),
+                dst.to_str().unwrap(),
+                "--factor",
+                factor,
+                "--dtype",
+                "bf16",
+                "--verify",
+            ],
+            r.path(),
+        );
+        assert!(out.status.success(), "{fixture}: {}", stderr(&out));
+    }
+    // A bf16 clone that is actually wrong (its final norm off by 5%) still fails.
+    let dst = r.path().join("qwen2-gqa-x2");
+    let p = dst.join("model.safetensors");
+    let f = SafetensorsFile::open(&p).unwrap();
+    let t = f.get("model.norm.weight").unwrap().clone();
+    let mut v = vec![0f64; t.numel()];
+    t.dtype.decode(f.data(&t), &mut v);
+    drop(f);
+    for x in &mut v {
+        *x *= 1.05;
+    }
+    let mut bytes = std::fs::read(&p).unwrap();
+    t.dtype.encode(&v, &mut bytes[t.start..t.start + t.len]);
+    std::fs::write(&p, bytes).unwrap();
+    let out = run(
+        &[
+            "verify",
+            tiny_fixture("qwen2-gqa").to_str().unwrap(),
+            dst.to_str().unwrap(),
+        ],
+        r.path(),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("FAIL"), "{text}");
+}
+
+#[test]
+fn growth_that_overflows_the_output_dtype_is_refused() {
+    // 1e5 does not fit in f16 (max 65504): converting would silently write inf.
+    let r = root();
+    Tiny::default().write(&r.path().join("src"));
+    poison(r.path(), "model.norm.weight", &[1e5]);
+    fails(
+        r.path(),
+        &["--dtype", "f16"],
+        &["`model.norm.weight`", "F16", "NaN or infinite"],
+    );
+    // Noise at -1000 dB overflows every dtype.
+    fails(
+        r.path(),
+        &["--variant", "noisy", "--snr-db", "-1000"],
+        &["NaN or infinite", "--snr-db"],
+    );
+}
+
+#[test]
+fn force_as_a_user_who_cannot_delete_the_old_dst() {
+    // Needs root to set up (a folder of root's inside a DST of nobody's) and setpriv to
+    // run as nobody; CI runs as root.
+    use std::os::unix::fs::{chown, PermissionsExt};
+    let r = root();
+    Tiny::default().write(&r.path().join("src"));
+    let dst = r.path().join("dst");
+    std::fs::create_dir_all(dst.join("sub")).unwrap();
+    std::fs::write(dst.join("sub/old.txt"), b"old").unwrap();
+    let nobody = 65534;
+    let as_root = chown(r.path(), Some(nobody), Some(nobody)).is_ok();
+    if !as_root {
+        eprintln!("skipping: not root");
+        return;
+    }
+    chown(&dst, Some(nobody), Some(nobody)).unwrap();
+    std::fs::set_permissions(r.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(bin())
+        .args(["clone", "src", "dst", "--factor", "2", "--force"])
+        .current_dir(r.path())
+        .output();
+    let Ok(out) = out else {
+        eprintln!("skipping: setpriv unavailable");
+        return;
+    };
+    let err = stderr(&out);
+    if err.contains("setpriv") {
+        eprintln!("skipping: {err}");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("--force cannot replace it")
+            && err.contains("sub")
+            && err.contains("nothing was changed"),
+        "{err}"
+    );
+    assert_eq!(listing(r.path()), ["dst", "src"], "nothing beside DST");
+    assert_eq!(
+        listing(&dst.join("sub")),
+        ["old.txt"],
+        "the old DST is intact"
+    );
 }

@@ -1,0 +1,259 @@
+//! A bounded, deterministic mutation harness for the readers a clone trusts: safetensors
+//! files (bytes and header fields), config.json (fields) and the shard index. Every case
+//! runs open -> plan -> clone in-process and must end in `Ok` or a clean `Err`: never a
+//! panic, never a modified SRC, and after an error nothing beside SRC. A few hundred cases
+//! run in a few seconds; the seed makes every failure reproducible.
+//!
+//! `HYPERCLONE_MUTATION_CASES=N` runs more (the default keeps `cargo test` quick).
+
+use hyperclone_core::write::{create_plain_file, write_clone, NoProgress, WriteEnv};
+use hyperclone_core::{Checkpoint, DType, Error, GrowthOptions, Plan, Variant};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+
+mod mutate;
+
+use mutate::*;
+
+fn snapshot(dir: &Path) -> Files {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Outcome {
+    OpenFormat,
+    OpenTensor,
+    OpenConfig,
+    OpenIo,
+    PlanRefused,
+    CloneRefused,
+    Cloned,
+}
+
+fn classify(e: &Error, stage: &str) -> Outcome {
+    match (stage, e) {
+        ("open", Error::Format { .. }) => Outcome::OpenFormat,
+        ("open", Error::Tensor { .. }) => Outcome::OpenTensor,
+        ("open", Error::Config { .. }) => Outcome::OpenConfig,
+        ("open", _) => Outcome::OpenIo,
+        ("plan", _) => Outcome::PlanRefused,
+        _ => Outcome::CloneRefused,
+    }
+}
+
+/// (file, tensor, dtype, shape, absolute byte range) of every tensor: what a reader will read.
+type Layout = Vec<(String, String, DType, Vec<usize>, usize, usize)>;
+
+fn layout(ckpt: &Checkpoint) -> Layout {
+    let mut v: Layout = ckpt
+        .tensors
+        .iter()
+        .map(|t| {
+            let f = &ckpt.files[t.file].path;
+            let name = f.file_name().unwrap().to_string_lossy().into_owned();
+            let i = &t.info;
+            (
+                name,
+                i.name.clone(),
+                i.dtype,
+                i.shape.clone(),
+                i.start,
+                i.len,
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// The layout of an unmutated fixture.
+fn original_layout(files: &Files) -> Layout {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, bytes) in files {
+        std::fs::write(dir.path().join(name), bytes).unwrap();
+    }
+    layout(&Checkpoint::open(dir.path()).unwrap())
+}
+
+fn run_case(root: &Path, factor: usize, expect_layout: Option<&Layout>) -> Outcome {
+    let src = root.join("src");
+    let dst = root.join("dst");
+    let ckpt = match Checkpoint::open(&src) {
+        Ok(c) => c,
+        Err(e) => return classify(&e, "open"),
+    };
+    // A byte-level mutation of a weight file that is accepted must not move what is read:
+    // the same tensors at the same bytes (the header-length-into-padding misread).
+    if let Some(expected) = expect_layout {
+        assert_eq!(&layout(&ckpt), expected, "accepted, but reads other bytes");
+    }
+    let options = GrowthOptions {
+        factor,
+        ffn_factor: factor,
+        variant: Variant::Noisy,
+        snr_db: 10.0,
+        seed: 1,
+        dtype: None,
+        shard_size: 4096,
+    };
+    let plan = match Plan::new(&ckpt, &options, &BTreeMap::new()) {
+        Ok(p) => p,
+        Err(e) => return classify(&e, "plan"),
+    };
+    let cancel = AtomicBool::new(false);
+    let env = WriteEnv {
+        progress: &NoProgress,
+        cancel: &cancel,
+        create: &create_plain_file,
+        check: None,
+        allow_nonfinite: false,
+    };
+    match write_clone(&ckpt, &plan, "card", &dst, false, &env) {
+        Ok(_) => {
+            // What was cloned must open again (no half-valid output).
+            Checkpoint::open(&dst).expect("a finished clone opens");
+            std::fs::remove_dir_all(&dst).unwrap();
+            Outcome::Cloned
+        }
+        Err(e) => classify(&e, "clone"),
+    }
+}
+
+#[test]
+fn mutated_inputs_never_panic_modify_src_or_leave_files() {
+    let cases: usize = std::env::var("HYPERCLONE_MUTATION_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(720);
+    let mut rng = Rng(0x5eed_1234);
+    let mut outcomes: BTreeMap<Outcome, usize> = BTreeMap::new();
+    let root = tempfile::tempdir().unwrap();
+    let factors = [2usize, 3, 1, 1 << 20, 576_460_752_303_423_488, usize::MAX];
+    let single_layout = original_layout(&single());
+    let sharded_layout = original_layout(&sharded());
+    for case in 0..cases {
+        let (files, what) = mutate(&mut rng, case);
+        let dir = root.path().join(format!("case{case}"));
+        let src = dir.join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        for (name, bytes) in &files {
+            std::fs::write(src.join(name), bytes).unwrap();
+        }
+        // Mostly factor 2; sometimes a hostile factor on top of the mutation.
+        let factor = if rng.below(6) == 0 {
+            *rng.pick(&factors)
+        } else {
+            2
+        };
+        let before = snapshot(&src);
+        // Kinds 0-2 (mutate) edit a weight file's bytes: length prefix, header, size.
+        let expect = (case % 9 <= 2).then(|| {
+            if files.contains_key("model.safetensors.index.json") {
+                &sharded_layout
+            } else {
+                &single_layout
+            }
+        });
+        let outcome = catch_unwind(AssertUnwindSafe(|| run_case(&dir, factor, expect)))
+            .unwrap_or_else(|_| panic!("case {case} panicked: {what} (factor {factor})"));
+        assert_eq!(snapshot(&src), before, "case {case} modified SRC: {what}");
+        assert_eq!(listing(&dir), ["src"], "case {case} left files: {what}");
+        *outcomes.entry(outcome).or_default() += 1;
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    eprintln!("{cases} mutation cases: {outcomes:?}");
+    assert_eq!(outcomes.values().sum::<usize>(), cases);
+    // The harness must exercise both ends: refusals of every reader, and clean clones.
+    for o in [
+        Outcome::OpenFormat,
+        Outcome::OpenTensor,
+        Outcome::OpenConfig,
+        Outcome::Cloned,
+    ] {
+        assert!(
+            outcomes.contains_key(&o),
+            "no case ended in {o:?}: {outcomes:?}"
+        );
+    }
+}
+
+/// The header-length-into-padding attack of issue 10, and holes/trailing bytes, at the
+/// library level: each is refused, naming the file.
+#[test]
+fn shifted_header_length_and_uncovered_bytes_are_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let src = root.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(
+        src.join("config.json"),
+        serde_json::to_vec(&config()).unwrap(),
+    )
+    .unwrap();
+    let good = safetensors_bytes(&tensors());
+    let n = u64::from_le_bytes(good[..8].try_into().unwrap());
+    let mut cases: Vec<(Vec<u8>, &str)> = Vec::new();
+    // Shift the length back over every byte of the JSON's space padding (the JSON stays
+    // valid; the first tensor would be read from the padding).
+    let pad = good[8..8 + n as usize]
+        .iter()
+        .rev()
+        .take_while(|&&c| c == b' ')
+        .count() as u64;
+    assert!(pad > 0, "the fixture's header is padded");
+    for d in 1..=pad {
+        let mut b = good.clone();
+        b[..8].copy_from_slice(&(n - d).to_le_bytes());
+        cases.push((b, "trailing bytes"));
+    }
+    let mut b = good.clone();
+    b.extend_from_slice(&[0; 4]);
+    cases.push((b, "4 trailing bytes"));
+    let hole = with_header(&good, |h| {
+        let mut ends = Vec::new();
+        for (k, v) in h.iter() {
+            if k != "__metadata__" {
+                ends.push((v["data_offsets"][0].as_u64().unwrap(), k.clone()));
+            }
+        }
+        ends.sort();
+        // Move the last tensor 4 bytes later (into 4 appended bytes).
+        let (start, name) = ends.last().unwrap().clone();
+        let len = h[&name]["data_offsets"][1].as_u64().unwrap() - start;
+        h[&name]["data_offsets"] = json!([start + 4, start + 4 + len]);
+    });
+    let mut hole = hole;
+    hole.extend_from_slice(&[0; 4]);
+    cases.push((hole, "hole of 4 bytes"));
+    for (bytes, expect) in cases {
+        std::fs::write(src.join("model.safetensors"), &bytes).unwrap();
+        let msg = match Checkpoint::open(&src) {
+            Ok(_) => panic!("accepted a file needing `{expect}`"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            msg.contains("model.safetensors") && msg.contains(expect),
+            "{msg}"
+        );
+    }
+}

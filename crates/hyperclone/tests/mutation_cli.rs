@@ -1,0 +1,84 @@
+//! The binary under the library harness's mutations (hyperclone-core/tests/mutate): each
+//! mutated folder goes through `inspect`, `plan`, `clone` and `forward`. Every run must exit
+//! 0, or 1 with exactly one `error:` line; never a panic (101), an abort (134) or a hang;
+//! SRC unchanged and nothing left beside it after a failed clone.
+
+mod common;
+#[path = "../../hyperclone-core/tests/mutate/mod.rs"]
+mod mutate;
+
+use common::{bin, listing};
+use mutate::*;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+fn snapshot(dir: &Path) -> Files {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn mutated_folders_through_the_binary() {
+    let cases: usize = std::env::var("HYPERCLONE_MUTATION_CLI_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(45);
+    let mut rng = Rng(0xc11_5eed);
+    let root = tempfile::tempdir().unwrap();
+    let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
+    let commands: [&[&str]; 4] = [
+        &["inspect", "src"],
+        &["plan", "src", "--factor", "2"],
+        &["clone", "src", "dst", "--factor", "2"],
+        &["forward", "src", "--tokens", "1,2,3"],
+    ];
+    for case in 0..cases {
+        let (files, what) = mutate(&mut rng, case);
+        let dir = root.path().join(format!("case{case}"));
+        let src = dir.join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        for (name, bytes) in &files {
+            std::fs::write(src.join(name), bytes).unwrap();
+        }
+        let before = snapshot(&src);
+        for args in commands {
+            let out = Command::new(bin())
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            let code = out.status.code();
+            match code {
+                Some(0) => {}
+                Some(1) => {
+                    assert_eq!(
+                        err.trim_end().lines().count(),
+                        1,
+                        "case {case} ({what}), {args:?}: one line, got: {err}"
+                    );
+                    assert!(err.starts_with("error: "), "case {case}: {err}");
+                }
+                _ => panic!("case {case} ({what}), {args:?}: exit {code:?}: {err}"),
+            }
+            assert_eq!(snapshot(&src), before, "case {case} ({what}): SRC modified");
+            if args[0] == "clone" && code == Some(1) {
+                assert_eq!(listing(&dir), ["src"], "case {case} ({what}): left files");
+            }
+            *outcomes
+                .entry(format!("{} exit {}", args[0], code.unwrap_or(-1)))
+                .or_default() += 1;
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    eprintln!("{cases} mutated folders x 4 commands: {outcomes:?}");
+}
