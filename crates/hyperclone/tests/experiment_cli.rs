@@ -197,27 +197,24 @@ fn quick_experiment_writes_a_complete_report_and_reruns_reuse_it() {
 #[test]
 fn without_a_corpus_it_says_how_to_get_one() {
     let tmp = tempfile::tempdir().unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_hyperclone"))
-        .args(["experiment", "--quick", "--out", "exp"])
-        .env("HOME", tmp.path())
-        .current_dir(tmp.path())
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("scripts/fetch_shakespeare.sh"), "{err}");
-    // The study's default corpus is the larger prose corpus.
-    let o = Command::new(env!("CARGO_BIN_EXE_hyperclone"))
-        .args(["experiment", "--out", "exp"])
-        .env("HOME", tmp.path())
-        .current_dir(tmp.path())
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("scripts/fetch_corpus.sh"), "{err}");
-    assert!(
-        !tmp.path().join("exp").exists(),
-        "nothing created before the corpus is found"
-    );
+    // --quick uses Shakespeare; the study's default corpus is the larger prose corpus.
+    for (preset, script) in [
+        (Some("--quick"), "scripts/fetch_shakespeare.sh"),
+        (None, "scripts/fetch_corpus.sh"),
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_hyperclone"))
+            .args(["experiment", "--out", "exp"])
+            .args(preset)
+            .env("HOME", tmp.path())
+            .current_dir(tmp.path())
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(script), "{err}");
+        assert!(
+            !tmp.path().join("exp").exists(),
+            "nothing created before the corpus is found"
+        );
+    }
 }
