@@ -471,9 +471,17 @@ impl Report {
             .map(|p| fmt_speedup(p.speedup_charging_base))
             .collect();
         let seeds: Vec<u64> = row.paired.iter().map(|p| p.seed).collect();
-        let verdict = if row.starts_below() {
-            "every base budget starts at or below the random init's final loss, so a token speedup is unbounded here; see the speedup charging the base"
-        } else if self.headline()["reaches_2x_on_every_seed"] == json!(true) {
+        if row.starts_below() {
+            return format!(
+                "headline: every base budget starts at or below the random init's final loss, so the token \
+                 speedup is unbounded: {} grown from the {}-token base is already there at step 0 (seeds {seeds:?}); \
+                 charging the base's compute it is {} sooner",
+                row.arm.name(),
+                mega(row.base_tokens),
+                charged.join(", "),
+            );
+        }
+        let verdict = if self.headline()["reaches_2x_on_every_seed"] == json!(true) {
             "the paper's >= 2x holds on every seed"
         } else {
             "the paper's >= 2x on every seed is NOT reproduced"
