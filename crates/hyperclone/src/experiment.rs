@@ -158,6 +158,7 @@ impl Settings {
             "screen_steps": self.screen_steps,
             "lrs": self.lrs,
             "lr_screen_extensions_at_edges": self.lr_extensions,
+            "lr_screen_per_base": true,
             "seeds": self.seeds,
             "arms": self.arms.iter().map(Arm::name).collect::<Vec<_>>(),
             "warmup": self.warmup,
@@ -368,33 +369,7 @@ pub fn experiment(a: ExperimentArgs) -> Result<()> {
             s.screen_steps, s.lrs
         );
         for &arm in &s.arms {
-            let screen = |lr: f64| -> Result<()> {
-                let label = format!("{}@{lr:e}", arm.name());
-                let r = LargeRun {
-                    arm,
-                    base_steps: top,
-                    steps: s.screen_steps,
-                    lr,
-                    seed: s.seeds[0],
-                };
-                c.large_run(screen_dir(&out, arm, lr), r, &label)
-            };
-            for &lr in &s.lrs {
-                screen(lr)?;
-            }
-            // An optimum at the edge of the grid is not an optimum: extend the grid by 2x
-            // steps on that side until the best is inside (at most lr_extensions times).
-            for _ in 0..s.lr_extensions {
-                let results = read_screen(&out, arm)?;
-                let Some(next) = study_report::edge_extension(&results) else {
-                    break;
-                };
-                println!(
-                    "   {}: best lr at the grid's edge, screening {next:e}",
-                    arm.name()
-                );
-                screen(next)?;
-            }
+            screen_arm(&c, arm, top)?;
         }
         let runs = read_runs(&out, &s)?;
         let best = study_report::best_lrs(&runs, &s);
@@ -413,7 +388,12 @@ pub fn experiment(a: ExperimentArgs) -> Result<()> {
             s.seeds
         );
         let final_run = |arm: Arm, base_steps: u64, seed: u64| -> Result<()> {
-            let Some(&(lr, _)) = best.get(arm.name()) else {
+            let lr = if base_steps == top {
+                best.get(arm.name()).map(|b| b.0)
+            } else {
+                study_report::best_of(&read_screen(&out, base_steps, top, arm)?).map(|b| b.0)
+            };
+            let Some(lr) = lr else {
                 bail!("{}: no learning rate from the screen", arm.name());
             };
             let (dir, label) = if base_steps == top {
@@ -447,6 +427,11 @@ pub fn experiment(a: ExperimentArgs) -> Result<()> {
                 arm.name()
             );
             for &steps in s.base_steps.iter().rev() {
+                if steps != top {
+                    // A weaker base wants its own learning rate: the one screened from the
+                    // strongest base would handicap it.
+                    screen_arm(&c, arm, steps)?;
+                }
                 let seeds = if steps == top {
                     s.seeds.clone()
                 } else {
@@ -491,10 +476,55 @@ pub fn experiment(a: ExperimentArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn screen_dir(out: &Path, arm: Arm, lr: f64) -> PathBuf {
-    out.join("screen")
-        .join(arm.name())
-        .join(format!("lr{lr:e}"))
+/// Screen runs from the largest base live in screen/ARM/, from a smaller one in
+/// screen/base-N/ARM/.
+pub fn screen_arm_dir(out: &Path, base_steps: u64, top: u64, arm: Arm) -> PathBuf {
+    if base_steps == top {
+        out.join("screen").join(arm.name())
+    } else {
+        out.join("screen")
+            .join(format!("base-{base_steps}"))
+            .join(arm.name())
+    }
+}
+
+/// Screens `arm` grown from the base of `base_steps` steps: the grid, then 2x steps past an
+/// edge where the best sits (an optimum at the edge of the grid is not an optimum), at most
+/// `lr_extensions` times.
+fn screen_arm(c: &Common, arm: Arm, base_steps: u64) -> Result<()> {
+    let s = &c.s;
+    let top = s.largest_base();
+    let dir = screen_arm_dir(&c.out, base_steps, top, arm);
+    let screen = |lr: f64| -> Result<()> {
+        let label = if base_steps == top {
+            format!("{}@{lr:e}", arm.name())
+        } else {
+            format!("{} base-{base_steps}@{lr:e}", arm.name())
+        };
+        let r = LargeRun {
+            arm,
+            base_steps,
+            steps: s.screen_steps,
+            lr,
+            seed: s.seeds[0],
+        };
+        c.large_run(dir.join(format!("lr{lr:e}")), r, &label)
+    };
+    for &lr in &s.lrs {
+        screen(lr)?;
+    }
+    for _ in 0..s.lr_extensions {
+        let results = read_screen(&c.out, base_steps, top, arm)?;
+        let Some(next) = study_report::edge_extension(&results) else {
+            break;
+        };
+        println!(
+            "   {}: best lr at the grid's edge, screening {next:e}",
+            arm.name()
+        );
+        screen(next)?;
+    }
+    Ok(())
 }
 
 pub fn final_dir(out: &Path, arm: Arm, seed: u64) -> PathBuf {
@@ -520,8 +550,8 @@ pub fn budget_seeds(s: &Settings) -> Vec<u64> {
 
 /// (lr, final validation loss) of every finished screen run of `arm`, whatever grid it came
 /// from (the folder name holds the lr).
-fn read_screen(out: &Path, arm: Arm) -> Result<Vec<(f64, f64)>> {
-    let dir = out.join("screen").join(arm.name());
+fn read_screen(out: &Path, base_steps: u64, top: u64, arm: Arm) -> Result<Vec<(f64, f64)>> {
+    let dir = screen_arm_dir(out, base_steps, top, arm);
     let mut results = Vec::new();
     for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
         let path = entry?.path();
@@ -560,7 +590,14 @@ fn read_runs(out: &Path, s: &Settings) -> Result<StudyRuns> {
             runs.bases.insert(steps, c);
         }
     }
+    let top = s.largest_base();
     for &arm in &s.arms {
+        for &steps in &s.base_steps[..s.base_steps.len() - 1] {
+            for (lr, loss) in read_screen(out, steps, top, arm).unwrap_or_default() {
+                runs.budget_screen
+                    .insert((steps, arm.name(), lr.to_bits()), loss);
+            }
+        }
         let screened = std::fs::read_dir(out.join("screen").join(arm.name()))
             .into_iter()
             .flatten()

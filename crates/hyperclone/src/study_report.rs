@@ -86,6 +86,8 @@ pub struct StudyRuns {
     pub screen: BTreeMap<(&'static str, u64), Curve>,
     pub finals: BTreeMap<(&'static str, u64), Curve>,
     pub budget: BTreeMap<(u64, &'static str, u64), Curve>,
+    /// Final screen losses from the smaller bases: (base steps, arm, lr bits) -> loss.
+    pub budget_screen: BTreeMap<(u64, &'static str, u64), f64>,
 }
 
 /// One clone run measured against the same seed's random init.
@@ -163,6 +165,15 @@ pub fn edge_extension(results: &[(f64, f64)]) -> Option<f64> {
     } else {
         None
     }
+}
+
+/// The (lr, loss) with the lowest finite loss.
+pub fn best_of(results: &[(f64, f64)]) -> Option<(f64, f64)> {
+    results
+        .iter()
+        .copied()
+        .filter(|r| r.1.is_finite())
+        .min_by(|a, b| a.1.total_cmp(&b.1))
 }
 
 /// Each arm's screen winner: (lr, final validation loss) of its lowest finished screen run.
@@ -246,6 +257,8 @@ pub struct BudgetRow {
     pub base_loss: f64,
     pub base_tokens: f64,
     pub arm: Arm,
+    /// The peak lr its runs used: screened from this base.
+    pub lr: Option<f64>,
     pub paired: Vec<Paired>,
 }
 
@@ -321,11 +334,23 @@ impl Report {
                         Some(pair(c, r, seed, compute))
                     })
                     .collect();
+                let lr = if steps == top_steps {
+                    best_lr(&arm)
+                } else {
+                    let results: Vec<(f64, f64)> = runs
+                        .budget_screen
+                        .iter()
+                        .filter(|((b, a, _), _)| *b == steps && *a == arm.name())
+                        .map(|((_, _, lr), loss)| (f64::from_bits(*lr), *loss))
+                        .collect();
+                    best_of(&results).map(|b| b.0)
+                };
                 budget.push(BudgetRow {
                     steps,
                     base_loss: base.final_loss(),
                     base_tokens: base.tokens(),
                     arm,
+                    lr,
                     paired,
                 });
             }
@@ -427,11 +452,7 @@ impl Report {
         let Some(row) = self.headline_row() else {
             return Value::Null;
         };
-        let lr = self
-            .arms
-            .iter()
-            .find(|a| a.arm == row.arm)
-            .and_then(|a| a.lr);
+        let lr = row.lr;
         let speedups: Vec<Value> = row.paired.iter().map(|p| json_speedup(p.speedup)).collect();
         let charged: Vec<Value> = row
             .paired
@@ -611,8 +632,8 @@ impl Report {
 
     fn budget_markdown(&self) -> String {
         let mut t = String::new();
-        let _ = writeln!(t, "| base steps | base tokens | base val loss | arm | seeds | speedup per seed | charging the base | final loss vs random init |");
-        let _ = writeln!(t, "|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(t, "| base steps | base tokens | base val loss | arm | lr (screened from this base) | seeds | speedup per seed | charging the base | final loss vs random init |");
+        let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|");
         for row in &self.budget {
             let join = |f: &dyn Fn(&Paired) -> String| {
                 row.paired.iter().map(f).collect::<Vec<_>>().join(", ")
@@ -620,11 +641,12 @@ impl Report {
             let diffs: Vec<f64> = row.paired.iter().map(|p| p.final_loss - p.target).collect();
             let _ = writeln!(
                 t,
-                "| {} | {} | {:.4} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {:.4} | {} | {} | {} | {} | {} | {} |",
                 row.steps,
                 mega(row.base_tokens),
                 row.base_loss,
                 row.arm.name(),
+                row.lr.map_or("-".into(), |l| format!("{l:e}")),
                 row.paired.len(),
                 if row.paired.is_empty() {
                     "pending".into()
@@ -686,7 +708,9 @@ impl Report {
             })).collect::<Vec<_>>(),
             "speedup_vs_base_budget": self.budget.iter().map(|r| json!({
                 "base_steps": r.steps, "base_tokens": r.base_tokens, "base_val_loss": r.base_loss,
-                "arm": r.arm.name(), "clones_start_below_target": r.starts_below(),
+                "arm": r.arm.name(), "lr": r.lr, "clones_start_below_target": r.starts_below(),
+                "screen": self.runs.budget_screen.iter().filter(|((b, a, _), _)| *b == r.steps && *a == r.arm.name())
+                    .map(|((_, _, lr), loss)| json!({"lr": f64::from_bits(*lr), "final_val_loss": loss})).collect::<Vec<_>>(),
                 "runs": r.paired.iter().map(paired).collect::<Vec<_>>(),
                 "speedup_by_loss_level": self.speedup_curve(r.steps, r.arm).iter().map(|(l, x)| json!({"loss": l, "speedup": x})).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),

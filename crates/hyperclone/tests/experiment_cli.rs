@@ -156,8 +156,9 @@ fn quick_experiment_writes_a_complete_report_and_reruns_reuse_it() {
     let o = experiment(d, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = String::from_utf8_lossy(&o.stdout);
-    // 2 bases + 10 screen runs + 10 final runs + 1 from the smaller base.
-    assert_eq!(out.matches("finished earlier, reused").count(), 23, "{out}");
+    // 2 bases + 10 screen runs + 10 final runs, and from the smaller base the chosen arm's
+    // own 2-lr screen and its run.
+    assert_eq!(out.matches("finished earlier, reused").count(), 25, "{out}");
     assert_eq!(report(d), r);
 
     // A run that is lost is retrained, to the same numbers (batches and dropout are seeded).
