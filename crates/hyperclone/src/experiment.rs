@@ -513,8 +513,13 @@ fn screen_arm(c: &Common, arm: Arm, base_steps: u64) -> Result<()> {
     for &lr in &s.lrs {
         screen(lr)?;
     }
-    for _ in 0..s.lr_extensions {
+    // Counted over every lr screened so far, so a rerun does not extend again.
+    loop {
         let results = read_screen(&c.out, base_steps, top, arm)?;
+        let extended = results.iter().filter(|r| !s.lrs.contains(&r.0)).count();
+        if extended >= s.lr_extensions as usize {
+            break;
+        }
         let Some(next) = study_report::edge_extension(&results) else {
             break;
         };
