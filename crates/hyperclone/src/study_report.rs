@@ -419,8 +419,10 @@ impl Report {
         if seeds.is_empty() {
             return Vec::new();
         }
-        (0..=24)
+        (0..24)
             .filter_map(|i| {
+                // Levels strictly below the base loss: at the base loss itself a clone "reaches"
+                // it within its first evaluation and the ratio says nothing.
                 let level = lo + (hi - lo) * i as f64 / 24.0;
                 let ratios: Vec<f64> = seeds
                     .iter()
