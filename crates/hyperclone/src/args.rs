@@ -48,17 +48,21 @@ pub enum Command {
 
 #[derive(Args, Clone)]
 #[command(
-    long_about = "The HyperCloning paper's experiment, scaled to one CPU machine.\n\n\
-    1. train a small Llama from random init (the base);\n\
-    2. grow it x2 with the symmetric, noisy (10 dB) and diagonal variants;\n\
-    3. train each clone, the symmetric clone once more with dropout, and a random init of the large \
-    shape, all with the same hyperparameters, batches (same seed: same windows in the same order) and \
-    token budget;\n\
-    4. write OUT/report.md, OUT/report.json and PNG plots (validation loss and symmetry vs tokens).\n\n\
+    long_about = "The convergence study: the HyperCloning paper's protocol, scaled to one CPU machine.\n\n\
+    1. train small Llama bases at three token budgets (the largest longer than a large run);\n\
+    2. grow each x2 (symmetric, noisy 10 dB, diagonal; noise seeded per run seed);\n\
+    3. screen the peak learning rate of every arm alike from the largest base (the grid grows by 2x \
+    past an edge where the best sits);\n\
+    4. train the random init and the screen's best clone arm on every seed, that arm again from each \
+    smaller base after its own screen, then the other arms; WSD schedule, clones start AdamW from \
+    their base's grown moments;\n\
+    5. write OUT/report.md, OUT/report.json (with a `headline`) and PNG plots (validation loss with \
+    seed bands, speedup by loss level, symmetry).\n\n\
     Runs that finished are kept and reused, and an interrupted run resumes from its last checkpoint, \
-    so rerunning the same command continues an experiment. The default (about an hour on 2 cores) is \
-    what the README quotes; --quick (tiny models, about a minute) checks the pipeline.\n\n\
-    Data: the Shakespeare corpus of scripts/fetch_shakespeare.sh by default."
+    so rerunning the same command continues a study (across sessions if need be); --report-only \
+    reports what has finished. The default (about 3 hours on 2 cores) is what docs/experiment holds; \
+    --full adds arms and seeds; --quick (tiny models, about a minute) checks the pipeline.\n\n\
+    Data: the prose corpus of scripts/fetch_corpus.sh by default (--quick: Shakespeare)."
 )]
 pub struct ExperimentArgs {
     /// Output folder: bases/, clones/, screen/, runs/, budget/ (each run: checkpoint +
