@@ -553,27 +553,34 @@ pub fn budget_seeds(s: &Settings) -> Vec<u64> {
     }
 }
 
-/// (lr, final validation loss) of every finished screen run of `arm`, whatever grid it came
-/// from (the folder name holds the lr).
-fn read_screen(out: &Path, base_steps: u64, top: u64, arm: Arm) -> Result<Vec<(f64, f64)>> {
+/// (lr, curve) of every finished screen run of `arm` from that base, whatever grid it came
+/// from (the folder name holds the lr), in lr order; none when nothing was screened yet.
+fn screened_curves(out: &Path, base_steps: u64, top: u64, arm: Arm) -> Vec<(f64, Curve)> {
     let dir = screen_arm_dir(out, base_steps, top, arm);
-    let mut results = Vec::new();
-    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
-        let path = entry?.path();
-        let Some(lr) = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_prefix("lr"))
-            .and_then(|n| n.parse::<f64>().ok())
-        else {
-            continue;
-        };
-        if let Some(c) = finished_curve(arm.name(), &path) {
-            results.push((lr, c.final_loss()));
-        }
-    }
+    let mut results: Vec<(f64, Curve)> = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let path = entry.path();
+            let lr = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix("lr"))
+                .and_then(|n| n.parse::<f64>().ok())?;
+            Some((lr, finished_curve(arm.name(), &path)?))
+        })
+        .collect();
     results.sort_by(|a, b| a.0.total_cmp(&b.0));
-    Ok(results)
+    results
+}
+
+/// (lr, final validation loss) of every finished screen run of `arm` from that base.
+fn read_screen(out: &Path, base_steps: u64, top: u64, arm: Arm) -> Result<Vec<(f64, f64)>> {
+    Ok(screened_curves(out, base_steps, top, arm)
+        .into_iter()
+        .map(|(lr, c)| (lr, c.final_loss()))
+        .collect())
 }
 
 /// A run's curve when the run has finished (its last evaluation is at its saved step).
@@ -603,20 +610,8 @@ fn read_runs(out: &Path, s: &Settings) -> Result<StudyRuns> {
                     .insert((steps, arm.name(), lr.to_bits()), loss);
             }
         }
-        let screened = std::fs::read_dir(out.join("screen").join(arm.name()))
-            .into_iter()
-            .flatten()
-            .flatten();
-        for entry in screened {
-            let path = entry.path();
-            let lr = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_prefix("lr"))
-                .and_then(|n| n.parse::<f64>().ok());
-            if let (Some(lr), Some(c)) = (lr, read(arm.name().into(), path.clone())) {
-                runs.screen.insert((arm.name(), lr.to_bits()), c);
-            }
+        for (lr, c) in screened_curves(out, top, top, arm) {
+            runs.screen.insert((arm.name(), lr.to_bits()), c);
         }
         for &seed in &s.seeds {
             if let Some(c) = read(arm.name().into(), final_dir(out, arm, seed)) {
