@@ -21,6 +21,46 @@ use crate::limits::MAX_LAYERS;
 use crate::plan::GrowthOptions;
 use serde_json::{json, Map, Value};
 
+/// The `__metadata__` key under which every clone records its growth map (JSON).
+pub const GROWTH_MAP_KEY: &str = "hyperclone.growth_map";
+
+/// What a clone's recorded growth map says about its function, read back by `verify`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordedGrowth {
+    pub layers: Vec<LayerSource>,
+    /// The clone's residual stream is tile(h) * residual_scale.
+    pub residual_scale: f64,
+    pub preserves_function: bool,
+}
+
+impl RecordedGrowth {
+    /// Parses the JSON of [`GrowthMap::to_json`]; `None` when it is not one.
+    pub fn parse(text: &str) -> Option<RecordedGrowth> {
+        let v: Value = serde_json::from_str(text).ok()?;
+        let layers = v
+            .get("layers")?
+            .as_array()?
+            .iter()
+            .map(|l| {
+                Some(LayerSource {
+                    source: usize::try_from(l.get("source")?.as_u64()?).ok()?,
+                    identity: l.get("identity")?.as_bool()?,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(RecordedGrowth {
+            layers,
+            residual_scale: v.get("residual_scale")?.as_f64()?,
+            preserves_function: v.get("preserves_function")?.as_bool()?,
+        })
+    }
+
+    /// For each destination layer, the source layer whose output its output equals.
+    pub fn layer_of(&self) -> Vec<usize> {
+        self.layers.iter().map(|l| l.source).collect()
+    }
+}
+
 /// How `--num-hidden-layers` / `--depth-factor` adds layers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DepthMode {

@@ -6,7 +6,7 @@ use crate::config::ModelConfig;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::family::{tensor_name, Component, Space, TensorRule};
-use crate::growth_map::{DepthMode, GrowthMap};
+use crate::growth_map::{DepthMode, GrowthMap, GROWTH_MAP_KEY};
 use crate::kernel::{name_key, AxisGrowth, Variant};
 use crate::safetensors::{encode_header, HeaderEntry};
 use serde_json::{Map, Value};
@@ -218,7 +218,10 @@ impl Plan {
             })?;
         }
         let (config, changes) = grown_config(ckpt, options, &map)?;
-        let shards = assign_shards(&tensors, options.shard_size, metadata);
+        // Verification reads what each layer and space became from the clone itself.
+        let mut metadata = metadata.clone();
+        metadata.insert(GROWTH_MAP_KEY.into(), map.to_json().to_string());
+        let shards = assign_shards(&tensors, options.shard_size, &metadata);
         Ok(Plan {
             options: options.clone(),
             map,

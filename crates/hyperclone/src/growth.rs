@@ -6,20 +6,32 @@ use hyperclone_core::config::ModelConfig;
 use hyperclone_core::plan::factor_for;
 use hyperclone_core::provenance::{model_card, Provenance};
 use hyperclone_core::write::{create_plain_file, write_clone, NoProgress, WriteEnv};
-use hyperclone_core::{Checkpoint, DType, GrowthOptions, Plan, Variant};
+use hyperclone_core::recipe::Recipe;
+use hyperclone_core::{Checkpoint, DType, DepthMode, GrowthOptions, Plan, Variant};
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
 pub fn options(args: &GrowthArgs, cfg: &ModelConfig) -> Result<GrowthOptions> {
+    if let Some(path) = &args.recipe {
+        return Ok(Recipe::load(path)?.options);
+    }
     let factor = match (&args.factor, args.hidden_size) {
         (Some(f), _) => parse_factor("--factor", f)?,
         (None, Some(d)) => factor_for("--hidden-size", cfg.hidden_size, d)?,
         (None, None) => bail!("give --factor N or --hidden-size D"),
     };
-    let ffn_factor = match (&args.ffn_factor, args.intermediate_size) {
-        (Some(m), _) => parse_factor("--ffn-factor", m)?,
-        (None, Some(f)) => factor_for("--intermediate-size", cfg.intermediate_size, f)?,
-        (None, None) => factor,
+    let ffn_factor = match &args.ffn_factor {
+        Some(m) => parse_factor("--ffn-factor", m)?,
+        None => factor,
+    };
+    let num_layers = match (&args.depth_factor, args.num_hidden_layers) {
+        (Some(k), _) => {
+            let k = parse_factor("--depth-factor", k)?;
+            Some(cfg.num_hidden_layers.checked_mul(k).with_context(|| {
+                format!("--depth-factor {k}: the layer count overflows")
+            })?)
+        }
+        (None, l) => l,
     };
     if let Some(h) = args.num_attention_heads {
         let expected = cfg.num_attention_heads.saturating_mul(factor);
@@ -45,6 +57,10 @@ pub fn options(args: &GrowthArgs, cfg: &ModelConfig) -> Result<GrowthOptions> {
         seed: args.seed,
         dtype,
         shard_size: parse_size(&args.shard_size)?,
+        intermediate_size: args.intermediate_size,
+        num_layers,
+        depth_mode: DepthMode::parse(&args.depth_mode).context("unknown --depth-mode")?,
+        keep_tied: args.keep_tied,
     };
     opts.validate()?;
     Ok(opts)

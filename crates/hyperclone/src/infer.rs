@@ -7,7 +7,7 @@ use hyperclone_core::safetensors::{encode_header, HeaderEntry};
 use hyperclone_core::symmetry::mean_row_half_cosine;
 use hyperclone_core::Checkpoint;
 use hyperclone_nn::verify::{
-    argmax, default_tolerance, rounding_sensitivity, verify, VerifyReport,
+    argmax, default_tolerance, rounding_sensitivity, verify_expecting, Expectation, VerifyReport,
 };
 use hyperclone_nn::Decoder;
 use serde_json::json;
@@ -238,6 +238,7 @@ pub fn run_verify(
     let small_model = Decoder::load(&small_ckpt, dtype, &Device::Cpu)?;
     let big_model = Decoder::load(&big_ckpt, dtype, &Device::Cpu)?;
     let ids = input_ids(input, small, small_model.spec.vocab)?;
+    let expect = Expectation::recorded(&big_ckpt)?;
     // The coarsest dtype BIG stores weights in bounds how exact it can be (see
     // default_tolerance); SMALL's own rounding is shared by both models.
     let coarsest = big_ckpt
@@ -250,13 +251,15 @@ pub fn run_verify(
     let report = match coarsest {
         hyperclone_core::DType::BF16 | hyperclone_core::DType::F16 => {
             let s = rounding_sensitivity(&small_ckpt, &small_model, coarsest, dtype, &ids)?;
-            verify(&small_model, &big_model, &ids, 0.0)?.with_measured_tolerance(dtype, s)
+            verify_expecting(&small_model, &big_model, &ids, 0.0, &expect)?
+                .with_measured_tolerance(dtype, s)
         }
-        _ => verify(
+        _ => verify_expecting(
             &small_model,
             &big_model,
             &ids,
             default_tolerance(dtype, coarsest),
+            &expect,
         )?,
     };
     let symmetry = mean_row_half_cosine(&big_ckpt, &small_ckpt.config);

@@ -160,6 +160,20 @@ fn open_and_plan(
         options.seed,
     );
     let plan = Plan::new(&ckpt, &options, &meta)?;
+    if let Some(path) = &growth.recipe {
+        let recipe = hyperclone_core::recipe::Recipe::load(path)?;
+        recipe.check_map(path, &plan.map)?;
+        if recipe
+            .source_config_sha256
+            .as_ref()
+            .is_some_and(|sha| *sha != prov.config_sha256)
+        {
+            eprintln!(
+                "note: {} was made for a source with another config.json; its growth map matches this one",
+                path.display()
+            );
+        }
+    }
     Ok((ckpt, plan, prov))
 }
 

@@ -2,6 +2,8 @@
 
 use crate::args::CloneArgs;
 use hyperclone_core::family::{Component, Family, FAMILIES};
+use hyperclone_core::family::Space;
+use hyperclone_core::recipe::recipe_json;
 use hyperclone_core::write::CloneOutcome;
 use hyperclone_core::{Checkpoint, Plan};
 use serde_json::{json, Map, Value};
@@ -70,7 +72,38 @@ fn plan_json(ckpt: &Checkpoint, plan: &Plan) -> Value {
         "output_bytes": plan.output_bytes(),
         "shards": plan.shards.iter().map(|s| json!({"file": s.file_name, "tensors": s.tensors.len(), "bytes": s.header.len() as u64 + s.data_bytes})).collect::<Vec<_>>(),
         "expected_peak_memory_bytes": plan.peak_memory_bytes(threads()),
+        "growth_map": plan.map.to_json(),
+        "recipe": recipe_json(
+            ckpt.config.family.model_type,
+            &ckpt.config_sha256().unwrap_or_default(),
+            o,
+            &plan.map,
+        ),
     })
+}
+
+/// "FFN x2, 30 -> 60 layers (identity), tied" : what grows besides the hidden width.
+fn growth_summary(ckpt: &Checkpoint, plan: &Plan) -> String {
+    let m = &plan.map;
+    let ffn = m.segment(Space::Ffn);
+    let mut parts = vec![if ffn.extra == 0 {
+        format!("FFN x{}", ffn.copies)
+    } else {
+        format!("FFN {} -> {} (Net2Net)", ffn.len, ffn.dest_len())
+    }];
+    if m.layers.len() != ckpt.config.num_hidden_layers {
+        parts.push(format!(
+            "{} -> {} layers ({}{})",
+            ckpt.config.num_hidden_layers,
+            m.layers.len(),
+            m.depth_mode.name(),
+            if m.preserves_function() { "" } else { ", not function-preserving" }
+        ));
+    }
+    if m.keep_tied {
+        parts.push("embedding kept tied, residual carried as tile/n".into());
+    }
+    parts.join(", ")
 }
 
 pub fn plan(ckpt: &Checkpoint, plan: &Plan, as_json: bool) {
@@ -80,11 +113,11 @@ pub fn plan(ckpt: &Checkpoint, plan: &Plan, as_json: bool) {
     }
     let o = &plan.options;
     outln!(
-        "Plan: {} `{}` x{} (FFN x{}), variant {}{}",
+        "Plan: {} `{}` x{} ({}), variant {}{}",
         ckpt.config.family.model_type,
         ckpt.dir.display(),
         o.factor,
-        o.ffn_factor,
+        growth_summary(ckpt, plan),
         o.variant.name(),
         if o.variant.is_noisy() {
             format!(" at {} dB, seed {}", o.snr_db, o.seed)

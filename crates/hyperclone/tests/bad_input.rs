@@ -422,6 +422,7 @@ fn write_failure_part_way_leaves_nothing() {
         seed: 0,
         dtype: None,
         shard_size: 20_000,
+        ..GrowthOptions::default()
     };
     let plan = Plan::new(&ckpt, &options, &BTreeMap::new()).unwrap();
     assert!(plan.shards.len() > 1);
@@ -478,6 +479,7 @@ fn failed_verification_keeps_nothing() {
         seed: 0,
         dtype: None,
         shard_size: 1 << 30,
+        ..GrowthOptions::default()
     };
     let plan = Plan::new(&ckpt, &options, &BTreeMap::new()).unwrap();
     let cancel = AtomicBool::new(false);
