@@ -278,6 +278,15 @@ fn layer_map(cfg: &ModelConfig, o: &GrowthOptions) -> Result<Vec<LayerSource>> {
     }
     if target > l {
         depth_is_expressible(cfg)?;
+        let post_ln = cfg.raw.get("do_layer_norm_before").and_then(Value::as_bool) == Some(false);
+        if post_ln && o.depth_mode == DepthMode::Identity {
+            return Err(Error::Options(
+                "depth growth: this model normalises the residual after every block (do_layer_norm_before: false), \
+                 so an inserted block with zeroed writers still applies its LayerNorm and is not the identity; \
+                 use --depth-mode stack (not function-preserving) or grow only the width"
+                    .into(),
+            ));
+        }
     }
     Ok(match o.depth_mode {
         DepthMode::Stack => (0..target)
