@@ -181,6 +181,16 @@ def test_everything_at_once_and_replayed_from_the_recipe(name, hyperclone_bin, t
     run_clone(hyperclone_bin, src, dst, *args)
     growth = cc.Growth(ffn=2 * f + 1, layer_of=cc.identity_layer_map(layers, layers + 1), keep_tied=True)
     check_growth(hyperclone_bin, src, dst, 3, growth)
+    if config(src)["model_type"] == "llama":
+        # docs/growth.md's formula: P' = V·nd·(2 - kept_tie) + nd + L'·(2·nd·nH·hd + 2·nd·kv'·hd + 3·nd·F + 2·nd)
+        c = config(src)
+        n, hd = 3, c["hidden_size"] // c["num_attention_heads"]
+        nd, kv = n * c["hidden_size"], c.get("num_key_value_heads", c["num_attention_heads"])
+        kv2 = 1 if kv == 1 else n * kv
+        per_layer = 2 * nd * n * c["num_attention_heads"] * hd + 2 * nd * kv2 * hd + 3 * nd * (2 * f + 1) + 2 * nd
+        want = c["vocab_size"] * nd + nd + (layers + 1) * per_layer
+        got = sum(t.size for fp in dst.glob("*.safetensors") for t in load_file(fp).values())
+        assert got == want
     # plan --json's recipe, replayed, gives the same tensors and config.
     plan = subprocess.run([str(hyperclone_bin), "plan", str(src), *map(str, args), "--json"],
                           capture_output=True, text=True, check=True)

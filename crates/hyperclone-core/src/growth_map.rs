@@ -27,6 +27,8 @@ pub const GROWTH_MAP_KEY: &str = "hyperclone.growth_map";
 /// What a clone's recorded growth map says about its function, read back by `verify`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RecordedGrowth {
+    /// Every index space the map names, with its segment.
+    pub spaces: Vec<(Space, Segment)>,
     pub layers: Vec<LayerSource>,
     /// The clone's residual stream is tile(h) * residual_scale.
     pub residual_scale: f64,
@@ -48,11 +50,32 @@ impl RecordedGrowth {
                 })
             })
             .collect::<Option<Vec<_>>>()?;
+        let map = v.get("spaces")?.as_object()?;
+        let spaces = Space::ALL
+            .iter()
+            .filter_map(|&space| {
+                let s = map.get(space.name())?;
+                let get = |k: &str| s.get(k)?.as_u64().and_then(|x| usize::try_from(x).ok());
+                let seg = Segment {
+                    len: get("source")?,
+                    copies: get("copies")?,
+                    extra: get("extra")?,
+                };
+                Some((space, seg))
+            })
+            .collect();
         Some(RecordedGrowth {
+            spaces,
             layers,
             residual_scale: v.get("residual_scale")?.as_f64()?,
             preserves_function: v.get("preserves_function")?.as_bool()?,
         })
+    }
+
+    /// The growth map a checkpoint records in its safetensors metadata, if any.
+    pub fn of(ckpt: &crate::Checkpoint) -> Option<RecordedGrowth> {
+        let text = ckpt.files.iter().find_map(|f| f.metadata.get(GROWTH_MAP_KEY))?;
+        RecordedGrowth::parse(text)
     }
 
     /// For each destination layer, the source layer whose output its output equals.
