@@ -164,7 +164,9 @@ impl TensorRule {
 
     /// Starts the residual stream (token and position embeddings, OPT's project_in).
     pub fn starts_residual(&self) -> bool {
-        !self.pattern.contains("{L}") && self.component == Component::Embedding && self.writes_hidden()
+        !self.pattern.contains("{L}")
+            && self.component == Component::Embedding
+            && self.writes_hidden()
     }
 }
 

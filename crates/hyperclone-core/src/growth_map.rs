@@ -74,7 +74,10 @@ impl RecordedGrowth {
 
     /// The growth map a checkpoint records in its safetensors metadata, if any.
     pub fn of(ckpt: &crate::Checkpoint) -> Option<RecordedGrowth> {
-        let text = ckpt.files.iter().find_map(|f| f.metadata.get(GROWTH_MAP_KEY))?;
+        let text = ckpt
+            .files
+            .iter()
+            .find_map(|f| f.metadata.get(GROWTH_MAP_KEY))?;
         RecordedGrowth::parse(text)
     }
 
@@ -142,10 +145,11 @@ impl GrowthMap {
         let layers = layer_map(cfg, o)?;
         if o.keep_tied {
             if !cfg.tie_word_embeddings {
-                return Err(opt(format!(
+                return Err(opt(
                     "--keep-tied: the source's head is not tied to its embedding (tie_word_embeddings is false), so \
                      there is no tie to keep; drop the flag"
-                )));
+                        .into(),
+                ));
             }
             if let TiedGrowth::Refused(why) = cfg.family.tied_growth {
                 return Err(opt(format!(
@@ -220,7 +224,12 @@ impl GrowthMap {
 
     /// The constant factor on a tensor beyond the kernel's tiling: 0 for the residual writers
     /// of an identity block, 1/n for residual sources and writers when a tie is kept.
-    pub fn tensor_scale(&self, cfg: &ModelConfig, rule: &TensorRule, dest_layer: Option<usize>) -> f64 {
+    pub fn tensor_scale(
+        &self,
+        cfg: &ModelConfig,
+        rule: &TensorRule,
+        dest_layer: Option<usize>,
+    ) -> f64 {
         if let Some(j) = dest_layer {
             if self.layers[j].identity && rule.writes_residual() {
                 return 0.0;
@@ -393,49 +402,163 @@ mod tests {
     #[test]
     fn identity_blocks_are_spread_evenly_after_their_source() {
         let c = cfg(json!({}));
-        let m = GrowthMap::new(&c, &GrowthOptions { num_layers: Some(6), ..options() }).unwrap();
+        let m = GrowthMap::new(
+            &c,
+            &GrowthOptions {
+                num_layers: Some(6),
+                ..options()
+            },
+        )
+        .unwrap();
         let got: Vec<(usize, bool)> = m.layers.iter().map(|l| (l.source, l.identity)).collect();
-        assert_eq!(got, [(0, false), (1, false), (1, true), (2, false), (3, false), (3, true)]);
+        assert_eq!(
+            got,
+            [
+                (0, false),
+                (1, false),
+                (1, true),
+                (2, false),
+                (3, false),
+                (3, true)
+            ]
+        );
         assert_eq!(m.matching_layers(), [(0, 0), (1, 2), (2, 3), (3, 5)]);
-        let m = GrowthMap::new(&c, &GrowthOptions { num_layers: Some(8), ..options() }).unwrap();
-        assert!(m.layers.chunks(2).enumerate().all(|(i, p)| p[0] == LayerSource { source: i, identity: false }
-            && p[1] == LayerSource { source: i, identity: true }));
-        let m = GrowthMap::new(&c, &GrowthOptions { num_layers: Some(6), depth_mode: DepthMode::Stack, ..options() }).unwrap();
-        assert_eq!(m.layers.iter().map(|l| l.source).collect::<Vec<_>>(), [0, 1, 2, 3, 0, 1]);
+        let m = GrowthMap::new(
+            &c,
+            &GrowthOptions {
+                num_layers: Some(8),
+                ..options()
+            },
+        )
+        .unwrap();
+        assert!(m.layers.chunks(2).enumerate().all(|(i, p)| p[0]
+            == LayerSource {
+                source: i,
+                identity: false
+            }
+            && p[1]
+                == LayerSource {
+                    source: i,
+                    identity: true
+                }));
+        let m = GrowthMap::new(
+            &c,
+            &GrowthOptions {
+                num_layers: Some(6),
+                depth_mode: DepthMode::Stack,
+                ..options()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            m.layers.iter().map(|l| l.source).collect::<Vec<_>>(),
+            [0, 1, 2, 3, 0, 1]
+        );
         assert!(!m.preserves_function());
     }
 
     #[test]
     fn uneven_ffn_is_copies_plus_extra() {
         let c = cfg(json!({}));
-        let m = GrowthMap::new(&c, &GrowthOptions { intermediate_size: Some(120), ..options() }).unwrap();
-        assert_eq!(m.segment(Space::Ffn), Segment { len: 48, copies: 2, extra: 24 });
+        let m = GrowthMap::new(
+            &c,
+            &GrowthOptions {
+                intermediate_size: Some(120),
+                ..options()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            m.segment(Space::Ffn),
+            Segment {
+                len: 48,
+                copies: 2,
+                extra: 24
+            }
+        );
         assert_eq!(m.dest_len(Space::Ffn), 120);
-        let err = GrowthMap::new(&c, &GrowthOptions { intermediate_size: Some(40), ..options() }).unwrap_err();
-        assert!(err.to_string().contains("smaller than the source's 48"), "{err}");
+        let err = GrowthMap::new(
+            &c,
+            &GrowthOptions {
+                intermediate_size: Some(40),
+                ..options()
+            },
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("smaller than the source's 48"),
+            "{err}"
+        );
     }
 
     #[test]
     fn keep_tied_needs_a_tie_and_a_family_where_it_is_exact() {
-        let m = GrowthMap::new(&cfg(json!({})), &GrowthOptions { keep_tied: true, ..options() }).unwrap();
+        let m = GrowthMap::new(
+            &cfg(json!({})),
+            &GrowthOptions {
+                keep_tied: true,
+                ..options()
+            },
+        )
+        .unwrap();
         assert_eq!(m.residual_scale(), 0.5);
-        let err = GrowthMap::new(&cfg(json!({"tie_word_embeddings": false})), &GrowthOptions { keep_tied: true, ..options() })
-            .unwrap_err();
+        let err = GrowthMap::new(
+            &cfg(json!({"tie_word_embeddings": false})),
+            &GrowthOptions {
+                keep_tied: true,
+                ..options()
+            },
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("no tie to keep"), "{err}");
         let gemma = cfg(json!({"model_type": "gemma", "head_dim": 8}));
-        let err = GrowthMap::new(&gemma, &GrowthOptions { keep_tied: true, ..options() }).unwrap_err();
+        let err = GrowthMap::new(
+            &gemma,
+            &GrowthOptions {
+                keep_tied: true,
+                ..options()
+            },
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("sqrt(hidden_size)"), "{err}");
     }
 
     #[test]
     fn depth_refuses_implicit_layer_layouts() {
-        let c = cfg(json!({"use_sliding_window": true, "max_window_layers": 2, "sliding_window": 16}));
-        let err = GrowthMap::new(&c, &GrowthOptions { num_layers: Some(8), ..options() }).unwrap_err();
+        let c =
+            cfg(json!({"use_sliding_window": true, "max_window_layers": 2, "sliding_window": 16}));
+        let err = GrowthMap::new(
+            &c,
+            &GrowthOptions {
+                num_layers: Some(8),
+                ..options()
+            },
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("layer_types"), "{err}");
-        let c = cfg(json!({"use_sliding_window": true, "max_window_layers": 2, "sliding_window": 16,
-            "layer_types": ["full_attention", "full_attention", "sliding_attention", "sliding_attention"]}));
-        assert!(GrowthMap::new(&c, &GrowthOptions { num_layers: Some(8), ..options() }).is_ok());
-        let err = GrowthMap::new(&cfg(json!({})), &GrowthOptions { num_layers: Some(3), ..options() }).unwrap_err();
-        assert!(err.to_string().contains("fewer than the source's 4"), "{err}");
+        let c = cfg(
+            json!({"use_sliding_window": true, "max_window_layers": 2, "sliding_window": 16,
+            "layer_types": ["full_attention", "full_attention", "sliding_attention", "sliding_attention"]}),
+        );
+        assert!(GrowthMap::new(
+            &c,
+            &GrowthOptions {
+                num_layers: Some(8),
+                ..options()
+            }
+        )
+        .is_ok());
+        let err = GrowthMap::new(
+            &cfg(json!({})),
+            &GrowthOptions {
+                num_layers: Some(3),
+                ..options()
+            },
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("fewer than the source's 4"),
+            "{err}"
+        );
     }
 }

@@ -312,8 +312,16 @@ impl<'a> Expansion<'a> {
         let w = self.axes[1 - self.read_axis].segments[write_segment];
         let r = self.read_segment();
         BlockPattern {
-            write_blocks: if bw < w.copies { w.copies } else { w.copies + 1 },
-            read_blocks: if 2 * pair + 1 < r.copies { r.copies } else { r.copies + 1 },
+            write_blocks: if bw < w.copies {
+                w.copies
+            } else {
+                w.copies + 1
+            },
+            read_blocks: if 2 * pair + 1 < r.copies {
+                r.copies
+            } else {
+                r.copies + 1
+            },
             diagonal: self.diagonal,
         }
     }
@@ -902,10 +910,38 @@ mod tests {
         // row: summed over the copies of each source unit, the weights give W back.
         let cases = [
             // (rows, cols, write axis is rows, uneven segment on rows / on cols)
-            (Segment { len: 5, copies: 2, extra: 3 }, Segment::tiled(4, 2)),
-            (Segment::tiled(4, 2), Segment { len: 5, copies: 2, extra: 2 }),
-            (Segment::tiled(4, 3), Segment { len: 6, copies: 1, extra: 3 }),
-            (Segment { len: 6, copies: 1, extra: 5 }, Segment::tiled(3, 1)),
+            (
+                Segment {
+                    len: 5,
+                    copies: 2,
+                    extra: 3,
+                },
+                Segment::tiled(4, 2),
+            ),
+            (
+                Segment::tiled(4, 2),
+                Segment {
+                    len: 5,
+                    copies: 2,
+                    extra: 2,
+                },
+            ),
+            (
+                Segment::tiled(4, 3),
+                Segment {
+                    len: 6,
+                    copies: 1,
+                    extra: 3,
+                },
+            ),
+            (
+                Segment {
+                    len: 6,
+                    copies: 1,
+                    extra: 5,
+                },
+                Segment::tiled(3, 1),
+            ),
         ];
         for (rows, cols) in cases {
             for read_axis in [0, 1] {
@@ -916,13 +952,23 @@ mod tests {
                     (Role::Read, Role::Write)
                 };
                 let axes = [
-                    AxisGrowth { segments: vec![rows], role: ra },
-                    AxisGrowth { segments: vec![cols], role: ca },
+                    AxisGrowth {
+                        segments: vec![rows],
+                        role: ra,
+                    },
+                    AxisGrowth {
+                        segments: vec![cols],
+                        role: ca,
+                    },
                 ];
                 for variant in Variant::ALL {
                     let (d, shape) = expand(&w, DType::F64, &axes, variant, 10.0);
                     assert_eq!(shape, [rows.dest_len(), cols.dest_len()]);
-                    let (wseg, rseg) = if read_axis == 1 { (rows, cols) } else { (cols, rows) };
+                    let (wseg, rseg) = if read_axis == 1 {
+                        (rows, cols)
+                    } else {
+                        (cols, rows)
+                    };
                     for dw in 0..wseg.dest_len() {
                         let sw = unit_of(wseg, dw);
                         let mut sum = vec![0.0; rseg.len];
@@ -953,11 +999,18 @@ mod tests {
 
     #[test]
     fn uneven_symmetric_weights_are_w_over_multiplicity() {
-        let seg = Segment { len: 4, copies: 2, extra: 1 };
+        let seg = Segment {
+            len: 4,
+            copies: 2,
+            extra: 1,
+        };
         let w = weights(3 * 4);
         let axes = [
             AxisGrowth::tiled(3, 1, Role::Write),
-            AxisGrowth { segments: vec![seg], role: Role::Read },
+            AxisGrowth {
+                segments: vec![seg],
+                role: Role::Read,
+            },
         ];
         let (d, _) = expand(&w, DType::F64, &axes, Variant::Symmetric, 0.0);
         for r in 0..3 {

@@ -23,6 +23,6 @@ pub mod write;
 pub use checkpoint::Checkpoint;
 pub use dtype::DType;
 pub use error::{Error, Result};
-pub use kernel::Variant;
 pub use growth_map::{DepthMode, GrowthMap};
+pub use kernel::Variant;
 pub use plan::{GrowthOptions, Plan};

@@ -172,12 +172,30 @@ impl Plan {
             *params_before.entry(t.rule.component).or_insert(0) += t.info.numel() as u64;
             let rule = t.rule;
             match t.layer {
-                None => tensors.push(dest_tensor(ckpt, options, &map, i, &t.info.name, rule, rule.component, None)?),
+                None => tensors.push(dest_tensor(
+                    ckpt,
+                    options,
+                    &map,
+                    i,
+                    &t.info.name,
+                    rule,
+                    rule.component,
+                    None,
+                )?),
                 // Every destination layer grown from this source layer, in order.
                 Some(l) => {
                     for (j, _) in map.layers.iter().enumerate().filter(|(_, d)| d.source == l) {
                         let name = tensor_name(rule.pattern, Some(j));
-                        tensors.push(dest_tensor(ckpt, options, &map, i, &name, rule, rule.component, Some(j))?);
+                        tensors.push(dest_tensor(
+                            ckpt,
+                            options,
+                            &map,
+                            i,
+                            &name,
+                            rule,
+                            rule.component,
+                            Some(j),
+                        )?);
                     }
                 }
             }
@@ -330,7 +348,8 @@ fn dest_tensor(
         .collect::<Option<_>>()
         .ok_or_else(too_big)?;
     crate::limits::checked_numel(&shape).ok_or_else(too_big)?;
-    let sqrt_hidden = if name == cfg.family.embedding && cfg.family.embedding_scaled_by_sqrt_hidden {
+    let sqrt_hidden = if name == cfg.family.embedding && cfg.family.embedding_scaled_by_sqrt_hidden
+    {
         1.0 / (options.factor as f64).sqrt()
     } else {
         1.0

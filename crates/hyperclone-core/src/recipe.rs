@@ -92,7 +92,11 @@ impl Recipe {
                     "hyperclone_recipe {v}: this hyperclone reads version {RECIPE_VERSION}"
                 )))
             }
-            None => return Err(bad("has no `hyperclone_recipe: 1` key; is it a recipe?".into())),
+            None => {
+                return Err(bad(
+                    "has no `hyperclone_recipe: 1` key; is it a recipe?".into()
+                ))
+            }
         }
         let Some(Value::Object(opts)) = top.get("options") else {
             return Err(bad("has no `options` mapping".into()));
@@ -257,7 +261,10 @@ mod tests {
         let v: Value = serde_yaml_ng::from_str(yaml).unwrap();
         let r = Recipe::from_value(Path::new("r.yaml"), v).unwrap();
         let o = r.options;
-        assert_eq!((o.factor, o.intermediate_size, o.num_layers), (2, Some(120), Some(8)));
+        assert_eq!(
+            (o.factor, o.intermediate_size, o.num_layers),
+            (2, Some(120), Some(8))
+        );
         assert!(o.keep_tied && o.variant == Variant::Noisy && o.seed == 7);
         assert!(r.growth_map.is_none());
     }
@@ -265,13 +272,19 @@ mod tests {
     #[test]
     fn unknown_keys_and_versions_are_refused() {
         let v = json!({"hyperclone_recipe": 1, "options": {"factor": 2, "facter": 3}});
-        let e = Recipe::from_value(Path::new("r.json"), v).unwrap_err().to_string();
+        let e = Recipe::from_value(Path::new("r.json"), v)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown key `facter`"), "{e}");
         let v = json!({"hyperclone_recipe": 2, "options": {"factor": 2}});
-        let e = Recipe::from_value(Path::new("r.json"), v).unwrap_err().to_string();
+        let e = Recipe::from_value(Path::new("r.json"), v)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("version 1"), "{e}");
         let v = json!({"options": {"factor": 0}, "hyperclone_recipe": 1});
-        let e = Recipe::from_value(Path::new("r.json"), v).unwrap_err().to_string();
+        let e = Recipe::from_value(Path::new("r.json"), v)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("positive integer"), "{e}");
     }
 
@@ -281,7 +294,9 @@ mod tests {
         let b = json!({"spaces": {"ffn": {"dest": 120}}, "layers": [1, 2]});
         assert_eq!(first_difference(&a, &b, "m").unwrap(), "m.spaces.ffn.dest");
         assert_eq!(first_difference(&a, &a, "m"), None);
-        assert!(first_difference(&json!([1]), &json!([1, 2]), "m").unwrap().contains("length"));
+        assert!(first_difference(&json!([1]), &json!([1, 2]), "m")
+            .unwrap()
+            .contains("length"));
         assert_eq!(first_difference(&json!(1.0), &json!(1), "m"), None);
     }
 }

@@ -21,7 +21,7 @@ pub fn row_half_cosines(big: &Checkpoint, small: &ModelConfig) -> Vec<(String, f
             .iter()
             .map(|&s| {
                 let (len, big_len) = (small.space_len(s), big.config.space_len(s));
-                let copies = if len == 0 { 1 } else { big_len / len };
+                let copies = big_len.checked_div(len).unwrap_or(1);
                 (s, Segment::tiled(len, copies))
             })
             .collect(),
@@ -120,7 +120,10 @@ pub fn uniform_segments(big: &ModelConfig, n: usize, m: usize) -> Vec<(Space, Se
                 EmbedProj if big.embed_proj_dim == big.hidden_size => n,
                 EmbedProj => 1,
             };
-            (space, Segment::tiled(big.space_len(space) / copies.max(1), copies))
+            (
+                space,
+                Segment::tiled(big.space_len(space) / copies.max(1), copies),
+            )
         })
         .collect()
 }

@@ -170,7 +170,10 @@ impl Expectation {
     /// safetensors metadata); a checkpoint without one is expected to be a width-only clone.
     pub fn recorded(big: &hyperclone_core::Checkpoint) -> Result<Expectation> {
         use hyperclone_core::growth_map::{RecordedGrowth, GROWTH_MAP_KEY};
-        let text = big.files.iter().find_map(|f| f.metadata.get(GROWTH_MAP_KEY));
+        let text = big
+            .files
+            .iter()
+            .find_map(|f| f.metadata.get(GROWTH_MAP_KEY));
         let Some(text) = text else {
             return Ok(Expectation::same_depth(big.config.num_hidden_layers));
         };
@@ -195,7 +198,13 @@ impl Expectation {
 }
 
 pub fn verify(small: &Decoder, big: &Decoder, ids: &[u32], tolerance: f64) -> Result<VerifyReport> {
-    verify_expecting(small, big, ids, tolerance, &Expectation::same_depth(big.spec.layers))
+    verify_expecting(
+        small,
+        big,
+        ids,
+        tolerance,
+        &Expectation::same_depth(big.spec.layers),
+    )
 }
 
 pub fn verify_expecting(

@@ -5,8 +5,8 @@ use anyhow::{bail, Context, Result};
 use hyperclone_core::config::ModelConfig;
 use hyperclone_core::plan::factor_for;
 use hyperclone_core::provenance::{model_card, Provenance};
-use hyperclone_core::write::{create_plain_file, write_clone, NoProgress, WriteEnv};
 use hyperclone_core::recipe::Recipe;
+use hyperclone_core::write::{create_plain_file, write_clone, NoProgress, WriteEnv};
 use hyperclone_core::{Checkpoint, DType, DepthMode, GrowthOptions, Plan, Variant};
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
@@ -27,9 +27,11 @@ pub fn options(args: &GrowthArgs, cfg: &ModelConfig) -> Result<GrowthOptions> {
     let num_layers = match (&args.depth_factor, args.num_hidden_layers) {
         (Some(k), _) => {
             let k = parse_factor("--depth-factor", k)?;
-            Some(cfg.num_hidden_layers.checked_mul(k).with_context(|| {
-                format!("--depth-factor {k}: the layer count overflows")
-            })?)
+            Some(
+                cfg.num_hidden_layers
+                    .checked_mul(k)
+                    .with_context(|| format!("--depth-factor {k}: the layer count overflows"))?,
+            )
         }
         (None, l) => l,
     };

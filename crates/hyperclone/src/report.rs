@@ -1,8 +1,8 @@
 //! Human and JSON renderings of plans, inspections and clone summaries.
 
 use crate::args::CloneArgs;
-use hyperclone_core::family::{Component, Family, FAMILIES};
 use hyperclone_core::family::Space;
+use hyperclone_core::family::{Component, Family, FAMILIES};
 use hyperclone_core::recipe::recipe_json;
 use hyperclone_core::write::CloneOutcome;
 use hyperclone_core::{Checkpoint, Plan};
@@ -97,7 +97,11 @@ fn growth_summary(ckpt: &Checkpoint, plan: &Plan) -> String {
             ckpt.config.num_hidden_layers,
             m.layers.len(),
             m.depth_mode.name(),
-            if m.preserves_function() { "" } else { ", not function-preserving" }
+            if m.preserves_function() {
+                ""
+            } else {
+                ", not function-preserving"
+            }
         ));
     }
     if m.keep_tied {

@@ -36,7 +36,15 @@ fn plan_json_prints_the_growth_map() {
     .write(&tmp.path().join("src"));
     let p = plan_json(
         tmp.path(),
-        &["--factor", "2", "--num-hidden-layers", "3", "--intermediate-size", "100", "--keep-tied"],
+        &[
+            "--factor",
+            "2",
+            "--num-hidden-layers",
+            "3",
+            "--intermediate-size",
+            "100",
+            "--keep-tied",
+        ],
     );
     let m = &p["growth_map"];
     assert_eq!(m["spaces"]["hidden"]["copies"], 2);
@@ -58,7 +66,16 @@ fn recipes_replay_and_refuse_what_does_not_match() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     Tiny::default().write(&dir.join("src"));
-    let args = ["--factor", "2", "--depth-factor", "2", "--variant", "noisy", "--seed", "3"];
+    let args = [
+        "--factor",
+        "2",
+        "--depth-factor",
+        "2",
+        "--variant",
+        "noisy",
+        "--seed",
+        "3",
+    ];
     let p = plan_json(dir, &args);
     std::fs::write(dir.join("r.json"), p["recipe"].to_string()).unwrap();
     // The whole plan output is accepted too (its `recipe` is used).
@@ -74,7 +91,8 @@ fn recipes_replay_and_refuse_what_does_not_match() {
         let weights = |d: &str| std::fs::read(dir.join(d).join("model.safetensors")).unwrap();
         let (a, b) = (weights("flags"), weights(dst));
         // The headers may differ in the recorded command line; the data must not.
-        let data = |w: &[u8]| w[8 + u64::from_le_bytes(w[..8].try_into().unwrap()) as usize..].to_vec();
+        let data =
+            |w: &[u8]| w[8 + u64::from_le_bytes(w[..8].try_into().unwrap()) as usize..].to_vec();
         assert!(data(&a) == data(&b), "{recipe}: same tensors");
     }
     // A recipe whose recorded map is not what its options give for this source.
@@ -85,14 +103,23 @@ fn recipes_replay_and_refuse_what_does_not_match() {
     assert!(e.contains("growth_map.layers[1].identity"), "{e}");
     assert!(!dir.join("w").exists());
     // Flags and a recipe together: the recipe is the whole growth.
-    let out = run(&["clone", "src", "w", "--recipe", "r.json", "--seed", "4"], dir);
+    let out = run(
+        &["clone", "src", "w", "--recipe", "r.json", "--seed", "4"],
+        dir,
+    );
     assert_eq!(out.status.code(), Some(2), "clap refuses the combination");
     // Garbage, unknown keys, versions.
     for (text, want) in [
         ("{\"options\": {\"factor\": 2}}", "hyperclone_recipe"),
-        ("hyperclone_recipe: 1\noptions: {factor: 2, layers: 8}\n", "unknown key `layers`"),
+        (
+            "hyperclone_recipe: 1\noptions: {factor: 2, layers: 8}\n",
+            "unknown key `layers`",
+        ),
         ("hyperclone_recipe: 9\noptions: {factor: 2}\n", "version 1"),
-        ("hyperclone_recipe: 1\noptions: {factor: 2, depth_mode: deep}\n", "unknown depth_mode"),
+        (
+            "hyperclone_recipe: 1\noptions: {factor: 2, depth_mode: deep}\n",
+            "unknown depth_mode",
+        ),
         ("{{{{", "neither JSON"),
     ] {
         std::fs::write(dir.join("bad"), text).unwrap();
@@ -108,11 +135,26 @@ fn growths_that_cannot_be_exact_are_refused_in_one_line() {
     Tiny::default().write(&dir.join("src"));
     for (args, want) in [
         (vec!["--factor", "2", "--keep-tied"], "no tie to keep"),
-        (vec!["--factor", "2", "--intermediate-size", "3"], "smaller than the source's"),
-        (vec!["--factor", "2", "--num-hidden-layers", "1"], "fewer than the source's"),
-        (vec!["--factor", "2", "--num-hidden-layers", "70000"], "at most 65536 layers"),
-        (vec!["--factor", "2", "--depth-factor", "0"], "--depth-factor 0"),
-        (vec!["--factor", "2", "--depth-factor", "18446744073709551615"], "overflows"),
+        (
+            vec!["--factor", "2", "--intermediate-size", "3"],
+            "smaller than the source's",
+        ),
+        (
+            vec!["--factor", "2", "--num-hidden-layers", "1"],
+            "fewer than the source's",
+        ),
+        (
+            vec!["--factor", "2", "--num-hidden-layers", "70000"],
+            "at most 65536 layers",
+        ),
+        (
+            vec!["--factor", "2", "--depth-factor", "0"],
+            "--depth-factor 0",
+        ),
+        (
+            vec!["--factor", "2", "--depth-factor", "18446744073709551615"],
+            "overflows",
+        ),
     ] {
         let mut a = vec!["clone", "src", "dst"];
         a.extend_from_slice(&args);
@@ -128,7 +170,17 @@ fn stack_depth_is_not_verified_as_if_it_were_exact() {
     let dir = tmp.path();
     Tiny::default().write(&dir.join("src"));
     let out = run(
-        &["clone", "src", "dst", "--factor", "2", "--depth-factor", "2", "--depth-mode", "stack"],
+        &[
+            "clone",
+            "src",
+            "dst",
+            "--factor",
+            "2",
+            "--depth-factor",
+            "2",
+            "--depth-mode",
+            "stack",
+        ],
         dir,
     );
     assert!(out.status.success(), "{}", stderr(&out));
