@@ -238,8 +238,9 @@ def main(argv=None) -> int:
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     model.config.use_cache = False
-    model.to(device)
-    model.train()
+    model.train()  # (dropout stays whatever the config says; llama-style configs have none)
+    # No model.to(device): fully_shard moves each decoder layer to the mesh's device as it
+    # shards it, so on a GPU the unsharded model never has to fit at once.
     n_params = sum(p.numel() for p in model.parameters())
 
     mesh = init_device_mesh(device.type, (world,))
