@@ -1,6 +1,6 @@
 """The continuation examples: examples/continue_fsdp.py (FSDP2 under torchrun, 2 CPU ranks
 over gloo) and examples/continue_trainer.py (transformers Trainer), on a tiny llama
-fixture cloned x2 (f32) by the Rust binary.
+fixture cloned x2 (noisy variant, f32) by the Rust binary.
 
 Checked: the first logged loss equals the SMALL model's loss on the same windows (the
 clone is function-preserving and step 1's loss is computed before any update); the loss
@@ -71,7 +71,9 @@ def run(cmd: list, **kw) -> subprocess.CompletedProcess:
 def setup(hyperclone_bin, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("continue")
     clone = tmp / "clone"
-    run_clone(hyperclone_bin, FIXTURE, clone, "--factor", 2, "--dtype", "f32")
+    # The noisy variant, as docs/continue-training.md recommends (a symmetric clone trained
+    # without dropout keeps its copies identical); it is function-preserving all the same.
+    run_clone(hyperclone_bin, FIXTURE, clone, "--factor", 2, "--variant", "noisy", "--dtype", "f32")
     corpus = tmp / "corpus.txt"
     # 64 stanzas, lines rotated so windows differ: ~18 KB of text, 50 distinct bytes.
     corpus.write_text("\n".join(f"{i}. " + " ".join(LINES[(i + j) % len(LINES)]
@@ -176,7 +178,7 @@ def test_trainer_matches_fsdp(setup, fsdp_run, trainer_run):
     assert torch.isfinite(b).all()
     moved = (b - c).abs().max().item()
     assert moved > 1e-2
-    # Measured: 3e-5 (weights within 1e-6) after 8 steps that moved the logits by ~10.
+    # Measured: 1.7e-5 to 3e-5 (weights within 1e-6) after 8 steps that moved logits by ~10.
     assert (a - b).abs().max().item() < 1e-3, "FSDP and Trainer ended at different weights"
 
 
