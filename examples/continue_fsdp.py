@@ -17,9 +17,9 @@ on the CPU.
 --mixed-precision: bf16 computes forward/backward in bfloat16 through FSDP2's
 MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=f32) while the optimizer updates the
 f32 shards; off computes in f32. auto = bf16 on a CUDA device that supports it, off on
-the CPU (measured in docs/continue-training.md: on CPU bf16 is slower here and buys
-nothing for a small model; pass --mixed-precision bf16 to use it anyway; it works with
-gloo).
+the CPU: there bf16 works (gloo, tested) but gave no measured gain, and f32 keeps step 1's
+loss equal to the small model's (docs/continue-training.md). Never pure bf16: it drops
+small AdamW updates (measured there).
 
 Tokens: the model folder's own tokenizer if it has one (tokenizer.json or
 tokenizer_config.json). Otherwise a byte fallback that stays inside the vocabulary: raw

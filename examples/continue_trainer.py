@@ -7,14 +7,12 @@
 
 The same continuation as examples/continue_fsdp.py, with the same tokenization and the
 same random windows: --batch-size B here reads exactly the windows that continue_fsdp.py
-reads over N ranks with --batch-size B/N, so the two runs log the same losses up to
-float rounding. With Trainer: f32 weights, AdamW, constant
-learning rate, bf16 autocast when --mixed-precision is bf16 (auto = bf16 on a CUDA
-device that supports it, f32 on the CPU). OUT is written with Trainer.save_model
-(safetensors) plus the tokenizer files, so it reloads with
-AutoModelForCausalLM.from_pretrained. For several GPUs, launch the same script with
-`accelerate launch` or `torchrun`; Trainer then runs DDP (or FSDP via
---fsdp in TrainingArguments); that route is not tested here.
+reads over N ranks with --batch-size B/N, so the two runs log the same losses up to float
+rounding (tested). f32 weights, AdamW (adamw_torch), constant learning rate after
+--warmup, bf16 autocast when --mixed-precision is bf16 (auto = bf16 on a CUDA device that
+supports it, f32 on the CPU). OUT is written with Trainer.save_model (safetensors) plus
+the tokenizer files, so it reloads with AutoModelForCausalLM.from_pretrained. One process
+only; for several GPUs use continue_fsdp.py (launching this under torchrun is untested).
 """
 
 from __future__ import annotations
