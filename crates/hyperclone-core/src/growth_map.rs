@@ -280,7 +280,12 @@ fn space_segment(cfg: &ModelConfig, o: &GrowthOptions, space: Space) -> Result<S
     let target = match o.intermediate_size {
         Some(f) => f,
         None => len.checked_mul(o.ffn_factor).ok_or_else(|| {
-            Error::Options(format!("FFN x{}: the FFN width overflows", o.ffn_factor))
+            Error::Options(format!(
+                "--factor {} (FFN x{}): the FFN would have more than {} elements",
+                o.factor,
+                o.ffn_factor,
+                crate::limits::MAX_TENSOR_ELEMENTS
+            ))
         })?,
     };
     if target < len {

@@ -98,7 +98,9 @@ impl GrowthOptions {
 pub fn factor_for(what: &str, source: usize, target: usize) -> Result<usize> {
     if target == 0 || !target.is_multiple_of(source) {
         return Err(Error::Options(format!(
-            "{what} {target} is not a whole multiple of the source's {source}: HyperCloning grows by whole copies"
+            "{what} {target} is not a whole multiple of the source's {source}: the width grows by whole copies, \
+             because a norm's mean and variance over the grown hidden vector equal the source's only when it is \
+             whole copies of it (the FFN may grow by any amount: --intermediate-size)"
         )));
     }
     Ok(target / source)
@@ -328,10 +330,13 @@ fn dest_tensor(
     // destination tensor to the element bound (a huge --factor is refused here, before
     // anything is allocated).
     let too_big = || {
+        let ffn = match options.intermediate_size {
+            Some(f) => format!("FFN {f}"),
+            None => format!("FFN x{}", options.ffn_factor),
+        };
         Error::Options(format!(
-            "--factor {} (FFN x{}): tensor `{name}` would have more than {} elements",
+            "--factor {} ({ffn}): tensor `{name}` would have more than {} elements",
             options.factor,
-            options.ffn_factor,
             crate::limits::MAX_TENSOR_ELEMENTS
         ))
     };
