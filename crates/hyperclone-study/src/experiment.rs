@@ -15,8 +15,8 @@
 //! across sessions, and `--report-only` reports whatever has finished.
 
 use crate::report::{self, Report};
-use crate::runs::screen_arm_dir;
-use crate::runs::{budget_dir, final_dir, models_json, read_corpus, read_runs, read_screen};
+use crate::runs::{base_dir, budget_dir, clone_dir, final_dir, screen_arm_dir};
+use crate::runs::{models_json, read_corpus, read_runs, read_screen};
 use crate::settings::{Arm, Settings, BASE_SEED};
 use crate::Result;
 use hyperclone_core::{GrowthOptions, Variant};
@@ -82,22 +82,6 @@ struct Common<'a> {
 }
 
 impl Common<'_> {
-    fn base_dir(&self, steps: u64) -> PathBuf {
-        self.out.join("bases").join(format!("base-{steps}"))
-    }
-
-    fn clone_dir(&self, base_steps: u64, variant: Variant, seed: u64) -> PathBuf {
-        let name = if variant.is_noisy() {
-            format!("{}-s{seed}", variant.name())
-        } else {
-            variant.name().to_string()
-        };
-        self.out
-            .join("clones")
-            .join(format!("base-{base_steps}"))
-            .join(name)
-    }
-
     /// Trains `r.arm` from the base of `r.base_steps` steps into `dir`.
     fn large_run(&self, dir: PathBuf, r: LargeRun, label: &str) -> Result<()> {
         let LargeRun {
@@ -119,18 +103,18 @@ impl Common<'_> {
         };
         match arm.variant() {
             Some(v) => {
-                let clone = self.clone_dir(base_steps, v, seed);
-                grow(&self.base_dir(base_steps), &clone, &self.s, v, seed)?;
+                let clone = clone_dir(&self.out, base_steps, v, seed);
+                grow(&base_dir(&self.out, base_steps), &clone, &self.s, v, seed)?;
                 if self.s.carry_optimizer {
-                    run.optimizer_from = Some(self.base_dir(base_steps).join("last"));
+                    run.optimizer_from = Some(base_dir(&self.out, base_steps).join("last"));
                 }
                 run.model = Some(clone);
             }
             None => {
                 // The same large shape as every clone, randomly initialised with the run's seed.
-                let clone = self.clone_dir(base_steps, Variant::Symmetric, seed);
+                let clone = clone_dir(&self.out, base_steps, Variant::Symmetric, seed);
                 grow(
-                    &self.base_dir(base_steps),
+                    &base_dir(&self.out, base_steps),
                     &clone,
                     &self.s,
                     Variant::Symmetric,
@@ -214,7 +198,7 @@ pub fn experiment(a: &ExperimentOptions, progress: &dyn StudyProgress) -> Result
         for &steps in &s.base_steps {
             let base = TrainOptions {
                 init_config: Some(base_config.clone()),
-                out: c.base_dir(steps),
+                out: base_dir(&out, steps),
                 steps,
                 lr: s.base_lr,
                 min_lr: Some(s.base_lr * s.min_lr_frac),

@@ -33,6 +33,23 @@ pub struct StudyRuns {
     pub budget_screen: BTreeMap<(u64, &'static str, u64), f64>,
 }
 
+/// The small base trained for `steps` steps.
+pub fn base_dir(out: &Path, steps: u64) -> PathBuf {
+    out.join("bases").join(format!("base-{steps}"))
+}
+
+/// A clone of that base; noisy clones differ per seed, the others are shared by every seed.
+pub fn clone_dir(out: &Path, base_steps: u64, variant: Variant, seed: u64) -> PathBuf {
+    let name = if variant.is_noisy() {
+        format!("{}-s{seed}", variant.name())
+    } else {
+        variant.name().to_string()
+    };
+    out.join("clones")
+        .join(format!("base-{base_steps}"))
+        .join(name)
+}
+
 /// Screen runs from the largest base live in screen/ARM/, from a smaller one in
 /// screen/base-N/ARM/.
 pub fn screen_arm_dir(out: &Path, base_steps: u64, top: u64, arm: Arm) -> PathBuf {
@@ -98,10 +115,7 @@ pub fn read_runs(out: &Path, s: &Settings) -> Result<StudyRuns> {
     let read = |name: String, dir: PathBuf| finished_curve(&name, &dir);
     let mut runs = StudyRuns::default();
     for &steps in &s.base_steps {
-        if let Some(c) = read(
-            format!("base-{steps}"),
-            out.join("bases").join(format!("base-{steps}")),
-        ) {
+        if let Some(c) = read(format!("base-{steps}"), base_dir(out, steps)) {
             runs.bases.insert(steps, c);
         }
     }
@@ -154,11 +168,8 @@ pub fn models_json(out: &Path, s: &Settings) -> Result<Value> {
         }))
     };
     let top = s.largest_base();
-    let base = out.join("bases").join(format!("base-{top}")).join("last");
-    let large = out
-        .join("clones")
-        .join(format!("base-{top}"))
-        .join(Variant::Symmetric.name());
+    let base = base_dir(out, top).join("last");
+    let large = clone_dir(out, top, Variant::Symmetric, 0);
     if !base.exists() || !large.exists() {
         return Ok(Value::Null);
     }
