@@ -229,3 +229,48 @@ pub fn sample(logits: &[f64], temperature: f64, state: &mut u64) -> usize {
     }
     w.len() - 1
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(input: Input) -> Result<Vec<u32>> {
+        input_ids(&input, Path::new("no-model"), 50)
+    }
+
+    #[test]
+    fn token_flags_are_checked_against_the_vocabulary() {
+        let tokens = |t: &str| Input {
+            tokens: Some(t.into()),
+            ..Input::default()
+        };
+        assert_eq!(ids(tokens("1, 2,3")).unwrap(), [1, 2, 3]);
+        let e = ids(tokens("1,x")).unwrap_err();
+        // The context names the flag; the parse error follows in the chain.
+        assert_eq!(e.to_string(), "--tokens: `x` is not a token id");
+        assert!(std::error::Error::source(&e).is_some());
+        let e = ids(tokens("50")).unwrap_err().to_string();
+        assert!(e.contains("outside the model's vocabulary of 50"), "{e}");
+        // No flag: the fixed probe, no tokenizer needed.
+        assert_eq!(ids(Input::default()).unwrap(), probe_tokens(50));
+        let random = Input {
+            random_tokens: Some(8),
+            ..Input::default()
+        };
+        let r = ids(random.clone()).unwrap();
+        assert_eq!(r, ids(random).unwrap(), "seeded");
+        assert!(r.len() == 8 && r.iter().all(|&i| i < 50));
+    }
+
+    #[test]
+    fn sampling_is_seeded_and_follows_the_temperature() {
+        let logits = [0.0, 5.0, 0.0];
+        let (mut a, mut b) = (7u64, 7u64);
+        let xs: Vec<usize> = (0..32).map(|_| sample(&logits, 1.0, &mut a)).collect();
+        let ys: Vec<usize> = (0..32).map(|_| sample(&logits, 1.0, &mut b)).collect();
+        assert_eq!(xs, ys);
+        // Near zero temperature the largest logit always wins.
+        let mut s = 1u64;
+        assert!((0..32).all(|_| sample(&logits, 1e-3, &mut s) == 1));
+    }
+}
