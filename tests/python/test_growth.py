@@ -26,7 +26,7 @@ FAMILIES = FIXTURES / "families"
 TINY = FIXTURES / "tiny"
 MANIFEST = json.loads((FAMILIES / "MANIFEST.json").read_text())["fixtures"]
 FAMILY_DIRS = {fx["name"]: FAMILIES / fx["name"] for fx in MANIFEST}
-ALL_SOURCES = {**FAMILY_DIRS, "llama-gqa-tied": TINY / "llama-gqa-tied", "qwen3-mqa-tied": TINY / "qwen3-mqa-tied"}
+ALL_SOURCES = {**FAMILY_DIRS, **{name: TINY / name for name in ("llama-gqa-tied", "mistral-gqa", "qwen2-gqa", "qwen3-mqa-tied")}}
 
 # Families where a kept tie cannot be exact, and the reason the refusal must name.
 TIE_REFUSED = {
