@@ -2,6 +2,7 @@
 //! without Python and (later) to train them.
 
 pub mod arch;
+pub mod check;
 pub mod corpus;
 pub mod error;
 pub mod init;
