@@ -108,23 +108,10 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
-/// The error chain as one line: each cause once (the core's messages already include
-/// their OS error), and only the first line of each (candle appends a backtrace when
-/// RUST_BACKTRACE is set).
+/// The error chain as one line (see [`hyperclone_core::error::one_line`]); the Python
+/// package raises the same line.
 fn one_line(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        let first = text.lines().next().unwrap_or("").trim_end();
-        if first.is_empty() || line.contains(first) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(first);
-    }
-    line
+    hyperclone_core::error::one_line(e.chain())
 }
 
 struct Bar(ProgressBar);

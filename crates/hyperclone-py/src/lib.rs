@@ -1,0 +1,264 @@
+//! `hyperclone._native`: the Python package's bindings. Every function calls the library
+//! functions the CLI calls (core::grow, nn::check), so outputs are byte-identical to the
+//! CLI's for the same options; the Python layer (python/hyperclone/__init__.py) only
+//! converts arguments and results. Long work runs with the GIL released.
+//!
+//! Results cross as JSON text (parsed in Python with key order kept) and tensors as bytes:
+//! no conversion layer of our own to keep in step with serde's.
+
+use hyperclone_core::checkpoint::MemoryTensor;
+use hyperclone_core::error::one_line_of;
+use hyperclone_core::grow::{clone_json, clone_model, grow_in_memory, open_and_plan, plan_json};
+use hyperclone_core::grow::{GrownInMemory, GrowthRequest};
+use hyperclone_core::write::{create_plain_file, NoProgress, WriteEnv};
+use hyperclone_core::DType;
+use hyperclone_nn::check::{run_verify, StagedCheck};
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use pyo3::types::{PyByteArray, PyBytes};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+create_exception!(
+    _native,
+    HypercloneError,
+    PyException,
+    "An error of hyperclone, with the one-line message the CLI prints after `error: `."
+);
+
+fn err(e: &(dyn std::error::Error + 'static)) -> PyErr {
+    HypercloneError::new_err(one_line_of(e))
+}
+
+/// The growth keywords, as the CLI's flags take them.
+#[allow(clippy::too_many_arguments)]
+fn request(
+    factor: Option<String>,
+    hidden_size: Option<usize>,
+    ffn_factor: Option<String>,
+    intermediate_size: Option<usize>,
+    num_attention_heads: Option<usize>,
+    variant: String,
+    snr_db: f64,
+    seed: u64,
+    dtype: String,
+    shard_size: String,
+) -> GrowthRequest {
+    GrowthRequest {
+        factor,
+        hidden_size,
+        ffn_factor,
+        intermediate_size,
+        num_attention_heads,
+        variant,
+        snr_db,
+        seed,
+        dtype,
+        shard_size,
+    }
+}
+
+/// Clones SRC into DST; returns the JSON of `hyperclone clone --json`.
+#[pyfunction]
+#[pyo3(signature = (src, dst, factor, hidden_size, ffn_factor, intermediate_size,
+    num_attention_heads, variant, snr_db, seed, dtype, shard_size, force, verify, allow_nonfinite))]
+#[allow(clippy::too_many_arguments)]
+fn clone(
+    py: Python<'_>,
+    src: PathBuf,
+    dst: PathBuf,
+    factor: Option<String>,
+    hidden_size: Option<usize>,
+    ffn_factor: Option<String>,
+    intermediate_size: Option<usize>,
+    num_attention_heads: Option<usize>,
+    variant: String,
+    snr_db: f64,
+    seed: u64,
+    dtype: String,
+    shard_size: String,
+    force: bool,
+    verify: bool,
+    allow_nonfinite: bool,
+) -> PyResult<String> {
+    let req = request(
+        factor,
+        hidden_size,
+        ffn_factor,
+        intermediate_size,
+        num_attention_heads,
+        variant,
+        snr_db,
+        seed,
+        dtype,
+        shard_size,
+    );
+    py.allow_threads(|| {
+        let started = Instant::now();
+        let cancel = AtomicBool::new(false);
+        let staged = StagedCheck::new(&src);
+        let check = |dir: &std::path::Path| staged.check(dir);
+        let env = WriteEnv {
+            progress: &NoProgress,
+            cancel: &cancel,
+            create: &create_plain_file,
+            check: if verify { Some(&check) } else { None },
+            allow_nonfinite,
+        };
+        let cloned = clone_model(&src, &dst, &req, force, &env).map_err(|e| err(&e))?;
+        let report = staged.into_report();
+        Ok(clone_json(
+            &cloned,
+            &dst,
+            started.elapsed().as_secs_f64(),
+            report.as_ref(),
+        )
+        .to_string())
+    })
+}
+
+/// The plan of growing SRC; returns the JSON of `hyperclone plan --json`.
+#[pyfunction]
+#[pyo3(signature = (src, factor, hidden_size, ffn_factor, intermediate_size,
+    num_attention_heads, variant, snr_db, seed, dtype, shard_size))]
+#[allow(clippy::too_many_arguments)]
+fn plan(
+    py: Python<'_>,
+    src: PathBuf,
+    factor: Option<String>,
+    hidden_size: Option<usize>,
+    ffn_factor: Option<String>,
+    intermediate_size: Option<usize>,
+    num_attention_heads: Option<usize>,
+    variant: String,
+    snr_db: f64,
+    seed: u64,
+    dtype: String,
+    shard_size: String,
+) -> PyResult<String> {
+    let req = request(
+        factor,
+        hidden_size,
+        ffn_factor,
+        intermediate_size,
+        num_attention_heads,
+        variant,
+        snr_db,
+        seed,
+        dtype,
+        shard_size,
+    );
+    py.allow_threads(|| {
+        let (ckpt, plan, _) = open_and_plan(&src, &req).map_err(|e| err(&e))?;
+        Ok(plan_json(&ckpt, &plan).to_string())
+    })
+}
+
+/// Checks BIG against SMALL; returns the JSON of `hyperclone verify --json`.
+#[pyfunction]
+#[pyo3(signature = (small, big, tokens, dtype))]
+fn verify(
+    py: Python<'_>,
+    small: PathBuf,
+    big: PathBuf,
+    tokens: Option<Vec<u32>>,
+    dtype: String,
+) -> PyResult<String> {
+    let working = match dtype.as_str() {
+        "f64" => candle_core::DType::F64,
+        "f32" => candle_core::DType::F32,
+        other => {
+            return Err(HypercloneError::new_err(format!(
+                "--dtype {other}: verification runs in f64 or f32"
+            )))
+        }
+    };
+    py.allow_threads(|| {
+        let v = run_verify(&small, &big, tokens.as_deref(), working).map_err(|e| err(&e))?;
+        Ok(v.json().to_string())
+    })
+}
+
+/// Grows a state dict in memory. `tensors`: (name, safetensors dtype, shape, bytes); returns
+/// (grown config JSON, [(name, safetensors dtype, shape, bytearray)]).
+#[pyfunction]
+#[pyo3(signature = (config_json, tensors, factor, hidden_size, ffn_factor, intermediate_size,
+    num_attention_heads, variant, snr_db, seed, dtype, allow_nonfinite))]
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn grow<'py>(
+    py: Python<'py>,
+    config_json: String,
+    tensors: Vec<(String, String, Vec<usize>, Bound<'py, PyBytes>)>,
+    factor: Option<String>,
+    hidden_size: Option<usize>,
+    ffn_factor: Option<String>,
+    intermediate_size: Option<usize>,
+    num_attention_heads: Option<usize>,
+    variant: String,
+    snr_db: f64,
+    seed: u64,
+    dtype: String,
+    allow_nonfinite: bool,
+) -> PyResult<(
+    String,
+    Vec<(String, String, Vec<usize>, Bound<'py, PyByteArray>)>,
+)> {
+    let req = request(
+        factor,
+        hidden_size,
+        ffn_factor,
+        intermediate_size,
+        num_attention_heads,
+        variant,
+        snr_db,
+        seed,
+        dtype,
+        "5GB".into(),
+    );
+    let mut source = Vec::with_capacity(tensors.len());
+    for (name, dt, shape, data) in &tensors {
+        let dtype = DType::from_safetensors_name(dt).ok_or_else(|| {
+            HypercloneError::new_err(format!(
+                "tensor `{name}`: dtype {dt} is not a floating-point weight type (F64, F32, BF16, F16)"
+            ))
+        })?;
+        source.push(MemoryTensor {
+            name,
+            dtype,
+            shape: shape.clone(),
+            data: data.as_bytes(),
+        });
+    }
+    let grown: GrownInMemory = py.allow_threads(|| {
+        let cancel = AtomicBool::new(false);
+        grow_in_memory(&config_json, &source, &req, allow_nonfinite, &cancel).map_err(|e| err(&e))
+    })?;
+    let config = serde_json::Value::Object(grown.config).to_string();
+    let out = grown
+        .tensors
+        .into_iter()
+        .map(|t| {
+            let bytes = PyByteArray::new(py, &t.data);
+            (
+                t.name,
+                t.dtype.safetensors_name().to_string(),
+                t.shape,
+                bytes,
+            )
+        })
+        .collect();
+    Ok((config, out))
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("HypercloneError", m.py().get_type::<HypercloneError>())?;
+    m.add("__version__", hyperclone_core::provenance::TOOL_VERSION)?;
+    m.add_function(wrap_pyfunction!(clone, m)?)?;
+    m.add_function(wrap_pyfunction!(plan, m)?)?;
+    m.add_function(wrap_pyfunction!(verify, m)?)?;
+    m.add_function(wrap_pyfunction!(grow, m)?)?;
+    Ok(())
+}
