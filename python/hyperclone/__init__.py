@@ -69,7 +69,8 @@ def clone(
 ) -> dict[str, Any]:
     """Grow the Hugging Face model folder ``src`` into ``dst``, as ``hyperclone clone``.
 
-    Give ``factor`` (hidden size and heads x N) or ``hidden_size``; ``ffn_factor`` defaults
+    Give ``factor`` (hidden size and heads x N; 2 unless ``hidden_size`` is given) or
+    ``hidden_size``; ``ffn_factor`` defaults
     to ``factor``. ``variant``: symmetric, noisy, diagonal or noisy-diagonal (noise of
     ``snr_db`` dB, seeded by ``seed``). ``dtype``: keep, f32, bf16, f16 or f64.
     ``shard_size``: bytes or a size like "5GB". ``force`` replaces an existing ``dst``;
