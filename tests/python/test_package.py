@@ -69,7 +69,7 @@ CLONE_CASES = [
     ("llama-gqa-untied", dict(factor=2), ["--factor", 2]),
     ("llama-mha-tied", dict(factor=3, variant="noisy", snr_db=20, seed=5),
      ["--factor", 3, "--variant", "noisy", "--snr-db", 20, "--seed", 5]),
-    ("llama-gqa-sharded", dict(factor=2, ffn_factor=3, shard_size="100KB", dtype="f32"),
+    ("llama-gqa-sharded", dict(factor=2, ffn_factor=3, shard_size=100_000, dtype="f32"),
      ["--factor", 2, "--ffn-factor", 3, "--shard-size", "100KB", "--dtype", "f32"]),
     ("llama-gqa-bf16", dict(hidden_size=64, variant="noisy-diagonal", seed=1),
      ["--hidden-size", 64, "--variant", "noisy-diagonal", "--seed", 1]),
@@ -140,6 +140,24 @@ def test_verify_passes_on_a_clone_and_fails_on_a_corrupted_one(hyperclone_bin, t
 def test_clone_with_verify_reports_and_keeps_a_passing_clone(tmp_path):
     out = hyperclone.clone(TINY / "llama-mqa-tied", tmp_path / "big", 2, verify=True)
     assert out["verification"]["passed"] and (tmp_path / "big" / "config.json").is_file()
+
+
+def test_clone_with_verify_keeps_nothing_when_the_check_fails(hyperclone_bin, tmp_path):
+    """A NaN weight cloned with allow_nonfinite gives NaN logits: the staged check fails, the
+    error is the CLI's, and DST is never created."""
+    src = tmp_path / "src"
+    shutil.copytree(TINY / "llama-gqa-untied", src)
+    with safe_open(str(src / "model.safetensors"), "np") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["model.layers.0.mlp.down_proj.weight"][0, 0] = np.nan
+    save_file(tensors, str(src / "model.safetensors"), metadata=meta)
+    with pytest.raises(hyperclone.HypercloneError) as info:
+        hyperclone.clone(src, tmp_path / "py", 2, verify=True, allow_nonfinite=True)
+    assert str(info.value).startswith("verification failed, nothing was written: ")
+    assert str(info.value) == cli_error(hyperclone_bin, "clone", src, tmp_path / "py",
+                                        "--factor", 2, "--verify", "--allow-nonfinite")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"], "nothing left behind"
 
 
 # --- grow: in memory == on disk ---------------------------------------------------------

@@ -128,6 +128,11 @@ impl Checkpoint {
         })
     }
 
+    /// Built by [`Checkpoint::from_memory`]: no folder behind it.
+    pub fn in_memory(&self) -> bool {
+        self.config_bytes.is_some()
+    }
+
     pub fn find(&self, name: &str) -> Option<&SourceTensor> {
         self.tensors.iter().find(|t| t.info.name == name)
     }

@@ -39,11 +39,16 @@ pub struct Provenance {
 
 impl Provenance {
     pub fn of(ckpt: &Checkpoint) -> Result<Self> {
+        let (source, source_front_matter) = if ckpt.in_memory() {
+            ("in-memory state dict".to_string(), None)
+        } else {
+            (source_name(&ckpt.dir), read_front_matter(&ckpt.dir))
+        };
         Ok(Provenance {
-            source: source_name(&ckpt.dir),
+            source,
             config_sha256: ckpt.config_sha256()?,
             headers_sha256: ckpt.headers_sha256(),
-            source_front_matter: read_front_matter(&ckpt.dir),
+            source_front_matter,
         })
     }
 

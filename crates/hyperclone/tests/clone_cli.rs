@@ -412,3 +412,90 @@ fn force_replaces_an_existing_destination() {
     assert!(tmp.path().join("dst/model.safetensors").exists());
     assert_eq!(listing(tmp.path()), ["dst", "src"]);
 }
+
+/// core::grow::grow_in_memory (what Python's `hyperclone.grow` calls) gives the tensors and
+/// config.json the CLI writes, and checks a state dict as strictly as a folder.
+#[test]
+fn growing_in_memory_equals_the_clone_on_disk() {
+    use hyperclone_core::checkpoint::MemoryTensor;
+    use hyperclone_core::grow::{grow_in_memory, GrowthRequest};
+    let tmp = tempfile::tempdir().unwrap();
+    let src = Tiny {
+        tied: true,
+        ..Default::default()
+    }
+    .write(&tmp.path().join("src"));
+    let out = run(
+        &[
+            "clone",
+            "src",
+            "dst",
+            "--factor",
+            "2",
+            "--variant",
+            "noisy",
+            "--seed",
+            "4",
+        ],
+        tmp.path(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let small = Checkpoint::open(&src).unwrap();
+    let tensors: Vec<MemoryTensor> = small
+        .tensors
+        .iter()
+        .map(|t| MemoryTensor {
+            name: &t.info.name,
+            dtype: t.info.dtype,
+            shape: t.info.shape.clone(),
+            data: small.files[t.file].data(&t.info),
+        })
+        .collect();
+    let config = std::fs::read_to_string(src.join("config.json")).unwrap();
+    let request = GrowthRequest {
+        factor: Some("2".into()),
+        variant: "noisy".into(),
+        seed: 4,
+        ..Default::default()
+    };
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let grown = grow_in_memory(&config, &tensors, &request, false, &cancel).unwrap();
+    let disk = Checkpoint::open(&tmp.path().join("dst")).unwrap();
+    assert_eq!(grown.tensors.len(), disk.tensors.len());
+    for t in &grown.tensors {
+        let d = disk.find(&t.name).unwrap();
+        assert_eq!(
+            (t.dtype, &t.shape),
+            (d.info.dtype, &d.info.shape),
+            "{}",
+            t.name
+        );
+        assert!(
+            t.data == disk.files[d.file].data(&d.info),
+            "{} differs from the file",
+            t.name
+        );
+    }
+    assert_eq!(
+        Value::Object(grown.config),
+        read_json(&tmp.path().join("dst/config.json"))
+    );
+
+    // A state dict is checked as a folder is: sizes against the data, names against the
+    // family's rules.
+    let mut short = tensors;
+    short[0].data = &short[0].data[1..];
+    let e = grow_in_memory(&config, &short, &request, false, &cancel)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("bytes of data for a"), "{e}");
+    short[0].data = &[];
+    short[0].shape = vec![0];
+    short[0].name = "model.layers.9.mlp.up_proj.weight";
+    let e = grow_in_memory(&config, &short, &request, false, &cancel)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("layer 9 does not exist"), "{e}");
+}
