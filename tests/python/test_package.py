@@ -13,6 +13,7 @@ import inspect
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -323,3 +324,20 @@ def test_stubs_match_the_functions():
         assert [p.arg for p in a.args + a.kwonlyargs] == params, name
     assert hyperclone.__version__
     assert set(hyperclone.__all__) >= {"clone", "plan", "verify", "grow", "HypercloneError"}
+
+
+def test_ctrl_c_stops_a_clone_and_removes_the_partial_output(tmp_path):
+    """KeyboardInterrupt reaches Python while the clone runs without the GIL; the clone
+    stops at the next chunk and removes its staging folder, as the CLI does on Ctrl-C."""
+    script = tmp_path / "interrupt.py"
+    script.write_text(
+        "import os, signal, sys, threading, hyperclone\n"
+        "threading.Timer(0.2, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n"
+        "try:\n"
+        f"    hyperclone.clone({str(TINY / 'llama-gqa-untied')!r}, 'big', 128)\n"
+        "except KeyboardInterrupt:\n"
+        "    sys.exit(3)\n")
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 3, (proc.returncode, proc.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["interrupt.py"]

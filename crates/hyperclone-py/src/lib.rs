@@ -18,11 +18,11 @@ use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes};
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 create_exception!(
-    _native,
+    hyperclone,
     HypercloneError,
     PyException,
     "An error of hyperclone, with the one-line message the CLI prints after `error: `."
@@ -30,6 +30,34 @@ create_exception!(
 
 fn err(e: &(dyn std::error::Error + 'static)) -> PyErr {
     HypercloneError::new_err(one_line_of(e))
+}
+
+/// Runs `work` on a worker thread without the GIL while this thread watches for signals:
+/// Ctrl-C (KeyboardInterrupt) sets the cancel flag, so a clone stops at the next chunk and
+/// removes its partial output, as the CLI does, and the interrupt is raised once it has.
+fn cancellable<T: Send>(
+    py: Python<'_>,
+    work: impl FnOnce(&AtomicBool) -> PyResult<T> + Send,
+) -> PyResult<T> {
+    let cancel = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let worker = scope.spawn(|| work(&cancel));
+        let mut interrupt = None;
+        while !worker.is_finished() {
+            if interrupt.is_none() {
+                if let Err(e) = py.check_signals() {
+                    cancel.store(true, Ordering::Relaxed);
+                    interrupt = Some(e);
+                }
+            }
+            py.allow_threads(|| std::thread::sleep(Duration::from_millis(20)));
+        }
+        let result = worker.join().expect("the worker does not panic");
+        match interrupt {
+            Some(e) => Err(e),
+            None => result,
+        }
+    })
 }
 
 /// The growth keywords, as the CLI's flags take them.
@@ -95,14 +123,13 @@ fn clone(
         dtype,
         shard_size,
     );
-    py.allow_threads(|| {
+    cancellable(py, |cancel| {
         let started = Instant::now();
-        let cancel = AtomicBool::new(false);
         let staged = StagedCheck::new(&src);
         let check = |dir: &std::path::Path| staged.check(dir);
         let env = WriteEnv {
             progress: &NoProgress,
-            cancel: &cancel,
+            cancel,
             create: &create_plain_file,
             check: if verify { Some(&check) } else { None },
             allow_nonfinite,
@@ -231,9 +258,8 @@ fn grow<'py>(
             data: data.as_bytes(),
         });
     }
-    let grown: GrownInMemory = py.allow_threads(|| {
-        let cancel = AtomicBool::new(false);
-        grow_in_memory(&config_json, &source, &req, allow_nonfinite, &cancel).map_err(|e| err(&e))
+    let grown: GrownInMemory = cancellable(py, |cancel| {
+        grow_in_memory(&config_json, &source, &req, allow_nonfinite, cancel).map_err(|e| err(&e))
     })?;
     let config = serde_json::Value::Object(grown.config).to_string();
     let out = grown
