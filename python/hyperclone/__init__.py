@@ -33,19 +33,41 @@ __all__ = ["HypercloneError", "clone", "plan", "verify", "grow", "__version__"]
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def _growth(factor, hidden_size, ffn_factor, intermediate_size, num_attention_heads,
-            variant, snr_db, seed, dtype):
+def _text(x):
+    return None if x is None else str(x)
+
+
+def _growth(factor, hidden_size, ffn_factor, intermediate_size, depth_factor,
+            num_hidden_layers, depth_mode, keep_tied, num_attention_heads, variant, snr_db,
+            seed, dtype, recipe):
     """The growth keywords in the CLI's terms (factors as text, as the flags take them)."""
+    if recipe is not None:
+        given = [k for k, v in (("factor", factor), ("hidden_size", hidden_size),
+                                ("ffn_factor", ffn_factor),
+                                ("intermediate_size", intermediate_size),
+                                ("depth_factor", depth_factor),
+                                ("num_hidden_layers", num_hidden_layers),
+                                ("num_attention_heads", num_attention_heads)) if v is not None]
+        if given:
+            raise HypercloneError(
+                f"recipe= holds the whole growth: do not also give {', '.join(given)}")
+    elif factor is None and hidden_size is None:
+        factor = 2
     return dict(
-        factor=None if factor is None else str(factor),
+        factor=_text(factor),
         hidden_size=hidden_size,
-        ffn_factor=None if ffn_factor is None else str(ffn_factor),
+        ffn_factor=_text(ffn_factor),
         intermediate_size=intermediate_size,
+        depth_factor=_text(depth_factor),
+        num_hidden_layers=num_hidden_layers,
+        depth_mode=str(depth_mode),
+        keep_tied=bool(keep_tied),
         num_attention_heads=num_attention_heads,
         variant=str(variant),
         snr_db=float(snr_db),
         seed=int(seed),
         dtype=str(dtype),
+        recipe=None if recipe is None else os.fspath(recipe),
     )
 
 
@@ -57,11 +79,16 @@ def clone(
     hidden_size: Optional[int] = None,
     ffn_factor: Optional[int] = None,
     intermediate_size: Optional[int] = None,
+    depth_factor: Optional[int] = None,
+    num_hidden_layers: Optional[int] = None,
+    depth_mode: str = "identity",
+    keep_tied: bool = False,
     num_attention_heads: Optional[int] = None,
     variant: str = "symmetric",
     snr_db: float = 10.0,
     seed: int = 0,
     dtype: str = "keep",
+    recipe: Optional[PathLike] = None,
     shard_size: Union[int, str] = "5GB",
     force: bool = False,
     verify: bool = False,
@@ -73,18 +100,21 @@ def clone(
     ``hidden_size``; ``ffn_factor`` defaults
     to ``factor``. ``variant``: symmetric, noisy, diagonal or noisy-diagonal (noise of
     ``snr_db`` dB, seeded by ``seed``). ``dtype``: keep, f32, bf16, f16 or f64.
+    ``intermediate_size`` may be any width >= the source's (Net2Net when not a multiple);
+    ``depth_factor`` or ``num_hidden_layers`` add layers (``depth_mode`` identity or stack);
+    ``keep_tied`` keeps a tied embedding tied; ``recipe`` reads the whole growth from a
+    recipe file (``plan(...)["recipe"]`` written as JSON or YAML) instead of the keywords.
     ``shard_size``: bytes or a size like "5GB". ``force`` replaces an existing ``dst``;
     ``verify`` checks the finished clone against ``src`` before moving it into place.
 
     Returns the summary ``hyperclone clone --json`` prints (config changes, parameters,
     files, bytes, ``verification`` when asked). Raises :class:`HypercloneError`.
     """
-    if factor is None and hidden_size is None:
-        factor = 2
     out = _native.clone(
         os.fspath(src), os.fspath(dst),
-        **_growth(factor, hidden_size, ffn_factor, intermediate_size, num_attention_heads,
-                  variant, snr_db, seed, dtype),
+        _growth(factor, hidden_size, ffn_factor, intermediate_size, depth_factor,
+                num_hidden_layers, depth_mode, keep_tied, num_attention_heads, variant, snr_db,
+                seed, dtype, recipe),
         shard_size=str(shard_size), force=bool(force), verify=bool(verify),
         allow_nonfinite=bool(allow_nonfinite),
     )
@@ -98,22 +128,26 @@ def plan(
     hidden_size: Optional[int] = None,
     ffn_factor: Optional[int] = None,
     intermediate_size: Optional[int] = None,
+    depth_factor: Optional[int] = None,
+    num_hidden_layers: Optional[int] = None,
+    depth_mode: str = "identity",
+    keep_tied: bool = False,
     num_attention_heads: Optional[int] = None,
     variant: str = "symmetric",
     snr_db: float = 10.0,
     seed: int = 0,
     dtype: str = "keep",
+    recipe: Optional[PathLike] = None,
     shard_size: Union[int, str] = "5GB",
 ) -> dict[str, Any]:
     """What :func:`clone` would produce, writing nothing: the dict ``hyperclone plan --json``
     prints (config changes, parameters by component, shards, bytes, expected peak memory).
     Keywords as for :func:`clone`."""
-    if factor is None and hidden_size is None:
-        factor = 2
     out = _native.plan(
         os.fspath(src),
-        **_growth(factor, hidden_size, ffn_factor, intermediate_size, num_attention_heads,
-                  variant, snr_db, seed, dtype),
+        _growth(factor, hidden_size, ffn_factor, intermediate_size, depth_factor,
+                num_hidden_layers, depth_mode, keep_tied, num_attention_heads, variant, snr_db,
+                seed, dtype, recipe),
         shard_size=str(shard_size),
     )
     return json.loads(out)
@@ -147,11 +181,16 @@ def grow(
     hidden_size: Optional[int] = None,
     ffn_factor: Optional[int] = None,
     intermediate_size: Optional[int] = None,
+    depth_factor: Optional[int] = None,
+    num_hidden_layers: Optional[int] = None,
+    depth_mode: str = "identity",
+    keep_tied: bool = False,
     num_attention_heads: Optional[int] = None,
     variant: str = "symmetric",
     snr_db: float = 10.0,
     seed: int = 0,
     dtype: str = "keep",
+    recipe: Optional[PathLike] = None,
     allow_nonfinite: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Grow a state dict in memory: ``(tensors, config) -> (grown tensors, grown config)``,
@@ -167,8 +206,6 @@ def grow(
     """
     import numpy as np
 
-    if factor is None and hidden_size is None:
-        factor = 2
     items = []
     bf16_dtype = None
     for name, array in tensors.items():
@@ -186,8 +223,9 @@ def grow(
         items.append((str(name), kind, [int(d) for d in a.shape], a.tobytes()))
     grown_config, grown = _native.grow(
         json.dumps(dict(config)), items,
-        **_growth(factor, hidden_size, ffn_factor, intermediate_size, num_attention_heads,
-                  variant, snr_db, seed, dtype),
+        _growth(factor, hidden_size, ffn_factor, intermediate_size, depth_factor,
+                num_hidden_layers, depth_mode, keep_tied, num_attention_heads, variant, snr_db,
+                seed, dtype, recipe),
         allow_nonfinite=bool(allow_nonfinite),
     )
     numpy_of = {"F64": np.dtype("float64"), "F32": np.dtype("float32"),

@@ -119,9 +119,30 @@ def forward(model, ids: torch.Tensor) -> Outputs:
     )
 
 
-def check_config(cfg_s, cfg_d, n: int, m: int | None = None) -> list[str]:
+@dataclass
+class Growth:
+    """What a clone grew beyond the paper's uniform width (docs/growth.md); the defaults
+    are the paper's growth."""
+
+    ffn: int | None = None  # exact destination FFN width (Net2Net when not a multiple)
+    layer_of: list[int] | None = None  # for each DST layer, the SRC layer it equals
+    keep_tied: bool = False  # the residual is carried as tile(h)/n, the head stays tied
+
+
+def identity_layer_map(layers: int, target: int) -> list[int]:
+    """LLaMA Pro's even spread, written independently of the Rust code: after source layer
+    i, floor((i+1)*added/L) - floor(i*added/L) copies of it."""
+    added = target - layers
+    out = []
+    for i in range(layers):
+        out += [i] * (1 + (i + 1) * added // layers - i * added // layers)
+    return out
+
+
+def check_config(cfg_s, cfg_d, n: int, m: int | None = None, growth: Growth | None = None) -> list[str]:
     """Return a list of violations of invariant 5 (empty when DST's config is right)."""
     errs = []
+    g = growth or Growth()
 
     def want(what, got, expected):
         if got != expected:
@@ -133,14 +154,33 @@ def check_config(cfg_s, cfg_d, n: int, m: int | None = None) -> list[str]:
     want("num_key_value_heads", kv_heads(cfg_d), 1 if k == 1 else n * k)
     want("head_dim", head_dim(cfg_d), head_dim(cfg_s))
     f_s, f_d = ffn_size(cfg_s), ffn_size(cfg_d)
-    if m is not None:
+    if g.ffn is not None:
+        want("intermediate_size", f_d, g.ffn)
+    elif m is not None:
         want("intermediate_size", f_d, m * f_s)
     elif f_d % f_s or f_d < f_s:
         errs.append(f"intermediate_size: {f_d} is not a multiple of {f_s}")
-    # A tied head cannot be function-preserving (embedding wants no 1/n, head wants 1/n).
-    want("tie_word_embeddings", bool(getattr(cfg_d, "tie_word_embeddings", False)), False)
+    changed = set()
+    if g.keep_tied:
+        # The head stays the embedding; norms see tile(h)/n, exact with eps / n^2.
+        want("tie_word_embeddings", bool(getattr(cfg_d, "tie_word_embeddings", False)), True)
+        for key in ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"):
+            if getattr(cfg_s, key, None) is not None:
+                want(key, getattr(cfg_d, key, None), getattr(cfg_s, key) / n**2)
+                changed.add(key)
+    else:
+        # A tied head cannot be a plain tile (embedding wants no 1/n, head wants 1/n).
+        want("tie_word_embeddings", bool(getattr(cfg_d, "tie_word_embeddings", False)), False)
+    if g.layer_of is not None:
+        want("num_hidden_layers", cfg_d.num_hidden_layers, len(g.layer_of))
+        changed.add("num_hidden_layers")
+        types = getattr(cfg_s, "layer_types", None)
+        if types is not None:
+            want("layer_types", list(cfg_d.layer_types), [types[i] for i in g.layer_of])
     missing = object()
     for key in UNCHANGED_FIELDS:
+        if key in changed:
+            continue
         a, b = getattr(cfg_s, key, missing), getattr(cfg_d, key, missing)
         if a is not missing or b is not missing:
             want(key, None if b is missing else b, None if a is missing else a)
@@ -154,8 +194,14 @@ def compare(
     logit_atol: float = LOGIT_ATOL,
     hidden_rtol: float = HIDDEN_RTOL,
     std_rtol: float = STD_RTOL,
+    growth: Growth | None = None,
 ) -> dict:
-    """Numbers of invariants 1 and 2, and whether they pass the given tolerances."""
+    """Numbers of invariants 1 and 2, and whether they pass the given tolerances.
+
+    With depth growth, DST's state i+1 (after layer i) is compared with SRC's state after
+    the layer DST's layer i equals; with a kept tie, residual states are tile(h)/n (the
+    last state is the final norm's output, scale-invariant, so a plain tile)."""
+    g = growth or Growth()
     ls, ld = out_s.logits, out_d.logits
     problems = []
     if ls.shape != ld.shape:
@@ -170,19 +216,29 @@ def compare(
         problems.append(f"logit std ratio {std_ratio:.9f} is not 1 +- {std_rtol:.0e}")
 
     hidden = []
-    if len(out_s.hidden) != len(out_d.hidden):
-        problems.append(f"{len(out_d.hidden)} hidden states, expected {len(out_s.hidden)}")
-    for i, (hs, hd) in enumerate(zip(out_s.hidden, out_d.hidden)):
+    layer_of = g.layer_of if g.layer_of is not None else list(range(len(out_s.hidden) - 1))
+    src_state = [0] + [l + 1 for l in layer_of]
+    if len(out_d.hidden) != len(src_state):
+        problems.append(f"{len(out_d.hidden)} hidden states, expected {len(src_state)}")
+    last = len(src_state) - 1
+    for i, hd in enumerate(out_d.hidden[: len(src_state)]):
+        if i < last and src_state[i] == len(out_s.hidden) - 1:
+            # Identity blocks after the last source layer: transformers reports SRC's last
+            # state after the final norm only, so there is nothing unnormed to compare with
+            # (the final state and the logits still are compared).
+            continue
+        hs = out_s.hidden[src_state[i]]
+        scale = 1 / n if g.keep_tied and i < last else 1.0
         # OPT with project_out returns its last state in the ungrown word_embed_proj_dim
         # space: a state as wide as the source's must equal it (a 1-fold tile).
         # (Residual-stream states cannot stay narrow: the grown config fixes their width.)
         copies = 1 if hd.shape[-1] == hs.shape[-1] else n
-        tiled = torch.cat([hs] * copies, dim=-1)
+        tiled = torch.cat([hs] * copies, dim=-1) * scale
         if tiled.shape != hd.shape:
             problems.append(f"hidden[{i}] shape {tuple(hd.shape)}, expected {tuple(tiled.shape)}")
             hidden.append({"i": i, "abs": math.inf, "rel": math.inf})
             continue
-        dev = (hd - tiled).abs().max().item()
+        dev = (hd - tiled).abs().max().item() / scale
         rel = dev / max(1.0, hs.abs().max().item())
         hidden.append({"i": i, "abs": dev, "rel": rel, "max_abs_src": hs.abs().max().item()})
         if not rel <= hidden_rtol:
@@ -210,7 +266,7 @@ def factor_from_configs(cfg_s, cfg_d, n: int | None) -> int:
     return derived
 
 
-def check(src, dst, n=None, m=None, ids=None, model_s=None, out_s=None, **tol) -> dict:
+def check(src, dst, n=None, m=None, ids=None, model_s=None, out_s=None, growth=None, **tol) -> dict:
     """Full check of one clone; pass model_s/out_s to reuse an already loaded source."""
     model_s = model_s if model_s is not None else load_model(src)
     model_d = load_model(dst)
@@ -219,8 +275,8 @@ def check(src, dst, n=None, m=None, ids=None, model_s=None, out_s=None, **tol) -
     if ids is None:
         ids = default_ids(cfg_s.vocab_size)
     out_s = out_s if out_s is not None else forward(model_s, ids)
-    report = compare(out_s, forward(model_d, ids), n, **tol)
-    cfg_errs = check_config(cfg_s, cfg_d, n, m)
+    report = compare(out_s, forward(model_d, ids), n, growth=growth, **tol)
+    cfg_errs = check_config(cfg_s, cfg_d, n, m, growth)
     report["problems"] = cfg_errs + report["problems"]
     report["pass"] = report["pass"] and not cfg_errs
     report.update(src=str(src), dst=str(dst), n=n, n_tokens=ids.shape[1])

@@ -32,6 +32,56 @@ pub enum Space {
     QkvPerHead,
 }
 
+impl Space {
+    pub const ALL: [Space; 9] = [
+        Space::Vocab,
+        Space::Hidden,
+        Space::Heads,
+        Space::KvHeads,
+        Space::Ffn,
+        Space::HeadDim,
+        Space::Positions,
+        Space::EmbedProj,
+        Space::QkvPerHead,
+    ];
+
+    /// The name used in plans and recipes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Space::Vocab => "vocab",
+            Space::Hidden => "hidden",
+            Space::Heads => "heads",
+            Space::KvHeads => "kv_heads",
+            Space::Ffn => "ffn",
+            Space::HeadDim => "head_dim",
+            Space::Positions => "positions",
+            Space::EmbedProj => "embed_proj",
+            Space::QkvPerHead => "qkv_per_head",
+        }
+    }
+}
+
+/// Whether a tied embedding can stay tied through width growth, exactly.
+///
+/// Keeping the tie means the head is the embedding, so the embedding cannot be a plain tile
+/// (the head needs 1/n on its hidden columns). Instead the whole residual stream is carried
+/// as tile(h)/n: embedding and every residual writer x 1/n. Norms are scale-invariant once
+/// their eps is divided by n^2, so everything that reads the stream through a norm sees the
+/// usual tile, and the head (the embedding again) reads tile(y) against tile(E)/n: exact.
+#[derive(Debug, Clone, Copy)]
+pub enum TiedGrowth {
+    Exact {
+        /// The config key of the norms' eps (divided by n^2).
+        eps_key: &'static str,
+        /// Tensors that feed a norm sharing that eps but reading something other than the
+        /// residual (Qwen3's per-head q/k norms read q and k): x 1/n too, so that norm sees
+        /// its input scaled like its eps.
+        also_scaled: &'static [&'static str],
+    },
+    /// Why the tie cannot be kept exactly.
+    Refused(&'static str),
+}
+
 /// Whether a tensor axis produces values in its space or consumes them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -97,6 +147,29 @@ pub struct TensorRule {
     pub presence: Presence,
 }
 
+impl TensorRule {
+    fn writes_hidden(&self) -> bool {
+        self.axes
+            .iter()
+            .any(|a| a.0 == [Space::Hidden] && a.1 == Role::Write)
+    }
+
+    /// Adds into the residual stream from inside a block (o_proj, down_proj and their
+    /// biases): zeroed in an inserted identity block, x 1/n when a tie is kept.
+    pub fn writes_residual(&self) -> bool {
+        self.pattern.contains("{L}")
+            && matches!(self.component, Component::Attention | Component::Mlp)
+            && self.writes_hidden()
+    }
+
+    /// Starts the residual stream (token and position embeddings, OPT's project_in).
+    pub fn starts_residual(&self) -> bool {
+        !self.pattern.contains("{L}")
+            && self.component == Component::Embedding
+            && self.writes_hidden()
+    }
+}
+
 /// Where config.json keeps each size (GPT-2 says `n_embd`, OPT `ffn_dim`, ...).
 #[derive(Debug, Clone, Copy)]
 pub struct ConfigKeys {
@@ -144,6 +217,8 @@ pub struct Family {
     /// The model multiplies embeddings by sqrt(hidden_size) (Gemma): the clone stores the
     /// tiled embedding divided by sqrt(n) so the product is unchanged.
     pub embedding_scaled_by_sqrt_hidden: bool,
+    /// Whether `--keep-tied` is exact for this family, and how.
+    pub tied_growth: TiedGrowth,
     /// Shown in the support table.
     pub notes: &'static str,
 }
@@ -429,9 +504,22 @@ const fn family(
         head: "lm_head.weight",
         rules,
         embedding_scaled_by_sqrt_hidden: false,
+        tied_growth: TiedGrowth::Exact {
+            eps_key: "rms_norm_eps",
+            also_scaled: &[],
+        },
         notes,
     }
 }
+
+const GEMMA_TIE: TiedGrowth = TiedGrowth::Refused(
+    "the model multiplies embeddings by sqrt(hidden_size) but the tied head reads them unscaled, so no one \
+     embedding tensor gives both the input tile(h)/n and the exact logits",
+);
+const LAYERNORM_TIE: TiedGrowth = TiedGrowth::Exact {
+    eps_key: "layer_norm_eps",
+    also_scaled: &[],
+};
 
 const fn concat<const N: usize>(a: &'static [&'static [TensorRule]]) -> [&'static [TensorRule]; N] {
     let mut out: [&'static [TensorRule]; N] = [&[]; N];
@@ -525,20 +613,51 @@ pub static FAMILIES: &[Family] = &[
     family("llama", false, &LLAMA_RULES, "MHA, GQA, MQA; tied or untied head; attention_bias / mlp_bias"),
     family("mistral", false, LLAMA_CORE, "GQA; sliding_window kept"),
     family("qwen2", false, &QWEN2_RULES, "q/k/v biases tiled per head"),
-    family("qwen3", false, &QWEN3_RULES, "per-head q_norm/k_norm kept; explicit head_dim"),
+    Family {
+        tied_growth: TiedGrowth::Exact {
+            eps_key: "rms_norm_eps",
+            also_scaled: &[
+                "model.layers.{L}.self_attn.q_proj.weight",
+                "model.layers.{L}.self_attn.q_proj.bias",
+                "model.layers.{L}.self_attn.k_proj.weight",
+                "model.layers.{L}.self_attn.k_proj.bias",
+            ],
+        },
+        ..family("qwen3", false, &QWEN3_RULES, "per-head q_norm/k_norm kept; explicit head_dim")
+    },
     Family {
         embedding_scaled_by_sqrt_hidden: true,
+        tied_growth: GEMMA_TIE,
         ..family("gemma", true, LLAMA_CORE, "embedding stored as tile/sqrt(n) (the model scales it by sqrt(hidden)); (1+w) norms tiled")
     },
     Family {
         embedding_scaled_by_sqrt_hidden: true,
+        tied_growth: GEMMA_TIE,
         ..family("gemma2", true, &GEMMA2_RULES, "pre/post norms; soft-capping, query_pre_attn_scalar, sliding window kept")
     },
-    family("olmo2", false, &OLMO2_RULES, "post-norms; q/k norms over the whole projection tiled like the heads"),
+    Family {
+        tied_growth: TiedGrowth::Refused(
+            "attention and MLP read the residual stream directly, without a norm, so a residual carried as tile(h)/n \
+             would reach them scaled",
+        ),
+        ..family("olmo2", false, &OLMO2_RULES, "post-norms; q/k norms over the whole projection tiled like the heads")
+    },
     family("phi3", false, &PHI3_RULES, "fused qkv_proj and gate_up_proj grown segment by segment"),
-    family("stablelm", false, &STABLELM_RULES, "LayerNorm; partial rotary; optional qkv bias"),
-    family("starcoder2", true, &STARCODER2_RULES, "LayerNorm; biases; plain MLP"),
-    family("phi", false, &[PHI], "parallel block; partial rotary; dense biases; head bias"),
+    Family {
+        tied_growth: LAYERNORM_TIE,
+        ..family("stablelm", false, &STABLELM_RULES, "LayerNorm; partial rotary; optional qkv bias")
+    },
+    Family {
+        tied_growth: TiedGrowth::Exact {
+            eps_key: "norm_epsilon",
+            also_scaled: &[],
+        },
+        ..family("starcoder2", true, &STARCODER2_RULES, "LayerNorm; biases; plain MLP")
+    },
+    Family {
+        tied_growth: LAYERNORM_TIE,
+        ..family("phi", false, &[PHI], "parallel block; partial rotary; dense biases; head bias")
+    },
     Family {
         keys: ConfigKeys {
             hidden: "n_embd",
@@ -552,18 +671,27 @@ pub static FAMILIES: &[Family] = &[
             hidden_mirrors: &[],
         },
         embedding: "transformer.wte.weight",
+        tied_growth: TiedGrowth::Exact {
+            eps_key: "layer_norm_epsilon",
+            also_scaled: &[],
+        },
         ..family("gpt2", true, &[GPT2], "Conv1D [in, out] weights; fused c_attn [q | k | v]; learned positions")
     },
     Family {
         keys: ConfigKeys { kv_heads: None, ..HF_KEYS },
         embedding: "gpt_neox.embed_in.weight",
         head: "embed_out.weight",
+        tied_growth: LAYERNORM_TIE,
         ..family("gpt_neox", false, &[GPT_NEOX], "fused QKV laid out per head; parallel residual; partial rotary")
     },
     Family {
         keys: ConfigKeys { ffn: "ffn_dim", kv_heads: None, hidden_mirrors: &["word_embed_proj_dim"], ..HF_KEYS },
         position_offset: 2,
         embedding: "model.decoder.embed_tokens.weight",
+        tied_growth: TiedGrowth::Refused(
+            "its LayerNorm eps is fixed in the modeling code (1e-5), not read from config.json, so it cannot be \
+             divided by n^2 to keep the norms scale-invariant",
+        ),
         ..family("opt", true, &[OPT], "learned positions (offset 2); project_in/out kept ungrown when word_embed_proj_dim != hidden")
     },
 ];

@@ -8,10 +8,12 @@ use crate::error::{Error, Result};
 use crate::family::Component;
 use crate::plan::{factor_for, GrowthOptions, Plan};
 use crate::provenance::{model_card, Provenance};
+use crate::recipe::{recipe_json, Recipe};
+use crate::write::Progress;
 use crate::write::{
     create_plain_file, grow_tensors, write_clone, CloneOutcome, GrownTensor, NoProgress, WriteEnv,
 };
-use crate::{DType, Variant};
+use crate::{DType, DepthMode, Variant};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -28,8 +30,20 @@ pub struct GrowthRequest {
     pub hidden_size: Option<usize>,
     /// `--ffn-factor` [default: the hidden factor].
     pub ffn_factor: Option<String>,
-    /// `--intermediate-size`: the target FFN size instead of a factor.
+    /// `--intermediate-size`: the target FFN size, any F >= the source's (Net2Net when
+    /// not a whole multiple).
     pub intermediate_size: Option<usize>,
+    /// `--depth-factor`: multiply the layer count by K.
+    pub depth_factor: Option<String>,
+    /// `--num-hidden-layers`: the target layer count instead of a factor.
+    pub num_hidden_layers: Option<usize>,
+    /// `--depth-mode`: identity or stack.
+    pub depth_mode: String,
+    /// `--keep-tied`: keep a tied embedding tied.
+    pub keep_tied: bool,
+    /// `--recipe`: read every option from this recipe file instead (the other fields are
+    /// then not used).
+    pub recipe: Option<std::path::PathBuf>,
     /// `--num-attention-heads`: must be the source's times the factor.
     pub num_attention_heads: Option<usize>,
     pub variant: String,
@@ -49,6 +63,11 @@ impl Default for GrowthRequest {
             hidden_size: None,
             ffn_factor: None,
             intermediate_size: None,
+            depth_factor: None,
+            num_hidden_layers: None,
+            depth_mode: "identity".into(),
+            keep_tied: false,
+            recipe: None,
             num_attention_heads: None,
             variant: "symmetric".into(),
             snr_db: 10.0,
@@ -61,6 +80,9 @@ impl Default for GrowthRequest {
 
 impl GrowthRequest {
     pub fn resolve(&self, cfg: &ModelConfig) -> Result<GrowthOptions> {
+        if let Some(path) = &self.recipe {
+            return Ok(Recipe::load(path)?.options);
+        }
         let factor = match (&self.factor, self.hidden_size) {
             (Some(f), None) => parse_factor("--factor", f)?,
             (None, Some(d)) => factor_for("--hidden-size", cfg.hidden_size, d)?,
@@ -69,12 +91,24 @@ impl GrowthRequest {
         };
         let ffn_factor = match (&self.ffn_factor, self.intermediate_size) {
             (Some(m), None) => parse_factor("--ffn-factor", m)?,
-            (None, Some(f)) => factor_for("--intermediate-size", cfg.intermediate_size, f)?,
+            (None, _) => factor,
             (Some(_), Some(_)) => {
                 return Err(opt("give --ffn-factor or --intermediate-size, not both"))
             }
-            (None, None) => factor,
         };
+        let num_layers =
+            match (&self.depth_factor, self.num_hidden_layers) {
+                (Some(k), None) => {
+                    let k = parse_factor("--depth-factor", k)?;
+                    Some(cfg.num_hidden_layers.checked_mul(k).ok_or_else(|| {
+                        opt(format!("--depth-factor {k}: the layer count overflows"))
+                    })?)
+                }
+                (None, l) => l,
+                (Some(_), Some(_)) => {
+                    return Err(opt("give --depth-factor or --num-hidden-layers, not both"))
+                }
+            };
         if let Some(h) = self.num_attention_heads {
             let expected = cfg.num_attention_heads.saturating_mul(factor);
             if h != expected {
@@ -110,6 +144,15 @@ impl GrowthRequest {
             seed: self.seed,
             dtype,
             shard_size: parse_size(&self.shard_size)?,
+            intermediate_size: self.intermediate_size,
+            num_layers,
+            depth_mode: DepthMode::parse(&self.depth_mode).ok_or_else(|| {
+                opt(format!(
+                    "unknown --depth-mode `{}` (use identity or stack)",
+                    self.depth_mode
+                ))
+            })?,
+            keep_tied: self.keep_tied,
         };
         opts.validate()?;
         Ok(opts)
@@ -170,14 +213,30 @@ pub fn parse_size(text: &str) -> Result<u64> {
     Ok(bytes as u64)
 }
 
-/// Opens SRC and plans its growth; the provenance is what goes into the files.
+/// Opens SRC and plans its growth; the provenance is what goes into the files. A recipe's
+/// recorded growth map must match the plan's; `progress` hears what is worth a note.
 pub fn open_and_plan(
     src: &Path,
     request: &GrowthRequest,
+    progress: &dyn Progress,
 ) -> Result<(Checkpoint, Plan, Provenance)> {
     let ckpt = Checkpoint::open(src)?;
     let options = request.resolve(&ckpt.config)?;
     let (plan, prov) = plan_with(&ckpt, &options)?;
+    if let Some(path) = &request.recipe {
+        let recipe = Recipe::load(path)?;
+        recipe.check_map(path, &plan.map)?;
+        if recipe
+            .source_config_sha256
+            .as_ref()
+            .is_some_and(|sha| *sha != prov.config_sha256)
+        {
+            progress.notice(&format!(
+                "{} was made for a source with another config.json; its growth map matches this one",
+                path.display()
+            ));
+        }
+    }
     Ok((ckpt, plan, prov))
 }
 
@@ -204,7 +263,7 @@ pub fn clone_model(
     force: bool,
     env: &WriteEnv,
 ) -> Result<Cloned> {
-    let (ckpt, plan, prov) = open_and_plan(src, request)?;
+    let (ckpt, plan, prov) = open_and_plan(src, request, env.progress)?;
     let card = model_card(&ckpt, &plan, &prov);
     let outcome = write_clone(&ckpt, &plan, &card, dst, force, env)?;
     Ok(Cloned {
@@ -305,6 +364,13 @@ pub fn plan_json(ckpt: &Checkpoint, plan: &Plan) -> Value {
         "output_bytes": plan.output_bytes(),
         "shards": plan.shards.iter().map(|s| json!({"file": s.file_name, "tensors": s.tensors.len(), "bytes": s.header.len() as u64 + s.data_bytes})).collect::<Vec<_>>(),
         "expected_peak_memory_bytes": plan.peak_memory_bytes(threads()),
+        "growth_map": plan.map.to_json(),
+        "recipe": recipe_json(
+            ckpt.config.family.model_type,
+            &ckpt.config_sha256().unwrap_or_default(),
+            o,
+            &plan.map,
+        ),
     })
 }
 

@@ -54,11 +54,39 @@ impl Variant {
     }
 }
 
-/// One piece of an axis: `len` consecutive source indices, tiled `copies` times in place.
+/// One piece of an axis: `len` consecutive source indices, tiled `copies` times in place,
+/// then the first `extra` of them once more (Net2Net's uneven growth: F = copies * len +
+/// extra, unit `u` has multiplicity `copies + (u < extra)`). `extra < len`; 0 for the
+/// paper's whole-multiple growth.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Segment {
     pub len: usize,
     pub copies: usize,
+    pub extra: usize,
+}
+
+impl Segment {
+    pub fn tiled(len: usize, copies: usize) -> Self {
+        Segment {
+            len,
+            copies,
+            extra: 0,
+        }
+    }
+
+    /// Copies of source unit `u` in the destination.
+    pub fn multiplicity(&self, u: usize) -> usize {
+        self.copies + usize::from(u < self.extra)
+    }
+
+    pub fn dest_len(&self) -> usize {
+        self.len * self.copies + self.extra
+    }
+
+    /// The most copies any unit has.
+    pub fn max_blocks(&self) -> usize {
+        self.copies + usize::from(self.extra > 0)
+    }
 }
 
 /// How one tensor axis grows. Usually one space tiled `copies` times; a fused axis (GPT-2's
@@ -73,7 +101,7 @@ pub struct AxisGrowth {
 impl AxisGrowth {
     pub fn tiled(len: usize, copies: usize, role: Role) -> Self {
         AxisGrowth {
-            segments: vec![Segment { len, copies }],
+            segments: vec![Segment::tiled(len, copies)],
             role,
         }
     }
@@ -83,38 +111,51 @@ impl AxisGrowth {
     }
 
     pub fn dest_len(&self) -> usize {
-        self.segments.iter().map(|s| s.len * s.copies).sum()
+        self.segments.iter().map(Segment::dest_len).sum()
     }
 
-    /// The destination axis as pieces in order: each piece is one copy of one segment.
+    /// The destination axis as pieces in order: each piece is (part of) one copy of one
+    /// segment whose units all have the same multiplicity. Whole-multiple growth gives one
+    /// piece per copy; uneven growth cuts each copy at `extra` and appends the extra copy.
     fn pieces(&self) -> Vec<Piece> {
         let mut out = Vec::new();
         let (mut src, mut dest) = (0, 0);
         for (seg, s) in self.segments.iter().enumerate() {
+            let mut push = |offset: usize, len: usize, copy: usize, blocks: usize| {
+                if len > 0 {
+                    out.push(Piece {
+                        seg,
+                        src: src + offset,
+                        dest,
+                        len,
+                        copy,
+                        blocks,
+                    });
+                    dest += len;
+                }
+            };
             for copy in 0..s.copies {
-                out.push(Piece {
-                    seg,
-                    src,
-                    dest,
-                    len: s.len,
-                    copy,
-                });
-                dest += s.len;
+                push(0, s.extra, copy, s.copies + 1);
+                push(s.extra, s.len - s.extra, copy, s.copies);
             }
+            push(0, s.extra, s.copies, s.copies + 1);
             src += s.len;
         }
         out
     }
 }
 
-/// One copy of one segment inside a destination axis.
+/// Consecutive units of one copy of one segment inside a destination axis.
 #[derive(Debug, Clone, Copy)]
 struct Piece {
     seg: usize,
     src: usize,
     dest: usize,
     len: usize,
+    /// Which copy of its units this piece is (the block index along the axis).
     copy: usize,
+    /// How many copies its units have (the block count along the axis for these units).
+    blocks: usize,
 }
 
 /// Which blocks of a block-row carry the weight, and with what scale.
@@ -254,14 +295,33 @@ impl<'a> Expansion<'a> {
         self.dest_shape()[1] * self.out_dtype.size()
     }
 
-    fn read_blocks(&self) -> usize {
-        self.axes[self.read_axis].segments[0].copies
+    /// The read axis's one segment.
+    fn read_segment(&self) -> Segment {
+        self.axes[self.read_axis].segments[0]
     }
 
-    fn pattern(&self, write_segment: usize) -> BlockPattern {
+    /// The most copies any read unit has (noise needs at least two).
+    fn read_blocks(&self) -> usize {
+        self.read_segment().max_blocks()
+    }
+
+    /// The block pattern used to calibrate noise for block-row `bw` of a write segment and
+    /// noise pair `pair`: the multiplicities of the units those blocks mostly hold (exact
+    /// for whole-multiple growth; for uneven growth the extra copies share a class).
+    fn calibration_pattern(&self, write_segment: usize, bw: usize, pair: usize) -> BlockPattern {
+        let w = self.axes[1 - self.read_axis].segments[write_segment];
+        let r = self.read_segment();
         BlockPattern {
-            write_blocks: self.axes[1 - self.read_axis].segments[write_segment].copies,
-            read_blocks: self.read_blocks(),
+            write_blocks: if bw < w.copies {
+                w.copies
+            } else {
+                w.copies + 1
+            },
+            read_blocks: if 2 * pair + 1 < r.copies {
+                r.copies
+            } else {
+                r.copies + 1
+            },
             diagonal: self.diagonal,
         }
     }
@@ -295,11 +355,12 @@ impl<'a> Expansion<'a> {
                 let signal = mean_square_of_source(self.src, self.src_dtype, &ranges)
                     * self.scale
                     * self.scale;
-                let pattern = self.pattern(ws);
-                let mut sig = Vec::with_capacity(pattern.write_blocks * pairs);
-                for bw in 0..pattern.write_blocks {
-                    let target = signal * pattern.row_power(bw) / snr;
+                let write_blocks = self.axes[w].segments[ws].max_blocks();
+                let mut sig = Vec::with_capacity(write_blocks * pairs);
+                for bw in 0..write_blocks {
                     for pair in 0..pairs {
+                        let pattern = self.calibration_pattern(ws, bw, pair);
+                        let target = signal * pattern.row_power(bw) / snr;
                         let drawn =
                             mean_square_of_noise(block_key(spec.noise_key, ws, bw, pair), &ranges);
                         sig.push(if drawn > 0.0 {
@@ -353,12 +414,18 @@ impl<'a> Expansion<'a> {
         self.src_dtype
             .decode(&self.src[sr * cols * elem..(sr + 1) * cols * elem], src_row);
         for p1 in &self.col_pieces {
-            let (ws, bw, br) = if self.read_axis == 1 {
-                (p0.seg, p0.copy, p1.copy)
+            let (pw, pr) = if self.read_axis == 1 {
+                (&p0, p1)
             } else {
-                (p1.seg, p1.copy, p0.copy)
+                (p1, &p0)
             };
-            let scale = self.pattern(ws).scale(bw, br) * self.scale;
+            let (ws, bw, br) = (pw.seg, pw.copy, pr.copy);
+            let pattern = BlockPattern {
+                write_blocks: pw.blocks,
+                read_blocks: pr.blocks,
+                diagonal: self.diagonal,
+            };
+            let scale = pattern.scale(bw, br) * self.scale;
             let block = &mut dst_row[p1.dest..p1.dest + p1.len];
             let source = &src_row[p1.src..p1.src + p1.len];
             for (d, s) in block.iter_mut().zip(source) {
@@ -366,8 +433,8 @@ impl<'a> Expansion<'a> {
             }
             let Some(noise) = &self.noise else { continue };
             let pair = br / 2;
-            if pair >= noise.pairs {
-                continue; // the odd last block of an odd copy count stays noise-free
+            if pair >= pr.blocks / 2 {
+                continue; // the odd last copy of an odd multiplicity stays noise-free
             }
             let sigma = noise.sigma[ws][bw * noise.pairs + pair];
             let signed = if br % 2 == 0 { sigma } else { -sigma };
@@ -714,9 +781,9 @@ mod tests {
         let w = weights(8 * 3);
         let fused = AxisGrowth {
             segments: vec![
-                Segment { len: 4, copies: 2 },
-                Segment { len: 2, copies: 2 },
-                Segment { len: 2, copies: 1 },
+                Segment::tiled(4, 2),
+                Segment::tiled(2, 2),
+                Segment::tiled(2, 1),
             ],
             role: Role::Write,
         };
@@ -741,7 +808,7 @@ mod tests {
         // GPT-2 Conv1D: [in = hidden (read, axis 0), out = [q | k | v] (write, axis 1)].
         let w = weights(3 * 6);
         let cols = AxisGrowth {
-            segments: vec![Segment { len: 2, copies: 2 }; 3],
+            segments: vec![Segment::tiled(2, 2); 3],
             role: Role::Write,
         };
         let (d, shape) = expand(
@@ -768,7 +835,7 @@ mod tests {
             .map(|(i, x)| if i < 16 { x * 3.0 } else { *x })
             .collect();
         let fused = AxisGrowth {
-            segments: vec![Segment { len: 4, copies: 2 }, Segment { len: 2, copies: 2 }],
+            segments: vec![Segment::tiled(4, 2), Segment::tiled(2, 2)],
             role: Role::Write,
         };
         let (d, _) = expand(
@@ -824,6 +891,133 @@ mod tests {
         for r in 0..4 {
             for c in 0..12 {
                 assert_eq!(d[r * 12 + c], w[r * 3 + c % 3] * 0.5);
+            }
+        }
+    }
+
+    /// Destination index -> source unit along a grown segment.
+    fn unit_of(seg: Segment, j: usize) -> usize {
+        if j < seg.len * seg.copies {
+            j % seg.len
+        } else {
+            j - seg.len * seg.copies
+        }
+    }
+
+    #[test]
+    fn uneven_axes_preserve_the_function_in_every_variant() {
+        // Net2Net: every destination row, fed the unevenly copied input, equals its source
+        // row: summed over the copies of each source unit, the weights give W back.
+        let cases = [
+            // (rows, cols, write axis is rows, uneven segment on rows / on cols)
+            (
+                Segment {
+                    len: 5,
+                    copies: 2,
+                    extra: 3,
+                },
+                Segment::tiled(4, 2),
+            ),
+            (
+                Segment::tiled(4, 2),
+                Segment {
+                    len: 5,
+                    copies: 2,
+                    extra: 2,
+                },
+            ),
+            (
+                Segment::tiled(4, 3),
+                Segment {
+                    len: 6,
+                    copies: 1,
+                    extra: 3,
+                },
+            ),
+            (
+                Segment {
+                    len: 6,
+                    copies: 1,
+                    extra: 5,
+                },
+                Segment::tiled(3, 1),
+            ),
+        ];
+        for (rows, cols) in cases {
+            for read_axis in [0, 1] {
+                let w = weights(rows.len * cols.len);
+                let (ra, ca) = if read_axis == 1 {
+                    (Role::Write, Role::Read)
+                } else {
+                    (Role::Read, Role::Write)
+                };
+                let axes = [
+                    AxisGrowth {
+                        segments: vec![rows],
+                        role: ra,
+                    },
+                    AxisGrowth {
+                        segments: vec![cols],
+                        role: ca,
+                    },
+                ];
+                for variant in Variant::ALL {
+                    let (d, shape) = expand(&w, DType::F64, &axes, variant, 10.0);
+                    assert_eq!(shape, [rows.dest_len(), cols.dest_len()]);
+                    let (wseg, rseg) = if read_axis == 1 {
+                        (rows, cols)
+                    } else {
+                        (cols, rows)
+                    };
+                    for dw in 0..wseg.dest_len() {
+                        let sw = unit_of(wseg, dw);
+                        let mut sum = vec![0.0; rseg.len];
+                        for dr in 0..rseg.dest_len() {
+                            let x = if read_axis == 1 {
+                                d[dw * shape[1] + dr]
+                            } else {
+                                d[dr * shape[1] + dw]
+                            };
+                            sum[unit_of(rseg, dr)] += x;
+                        }
+                        for (u, s) in sum.iter().enumerate() {
+                            let want = if read_axis == 1 {
+                                w[sw * cols.len + u]
+                            } else {
+                                w[u * cols.len + sw]
+                            };
+                            assert!(
+                                (s - want).abs() < 1e-14,
+                                "{variant:?} read axis {read_axis} {rows:?} x {cols:?}: row {dw} unit {u}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn uneven_symmetric_weights_are_w_over_multiplicity() {
+        let seg = Segment {
+            len: 4,
+            copies: 2,
+            extra: 1,
+        };
+        let w = weights(3 * 4);
+        let axes = [
+            AxisGrowth::tiled(3, 1, Role::Write),
+            AxisGrowth {
+                segments: vec![seg],
+                role: Role::Read,
+            },
+        ];
+        let (d, _) = expand(&w, DType::F64, &axes, Variant::Symmetric, 0.0);
+        for r in 0..3 {
+            for j in 0..9 {
+                let u = unit_of(seg, j);
+                let want = w[r * 4 + u] / seg.multiplicity(u) as f64;
+                assert!((d[r * 9 + j] - want).abs() <= 1e-16, "row {r} col {j}");
             }
         }
     }

@@ -5,8 +5,9 @@ use crate::checkpoint::{Checkpoint, SINGLE_FILE};
 use crate::config::ModelConfig;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::family::{Component, Space};
-use crate::kernel::{name_key, AxisGrowth, Segment, Variant};
+use crate::family::{tensor_name, Component, Space, TensorRule};
+use crate::growth_map::{DepthMode, GrowthMap, GROWTH_MAP_KEY};
+use crate::kernel::{name_key, AxisGrowth, Variant};
 use crate::safetensors::{encode_header, HeaderEntry};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -27,6 +28,33 @@ pub struct GrowthOptions {
     pub dtype: Option<DType>,
     /// Maximum data bytes per output shard.
     pub shard_size: u64,
+    /// Destination FFN width, any F >= the source's (Net2Net when not a whole multiple);
+    /// `None`: source x `ffn_factor`.
+    pub intermediate_size: Option<usize>,
+    /// Destination layer count (>= the source's); `None` keeps the depth.
+    pub num_layers: Option<usize>,
+    pub depth_mode: DepthMode,
+    /// Keep a tied embedding tied (the residual is carried as tile/n).
+    pub keep_tied: bool,
+}
+
+impl Default for GrowthOptions {
+    /// The paper's x2 symmetric growth into 5 GB shards.
+    fn default() -> Self {
+        GrowthOptions {
+            factor: 2,
+            ffn_factor: 2,
+            variant: Variant::Symmetric,
+            snr_db: 10.0,
+            seed: 0,
+            dtype: None,
+            shard_size: 5_000_000_000,
+            intermediate_size: None,
+            num_layers: None,
+            depth_mode: DepthMode::Identity,
+            keep_tied: false,
+        }
+    }
 }
 
 impl GrowthOptions {
@@ -70,7 +98,9 @@ impl GrowthOptions {
 pub fn factor_for(what: &str, source: usize, target: usize) -> Result<usize> {
     if target == 0 || !target.is_multiple_of(source) {
         return Err(Error::Options(format!(
-            "{what} {target} is not a whole multiple of the source's {source}: HyperCloning grows by whole copies"
+            "{what} {target} is not a whole multiple of the source's {source}: the width grows by whole copies, \
+             because a norm's mean and variance over the grown hidden vector equal the source's only when it is \
+             whole copies of it (the FFN may grow by any amount: --intermediate-size)"
         )));
     }
     Ok(target / source)
@@ -119,6 +149,7 @@ pub struct ConfigChange {
 
 pub struct Plan {
     pub options: GrowthOptions,
+    pub map: GrowthMap,
     pub config: Map<String, Value>,
     pub changes: Vec<ConfigChange>,
     pub tensors: Vec<DestTensor>,
@@ -136,22 +167,45 @@ impl Plan {
         options.validate()?;
         let cfg = &ckpt.config;
         let family = cfg.family;
+        let map = GrowthMap::new(cfg, options)?;
         let mut tensors = Vec::with_capacity(ckpt.tensors.len() + 1);
         let mut params_before = BTreeMap::new();
         for (i, t) in ckpt.tensors.iter().enumerate() {
             *params_before.entry(t.rule.component).or_insert(0) += t.info.numel() as u64;
-            tensors.push(dest_tensor(
-                ckpt,
-                options,
-                i,
-                &t.info.name,
-                t.rule.axes,
-                t.rule.component,
-            )?);
+            let rule = t.rule;
+            match t.layer {
+                None => tensors.push(dest_tensor(
+                    ckpt,
+                    options,
+                    &map,
+                    i,
+                    &t.info.name,
+                    rule,
+                    rule.component,
+                    None,
+                )?),
+                // Every destination layer grown from this source layer, in order.
+                Some(l) => {
+                    for (j, _) in map.layers.iter().enumerate().filter(|(_, d)| d.source == l) {
+                        let name = tensor_name(rule.pattern, Some(j));
+                        tensors.push(dest_tensor(
+                            ckpt,
+                            options,
+                            &map,
+                            i,
+                            &name,
+                            rule,
+                            rule.component,
+                            Some(j),
+                        )?);
+                    }
+                }
+            }
         }
-        // A tied head becomes its own tensor: the embedding wants no division, the head
-        // wants 1/n on its hidden columns, and a plain from_pretrained must see both.
-        if ckpt.find(family.head).is_none() {
+        // A tied head becomes its own tensor (unless the tie is kept): the embedding wants
+        // no division, the head wants 1/n on its hidden columns, and a plain
+        // from_pretrained must see both.
+        if ckpt.find(family.head).is_none() && !map.keep_tied {
             let emb = ckpt
                 .tensors
                 .iter()
@@ -164,10 +218,12 @@ impl Plan {
             tensors.push(dest_tensor(
                 ckpt,
                 options,
+                &map,
                 emb,
                 family.head,
-                head_rule.axes,
+                head_rule,
                 Component::Head,
+                None,
             )?);
         }
         let mut params_after = BTreeMap::new();
@@ -181,10 +237,14 @@ impl Plan {
                 ))
             })?;
         }
-        let (config, changes) = grown_config(ckpt, options);
-        let shards = assign_shards(&tensors, options.shard_size, metadata);
+        let (config, changes) = grown_config(ckpt, options, &map)?;
+        // Verification reads what each layer and space became from the clone itself.
+        let mut metadata = metadata.clone();
+        metadata.insert(GROWTH_MAP_KEY.into(), map.to_json().to_string());
+        let shards = assign_shards(&tensors, options.shard_size, &metadata);
         Ok(Plan {
             options: options.clone(),
+            map,
             config,
             changes,
             tensors,
@@ -246,26 +306,23 @@ impl Plan {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn dest_tensor(
     ckpt: &Checkpoint,
     options: &GrowthOptions,
+    map: &GrowthMap,
     source: usize,
     name: &str,
-    rule_axes: &[crate::family::Axis],
+    rule: &TensorRule,
     component: Component,
+    dest_layer: Option<usize>,
 ) -> Result<DestTensor> {
     let cfg = &ckpt.config;
-    let axes: Vec<AxisGrowth> = rule_axes
+    let axes: Vec<AxisGrowth> = rule
+        .axes
         .iter()
         .map(|a| AxisGrowth {
-            segments: a
-                .0
-                .iter()
-                .map(|&space| Segment {
-                    len: cfg.space_len(space),
-                    copies: options.copies(space, cfg),
-                })
-                .collect(),
+            segments: a.0.iter().map(|&space| map.segment(space)).collect(),
             role: a.1,
         })
         .collect();
@@ -273,10 +330,13 @@ fn dest_tensor(
     // destination tensor to the element bound (a huge --factor is refused here, before
     // anything is allocated).
     let too_big = || {
+        let ffn = match options.intermediate_size {
+            Some(f) => format!("FFN {f}"),
+            None => format!("FFN x{}", options.ffn_factor),
+        };
         Error::Options(format!(
-            "--factor {} (FFN x{}): tensor `{name}` would have more than {} elements",
+            "--factor {} ({ffn}): tensor `{name}` would have more than {} elements",
             options.factor,
-            options.ffn_factor,
             crate::limits::MAX_TENSOR_ELEMENTS
         ))
     };
@@ -284,17 +344,22 @@ fn dest_tensor(
         .iter()
         .map(|a| {
             a.segments.iter().try_fold(0usize, |acc, s| {
-                s.len.checked_mul(s.copies).and_then(|x| acc.checked_add(x))
+                s.len
+                    .checked_mul(s.copies)
+                    .and_then(|x| x.checked_add(s.extra))
+                    .and_then(|x| acc.checked_add(x))
             })
         })
         .collect::<Option<_>>()
         .ok_or_else(too_big)?;
     crate::limits::checked_numel(&shape).ok_or_else(too_big)?;
-    let scale = if name == cfg.family.embedding && cfg.family.embedding_scaled_by_sqrt_hidden {
+    let sqrt_hidden = if name == cfg.family.embedding && cfg.family.embedding_scaled_by_sqrt_hidden
+    {
         1.0 / (options.factor as f64).sqrt()
     } else {
         1.0
     };
+    let scale = sqrt_hidden * map.tensor_scale(cfg, rule, dest_layer);
     let src = &ckpt.tensors[source].info;
     Ok(DestTensor {
         name: name.to_string(),
@@ -313,7 +378,8 @@ fn dest_tensor(
 fn grown_config(
     ckpt: &Checkpoint,
     options: &GrowthOptions,
-) -> (Map<String, Value>, Vec<ConfigChange>) {
+    map: &GrowthMap,
+) -> Result<(Map<String, Value>, Vec<ConfigChange>)> {
     let cfg = &ckpt.config;
     let mut out = cfg.raw.clone();
     let mut changes = Vec::new();
@@ -331,10 +397,19 @@ fn grown_config(
     let n = options.factor;
     let keys = cfg.family.keys;
     set(keys.hidden, (cfg.hidden_size * n).into());
-    set(
-        keys.ffn,
-        (cfg.intermediate_size * options.ffn_factor).into(),
-    );
+    set(keys.ffn, map.dest_len(Space::Ffn).into());
+    if map.layers.len() != cfg.num_hidden_layers {
+        set(keys.layers, map.layers.len().into());
+        // Per-layer lists follow each layer to its new index.
+        if let Some(Value::Array(types)) = cfg.raw.get("layer_types") {
+            let grown = map
+                .layers
+                .iter()
+                .map(|l| types.get(l.source).cloned().unwrap_or(Value::Null))
+                .collect();
+            set("layer_types", Value::Array(grown));
+        }
+    }
     set(keys.heads, (cfg.num_attention_heads * n).into());
     for key in keys.hidden_mirrors {
         if cfg.raw.get(*key).and_then(Value::as_u64) == Some(cfg.hidden_size as u64) {
@@ -349,9 +424,23 @@ fn grown_config(
             set(kv_key, kv.into());
         }
     }
-    // The clone always stores the head as its own tensor (a tied head would need a 1/n
-    // scale that a plain from_pretrained cannot express).
-    set("tie_word_embeddings", Value::Bool(false));
+    if map.keep_tied {
+        // The residual is carried as tile(h)/n: norms stay exact when eps shrinks by n^2.
+        let crate::family::TiedGrowth::Exact { eps_key, .. } = cfg.family.tied_growth else {
+            unreachable!("GrowthMap::new refuses families where a tie cannot be kept");
+        };
+        let eps = cfg.raw.get(eps_key).and_then(Value::as_f64).ok_or_else(|| {
+            Error::Options(format!(
+                "--keep-tied: config.json has no numeric `{eps_key}`, and the norms' eps must be divided by n^2"
+            ))
+        })?;
+        let n = options.factor as f64;
+        set(eps_key, (eps / (n * n)).into());
+    } else {
+        // Otherwise the clone stores the head as its own tensor (a tied head would need a
+        // 1/n scale that a plain from_pretrained cannot express).
+        set("tie_word_embeddings", Value::Bool(false));
+    }
     if let Some(d) = options.dtype {
         let key = if cfg.raw.contains_key("dtype") {
             "dtype"
@@ -360,7 +449,7 @@ fn grown_config(
         };
         set(key, d.torch_name().into());
     }
-    (out, changes)
+    Ok((out, changes))
 }
 
 fn assign_shards(

@@ -35,6 +35,9 @@ pub struct Provenance {
     pub headers_sha256: String,
     /// The YAML front matter of the source's README.md, without its `---` lines.
     pub source_front_matter: Option<String>,
+    /// The source's FFN width and layer count, to spell the options out in sizes.
+    pub source_intermediate_size: usize,
+    pub source_layers: usize,
 }
 
 impl Provenance {
@@ -49,6 +52,8 @@ impl Provenance {
             config_sha256: ckpt.config_sha256()?,
             headers_sha256: ckpt.headers_sha256(),
             source_front_matter,
+            source_intermediate_size: ckpt.config.intermediate_size,
+            source_layers: ckpt.config.num_hidden_layers,
         })
     }
 
@@ -72,21 +77,41 @@ impl Provenance {
         m.insert("hyperclone.variant".into(), o.variant.name().into());
         m.insert("hyperclone.snr_db".into(), o.snr_db.to_string());
         m.insert("hyperclone.seed".into(), o.seed.to_string());
-        m.insert("hyperclone.command".into(), canonical_command(o));
+        m.insert("hyperclone.command".into(), self.command(o));
         m
+    }
+
+    /// [`canonical_command`] for this source.
+    pub fn command(&self, o: &GrowthOptions) -> String {
+        canonical_command(o, self.source_intermediate_size, self.source_layers)
     }
 }
 
 /// The options as the one `hyperclone clone` command that reproduces them, every choice
-/// spelled out (SRC is the source named in `hyperclone.source`, DST any folder). Noise flags
-/// appear only for the noisy variants, where they matter.
-pub fn canonical_command(o: &GrowthOptions) -> String {
+/// spelled out and every size resolved against the source (its FFN width and layer count):
+/// SRC is the source named in `hyperclone.source`, DST any folder. `--ffn-factor 2` and
+/// `--intermediate-size` of twice the source's give the same files, so the same command.
+/// Depth, tying and noise flags appear only where they change something.
+pub fn canonical_command(o: &GrowthOptions, source_ffn: usize, source_layers: usize) -> String {
+    let ffn = o
+        .intermediate_size
+        .unwrap_or(source_ffn.saturating_mul(o.ffn_factor));
     let mut s = format!(
-        "hyperclone clone SRC DST --factor {} --ffn-factor {} --variant {}",
-        o.factor,
-        o.ffn_factor,
-        o.variant.name()
+        "hyperclone clone SRC DST --factor {} --intermediate-size {ffn}",
+        o.factor
     );
+    let layers = o.num_layers.unwrap_or(source_layers);
+    if layers != source_layers {
+        let _ = write!(
+            s,
+            " --num-hidden-layers {layers} --depth-mode {}",
+            o.depth_mode.name()
+        );
+    }
+    if o.keep_tied {
+        s.push_str(" --keep-tied");
+    }
+    let _ = write!(s, " --variant {}", o.variant.name());
     if o.variant.is_noisy() {
         let _ = write!(s, " --snr-db {} --seed {}", o.snr_db, o.seed);
     }
@@ -319,7 +344,7 @@ pub fn model_card(ckpt: &Checkpoint, plan: &Plan, prov: &Provenance) -> String {
         "- source tensor headers sha256: `{}`",
         prov.headers_sha256
     );
-    let _ = writeln!(s, "- command: `{}`\n", canonical_command(o));
+    let _ = writeln!(s, "- command: `{}`\n", prov.command(o));
     let _ = writeln!(
         s,
         "The same source and options reproduce these files byte for byte (from the command line or \
@@ -339,6 +364,8 @@ mod tests {
             config_sha256: "c".into(),
             headers_sha256: "h".into(),
             source_front_matter: front.map(String::from),
+            source_intermediate_size: 48,
+            source_layers: 2,
         }
     }
 
@@ -401,21 +428,24 @@ mod tests {
         let mut o = GrowthOptions {
             factor: 2,
             ffn_factor: 3,
-            variant: crate::Variant::Symmetric,
-            snr_db: 10.0,
             seed: 7,
-            dtype: None,
-            shard_size: 5_000_000_000,
+            ..GrowthOptions::default()
         };
         assert_eq!(
-            canonical_command(&o),
-            "hyperclone clone SRC DST --factor 2 --ffn-factor 3 --variant symmetric --dtype keep --shard-size 5000000000"
+            canonical_command(&o, 48, 2),
+            "hyperclone clone SRC DST --factor 2 --intermediate-size 144 --variant symmetric --dtype keep --shard-size 5000000000"
         );
         o.variant = crate::Variant::Noisy;
         o.dtype = Some(crate::DType::BF16);
+        o.intermediate_size = Some(100);
+        o.num_layers = Some(4);
+        o.keep_tied = true;
         assert_eq!(
-            canonical_command(&o),
-            "hyperclone clone SRC DST --factor 2 --ffn-factor 3 --variant noisy --snr-db 10 --seed 7 --dtype bf16 --shard-size 5000000000"
+            canonical_command(&o, 48, 2),
+            "hyperclone clone SRC DST --factor 2 --intermediate-size 100 --num-hidden-layers 4 --depth-mode identity \
+             --keep-tied --variant noisy --snr-db 10 --seed 7 --dtype bf16 --shard-size 5000000000"
         );
+        o.num_layers = Some(2);
+        assert!(!canonical_command(&o, 48, 2).contains("layers"));
     }
 }

@@ -116,6 +116,7 @@ fn run_case(root: &Path, factor: usize, expect_layout: Option<&Layout>) -> Outco
         seed: 1,
         dtype: None,
         shard_size: 4096,
+        ..GrowthOptions::default()
     };
     let plan = match Plan::new(&ckpt, &options, &BTreeMap::new()) {
         Ok(p) => p,

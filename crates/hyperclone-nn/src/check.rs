@@ -3,7 +3,9 @@
 //! verify`, `clone --verify`, the demo and the Python package alike.
 
 use crate::error::{NnError, Result};
-use crate::verify::{default_tolerance, rounding_sensitivity, verify, VerifyReport};
+use crate::verify::{
+    default_tolerance, rounding_sensitivity, verify_expecting, Expectation, VerifyReport,
+};
 use crate::Decoder;
 use candle_core::{DType, Device};
 use hyperclone_core::symmetry::mean_row_half_cosine;
@@ -140,6 +142,7 @@ pub fn run_verify(
         }
         None => probe_tokens(vocab),
     };
+    let expect = Expectation::recorded(&big_ckpt)?;
     // The coarsest dtype BIG stores weights in bounds how exact it can be (see
     // default_tolerance); SMALL's own rounding is shared by both models.
     let coarsest = big_ckpt
@@ -152,13 +155,15 @@ pub fn run_verify(
     let report = match coarsest {
         hyperclone_core::DType::BF16 | hyperclone_core::DType::F16 => {
             let s = rounding_sensitivity(&small_ckpt, &small_model, coarsest, dtype, &ids)?;
-            verify(&small_model, &big_model, &ids, 0.0)?.with_measured_tolerance(dtype, s)
+            verify_expecting(&small_model, &big_model, &ids, 0.0, &expect)?
+                .with_measured_tolerance(dtype, s)
         }
-        _ => verify(
+        _ => verify_expecting(
             &small_model,
             &big_model,
             &ids,
             default_tolerance(dtype, coarsest),
+            &expect,
         )?,
     };
     let symmetry = mean_row_half_cosine(&big_ckpt, &small_ckpt.config);

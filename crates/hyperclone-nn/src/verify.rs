@@ -147,12 +147,90 @@ impl VerifyReport {
     }
 }
 
+/// What BIG's residual states should be, relative to SMALL's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Expectation {
+    /// For each BIG layer, the SMALL layer whose output its output equals (inserted
+    /// identity blocks repeat their neighbour's).
+    pub layer_of: Vec<usize>,
+    /// BIG's residual stream is tile(h) * residual_scale (1/n when a tie was kept).
+    pub residual_scale: f64,
+}
+
+impl Expectation {
+    /// Width growth only: layer i is layer i, the residual a plain tile.
+    pub fn same_depth(layers: usize) -> Expectation {
+        Expectation {
+            layer_of: (0..layers).collect(),
+            residual_scale: 1.0,
+        }
+    }
+
+    /// What BIG records about its growth (every clone stores its growth map in its
+    /// safetensors metadata); a checkpoint without one is expected to be a width-only clone.
+    pub fn recorded(big: &hyperclone_core::Checkpoint) -> Result<Expectation> {
+        use hyperclone_core::growth_map::{RecordedGrowth, GROWTH_MAP_KEY};
+        let text = big
+            .files
+            .iter()
+            .find_map(|f| f.metadata.get(GROWTH_MAP_KEY));
+        let Some(text) = text else {
+            return Ok(Expectation::same_depth(big.config.num_hidden_layers));
+        };
+        let r = RecordedGrowth::parse(text).ok_or_else(|| {
+            NnError::Input(format!(
+                "{}: `{GROWTH_MAP_KEY}` in the safetensors metadata is not a growth map",
+                big.dir.display()
+            ))
+        })?;
+        if !r.preserves_function {
+            return Err(NnError::Input(format!(
+                "{} was grown with --depth-mode stack, which does not preserve the function: there is nothing \
+                 to verify (compare losses after training instead)",
+                big.dir.display()
+            )));
+        }
+        Ok(Expectation {
+            layer_of: r.layer_of(),
+            residual_scale: r.residual_scale,
+        })
+    }
+}
+
 pub fn verify(small: &Decoder, big: &Decoder, ids: &[u32], tolerance: f64) -> Result<VerifyReport> {
+    verify_expecting(
+        small,
+        big,
+        ids,
+        tolerance,
+        &Expectation::same_depth(big.spec.layers),
+    )
+}
+
+pub fn verify_expecting(
+    small: &Decoder,
+    big: &Decoder,
+    ids: &[u32],
+    tolerance: f64,
+    expect: &Expectation,
+) -> Result<VerifyReport> {
     let (s, b) = (&small.spec, &big.spec);
-    if b.hidden % s.hidden != 0 || b.vocab != s.vocab || b.layers != s.layers {
+    let layers_match =
+        expect.layer_of.len() == b.layers && expect.layer_of.iter().all(|&l| l < s.layers);
+    if b.hidden % s.hidden != 0 || b.vocab != s.vocab || !layers_match {
         return Err(NnError::Input(format!(
-            "BIG (hidden {}, vocab {}, {} layers) is not a widened SMALL (hidden {}, vocab {}, {} layers)",
-            b.hidden, b.vocab, b.layers, s.hidden, s.vocab, s.layers
+            "BIG (hidden {}, vocab {}, {} layers) is not a grown SMALL (hidden {}, vocab {}, {} layers){}",
+            b.hidden,
+            b.vocab,
+            b.layers,
+            s.hidden,
+            s.vocab,
+            s.layers,
+            if b.layers == s.layers {
+                ""
+            } else {
+                " with the layer map BIG records"
+            }
         )));
     }
     let n = b.hidden / s.hidden;
@@ -178,7 +256,7 @@ pub fn verify(small: &Decoder, big: &Decoder, ids: &[u32], tolerance: f64) -> Re
         agree += (argmax(a) == argmax(b)) as usize;
         kl += kl_divergence(a, b);
     }
-    let states = state_deviations(&so, &bo, n)?;
+    let states = state_deviations(&so, &bo, n, expect)?;
     Ok(VerifyReport {
         factor: n,
         tokens: ids.len(),
@@ -197,27 +275,33 @@ fn state_deviations(
     so: &ForwardOutput,
     bo: &ForwardOutput,
     n: usize,
+    expect: &Expectation,
 ) -> Result<Vec<StateDeviation>> {
-    let mut pairs: Vec<(String, &Tensor, &Tensor)> = Vec::new();
-    for (i, (a, b)) in so.residual.iter().zip(&bo.residual).enumerate() {
-        let name = if i == 0 {
-            "embedding".to_string()
+    // (name, SMALL's state, BIG's state, the factor on BIG's tile)
+    let mut pairs: Vec<(String, &Tensor, &Tensor, f64)> = Vec::new();
+    let r = expect.residual_scale;
+    pairs.push(("embedding".into(), &so.residual[0], &bo.residual[0], r));
+    for (j, &l) in expect.layer_of.iter().enumerate() {
+        let name = if expect.layer_of.len() == so.residual.len() - 1 {
+            format!("layer {j}")
         } else {
-            format!("layer {}", i - 1)
+            format!("layer {j} (= source layer {l})")
         };
-        pairs.push((name, a, b));
+        pairs.push((name, &so.residual[l + 1], &bo.residual[j + 1], r));
     }
-    pairs.push(("final norm".into(), &so.final_norm, &bo.final_norm));
+    // The final norm is scale-invariant: its output is the plain tile even when the
+    // residual is carried scaled.
+    pairs.push(("final norm".into(), &so.final_norm, &bo.final_norm, 1.0));
     pairs
         .into_iter()
-        .map(|(name, a, b)| {
+        .map(|(name, a, b, factor)| {
             // A state outside the residual stream (OPT's project_out output) is not grown.
             let copies = if b.dim(D::Minus1)? == a.dim(D::Minus1)? {
                 1
             } else {
                 n
             };
-            let tiled = Tensor::cat(&vec![a; copies], D::Minus1)?;
+            let tiled = (Tensor::cat(&vec![a; copies], D::Minus1)?.to_dtype(DType::F64)? * factor)?;
             let a_max = to_rows(a)?
                 .iter()
                 .flatten()
@@ -232,7 +316,7 @@ fn state_deviations(
             Ok(StateDeviation {
                 name,
                 max_abs: d,
-                relative: d / a_max,
+                relative: d / (a_max * factor),
             })
         })
         .collect()

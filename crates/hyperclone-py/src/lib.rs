@@ -60,69 +60,64 @@ fn cancellable<T: Send>(
     })
 }
 
-/// The growth keywords, as the CLI's flags take them.
-#[allow(clippy::too_many_arguments)]
-fn request(
+/// The growth keywords every function takes, as the CLI's flags take them (factors as
+/// text, so "1.5" gets the CLI's explanation).
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+struct Growth {
     factor: Option<String>,
     hidden_size: Option<usize>,
     ffn_factor: Option<String>,
     intermediate_size: Option<usize>,
+    depth_factor: Option<String>,
+    num_hidden_layers: Option<usize>,
+    depth_mode: String,
+    keep_tied: bool,
     num_attention_heads: Option<usize>,
     variant: String,
     snr_db: f64,
     seed: u64,
     dtype: String,
-    shard_size: String,
-) -> GrowthRequest {
-    GrowthRequest {
-        factor,
-        hidden_size,
-        ffn_factor,
-        intermediate_size,
-        num_attention_heads,
-        variant,
-        snr_db,
-        seed,
-        dtype,
-        shard_size,
+    recipe: Option<PathBuf>,
+}
+
+impl Growth {
+    fn request(self, shard_size: String) -> GrowthRequest {
+        GrowthRequest {
+            factor: self.factor,
+            hidden_size: self.hidden_size,
+            ffn_factor: self.ffn_factor,
+            intermediate_size: self.intermediate_size,
+            depth_factor: self.depth_factor,
+            num_hidden_layers: self.num_hidden_layers,
+            depth_mode: self.depth_mode,
+            keep_tied: self.keep_tied,
+            recipe: self.recipe,
+            num_attention_heads: self.num_attention_heads,
+            variant: self.variant,
+            snr_db: self.snr_db,
+            seed: self.seed,
+            dtype: self.dtype,
+            shard_size,
+        }
     }
 }
 
 /// Clones SRC into DST; returns the JSON of `hyperclone clone --json`.
 #[pyfunction]
-#[pyo3(signature = (src, dst, factor, hidden_size, ffn_factor, intermediate_size,
-    num_attention_heads, variant, snr_db, seed, dtype, shard_size, force, verify, allow_nonfinite))]
+#[pyo3(signature = (src, dst, growth, shard_size, force, verify, allow_nonfinite))]
 #[allow(clippy::too_many_arguments)]
 fn clone(
     py: Python<'_>,
     src: PathBuf,
     dst: PathBuf,
-    factor: Option<String>,
-    hidden_size: Option<usize>,
-    ffn_factor: Option<String>,
-    intermediate_size: Option<usize>,
-    num_attention_heads: Option<usize>,
-    variant: String,
-    snr_db: f64,
-    seed: u64,
-    dtype: String,
+    growth: Growth,
     shard_size: String,
     force: bool,
     verify: bool,
     allow_nonfinite: bool,
 ) -> PyResult<String> {
-    let req = request(
-        factor,
-        hidden_size,
-        ffn_factor,
-        intermediate_size,
-        num_attention_heads,
-        variant,
-        snr_db,
-        seed,
-        dtype,
-        shard_size,
-    );
+    let req = growth.request(shard_size);
     cancellable(py, |cancel| {
         let started = Instant::now();
         let staged = StagedCheck::new(&src);
@@ -148,37 +143,11 @@ fn clone(
 
 /// The plan of growing SRC; returns the JSON of `hyperclone plan --json`.
 #[pyfunction]
-#[pyo3(signature = (src, factor, hidden_size, ffn_factor, intermediate_size,
-    num_attention_heads, variant, snr_db, seed, dtype, shard_size))]
-#[allow(clippy::too_many_arguments)]
-fn plan(
-    py: Python<'_>,
-    src: PathBuf,
-    factor: Option<String>,
-    hidden_size: Option<usize>,
-    ffn_factor: Option<String>,
-    intermediate_size: Option<usize>,
-    num_attention_heads: Option<usize>,
-    variant: String,
-    snr_db: f64,
-    seed: u64,
-    dtype: String,
-    shard_size: String,
-) -> PyResult<String> {
-    let req = request(
-        factor,
-        hidden_size,
-        ffn_factor,
-        intermediate_size,
-        num_attention_heads,
-        variant,
-        snr_db,
-        seed,
-        dtype,
-        shard_size,
-    );
+#[pyo3(signature = (src, growth, shard_size))]
+fn plan(py: Python<'_>, src: PathBuf, growth: Growth, shard_size: String) -> PyResult<String> {
+    let req = growth.request(shard_size);
     py.allow_threads(|| {
-        let (ckpt, plan, _) = open_and_plan(&src, &req).map_err(|e| err(&e))?;
+        let (ckpt, plan, _) = open_and_plan(&src, &req, &NoProgress).map_err(|e| err(&e))?;
         Ok(plan_json(&ckpt, &plan).to_string())
     })
 }
@@ -211,39 +180,19 @@ fn verify(
 /// Grows a state dict in memory. `tensors`: (name, safetensors dtype, shape, bytes); returns
 /// (grown config JSON, [(name, safetensors dtype, shape, bytearray)]).
 #[pyfunction]
-#[pyo3(signature = (config_json, tensors, factor, hidden_size, ffn_factor, intermediate_size,
-    num_attention_heads, variant, snr_db, seed, dtype, allow_nonfinite))]
-#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+#[pyo3(signature = (config_json, tensors, growth, allow_nonfinite))]
+#[allow(clippy::type_complexity)]
 fn grow<'py>(
     py: Python<'py>,
     config_json: String,
     tensors: Vec<(String, String, Vec<usize>, Bound<'py, PyBytes>)>,
-    factor: Option<String>,
-    hidden_size: Option<usize>,
-    ffn_factor: Option<String>,
-    intermediate_size: Option<usize>,
-    num_attention_heads: Option<usize>,
-    variant: String,
-    snr_db: f64,
-    seed: u64,
-    dtype: String,
+    growth: Growth,
     allow_nonfinite: bool,
 ) -> PyResult<(
     String,
     Vec<(String, String, Vec<usize>, Bound<'py, PyByteArray>)>,
 )> {
-    let req = request(
-        factor,
-        hidden_size,
-        ffn_factor,
-        intermediate_size,
-        num_attention_heads,
-        variant,
-        snr_db,
-        seed,
-        dtype,
-        "5GB".into(),
-    );
+    let req = growth.request("5GB".into());
     let mut source = Vec::with_capacity(tensors.len());
     for (name, dt, shape, data) in &tensors {
         let dtype = DType::from_safetensors_name(dt).ok_or_else(|| {

@@ -352,7 +352,7 @@ pub struct GrowthArgs {
     #[arg(
         long,
         value_name = "N",
-        required_unless_present = "hidden_size",
+        required_unless_present_any = ["hidden_size", "recipe"],
         conflicts_with = "hidden_size"
     )]
     pub factor: Option<String>,
@@ -362,9 +362,36 @@ pub struct GrowthArgs {
     /// Multiply the MLP's intermediate size by M [default: the hidden factor N].
     #[arg(long, value_name = "M", conflicts_with = "intermediate_size")]
     pub ffn_factor: Option<String>,
-    /// Alternative to --ffn-factor: the target intermediate size (a whole multiple).
+    /// Alternative to --ffn-factor: the target intermediate size, any F >= the source's.
+    /// A whole multiple tiles as the paper does; otherwise the first F mod f units get one
+    /// more copy than the rest (Net2Net) and their readers divide by each unit's count.
     #[arg(long, value_name = "F")]
     pub intermediate_size: Option<usize>,
+    /// Multiply the number of layers by K (see --depth-mode).
+    #[arg(long, value_name = "K", conflicts_with = "num_hidden_layers")]
+    pub depth_factor: Option<String>,
+    /// Alternative to --depth-factor: the target number of layers, any L >= the source's.
+    #[arg(long, value_name = "L")]
+    pub num_hidden_layers: Option<usize>,
+    /// How layers are added: identity = after source layers (spread evenly), copies of them
+    /// whose residual writers (o_proj, down_proj, their biases) are zero, so the model's
+    /// function is unchanged (LLaMA Pro); stack = the whole stack repeated (G_stack; not
+    /// function-preserving, for experiments).
+    #[arg(long, value_name = "MODE", default_value = "identity", value_parser = ["identity", "stack"])]
+    pub depth_mode: String,
+    /// Keep a tied embedding tied: the residual stream is carried as tile(h)/n (embedding and
+    /// residual writers x 1/n, norm eps / n^2), so logits stay exact and the clone saves
+    /// vocab x hidden x n parameters. Refused, with the reason, where it cannot be exact.
+    #[arg(long)]
+    pub keep_tied: bool,
+    /// Read the whole growth from a recipe file (JSON or YAML; `plan --json` prints one
+    /// under `recipe`). The recorded growth map must match what the options give for SRC.
+    #[arg(long, value_name = "FILE", conflicts_with_all = [
+        "factor", "hidden_size", "ffn_factor", "intermediate_size", "depth_factor",
+        "num_hidden_layers", "keep_tied", "num_attention_heads", "depth_mode", "variant", "snr_db",
+        "seed", "dtype", "shard_size",
+    ])]
+    pub recipe: Option<PathBuf>,
     /// Target number of attention heads; must grow by the hidden factor (head_dim cannot change).
     #[arg(long, value_name = "H")]
     pub num_attention_heads: Option<usize>,

@@ -55,6 +55,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         seed: 0,
         dtype: None,
         shard_size: 5_000_000_000,
+        ..GrowthOptions::default()
     };
     let command = format!("hyperclone demo --factor {}", a.factor);
     let (ckpt, plan) = grow_quietly(&small, &big, &options, "assets/shakespeare-tiny", &command)?;

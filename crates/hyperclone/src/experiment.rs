@@ -798,6 +798,7 @@ fn grow(base: &Path, dst: &Path, s: &Settings, variant: Variant, seed: u64) -> R
         seed,
         dtype: None,
         shard_size: 5_000_000_000,
+        ..GrowthOptions::default()
     };
     let command = format!(
         "hyperclone experiment (clone --factor {} --variant {} --snr-db {} --seed {seed})",

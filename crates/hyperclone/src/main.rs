@@ -114,6 +114,15 @@ fn one_line(e: &anyhow::Error) -> String {
     hyperclone_core::error::one_line(e.chain())
 }
 
+/// Notes on stderr, for commands without a progress bar.
+struct Notes;
+
+impl Progress for Notes {
+    fn notice(&self, message: &str) {
+        eprintln!("note: {message}");
+    }
+}
+
 struct Bar(ProgressBar);
 
 impl Progress for Bar {
@@ -173,7 +182,7 @@ fn clone(a: CloneArgs) -> Result<()> {
 }
 
 fn plan(a: PlanArgs) -> Result<()> {
-    let (ckpt, plan, _) = open_and_plan(&a.src, &growth::request(&a.growth))?;
+    let (ckpt, plan, _) = open_and_plan(&a.src, &growth::request(&a.growth), &Notes)?;
     report::plan(&ckpt, &plan, a.json);
     Ok(())
 }

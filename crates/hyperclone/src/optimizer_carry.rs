@@ -107,6 +107,7 @@ pub fn carry(
             seed: 0,
             dtype: None,
             shard_size: u64::MAX,
+            ..GrowthOptions::default()
         };
         grow_quietly(
             &src,
@@ -257,6 +258,7 @@ mod tests {
             seed: 0,
             dtype: None,
             shard_size: u64::MAX,
+            ..GrowthOptions::default()
         };
         grow_quietly(base, dst, &options, "small", "test").unwrap();
     }

@@ -1,6 +1,7 @@
 //! Human and JSON renderings of plans, inspections and clone summaries.
 
 use crate::args::CloneArgs;
+use hyperclone_core::family::Space;
 use hyperclone_core::family::{Component, Family, FAMILIES};
 use hyperclone_core::grow::{by_component, clone_json, plan_json, threads, Cloned};
 use hyperclone_core::{Checkpoint, Plan};
@@ -31,6 +32,34 @@ fn human_params(p: u64) -> String {
     }
 }
 
+/// "FFN x2, 30 -> 60 layers (identity), tied" : what grows besides the hidden width.
+fn growth_summary(ckpt: &Checkpoint, plan: &Plan) -> String {
+    let m = &plan.map;
+    let ffn = m.segment(Space::Ffn);
+    let mut parts = vec![if ffn.extra == 0 {
+        format!("FFN x{}", ffn.copies)
+    } else {
+        format!("FFN {} -> {} (Net2Net)", ffn.len, ffn.dest_len())
+    }];
+    if m.layers.len() != ckpt.config.num_hidden_layers {
+        parts.push(format!(
+            "{} -> {} layers ({}{})",
+            ckpt.config.num_hidden_layers,
+            m.layers.len(),
+            m.depth_mode.name(),
+            if m.preserves_function() {
+                ""
+            } else {
+                ", not function-preserving"
+            }
+        ));
+    }
+    if m.keep_tied {
+        parts.push("embedding kept tied, residual carried as tile/n".into());
+    }
+    parts.join(", ")
+}
+
 pub fn plan(ckpt: &Checkpoint, plan: &Plan, as_json: bool) {
     if as_json {
         outln!("{}", plan_json(ckpt, plan));
@@ -38,11 +67,11 @@ pub fn plan(ckpt: &Checkpoint, plan: &Plan, as_json: bool) {
     }
     let o = &plan.options;
     outln!(
-        "Plan: {} `{}` x{} (FFN x{}), variant {}{}",
+        "Plan: {} `{}` x{} ({}), variant {}{}",
         ckpt.config.family.model_type,
         ckpt.dir.display(),
         o.factor,
-        o.ffn_factor,
+        growth_summary(ckpt, plan),
         o.variant.name(),
         if o.variant.is_noisy() {
             format!(" at {} dB, seed {}", o.snr_db, o.seed)

@@ -224,8 +224,10 @@ fn zero_fractional_and_non_dividing_factors() {
     );
     fails(
         r.path(),
-        &["--factor", "2", "--intermediate-size", "50"],
-        &["--intermediate-size 50"],
+        // Any width >= the source's grows (Net2Net, tests/growth_cli.rs); a narrower one
+        // would remove units.
+        &["--factor", "2", "--intermediate-size", "5"],
+        &["--intermediate-size 5", "smaller"],
     );
 }
 
@@ -422,6 +424,7 @@ fn write_failure_part_way_leaves_nothing() {
         seed: 0,
         dtype: None,
         shard_size: 20_000,
+        ..GrowthOptions::default()
     };
     let plan = Plan::new(&ckpt, &options, &BTreeMap::new()).unwrap();
     assert!(plan.shards.len() > 1);
@@ -478,6 +481,7 @@ fn failed_verification_keeps_nothing() {
         seed: 0,
         dtype: None,
         shard_size: 1 << 30,
+        ..GrowthOptions::default()
     };
     let plan = Plan::new(&ckpt, &options, &BTreeMap::new()).unwrap();
     let cancel = AtomicBool::new(false);

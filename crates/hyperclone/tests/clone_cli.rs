@@ -79,7 +79,7 @@ fn clone_writes_a_complete_loadable_folder() {
     assert_eq!(meta["hyperclone.source"], "src");
     assert_eq!(
         meta["hyperclone.command"],
-        "hyperclone clone SRC DST --factor 2 --ffn-factor 2 --variant symmetric --dtype keep --shard-size 5000000000"
+        "hyperclone clone SRC DST --factor 2 --intermediate-size 48 --variant symmetric --dtype keep --shard-size 5000000000"
     );
     let card = std::fs::read_to_string(dst.join("README.md")).unwrap();
     assert!(

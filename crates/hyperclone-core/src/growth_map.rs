@@ -1,0 +1,569 @@
+//! The growth map: what every destination index and layer is made of.
+//!
+//! One function ([`GrowthMap::new`]) turns (config, options) into the map; the plan, the
+//! kernel's axis segments, the grown config, verification's expectations and the recipe
+//! file all read it, so the growth rule is written down once.
+//!
+//! - Each index space maps destination index `j` to a source unit: `j % len` for the first
+//!   `copies * len` indices (the paper's tiles), then `j - copies * len` for the `extra`
+//!   trailing ones (Net2Net's uneven growth). Unit `u` has multiplicity
+//!   `copies + (u < extra)`; readers of the space divide by it.
+//! - Each destination layer names its source layer and whether it is an inserted identity
+//!   block (a copy of its neighbour whose residual writers are zero: LLaMA Pro).
+//! - With a kept tie the residual stream is carried as tile(h)/n (see
+//!   [`crate::family::TiedGrowth`]).
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::family::{Space, TensorRule, TiedGrowth};
+use crate::kernel::Segment;
+use crate::limits::MAX_LAYERS;
+use crate::plan::GrowthOptions;
+use serde_json::{json, Map, Value};
+
+/// The `__metadata__` key under which every clone records its growth map (JSON).
+pub const GROWTH_MAP_KEY: &str = "hyperclone.growth_map";
+
+/// What a clone's recorded growth map says about its function, read back by `verify`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordedGrowth {
+    /// Every index space the map names, with its segment.
+    pub spaces: Vec<(Space, Segment)>,
+    pub layers: Vec<LayerSource>,
+    /// The clone's residual stream is tile(h) * residual_scale.
+    pub residual_scale: f64,
+    pub preserves_function: bool,
+}
+
+impl RecordedGrowth {
+    /// Parses the JSON of [`GrowthMap::to_json`]; `None` when it is not one.
+    pub fn parse(text: &str) -> Option<RecordedGrowth> {
+        let v: Value = serde_json::from_str(text).ok()?;
+        let layers = v
+            .get("layers")?
+            .as_array()?
+            .iter()
+            .map(|l| {
+                Some(LayerSource {
+                    source: usize::try_from(l.get("source")?.as_u64()?).ok()?,
+                    identity: l.get("identity")?.as_bool()?,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let map = v.get("spaces")?.as_object()?;
+        let spaces = Space::ALL
+            .iter()
+            .filter_map(|&space| {
+                let s = map.get(space.name())?;
+                let get = |k: &str| s.get(k)?.as_u64().and_then(|x| usize::try_from(x).ok());
+                let seg = Segment {
+                    len: get("source")?,
+                    copies: get("copies")?,
+                    extra: get("extra")?,
+                };
+                Some((space, seg))
+            })
+            .collect();
+        Some(RecordedGrowth {
+            spaces,
+            layers,
+            residual_scale: v.get("residual_scale")?.as_f64()?,
+            preserves_function: v.get("preserves_function")?.as_bool()?,
+        })
+    }
+
+    /// The growth map a checkpoint records in its safetensors metadata, if any.
+    pub fn of(ckpt: &crate::Checkpoint) -> Option<RecordedGrowth> {
+        let text = ckpt
+            .files
+            .iter()
+            .find_map(|f| f.metadata.get(GROWTH_MAP_KEY))?;
+        RecordedGrowth::parse(text)
+    }
+
+    /// For each destination layer, the source layer whose output its output equals.
+    pub fn layer_of(&self) -> Vec<usize> {
+        self.layers.iter().map(|l| l.source).collect()
+    }
+}
+
+/// How `--num-hidden-layers` / `--depth-factor` adds layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DepthMode {
+    /// Function-preserving: after each source layer, as many copies of it as the even
+    /// spread gives, with their residual writers zeroed (LLaMA Pro).
+    #[default]
+    Identity,
+    /// The whole stack repeated (G_stack): destination layer j is source layer j mod L.
+    /// Not function-preserving; for experiments.
+    Stack,
+}
+
+impl DepthMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            DepthMode::Identity => "identity",
+            DepthMode::Stack => "stack",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<DepthMode> {
+        [DepthMode::Identity, DepthMode::Stack]
+            .into_iter()
+            .find(|m| m.name() == s)
+    }
+}
+
+/// One destination layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerSource {
+    /// The source layer its weights are grown from.
+    pub source: usize,
+    /// An inserted identity block: residual writers are zero, so the layer adds nothing.
+    pub identity: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GrowthMap {
+    /// Hidden width multiplier n (also the head count's).
+    pub factor: usize,
+    /// Every index space, in [`Space::ALL`] order.
+    pub spaces: Vec<(Space, Segment)>,
+    pub layers: Vec<LayerSource>,
+    pub depth_mode: DepthMode,
+    /// The clone keeps the source's tied embedding tied.
+    pub keep_tied: bool,
+}
+
+impl GrowthMap {
+    pub fn new(cfg: &ModelConfig, o: &GrowthOptions) -> Result<GrowthMap> {
+        let opt = |m: String| Error::Options(m);
+        let spaces = Space::ALL
+            .iter()
+            .map(|&space| Ok((space, space_segment(cfg, o, space)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let layers = layer_map(cfg, o)?;
+        if o.keep_tied {
+            if !cfg.tie_word_embeddings {
+                return Err(opt(
+                    "--keep-tied: the source's head is not tied to its embedding (tie_word_embeddings is false), so \
+                     there is no tie to keep; drop the flag"
+                        .into(),
+                ));
+            }
+            if let TiedGrowth::Refused(why) = cfg.family.tied_growth {
+                return Err(opt(format!(
+                    "--keep-tied is not exact for {}: {why}; clone without it (the head is then written untied)",
+                    cfg.family.model_type
+                )));
+            }
+            if cfg.embed_proj_dim != cfg.hidden_size {
+                return Err(opt(
+                    "--keep-tied: the embedding lives behind project_in/out (word_embed_proj_dim != hidden_size)"
+                        .into(),
+                ));
+            }
+        }
+        Ok(GrowthMap {
+            factor: o.factor,
+            spaces,
+            layers,
+            depth_mode: o.depth_mode,
+            keep_tied: o.keep_tied && o.factor > 1,
+        })
+    }
+
+    pub fn segment(&self, space: Space) -> Segment {
+        self.spaces
+            .iter()
+            .find(|(s, _)| *s == space)
+            .map(|(_, seg)| *seg)
+            .expect("every space is mapped")
+    }
+
+    /// Destination size of a space.
+    pub fn dest_len(&self, space: Space) -> usize {
+        self.segment(space).dest_len()
+    }
+
+    pub fn grows_depth(&self) -> bool {
+        self.layers
+            .iter()
+            .enumerate()
+            .any(|(j, l)| l.source != j || l.identity)
+    }
+
+    /// Whether the clone computes the source's function (false only for `--depth-mode stack`
+    /// that actually adds layers).
+    pub fn preserves_function(&self) -> bool {
+        self.depth_mode == DepthMode::Identity || !self.grows_depth()
+    }
+
+    /// The residual stream of the clone is `tile(h) * residual_scale()`.
+    pub fn residual_scale(&self) -> f64 {
+        if self.keep_tied {
+            1.0 / self.factor as f64
+        } else {
+            1.0
+        }
+    }
+
+    /// For each source layer, the destination layer whose output equals its output (the
+    /// last destination layer grown from it: identity blocks after it change nothing).
+    /// Only meaningful when [`Self::preserves_function`].
+    pub fn matching_layers(&self) -> Vec<(usize, usize)> {
+        let mut out: Vec<(usize, usize)> = Vec::new();
+        for (j, l) in self.layers.iter().enumerate() {
+            match out.last_mut() {
+                Some(last) if last.0 == l.source => last.1 = j,
+                _ => out.push((l.source, j)),
+            }
+        }
+        out
+    }
+
+    /// The constant factor on a tensor beyond the kernel's tiling: 0 for the residual writers
+    /// of an identity block, 1/n for residual sources and writers when a tie is kept.
+    pub fn tensor_scale(
+        &self,
+        cfg: &ModelConfig,
+        rule: &TensorRule,
+        dest_layer: Option<usize>,
+    ) -> f64 {
+        if let Some(j) = dest_layer {
+            if self.layers[j].identity && rule.writes_residual() {
+                return 0.0;
+            }
+        }
+        if !self.keep_tied {
+            return 1.0;
+        }
+        let also = match cfg.family.tied_growth {
+            TiedGrowth::Exact { also_scaled, .. } => also_scaled.contains(&rule.pattern),
+            TiedGrowth::Refused(_) => false,
+        };
+        if rule.writes_residual() || rule.starts_residual() || also {
+            self.residual_scale()
+        } else {
+            1.0
+        }
+    }
+
+    /// The map as JSON (the `growth_map` of `plan --json` and of recipes).
+    pub fn to_json(&self) -> Value {
+        let mut spaces = Map::new();
+        for (space, seg) in &self.spaces {
+            spaces.insert(
+                space.name().into(),
+                json!({"source": seg.len, "dest": seg.dest_len(), "copies": seg.copies, "extra": seg.extra}),
+            );
+        }
+        json!({
+            "factor": self.factor,
+            "spaces": spaces,
+            "layers": self.layers.iter().enumerate().map(|(j, l)| json!({
+                "dest": j, "source": l.source, "identity": l.identity
+            })).collect::<Vec<_>>(),
+            "depth_mode": self.depth_mode.name(),
+            "keep_tied": self.keep_tied,
+            "residual_scale": self.residual_scale(),
+            "preserves_function": self.preserves_function(),
+        })
+    }
+}
+
+fn space_segment(cfg: &ModelConfig, o: &GrowthOptions, space: Space) -> Result<Segment> {
+    let len = cfg.space_len(space);
+    if space != Space::Ffn {
+        return Ok(Segment::tiled(len, o.copies(space, cfg)));
+    }
+    let target = match o.intermediate_size {
+        Some(f) => f,
+        None => len.checked_mul(o.ffn_factor).ok_or_else(|| {
+            Error::Options(format!(
+                "--factor {} (FFN x{}): the FFN would have more than {} elements",
+                o.factor,
+                o.ffn_factor,
+                crate::limits::MAX_TENSOR_ELEMENTS
+            ))
+        })?,
+    };
+    if target < len {
+        return Err(Error::Options(format!(
+            "--intermediate-size {target} is smaller than the source's {len}: growth never removes FFN units"
+        )));
+    }
+    Ok(Segment {
+        len,
+        copies: target / len,
+        extra: target % len,
+    })
+}
+
+fn layer_map(cfg: &ModelConfig, o: &GrowthOptions) -> Result<Vec<LayerSource>> {
+    let l = cfg.num_hidden_layers;
+    let target = o.num_layers.unwrap_or(l);
+    if target < l {
+        return Err(Error::Options(format!(
+            "--num-hidden-layers {target} is fewer than the source's {l}: growth never removes layers"
+        )));
+    }
+    if target > MAX_LAYERS {
+        return Err(Error::Options(format!(
+            "--num-hidden-layers {target}: at most {MAX_LAYERS} layers are supported"
+        )));
+    }
+    if target > l {
+        depth_is_expressible(cfg)?;
+        let post_ln = cfg.raw.get("do_layer_norm_before").and_then(Value::as_bool) == Some(false);
+        if post_ln && o.depth_mode == DepthMode::Identity {
+            return Err(Error::Options(
+                "depth growth: this model normalises the residual after every block (do_layer_norm_before: false), \
+                 so an inserted block with zeroed writers still applies its LayerNorm and is not the identity; \
+                 use --depth-mode stack (not function-preserving) or grow only the width"
+                    .into(),
+            ));
+        }
+    }
+    Ok(match o.depth_mode {
+        DepthMode::Stack => (0..target)
+            .map(|j| LayerSource {
+                source: j % l,
+                identity: false,
+            })
+            .collect(),
+        DepthMode::Identity => {
+            let added = target - l;
+            let mut out = Vec::with_capacity(target);
+            for i in 0..l {
+                out.push(LayerSource {
+                    source: i,
+                    identity: false,
+                });
+                // Evenly spread: after source layer i, the identity blocks that bring the
+                // running total to floor((i + 1) * added / l).
+                let copies = (i + 1) * added / l - i * added / l;
+                out.extend((0..copies).map(|_| LayerSource {
+                    source: i,
+                    identity: true,
+                }));
+            }
+            out
+        }
+    })
+}
+
+/// Layer-indexed behaviour that config.json states only implicitly cannot follow a layer
+/// to its new index; refuse instead of changing which layers slide.
+fn depth_is_expressible(cfg: &ModelConfig) -> Result<()> {
+    if cfg.raw.get("layer_types").is_some_and(Value::is_array) {
+        return Ok(()); // rewritten layer by layer in the grown config
+    }
+    let why = if cfg.family.model_type == "gemma2" {
+        Some("gemma2 alternates sliding and global attention by layer index and config.json has no `layer_types`")
+    } else if cfg.flag("use_sliding_window") && cfg.raw.contains_key("max_window_layers") {
+        Some("sliding attention is chosen by layer index (max_window_layers) and config.json has no `layer_types`")
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(Error::Options(format!(
+            "depth growth: {why}; add a `layer_types` list to the source config to make the layout explicit"
+        ))),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::Variant;
+    use std::path::Path;
+
+    fn cfg(extra: Value) -> ModelConfig {
+        let mut v = json!({"model_type": "llama", "hidden_size": 32, "intermediate_size": 48,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 4,
+            "vocab_size": 96, "tie_word_embeddings": true, "rms_norm_eps": 1e-6});
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        let Value::Object(m) = v else { unreachable!() };
+        ModelConfig::from_map(Path::new("config.json"), m).unwrap()
+    }
+
+    fn options() -> GrowthOptions {
+        GrowthOptions {
+            factor: 2,
+            ffn_factor: 2,
+            variant: Variant::Symmetric,
+            snr_db: 10.0,
+            seed: 0,
+            dtype: None,
+            shard_size: 1 << 30,
+            ..GrowthOptions::default()
+        }
+    }
+
+    #[test]
+    fn identity_blocks_are_spread_evenly_after_their_source() {
+        let c = cfg(json!({}));
+        let m = GrowthMap::new(
+            &c,
+            &GrowthOptions {
+                num_layers: Some(6),
+                ..options()
+            },
+        )
+        .unwrap();
+        let got: Vec<(usize, bool)> = m.layers.iter().map(|l| (l.source, l.identity)).collect();
+        assert_eq!(
+            got,
+            [
+                (0, false),
+                (1, false),
+                (1, true),
+                (2, false),
+                (3, false),
+                (3, true)
+            ]
+        );
+        assert_eq!(m.matching_layers(), [(0, 0), (1, 2), (2, 3), (3, 5)]);
+        let m = GrowthMap::new(
+            &c,
+            &GrowthOptions {
+                num_layers: Some(8),
+                ..options()
+            },
+        )
+        .unwrap();
+        assert!(m.layers.chunks(2).enumerate().all(|(i, p)| p[0]
+            == LayerSource {
+                source: i,
+                identity: false
+            }
+            && p[1]
+                == LayerSource {
+                    source: i,
+                    identity: true
+                }));
+        let m = GrowthMap::new(
+            &c,
+            &GrowthOptions {
+                num_layers: Some(6),
+                depth_mode: DepthMode::Stack,
+                ..options()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            m.layers.iter().map(|l| l.source).collect::<Vec<_>>(),
+            [0, 1, 2, 3, 0, 1]
+        );
+        assert!(!m.preserves_function());
+    }
+
+    #[test]
+    fn uneven_ffn_is_copies_plus_extra() {
+        let c = cfg(json!({}));
+        let m = GrowthMap::new(
+            &c,
+            &GrowthOptions {
+                intermediate_size: Some(120),
+                ..options()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            m.segment(Space::Ffn),
+            Segment {
+                len: 48,
+                copies: 2,
+                extra: 24
+            }
+        );
+        assert_eq!(m.dest_len(Space::Ffn), 120);
+        let err = GrowthMap::new(
+            &c,
+            &GrowthOptions {
+                intermediate_size: Some(40),
+                ..options()
+            },
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("smaller than the source's 48"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn keep_tied_needs_a_tie_and_a_family_where_it_is_exact() {
+        let m = GrowthMap::new(
+            &cfg(json!({})),
+            &GrowthOptions {
+                keep_tied: true,
+                ..options()
+            },
+        )
+        .unwrap();
+        assert_eq!(m.residual_scale(), 0.5);
+        let err = GrowthMap::new(
+            &cfg(json!({"tie_word_embeddings": false})),
+            &GrowthOptions {
+                keep_tied: true,
+                ..options()
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("no tie to keep"), "{err}");
+        let gemma = cfg(json!({"model_type": "gemma", "head_dim": 8}));
+        let err = GrowthMap::new(
+            &gemma,
+            &GrowthOptions {
+                keep_tied: true,
+                ..options()
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("sqrt(hidden_size)"), "{err}");
+    }
+
+    #[test]
+    fn depth_refuses_implicit_layer_layouts() {
+        let c =
+            cfg(json!({"use_sliding_window": true, "max_window_layers": 2, "sliding_window": 16}));
+        let err = GrowthMap::new(
+            &c,
+            &GrowthOptions {
+                num_layers: Some(8),
+                ..options()
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("layer_types"), "{err}");
+        let c = cfg(
+            json!({"use_sliding_window": true, "max_window_layers": 2, "sliding_window": 16,
+            "layer_types": ["full_attention", "full_attention", "sliding_attention", "sliding_attention"]}),
+        );
+        assert!(GrowthMap::new(
+            &c,
+            &GrowthOptions {
+                num_layers: Some(8),
+                ..options()
+            }
+        )
+        .is_ok());
+        let err = GrowthMap::new(
+            &cfg(json!({})),
+            &GrowthOptions {
+                num_layers: Some(3),
+                ..options()
+            },
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("fewer than the source's 4"),
+            "{err}"
+        );
+    }
+}
