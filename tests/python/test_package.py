@@ -75,6 +75,10 @@ CLONE_CASES = [
     ("llama-gqa-bf16", dict(hidden_size=64, variant="noisy-diagonal", seed=1),
      ["--hidden-size", 64, "--variant", "noisy-diagonal", "--seed", 1]),
     ("qwen3-gqa", dict(factor=2, variant="diagonal"), ["--factor", 2, "--variant", "diagonal"]),
+    ("llama-gqa-tied", dict(factor=2, keep_tied=True, num_hidden_layers=3),
+     ["--factor", 2, "--keep-tied", "--num-hidden-layers", 3]),
+    ("llama-mha-untied", dict(factor=2, intermediate_size=100, depth_factor=2, depth_mode="stack"),
+     ["--factor", 2, "--intermediate-size", 100, "--depth-factor", 2, "--depth-mode", "stack"]),
 ]
 
 
@@ -101,6 +105,25 @@ def test_clone_summary_matches_the_cli_json(hyperclone_bin, tmp_path):
     assert {k: v for k, v in ours.items() if k not in varying} == \
         {k: v for k, v in theirs.items() if k not in varying}
     assert ours["verification"]["passed"] is True
+
+
+def test_equivalent_options_and_recipes_give_the_same_bytes(hyperclone_bin, tmp_path):
+    """ffn_factor=2 and the doubled intermediate_size are one growth, so one file set; a
+    recipe written from plan() replays it from the CLI and from Python alike."""
+    src = TINY / "llama-gqa-untied"
+    ffn = json.loads((src / "config.json").read_text())["intermediate_size"]
+    hyperclone.clone(src, tmp_path / "a", 2, ffn_factor=2, variant="noisy", seed=3)
+    run_clone(hyperclone_bin, src, tmp_path / "b", "--factor", 2, "--intermediate-size",
+              2 * ffn, "--variant", "noisy", "--seed", 3)
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(hyperclone.plan(src, 2, variant="noisy", seed=3)["recipe"]))
+    hyperclone.clone(src, tmp_path / "c", recipe=recipe)
+    run_clone(hyperclone_bin, src, tmp_path / "d", "--recipe", recipe)
+    reference = files_of(tmp_path / "a")
+    for other in "bcd":
+        assert files_of(tmp_path / other) == reference, other
+    with pytest.raises(hyperclone.HypercloneError, match="recipe= holds the whole growth"):
+        hyperclone.clone(src, tmp_path / "e", 2, recipe=recipe)
 
 
 # --- plan and verify: the CLI's --json ----------------------------------------------------
@@ -169,6 +192,7 @@ GROW_CASES = [
     ("llama-gqa-bf16", dict(factor=2, variant="noisy", seed=2)),
     ("llama-gqa-sharded", dict(factor=2, dtype="bf16")),
     ("qwen3-mqa-tied", dict(factor=2, ffn_factor=4)),
+    ("llama-gqa-tied", dict(factor=2, keep_tied=True, intermediate_size=70, depth_factor=2)),
 ]
 
 
