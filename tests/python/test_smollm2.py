@@ -45,3 +45,21 @@ def test_smollm2_clone_x2(hyperclone_bin):
     assert report["pass"], cc.format_report(report)
     assert report["n_tokens"] >= 16
     assert report["top1_agreement"] == 1.0
+
+
+@pytest.mark.slow
+def test_smollm2_keep_tied_depth_and_uneven_ffn(hyperclone_bin):
+    # Every growth beyond the paper at once, on the real checkpoint: width x2, 30 -> 45
+    # layers (identity blocks), FFN 1536 -> 2304 (x1.5, Net2Net), the tie kept.
+    src = smollm2_folder()
+    with tempfile.TemporaryDirectory(prefix="hyperclone-smollm2-") as tmp:
+        dst = Path(tmp) / "dst"
+        run_clone(hyperclone_bin, src, dst, "--factor", 2, "--num-hidden-layers", 45,
+                  "--intermediate-size", 2304, "--keep-tied", "--variant", "noisy")
+        ids = cc.text_ids(src, TEXT)
+        growth = cc.Growth(ffn=2304, layer_of=cc.identity_layer_map(30, 45), keep_tied=True)
+        report = cc.check(src, dst, n=2, ids=ids, growth=growth)
+        print(cc.format_report(report))
+        shutil.rmtree(dst, ignore_errors=True)
+    assert report["pass"], cc.format_report(report)
+    assert report["top1_agreement"] == 1.0

@@ -14,12 +14,7 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::sync::Mutex;
 
-/// A fixed probe: 16 ids spread over the vocabulary (no tokenizer needed).
-pub fn probe_tokens(vocab: usize) -> Vec<u32> {
-    (0..16u64)
-        .map(|i| ((i * 7919 + 13) % vocab as u64) as u32)
-        .collect()
-}
+pub use crate::generate::probe_tokens;
 
 /// The outcome of checking BIG against SMALL.
 #[derive(Debug, Clone)]

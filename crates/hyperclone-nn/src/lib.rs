@@ -1,17 +1,30 @@
 //! hyperclone-nn: one generic decoder-only transformer on candle, used to verify clones
-//! without Python and (later) to train them.
+//! without Python and to train them: the decoder ([`model`]), its training step
+//! ([`train`]), the training run with its checkpoint and resume format ([`trainer`]),
+//! generation ([`generate`]) and carrying AdamW moments to a clone ([`optimizer_carry`]).
+
+/// `return Err(NnError::Input(format!(..)))`: a refused input or state, in one line.
+macro_rules! bail {
+    ($($arg:tt)*) => {
+        return Err($crate::NnError::Input(format!($($arg)*)))
+    };
+}
 
 pub mod arch;
 pub mod check;
 pub mod corpus;
 pub mod error;
+pub mod generate;
 pub mod init;
 pub mod model;
+pub mod optimizer_carry;
+pub mod quiet_growth;
 pub mod rng;
 pub mod softmax;
 pub mod spec;
 pub mod train;
+pub mod trainer;
 
-pub use error::{NnError, Result};
+pub use error::{Context, NnError, Result};
 pub use model::{Decoder, Dropout, ForwardOutput, Param};
 pub mod verify;

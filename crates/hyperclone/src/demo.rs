@@ -6,8 +6,8 @@ use crate::args::{DemoArgs, InputArgs};
 use crate::growth::grow_quietly;
 use crate::infer;
 use anyhow::{Context, Result};
-use candle_core::DType;
 use hyperclone_core::{GrowthOptions, Variant};
+use hyperclone_nn::generate::{complete, load, parse_dtype, tokenizer};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -79,7 +79,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         text: Some(a.prompt.clone()),
         random_tokens: None,
     };
-    let checked = infer::run_verify(&small, &big, &probe, DType::F64)?;
+    let checked = infer::run_verify(&small, &big, &probe, parse_dtype("f64"))?;
     let (report, symmetry) = (checked.report, checked.symmetry);
     outln!(
         "2. verified in f64 on the prompt: max |logit diff| {:.2e} ({:.2e} of the scale), logit std ratio {:.12}, \
@@ -108,9 +108,18 @@ pub fn demo(a: DemoArgs) -> Result<()> {
 }
 
 fn continue_prompt(dir: &Path, prompt: &str, max_tokens: usize) -> Result<String> {
-    let (ckpt, model) = infer::load(dir, DType::F32)?;
-    let tok = infer::tokenizer(dir)?;
-    infer::complete(&ckpt, &model, &tok, prompt, max_tokens, 0.0, 0, |_| {})
+    let (ckpt, model) = load(dir, parse_dtype("f32"))?;
+    let tok = tokenizer(dir)?;
+    Ok(complete(
+        &ckpt,
+        &model,
+        &tok,
+        prompt,
+        max_tokens,
+        0.0,
+        0,
+        |_| {},
+    )?)
 }
 
 fn one_line(s: &str) -> String {

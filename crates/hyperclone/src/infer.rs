@@ -2,117 +2,32 @@
 
 use crate::args::{ForwardArgs, GenerateArgs, InputArgs, VerifyArgs};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::DType;
 use hyperclone_core::safetensors::{encode_header, HeaderEntry};
 use hyperclone_core::Checkpoint;
 use hyperclone_nn::check::Verification;
-use hyperclone_nn::verify::argmax;
-use hyperclone_nn::Decoder;
+use hyperclone_nn::generate::{complete, forward_logits, load, tokenizer, Input};
 use serde_json::json;
 use std::path::Path;
-use tokenizers::Tokenizer;
 
-pub fn parse_dtype(s: &str) -> DType {
-    match s {
-        "f64" => DType::F64,
-        "bf16" => DType::BF16,
-        _ => DType::F32,
-    }
-}
+pub use hyperclone_nn::generate::parse_dtype;
 
-pub fn tokenizer(model: &Path) -> Result<Tokenizer> {
-    let p = model.join("tokenizer.json");
-    // A FIFO or device would hang or never end.
-    hyperclone_core::limits::ensure_regular_file(&p)?;
-    Tokenizer::from_file(&p)
-        .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", p.display()))
-}
-
-pub use hyperclone_nn::check::probe_tokens;
-
-/// Longest token sequence forward and verify accept (attention is quadratic in it).
-const MAX_TOKENS: usize = 1 << 20;
-
+/// The token flags as the library's input.
 fn input_ids(input: &InputArgs, model: &Path, vocab: usize) -> Result<Vec<u32>> {
-    if let Some(t) = &input.tokens {
-        let ids: Vec<u32> = t
-            .split(',')
-            .map(|x| {
-                x.trim()
-                    .parse::<u32>()
-                    .with_context(|| format!("--tokens: `{x}` is not a token id"))
-            })
-            .collect::<Result<_>>()?;
-        if ids.is_empty() {
-            bail!("--tokens is empty");
-        }
-        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-            bail!("--tokens: id {bad} is outside the model's vocabulary of {vocab}");
-        }
-        return Ok(ids);
-    }
-    if let Some(t) = input.random_tokens {
-        if t == 0 {
-            bail!("--random-tokens 0: give at least one token");
-        }
-        if t > MAX_TOKENS {
-            bail!("--random-tokens {t}: at most {MAX_TOKENS} tokens");
-        }
-        let mut state = 0x5eed_u64;
-        return Ok((0..t)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((state >> 33) % vocab as u64) as u32
-            })
-            .collect());
-    }
-    if let Some(text) = &input.text {
-        let enc = tokenizer(model)?
-            .encode(text.as_str(), false)
-            .map_err(|e| anyhow::anyhow!("tokenizing --text: {e}"))?;
-        if enc.get_ids().is_empty() {
-            bail!("--text gave no tokens");
-        }
-        return Ok(enc.get_ids().to_vec());
-    }
-    Ok(probe_tokens(vocab))
-}
-
-pub fn load(model: &Path, dtype: DType) -> Result<(Checkpoint, Decoder)> {
-    let ckpt = Checkpoint::open(model)?;
-    let dec = Decoder::load(&ckpt, dtype, &Device::Cpu)?;
-    Ok((ckpt, dec))
+    let input = Input {
+        tokens: input.tokens.clone(),
+        text: input.text.clone(),
+        random_tokens: input.random_tokens,
+    };
+    Ok(hyperclone_nn::generate::input_ids(&input, model, vocab)?)
 }
 
 pub fn forward(a: ForwardArgs) -> Result<()> {
     let (_, model) = load(&a.model, parse_dtype(&a.dtype))?;
     let ids = input_ids(&a.input, &a.model, model.spec.vocab)?;
-    if a.batch == 0 || a.batch > MAX_TOKENS / ids.len() {
-        bail!(
-            "--batch {}: must be at least 1 and hold at most {MAX_TOKENS} tokens in all",
-            a.batch
-        );
-    }
-    let batch: Vec<u32> = ids
-        .iter()
-        .copied()
-        .cycle()
-        .take(ids.len() * a.batch)
-        .collect();
-    let input = Tensor::from_vec(batch, (a.batch, ids.len()), &Device::Cpu)?;
-    let logits = model.forward(&input)?.logits.get(0)?.to_dtype(DType::F32)?;
-    let mut seconds_per_forward = None;
-    if a.repeat > 0 {
-        let start = std::time::Instant::now();
-        for _ in 0..a.repeat {
-            model.forward(&input)?;
-        }
-        seconds_per_forward = Some(start.elapsed().as_secs_f64() / a.repeat as f64);
-    }
-    let (t, v) = logits.dims2()?;
-    let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+    let logits = forward_logits(&model, &ids, a.batch, a.repeat)?;
+    let (rows, seconds_per_forward) = (logits.rows, logits.seconds_per_forward);
+    let (t, v) = (rows.len(), rows.first().map_or(0, Vec::len));
     if let Some(out) = &a.out {
         let entry = HeaderEntry {
             name: "logits".into(),
@@ -275,92 +190,4 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     )?;
     outln!();
     Ok(())
-}
-
-/// Continues `prompt` for at most `max_tokens` (greedy at temperature 0, else seeded
-/// sampling), calling `emit` with each newly decoded piece; returns the continuation.
-#[allow(clippy::too_many_arguments)]
-pub fn complete(
-    ckpt: &Checkpoint,
-    model: &Decoder,
-    tok: &Tokenizer,
-    prompt: &str,
-    max_tokens: usize,
-    temperature: f64,
-    seed: u64,
-    mut emit: impl FnMut(&str),
-) -> Result<String> {
-    let mut ids = tok
-        .encode(prompt, false)
-        .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?
-        .get_ids()
-        .to_vec();
-    if ids.is_empty() {
-        bail!("the prompt gave no tokens");
-    }
-    let eos = eos_ids(ckpt);
-    let prompt_len = ids.len();
-    let mut rng = seed ^ 0x9e37_79b9_7f4a_7c15;
-    let mut printed = String::new();
-    for _ in 0..max_tokens {
-        // No KV cache: the whole sequence is recomputed each step (fine for verification-size
-        // models; generation speed is not this command's job).
-        let input = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu)?;
-        let logits = model.forward(&input)?.logits.squeeze(0)?;
-        let last: Vec<f64> = logits.get(ids.len() - 1)?.to_dtype(DType::F64)?.to_vec1()?;
-        let next = if temperature <= 0.0 {
-            argmax(&last)
-        } else {
-            sample(&last, temperature, &mut rng)
-        } as u32;
-        if eos.contains(&next) {
-            break;
-        }
-        ids.push(next);
-        let text = tok
-            .decode(&ids[prompt_len..], true)
-            .map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
-        if let Some(new) = text.strip_prefix(printed.as_str()) {
-            emit(new);
-        }
-        printed = text;
-    }
-    Ok(printed)
-}
-
-fn eos_ids(ckpt: &Checkpoint) -> Vec<u32> {
-    let mut v = Vec::new();
-    let mut add = |x: Option<&serde_json::Value>| match x {
-        Some(serde_json::Value::Number(n)) => v.extend(n.as_u64().map(|n| n as u32)),
-        Some(serde_json::Value::Array(a)) => {
-            v.extend(a.iter().filter_map(|n| n.as_u64()).map(|n| n as u32))
-        }
-        _ => {}
-    };
-    add(ckpt.config.raw.get("eos_token_id"));
-    // Bounded and regular-file only (a FIFO would hang); an unreadable file adds nothing.
-    if let Ok(g) = hyperclone_core::limits::read_json(&ckpt.dir.join("generation_config.json")) {
-        add(g.get("eos_token_id"));
-    }
-    v
-}
-
-fn sample(logits: &[f64], temperature: f64, state: &mut u64) -> usize {
-    let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    let w: Vec<f64> = logits
-        .iter()
-        .map(|x| ((x - m) / temperature).exp())
-        .collect();
-    let total: f64 = w.iter().sum();
-    *state = state
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let mut u = (*state >> 11) as f64 / (1u64 << 53) as f64 * total;
-    for (i, x) in w.iter().enumerate() {
-        if u < *x {
-            return i;
-        }
-        u -= x;
-    }
-    w.len() - 1
 }

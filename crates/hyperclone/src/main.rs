@@ -13,15 +13,11 @@ macro_rules! out {
 }
 
 mod args;
-mod curve;
 mod demo;
-mod experiment;
+mod experiment_cmd;
 mod growth;
 mod infer;
-mod optimizer_carry;
-mod plot;
 mod report;
-mod study_report;
 mod train_cmd;
 
 use anyhow::Result;
@@ -76,7 +72,7 @@ fn main() {
         },
         Command::Generate(a) => infer::generate(a),
         Command::Train(a) => train_cmd::train(a),
-        Command::Experiment(a) => experiment::experiment(a),
+        Command::Experiment(a) => experiment_cmd::experiment(a),
         Command::Tokenizer(a) => train_cmd::tokenizer(a),
         Command::Demo(a) => demo::demo(a),
     };

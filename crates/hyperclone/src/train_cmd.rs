@@ -1,23 +1,14 @@
-//! `hyperclone train`: continue training a checkpoint (or a random init) on text files.
+//! `hyperclone train` and `hyperclone tokenizer`: flags to [`hyperclone_nn::trainer`], a
+//! progress bar, a summary line.
 
 use crate::args::{ScheduleArg, TokenizerArgs, TrainArgs};
-use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
-use hyperclone_core::symmetry::mean_row_half_cosine_of;
-use hyperclone_core::Checkpoint;
-use hyperclone_nn::corpus::{batch, eval_windows, text_files, tokenize_to_cache, TokenFile};
-use hyperclone_nn::train::{batch_loss, save_params, train_step, AdamW, Schedule, TrainConfig};
-use hyperclone_nn::{Decoder, Param};
+use anyhow::Result;
+use hyperclone_nn::train::Schedule;
+use hyperclone_nn::trainer::{self, TrainOptions, TrainProgress, LAST};
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::json;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-
-/// The checkpoint a run writes and `--resume` reads.
-const LAST: &str = "last";
 
 pub fn train(a: TrainArgs) -> Result<()> {
-    let done = run(&a, "")?;
+    let done = trainer::run(&options(&a)?, &StepBar::new(""))?;
     outln!(
         "trained {} steps ({} tokens) in {:.1} s; checkpoint {}, metrics {}",
         done.steps,
@@ -29,90 +20,20 @@ pub fn train(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// What one call of [`run`] did.
-pub struct RunDone {
-    /// Steps trained by this call (not counting resumed ones).
-    pub steps: u64,
-    pub tokens: u64,
-    pub seconds: f64,
-}
-
-/// Trains as `hyperclone train` does; `label` prefixes the progress bar.
-pub fn run(a: &TrainArgs, label: &str) -> Result<RunDone> {
-    validate(a)?;
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let last = a.out.join(LAST);
-    // Where the weights come from: the last checkpoint, a model, or a fresh random init.
-    let (source, start_step) = if a.resume {
-        let state = read_state(&last)
-            .with_context(|| format!("--resume: no usable checkpoint in {}", last.display()))?;
-        if state > a.steps {
-            bail!(
-                "{}: step {state} is past --steps {}: this checkpoint belongs to a longer run (raise --steps)",
-                last.join("trainer_state.json").display(),
-                a.steps
-            );
-        }
-        (last.clone(), state)
-    } else if let Some(m) = &a.model {
-        (m.clone(), 0)
-    } else if let Some(cfg) = &a.init_config {
-        let init = a.out.join("init");
-        hyperclone_nn::init::write_random_checkpoint(cfg, &init, 0.02, a.seed)?;
-        (init, 0)
-    } else {
-        bail!("give --model DIR, --init-config CONFIG.json or --resume");
-    };
-    let tokenizer = a
-        .tokenizer
-        .clone()
-        .or_else(|| Some(source.join("tokenizer.json")).filter(|p| p.exists()))
-        .or_else(|| a.model.as_ref().map(|m| m.join("tokenizer.json")))
-        .context("no tokenizer.json next to the model: pass --tokenizer")?;
-    let (train_files, val_files) = split_files(&a.data, &a.val)?;
-    let cache = a
-        .token_cache
-        .clone()
-        .unwrap_or_else(|| a.out.join("tokens"));
-    // Documents are separated by the end-of-text token when the tokenizer has one.
-    hyperclone_core::limits::ensure_regular_file(&tokenizer)?; // a FIFO would hang
-    let eos = tokenizers::Tokenizer::from_file(&tokenizer)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", tokenizer.display()))?
-        .token_to_id(hyperclone_nn::corpus::EOS_TOKEN);
-    let train_tokens = TokenFile::open(&tokenize_to_cache(&tokenizer, &train_files, eos, &cache)?)?;
-    let val_tokens = TokenFile::open(&tokenize_to_cache(&tokenizer, &val_files, eos, &cache)?)?;
-
-    let ckpt = Checkpoint::open(&source)?;
-    let (model, params) = Decoder::load_trainable(&ckpt, DType::F32, &Device::Cpu)?;
-    let growth = clone_factors(&ckpt);
-    let mut opt = if a.resume {
-        check_optimizer_state(&last.join("optimizer.safetensors"))?;
-        AdamW::load(&params, &last.join("optimizer.safetensors"))?
-    } else if let Some(base) = &a.optimizer_from {
-        let Some((n, m)) = growth else {
-            bail!(
-                "--optimizer-from: {} is not a hyperclone clone (no hyperclone.factor in its metadata)",
-                source.display()
-            );
-        };
-        let (opt, carried) = crate::optimizer_carry::carry(base, n, m, &params)?;
-        eprintln!(
-            "AdamW moments of {} tensors carried from {} (step {}){}",
-            carried.tensors,
-            base.display(),
-            carried.step,
-            if carried.fresh.is_empty() {
-                String::new()
-            } else {
-                format!("; from zero: {}", carried.fresh.join(", "))
-            }
-        );
-        opt
-    } else {
-        AdamW::new(&params)
-    };
-    let cfg = TrainConfig {
+/// The flags as the trainer's options.
+fn options(a: &TrainArgs) -> Result<TrainOptions> {
+    // Checked whatever the schedule, as the flag always was (the trainer checks it for WSD).
+    trainer::check_decay_frac(a.decay_frac)?;
+    Ok(TrainOptions {
+        model: a.model.clone(),
+        init_config: a.init_config.clone(),
+        data: a.data.clone(),
+        val: a.val.clone(),
+        tokenizer: a.tokenizer.clone(),
+        out: a.out.clone(),
         steps: a.steps,
+        batch: a.batch,
+        seq: a.seq,
         lr: a.lr,
         warmup: a.warmup,
         schedule: match a.schedule {
@@ -122,318 +43,75 @@ pub fn run(a: &TrainArgs, label: &str) -> Result<RunDone> {
             },
             ScheduleArg::Constant => Schedule::Constant,
         },
-        min_lr: a.min_lr.unwrap_or(0.1 * a.lr),
+        min_lr: a.min_lr,
+        optimizer_from: a.optimizer_from.clone(),
         weight_decay: a.weight_decay,
         grad_clip: a.grad_clip,
         grad_accum: a.grad_accum,
         dropout: a.dropout,
+        eval_every: a.eval_every,
+        eval_windows: a.eval_windows,
+        token_cache: a.token_cache.clone(),
+        save_every: a.save_every,
         seed: a.seed,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-    };
-    let metrics_path = a.out.join("metrics.jsonl");
-    let mut metrics = open_metrics(&metrics_path, start_step)?;
-    let eval_count = a.eval_windows.unwrap_or(a.batch.max(8));
-    let bar = ProgressBar::new(a.steps);
-    bar.set_position(start_step);
-    bar.set_style(
-        ProgressStyle::with_template("{prefix}{bar:30} {pos}/{len} steps {msg} ETA {eta}")
-            .expect("template"),
-    );
-    bar.set_prefix(if label.is_empty() {
-        String::new()
-    } else {
-        format!("{label:<18} ")
-    });
-    // Where the run starts from: for a clone this is the small model's loss (the function is
-    // preserved), the reference for the early-forgetting dip.
-    // Validation loss, and symmetry for a clone, added to a metrics record.
-    let evaluate = |record: &mut serde_json::Value| -> Result<()> {
-        record["val_loss"] = json!(eval_loss(&model, &val_tokens, a.seq, eval_count)?);
-        if let Some((n, m)) = growth {
-            record["symmetry"] = json!(symmetry(&ckpt, &params, n, m)?);
-        }
-        Ok(())
-    };
-    if start_step == 0 {
-        let mut record = json!({ "step": 0, "tokens": 0 });
-        evaluate(&mut record)?;
-        writeln!(metrics, "{record}")?;
-    }
-    let tokens_per_step = (a.batch * a.seq) as u64 * cfg.grad_accum.max(1);
-    let started = std::time::Instant::now();
-    let end = a.stop_at.unwrap_or(a.steps).min(a.steps);
-    for step in start_step..end {
-        let t0 = std::time::Instant::now();
-        let stats = train_step(&model, &params, &mut opt, &cfg, step, a.batch, |micro| {
-            batch(&train_tokens, a.seed, step, micro, a.batch, a.seq)
-        })?;
-        if !stats.loss.is_finite() || !stats.grad_norm.is_finite() {
-            bar.abandon();
-            let kept = if last.exists() {
-                format!("the last good checkpoint is {}", last.display())
-            } else {
-                "no checkpoint had been saved yet".to_string()
-            };
-            bail!(
-                "step {}: the loss became {} (gradient norm {}); stopped, {kept} (lower --lr or raise --warmup)",
-                step + 1,
-                stats.loss,
-                stats.grad_norm
-            );
-        }
-        let done = step + 1;
-        let tps = tokens_per_step as f64 / t0.elapsed().as_secs_f64();
-        let mut record = json!({
-            "step": done,
-            "tokens": done * tokens_per_step,
-            "train_loss": stats.loss,
-            "lr": stats.lr,
-            "grad_norm": stats.grad_norm,
-            "tokens_per_s": tps,
-        });
-        if done % a.eval_every.max(1) == 0 || done == a.steps {
-            evaluate(&mut record)?;
-        }
-        writeln!(metrics, "{record}")?;
-        metrics.flush()?;
-        bar.set_position(done);
-        bar.set_message(format!("loss {:.4} {:.0} tok/s", stats.loss, tps));
-        if done % a.save_every.max(1) == 0 || done == end {
-            save_checkpoint(&source, &tokenizer, &a.out, &params, &opt, done)?;
-        }
-    }
-    bar.finish();
-    Ok(RunDone {
-        steps: end.saturating_sub(start_step),
-        tokens: end.saturating_sub(start_step) * tokens_per_step,
-        seconds: started.elapsed().as_secs_f64(),
+        resume: a.resume,
+        stop_at: a.stop_at,
     })
 }
 
-/// AdamW moments must be finite and second moments non-negative: a corrupt state would
-/// otherwise turn every update into NaN (or a square root of a negative number).
-fn check_optimizer_state(path: &Path) -> Result<()> {
-    let f = hyperclone_core::safetensors::SafetensorsFile::open(path)?;
-    for t in &f.tensors {
-        let data = f.data(t);
-        let bad = t.dtype.count_nonfinite(data);
-        if bad > 0 {
-            bail!(
-                "{}: tensor `{}`: {bad} of {} values are NaN or infinite (corrupt optimizer state)",
-                path.display(),
-                t.name,
-                t.numel()
-            );
-        }
-        if t.name.starts_with("v.") {
-            let mut v = vec![0f64; t.numel()];
-            t.dtype.decode(data, &mut v);
-            let negative = v.iter().filter(|&&x| x < 0.0).count();
-            if negative > 0 {
-                bail!(
-                    "{}: tensor `{}`: {negative} negative second moments (corrupt optimizer state)",
-                    path.display(),
-                    t.name
-                );
-            }
+/// A run's progress as an indicatif bar of steps, prefixed with `label` (the study's run
+/// names); notices go to stderr.
+pub struct StepBar {
+    bar: ProgressBar,
+    label: String,
+}
+
+impl StepBar {
+    pub fn new(label: &str) -> StepBar {
+        StepBar {
+            bar: ProgressBar::new(0),
+            label: label.to_string(),
         }
     }
-    Ok(())
 }
 
-/// Flags that would make no sense or loop forever, refused before any work.
-fn validate(a: &TrainArgs) -> Result<()> {
-    if a.grad_accum == 0 {
-        bail!("--grad-accum 0: give at least one micro-batch per step");
+impl TrainProgress for StepBar {
+    fn begin(&self, steps: u64, start: u64) {
+        self.bar.set_length(steps);
+        self.bar.set_position(start);
+        self.bar.set_style(
+            ProgressStyle::with_template("{prefix}{bar:30} {pos}/{len} steps {msg} ETA {eta}")
+                .expect("template"),
+        );
+        self.bar.set_prefix(if self.label.is_empty() {
+            String::new()
+        } else {
+            format!("{:<18} ", self.label)
+        });
     }
-    if a.batch == 0 || a.seq == 0 {
-        bail!("--batch and --seq must be at least 1");
+    fn step(&self, done: u64, loss: f64, tokens_per_s: f64) {
+        self.bar.set_position(done);
+        self.bar
+            .set_message(format!("loss {loss:.4} {tokens_per_s:.0} tok/s"));
     }
-    // Tokens held at once (a batch, or the validation windows): far past what fits in memory.
-    const MAX_TOKENS: usize = 1 << 28;
-    let eval = a.eval_windows.unwrap_or(a.batch.max(8));
-    for (what, n) in [
-        ("--batch x --seq", a.batch),
-        ("--eval-windows x --seq", eval),
-    ] {
-        if n.checked_mul(a.seq).is_none_or(|t| t > MAX_TOKENS) {
-            bail!("{what} = {n} x {} tokens: at most {MAX_TOKENS}", a.seq);
-        }
+    fn finish(&self) {
+        self.bar.finish();
     }
-    for (flag, v) in [
-        ("--lr", a.lr),
-        ("--weight-decay", a.weight_decay),
-        ("--grad-clip", a.grad_clip),
-        ("--dropout", a.dropout),
-    ] {
-        if !v.is_finite() || v < 0.0 {
-            bail!("{flag} {v}: must be a finite number >= 0");
-        }
+    fn abandon(&self) {
+        self.bar.abandon();
     }
-    if a.dropout >= 1.0 {
-        bail!("--dropout {}: must be below 1", a.dropout);
+    fn notice(&self, message: &str) {
+        self.bar.suspend(|| eprintln!("{message}"));
     }
-    if let Some(min) = a.min_lr {
-        if !(min.is_finite() && (0.0..=a.lr).contains(&min)) {
-            bail!("--min-lr {min}: must be between 0 and --lr {}", a.lr);
-        }
-    }
-    if !(0.0..=1.0).contains(&a.decay_frac) {
-        bail!("--decay-frac {}: must be between 0 and 1", a.decay_frac);
-    }
-    Ok(())
-}
-
-/// Training and validation files: `--val` when given, else the last data file is held out.
-fn split_files(data: &[PathBuf], val: &[PathBuf]) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
-    let mut train = text_files(data)?;
-    if train.is_empty() {
-        bail!("--data: no .txt files found");
-    }
-    let val = if val.is_empty() {
-        if train.len() < 2 {
-            bail!("one data file: pass --val FILE (validation is split by file)");
-        }
-        vec![train.pop().expect("two or more")]
-    } else {
-        text_files(val)?
-    };
-    Ok((train, val))
-}
-
-fn eval_loss(model: &Decoder, tokens: &TokenFile, seq: usize, count: usize) -> Result<f64> {
-    let (inputs, targets) = eval_windows(tokens, count, seq)?;
-    let rows = inputs.len() / seq;
-    Ok(batch_loss(model, &inputs, &targets, rows, None)?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?)
-}
-
-/// (n, m) when the model is a hyperclone clone (from its safetensors metadata).
-fn clone_factors(ckpt: &Checkpoint) -> Option<(usize, usize)> {
-    let meta = &ckpt.files.first()?.metadata;
-    let n = meta.get("hyperclone.factor")?.parse().ok()?;
-    let m = meta.get("hyperclone.ffn_factor")?.parse().ok()?;
-    (n > 1).then_some((n, m))
-}
-
-fn symmetry(ckpt: &Checkpoint, params: &[Param], n: usize, m: usize) -> Result<Option<f64>> {
-    let tensors = params
-        .iter()
-        .map(|p| -> Result<(String, Vec<f64>, Vec<usize>)> {
-            let v: Vec<f64> = p.var.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
-            Ok((p.name.clone(), v, p.var.dims().to_vec()))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(mean_row_half_cosine_of(&ckpt.config, n, m, &tensors))
-}
-
-/// OUT/last: an HF folder (config, weights, tokenizer files, the source's metadata) plus
-/// optimizer.safetensors and trainer_state.json, replaced atomically.
-fn save_checkpoint(
-    source: &Path,
-    tokenizer: &Path,
-    out: &Path,
-    params: &[Param],
-    opt: &AdamW,
-    step: u64,
-) -> Result<()> {
-    let staging = out.join(".last-partial");
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir_all(&staging)?;
-    for entry in std::fs::read_dir(source)? {
-        let p = entry?.path();
-        let name = p
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("")
-            .to_string();
-        if p.is_file()
-            && (name == "config.json" || hyperclone_core::write::is_companion_file(&name))
-        {
-            std::fs::copy(&p, staging.join(&name))?;
-        }
-    }
-    // The checkpoint must be usable on its own: bring the tokenizer the run used.
-    if !staging.join("tokenizer.json").exists() {
-        std::fs::copy(tokenizer, staging.join("tokenizer.json"))?;
-    }
-    save_params(
-        params,
-        hyperclone_core::DType::F32,
-        &staging.join("model.safetensors"),
-    )?;
-    opt.save(params, &staging.join("optimizer.safetensors"))?;
-    std::fs::write(
-        staging.join("trainer_state.json"),
-        json!({ "step": step }).to_string(),
-    )?;
-    let last = out.join(LAST);
-    let old = out.join(".last-old");
-    let _ = std::fs::remove_dir_all(&old);
-    if last.exists() {
-        std::fs::rename(&last, &old)?;
-    }
-    std::fs::rename(&staging, &last)?;
-    let _ = std::fs::remove_dir_all(&old);
-    Ok(())
-}
-
-/// The step a checkpoint folder (OUT/last) was saved at.
-pub fn read_state(last: &Path) -> Result<u64> {
-    let path = last.join("trainer_state.json");
-    let v = hyperclone_core::limits::read_json(&path)?;
-    v["step"]
-        .as_u64()
-        .with_context(|| format!("{}: no integer `step`", path.display()))
-}
-
-/// Opens metrics.jsonl for appending, first dropping records past the resumed step so a
-/// resumed run's log reads like an uninterrupted one.
-fn open_metrics(path: &Path, start_step: u64) -> Result<std::fs::File> {
-    let previous = if start_step == 0 {
-        String::new() // a fresh run: an earlier attempt's log is stale
-    } else {
-        std::fs::read_to_string(path).unwrap_or_default()
-    };
-    let kept: Vec<String> = previous
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v["step"].as_u64())
-                .is_some_and(|s| s <= start_step)
-        })
-        .map(str::to_string)
-        .collect();
-    let mut f = std::fs::File::create(path)?;
-    for l in kept {
-        writeln!(f, "{l}")?;
-    }
-    Ok(f)
 }
 
 pub fn tokenizer(a: TokenizerArgs) -> Result<()> {
-    // Token ids are u32 and the trainer allocates per id: far past any real vocabulary.
-    const MAX_VOCAB: usize = 1 << 24;
-    if a.vocab_size > MAX_VOCAB {
-        bail!("--vocab-size {}: at most {MAX_VOCAB} tokens", a.vocab_size);
-    }
-    let files = text_files(&a.data)?;
-    if files.is_empty() {
-        bail!("--data: no .txt files found");
-    }
-    let started = std::time::Instant::now();
-    let tok = hyperclone_nn::corpus::train_bpe(&files, a.vocab_size, a.min_frequency)?;
-    tok.save(&a.out, true)
-        .map_err(|e| anyhow::anyhow!("writing {}: {e}", a.out.display()))?;
+    let done = trainer::train_tokenizer(&a.data, a.vocab_size, a.min_frequency, &a.out)?;
     outln!(
         "trained a {}-token byte-level BPE on {} file(s) in {:.1} s: {}",
-        tok.get_vocab_size(true),
-        files.len(),
-        started.elapsed().as_secs_f64(),
+        done.vocab_size,
+        done.files,
+        done.seconds,
         a.out.display()
     );
     Ok(())

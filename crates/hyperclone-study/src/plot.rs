@@ -2,8 +2,10 @@
 //! Sans via the `dejavu` crate), so plots render the same on machines without fonts.
 
 use crate::curve::{Curve, EvalPoint, RunRole};
-use crate::study_report::{Arm, Report};
-use anyhow::{anyhow, Result};
+use crate::report::Report;
+use crate::settings::Arm;
+use crate::Result;
+use hyperclone_nn::NnError;
 use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -35,8 +37,8 @@ fn colour(i: usize, role: RunRole) -> RGBColor {
     }
 }
 
-fn err<E: std::fmt::Display>(e: E) -> anyhow::Error {
-    anyhow!("plotting: {e}")
+fn err<E: std::fmt::Display>(e: E) -> NnError {
+    NnError::Input(format!("plotting: {e}"))
 }
 
 type Chart<'a, 'b> =

@@ -5,90 +5,13 @@
 //! speedup against the base's budget; report.md and report.json with the `headline`.
 
 use crate::curve::{forgetting_dip, mega, tokens_to_reach, Curve, RunRole};
-use crate::experiment::Settings;
-use anyhow::{bail, Result};
-use hyperclone_core::Variant;
+use crate::runs::StudyRuns;
+use crate::settings::{Arm, Settings};
+use crate::Result;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
-
-/// One way of starting the large model.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Arm {
-    Random,
-    /// The paper's symmetric clone without dropout: on exact arithmetic its copies never
-    /// diverge (it stays the small model).
-    Symmetric,
-    SymmetricDropout(f64),
-    Noisy,
-    Diagonal,
-}
-
-impl Arm {
-    pub fn all(dropout: f64) -> Vec<Arm> {
-        vec![
-            Arm::Random,
-            Arm::Symmetric,
-            Arm::SymmetricDropout(dropout),
-            Arm::Noisy,
-            Arm::Diagonal,
-        ]
-    }
-
-    pub fn name(&self) -> &'static str {
-        match self {
-            Arm::Random => "random-init",
-            Arm::Symmetric => "symmetric",
-            Arm::SymmetricDropout(_) => "symmetric+dropout",
-            Arm::Noisy => "noisy",
-            Arm::Diagonal => "diagonal",
-        }
-    }
-
-    pub fn parse(name: &str, dropout: f64) -> Result<Arm> {
-        match Arm::all(dropout).into_iter().find(|a| a.name() == name.trim()) {
-            Some(a) => Ok(a),
-            None => bail!(
-                "--arms: unknown arm `{name}` (choose from random-init, symmetric, symmetric+dropout, noisy, diagonal)"
-            ),
-        }
-    }
-
-    pub fn role(&self) -> RunRole {
-        match self {
-            Arm::Random => RunRole::Random,
-            _ => RunRole::Clone,
-        }
-    }
-
-    pub fn variant(&self) -> Option<Variant> {
-        match self {
-            Arm::Random => None,
-            Arm::Symmetric | Arm::SymmetricDropout(_) => Some(Variant::Symmetric),
-            Arm::Noisy => Some(Variant::Noisy),
-            Arm::Diagonal => Some(Variant::Diagonal),
-        }
-    }
-
-    pub fn dropout(&self) -> f64 {
-        match self {
-            Arm::SymmetricDropout(p) => *p,
-            _ => 0.0,
-        }
-    }
-}
-
-/// The finished runs, by where they sit in the study (lr keys are `f64::to_bits`).
-#[derive(Default)]
-pub struct StudyRuns {
-    pub bases: BTreeMap<u64, Curve>,
-    pub screen: BTreeMap<(&'static str, u64), Curve>,
-    pub finals: BTreeMap<(&'static str, u64), Curve>,
-    pub budget: BTreeMap<(u64, &'static str, u64), Curve>,
-    /// Final screen losses from the smaller bases: (base steps, arm, lr bits) -> loss.
-    pub budget_screen: BTreeMap<(u64, &'static str, u64), f64>,
-}
 
 /// One clone run measured against the same seed's random init.
 #[derive(Clone, Debug)]

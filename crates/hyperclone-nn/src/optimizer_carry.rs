@@ -15,12 +15,12 @@
 //! r_i comes from growing ones (each element becomes 1 / r_i) and r_o * r_i is the element
 //! ratio of the two shapes.
 
-use crate::growth::grow_quietly;
-use anyhow::{bail, Context, Result};
+use crate::error::Context;
+use crate::quiet_growth::grow_quietly;
+use crate::train::AdamW;
+use crate::{Param, Result};
 use hyperclone_core::safetensors::{encode_header, HeaderEntry, SafetensorsFile};
 use hyperclone_core::{Checkpoint, GrowthOptions, Variant};
-use hyperclone_nn::train::AdamW;
-use hyperclone_nn::Param;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -193,9 +193,9 @@ pub fn carry(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::batch_loss;
+    use crate::Decoder;
     use candle_core::{DType, Device};
-    use hyperclone_nn::train::batch_loss;
-    use hyperclone_nn::Decoder;
     use serde_json::json;
 
     /// A tiny Llama (GQA, 2 layers) with random weights of std 0.3, as the invariants ask.
@@ -209,8 +209,7 @@ mod tests {
         });
         let cfg_path = dir.join("small-config.json");
         std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-        hyperclone_nn::init::write_random_checkpoint(&cfg_path, &dir.join("small"), 0.3, 5)
-            .unwrap();
+        crate::init::write_random_checkpoint(&cfg_path, &dir.join("small"), 0.3, 5).unwrap();
     }
 
     /// Gradients of every parameter on a fixed batch, in parameter order.

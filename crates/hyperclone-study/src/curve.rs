@@ -1,8 +1,9 @@
 //! One run's curve, read from its metrics.jsonl, and the measurements the study takes of
 //! curves: tokens to reach a loss, and the early forgetting rise right after growth.
-//! study_report.rs compares them across arms, seeds and bases.
+//! report.rs compares them across arms, seeds and bases.
 
-use anyhow::{bail, Context, Result};
+use crate::Result;
+use hyperclone_nn::Context;
 use serde_json::Value;
 use std::path::Path;
 
