@@ -19,7 +19,10 @@ use crate::error::Context;
 use crate::train::{batch_loss, save_params, train_step, AdamW, Schedule, TrainConfig};
 use crate::{Decoder, NnError, Param, Result};
 use candle_core::{DType, Device};
-use hyperclone_core::symmetry::mean_row_half_cosine_of;
+use hyperclone_core::family::Space;
+use hyperclone_core::growth_map::RecordedGrowth;
+use hyperclone_core::kernel::Segment;
+use hyperclone_core::symmetry::{mean_row_half_cosine_with, uniform_segments};
 use hyperclone_core::Checkpoint;
 use serde_json::json;
 use std::io::Write;
@@ -140,18 +143,25 @@ pub fn run(a: &TrainOptions, progress: &dyn TrainProgress) -> Result<RunDone> {
 
     let ckpt = Checkpoint::open(&source)?;
     let (model, params) = Decoder::load_trainable(&ckpt, DType::F32, &Device::Cpu)?;
-    let growth = clone_factors(&ckpt);
+    let growth = clone_growth(&ckpt);
     let mut opt = if a.resume {
         check_optimizer_state(&last.join("optimizer.safetensors"))?;
         AdamW::load(&params, &last.join("optimizer.safetensors"))?
     } else if let Some(base) = &a.optimizer_from {
-        let Some((n, m)) = growth else {
+        let Some(g) = &growth else {
             bail!(
                 "--optimizer-from: {} is not a hyperclone clone (no hyperclone.factor in its metadata)",
                 source.display()
             );
         };
-        let (opt, carried) = crate::optimizer_carry::carry(base, n, m, &params)?;
+        if !g.width_only {
+            bail!(
+                "--optimizer-from: {} grew beyond whole-factor width (depth, uneven FFN or a kept tie); moments are \
+                 only carried for the paper's width growth, so train it with fresh moments",
+                source.display()
+            );
+        }
+        let (opt, carried) = crate::optimizer_carry::carry(base, g.n, g.m, &params)?;
         progress.notice(&format!(
             "AdamW moments of {} tensors carried from {} (step {}){}",
             carried.tensors,
@@ -191,8 +201,8 @@ pub fn run(a: &TrainOptions, progress: &dyn TrainProgress) -> Result<RunDone> {
     // the early-forgetting rise.
     let evaluate = |record: &mut serde_json::Value| -> Result<()> {
         record["val_loss"] = json!(eval_loss(&model, &val_tokens, a.seq, eval_count)?);
-        if let Some((n, m)) = growth {
-            record["symmetry"] = json!(symmetry(&ckpt, &params, n, m)?);
+        if let Some(g) = &growth {
+            record["symmetry"] = json!(symmetry(&ckpt, &params, &g.segments)?);
         }
         Ok(())
     };
@@ -366,15 +376,58 @@ fn eval_loss(model: &Decoder, tokens: &TokenFile, seq: usize, count: usize) -> R
         .to_scalar::<f64>()?)
 }
 
-/// (n, m) when the model is a hyperclone clone (from its safetensors metadata).
-fn clone_factors(ckpt: &Checkpoint) -> Option<(usize, usize)> {
-    let meta = &ckpt.files.first()?.metadata;
-    let n = meta.get("hyperclone.factor")?.parse().ok()?;
-    let m = meta.get("hyperclone.ffn_factor")?.parse().ok()?;
-    (n > 1).then_some((n, m))
+/// How a hyperclone clone grew (from its safetensors metadata).
+struct CloneGrowth {
+    n: usize,
+    m: usize,
+    /// Where each space's copies lie: the recorded growth map's, or (clones made before
+    /// growth maps were recorded) whole factors (n, m).
+    segments: Vec<(Space, Segment)>,
+    /// Only whole-factor width growth (what the optimizer carry's rule covers).
+    width_only: bool,
 }
 
-fn symmetry(ckpt: &Checkpoint, params: &[Param], n: usize, m: usize) -> Result<Option<f64>> {
+fn clone_growth(ckpt: &Checkpoint) -> Option<CloneGrowth> {
+    let meta = &ckpt.files.first()?.metadata;
+    let n: usize = meta.get("hyperclone.factor")?.parse().ok()?;
+    let m: usize = meta.get("hyperclone.ffn_factor")?.parse().ok()?;
+    if n <= 1 {
+        return None;
+    }
+    Some(match RecordedGrowth::of(ckpt) {
+        Some(r) => {
+            let same_depth = r
+                .layers
+                .iter()
+                .enumerate()
+                .all(|(j, l)| l.source == j && !l.identity);
+            let whole = r.spaces.iter().all(|(_, s)| s.extra == 0);
+            let m = r
+                .spaces
+                .iter()
+                .find(|(s, _)| *s == Space::Ffn)
+                .map_or(m, |(_, s)| s.copies);
+            CloneGrowth {
+                n,
+                m,
+                width_only: same_depth && whole && r.residual_scale == 1.0,
+                segments: r.spaces,
+            }
+        }
+        None => CloneGrowth {
+            n,
+            m,
+            segments: uniform_segments(&ckpt.config, n, m),
+            width_only: true,
+        },
+    })
+}
+
+fn symmetry(
+    ckpt: &Checkpoint,
+    params: &[Param],
+    segments: &[(Space, Segment)],
+) -> Result<Option<f64>> {
     let tensors = params
         .iter()
         .map(|p| -> Result<(String, Vec<f64>, Vec<usize>)> {
@@ -382,7 +435,7 @@ fn symmetry(ckpt: &Checkpoint, params: &[Param], n: usize, m: usize) -> Result<O
             Ok((p.name.clone(), v, p.var.dims().to_vec()))
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok(mean_row_half_cosine_of(&ckpt.config, n, m, &tensors))
+    Ok(mean_row_half_cosine_with(&ckpt.config, segments, &tensors))
 }
 
 /// OUT/last: an HF folder (config, weights, tokenizer files, the source's metadata) plus
