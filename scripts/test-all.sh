@@ -14,7 +14,16 @@ echo "== cargo test (release) =="
 cargo build --release --locked
 cargo test --release --locked --workspace
 
-echo "== transformers reference checks =="
 PY=$(scripts/pyenv.sh | tail -1)
+
+echo "== pip install . (the hyperclone Python package, into the test venv) =="
+# maturin builds crates/hyperclone-py in the same target folder (CARGO_TARGET_DIR, else
+# ./target) with the same feature set as the cargo build above, so only pyo3 and the
+# bindings compile here (~1 min), not candle.
+start=$SECONDS
+"$PY" -m pip install --quiet --disable-pip-version-check --no-input --force-reinstall --no-deps .
+echo "pip install .: $((SECONDS - start)) s"
+
+echo "== transformers reference checks =="
 export HYPERCLONE_BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/hyperclone"
 "$PY" -m pytest tests/python -q -p no:cacheprovider

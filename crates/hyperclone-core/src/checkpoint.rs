@@ -31,6 +31,19 @@ pub struct Checkpoint {
     pub tensors: Vec<SourceTensor>,
     /// Tensors accepted but not carried over (e.g. rotary `inv_freq` buffers).
     pub dropped: Vec<String>,
+    /// config.json's bytes when the checkpoint lives in memory (no file to hash).
+    config_bytes: Option<Vec<u8>>,
+}
+
+/// The folder an in-memory checkpoint's errors name.
+pub const IN_MEMORY: &str = "<in-memory state dict>";
+
+/// One tensor of a state dict handed over in memory: little-endian data, row-major.
+pub struct MemoryTensor<'a> {
+    pub name: &'a str,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub data: &'a [u8],
 }
 
 impl Checkpoint {
@@ -55,7 +68,69 @@ impl Checkpoint {
             files,
             tensors,
             dropped,
+            config_bytes: None,
         })
+    }
+
+    /// A checkpoint from a state dict in memory and its config.json text, checked exactly as
+    /// a folder is (family rules, shapes against the config). The tensors are copied once
+    /// into one safetensors buffer, so planning and growth run unchanged on it.
+    pub fn from_memory(config_json: &str, tensors: &[MemoryTensor]) -> Result<Self> {
+        let dir = PathBuf::from(IN_MEMORY);
+        let config_path = dir.join("config.json");
+        let raw: Value = serde_json::from_str(config_json)
+            .map_err(|e| Error::format(&config_path, format!("not valid JSON: {e}")))?;
+        let Value::Object(raw) = raw else {
+            return Err(Error::format(&config_path, "not a JSON object"));
+        };
+        let config = ModelConfig::from_map(&config_path, raw)?;
+        let file = dir.join(SINGLE_FILE);
+        let mut entries = Vec::with_capacity(tensors.len());
+        let mut seen = std::collections::HashSet::new();
+        for t in tensors {
+            if !seen.insert(t.name) {
+                return Err(Error::tensor(&file, t.name, "given twice"));
+            }
+            let expected = crate::limits::checked_numel(&t.shape)
+                .and_then(|n| n.checked_mul(t.dtype.size() as u64));
+            if expected != Some(t.data.len() as u64) {
+                return Err(Error::tensor(
+                    &file,
+                    t.name,
+                    format!(
+                        "{} bytes of data for a {} tensor of shape {:?}",
+                        t.data.len(),
+                        t.dtype.safetensors_name(),
+                        t.shape
+                    ),
+                ));
+            }
+            entries.push(crate::safetensors::HeaderEntry {
+                name: t.name.to_string(),
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+            });
+        }
+        let mut bytes = crate::safetensors::encode_header(&entries, &BTreeMap::new());
+        bytes.reserve(tensors.iter().map(|t| t.data.len()).sum());
+        for t in tensors {
+            bytes.extend_from_slice(t.data);
+        }
+        let files = vec![SafetensorsFile::from_bytes(&file, bytes)?];
+        let (tensors, dropped) = classify(&config, &files)?;
+        Ok(Checkpoint {
+            dir,
+            config,
+            files,
+            tensors,
+            dropped,
+            config_bytes: Some(config_json.as_bytes().to_vec()),
+        })
+    }
+
+    /// Built by [`Checkpoint::from_memory`]: no folder behind it.
+    pub fn in_memory(&self) -> bool {
+        self.config_bytes.is_some()
     }
 
     pub fn find(&self, name: &str) -> Option<&SourceTensor> {
@@ -80,6 +155,9 @@ impl Checkpoint {
 
     /// sha256 of config.json's bytes.
     pub fn config_sha256(&self) -> Result<String> {
+        if let Some(bytes) = &self.config_bytes {
+            return Ok(hex(&Sha256::digest(bytes)));
+        }
         let bytes = crate::limits::read_bounded(&self.config.path, crate::limits::MAX_JSON_BYTES)?;
         Ok(hex(&Sha256::digest(&bytes)))
     }

@@ -69,3 +69,31 @@ impl Error {
         }
     }
 }
+
+/// An error chain (outermost first) as the one line front ends print: each cause once (the
+/// core's messages already include their OS error), and only the first line of each (candle
+/// appends a backtrace when RUST_BACKTRACE is set).
+pub fn one_line<I, S>(causes: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: std::fmt::Display,
+{
+    let mut line = String::new();
+    for cause in causes {
+        let text = cause.to_string();
+        let first = text.lines().next().unwrap_or("").trim_end();
+        if first.is_empty() || line.contains(first) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(first);
+    }
+    line
+}
+
+/// [`one_line`] of a standard error and its sources.
+pub fn one_line_of(e: &(dyn std::error::Error + 'static)) -> String {
+    one_line(std::iter::successors(Some(e), |e| e.source()))
+}

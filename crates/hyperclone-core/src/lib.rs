@@ -10,6 +10,7 @@ pub mod config;
 pub mod dtype;
 pub mod error;
 pub mod family;
+pub mod grow;
 pub mod growth_map;
 pub mod kernel;
 pub mod limits;

@@ -1,44 +1,65 @@
 //! What made a clone: recorded in every shard's `__metadata__` and in the model card, so a
 //! grown checkpoint can always be traced to its source and reproduced.
+//!
+//! The record depends only on the source's content and the growth options, never on the
+//! machine: no absolute path, no command line as typed. The CLI and the Python API therefore
+//! write byte-identical files for the same source and options.
+//!
+//! The source is named by [`source_name`]: `ORG/NAME` when the folder is a Hugging Face cache
+//! snapshot (`.../models--ORG--NAME/snapshots/REV`), else the folder's own name. config.json's
+//! `_name_or_path` is not used: a fine-tune saved by transformers keeps its parent's name
+//! there, which would credit the wrong model.
 
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 use crate::family::Component;
-use crate::plan::Plan;
+use crate::plan::{GrowthOptions, Plan};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::path::Path;
 
 pub const TOOL_VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// The Hub's `base_model_relation` of a clone. Its allowed values are `adapter`, `merge`,
+/// `quantized` and `finetune`. A clone is not an adapter (it loads alone), not a merge (one
+/// parent) and not a quantization (same or wider dtype, more parameters): it is a full set of
+/// weights derived from the base model's and meant to be trained further, which is what the
+/// Hub files under `finetune`.
+pub const BASE_MODEL_RELATION: &str = "finetune";
+
 #[derive(Debug, Clone)]
 pub struct Provenance {
-    /// The command line as typed (paths as given, so reruns give identical bytes).
-    pub command: String,
+    /// The source's name (see [`source_name`]); never a path.
     pub source: String,
     pub config_sha256: String,
     pub headers_sha256: String,
+    /// The YAML front matter of the source's README.md, without its `---` lines.
+    pub source_front_matter: Option<String>,
+    /// The source's FFN width and layer count, to spell the options out in sizes.
+    pub source_intermediate_size: usize,
+    pub source_layers: usize,
 }
 
 impl Provenance {
-    pub fn of(ckpt: &Checkpoint, source_as_given: &str, command: &str) -> Result<Self> {
+    pub fn of(ckpt: &Checkpoint) -> Result<Self> {
+        let (source, source_front_matter) = if ckpt.in_memory() {
+            ("in-memory state dict".to_string(), None)
+        } else {
+            (source_name(&ckpt.dir), read_front_matter(&ckpt.dir))
+        };
         Ok(Provenance {
-            command: command.to_string(),
-            source: source_as_given.to_string(),
+            source,
             config_sha256: ckpt.config_sha256()?,
             headers_sha256: ckpt.headers_sha256(),
+            source_front_matter,
+            source_intermediate_size: ckpt.config.intermediate_size,
+            source_layers: ckpt.config.num_hidden_layers,
         })
     }
 
     /// The `__metadata__` of every output shard. `format: pt` is what transformers requires
     /// to load a safetensors file.
-    pub fn metadata(
-        &self,
-        factor: usize,
-        ffn_factor: usize,
-        variant: &str,
-        snr_db: f64,
-        seed: u64,
-    ) -> BTreeMap<String, String> {
+    pub fn metadata(&self, o: &GrowthOptions) -> BTreeMap<String, String> {
         let mut m = BTreeMap::new();
         m.insert("format".into(), "pt".into());
         m.insert("hyperclone.version".into(), TOOL_VERSION.into());
@@ -51,13 +72,236 @@ impl Provenance {
             "hyperclone.source_headers_sha256".into(),
             self.headers_sha256.clone(),
         );
-        m.insert("hyperclone.factor".into(), factor.to_string());
-        m.insert("hyperclone.ffn_factor".into(), ffn_factor.to_string());
-        m.insert("hyperclone.variant".into(), variant.into());
-        m.insert("hyperclone.snr_db".into(), snr_db.to_string());
-        m.insert("hyperclone.seed".into(), seed.to_string());
-        m.insert("hyperclone.command".into(), self.command.clone());
+        m.insert("hyperclone.factor".into(), o.factor.to_string());
+        m.insert("hyperclone.ffn_factor".into(), o.ffn_factor.to_string());
+        m.insert("hyperclone.variant".into(), o.variant.name().into());
+        m.insert("hyperclone.snr_db".into(), o.snr_db.to_string());
+        m.insert("hyperclone.seed".into(), o.seed.to_string());
+        m.insert("hyperclone.command".into(), self.command(o));
         m
+    }
+
+    /// [`canonical_command`] for this source.
+    pub fn command(&self, o: &GrowthOptions) -> String {
+        canonical_command(o, self.source_intermediate_size, self.source_layers)
+    }
+}
+
+/// The options as the one `hyperclone clone` command that reproduces them, every choice
+/// spelled out and every size resolved against the source (its FFN width and layer count):
+/// SRC is the source named in `hyperclone.source`, DST any folder. `--ffn-factor 2` and
+/// `--intermediate-size` of twice the source's give the same files, so the same command.
+/// Depth, tying and noise flags appear only where they change something.
+pub fn canonical_command(o: &GrowthOptions, source_ffn: usize, source_layers: usize) -> String {
+    let ffn = o
+        .intermediate_size
+        .unwrap_or(source_ffn.saturating_mul(o.ffn_factor));
+    let mut s = format!(
+        "hyperclone clone SRC DST --factor {} --intermediate-size {ffn}",
+        o.factor
+    );
+    let layers = o.num_layers.unwrap_or(source_layers);
+    if layers != source_layers {
+        let _ = write!(
+            s,
+            " --num-hidden-layers {layers} --depth-mode {}",
+            o.depth_mode.name()
+        );
+    }
+    if o.keep_tied {
+        s.push_str(" --keep-tied");
+    }
+    let _ = write!(s, " --variant {}", o.variant.name());
+    if o.variant.is_noisy() {
+        let _ = write!(s, " --snr-db {} --seed {}", o.snr_db, o.seed);
+    }
+    let dtype = match o.dtype {
+        None => "keep",
+        Some(crate::DType::F64) => "f64",
+        Some(crate::DType::F32) => "f32",
+        Some(crate::DType::BF16) => "bf16",
+        Some(crate::DType::F16) => "f16",
+    };
+    let _ = write!(s, " --dtype {dtype} --shard-size {}", o.shard_size);
+    s
+}
+
+/// The source's name: `ORG/NAME` for a Hugging Face cache snapshot
+/// (`.../models--ORG--NAME/snapshots/REV`), else the folder's own name (after resolving
+/// `.` and links), else `model`.
+pub fn source_name(dir: &Path) -> String {
+    let abs = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let parts: Vec<String> = abs
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    if parts.len() >= 3 && parts[parts.len() - 2] == "snapshots" {
+        if let Some(repo) = parts[parts.len() - 3].strip_prefix("models--") {
+            let id = repo.replacen("--", "/", 1);
+            if !id.is_empty() {
+                return id;
+            }
+        }
+    }
+    abs.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "model".to_string())
+}
+
+/// The front matter of DIR/README.md (between a first line `---` and the next `---`), if the
+/// file is a small regular file that has one.
+fn read_front_matter(dir: &Path) -> Option<String> {
+    let path = dir.join("README.md");
+    let bytes = crate::limits::read_bounded(&path, crate::limits::MAX_JSON_BYTES).ok()?;
+    front_matter(&String::from_utf8_lossy(&bytes))
+}
+
+fn front_matter(readme: &str) -> Option<String> {
+    let text = readme.strip_prefix('\u{feff}').unwrap_or(readme);
+    let mut lines = text.lines();
+    if lines.next()?.trim_end() != "---" {
+        return None;
+    }
+    let mut body = String::new();
+    for line in lines {
+        if line.trim_end() == "---" {
+            return Some(body);
+        }
+        body.push_str(line);
+        body.push('\n');
+    }
+    None
+}
+
+/// Top-level keys of the source's card the clone does not inherit: its own base model and
+/// relation (replaced by the source itself) and its evaluation results (not the clone's).
+const NOT_INHERITED: &[&str] = &["base_model", "base_model_relation", "model-index"];
+
+/// The clone's front matter: the source's top-level keys in their order (license, language,
+/// datasets, ...), text kept verbatim, with `tags` extended by `hyperclone` and
+/// `hypercloning`, `library_name` defaulting to transformers, and `base_model` /
+/// `base_model_relation` naming the source.
+pub fn card_front_matter(prov: &Provenance) -> String {
+    let blocks = prov
+        .source_front_matter
+        .as_deref()
+        .map(top_level_blocks)
+        .unwrap_or_default();
+    let mut out = String::new();
+    let mut have_library = false;
+    let mut tags: Option<Vec<String>> = None;
+    for (key, block) in &blocks {
+        match key.as_str() {
+            k if NOT_INHERITED.contains(&k) => {}
+            "tags" => {
+                // Placed where the source had it.
+                tags = Some(list_items(block));
+                out.push_str("\u{0}tags\n");
+            }
+            k => {
+                have_library |= k == "library_name";
+                out.push_str(block);
+            }
+        }
+    }
+    let mut tag_list = tags.clone().unwrap_or_default();
+    for t in ["hyperclone", "hypercloning"] {
+        if !tag_list.iter().any(|x| unquote(x) == t) {
+            tag_list.push(t.to_string());
+        }
+    }
+    let mut tag_block = String::from("tags:\n");
+    for t in &tag_list {
+        let _ = writeln!(tag_block, "- {t}");
+    }
+    if tags.is_some() {
+        out = out.replacen("\u{0}tags\n", &tag_block, 1);
+    } else {
+        out.push_str(&tag_block);
+    }
+    let mut head = String::from("---\n");
+    if !have_library {
+        head.push_str("library_name: transformers\n");
+    }
+    head.push_str(&out);
+    let _ = writeln!(head, "base_model: {}", yaml_scalar(&prov.source));
+    let _ = writeln!(head, "base_model_relation: {BASE_MODEL_RELATION}");
+    head.push_str("---\n");
+    head
+}
+
+/// (key, text) of every top-level entry: a line starting a key at column 0 and the indented
+/// or list lines under it. Comments and blank lines stay with the entry before them.
+fn top_level_blocks(yaml: &str) -> Vec<(String, String)> {
+    let mut blocks: Vec<(String, String)> = Vec::new();
+    for line in yaml.lines() {
+        let starts_key = !line.starts_with([' ', '\t', '-', '#'])
+            && !line.trim().is_empty()
+            && line.contains(':');
+        if starts_key {
+            let key = line[..line.find(':').expect("contains ':'")].trim();
+            let key = unquote(key).to_string();
+            blocks.push((key, String::new()));
+        } else if blocks.is_empty() {
+            // Comments before the first key belong to none; dropped.
+            continue;
+        }
+        let last = blocks.last_mut().expect("pushed above");
+        last.1.push_str(line);
+        last.1.push('\n');
+    }
+    blocks
+}
+
+/// The items of a `key:` block: `key: [a, b]`, `key: a`, or `- a` lines.
+fn list_items(block: &str) -> Vec<String> {
+    let mut lines = block.lines();
+    let first = lines.next().unwrap_or("");
+    let inline = first.split_once(':').map(|x| x.1.trim()).unwrap_or("");
+    let mut items = Vec::new();
+    if let Some(flow) = inline.strip_prefix('[').and_then(|f| f.strip_suffix(']')) {
+        items.extend(
+            flow.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from),
+        );
+    } else if !inline.is_empty() && !inline.starts_with('#') {
+        items.push(inline.to_string());
+    }
+    for l in lines {
+        if let Some(item) = l.trim_start().strip_prefix('-') {
+            let item = item.trim();
+            if !item.is_empty() {
+                items.push(item.to_string());
+            }
+        }
+    }
+    items
+}
+
+fn unquote(s: &str) -> &str {
+    let s = s.trim();
+    for q in ['"', '\''] {
+        if let Some(inner) = s.strip_prefix(q).and_then(|x| x.strip_suffix(q)) {
+            return inner;
+        }
+    }
+    s
+}
+
+/// A plain YAML scalar when it is safe as one (Hub ids are), else a double-quoted string
+/// (JSON string syntax is valid YAML).
+fn yaml_scalar(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._/-".contains(c))
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric());
+    if plain {
+        s.to_string()
+    } else {
+        serde_json::Value::String(s.to_string()).to_string()
     }
 }
 
@@ -65,12 +309,8 @@ impl Provenance {
 pub fn model_card(ckpt: &Checkpoint, plan: &Plan, prov: &Provenance) -> String {
     let o = &plan.options;
     let cfg = &ckpt.config;
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "---\nlibrary_name: transformers\ntags:\n- hyperclone\n- hypercloning\n---\n"
-    );
-    let _ = writeln!(s, "# HyperCloned from `{}`\n", prov.source);
+    let mut s = card_front_matter(prov);
+    let _ = writeln!(s, "\n# HyperCloned from `{}`\n", prov.source);
     let _ = writeln!(
         s,
         "This checkpoint was grown with [hyperclone](https://arxiv.org/abs/2409.12903) {TOOL_VERSION}: every weight of the \
@@ -91,6 +331,7 @@ pub fn model_card(ckpt: &Checkpoint, plan: &Plan, prov: &Provenance) -> String {
     let after: u64 = plan.params_after.values().sum();
     let _ = writeln!(s, "| parameters: total | {before} | {after} |\n");
     let _ = writeln!(s, "## Recipe\n");
+    let _ = writeln!(s, "- source: `{}`", prov.source);
     let _ = writeln!(s, "- factor (hidden, heads): {}", o.factor);
     let _ = writeln!(s, "- FFN factor: {}", o.ffn_factor);
     let _ = writeln!(s, "- variant: {}", o.variant.name());
@@ -103,11 +344,108 @@ pub fn model_card(ckpt: &Checkpoint, plan: &Plan, prov: &Provenance) -> String {
         "- source tensor headers sha256: `{}`",
         prov.headers_sha256
     );
-    let _ = writeln!(s, "- command: `{}`\n", prov.command);
+    let _ = writeln!(s, "- command: `{}`\n", prov.command(o));
     let _ = writeln!(
         s,
-        "The same source, flags and seed reproduce these files byte for byte. The recipe is also stored in the \
-         `__metadata__` of every safetensors file (keys `hyperclone.*`)."
+        "The same source and options reproduce these files byte for byte (from the command line or \
+         `hyperclone.clone` in Python). The recipe is also stored in the `__metadata__` of every \
+         safetensors file (keys `hyperclone.*`)."
     );
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prov(front: Option<&str>, source: &str) -> Provenance {
+        Provenance {
+            source: source.into(),
+            config_sha256: "c".into(),
+            headers_sha256: "h".into(),
+            source_front_matter: front.map(String::from),
+            source_intermediate_size: 48,
+            source_layers: 2,
+        }
+    }
+
+    #[test]
+    fn front_matter_is_found_only_at_the_top() {
+        assert_eq!(
+            front_matter("---\nlicense: mit\n---\n# x\n").as_deref(),
+            Some("license: mit\n")
+        );
+        assert_eq!(front_matter("# x\n---\nlicense: mit\n---\n"), None);
+        assert_eq!(front_matter("---\nlicense: mit\n"), None, "unclosed");
+    }
+
+    #[test]
+    fn card_keeps_source_keys_and_names_the_base_model() {
+        let src = "license: apache-2.0\nlanguage:\n- en\n- fr\ntags:\n- text-generation\n- hyperclone\n\
+                   base_model: someone/its-parent\nbase_model_relation: quantized\nmodel-index:\n- name: x\n  results: []\n\
+                   datasets: [a, b]\n";
+        let fm = card_front_matter(&prov(Some(src), "HuggingFaceTB/SmolLM2-135M"));
+        assert_eq!(
+            fm,
+            "---\nlibrary_name: transformers\nlicense: apache-2.0\nlanguage:\n- en\n- fr\ntags:\n- text-generation\n\
+             - hyperclone\n- hypercloning\ndatasets: [a, b]\nbase_model: HuggingFaceTB/SmolLM2-135M\n\
+             base_model_relation: finetune\n---\n"
+        );
+    }
+
+    #[test]
+    fn card_without_source_card_and_odd_names() {
+        let fm = card_front_matter(&prov(None, "my model: v2"));
+        assert_eq!(
+            fm,
+            "---\nlibrary_name: transformers\ntags:\n- hyperclone\n- hypercloning\n\
+             base_model: \"my model: v2\"\nbase_model_relation: finetune\n---\n"
+        );
+        let fm = card_front_matter(&prov(
+            Some("library_name: mlx\ntags: [\"a\", hyperclone]\n"),
+            "x",
+        ));
+        assert_eq!(
+            fm,
+            "---\nlibrary_name: mlx\ntags:\n- \"a\"\n- hyperclone\n- hypercloning\nbase_model: x\n\
+             base_model_relation: finetune\n---\n"
+        );
+    }
+
+    #[test]
+    fn source_names_never_hold_a_path() {
+        let tmp = std::env::temp_dir().join(format!("hc-prov-{}", std::process::id()));
+        let snap = tmp.join("hub/models--Org--Name-1B/snapshots/abc123");
+        std::fs::create_dir_all(&snap).unwrap();
+        assert_eq!(source_name(&snap), "Org/Name-1B");
+        assert_eq!(source_name(&tmp.join("hub")), "hub");
+        assert_eq!(source_name(&snap.join("..").join("abc123")), "Org/Name-1B");
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+
+    #[test]
+    fn canonical_command_spells_out_every_option() {
+        let mut o = GrowthOptions {
+            factor: 2,
+            ffn_factor: 3,
+            seed: 7,
+            ..GrowthOptions::default()
+        };
+        assert_eq!(
+            canonical_command(&o, 48, 2),
+            "hyperclone clone SRC DST --factor 2 --intermediate-size 144 --variant symmetric --dtype keep --shard-size 5000000000"
+        );
+        o.variant = crate::Variant::Noisy;
+        o.dtype = Some(crate::DType::BF16);
+        o.intermediate_size = Some(100);
+        o.num_layers = Some(4);
+        o.keep_tied = true;
+        assert_eq!(
+            canonical_command(&o, 48, 2),
+            "hyperclone clone SRC DST --factor 2 --intermediate-size 100 --num-hidden-layers 4 --depth-mode identity \
+             --keep-tied --variant noisy --snr-db 10 --seed 7 --dtype bf16 --shard-size 5000000000"
+        );
+        o.num_layers = Some(2);
+        assert!(!canonical_command(&o, 48, 2).contains("layers"));
+    }
 }

@@ -32,10 +32,28 @@ impl TensorInfo {
     }
 }
 
+/// The bytes of a safetensors file: memory-mapped from disk, or held in memory (a state
+/// dict handed over by Python).
+enum Storage {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Storage {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Storage::Mapped(m) => m,
+            Storage::Owned(v) => v,
+        }
+    }
+}
+
 /// An open, validated safetensors file.
 pub struct SafetensorsFile {
+    /// Where it is (for an in-memory file: the name its errors carry).
     pub path: PathBuf,
-    map: Mmap,
+    map: Storage,
     /// Tensors in data order (ascending offset), so reading them in order is sequential.
     pub tensors: Vec<TensorInfo>,
     pub metadata: BTreeMap<String, String>,
@@ -61,7 +79,20 @@ impl SafetensorsFile {
         let (tensors, metadata, header) = parse(path, &map)?;
         Ok(SafetensorsFile {
             path: path.to_path_buf(),
-            map,
+            map: Storage::Mapped(map),
+            tensors,
+            metadata,
+            header,
+        })
+    }
+
+    /// A safetensors file held in memory, validated exactly as one read from disk; `path`
+    /// only names it in errors.
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Self> {
+        let (tensors, metadata, header) = parse(path, &bytes)?;
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            map: Storage::Owned(bytes),
             tensors,
             metadata,
             header,
@@ -80,8 +111,8 @@ impl SafetensorsFile {
     /// Hints the kernel that a tensor will be read soon (sequential read-ahead).
     pub fn advise_willneed(&self, tensor: &TensorInfo) {
         #[cfg(unix)]
-        {
-            let _ = self.map.advise_range(
+        if let Storage::Mapped(map) = &self.map {
+            let _ = map.advise_range(
                 memmap2::Advice::WillNeed,
                 tensor.start & !4095,
                 tensor.len + (tensor.start & 4095),
@@ -97,11 +128,11 @@ impl SafetensorsFile {
             // Only whole pages inside the tensor, so no neighbour is affected.
             let begin = tensor.start.div_ceil(4096) * 4096;
             let end = (tensor.start + tensor.len) & !4095;
-            if end > begin {
+            if let (true, Storage::Mapped(map)) = (end > begin, &self.map) {
                 // SAFETY: DontNeed on a read-only private file mapping only drops cached
                 // pages; later reads fault them back in from the file.
                 let _ = unsafe {
-                    self.map.unchecked_advise_range(
+                    map.unchecked_advise_range(
                         memmap2::UncheckedAdvice::DontNeed,
                         begin,
                         end - begin,

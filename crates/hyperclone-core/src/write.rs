@@ -502,72 +502,136 @@ fn produce(
             .send(Msg::Begin(path.clone(), shard.header.clone()))
             .map_err(|_| writer_gone())?;
         for &ti in &shard.tensors {
-            let t = &plan.tensors[ti];
-            let src = &ckpt.tensors[t.source];
-            let file = &ckpt.files[src.file];
-            file.advise_willneed(&src.info);
-            let data = file.data(&src.info);
-            if !allow_nonfinite {
-                let bad = src.info.dtype.count_nonfinite(data);
-                if bad > 0 {
-                    return Err(Error::tensor(
-                        &file.path,
-                        &src.info.name,
-                        format!(
-                            "{bad} of {} values are NaN or infinite; refusing to clone them \
-                             (pass --allow-nonfinite to clone them anyway)",
-                            src.info.numel()
-                        ),
-                    ));
-                }
-            }
-            let spec = ExpansionSpec {
-                variant: plan.options.variant,
-                snr_db: plan.options.snr_db,
-                noise_key: t.noise_key,
-                out_dtype: t.dtype,
-                scale: t.scale,
-            };
-            let exp = Expansion::new(data, src.info.dtype, &t.axes, spec)
-                .map_err(|m| Error::tensor(&file.path, &src.info.name, m))?;
-            // Finite sources stay finite under W/n in the same or a wider dtype; a narrower
-            // dtype (f32 -> f16 past 65504) or noise can overflow, so check those outputs.
-            let check_output = !allow_nonfinite
-                && (plan.options.variant.is_noisy()
-                    || t.dtype.size() < src.info.dtype.size()
-                    || (t.dtype == crate::DType::F16 && src.info.dtype != crate::DType::F16));
-            let rows = exp.dest_shape()[0];
-            let row_bytes = exp.dest_row_bytes();
-            let rows_per_chunk = (WRITE_CHUNK_BYTES / row_bytes.max(1)).max(1);
-            let mut row = 0;
-            while row < rows {
-                if cancel.load(Ordering::Relaxed) {
-                    return Err(Error::Interrupted);
-                }
-                let n = rows_per_chunk.min(rows - row);
-                let mut buf = spare.recv().map_err(|_| writer_gone())?;
-                buf.resize(n * row_bytes, 0);
-                exp.fill_rows(row, &mut buf);
-                if check_output {
-                    let bad = t.dtype.count_nonfinite(&buf);
-                    if bad > 0 {
-                        return Err(Error::tensor(
-                            &file.path,
-                            &src.info.name,
-                            format!(
-                                "growing it into {} `{}` gives {bad} NaN or infinite values \
-                                 (out of range of the output dtype, or --snr-db too low)",
-                                t.dtype.safetensors_name(),
-                                t.name
-                            ),
-                        ));
-                    }
-                }
-                to_writer.send(Msg::Data(buf)).map_err(|_| writer_gone())?;
-                row += n;
-            }
-            file.advise_done(&src.info);
+            expand_tensor(
+                ckpt,
+                plan,
+                &plan.tensors[ti],
+                cancel,
+                allow_nonfinite,
+                &mut || spare.recv().map_err(|_| writer_gone()),
+                &mut |buf| to_writer.send(Msg::Data(buf)).map_err(|_| writer_gone()),
+            )?;
         }
     }
+    Ok(())
+}
+
+/// One grown tensor held in memory.
+pub struct GrownTensor {
+    pub name: String,
+    pub dtype: crate::DType,
+    pub shape: Vec<usize>,
+    /// Little-endian, row-major.
+    pub data: Vec<u8>,
+}
+
+/// Grows every tensor of `plan` into memory instead of files (the same kernel, the same
+/// checks, the same bytes as the files [`write_clone`] writes).
+pub fn grow_tensors(
+    ckpt: &Checkpoint,
+    plan: &Plan,
+    cancel: &AtomicBool,
+    allow_nonfinite: bool,
+) -> Result<Vec<GrownTensor>> {
+    let mut out = Vec::with_capacity(plan.tensors.len());
+    for t in &plan.tensors {
+        let mut data = Vec::with_capacity(t.bytes() as usize);
+        expand_tensor(
+            ckpt,
+            plan,
+            t,
+            cancel,
+            allow_nonfinite,
+            &mut || Ok(Vec::new()),
+            &mut |buf| {
+                data.extend_from_slice(&buf);
+                Ok(())
+            },
+        )?;
+        out.push(GrownTensor {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            data,
+        });
+    }
+    Ok(out)
+}
+
+/// Produces destination tensor `t` in chunks of whole rows (at most [`WRITE_CHUNK_BYTES`]):
+/// `buffer` supplies a buffer to fill, `emit` takes each filled one.
+fn expand_tensor(
+    ckpt: &Checkpoint,
+    plan: &Plan,
+    t: &crate::plan::DestTensor,
+    cancel: &AtomicBool,
+    allow_nonfinite: bool,
+    buffer: &mut dyn FnMut() -> Result<Vec<u8>>,
+    emit: &mut dyn FnMut(Vec<u8>) -> Result<()>,
+) -> Result<()> {
+    let src = &ckpt.tensors[t.source];
+    let file = &ckpt.files[src.file];
+    file.advise_willneed(&src.info);
+    let data = file.data(&src.info);
+    if !allow_nonfinite {
+        let bad = src.info.dtype.count_nonfinite(data);
+        if bad > 0 {
+            return Err(Error::tensor(
+                &file.path,
+                &src.info.name,
+                format!(
+                    "{bad} of {} values are NaN or infinite; refusing to clone them \
+                     (pass --allow-nonfinite to clone them anyway)",
+                    src.info.numel()
+                ),
+            ));
+        }
+    }
+    let spec = ExpansionSpec {
+        variant: plan.options.variant,
+        snr_db: plan.options.snr_db,
+        noise_key: t.noise_key,
+        out_dtype: t.dtype,
+        scale: t.scale,
+    };
+    let exp = Expansion::new(data, src.info.dtype, &t.axes, spec)
+        .map_err(|m| Error::tensor(&file.path, &src.info.name, m))?;
+    // Finite sources stay finite under W/n in the same or a wider dtype; a narrower
+    // dtype (f32 -> f16 past 65504) or noise can overflow, so check those outputs.
+    let check_output = !allow_nonfinite
+        && (plan.options.variant.is_noisy()
+            || t.dtype.size() < src.info.dtype.size()
+            || (t.dtype == crate::DType::F16 && src.info.dtype != crate::DType::F16));
+    let rows = exp.dest_shape()[0];
+    let row_bytes = exp.dest_row_bytes();
+    let rows_per_chunk = (WRITE_CHUNK_BYTES / row_bytes.max(1)).max(1);
+    let mut row = 0;
+    while row < rows {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(Error::Interrupted);
+        }
+        let n = rows_per_chunk.min(rows - row);
+        let mut buf = buffer()?;
+        buf.resize(n * row_bytes, 0);
+        exp.fill_rows(row, &mut buf);
+        if check_output {
+            let bad = t.dtype.count_nonfinite(&buf);
+            if bad > 0 {
+                return Err(Error::tensor(
+                    &file.path,
+                    &src.info.name,
+                    format!(
+                        "growing it into {} `{}` gives {bad} NaN or infinite values \
+                         (out of range of the output dtype, or --snr-db too low)",
+                        t.dtype.safetensors_name(),
+                        t.name
+                    ),
+                ));
+            }
+        }
+        emit(buf)?;
+        row += n;
+    }
+    file.advise_done(&src.info);
     Ok(())
 }

@@ -79,7 +79,8 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         text: Some(a.prompt.clone()),
         random_tokens: None,
     };
-    let (report, symmetry) = infer::run_verify(&small, &big, &probe, parse_dtype("f64"))?;
+    let checked = infer::run_verify(&small, &big, &probe, parse_dtype("f64"))?;
+    let (report, symmetry) = (checked.report, checked.symmetry);
     outln!(
         "2. verified in f64 on the prompt: max |logit diff| {:.2e} ({:.2e} of the scale), logit std ratio {:.12}, \
          every residual state the {}-fold tile; symmetry {:.4} -> {}",

@@ -2,15 +2,11 @@
 
 use crate::args::{ForwardArgs, GenerateArgs, InputArgs, VerifyArgs};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use hyperclone_core::safetensors::{encode_header, HeaderEntry};
-use hyperclone_core::symmetry::mean_row_half_cosine;
 use hyperclone_core::Checkpoint;
+use hyperclone_nn::check::Verification;
 use hyperclone_nn::generate::{complete, forward_logits, load, tokenizer, Input};
-use hyperclone_nn::verify::{
-    default_tolerance, rounding_sensitivity, verify_expecting, Expectation, VerifyReport,
-};
-use hyperclone_nn::Decoder;
 use serde_json::json;
 use std::path::Path;
 
@@ -93,127 +89,29 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
     Ok(())
 }
 
-/// Verification holds both models in memory in the working dtype; refuse up front, with the
-/// numbers, rather than be killed by the OOM killer half-way (a 7B clone in f64 is 56 GB).
-fn ensure_memory_for(models: &[&Checkpoint], dtype: DType) -> Result<()> {
-    let (need, available) = memory_for(models, dtype);
-    if let Some(avail) = available {
-        if need > avail {
-            bail!(
-                "verifying needs about {:.1} GiB in {:?} but {:.1} GiB is available (use `hyperclone verify --dtype f32`, \
-                 or a bigger machine)",
-                need as f64 / (1u64 << 30) as f64,
-                dtype,
-                avail as f64 / (1u64 << 30) as f64
-            );
-        }
-    }
-    Ok(())
-}
-
-/// (bytes verification needs, bytes available if known).
-fn memory_for(models: &[&Checkpoint], dtype: DType) -> (u64, Option<u64>) {
-    let params: u64 = models.iter().map(|c| c.parameter_count()).sum();
-    // Weights once in the working dtype plus one f64 staging copy of a model while loading;
-    // the activations of a probe are small in comparison.
-    let need = params * dtype.size_in_bytes() as u64 + params * 8 / models.len().max(1) as u64;
-    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
-        m.lines()
-            .find(|l| l.starts_with("MemAvailable:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<u64>().ok())
-            .map(|kb| kb * 1024)
-    });
-    (need, available)
-}
-
-/// The precision `clone --verify` can afford: f64 (exact to 1e-9) when both models fit in
-/// memory that way, else f32 (1e-4 of the logit scale).
-pub fn affordable_dtype(small: &Path, big: &Path) -> Result<DType> {
-    let (s, b) = (Checkpoint::open(small)?, Checkpoint::open(big)?);
-    Ok(match memory_for(&[&s, &b], DType::F64) {
-        (need, Some(avail)) if need > avail => DType::F32,
-        _ => DType::F64,
-    })
-}
-
-/// Runs the verification of BIG against SMALL; used by `verify` and `clone --verify`.
+/// Runs the verification of BIG against SMALL on the probe INPUT chooses (see
+/// [`hyperclone_nn::check::run_verify`]); used by `verify` and the demo.
 pub fn run_verify(
     small: &Path,
     big: &Path,
     input: &InputArgs,
     dtype: DType,
-) -> Result<(VerifyReport, Option<f64>)> {
-    let small_ckpt = Checkpoint::open(small)?;
-    let big_ckpt = Checkpoint::open(big)?;
-    ensure_memory_for(&[&small_ckpt, &big_ckpt], dtype)?;
-    let small_model = Decoder::load(&small_ckpt, dtype, &Device::Cpu)?;
-    let big_model = Decoder::load(&big_ckpt, dtype, &Device::Cpu)?;
-    let ids = input_ids(input, small, small_model.spec.vocab)?;
-    let expect = Expectation::recorded(&big_ckpt)?;
-    // The coarsest dtype BIG stores weights in bounds how exact it can be (see
-    // default_tolerance); SMALL's own rounding is shared by both models.
-    let coarsest = big_ckpt
-        .dtypes()
-        .into_iter()
-        .max_by_key(|d| std::cmp::Reverse(d.size()))
-        .unwrap_or(hyperclone_core::DType::F64);
-    // In bf16/f16 the storage rounding dominates, and how much it moves the logits depends
-    // on the model (depth, norms, scale): measure it on SMALL instead of assuming it.
-    let report = match coarsest {
-        hyperclone_core::DType::BF16 | hyperclone_core::DType::F16 => {
-            let s = rounding_sensitivity(&small_ckpt, &small_model, coarsest, dtype, &ids)?;
-            verify_expecting(&small_model, &big_model, &ids, 0.0, &expect)?
-                .with_measured_tolerance(dtype, s)
-        }
-        _ => verify_expecting(
-            &small_model,
-            &big_model,
-            &ids,
-            default_tolerance(dtype, coarsest),
-            &expect,
-        )?,
-    };
-    let symmetry = mean_row_half_cosine(&big_ckpt, &small_ckpt.config);
-    Ok((report, symmetry))
-}
-
-pub fn report_json(r: &VerifyReport, symmetry: Option<f64>) -> serde_json::Value {
-    json!({
-        "passed": r.passed(),
-        "factor": r.factor,
-        "tokens": r.tokens,
-        "tolerance": r.tolerance,
-        "std_tolerance": r.std_tolerance,
-        "max_abs_logit_diff": r.max_abs_logit_diff,
-        "max_rel_logit_diff": r.max_rel_logit_diff,
-        "std_ratio": r.std_ratio,
-        "top1_agreement": r.top1_agreement,
-        "kl_small_big": r.kl_small_big,
-        "first_divergence": r.first_divergence().map(|s| s.name.clone()),
-        "states": r.states.iter().map(|s| json!({"state": s.name, "max_abs": s.max_abs, "relative": s.relative})).collect::<Vec<_>>(),
-        "mean_row_half_cosine": symmetry,
-    })
-}
-
-/// One line saying why a clone does not verify.
-pub fn failure_reason(r: &VerifyReport) -> String {
-    if let Some(s) = r.first_divergence() {
-        return format!(
-            "residual stream first diverges at {} (max deviation {:.3e}, {:.3e} of its scale; tolerance {:.0e})",
-            s.name, s.max_abs, s.relative, r.tolerance
-        );
-    }
-    format!(
-        "logits differ by {:.3e} ({:.3e} of their scale; tolerance {:.0e}) and std ratio is {:.9} (tolerance {:.0e})",
-        r.max_abs_logit_diff, r.max_rel_logit_diff, r.tolerance, r.std_ratio, r.std_tolerance
-    )
+) -> Result<Verification> {
+    let vocab = Checkpoint::open(small)?.config.vocab_size;
+    let ids = input_ids(input, small, vocab)?;
+    Ok(hyperclone_nn::check::run_verify(
+        small,
+        big,
+        Some(&ids),
+        dtype,
+    )?)
 }
 
 pub fn verify_cmd(a: VerifyArgs) -> Result<bool> {
-    let (r, symmetry) = run_verify(&a.small, &a.big, &a.input, parse_dtype(&a.dtype))?;
+    let v = run_verify(&a.small, &a.big, &a.input, parse_dtype(&a.dtype))?;
+    let (r, symmetry) = (&v.report, v.symmetry);
     if a.json {
-        outln!("{}", report_json(&r, symmetry));
+        outln!("{}", v.json());
         return Ok(r.passed());
     }
     outln!(
@@ -249,7 +147,7 @@ pub fn verify_cmd(a: VerifyArgs) -> Result<bool> {
             r.tolerance
         );
     } else {
-        outln!("FAIL: {}", failure_reason(&r));
+        outln!("FAIL: {}", v.failure_reason());
     }
     Ok(r.passed())
 }

@@ -23,9 +23,10 @@ mod train_cmd;
 use anyhow::Result;
 use args::{Cli, CloneArgs, Command, InspectArgs, PlanArgs};
 use clap::Parser;
-use hyperclone_core::provenance::{model_card, Provenance};
-use hyperclone_core::write::{create_plain_file, write_clone, Progress, WriteEnv};
-use hyperclone_core::{Checkpoint, Plan};
+use hyperclone_core::grow::{clone_model, open_and_plan};
+use hyperclone_core::write::{create_plain_file, Progress, WriteEnv};
+use hyperclone_core::Checkpoint;
+use hyperclone_nn::check::StagedCheck;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -103,74 +104,19 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
-/// The error chain as one line: each cause once (the core's messages already include
-/// their OS error), and only the first line of each (candle appends a backtrace when
-/// RUST_BACKTRACE is set).
+/// The error chain as one line (see [`hyperclone_core::error::one_line`]); the Python
+/// package raises the same line.
 fn one_line(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        let first = text.lines().next().unwrap_or("").trim_end();
-        if first.is_empty() || line.contains(first) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(first);
-    }
-    line
+    hyperclone_core::error::one_line(e.chain())
 }
 
-/// The command line as typed, with the program's own path reduced to its name, so the
-/// recorded recipe (and so the output bytes) do not depend on where the binary lives.
-fn command_line() -> String {
-    std::iter::once("hyperclone".to_string())
-        .chain(std::env::args().skip(1))
-        .map(|a| {
-            if !a.is_empty()
-                && a.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
-            {
-                a
-            } else {
-                format!("'{}'", a.replace('\'', r"'\''"))
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
+/// Notes on stderr, for commands without a progress bar.
+struct Notes;
 
-fn open_and_plan(
-    src: &std::path::Path,
-    growth: &args::GrowthArgs,
-) -> Result<(Checkpoint, Plan, Provenance)> {
-    let ckpt = Checkpoint::open(src)?;
-    let options = growth::options(growth, &ckpt.config)?;
-    let prov = Provenance::of(&ckpt, &src.display().to_string(), &command_line())?;
-    let meta = prov.metadata(
-        options.factor,
-        options.ffn_factor,
-        options.variant.name(),
-        options.snr_db,
-        options.seed,
-    );
-    let plan = Plan::new(&ckpt, &options, &meta)?;
-    if let Some(path) = &growth.recipe {
-        let recipe = hyperclone_core::recipe::Recipe::load(path)?;
-        recipe.check_map(path, &plan.map)?;
-        if recipe
-            .source_config_sha256
-            .as_ref()
-            .is_some_and(|sha| *sha != prov.config_sha256)
-        {
-            eprintln!(
-                "note: {} was made for a source with another config.json; its growth map matches this one",
-                path.display()
-            );
-        }
+impl Progress for Notes {
+    fn notice(&self, message: &str) {
+        eprintln!("note: {message}");
     }
-    Ok((ckpt, plan, prov))
 }
 
 struct Bar(ProgressBar);
@@ -189,8 +135,6 @@ impl Progress for Bar {
 
 fn clone(a: CloneArgs) -> Result<()> {
     let started = Instant::now();
-    let (ckpt, plan, prov) = open_and_plan(&a.src, &a.growth)?;
-    let card = model_card(&ckpt, &plan, &prov);
     let cancel = Arc::new(AtomicBool::new(false));
     {
         let cancel = cancel.clone();
@@ -209,31 +153,9 @@ fn clone(a: CloneArgs) -> Result<()> {
             .expect("valid template"),
     );
     let progress = Bar(bar.clone());
-    let src = a.src.clone();
     // Verification runs on the finished staging folder, before it is moved into place.
-    let verified = std::sync::Mutex::new(None);
-    let check = |staged: &std::path::Path| -> std::result::Result<(), String> {
-        let probe = args::InputArgs {
-            tokens: None,
-            text: None,
-            random_tokens: None,
-        };
-        let (r, symmetry) = infer::run_verify(
-            &src,
-            staged,
-            &probe,
-            infer::affordable_dtype(&src, staged).map_err(|e| format!("{e:#}"))?,
-        )
-        .map_err(|e| format!("{e:#}"))?;
-        let passed = r.passed();
-        let reason = infer::failure_reason(&r);
-        *verified.lock().expect("not poisoned") = Some(infer::report_json(&r, symmetry));
-        if passed {
-            Ok(())
-        } else {
-            Err(reason)
-        }
-    };
+    let staged = StagedCheck::new(&a.src);
+    let check = |dir: &std::path::Path| staged.check(dir);
     let env = WriteEnv {
         progress: &progress,
         cancel: &cancel,
@@ -241,15 +163,13 @@ fn clone(a: CloneArgs) -> Result<()> {
         check: if a.verify { Some(&check) } else { None },
         allow_nonfinite: a.allow_nonfinite,
     };
-    let outcome = write_clone(&ckpt, &plan, &card, &a.dst, a.force, &env);
+    let cloned = clone_model(&a.src, &a.dst, &growth::request(&a.growth), a.force, &env);
     bar.finish_and_clear();
-    let outcome = outcome?;
-    let verification = verified.into_inner().expect("not poisoned");
+    let cloned = cloned?;
+    let verification = staged.into_report();
     report::clone_summary(
-        &ckpt,
-        &plan,
+        &cloned,
         &a,
-        &outcome,
         started.elapsed().as_secs_f64(),
         verification.as_ref(),
         a.json,
@@ -258,7 +178,7 @@ fn clone(a: CloneArgs) -> Result<()> {
 }
 
 fn plan(a: PlanArgs) -> Result<()> {
-    let (ckpt, plan, _) = open_and_plan(&a.src, &a.growth)?;
+    let (ckpt, plan, _) = open_and_plan(&a.src, &growth::request(&a.growth), &Notes)?;
     report::plan(&ckpt, &plan, a.json);
     Ok(())
 }

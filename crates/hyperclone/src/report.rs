@@ -3,20 +3,10 @@
 use crate::args::CloneArgs;
 use hyperclone_core::family::Space;
 use hyperclone_core::family::{Component, Family, FAMILIES};
-use hyperclone_core::recipe::recipe_json;
-use hyperclone_core::write::CloneOutcome;
+use hyperclone_core::grow::{by_component, clone_json, plan_json, threads, Cloned};
 use hyperclone_core::{Checkpoint, Plan};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use std::collections::BTreeMap;
-
-fn by_component(counts: &BTreeMap<Component, u64>) -> Value {
-    let mut m = Map::new();
-    for c in Component::ALL {
-        m.insert(c.name().into(), counts.get(&c).copied().unwrap_or(0).into());
-    }
-    m.insert("total".into(), counts.values().sum::<u64>().into());
-    Value::Object(m)
-}
 
 fn human_bytes(b: u64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -40,46 +30,6 @@ fn human_params(p: u64) -> String {
         p if p >= 1_000 => format!("{:.1}K", p as f64 / 1e3),
         p => p.to_string(),
     }
-}
-
-/// Worker threads the clone will use (rayon's rule: RAYON_NUM_THREADS, else all cores).
-fn threads() -> usize {
-    std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&n: &usize| n > 0)
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        })
-}
-
-fn plan_json(ckpt: &Checkpoint, plan: &Plan) -> Value {
-    let o = &plan.options;
-    json!({
-        "source": ckpt.dir.display().to_string(),
-        "model_type": ckpt.config.family.model_type,
-        "factor": o.factor,
-        "ffn_factor": o.ffn_factor,
-        "variant": o.variant.name(),
-        "snr_db": o.snr_db,
-        "seed": o.seed,
-        "dtype": o.dtype.map(|d| d.torch_name()).unwrap_or("keep"),
-        "config_changes": plan.changes.iter().map(|c| json!({"key": c.key, "before": c.before, "after": c.after})).collect::<Vec<_>>(),
-        "params_before": by_component(&plan.params_before),
-        "params_after": by_component(&plan.params_after),
-        "output_bytes": plan.output_bytes(),
-        "shards": plan.shards.iter().map(|s| json!({"file": s.file_name, "tensors": s.tensors.len(), "bytes": s.header.len() as u64 + s.data_bytes})).collect::<Vec<_>>(),
-        "expected_peak_memory_bytes": plan.peak_memory_bytes(threads()),
-        "growth_map": plan.map.to_json(),
-        "recipe": recipe_json(
-            ckpt.config.family.model_type,
-            &ckpt.config_sha256().unwrap_or_default(),
-            o,
-            &plan.map,
-        ),
-    })
 }
 
 /// "FFN x2, 30 -> 60 layers (identity), tied" : what grows besides the hidden width.
@@ -253,29 +203,17 @@ fn attention_kind(heads: usize, kv: usize) -> &'static str {
 }
 
 pub fn clone_summary(
-    ckpt: &Checkpoint,
-    plan: &Plan,
+    cloned: &Cloned,
     a: &CloneArgs,
-    out: &CloneOutcome,
     seconds: f64,
     verification: Option<&Value>,
     as_json: bool,
 ) {
+    let (plan, out) = (&cloned.plan, &cloned.outcome);
     let params: u64 = plan.params_after.values().sum();
     let gbps = out.bytes_written as f64 / seconds.max(1e-9) / 1e9;
     if as_json {
-        let mut v = plan_json(ckpt, plan);
-        let m = v.as_object_mut().expect("object");
-        m.insert("destination".into(), a.dst.display().to_string().into());
-        m.insert("files".into(), json!(out.files));
-        m.insert("bytes_written".into(), out.bytes_written.into());
-        m.insert("seconds".into(), seconds.into());
-        m.insert("gb_per_s".into(), gbps.into());
-        m.insert(
-            "verification".into(),
-            verification.cloned().unwrap_or(Value::Null),
-        );
-        outln!("{v}");
+        outln!("{}", clone_json(cloned, &a.dst, seconds, verification));
         return;
     }
     let before: u64 = plan.params_before.values().sum();

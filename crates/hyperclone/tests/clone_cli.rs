@@ -76,13 +76,15 @@ fn clone_writes_a_complete_loadable_folder() {
         meta["hyperclone.source_headers_sha256"],
         small.headers_sha256()
     );
+    assert_eq!(meta["hyperclone.source"], "src");
     assert_eq!(
         meta["hyperclone.command"],
-        "hyperclone clone src dst --factor 2 --json"
+        "hyperclone clone SRC DST --factor 2 --intermediate-size 48 --variant symmetric --dtype keep --shard-size 5000000000"
     );
     let card = std::fs::read_to_string(dst.join("README.md")).unwrap();
     assert!(
-        card.contains(&small.config_sha256().unwrap()) && card.contains("hyperclone clone src dst")
+        card.contains(&small.config_sha256().unwrap())
+            && card.contains("hyperclone clone SRC DST --factor 2")
     );
 
     // o_proj: [hidden x2 (write), heads x2 (read)] = 1/2 [[W, W], [W, W]].
@@ -230,6 +232,100 @@ fn same_source_flags_and_seed_give_identical_bytes() {
     assert_ne!(a, b);
 }
 
+/// The output depends on the source's content and the options only: the same source under
+/// another path (absolute, `./`, another working folder) and the same options spelled
+/// differently give the same bytes, and no file holds a path of this machine.
+#[test]
+fn output_holds_no_local_path_and_does_not_depend_on_how_the_source_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = Tiny::default().write(&tmp.path().join("work/my-model"));
+    let abs = src.display().to_string();
+    let a = run(&["clone", &abs, "a", "--factor", "2"], tmp.path());
+    assert!(a.status.success(), "{}", stderr(&a));
+    let b = run(
+        &[
+            "clone",
+            "./my-model/",
+            "../b",
+            "--factor=2",
+            "--ffn-factor",
+            "2",
+            "--shard-size",
+            "5000000000",
+        ],
+        &tmp.path().join("work"),
+    );
+    assert!(b.status.success(), "{}", stderr(&b));
+    let files = listing(&tmp.path().join("a"));
+    assert_eq!(files, listing(&tmp.path().join("b")));
+    let root = tmp.path().canonicalize().unwrap().display().to_string();
+    for f in &files {
+        let x = std::fs::read(tmp.path().join("a").join(f)).unwrap();
+        let y = std::fs::read(tmp.path().join("b").join(f)).unwrap();
+        assert!(
+            x == y,
+            "{f} depends on how the source or the options were written"
+        );
+        let text = String::from_utf8_lossy(&x);
+        assert!(
+            !text.contains(&root) && !text.contains(tmp.path().to_str().unwrap()),
+            "{f} holds a local path"
+        );
+    }
+    let meta = &Checkpoint::open(&tmp.path().join("a")).unwrap().files[0].metadata;
+    assert_eq!(meta["hyperclone.source"], "my-model");
+}
+
+/// Tokenizer settings, special tokens and chat templates travel with the clone, byte for
+/// byte; the source's card does not (the clone gets its own, which keeps its metadata).
+#[test]
+fn companion_files_are_copied_and_the_card_keeps_the_source_metadata() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = Tiny::default().write(&tmp.path().join("src"));
+    let companions = [
+        (
+            "tokenizer_config.json",
+            "{\"chat_template\": \"{{ messages }}\"}",
+        ),
+        ("special_tokens_map.json", "{\"eos_token\": \"</s>\"}"),
+        (
+            "chat_template.jinja",
+            "{% for m in messages %}{{ m.content }}{% endfor %}",
+        ),
+        ("chat_template.json", "{\"chat_template\": \"x\"}"),
+        ("LICENSE", "Apache License 2.0"),
+    ];
+    for (name, text) in companions {
+        std::fs::write(src.join(name), text).unwrap();
+    }
+    std::fs::write(
+        src.join("README.md"),
+        "---\nlicense: apache-2.0\nlanguage:\n- en\ntags:\n- text-generation\nbase_model: other/parent\n---\n# Source card\n",
+    )
+    .unwrap();
+    std::fs::write(src.join("pytorch_model.bin"), b"not copied").unwrap();
+    let out = run(&["clone", "src", "dst", "--factor", "2"], tmp.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dst = tmp.path().join("dst");
+    for (name, text) in companions {
+        assert_eq!(
+            std::fs::read_to_string(dst.join(name)).unwrap(),
+            text,
+            "{name}"
+        );
+    }
+    assert!(!dst.join("pytorch_model.bin").exists());
+    let card = std::fs::read_to_string(dst.join("README.md")).unwrap();
+    assert!(
+        card.starts_with(
+            "---\nlibrary_name: transformers\nlicense: apache-2.0\nlanguage:\n- en\ntags:\n- text-generation\n\
+             - hyperclone\n- hypercloning\nbase_model: src\nbase_model_relation: finetune\n---\n"
+        ),
+        "{card}"
+    );
+    assert!(!card.contains("# Source card") && !card.contains("other/parent"));
+}
+
 #[test]
 fn plan_counts_parameters_by_the_formula_and_writes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
@@ -315,4 +411,91 @@ fn force_replaces_an_existing_destination() {
     assert!(!tmp.path().join("dst/old.txt").exists());
     assert!(tmp.path().join("dst/model.safetensors").exists());
     assert_eq!(listing(tmp.path()), ["dst", "src"]);
+}
+
+/// core::grow::grow_in_memory (what Python's `hyperclone.grow` calls) gives the tensors and
+/// config.json the CLI writes, and checks a state dict as strictly as a folder.
+#[test]
+fn growing_in_memory_equals_the_clone_on_disk() {
+    use hyperclone_core::checkpoint::MemoryTensor;
+    use hyperclone_core::grow::{grow_in_memory, GrowthRequest};
+    let tmp = tempfile::tempdir().unwrap();
+    let src = Tiny {
+        tied: true,
+        ..Default::default()
+    }
+    .write(&tmp.path().join("src"));
+    let out = run(
+        &[
+            "clone",
+            "src",
+            "dst",
+            "--factor",
+            "2",
+            "--variant",
+            "noisy",
+            "--seed",
+            "4",
+        ],
+        tmp.path(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let small = Checkpoint::open(&src).unwrap();
+    let tensors: Vec<MemoryTensor> = small
+        .tensors
+        .iter()
+        .map(|t| MemoryTensor {
+            name: &t.info.name,
+            dtype: t.info.dtype,
+            shape: t.info.shape.clone(),
+            data: small.files[t.file].data(&t.info),
+        })
+        .collect();
+    let config = std::fs::read_to_string(src.join("config.json")).unwrap();
+    let request = GrowthRequest {
+        factor: Some("2".into()),
+        variant: "noisy".into(),
+        seed: 4,
+        ..Default::default()
+    };
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let grown = grow_in_memory(&config, &tensors, &request, false, &cancel).unwrap();
+    let disk = Checkpoint::open(&tmp.path().join("dst")).unwrap();
+    assert_eq!(grown.tensors.len(), disk.tensors.len());
+    for t in &grown.tensors {
+        let d = disk.find(&t.name).unwrap();
+        assert_eq!(
+            (t.dtype, &t.shape),
+            (d.info.dtype, &d.info.shape),
+            "{}",
+            t.name
+        );
+        assert!(
+            t.data == disk.files[d.file].data(&d.info),
+            "{} differs from the file",
+            t.name
+        );
+    }
+    assert_eq!(
+        Value::Object(grown.config),
+        read_json(&tmp.path().join("dst/config.json"))
+    );
+
+    // A state dict is checked as a folder is: sizes against the data, names against the
+    // family's rules.
+    let mut short = tensors;
+    short[0].data = &short[0].data[1..];
+    let e = grow_in_memory(&config, &short, &request, false, &cancel)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("bytes of data for a"), "{e}");
+    short[0].data = &[];
+    short[0].shape = vec![0];
+    short[0].name = "model.layers.9.mlp.up_proj.weight";
+    let e = grow_in_memory(&config, &short, &request, false, &cancel)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("layer 9 does not exist"), "{e}");
 }
