@@ -73,7 +73,17 @@ impl Provenance {
             self.headers_sha256.clone(),
         );
         m.insert("hyperclone.factor".into(), o.factor.to_string());
-        m.insert("hyperclone.ffn_factor".into(), o.ffn_factor.to_string());
+        // The FFN width; the factor only when it is a whole one (Net2Net widths have none).
+        let ffn = o
+            .intermediate_size
+            .unwrap_or(self.source_intermediate_size.saturating_mul(o.ffn_factor));
+        m.insert("hyperclone.intermediate_size".into(), ffn.to_string());
+        if self.source_intermediate_size > 0 && ffn.is_multiple_of(self.source_intermediate_size) {
+            m.insert(
+                "hyperclone.ffn_factor".into(),
+                (ffn / self.source_intermediate_size).to_string(),
+            );
+        }
         m.insert("hyperclone.variant".into(), o.variant.name().into());
         m.insert("hyperclone.snr_db".into(), o.snr_db.to_string());
         m.insert("hyperclone.seed".into(), o.seed.to_string());
@@ -311,12 +321,26 @@ pub fn model_card(ckpt: &Checkpoint, plan: &Plan, prov: &Provenance) -> String {
     let cfg = &ckpt.config;
     let mut s = card_front_matter(prov);
     let _ = writeln!(s, "\n# HyperCloned from `{}`\n", prov.source);
+    let map = &plan.map;
+    let stream = if map.keep_tied {
+        format!(
+            "{} stacked copies of the source's, divided by {}",
+            o.factor, o.factor
+        )
+    } else {
+        format!("{} stacked copies of the source's", o.factor)
+    };
     let _ = writeln!(
         s,
         "This checkpoint was grown with [hyperclone](https://arxiv.org/abs/2409.12903) {TOOL_VERSION}: every weight of the \
-         source `{}` model was tiled so that this wider model computes the same function (each hidden vector \
-         is {} stacked copies of the source's). Continue pre-training from here.\n",
-        cfg.family.model_type, o.factor
+         source `{}` model was tiled so that this wider model {} (each hidden vector is {stream}). Continue \
+         pre-training from here.\n",
+        cfg.family.model_type,
+        if map.preserves_function() {
+            "computes the same function"
+        } else {
+            "starts from the source's weights (its repeated layers do not preserve the function)"
+        }
     );
     let _ = writeln!(s, "| | source | clone |\n|---|---|---|");
     for c in &plan.changes {
@@ -333,7 +357,43 @@ pub fn model_card(ckpt: &Checkpoint, plan: &Plan, prov: &Provenance) -> String {
     let _ = writeln!(s, "## Recipe\n");
     let _ = writeln!(s, "- source: `{}`", prov.source);
     let _ = writeln!(s, "- factor (hidden, heads): {}", o.factor);
-    let _ = writeln!(s, "- FFN factor: {}", o.ffn_factor);
+    let ffn = map.segment(crate::family::Space::Ffn);
+    if ffn.extra == 0 {
+        let _ = writeln!(s, "- FFN factor: {}", ffn.copies);
+    } else {
+        let _ = writeln!(
+            s,
+            "- FFN: {} -> {} units (Net2Net: the first {} units have {} copies, the rest {}; readers divide by each \
+             unit's count)",
+            ffn.len,
+            ffn.dest_len(),
+            ffn.extra,
+            ffn.copies + 1,
+            ffn.copies
+        );
+    }
+    if map.grows_depth() {
+        let _ = writeln!(
+            s,
+            "- layers: {} -> {} ({})",
+            cfg.num_hidden_layers,
+            map.layers.len(),
+            match map.depth_mode {
+                crate::growth_map::DepthMode::Identity =>
+                    "LLaMA Pro identity blocks, each a copy of the layer before it with its residual writers zeroed",
+                crate::growth_map::DepthMode::Stack =>
+                    "the whole stack repeated (G_stack); not function-preserving",
+            }
+        );
+    }
+    if map.keep_tied {
+        let _ = writeln!(
+            s,
+            "- tied embedding kept: the residual stream is carried as tile(h)/{n}, norm eps divided by {}",
+            o.factor * o.factor,
+            n = o.factor
+        );
+    }
     let _ = writeln!(s, "- variant: {}", o.variant.name());
     if o.variant.is_noisy() {
         let _ = writeln!(s, "- noise: {} dB SNR per block, seed {}", o.snr_db, o.seed);

@@ -18,13 +18,15 @@ pub mod generate;
 pub mod init;
 pub mod model;
 pub mod optimizer_carry;
-pub mod quiet_growth;
 pub mod rng;
 pub mod softmax;
 pub mod spec;
 pub mod train;
 pub mod trainer;
 
+/// The working precision of a forward pass or verification (candle's dtype), re-exported so
+/// callers need not depend on candle.
+pub use candle_core::DType;
 pub use error::{Context, NnError, Result};
 pub use model::{Decoder, Dropout, ForwardOutput, Param};
 pub mod verify;

@@ -16,9 +16,9 @@
 //! ratio of the two shapes.
 
 use crate::error::Context;
-use crate::quiet_growth::grow_quietly;
 use crate::train::AdamW;
 use crate::{Param, Result};
+use hyperclone_core::grow::grow_quietly;
 use hyperclone_core::safetensors::{encode_header, HeaderEntry, SafetensorsFile};
 use hyperclone_core::{Checkpoint, GrowthOptions, Variant};
 use std::collections::BTreeMap;
@@ -109,13 +109,7 @@ pub fn carry(
             shard_size: u64::MAX,
             ..GrowthOptions::default()
         };
-        grow_quietly(
-            &src,
-            &dst,
-            &options,
-            "optimizer moments",
-            "train --optimizer-from",
-        )?;
+        grow_quietly(&src, &dst, &options)?;
         let grown = Checkpoint::open(&dst)?;
         grown
             .tensors
@@ -259,7 +253,7 @@ mod tests {
             shard_size: u64::MAX,
             ..GrowthOptions::default()
         };
-        grow_quietly(base, dst, &options, "small", "test").unwrap();
+        grow_quietly(base, dst, &options).unwrap();
     }
 
     /// The carried moments of the small model's gradient are the clone's own gradient on the

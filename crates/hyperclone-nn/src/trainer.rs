@@ -390,10 +390,13 @@ struct CloneGrowth {
 fn clone_growth(ckpt: &Checkpoint) -> Option<CloneGrowth> {
     let meta = &ckpt.files.first()?.metadata;
     let n: usize = meta.get("hyperclone.factor")?.parse().ok()?;
-    let m: usize = meta.get("hyperclone.ffn_factor")?.parse().ok()?;
     if n <= 1 {
         return None;
     }
+    // Whole-factor clones record the FFN factor; Net2Net widths have none (the map has it).
+    let m: Option<usize> = meta
+        .get("hyperclone.ffn_factor")
+        .and_then(|v| v.parse().ok());
     Some(match RecordedGrowth::of(ckpt) {
         Some(r) => {
             let same_depth = r
@@ -406,7 +409,7 @@ fn clone_growth(ckpt: &Checkpoint) -> Option<CloneGrowth> {
                 .spaces
                 .iter()
                 .find(|(s, _)| *s == Space::Ffn)
-                .map_or(m, |(_, s)| s.copies);
+                .map_or(m.unwrap_or(n), |(_, s)| s.copies);
             CloneGrowth {
                 n,
                 m,
@@ -414,12 +417,15 @@ fn clone_growth(ckpt: &Checkpoint) -> Option<CloneGrowth> {
                 segments: r.spaces,
             }
         }
-        None => CloneGrowth {
-            n,
-            m,
-            segments: uniform_segments(&ckpt.config, n, m),
-            width_only: true,
-        },
+        None => {
+            let m = m?;
+            CloneGrowth {
+                n,
+                m,
+                segments: uniform_segments(&ckpt.config, n, m),
+                width_only: true,
+            }
+        }
     })
 }
 

@@ -19,8 +19,8 @@ use crate::runs::{base_dir, budget_dir, clone_dir, final_dir, screen_arm_dir};
 use crate::runs::{models_json, read_corpus, read_runs, read_screen};
 use crate::settings::{Arm, Settings, BASE_SEED};
 use crate::Result;
+use hyperclone_core::grow::grow_quietly;
 use hyperclone_core::{GrowthOptions, Variant};
-use hyperclone_nn::quiet_growth::grow_quietly;
 use hyperclone_nn::train::Schedule;
 use hyperclone_nn::trainer::{self, read_state, TrainOptions, TrainProgress};
 use hyperclone_nn::Context;
@@ -537,12 +537,6 @@ fn grow(base: &Path, dst: &Path, s: &Settings, variant: Variant, seed: u64) -> R
         shard_size: 5_000_000_000,
         ..GrowthOptions::default()
     };
-    let command = format!(
-        "hyperclone experiment (clone --factor {} --variant {} --snr-db {} --seed {seed})",
-        s.factor,
-        variant.name(),
-        s.snr_db,
-    );
-    grow_quietly(&base.join("last"), dst, &options, "base/last", &command)?;
+    grow_quietly(&base.join("last"), dst, &options)?;
     Ok(())
 }

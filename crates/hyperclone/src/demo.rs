@@ -3,9 +3,9 @@
 //! verified, and both models continue the same verse.
 
 use crate::args::{DemoArgs, InputArgs};
-use crate::growth::grow_quietly;
 use crate::infer;
 use anyhow::{Context, Result};
+use hyperclone_core::grow::grow_quietly;
 use hyperclone_core::{GrowthOptions, Variant};
 use hyperclone_nn::generate::{complete, load, parse_dtype, tokenizer};
 use std::path::{Path, PathBuf};
@@ -57,8 +57,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         shard_size: 5_000_000_000,
         ..GrowthOptions::default()
     };
-    let command = format!("hyperclone demo --factor {}", a.factor);
-    let (ckpt, plan) = grow_quietly(&small, &big, &options, "assets/shakespeare-tiny", &command)?;
+    let (ckpt, plan) = grow_quietly(&small, &big, &options)?;
     let cloned = started.elapsed().as_secs_f64();
     let before: u64 = plan.params_before.values().sum();
     let after: u64 = plan.params_after.values().sum();

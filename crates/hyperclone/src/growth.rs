@@ -2,10 +2,7 @@
 //! [`hyperclone_core::grow`], shared with the Python package.
 
 use crate::args::GrowthArgs;
-use anyhow::Result;
 use hyperclone_core::grow::GrowthRequest;
-use hyperclone_core::{Checkpoint, GrowthOptions, Plan};
-use std::path::Path;
 
 /// The flags as a core growth request.
 pub fn request(args: &GrowthArgs) -> GrowthRequest {
@@ -26,17 +23,4 @@ pub fn request(args: &GrowthArgs) -> GrowthRequest {
         dtype: args.dtype.clone(),
         shard_size: args.shard_size.clone(),
     }
-}
-
-/// Grows `src` into `dst` without progress output (see [`hyperclone_core::grow::grow_quietly`]).
-/// The provenance is derived from the source and the options alone; `_source` and
-/// `_command` are kept for existing callers and no longer recorded.
-pub fn grow_quietly(
-    src: &Path,
-    dst: &Path,
-    options: &GrowthOptions,
-    _source: &str,
-    _command: &str,
-) -> Result<(Checkpoint, Plan)> {
-    Ok(hyperclone_core::grow::grow_quietly(src, dst, options)?)
 }

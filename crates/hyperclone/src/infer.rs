@@ -2,11 +2,11 @@
 
 use crate::args::{ForwardArgs, GenerateArgs, InputArgs, VerifyArgs};
 use anyhow::{bail, Context, Result};
-use candle_core::DType;
 use hyperclone_core::safetensors::{encode_header, HeaderEntry};
 use hyperclone_core::Checkpoint;
 use hyperclone_nn::check::Verification;
 use hyperclone_nn::generate::{complete, forward_logits, load, tokenizer, Input};
+use hyperclone_nn::DType;
 use serde_json::json;
 use std::path::Path;
 
