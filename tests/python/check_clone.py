@@ -125,6 +125,7 @@ class Growth:
     are the paper's growth."""
 
     ffn: int | None = None  # exact destination FFN width (Net2Net when not a multiple)
+    heads: int | None = None  # destination query heads when not n x the source's
     layer_of: list[int] | None = None  # for each DST layer, the SRC layer it equals
     keep_tied: bool = False  # the residual is carried as tile(h)/n, the head stays tied
 
@@ -149,9 +150,11 @@ def check_config(cfg_s, cfg_d, n: int, m: int | None = None, growth: Growth | No
             errs.append(f"{what}: got {got!r}, expected {expected!r}")
 
     want("hidden_size", cfg_d.hidden_size, n * cfg_s.hidden_size)
-    want("num_attention_heads", cfg_d.num_attention_heads, n * cfg_s.num_attention_heads)
-    k = kv_heads(cfg_s)
-    want("num_key_value_heads", kv_heads(cfg_d), 1 if k == 1 else n * k)
+    h, k = cfg_s.num_attention_heads, kv_heads(cfg_s)
+    heads = g.heads if g.heads is not None else n * h
+    want("num_attention_heads", cfg_d.num_attention_heads, heads)
+    # Query heads keep their kv groups: K' = H' / (H / K); a single MQA kv head stays single.
+    want("num_key_value_heads", kv_heads(cfg_d), 1 if k == 1 else heads // (h // k))
     want("head_dim", head_dim(cfg_d), head_dim(cfg_s))
     f_s, f_d = ffn_size(cfg_s), ffn_size(cfg_d)
     if g.ffn is not None:
@@ -266,7 +269,7 @@ def factor_from_configs(cfg_s, cfg_d, n: int | None) -> int:
     return derived
 
 
-def check(src, dst, n=None, m=None, ids=None, model_s=None, out_s=None, growth=None, **tol) -> dict:
+def check(src, dst, n=None, m=None, ids=None, model_s=None, out_s=None, growth=None, heads=None, **tol) -> dict:
     """Full check of one clone; pass model_s/out_s to reuse an already loaded source."""
     model_s = model_s if model_s is not None else load_model(src)
     model_d = load_model(dst)
@@ -275,6 +278,8 @@ def check(src, dst, n=None, m=None, ids=None, model_s=None, out_s=None, growth=N
     if ids is None:
         ids = default_ids(cfg_s.vocab_size)
     out_s = out_s if out_s is not None else forward(model_s, ids)
+    if heads is not None:
+        growth = Growth(heads=heads)
     report = compare(out_s, forward(model_d, ids), n, growth=growth, **tol)
     cfg_errs = check_config(cfg_s, cfg_d, n, m, growth)
     report["problems"] = cfg_errs + report["problems"]

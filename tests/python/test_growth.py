@@ -201,3 +201,45 @@ def test_everything_at_once_and_replayed_from_the_recipe(name, hyperclone_bin, t
     assert sorted(p.name for p in dst.iterdir()) == sorted(p.name for p in replay.iterdir())
     for fpath in sorted(dst.iterdir()):
         assert fpath.read_bytes() == (replay / fpath.name).read_bytes(), fpath.name
+
+
+# transformers derives head_dim from hidden / heads (or olmo2: q/k norms over all heads).
+HEADS_REFUSED = {"gpt2", "gpt_neox", "opt", "stablelm", "olmo2"}
+# transformers' config validation wants the head count to divide the hidden size.
+HEADS_DIVIDING_HIDDEN = {"llama", "gemma2"}
+
+
+def other_head_count(cfg, model_type: str, n: int = 2) -> int:
+    """A head count other than n x the source's that keeps whole kv groups: 1.5 x the heads
+    rounded up to the group size (an uneven Net2Net copy), or where the count must divide
+    the hidden size, the smallest such count above n x the heads (e.g. heads x4, width x2)."""
+    h, k = cfg.num_attention_heads, cc.kv_heads(cfg)
+    group = h // k if k > 1 else 1
+    if model_type in HEADS_DIVIDING_HIDDEN:
+        hidden = n * cfg.hidden_size
+        return next(t for t in range(n * h + 1, hidden + 1) if hidden % t == 0 and t % group == 0)
+    target = -(-3 * h // 2 // group) * group
+    return target if target % h else target + group
+
+
+@pytest.mark.parametrize("name", sorted(n for n in ALL_SOURCES if model_type(n) not in HEADS_REFUSED))
+def test_other_head_counts_with_width_x2(name, hyperclone_bin, tmp_path):
+    src = ALL_SOURCES[name]
+    cfg = source(src)[0].config
+    heads = other_head_count(cfg, model_type(name))
+    dst = tmp_path / "dst"
+    run_clone(hyperclone_bin, src, dst, "--factor", 2, "--num-attention-heads", heads, "--variant", "noisy")
+    model_s, ids, out_s = source(src)
+    report = cc.check(src, dst, n=2, ids=ids, model_s=model_s, out_s=out_s, heads=heads)
+    assert report["pass"], cc.format_report(report)
+    v = rust_verify(hyperclone_bin, src, dst)
+    assert v["passed"], json.dumps(v, indent=1)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in ALL_SOURCES if model_type(n) in HEADS_REFUSED))
+def test_uneven_heads_are_refused_where_head_dim_is_derived(name, hyperclone_bin, tmp_path):
+    cfg = source(ALL_SOURCES[name])[0].config
+    proc = run_clone(hyperclone_bin, ALL_SOURCES[name], tmp_path / "dst", "--factor", 2,
+                     "--num-attention-heads", other_head_count(cfg, model_type(name)), check=False)
+    assert proc.returncode == 1 and "head" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -82,6 +82,19 @@ pub enum TiedGrowth {
     Refused(&'static str),
 }
 
+/// Head counts a clone may have besides the source's x factor (head_dim is always kept, and
+/// the grown config states it).
+#[derive(Debug, Clone, Copy)]
+pub enum HeadCounts {
+    /// Any count >= the source's (whole kv groups): the modeling code reads `head_dim`.
+    Any,
+    /// Counts that divide the grown hidden size: transformers' config validation demands it
+    /// even when `head_dim` is given.
+    DividingHidden,
+    /// Why no other count can load or stay exact.
+    Refused(&'static str),
+}
+
 /// Whether a tensor axis produces values in its space or consumes them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -219,6 +232,8 @@ pub struct Family {
     pub embedding_scaled_by_sqrt_hidden: bool,
     /// Whether `--keep-tied` is exact for this family, and how.
     pub tied_growth: TiedGrowth,
+    /// Which head counts other than the source's x factor the family can load.
+    pub head_counts: HeadCounts,
     /// Shown in the support table.
     pub notes: &'static str,
 }
@@ -508,9 +523,14 @@ const fn family(
             eps_key: "rms_norm_eps",
             also_scaled: &[],
         },
+        head_counts: HeadCounts::Any,
         notes,
     }
 }
+
+const HEAD_DIM_DERIVED: HeadCounts = HeadCounts::Refused(
+    "transformers derives its head_dim as hidden_size / num_attention_heads, so the head count is fixed by the width",
+);
 
 const GEMMA_TIE: TiedGrowth = TiedGrowth::Refused(
     "the model multiplies embeddings by sqrt(hidden_size) but the tied head reads them unscaled, so no one \
@@ -610,7 +630,10 @@ const STARCODER2_RULES: [&[TensorRule]; 9] = concat(&[
 ]);
 
 pub static FAMILIES: &[Family] = &[
-    family("llama", false, &LLAMA_RULES, "MHA, GQA, MQA; tied or untied head; attention_bias / mlp_bias"),
+    Family {
+        head_counts: HeadCounts::DividingHidden,
+        ..family("llama", false, &LLAMA_RULES, "MHA, GQA, MQA; tied or untied head; attention_bias / mlp_bias")
+    },
     family("mistral", false, LLAMA_CORE, "GQA; sliding_window kept"),
     family("qwen2", false, &QWEN2_RULES, "q/k/v biases tiled per head"),
     Family {
@@ -633,6 +656,7 @@ pub static FAMILIES: &[Family] = &[
     Family {
         embedding_scaled_by_sqrt_hidden: true,
         tied_growth: GEMMA_TIE,
+        head_counts: HeadCounts::DividingHidden,
         ..family("gemma2", true, &GEMMA2_RULES, "pre/post norms; soft-capping, query_pre_attn_scalar, sliding window kept")
     },
     Family {
@@ -640,11 +664,16 @@ pub static FAMILIES: &[Family] = &[
             "attention and MLP read the residual stream directly, without a norm, so a residual carried as tile(h)/n \
              would reach them scaled",
         ),
+        head_counts: HeadCounts::Refused(
+            "its q/k norms normalise over all heads at once, so copying some heads more often than others changes \
+             their statistics",
+        ),
         ..family("olmo2", false, &OLMO2_RULES, "post-norms; q/k norms over the whole projection tiled like the heads")
     },
     family("phi3", false, &PHI3_RULES, "fused qkv_proj and gate_up_proj grown segment by segment"),
     Family {
         tied_growth: LAYERNORM_TIE,
+        head_counts: HEAD_DIM_DERIVED,
         ..family("stablelm", false, &STABLELM_RULES, "LayerNorm; partial rotary; optional qkv bias")
     },
     Family {
@@ -675,6 +704,7 @@ pub static FAMILIES: &[Family] = &[
             eps_key: "layer_norm_epsilon",
             also_scaled: &[],
         },
+        head_counts: HEAD_DIM_DERIVED,
         ..family("gpt2", true, &[GPT2], "Conv1D [in, out] weights; fused c_attn [q | k | v]; learned positions")
     },
     Family {
@@ -682,6 +712,7 @@ pub static FAMILIES: &[Family] = &[
         embedding: "gpt_neox.embed_in.weight",
         head: "embed_out.weight",
         tied_growth: LAYERNORM_TIE,
+        head_counts: HEAD_DIM_DERIVED,
         ..family("gpt_neox", false, &[GPT_NEOX], "fused QKV laid out per head; parallel residual; partial rotary")
     },
     Family {
@@ -692,6 +723,7 @@ pub static FAMILIES: &[Family] = &[
             "its LayerNorm eps is fixed in the modeling code (1e-5), not read from config.json, so it cannot be \
              divided by n^2 to keep the norms scale-invariant",
         ),
+        head_counts: HEAD_DIM_DERIVED,
         ..family("opt", true, &[OPT], "learned positions (offset 2); project_in/out kept ungrown when word_embed_proj_dim != hidden")
     },
 ];

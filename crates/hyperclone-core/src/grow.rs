@@ -44,7 +44,7 @@ pub struct GrowthRequest {
     /// `--recipe`: read every option from this recipe file instead (the other fields are
     /// then not used).
     pub recipe: Option<std::path::PathBuf>,
-    /// `--num-attention-heads`: must be the source's times the factor.
+    /// `--num-attention-heads`: the destination head count (default: the source's x factor).
     pub num_attention_heads: Option<usize>,
     pub variant: String,
     pub snr_db: f64,
@@ -109,17 +109,6 @@ impl GrowthRequest {
                     return Err(opt("give --depth-factor or --num-hidden-layers, not both"))
                 }
             };
-        if let Some(h) = self.num_attention_heads {
-            let expected = cfg.num_attention_heads.saturating_mul(factor);
-            if h != expected {
-                return Err(opt(format!(
-                    "--num-attention-heads {h} would change head_dim from {} to {:.3}: HyperCloning keeps head_dim and \
-                     grows the head count with the hidden size (expected {expected} heads for factor {factor})",
-                    cfg.head_dim,
-                    cfg.hidden_size as f64 * factor as f64 / h as f64
-                )));
-            }
-        }
         let variant = Variant::parse(&self.variant).ok_or_else(|| {
             let names: Vec<&str> = Variant::ALL.iter().map(|v| v.name()).collect();
             opt(format!(
@@ -153,6 +142,7 @@ impl GrowthRequest {
                 ))
             })?,
             keep_tied: self.keep_tied,
+            num_heads: self.num_attention_heads,
         };
         opts.validate()?;
         Ok(opts)

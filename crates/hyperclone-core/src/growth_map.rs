@@ -15,7 +15,7 @@
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::family::{Space, TensorRule, TiedGrowth};
+use crate::family::{HeadCounts, Space, TensorRule, TiedGrowth};
 use crate::kernel::Segment;
 use crate::limits::MAX_LAYERS;
 use crate::plan::GrowthOptions;
@@ -274,6 +274,22 @@ impl GrowthMap {
 
 fn space_segment(cfg: &ModelConfig, o: &GrowthOptions, space: Space) -> Result<Segment> {
     let len = cfg.space_len(space);
+    if let (Some((heads, kv)), Space::Heads | Space::KvHeads | Space::QkvPerHead) =
+        (uneven_heads(cfg, o)?, space)
+    {
+        // Whole heads are the units: the first (H' mod H) heads get one more copy, and
+        // with them the kv heads of their groups (K' = H' / group).
+        let (units, target, per_unit) = match space {
+            Space::KvHeads => (cfg.num_key_value_heads, kv, cfg.head_dim),
+            Space::QkvPerHead => (cfg.num_attention_heads, heads, 3 * cfg.head_dim),
+            _ => (cfg.num_attention_heads, heads, cfg.head_dim),
+        };
+        return Ok(Segment {
+            len,
+            copies: target / units,
+            extra: (target % units) * per_unit,
+        });
+    }
     if space != Space::Ffn {
         return Ok(Segment::tiled(len, o.copies(space, cfg)));
     }
@@ -298,6 +314,61 @@ fn space_segment(cfg: &ModelConfig, o: &GrowthOptions, space: Space) -> Result<S
         copies: target / len,
         extra: target % len,
     })
+}
+
+/// (H', K') when `--num-attention-heads` asks for other than the source's x factor; the
+/// checks that keep attention exact.
+fn uneven_heads(cfg: &ModelConfig, o: &GrowthOptions) -> Result<Option<(usize, usize)>> {
+    let (h, k) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+    let Some(target) = o.num_heads.filter(|&t| Some(t) != h.checked_mul(o.factor)) else {
+        return Ok(None);
+    };
+    let opt = |m: String| Err(Error::Options(m));
+    if target < h {
+        return opt(format!(
+            "--num-attention-heads {target} is fewer than the source's {h}: growth never removes heads"
+        ));
+    }
+    let hidden = cfg.hidden_size.saturating_mul(o.factor);
+    match cfg.family.head_counts {
+        HeadCounts::Any => {}
+        HeadCounts::DividingHidden if hidden.is_multiple_of(target) => {}
+        HeadCounts::DividingHidden => {
+            return opt(format!(
+                "--num-attention-heads {target}: {} configs must have a head count that divides hidden_size \
+                 ({hidden}; transformers validates it even with head_dim given)",
+                cfg.family.model_type
+            ))
+        }
+        HeadCounts::Refused(why) => {
+            return opt(format!(
+                "--num-attention-heads {target}: {} can only grow heads with the hidden size ({} for x{}): {why}",
+                cfg.family.model_type,
+                h * o.factor,
+                o.factor
+            ))
+        }
+    }
+    // Query heads of a group share a kv head; copies must keep whole groups together.
+    let group = h / k;
+    let kv = if k == 1 {
+        1 // one shared (MQA) kv head serves any number of query heads
+    } else if !target.is_multiple_of(group) {
+        return opt(format!(
+            "--num-attention-heads {target}: {group} query heads share each kv head, so the count must be a \
+             multiple of {group}"
+        ));
+    } else {
+        target / group
+    };
+    crate::limits::checked_numel(&[target, cfg.head_dim, cfg.hidden_size, o.factor]).ok_or_else(
+        || {
+            Error::Options(format!(
+                "--num-attention-heads {target}: q_proj would be too large"
+            ))
+        },
+    )?;
+    Ok(Some((target, kv)))
 }
 
 fn layer_map(cfg: &ModelConfig, o: &GrowthOptions) -> Result<Vec<LayerSource>> {
@@ -526,6 +597,91 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("sqrt(hidden_size)"), "{err}");
+    }
+
+    #[test]
+    fn other_head_counts_copy_whole_heads_and_keep_kv_groups() {
+        // 4 heads of 8 in 2 kv groups, qwen2 (any count): 6 heads = heads 0, 1 once more,
+        // with kv head 0 (their group) once more.
+        let c = cfg(json!({"model_type": "qwen2"}));
+        let m = GrowthMap::new(
+            &c,
+            &GrowthOptions {
+                num_heads: Some(6),
+                ..options()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            m.segment(Space::Heads),
+            Segment {
+                len: 32,
+                copies: 1,
+                extra: 16
+            }
+        );
+        assert_eq!(
+            m.segment(Space::KvHeads),
+            Segment {
+                len: 16,
+                copies: 1,
+                extra: 8
+            }
+        );
+        let e = GrowthMap::new(
+            &c,
+            &GrowthOptions {
+                num_heads: Some(5),
+                ..options()
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("multiple of 2"), "{e}");
+        let e = GrowthMap::new(
+            &c,
+            &GrowthOptions {
+                num_heads: Some(2),
+                ..options()
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("never removes heads"), "{e}");
+        // llama: the count must divide the grown hidden size (64).
+        let e = GrowthMap::new(
+            &cfg(json!({})),
+            &GrowthOptions {
+                num_heads: Some(6),
+                ..options()
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("divides hidden_size"), "{e}");
+        let m = GrowthMap::new(
+            &cfg(json!({})),
+            &GrowthOptions {
+                num_heads: Some(16),
+                ..options()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            m.segment(Space::Heads),
+            Segment {
+                len: 32,
+                copies: 4,
+                extra: 0
+            }
+        );
+        // The factor's own count is the paper's growth.
+        let m = GrowthMap::new(
+            &c,
+            &GrowthOptions {
+                num_heads: Some(8),
+                ..options()
+            },
+        )
+        .unwrap();
+        assert_eq!(m.segment(Space::Heads), Segment::tiled(32, 2));
     }
 
     #[test]

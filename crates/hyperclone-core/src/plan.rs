@@ -36,6 +36,9 @@ pub struct GrowthOptions {
     pub depth_mode: DepthMode,
     /// Keep a tied embedding tied (the residual is carried as tile/n).
     pub keep_tied: bool,
+    /// Destination query-head count (head_dim kept); `None`: the source's x `factor`.
+    /// Other counts copy heads unevenly (Net2Net at head granularity, kv groups kept).
+    pub num_heads: Option<usize>,
 }
 
 impl Default for GrowthOptions {
@@ -53,6 +56,7 @@ impl Default for GrowthOptions {
             num_layers: None,
             depth_mode: DepthMode::Identity,
             keep_tied: false,
+            num_heads: None,
         }
     }
 }
@@ -410,17 +414,22 @@ fn grown_config(
             set("layer_types", Value::Array(grown));
         }
     }
-    set(keys.heads, (cfg.num_attention_heads * n).into());
+    let heads = map.dest_len(Space::Heads) / cfg.head_dim;
+    set(keys.heads, heads.into());
+    // head_dim is kept: write it where hidden / heads no longer gives it.
+    if heads * cfg.head_dim != cfg.hidden_size * n {
+        set("head_dim", cfg.head_dim.into());
+    }
     for key in keys.hidden_mirrors {
         if cfg.raw.get(*key).and_then(Value::as_u64) == Some(cfg.hidden_size as u64) {
             set(key, (cfg.hidden_size * n).into());
         }
     }
-    let kv = cfg.num_key_value_heads * options.copies(Space::KvHeads, cfg);
+    let kv = map.dest_len(Space::KvHeads) / cfg.head_dim;
     // An absent key means "as many as the query heads"; write it when that stops holding
     // (a single-head model's one kv head stays single).
     if let Some(kv_key) = keys.kv_heads {
-        if cfg.raw.get(kv_key).is_some_and(|v| !v.is_null()) || kv != cfg.num_attention_heads * n {
+        if cfg.raw.get(kv_key).is_some_and(|v| !v.is_null()) || kv != heads {
             set(kv_key, kv.into());
         }
     }

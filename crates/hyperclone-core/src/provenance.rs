@@ -38,6 +38,7 @@ pub struct Provenance {
     /// The source's FFN width and layer count, to spell the options out in sizes.
     pub source_intermediate_size: usize,
     pub source_layers: usize,
+    pub source_heads: usize,
 }
 
 impl Provenance {
@@ -54,6 +55,7 @@ impl Provenance {
             source_front_matter,
             source_intermediate_size: ckpt.config.intermediate_size,
             source_layers: ckpt.config.num_hidden_layers,
+            source_heads: ckpt.config.num_attention_heads,
         })
     }
 
@@ -93,7 +95,12 @@ impl Provenance {
 
     /// [`canonical_command`] for this source.
     pub fn command(&self, o: &GrowthOptions) -> String {
-        canonical_command(o, self.source_intermediate_size, self.source_layers)
+        canonical_command(
+            o,
+            self.source_intermediate_size,
+            self.source_layers,
+            self.source_heads,
+        )
     }
 }
 
@@ -102,7 +109,12 @@ impl Provenance {
 /// SRC is the source named in `hyperclone.source`, DST any folder. `--ffn-factor 2` and
 /// `--intermediate-size` of twice the source's give the same files, so the same command.
 /// Depth, tying and noise flags appear only where they change something.
-pub fn canonical_command(o: &GrowthOptions, source_ffn: usize, source_layers: usize) -> String {
+pub fn canonical_command(
+    o: &GrowthOptions,
+    source_ffn: usize,
+    source_layers: usize,
+    source_heads: usize,
+) -> String {
     let ffn = o
         .intermediate_size
         .unwrap_or(source_ffn.saturating_mul(o.ffn_factor));
@@ -110,6 +122,12 @@ pub fn canonical_command(o: &GrowthOptions, source_ffn: usize, source_layers: us
         "hyperclone clone SRC DST --factor {} --intermediate-size {ffn}",
         o.factor
     );
+    if let Some(h) = o
+        .num_heads
+        .filter(|&h| Some(h) != source_heads.checked_mul(o.factor))
+    {
+        let _ = write!(s, " --num-attention-heads {h}");
+    }
     let layers = o.num_layers.unwrap_or(source_layers);
     if layers != source_layers {
         let _ = write!(
@@ -426,6 +444,7 @@ mod tests {
             source_front_matter: front.map(String::from),
             source_intermediate_size: 48,
             source_layers: 2,
+            source_heads: 4,
         }
     }
 
@@ -492,7 +511,7 @@ mod tests {
             ..GrowthOptions::default()
         };
         assert_eq!(
-            canonical_command(&o, 48, 2),
+            canonical_command(&o, 48, 2, 4),
             "hyperclone clone SRC DST --factor 2 --intermediate-size 144 --variant symmetric --dtype keep --shard-size 5000000000"
         );
         o.variant = crate::Variant::Noisy;
@@ -501,11 +520,11 @@ mod tests {
         o.num_layers = Some(4);
         o.keep_tied = true;
         assert_eq!(
-            canonical_command(&o, 48, 2),
+            canonical_command(&o, 48, 2, 4),
             "hyperclone clone SRC DST --factor 2 --intermediate-size 100 --num-hidden-layers 4 --depth-mode identity \
              --keep-tied --variant noisy --snr-db 10 --seed 7 --dtype bf16 --shard-size 5000000000"
         );
         o.num_layers = Some(2);
-        assert!(!canonical_command(&o, 48, 2).contains("layers"));
+        assert!(!canonical_command(&o, 48, 2, 4).contains("layers"));
     }
 }

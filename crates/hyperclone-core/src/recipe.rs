@@ -48,6 +48,8 @@ pub fn options_json(o: &GrowthOptions, map: &GrowthMap) -> Value {
         "factor": o.factor,
         "intermediate_size": map.dest_len(crate::family::Space::Ffn),
         "num_hidden_layers": map.layers.len(),
+        "num_attention_heads": map.dest_len(crate::family::Space::Heads)
+            / map.dest_len(crate::family::Space::HeadDim).max(1),
         "depth_mode": o.depth_mode.name(),
         "keep_tied": o.keep_tied,
         "variant": o.variant.name(),
@@ -131,8 +133,9 @@ impl Recipe {
 }
 
 fn parse_options(o: &Map<String, Value>) -> std::result::Result<GrowthOptions, String> {
-    const KNOWN: [&str; 10] = [
+    const KNOWN: [&str; 11] = [
         "factor",
+        "num_attention_heads",
         "intermediate_size",
         "num_hidden_layers",
         "depth_mode",
@@ -207,6 +210,7 @@ fn parse_options(o: &Map<String, Value>) -> std::result::Result<GrowthOptions, S
         ffn_factor: factor,
         intermediate_size: size("intermediate_size")?,
         num_layers: size("num_hidden_layers")?,
+        num_heads: size("num_attention_heads")?,
         depth_mode,
         keep_tied,
         variant,

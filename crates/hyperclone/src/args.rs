@@ -392,7 +392,9 @@ pub struct GrowthArgs {
         "seed", "dtype", "shard_size",
     ])]
     pub recipe: Option<PathBuf>,
-    /// Target number of attention heads; must grow by the hidden factor (head_dim cannot change).
+    /// Target number of attention heads [default: the source's x N]. head_dim is kept; another
+    /// count copies whole heads unevenly (the first H' mod H once more, with their kv heads;
+    /// a multiple of the GQA group size), for families whose config states head_dim.
     #[arg(long, value_name = "H")]
     pub num_attention_heads: Option<usize>,
     /// How weights are tiled: symmetric = W/n in every block (the paper's recommendation);
