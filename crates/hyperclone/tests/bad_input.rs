@@ -232,13 +232,21 @@ fn zero_fractional_and_non_dividing_factors() {
 }
 
 #[test]
-fn head_dim_change_is_refused() {
+fn head_counts_that_cannot_load_are_refused() {
+    // head_dim is always kept; a head count other than 2 x 4 is a growth of its own
+    // (tests/python/test_growth.py), but never fewer heads, and for llama only counts that
+    // divide the grown hidden size (transformers validates it).
     let r = root();
     Tiny::default().write(&r.path().join("src"));
     fails(
         r.path(),
-        &["--factor", "2", "--num-attention-heads", "4"],
-        &["head_dim", "expected 8 heads"],
+        &["--factor", "2", "--num-attention-heads", "3"],
+        &["--num-attention-heads 3", "fewer than the source's 4"],
+    );
+    fails(
+        r.path(),
+        &["--factor", "2", "--num-attention-heads", "12"],
+        &["--num-attention-heads 12", "divides hidden_size (32"],
     );
 }
 
