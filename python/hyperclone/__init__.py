@@ -37,10 +37,24 @@ def _text(x):
     return None if x is None else str(x)
 
 
+def _count(name, x, minimum=1):
+    """A whole-number keyword, refused as the CLI refuses its flag (not as OverflowError)."""
+    if x is None:
+        return None
+    if isinstance(x, bool) or not isinstance(x, int) or x < minimum or x >= 2**64:
+        raise HypercloneError(f"{name}={x!r}: must be a whole number >= {minimum}")
+    return x
+
+
 def _growth(factor, hidden_size, ffn_factor, intermediate_size, depth_factor,
             num_hidden_layers, depth_mode, keep_tied, num_attention_heads, variant, snr_db,
             seed, dtype, recipe):
     """The growth keywords in the CLI's terms (factors as text, as the flags take them)."""
+    hidden_size = _count("hidden_size", hidden_size)
+    intermediate_size = _count("intermediate_size", intermediate_size)
+    num_hidden_layers = _count("num_hidden_layers", num_hidden_layers)
+    num_attention_heads = _count("num_attention_heads", num_attention_heads)
+    seed = _count("seed", seed, minimum=0)
     if recipe is not None:
         given = [k for k, v in (("factor", factor), ("hidden_size", hidden_size),
                                 ("ffn_factor", ffn_factor),

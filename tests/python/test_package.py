@@ -279,6 +279,11 @@ def test_errors_raise_hyperclone_error_with_the_cli_message(hyperclone_bin, tmp_
          ["verify", src, tmp_path / "absent"]),
         (lambda: hyperclone.verify(src, tmp_path / "big", tokens=[10**6]),
          None),
+        # Out-of-range numbers the CLI's argument parser refuses (exit 2) are
+        # HypercloneError here too, not OverflowError.
+        (lambda: hyperclone.plan(src, 2, seed=-1), None),
+        (lambda: hyperclone.plan(src, 2, num_hidden_layers=0), None),
+        (lambda: hyperclone.plan(src, 2, intermediate_size=2**70), None),
     ]
     for call, args in cases:
         with pytest.raises(hyperclone.HypercloneError) as info:

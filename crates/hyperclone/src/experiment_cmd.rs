@@ -12,7 +12,7 @@ struct Printed;
 
 impl StudyProgress for Printed {
     fn line(&self, text: &str) {
-        println!("{text}");
+        outln!("{text}");
     }
     fn run(&self, label: &str) -> Box<dyn TrainProgress> {
         Box::new(StepBar::new(label))
@@ -22,9 +22,9 @@ impl StudyProgress for Printed {
 pub fn experiment(a: ExperimentArgs) -> Result<()> {
     let started = Instant::now();
     let report = hyperclone_study::experiment::experiment(&options(&a), &Printed)?;
-    println!("{}", report.table_markdown());
-    println!("{}", report.headline_sentence());
-    println!(
+    outln!("{}", report.table_markdown());
+    outln!("{}", report.headline_sentence());
+    outln!(
         "wrote {} (+ report.json, val_loss.png, symmetry.png, speedup.png) in {:.0} s",
         a.out.join("report.md").display(),
         started.elapsed().as_secs_f64()
