@@ -374,7 +374,14 @@ pub fn model_card(ckpt: &Checkpoint, plan: &Plan, prov: &Provenance) -> String {
     let _ = writeln!(s, "| parameters: total | {before} | {after} |\n");
     let _ = writeln!(s, "## Recipe\n");
     let _ = writeln!(s, "- source: `{}`", prov.source);
-    let _ = writeln!(s, "- factor (hidden, heads): {}", o.factor);
+    let heads = map.dest_len(crate::family::Space::Heads) / cfg.head_dim.max(1);
+    let whole_heads = heads == cfg.num_attention_heads * o.factor;
+    let _ = writeln!(
+        s,
+        "- factor (hidden{}): {}",
+        if whole_heads { ", heads" } else { "" },
+        o.factor
+    );
     let ffn = map.segment(crate::family::Space::Ffn);
     if ffn.extra == 0 {
         let _ = writeln!(s, "- FFN factor: {}", ffn.copies);
@@ -388,6 +395,16 @@ pub fn model_card(ckpt: &Checkpoint, plan: &Plan, prov: &Provenance) -> String {
             ffn.extra,
             ffn.copies + 1,
             ffn.copies
+        );
+    }
+    if !whole_heads {
+        let _ = writeln!(
+            s,
+            "- attention heads: {} -> {heads} (head_dim {} kept; whole heads copied, the first {} once more, with \
+             the kv heads of their groups)",
+            cfg.num_attention_heads,
+            cfg.head_dim,
+            heads % cfg.num_attention_heads
         );
     }
     if map.grows_depth() {

@@ -41,6 +41,13 @@ fn growth_summary(ckpt: &Checkpoint, plan: &Plan) -> String {
     } else {
         format!("FFN {} -> {} (Net2Net)", ffn.len, ffn.dest_len())
     }];
+    let heads = m.dest_len(Space::Heads) / ckpt.config.head_dim.max(1);
+    if heads != ckpt.config.num_attention_heads * m.factor {
+        parts.push(format!(
+            "{} -> {heads} heads",
+            ckpt.config.num_attention_heads
+        ));
+    }
     if m.layers.len() != ckpt.config.num_hidden_layers {
         parts.push(format!(
             "{} -> {} layers ({}{})",
