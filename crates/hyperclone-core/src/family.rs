@@ -234,6 +234,10 @@ pub struct Family {
     pub tied_growth: TiedGrowth,
     /// Which head counts other than the source's x factor the family can load.
     pub head_counts: HeadCounts,
+    /// Sliding and global attention alternate per layer (Gemma-2): as `layer_types` says,
+    /// or by layer index when config.json has no `layer_types` (then layers cannot move to
+    /// new indices).
+    pub per_layer_sliding: bool,
     /// Shown in the support table.
     pub notes: &'static str,
 }
@@ -524,6 +528,7 @@ const fn family(
             also_scaled: &[],
         },
         head_counts: HeadCounts::Any,
+        per_layer_sliding: false,
         notes,
     }
 }
@@ -657,6 +662,7 @@ pub static FAMILIES: &[Family] = &[
         embedding_scaled_by_sqrt_hidden: true,
         tied_growth: GEMMA_TIE,
         head_counts: HeadCounts::DividingHidden,
+        per_layer_sliding: true,
         ..family("gemma2", true, &GEMMA2_RULES, "pre/post norms; soft-capping, query_pre_attn_scalar, sliding window kept")
     },
     Family {

@@ -74,11 +74,15 @@ impl RecordedGrowth {
 
     /// The growth map a checkpoint records in its safetensors metadata, if any.
     pub fn of(ckpt: &crate::Checkpoint) -> Option<RecordedGrowth> {
-        let text = ckpt
-            .files
+        RecordedGrowth::parse(RecordedGrowth::text(ckpt)?)
+    }
+
+    /// The recorded growth map's JSON text, if the checkpoint has one.
+    pub fn text(ckpt: &crate::Checkpoint) -> Option<&str> {
+        ckpt.files
             .iter()
-            .find_map(|f| f.metadata.get(GROWTH_MAP_KEY))?;
-        RecordedGrowth::parse(text)
+            .find_map(|f| f.metadata.get(GROWTH_MAP_KEY))
+            .map(String::as_str)
     }
 
     /// For each destination layer, the source layer whose output its output equals.
@@ -184,6 +188,17 @@ impl GrowthMap {
     /// Destination size of a space.
     pub fn dest_len(&self, space: Space) -> usize {
         self.segment(space).dest_len()
+    }
+
+    /// Destination query-head count (head_dim is never grown).
+    pub fn heads(&self) -> usize {
+        self.dest_len(Space::Heads) / self.dest_len(Space::HeadDim).max(1)
+    }
+
+    /// Whether the heads grew by the width factor, as in the paper.
+    pub fn heads_follow_factor(&self) -> bool {
+        let s = self.segment(Space::Heads);
+        s.extra == 0 && s.copies == self.factor
     }
 
     pub fn grows_depth(&self) -> bool {
@@ -430,8 +445,8 @@ fn depth_is_expressible(cfg: &ModelConfig) -> Result<()> {
     if cfg.raw.get("layer_types").is_some_and(Value::is_array) {
         return Ok(()); // rewritten layer by layer in the grown config
     }
-    let why = if cfg.family.model_type == "gemma2" {
-        Some("gemma2 alternates sliding and global attention by layer index and config.json has no `layer_types`")
+    let why = if cfg.family.per_layer_sliding {
+        Some("the model alternates sliding and global attention by layer index and config.json has no `layer_types`")
     } else if cfg.flag("use_sliding_window") && cfg.raw.contains_key("max_window_layers") {
         Some("sliding attention is chosen by layer index (max_window_layers) and config.json has no `layer_types`")
     } else {

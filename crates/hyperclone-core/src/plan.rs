@@ -414,7 +414,7 @@ fn grown_config(
             set("layer_types", Value::Array(grown));
         }
     }
-    let heads = map.dest_len(Space::Heads) / cfg.head_dim;
+    let heads = map.heads();
     set(keys.heads, heads.into());
     // head_dim is kept: write it where hidden / heads no longer gives it.
     if heads * cfg.head_dim != cfg.hidden_size * n {

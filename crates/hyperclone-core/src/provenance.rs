@@ -374,8 +374,8 @@ pub fn model_card(ckpt: &Checkpoint, plan: &Plan, prov: &Provenance) -> String {
     let _ = writeln!(s, "| parameters: total | {before} | {after} |\n");
     let _ = writeln!(s, "## Recipe\n");
     let _ = writeln!(s, "- source: `{}`", prov.source);
-    let heads = map.dest_len(crate::family::Space::Heads) / cfg.head_dim.max(1);
-    let whole_heads = heads == cfg.num_attention_heads * o.factor;
+    let heads = map.heads();
+    let whole_heads = map.heads_follow_factor();
     let _ = writeln!(
         s,
         "- factor (hidden{}): {}",

@@ -48,8 +48,7 @@ pub fn options_json(o: &GrowthOptions, map: &GrowthMap) -> Value {
         "factor": o.factor,
         "intermediate_size": map.dest_len(crate::family::Space::Ffn),
         "num_hidden_layers": map.layers.len(),
-        "num_attention_heads": map.dest_len(crate::family::Space::Heads)
-            / map.dest_len(crate::family::Space::HeadDim).max(1),
+        "num_attention_heads": map.heads(),
         "depth_mode": o.depth_mode.name(),
         "keep_tied": o.keep_tied,
         "variant": o.variant.name(),

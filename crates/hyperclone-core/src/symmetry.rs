@@ -107,19 +107,17 @@ pub fn mean_row_half_cosine(big: &Checkpoint, small: &ModelConfig) -> Option<f64
 /// The segments of a clone grown by whole factors (n, m), from the clone's own config: for
 /// checkpoints that record no growth map.
 pub fn uniform_segments(big: &ModelConfig, n: usize, m: usize) -> Vec<(Space, Segment)> {
-    use crate::family::Space::*;
+    // The rule the plan grew by; on the clone's config its MQA head and OPT projection
+    // tests give the same answers as on the source's.
+    let grown = crate::GrowthOptions {
+        factor: n,
+        ffn_factor: m,
+        ..crate::GrowthOptions::default()
+    };
     Space::ALL
         .iter()
         .map(|&space| {
-            let copies = match space {
-                Vocab | HeadDim | Positions => 1,
-                Hidden | Heads | QkvPerHead => n,
-                KvHeads if big.num_key_value_heads == 1 => 1,
-                KvHeads => n,
-                Ffn => m,
-                EmbedProj if big.embed_proj_dim == big.hidden_size => n,
-                EmbedProj => 1,
-            };
+            let copies = grown.copies(space, big);
             (
                 space,
                 Segment::tiled(big.space_len(space) / copies.max(1), copies),

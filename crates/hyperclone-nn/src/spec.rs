@@ -140,7 +140,7 @@ impl DecoderSpec {
                 let sliding = match &layer_types {
                     Some(t) => {
                         t.get(l).is_some_and(|s| s == "sliding_attention")
-                            && (window_everywhere || c.family.model_type == "gemma2")
+                            && (window_everywhere || c.family.per_layer_sliding)
                     }
                     None => window_everywhere,
                 };

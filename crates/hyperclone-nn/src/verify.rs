@@ -170,11 +170,7 @@ impl Expectation {
     /// safetensors metadata); a checkpoint without one is expected to be a width-only clone.
     pub fn recorded(big: &hyperclone_core::Checkpoint) -> Result<Expectation> {
         use hyperclone_core::growth_map::{RecordedGrowth, GROWTH_MAP_KEY};
-        let text = big
-            .files
-            .iter()
-            .find_map(|f| f.metadata.get(GROWTH_MAP_KEY));
-        let Some(text) = text else {
+        let Some(text) = RecordedGrowth::text(big) else {
             return Ok(Expectation::same_depth(big.config.num_hidden_layers));
         };
         let r = RecordedGrowth::parse(text).ok_or_else(|| {

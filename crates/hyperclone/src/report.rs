@@ -41,8 +41,8 @@ fn growth_summary(ckpt: &Checkpoint, plan: &Plan) -> String {
     } else {
         format!("FFN {} -> {} (Net2Net)", ffn.len, ffn.dest_len())
     }];
-    let heads = m.dest_len(Space::Heads) / ckpt.config.head_dim.max(1);
-    if heads != ckpt.config.num_attention_heads * m.factor {
+    let heads = m.heads();
+    if !m.heads_follow_factor() {
         parts.push(format!(
             "{} -> {heads} heads",
             ckpt.config.num_attention_heads
