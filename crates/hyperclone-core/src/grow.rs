@@ -10,9 +10,7 @@ use crate::plan::{factor_for, GrowthOptions, Plan};
 use crate::provenance::{model_card, Provenance};
 use crate::recipe::{recipe_json, Recipe};
 use crate::write::Progress;
-use crate::write::{
-    create_plain_file, grow_tensors, write_clone, CloneOutcome, GrownTensor, NoProgress, WriteEnv,
-};
+use crate::write::{grow_tensors, write_clone, CloneOutcome, GrownTensor, WriteEnv};
 use crate::{DType, DepthMode, Variant};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -269,13 +267,7 @@ pub fn grow_quietly(src: &Path, dst: &Path, options: &GrowthOptions) -> Result<(
     let ckpt = Checkpoint::open(src)?;
     let (plan, prov) = plan_with(&ckpt, options)?;
     let cancel = AtomicBool::new(false);
-    let env = WriteEnv {
-        progress: &NoProgress,
-        cancel: &cancel,
-        create: &create_plain_file,
-        check: None,
-        allow_nonfinite: false,
-    };
+    let env = WriteEnv::quiet(&cancel);
     write_clone(
         &ckpt,
         &plan,

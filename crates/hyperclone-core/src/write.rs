@@ -74,6 +74,20 @@ pub struct WriteEnv<'a> {
     pub allow_nonfinite: bool,
 }
 
+impl<'a> WriteEnv<'a> {
+    /// No progress output, plain files, no check, non-finite weights refused: growing small
+    /// models inside other work.
+    pub fn quiet(cancel: &'a AtomicBool) -> WriteEnv<'a> {
+        WriteEnv {
+            progress: &NoProgress,
+            cancel,
+            create: &create_plain_file,
+            check: None,
+            allow_nonfinite: false,
+        }
+    }
+}
+
 pub struct CloneOutcome {
     pub files: Vec<String>,
     pub bytes_written: u64,

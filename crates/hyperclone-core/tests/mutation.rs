@@ -6,7 +6,7 @@
 //!
 //! `HYPERCLONE_MUTATION_CASES=N` runs more (the default keeps `cargo test` quick).
 
-use hyperclone_core::write::{create_plain_file, write_clone, NoProgress, WriteEnv};
+use hyperclone_core::write::{write_clone, WriteEnv};
 use hyperclone_core::{Checkpoint, DType, Error, GrowthOptions, Plan, Variant};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -123,13 +123,7 @@ fn run_case(root: &Path, factor: usize, expect_layout: Option<&Layout>) -> Outco
         Err(e) => return classify(&e, "plan"),
     };
     let cancel = AtomicBool::new(false);
-    let env = WriteEnv {
-        progress: &NoProgress,
-        cancel: &cancel,
-        create: &create_plain_file,
-        check: None,
-        allow_nonfinite: false,
-    };
+    let env = WriteEnv::quiet(&cancel);
     match write_clone(&ckpt, &plan, "card", &dst, false, &env) {
         Ok(_) => {
             // What was cloned must open again (no half-valid output).

@@ -10,7 +10,7 @@ use hyperclone_core::checkpoint::MemoryTensor;
 use hyperclone_core::error::one_line_of;
 use hyperclone_core::grow::{clone_json, clone_model, grow_in_memory, open_and_plan, plan_json};
 use hyperclone_core::grow::{GrownInMemory, GrowthRequest};
-use hyperclone_core::write::{create_plain_file, NoProgress, WriteEnv};
+use hyperclone_core::write::{NoProgress, WriteEnv};
 use hyperclone_core::DType;
 use hyperclone_nn::check::{run_verify, StagedCheck};
 use pyo3::create_exception;
@@ -123,11 +123,9 @@ fn clone(
         let staged = StagedCheck::new(&src);
         let check = |dir: &std::path::Path| staged.check(dir);
         let env = WriteEnv {
-            progress: &NoProgress,
-            cancel,
-            create: &create_plain_file,
             check: if verify { Some(&check) } else { None },
             allow_nonfinite,
+            ..WriteEnv::quiet(cancel)
         };
         let cloned = clone_model(&src, &dst, &req, force, &env).map_err(|e| err(&e))?;
         let report = staged.into_report();
