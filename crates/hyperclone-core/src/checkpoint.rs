@@ -55,13 +55,14 @@ impl Checkpoint {
             ));
         }
         let config = ModelConfig::load(&dir.join("config.json"))?;
-        let file_names = weight_files(dir)?;
+        let file_names = weight_files(dir, &config)?;
         let mut files = Vec::with_capacity(file_names.len());
         for name in &file_names {
             files.push(SafetensorsFile::open(&dir.join(name))?);
         }
-        check_index_agrees(dir, &files)?;
+        check_index_agrees(dir, &files, sharded(&file_names))?;
         let (tensors, dropped) = classify(&config, &files)?;
+        check_tied_head(&config, &files, &tensors)?;
         Ok(Checkpoint {
             dir: dir.to_path_buf(),
             config,
@@ -118,6 +119,7 @@ impl Checkpoint {
         }
         let files = vec![SafetensorsFile::from_bytes(&file, bytes)?];
         let (tensors, dropped) = classify(&config, &files)?;
+        check_tied_head(&config, &files, &tensors)?;
         Ok(Checkpoint {
             dir,
             config,
@@ -187,9 +189,28 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The weight files of a folder: the shards an index names, or the single file.
-fn weight_files(dir: &Path) -> Result<Vec<String>> {
+/// The weight files of a folder, chosen exactly as transformers 5.23 chooses them
+/// (`modeling_utils._get_resolved_checkpoint_files`): `model.safetensors` when it is a file
+/// (`os.path.isfile`, which follows symlinks), else the index and the shards it names. A
+/// folder with both therefore loads the single file everywhere (inspect, plan, clone,
+/// forward, verify, train), and the index beside it is not read.
+fn weight_files(dir: &Path, config: &ModelConfig) -> Result<Vec<String>> {
+    // transformers loads whatever file this key names instead, and drops the key on save;
+    // honouring it would also mean rewriting the grown config, so it is refused.
+    if let Some(v) = config.raw.get("transformers_weights").filter(|v| !v.is_null()) {
+        return Err(Error::config(
+            &config.path,
+            format!(
+                "`transformers_weights` ({v}) redirects transformers to another weights file; hyperclone reads \
+                 {SINGLE_FILE} or {INDEX_FILE} only: remove the key (save_pretrained drops it too)"
+            ),
+        ));
+    }
+    let single = dir.join(SINGLE_FILE);
     let index = dir.join(INDEX_FILE);
+    if single.is_file() {
+        return Ok(vec![SINGLE_FILE.to_string()]);
+    }
     if index.symlink_metadata().is_ok() {
         let map = read_index(&index)?;
         let mut names: Vec<String> = map.into_values().collect();
@@ -207,9 +228,9 @@ fn weight_files(dir: &Path) -> Result<Vec<String>> {
         }
         return Ok(names);
     }
-    if dir.join(SINGLE_FILE).symlink_metadata().is_ok() {
+    if single.symlink_metadata().is_ok() {
         // A FIFO or a link to a device is refused by name, not reported as missing.
-        crate::limits::ensure_regular_file(&dir.join(SINGLE_FILE))?;
+        crate::limits::ensure_regular_file(&single)?;
         return Ok(vec![SINGLE_FILE.to_string()]);
     }
     let hint = if dir.join("pytorch_model.bin").exists()
@@ -225,6 +246,11 @@ fn weight_files(dir: &Path) -> Result<Vec<String>> {
     ))
 }
 
+/// Whether the folder's weights are the shards of an index (and not a single file).
+fn sharded(files: &[String]) -> bool {
+    !(files.len() == 1 && files[0] == SINGLE_FILE)
+}
+
 /// tensor name -> shard file name, from `model.safetensors.index.json`.
 fn read_index(path: &Path) -> Result<BTreeMap<String, String>> {
     let v: Value = crate::limits::read_json(path)?;
@@ -232,6 +258,13 @@ fn read_index(path: &Path) -> Result<BTreeMap<String, String>> {
         .get("weight_map")
         .and_then(Value::as_object)
         .ok_or_else(|| Error::format(path, "has no `weight_map` object"))?;
+    if map.is_empty() {
+        // Every later step indexes the first shard; an index naming none is no checkpoint.
+        return Err(Error::format(
+            path,
+            "`weight_map` is empty: the index names no tensor and no shard",
+        ));
+    }
     map.iter()
         .map(|(k, v)| match v.as_str() {
             Some(s) if !s.contains('/') && !s.contains('\\') && s != ".." => {
@@ -245,8 +278,9 @@ fn read_index(path: &Path) -> Result<BTreeMap<String, String>> {
         .collect()
 }
 
-/// The index must describe the shards exactly: no tensor missing, none in two shards.
-fn check_index_agrees(dir: &Path, files: &[SafetensorsFile]) -> Result<()> {
+/// The index (when it is what is read) must describe the shards exactly: no tensor
+/// missing, none in two shards.
+fn check_index_agrees(dir: &Path, files: &[SafetensorsFile], sharded: bool) -> Result<()> {
     let index = dir.join(INDEX_FILE);
     let mut location: HashMap<&str, &Path> = HashMap::new();
     for f in files {
@@ -260,7 +294,7 @@ fn check_index_agrees(dir: &Path, files: &[SafetensorsFile]) -> Result<()> {
             }
         }
     }
-    if index.symlink_metadata().is_err() {
+    if !sharded {
         return Ok(());
     }
     for (name, shard) in read_index(&index)? {
@@ -307,6 +341,16 @@ fn classify(
                 ));
             };
             if let Some(l) = layer {
+                // `layers.01` is read as layer 1 by a parser but is another key to
+                // transformers: beside `layers.1` it made a duplicate and a hole.
+                let canonical = crate::family::tensor_name(rule.pattern, Some(l));
+                if canonical != t.name {
+                    return Err(Error::tensor(
+                        &f.path,
+                        &t.name,
+                        format!("layer index is not canonical (leading zero?): the name of layer {l} is `{canonical}`"),
+                    ));
+                }
                 if l >= layers {
                     return Err(Error::tensor(
                         &f.path,
@@ -348,10 +392,12 @@ fn classify(
     }
     // Every required tensor of every layer must be there.
     let present: HashMap<&str, ()> = tensors.iter().map(|t| (t.info.name.as_str(), ())).collect();
-    let where_ = if files.len() == 1 {
-        files[0].path.clone()
-    } else {
-        files[0].path.with_file_name(INDEX_FILE)
+    let where_ = match files {
+        [one] => one.path.clone(),
+        _ => files
+            .first()
+            .map(|f| f.path.with_file_name(INDEX_FILE))
+            .unwrap_or_default(),
     };
     for (name, rule) in config.required_tensors() {
         if !present.contains_key(name.as_str()) {
@@ -365,6 +411,65 @@ fn classify(
         }
     }
     Ok((tensors, dropped))
+}
+
+/// A config that ties the head (`tie_word_embeddings: true`) beside a stored head that
+/// differs from the embedding has no single meaning: transformers 5.x keeps the stored head
+/// untied (`PreTrainedModel.tie_weights`: "both are present in the checkpoints with
+/// different values, so we will NOT tie them", checked for all 14 families), 4.x overwrote
+/// it with the embedding. Growing either would compute another function than some
+/// transformers computes for SRC, so it is refused; an equal stored head (a converted .bin
+/// keeps both) ties in every version and is accepted. Equality is torch.equal's: values,
+/// NaN never equal, across dtypes.
+fn check_tied_head(
+    config: &ModelConfig,
+    files: &[SafetensorsFile],
+    tensors: &[SourceTensor],
+) -> Result<()> {
+    let family = config.family;
+    if !config.tie_word_embeddings {
+        return Ok(());
+    }
+    let find = |name: &str| tensors.iter().find(|t| t.info.name == name);
+    let (Some(head), Some(embed)) = (find(family.head), find(family.embedding)) else {
+        return Ok(());
+    };
+    if same_values(files, head, embed) {
+        return Ok(());
+    }
+    Err(Error::tensor(
+        &files[head.file].path,
+        family.head,
+        format!(
+            "differs from `{}` although config.json has tie_word_embeddings = true (transformers 5 then uses \
+             this head untied, transformers 4 the embedding): set tie_word_embeddings to false to keep this \
+             head, or remove it to tie",
+            family.embedding
+        ),
+    ))
+}
+
+/// Whether two tensors hold equal values (shape and element by element), as torch.equal.
+fn same_values(files: &[SafetensorsFile], a: &SourceTensor, b: &SourceTensor) -> bool {
+    if a.info.shape != b.info.shape {
+        return false;
+    }
+    let (da, db) = (files[a.file].data(&a.info), files[b.file].data(&b.info));
+    const CHUNK: usize = 1 << 16;
+    let (mut va, mut vb) = (vec![0f64; CHUNK], vec![0f64; CHUNK]);
+    let (sa, sb) = (a.info.dtype.size(), b.info.dtype.size());
+    let n = a.info.numel();
+    let mut i = 0;
+    while i < n {
+        let m = CHUNK.min(n - i);
+        a.info.dtype.decode(&da[i * sa..(i + m) * sa], &mut va[..m]);
+        b.info.dtype.decode(&db[i * sb..(i + m) * sb], &mut vb[..m]);
+        if va[..m].iter().zip(&vb[..m]).any(|(x, y)| x != y) {
+            return false;
+        }
+        i += m;
+    }
+    true
 }
 
 fn check_shape(config: &ModelConfig, rule: &TensorRule, path: &Path, t: &TensorInfo) -> Result<()> {

@@ -48,7 +48,51 @@ impl ModelConfig {
     pub fn from_map(path: &Path, raw: Map<String, Value>) -> Result<Self> {
         let cfg = Self::parse(path, raw)?;
         cfg.validate_sizes()?;
+        cfg.validate_layer_types()?;
         Ok(cfg)
+    }
+
+    /// `layer_types`, when given, as transformers' `validate_layer_type` demands (every
+    /// family's config runs it): a list of one entry per layer. Of the names transformers
+    /// knows, only the two our decoders and the grown config can express are accepted, so
+    /// depth growth never writes an entry it cannot place (it once wrote `null`s).
+    fn validate_layer_types(&self) -> Result<()> {
+        const KNOWN: [&str; 2] = ["full_attention", "sliding_attention"];
+        let types = match self.raw.get("layer_types") {
+            None | Some(Value::Null) => return Ok(()),
+            Some(Value::Array(a)) => a,
+            Some(v) => {
+                return Err(Error::config(
+                    &self.path,
+                    format!("`layer_types` must be a list with one entry per layer, found {v}"),
+                ))
+            }
+        };
+        if types.len() != self.num_hidden_layers {
+            return Err(Error::config(
+                &self.path,
+                format!(
+                    "`layer_types` has {} entries but `{}` is {}: transformers requires one per layer",
+                    types.len(),
+                    self.family.keys.layers,
+                    self.num_hidden_layers
+                ),
+            ));
+        }
+        if let Some((i, v)) = types
+            .iter()
+            .enumerate()
+            .find(|(_, v)| !v.as_str().is_some_and(|s| KNOWN.contains(&s)))
+        {
+            return Err(Error::config(
+                &self.path,
+                format!(
+                    "`layer_types[{i}]` is {v}: supported layer types are {}",
+                    KNOWN.join(" and ")
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn parse(path: &Path, raw: Map<String, Value>) -> Result<Self> {

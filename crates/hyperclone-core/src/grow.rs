@@ -79,7 +79,7 @@ impl Default for GrowthRequest {
 impl GrowthRequest {
     pub fn resolve(&self, cfg: &ModelConfig) -> Result<GrowthOptions> {
         if let Some(path) = &self.recipe {
-            return Ok(Recipe::load(path)?.options);
+            return Recipe::load(path)?.options(path, cfg);
         }
         let factor = match (&self.factor, self.hidden_size) {
             (Some(f), None) => parse_factor("--factor", f)?,

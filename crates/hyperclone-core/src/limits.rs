@@ -95,3 +95,82 @@ pub fn checked_numel(dims: &[usize]) -> Option<u64> {
         .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
         .filter(|&n| n <= MAX_TENSOR_ELEMENTS)
 }
+
+/// Deepest nesting a recipe (or any small JSON/YAML file we parse as a tree) may have; our
+/// own recipes nest about 6 deep.
+pub const MAX_NESTING: usize = 64;
+
+/// Refuses text nested deeper than [`MAX_NESTING`], in one linear pass, before any parser
+/// sees it: the YAML parser takes quadratic time in the depth (100k levels took minutes and
+/// ignored Ctrl-C). The count is an upper bound on the real depth, never below it: every
+/// `[`/`{` opens a level wherever it stands (inside a quoted string too), and in block
+/// context each deeper indentation and each `- `/`? ` that opens a compact nested entry on
+/// one line is a level. It may over-count text with dozens of unclosed brackets inside a
+/// string; a recipe has none.
+pub fn check_nesting(text: &str) -> std::result::Result<(), String> {
+    let too_deep = |line: usize| {
+        Err(format!(
+            "nests more than {MAX_NESTING} levels deep (line {line}); a recipe nests a few levels"
+        ))
+    };
+    let mut flow = 0usize; // open [ and { not yet closed
+    let mut indents: Vec<usize> = Vec::new(); // block context: the open indentation levels
+    for (i, line) in text.lines().enumerate() {
+        let content = line.trim_start_matches(' ');
+        let indent = line.len() - content.len();
+        if flow == 0 && !content.is_empty() && !content.starts_with('#') {
+            while indents.last().is_some_and(|&top| top >= indent) {
+                indents.pop();
+            }
+            indents.push(indent);
+            // `- - - x` and `? ? x` open one nested collection per indicator.
+            let mut rest = content;
+            let mut compact = 0;
+            while let Some(r) = ["- ", "? ", "-\t", "?\t"]
+                .iter()
+                .find_map(|p| rest.strip_prefix(p))
+            {
+                compact += 1;
+                rest = r.trim_start_matches([' ', '\t']);
+            }
+            if indents.len() + compact > MAX_NESTING {
+                return too_deep(i + 1);
+            }
+        }
+        for b in content.bytes() {
+            match b {
+                b'[' | b'{' => {
+                    flow += 1;
+                    if indents.len() + flow > MAX_NESTING {
+                        return too_deep(i + 1);
+                    }
+                }
+                b']' | b'}' => flow = flow.saturating_sub(1),
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nesting_is_bounded_in_every_syntax() {
+        let ok = "hyperclone_recipe: 1\noptions:\n  factor: 2\n  seed: [1, {a: [2]}]\n";
+        assert!(check_nesting(ok).is_ok());
+        let deep = |open: &str, close: &str, n: usize| open.repeat(n) + &close.repeat(n);
+        assert!(check_nesting(&deep("[", "]", MAX_NESTING - 1)).is_ok());
+        assert!(check_nesting(&deep("[", "]", 100_000)).is_err());
+        assert!(check_nesting(&deep("{\"a\":", "}", 100)).is_err());
+        let block: String = (0..100).map(|d| format!("{}k:\n", " ".repeat(d))).collect();
+        assert!(check_nesting(&block).is_err());
+        let dashes = format!("{}x\n", "- ".repeat(100));
+        assert!(check_nesting(&dashes).is_err());
+        // Sibling keys at one indentation are one level, however many.
+        let wide: String = (0..10_000).map(|i| format!("k{i}: 1\n")).collect();
+        assert!(check_nesting(&wide).is_ok());
+    }
+}

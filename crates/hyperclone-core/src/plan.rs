@@ -15,6 +15,19 @@ use std::collections::BTreeMap;
 /// Bytes of destination data produced per write (one buffer; rows are never split).
 pub const WRITE_CHUNK_BYTES: usize = 8 << 20;
 
+/// The lowest `--snr-db` a noisy clone may use. The noise pairs cancel exactly in exact
+/// arithmetic; in floating point each copy of the hidden state carries its own rounding
+/// (about the storage dtype's epsilon times the noise), and the next noisy matrix multiplies
+/// that difference between copies by roughly noise/signal = 10^(-snr/20). Below 0 dB that
+/// gain exceeds 1, so the error grows geometrically with depth instead of staying at the
+/// dtype's rounding. Measured on the 2-layer fixtures (verify's max relative logit
+/// difference, f64 forward; tolerance 1e-5 for f32 storage, 7e-2 for bf16):
+///   f32 llama-gqa: 10 dB 1.3e-7, 0 dB 3.0e-7, -3 dB 7.8e-7, -6 dB 4.4e-6, -10 dB FAIL (residual 1.1e-4)
+///   f32 gpt2-mha:  10 dB 2.6e-8, 0 dB 6.2e-8, -10 dB FAIL (residual 1.5e-5)
+///   bf16 llama-gqa: 10 dB 5.2e-3, 0 dB 1.1e-2, -3 dB 1.7e-2, -6 dB FAIL (residual 1.4e-1)
+/// So one floor for every dtype: 0 dB, where the error is still at the 10 dB level.
+pub const MIN_SNR_DB: f64 = 0.0;
+
 #[derive(Debug, Clone)]
 pub struct GrowthOptions {
     /// Hidden width and head count multiplier n.
@@ -71,6 +84,13 @@ impl GrowthOptions {
         if !self.snr_db.is_finite() {
             return Err(Error::Options(format!(
                 "--snr-db must be a finite number of decibels, got {}",
+                self.snr_db
+            )));
+        }
+        if self.snr_db < MIN_SNR_DB {
+            return Err(Error::Options(format!(
+                "--snr-db {}: below {MIN_SNR_DB} dB the noise outweighs the weights and the clone no longer \
+                 computes the source's function in floating point (noise cancels exactly only in exact arithmetic)",
                 self.snr_db
             )));
         }

@@ -6,10 +6,10 @@
 //! options and refuses when it differs from the recorded one (a recipe made for another
 //! model), so a recipe can never silently mean something else.
 
-use crate::dtype::DType;
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::growth_map::{DepthMode, GrowthMap};
-use crate::kernel::Variant;
+use crate::grow::GrowthRequest;
+use crate::growth_map::GrowthMap;
 use crate::plan::GrowthOptions;
 use serde_json::{json, Map, Value};
 use std::path::Path;
@@ -20,7 +20,10 @@ pub const RECIPE_VERSION: u64 = 1;
 /// A parsed recipe.
 #[derive(Debug, Clone)]
 pub struct Recipe {
-    pub options: GrowthOptions,
+    /// The options in the flags' terms: [`Recipe::options`] validates them with the very
+    /// rules that validate flags ([`GrowthRequest::resolve`]), so a recipe accepts and
+    /// refuses exactly what the command line does.
+    pub request: GrowthRequest,
     /// The growth map recorded with the recipe, if any (checked when replayed).
     pub growth_map: Option<Value>,
     /// The source's config.json sha256 recorded with the recipe, if any.
@@ -66,9 +69,11 @@ impl Recipe {
         let bytes = crate::limits::read_bounded(path, crate::limits::MAX_JSON_BYTES)?;
         let text = std::str::from_utf8(&bytes)
             .map_err(|_| Error::format(path, "a recipe must be UTF-8 text"))?;
+        // Before either parser: both recurse, and YAML takes quadratic time in the depth.
+        crate::limits::check_nesting(text).map_err(|m| Error::format(path, m))?;
         let value: Value = match serde_json::from_str(text) {
             Ok(v) => v,
-            Err(json_err) => serde_yaml_ng::from_str(text).map_err(|yaml_err| {
+            Err(json_err) => yaml_value(text).map_err(|yaml_err| {
                 Error::format(
                     path,
                     format!("is neither JSON ({json_err}) nor YAML ({yaml_err})"),
@@ -76,6 +81,18 @@ impl Recipe {
             })?,
         };
         Recipe::from_value(path, value)
+    }
+
+    /// The growth options for `cfg`'s source, checked exactly as the flags are; an error
+    /// names the recipe.
+    pub fn options(&self, path: &Path, cfg: &ModelConfig) -> Result<GrowthOptions> {
+        self.request.resolve(cfg).map_err(|e| match e {
+            Error::Options(m) => Error::Options(format!(
+                "{}: {m} (a recipe's options are checked as the flags are)",
+                path.display()
+            )),
+            other => other,
+        })
     }
 
     pub fn from_value(path: &Path, value: Value) -> Result<Recipe> {
@@ -102,9 +119,9 @@ impl Recipe {
         let Some(Value::Object(opts)) = top.get("options") else {
             return Err(bad("has no `options` mapping".into()));
         };
-        let options = parse_options(opts).map_err(|m| bad(format!("options: {m}")))?;
+        let request = parse_options(opts).map_err(|m| bad(format!("options: {m}")))?;
         Ok(Recipe {
-            options,
+            request,
             growth_map: top.get("growth_map").cloned(),
             source_config_sha256: top
                 .get("source")
@@ -131,7 +148,49 @@ impl Recipe {
     }
 }
 
-fn parse_options(o: &Map<String, Value>) -> std::result::Result<GrowthOptions, String> {
+/// YAML as a JSON value. A YAML float may be `.inf`, `-.inf` or `.nan` (or overflow to
+/// one, `1e400`), which JSON cannot hold: converted directly they became `null`, i.e. "use
+/// the default" (`snr_db: .inf` cloned at 10 dB). Such a number is refused, by its path.
+fn yaml_value(text: &str) -> std::result::Result<Value, String> {
+    let y: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
+    if let Some(at) = non_finite(&y, "") {
+        return Err(format!(
+            "`{at}` is not a finite number (.inf and .nan are refused, as --snr-db inf is)"
+        ));
+    }
+    serde_json::to_value(&y).map_err(|e| e.to_string())
+}
+
+/// The path of the first non-finite number in a YAML tree.
+fn non_finite(v: &serde_yaml_ng::Value, at: &str) -> Option<String> {
+    use serde_yaml_ng::Value as Y;
+    match v {
+        Y::Number(n) => n
+            .as_f64()
+            .filter(|x| !x.is_finite())
+            .map(|_| at.trim_start_matches('.').to_string()),
+        Y::Sequence(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, x)| non_finite(x, &format!("{at}[{i}]"))),
+        Y::Mapping(m) => m.iter().find_map(|(k, x)| {
+            let key = match k {
+                Y::String(s) => s.clone(),
+                other => serde_yaml_ng::to_string(other)
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string(),
+            };
+            non_finite(k, &format!("{at}.{key}")).or_else(|| non_finite(x, &format!("{at}.{key}")))
+        }),
+        Y::Tagged(t) => non_finite(&t.value, at),
+        Y::Null | Y::Bool(_) | Y::String(_) => None,
+    }
+}
+
+/// The recipe's options as flags: each key checked for its JSON type here, every value
+/// then checked by [`GrowthRequest::resolve`], the flags' own rules.
+fn parse_options(o: &Map<String, Value>) -> std::result::Result<GrowthRequest, String> {
     const KNOWN: [&str; 11] = [
         "factor",
         "num_attention_heads",
@@ -148,75 +207,62 @@ fn parse_options(o: &Map<String, Value>) -> std::result::Result<GrowthOptions, S
     if let Some(k) = o.keys().find(|k| !KNOWN.contains(&k.as_str())) {
         return Err(format!("unknown key `{k}` (known: {})", KNOWN.join(", ")));
     }
+    let get = |k: &str| o.get(k).filter(|v| !v.is_null());
     let uint = |k: &str| -> std::result::Result<Option<u64>, String> {
-        match o.get(k) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .filter(|&x| x > 0)
-                .map(Some)
-                .ok_or_else(|| format!("`{k}` must be a positive integer, found {v}")),
-        }
+        get(k)
+            .map(|v| {
+                v.as_u64()
+                    .ok_or_else(|| format!("`{k}` must be a non-negative integer, found {v}"))
+            })
+            .transpose()
     };
     let size = |k: &str| -> std::result::Result<Option<usize>, String> {
         uint(k)?
             .map(|x| usize::try_from(x).map_err(|_| format!("`{k}` {x} is too large")))
             .transpose()
     };
-    let text = |k: &str| -> std::result::Result<Option<&str>, String> {
-        match o.get(k) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s)),
+    let text = |k: &str| -> std::result::Result<Option<String>, String> {
+        match get(k) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
             Some(v) => Err(format!("`{k}` must be a string, found {v}")),
         }
     };
-    let d = GrowthOptions::default();
-    let factor = size("factor")?.ok_or("`factor` is required")?;
-    let variant = match text("variant")? {
-        None => d.variant,
-        Some(s) => Variant::parse(s).ok_or_else(|| {
-            format!("unknown variant `{s}` (symmetric, noisy, diagonal, noisy-diagonal)")
-        })?,
+    // A number or the text a flag takes (`shard_size: 5GB`), as the flag would read it.
+    let number_or_text = |k: &str| -> std::result::Result<Option<String>, String> {
+        match get(k) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(Value::Number(n)) => Ok(Some(n.to_string())),
+            Some(v) => Err(format!("`{k}` must be a number, found {v}")),
+        }
     };
-    let depth_mode = match text("depth_mode")? {
-        None => d.depth_mode,
-        Some(s) => DepthMode::parse(s)
-            .ok_or_else(|| format!("unknown depth_mode `{s}` (identity, stack)"))?,
-    };
-    let dtype = match text("dtype")? {
-        None | Some("keep") => None,
-        Some(s) => Some(DType::parse(s).ok_or_else(|| format!("unknown dtype `{s}`"))?),
-    };
-    let snr_db = match o.get("snr_db") {
-        None | Some(Value::Null) => d.snr_db,
+    let d = GrowthRequest::default();
+    let factor = number_or_text("factor")?.ok_or("`factor` is required")?;
+    let snr_db = match get("snr_db") {
+        None => d.snr_db,
         Some(v) => v
             .as_f64()
             .ok_or_else(|| format!("`snr_db` must be a number, found {v}"))?,
     };
-    let keep_tied = match o.get("keep_tied") {
-        None | Some(Value::Null) => false,
+    let keep_tied = match get("keep_tied") {
+        None => false,
         Some(Value::Bool(b)) => *b,
         Some(v) => return Err(format!("`keep_tied` must be true or false, found {v}")),
     };
-    let seed = match o.get("seed") {
-        None | Some(Value::Null) => 0,
-        Some(v) => v
-            .as_u64()
-            .ok_or_else(|| format!("`seed` must be a non-negative integer, found {v}"))?,
-    };
-    Ok(GrowthOptions {
-        factor,
-        ffn_factor: factor,
+    Ok(GrowthRequest {
+        factor: Some(factor),
         intermediate_size: size("intermediate_size")?,
-        num_layers: size("num_hidden_layers")?,
-        num_heads: size("num_attention_heads")?,
-        depth_mode,
+        num_hidden_layers: size("num_hidden_layers")?,
+        num_attention_heads: size("num_attention_heads")?,
+        depth_mode: text("depth_mode")?.unwrap_or(d.depth_mode),
         keep_tied,
-        variant,
+        variant: text("variant")?.unwrap_or(d.variant),
         snr_db,
-        seed,
-        dtype,
-        shard_size: uint("shard_size")?.unwrap_or(d.shard_size),
+        seed: uint("seed")?.unwrap_or(d.seed),
+        dtype: text("dtype")?.unwrap_or(d.dtype),
+        shard_size: number_or_text("shard_size")?.unwrap_or(d.shard_size),
+        ..d
     })
 }
 
@@ -261,14 +307,14 @@ mod tests {
     fn options_round_trip_through_json_and_yaml() {
         let yaml = "hyperclone_recipe: 1\noptions:\n  factor: 2\n  intermediate_size: 120\n  num_hidden_layers: 8\n  \
                     keep_tied: true\n  variant: noisy\n  seed: 7\n";
-        let v: Value = serde_yaml_ng::from_str(yaml).unwrap();
+        let v = yaml_value(yaml).unwrap();
         let r = Recipe::from_value(Path::new("r.yaml"), v).unwrap();
-        let o = r.options;
+        let o = &r.request;
         assert_eq!(
-            (o.factor, o.intermediate_size, o.num_layers),
-            (2, Some(120), Some(8))
+            (o.factor.as_deref(), o.intermediate_size, o.num_hidden_layers),
+            (Some("2"), Some(120), Some(8))
         );
-        assert!(o.keep_tied && o.variant == Variant::Noisy && o.seed == 7);
+        assert!(o.keep_tied && o.variant == "noisy" && o.seed == 7);
         assert!(r.growth_map.is_none());
     }
 
@@ -284,11 +330,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("version 1"), "{e}");
-        let v = json!({"options": {"factor": 0}, "hyperclone_recipe": 1});
+        let v = json!({"options": {"factor": 2, "seed": -1}, "hyperclone_recipe": 1});
         let e = Recipe::from_value(Path::new("r.json"), v)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("positive integer"), "{e}");
+        assert!(e.contains("non-negative integer"), "{e}");
+    }
+
+    #[test]
+    fn non_finite_yaml_numbers_are_refused_by_path() {
+        for (text, at) in [
+            ("hyperclone_recipe: 1\noptions: {factor: 2, snr_db: .inf}\n", "options.snr_db"),
+            ("hyperclone_recipe: 1\noptions: {factor: 2, snr_db: -.INF}\n", "options.snr_db"),
+            ("hyperclone_recipe: 1\noptions: {factor: 2, seed: .nan}\n", "options.seed"),
+            ("hyperclone_recipe: 1\noptions: {factor: 2, shard_size: +.inf}\n", "options.shard_size"),
+            ("{\"hyperclone_recipe\": 1, \"options\": {\"factor\": .Inf}}", "options.factor"),
+            ("a: [1, .NaN]\n", "a[1]"),
+        ] {
+            let e = yaml_value(text).unwrap_err();
+            assert!(e.contains(&format!("`{at}`")), "{text}: {e}");
+        }
+        assert!(yaml_value("a: 1.5e3\n").is_ok());
     }
 
     #[test]

@@ -109,6 +109,11 @@ pub fn write_clone(
         check,
         allow_nonfinite,
     } = *env;
+    // A signal that arrived while SRC, the config or a recipe was read (the handler is
+    // installed first, so it only set the flag) stops here, before anything is written.
+    if cancel.load(Ordering::Relaxed) {
+        return Err(Error::Interrupted);
+    }
     check_destination(&ckpt.dir, dst, force)?;
     for removed in remove_stale_siblings(dst)? {
         progress.notice(&format!(
@@ -309,9 +314,13 @@ fn check_removable(dst: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Removes `.DST.hyperclone-partial-PID` folders left beside DST by clones whose process
+/// Removes `.DST.hyperclone-partial-PID` entries left beside DST by clones whose process
 /// no longer exists (killed by SIGKILL, a crash or a power cut); returns what it removed.
-/// Folders of live processes, and `-replaced-` folders (a previous DST), are never touched.
+/// Only names we create qualify (PID written as `process::id()` prints it: no sign, no
+/// leading zero), whatever the entry has become (a folder, or a file, FIFO or symlink put
+/// there since: each blocked every later clone with "Not a directory"); a symlink is
+/// removed itself, never followed. Entries of live processes, and `-replaced-` folders (a
+/// previous DST), are never touched.
 fn remove_stale_siblings(dst: &Path) -> Result<Vec<PathBuf>> {
     let abs = absolute_lexical(dst)?;
     let (Some(parent), Some(name)) = (abs.parent(), abs.file_name()) else {
@@ -326,7 +335,7 @@ fn remove_stale_siblings(dst: &Path) -> Result<Vec<PathBuf>> {
         let file_name = entry.file_name().to_string_lossy().into_owned();
         let Some(pid) = file_name
             .strip_prefix(&prefix)
-            .and_then(|p| p.parse::<u32>().ok())
+            .and_then(|p| p.parse::<u32>().ok().filter(|pid| pid.to_string() == p))
         else {
             continue;
         };
@@ -334,10 +343,20 @@ fn remove_stale_siblings(dst: &Path) -> Result<Vec<PathBuf>> {
             continue;
         }
         let path = entry.path();
-        fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+        remove_entry(&path).map_err(|e| Error::io(&path, e))?;
         removed.push(path);
     }
     Ok(removed)
+}
+
+/// Removes a folder with its contents, or any other entry (file, FIFO, socket, symlink)
+/// by itself; symlinks are never followed (neither at `path` nor inside a folder).
+fn remove_entry(path: &Path) -> std::io::Result<()> {
+    if fs::symlink_metadata(path)?.is_dir() {
+        fs::remove_dir_all(path)
+    } else {
+        fs::remove_file(path)
+    }
 }
 
 /// Whether a process exists; `true` where this cannot be told (nothing is removed then).
@@ -371,8 +390,10 @@ struct Staging {
 impl Staging {
     fn create(dst: &Path) -> Result<Staging> {
         let path = sibling(dst, "partial")?;
-        if path.exists() {
-            fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+        // Our own name: left by an earlier process with this PID (PIDs are reused, in
+        // containers often), whatever kind of entry it is now.
+        if path.symlink_metadata().is_ok() {
+            remove_entry(&path).map_err(|e| Error::io(&path, e))?;
         }
         fs::create_dir(&path).map_err(|e| Error::io(&path, e))?;
         Ok(Staging {
