@@ -39,10 +39,9 @@ fn fails(root: &Path, extra: &[&str], expect: &[&str]) {
     let before_root = listing(root);
     let mut args = vec!["clone", "src", "dst"];
     args.extend_from_slice(extra);
-    if !extra
-        .iter()
-        .any(|a| a.starts_with("--factor") || a.starts_with("--hidden-size"))
-    {
+    if !extra.iter().any(|a| {
+        a.starts_with("--factor") || a.starts_with("--hidden-size") || a.starts_with("--recipe")
+    }) {
         args.extend_from_slice(&["--factor", "2"]);
     }
     let out = run(&args, root);
@@ -1251,12 +1250,6 @@ fn growth_that_overflows_the_output_dtype_is_refused() {
         &["--dtype", "f16"],
         &["`model.norm.weight`", "F16", "NaN or infinite"],
     );
-    // Noise at -1000 dB overflows every dtype.
-    fails(
-        r.path(),
-        &["--variant", "noisy", "--snr-db", "-1000"],
-        &["NaN or infinite", "--snr-db"],
-    );
 }
 
 #[test]
@@ -1306,4 +1299,339 @@ fn force_as_a_user_who_cannot_delete_the_old_dst() {
         ["old.txt"],
         "the old DST is intact"
     );
+}
+
+// ---- Hostile input, round two (issue 18): one test per class. ----
+
+/// `cmd` on the folder `src` in `root` fails with one `error:` line holding `expect`, and
+/// writes nothing.
+fn command_fails(root: &Path, cmd: &[&str], expect: &[&str]) {
+    let before = listing(root);
+    let out = run(cmd, root);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{cmd:?}: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{cmd:?}: one line, got: {err}");
+    assert!(err.starts_with("error: "), "{cmd:?}: {err}");
+    for e in expect {
+        assert!(err.contains(e), "{cmd:?}: `{e}` not in: {err}");
+    }
+    assert_eq!(listing(root), before, "{cmd:?} wrote something");
+}
+
+/// The commands that open a model folder, all failing alike on `src`.
+fn every_reader_fails(root: &Path, expect: &[&str]) {
+    for cmd in [
+        &["inspect", "src"][..],
+        &["plan", "src", "--factor", "2"],
+        &["forward", "src"],
+        &["verify", "src", "src"],
+    ] {
+        command_fails(root, cmd, expect);
+    }
+    fails(root, &[], expect);
+}
+
+#[test]
+fn tied_config_with_a_different_stored_head_is_refused() {
+    // Class 3. transformers 5 keeps such a head untied, transformers 4 overwrote it with the
+    // embedding: no single function to clone or to verify against.
+    let r = root();
+    let tied = Tiny {
+        tied: true,
+        ..Tiny::default()
+    };
+    let mut tensors = tied.tensors();
+    tensors.push(("lm_head.weight".into(), vec![VOCAB, HIDDEN]));
+    tied.write_with(&r.path().join("src"), &tied.config(), &tensors);
+    every_reader_fails(
+        r.path(),
+        &["`lm_head.weight`", "model.embed_tokens.weight", "tie_word_embeddings"],
+    );
+    // An equal stored head (a converted .bin keeps both) ties in every version: accepted.
+    let p = r.path().join("src/model.safetensors");
+    let f = SafetensorsFile::open(&p).unwrap();
+    let (e, h) = (
+        f.get("model.embed_tokens.weight").unwrap().clone(),
+        f.get("lm_head.weight").unwrap().clone(),
+    );
+    drop(f);
+    let mut bytes = std::fs::read(&p).unwrap();
+    let emb = bytes[e.start..e.start + e.len].to_vec();
+    bytes[h.start..h.start + h.len].copy_from_slice(&emb);
+    std::fs::write(&p, bytes).unwrap();
+    let out = run(&["clone", "src", "dst", "--factor", "2", "--verify"], r.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn non_canonical_layer_indices_are_refused_by_name() {
+    // Class 4: `layers.01` is not `layers.1` to transformers.
+    for bad in ["01", "00", "+1", "1_", "0x1", " 1", "١"] {
+        let r = root();
+        with_tensors(r.path(), |t| {
+            for (name, _) in t.iter_mut() {
+                if name.starts_with("model.layers.1.") {
+                    *name = name.replacen("layers.1.", &format!("layers.{bad}."), 1);
+                }
+            }
+        });
+        every_reader_fails(r.path(), &[&format!("model.layers.{bad}.")]);
+    }
+    // Beside the canonical name (the duplicate the campaign found).
+    let r = root();
+    with_tensors(r.path(), |t| {
+        t.push(("model.layers.01.input_layernorm.weight".into(), vec![HIDDEN]));
+    });
+    every_reader_fails(r.path(), &["`model.layers.01.input_layernorm.weight`", "canonical"]);
+}
+
+#[test]
+fn a_single_file_beside_an_index_is_what_transformers_loads() {
+    // Class 5: transformers 5.23 loads model.safetensors when it is a file, and never reads
+    // the index then; every command must read the same file.
+    let r = root();
+    let src = r.path().join("src");
+    Tiny {
+        shards: 2,
+        ..Tiny::default()
+    }
+    .write(&src);
+    // A different single file: another model (tied, 3 layers... here: other weights).
+    let other = r.path().join("other");
+    Tiny {
+        tied: true,
+        ..Tiny::default()
+    }
+    .write(&other);
+    std::fs::copy(other.join("model.safetensors"), src.join("model.safetensors")).unwrap();
+    std::fs::remove_dir_all(&other).unwrap();
+    // The config says untied, the single file has no head: every reader reports the
+    // single file, none falls back to the shards.
+    every_reader_fails(r.path(), &["`lm_head.weight`", "missing"]);
+    // With a config that fits the single file, inspect lists it alone and clone works.
+    let mut cfg: Value =
+        serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+    cfg["tie_word_embeddings"] = json!(true);
+    std::fs::write(src.join("config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
+    let out = run(&["inspect", "src", "--json"], r.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("model-00001-of-00002"), "{text}");
+    let out = run(&["clone", "src", "dst", "--factor", "2", "--verify"], r.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    // A FIFO named model.safetensors is no file to transformers either: the index is read.
+    let r = root();
+    let src = r.path().join("src");
+    Tiny {
+        shards: 2,
+        ..Tiny::default()
+    }
+    .write(&src);
+    let made = std::process::Command::new("mkfifo")
+        .arg(src.join("model.safetensors"))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let out = run(&["plan", "src", "--factor", "2"], r.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    // config.json's `transformers_weights` redirects transformers elsewhere: refused.
+    let r = root();
+    with_config(r.path(), |c| c["transformers_weights"] = json!("other.safetensors"));
+    every_reader_fails(r.path(), &["transformers_weights"]);
+}
+
+#[test]
+fn layer_types_of_wrong_length_or_unknown_values_are_refused() {
+    // Class 10: transformers' validate_layer_type, for every family.
+    for (types, expect) in [
+        (json!(["full_attention"]), "1 entries"),
+        (json!(["full_attention", "full_attention", "full_attention"]), "3 entries"),
+        (json!(["full_attention", "bogus"]), "`layer_types[1]`"),
+        (json!(["full_attention", null]), "`layer_types[1]`"),
+        (json!(["full_attention", 1]), "`layer_types[1]`"),
+        (json!(["chunked_attention", "full_attention"]), "`layer_types[0]`"),
+        (json!("full_attention"), "must be a list"),
+        (json!({"0": "full_attention"}), "must be a list"),
+    ] {
+        let r = root();
+        with_config(r.path(), |c| c["layer_types"] = types.clone());
+        every_reader_fails(r.path(), &["config.json", expect]);
+    }
+    // A valid list grows with the layers (depth growth follows each layer).
+    let r = root();
+    with_config(r.path(), |c| {
+        c["layer_types"] = json!(["sliding_attention", "full_attention"])
+    });
+    let out = run(
+        &["clone", "src", "dst", "--factor", "2", "--depth-factor", "2"],
+        r.path(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let cfg: Value =
+        serde_json::from_slice(&std::fs::read(r.path().join("dst/config.json")).unwrap())
+            .unwrap();
+    let grown = cfg["layer_types"].as_array().unwrap();
+    assert_eq!(grown.len(), 4);
+    assert!(grown.iter().all(Value::is_string), "{grown:?}");
+}
+
+#[test]
+fn an_empty_weight_map_is_one_error_line_everywhere() {
+    // Class 11: it panicked (exit 101) in inspect, plan, clone and forward.
+    for map in [json!({}), json!(null), json!([]), json!({"a": 1})] {
+        let r = root();
+        Tiny {
+            shards: 2,
+            ..Tiny::default()
+        }
+        .write(&r.path().join("src"));
+        let index = json!({"metadata": {}, "weight_map": map});
+        std::fs::write(
+            r.path().join("src/model.safetensors.index.json"),
+            serde_json::to_vec(&index).unwrap(),
+        )
+        .unwrap();
+        every_reader_fails(r.path(), &["model.safetensors.index.json", "weight_map"]);
+    }
+}
+
+fn write_recipe(root: &Path, name: &str, text: &str) {
+    std::fs::write(root.join(name), text).unwrap();
+}
+
+#[test]
+fn recipes_are_validated_exactly_as_flags() {
+    // Class 8: `.inf`, `.nan`, `-.inf` became `null`, i.e. the default, in YAML recipes.
+    let r = root();
+    Tiny::default().write(&r.path().join("src"));
+    let yaml = |opts: &str| format!("hyperclone_recipe: 1\noptions:\n  factor: 2\n{opts}");
+    for (opts, expect) in [
+        ("  snr_db: .inf\n", "options.snr_db"),
+        ("  snr_db: -.inf\n", "options.snr_db"),
+        ("  snr_db: .nan\n", "options.snr_db"),
+        ("  snr_db: .NaN\n", "options.snr_db"),
+        ("  snr_db: +.INF\n", "options.snr_db"),
+        ("  seed: .inf\n", "options.seed"),
+        ("  seed: .nan\n", "options.seed"),
+        ("  shard_size: .inf\n", "options.shard_size"),
+        ("  intermediate_size: .inf\n", "options.intermediate_size"),
+        ("  num_hidden_layers: -.inf\n", "options.num_hidden_layers"),
+        ("  num_attention_heads: .nan\n", "options.num_attention_heads"),
+        // Refused by the flags' own rules, now shared.
+        ("  snr_db: -10\n", "--snr-db -10"),
+        ("  snr_db: \"10\"\n", "`snr_db` must be a number"),
+        ("  seed: -1\n", "`seed`"),
+        ("  seed: 1.5\n", "`seed`"),
+        ("  shard_size: 0\n", "--shard-size 0"),
+        ("  shard_size: 5 parsecs\n", "--shard-size 5 parsecs"),
+        ("  variant: bogus\n", "--variant `bogus`"),
+        ("  depth_mode: bogus\n", "--depth-mode `bogus`"),
+        ("  dtype: int8\n", "--dtype int8"),
+    ] {
+        write_recipe(r.path(), "r.yaml", &yaml(opts));
+        fails(r.path(), &["--recipe", "r.yaml"], &["r.yaml", expect]);
+    }
+    for factor in ["0", "1.5", ".inf", "-2", "\"x\""] {
+        write_recipe(r.path(), "r.yaml", &format!("hyperclone_recipe: 1\noptions:\n  factor: {factor}\n"));
+        fails(r.path(), &["--recipe", "r.yaml"], &["r.yaml"]);
+    }
+    // What the flags accept, a recipe accepts: a size with a unit, the flag's dtype names.
+    write_recipe(
+        r.path(),
+        "r.yaml",
+        &yaml("  shard_size: 2KB\n  dtype: bf16\n  variant: noisy\n  snr_db: 0\n"),
+    );
+    let out = run(&["plan", "src", "--recipe", "r.yaml", "--json"], r.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plan["dtype"], "bfloat16");
+    assert!(plan["shards"].as_array().unwrap().len() > 1, "2KB shards");
+}
+
+#[test]
+fn deeply_nested_recipes_are_refused_before_parsing() {
+    // Class 13: YAML parsing is quadratic in the depth; 100k levels took minutes and
+    // ignored Ctrl-C. The depth is bounded by a linear pre-scan (64 levels).
+    let r = root();
+    Tiny::default().write(&r.path().join("src"));
+    let n = 2_000_000;
+    let cases = [
+        ("flow.yaml", format!("{}{}", "[".repeat(n), "]".repeat(n))),
+        ("json.json", format!("{}1{}", "{\"a\":".repeat(n), "}".repeat(n))),
+        // Invalid JSON (unclosed) that falls back to YAML.
+        ("open.json", "[".repeat(n)),
+        (
+            "block.yaml",
+            (0..5_000).map(|d| format!("{}k:\n", " ".repeat(d))).collect(),
+        ),
+        ("dashes.yaml", format!("{}x\n", "- ".repeat(n))),
+    ];
+    for (name, text) in cases {
+        write_recipe(r.path(), name, &text);
+        let t0 = std::time::Instant::now();
+        fails(r.path(), &["--recipe", name], &[name, "nests more than 64 levels"]);
+        // Not a timing assert on speed, a hang guard: quadratic parsing took minutes.
+        assert!(t0.elapsed().as_secs() < 60, "{name} took {:?}", t0.elapsed());
+        std::fs::remove_file(r.path().join(name)).unwrap();
+    }
+}
+
+#[test]
+fn snr_below_the_floor_is_refused_for_flags_and_recipes() {
+    // Class 9: below 0 dB rounding in the storage dtype is amplified layer after layer
+    // (-10 dB failed verify on the tiny fixtures, -20 dB was off by 5x): refused.
+    let r = root();
+    Tiny::default().write(&r.path().join("src"));
+    for snr in ["-0.5", "-10", "-20", "-1000", "-1e308"] {
+        fails(
+            r.path(),
+            &["--variant", "noisy", &format!("--snr-db={snr}")],
+            &["--snr-db", "below 0 dB"],
+        );
+    }
+    write_recipe(r.path(), "r.json", r#"{"hyperclone_recipe": 1, "options": {"factor": 2, "variant": "noisy", "snr_db": -10}}"#);
+    fails(r.path(), &["--recipe", "r.json"], &["r.json", "below 0 dB"]);
+    // The floor itself round-trips: verify passes at 0 dB.
+    let out = run(
+        &["clone", "src", "dst", "--factor", "2", "--variant", "noisy", "--snr-db", "0", "--verify"],
+        r.path(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn stale_partials_of_any_kind_are_removed_and_others_kept() {
+    // Class 15: a stale `.DST.hyperclone-partial-PID` file or FIFO blocked every clone
+    // into DST with "Not a directory".
+    use std::os::unix::fs::symlink;
+    let r = root();
+    Tiny::default().write(&r.path().join("src"));
+    let dead = 4294967u32; // above Linux's pid_max: never a live process
+    let name = |suffix: &str| r.path().join(format!(".dst.hyperclone-partial-{suffix}"));
+    // A file, a FIFO, a dangling symlink and a symlink to a folder that must survive.
+    let keep = r.path().join("keep");
+    std::fs::create_dir(&keep).unwrap();
+    std::fs::write(keep.join("precious"), b"x").unwrap();
+    std::fs::write(name(&dead.to_string()), b"half").unwrap();
+    assert!(std::process::Command::new("mkfifo")
+        .arg(name(&(dead - 1).to_string()))
+        .status()
+        .unwrap()
+        .success());
+    symlink("/nonexistent", name(&(dead - 2).to_string())).unwrap();
+    symlink(&keep, name(&(dead - 3).to_string())).unwrap();
+    // Not ours by name: a sign, a leading zero, a word.
+    for other in ["+4294960", "04294960", "x"] {
+        std::fs::write(name(other), b"not ours").unwrap();
+    }
+    // Our own PID's name with a file in it (PIDs are reused): the clone removes it too.
+    let out = run(&["clone", "src", "dst", "--factor", "2"], r.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    for d in [dead, dead - 1, dead - 2, dead - 3] {
+        assert!(name(&d.to_string()).symlink_metadata().is_err(), "{d} left");
+    }
+    assert_eq!(std::fs::read(keep.join("precious")).unwrap(), b"x", "link followed");
+    for other in ["+4294960", "04294960", "x"] {
+        assert!(name(other).exists(), "{other} removed");
+    }
 }
