@@ -197,7 +197,11 @@ pub fn hex(bytes: &[u8]) -> String {
 fn weight_files(dir: &Path, config: &ModelConfig) -> Result<Vec<String>> {
     // transformers loads whatever file this key names instead, and drops the key on save;
     // honouring it would also mean rewriting the grown config, so it is refused.
-    if let Some(v) = config.raw.get("transformers_weights").filter(|v| !v.is_null()) {
+    if let Some(v) = config
+        .raw
+        .get("transformers_weights")
+        .filter(|v| !v.is_null())
+    {
         return Err(Error::config(
             &config.path,
             format!(

@@ -311,7 +311,11 @@ mod tests {
         let r = Recipe::from_value(Path::new("r.yaml"), v).unwrap();
         let o = &r.request;
         assert_eq!(
-            (o.factor.as_deref(), o.intermediate_size, o.num_hidden_layers),
+            (
+                o.factor.as_deref(),
+                o.intermediate_size,
+                o.num_hidden_layers
+            ),
             (Some("2"), Some(120), Some(8))
         );
         assert!(o.keep_tied && o.variant == "noisy" && o.seed == 7);
@@ -340,11 +344,26 @@ mod tests {
     #[test]
     fn non_finite_yaml_numbers_are_refused_by_path() {
         for (text, at) in [
-            ("hyperclone_recipe: 1\noptions: {factor: 2, snr_db: .inf}\n", "options.snr_db"),
-            ("hyperclone_recipe: 1\noptions: {factor: 2, snr_db: -.INF}\n", "options.snr_db"),
-            ("hyperclone_recipe: 1\noptions: {factor: 2, seed: .nan}\n", "options.seed"),
-            ("hyperclone_recipe: 1\noptions: {factor: 2, shard_size: +.inf}\n", "options.shard_size"),
-            ("{\"hyperclone_recipe\": 1, \"options\": {\"factor\": .Inf}}", "options.factor"),
+            (
+                "hyperclone_recipe: 1\noptions: {factor: 2, snr_db: .inf}\n",
+                "options.snr_db",
+            ),
+            (
+                "hyperclone_recipe: 1\noptions: {factor: 2, snr_db: -.INF}\n",
+                "options.snr_db",
+            ),
+            (
+                "hyperclone_recipe: 1\noptions: {factor: 2, seed: .nan}\n",
+                "options.seed",
+            ),
+            (
+                "hyperclone_recipe: 1\noptions: {factor: 2, shard_size: +.inf}\n",
+                "options.shard_size",
+            ),
+            (
+                "{\"hyperclone_recipe\": 1, \"options\": {\"factor\": .Inf}}",
+                "options.factor",
+            ),
             ("a: [1, .NaN]\n", "a[1]"),
         ] {
             let e = yaml_value(text).unwrap_err();

@@ -193,6 +193,178 @@ fn mutated_inputs_never_panic_modify_src_or_leave_files() {
     }
 }
 
+/// The classes of the second campaign (issue 18), seeded: each case ends as transformers'
+/// rules say (refused naming the cause, or read from the file transformers reads), never
+/// in a panic, a modified SRC or files beside it.
+#[test]
+fn round_two_classes_end_as_transformers_rules_say() {
+    let cases: usize = std::env::var("HYPERCLONE_MUTATION_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let mut rng = Rng(0x18_2026);
+    let root = tempfile::tempdir().unwrap();
+    let single_layout = original_layout(&single());
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for case in 0..cases {
+        let (files, what, expect) = mutate_round_two(&mut rng, case);
+        let dir = root.path().join(format!("case{case}"));
+        let src = dir.join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        for (name, bytes) in &files {
+            std::fs::write(src.join(name), bytes).unwrap();
+        }
+        let before = snapshot(&src);
+        let opened = catch_unwind(AssertUnwindSafe(|| Checkpoint::open(&src)))
+            .unwrap_or_else(|_| panic!("case {case} panicked opening: {what}"));
+        match (expect, opened) {
+            (Expect::Refused(needle), Err(e)) => {
+                let msg = e.to_string();
+                assert!(msg.contains(needle), "case {case} ({what}): {msg}");
+                assert_eq!(msg.lines().count(), 1, "case {case}: {msg}");
+            }
+            (Expect::Refused(_), Ok(_)) => panic!("case {case} accepted: {what}"),
+            (Expect::ReadsSingleFile, Ok(ckpt)) => {
+                assert_eq!(
+                    layout(&ckpt),
+                    single_layout,
+                    "case {case} ({what}) read the shards"
+                );
+            }
+            (Expect::Accepted, Ok(_)) => {}
+            (_, Err(e)) => panic!("case {case} refused ({what}): {e}"),
+        }
+        // Every accepted case also plans and clones cleanly (grown output opens again).
+        if !matches!(expect, Expect::Refused(_)) {
+            let outcome = catch_unwind(AssertUnwindSafe(|| run_case(&dir, 2, None)))
+                .unwrap_or_else(|_| panic!("case {case} panicked: {what}"));
+            assert_eq!(outcome, Outcome::Cloned, "case {case}: {what}");
+        }
+        assert_eq!(snapshot(&src), before, "case {case} modified SRC: {what}");
+        assert_eq!(listing(&dir), ["src"], "case {case} left files: {what}");
+        *seen.entry(format!("{expect:?}")).or_default() += 1;
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    eprintln!("{cases} round-two cases: {seen:?}");
+    // Five classes, two ways each for the tie (refused, accepted): six outcomes.
+    assert!(
+        cases < 10 || seen.len() == 6,
+        "every expectation exercised: {seen:?}"
+    );
+}
+
+/// A recipe accepts and refuses exactly what the flags do: the same hostile value, given
+/// as a flag and as a recipe option (JSON and YAML spellings), ends alike.
+#[test]
+fn recipe_options_end_exactly_as_the_flags_do() {
+    use hyperclone_core::grow::GrowthRequest;
+    let root = tempfile::tempdir().unwrap();
+    let cfg_path = root.path().join("config.json");
+    std::fs::write(&cfg_path, serde_json::to_vec(&config()).unwrap()).unwrap();
+    let cfg = hyperclone_core::config::ModelConfig::load(&cfg_path).unwrap();
+    let recipe = root.path().join("r.yaml");
+    // (YAML spelling, the flag's value); None: clap refuses the text before any rule.
+    let snrs: [(&str, Option<f64>); 14] = [
+        ("10", Some(10.0)),
+        ("0", Some(0.0)),
+        ("-0.0", Some(-0.0)),
+        ("20.5", Some(20.5)),
+        ("-1e-9", Some(-1e-9)),
+        ("-10", Some(-10.0)),
+        ("-20", Some(-20.0)),
+        ("-1000", Some(-1000.0)),
+        (".inf", Some(f64::INFINITY)),
+        ("-.inf", Some(f64::NEG_INFINITY)),
+        (".nan", Some(f64::NAN)),
+        ("+.Inf", Some(f64::INFINITY)),
+        ("1e308", Some(1e308)),
+        ("-1.7976931348623157e308", Some(f64::MIN)),
+    ];
+    for (text, flag) in snrs {
+        std::fs::write(
+            &recipe,
+            format!(
+                "hyperclone_recipe: 1\noptions:\n  factor: 2\n  variant: noisy\n  snr_db: {text}\n"
+            ),
+        )
+        .unwrap();
+        let by_recipe = hyperclone_core::recipe::Recipe::load(&recipe)
+            .and_then(|r| r.options(&recipe, &cfg))
+            .is_ok();
+        let by_flag = GrowthRequest {
+            factor: Some("2".into()),
+            variant: "noisy".into(),
+            snr_db: flag.unwrap(),
+            ..GrowthRequest::default()
+        }
+        .resolve(&cfg)
+        .is_ok();
+        assert_eq!(
+            by_recipe, by_flag,
+            "snr_db {text}: recipe {by_recipe}, flag {by_flag}"
+        );
+    }
+    for (text, flag_text) in [
+        ("5GB", "5GB"),
+        ("2KiB", "2KiB"),
+        ("1", "1"),
+        ("0", "0"),
+        ("0.4", "0.4"),
+        ("1.5", "1.5"),
+        ("\"5 parsecs\"", "5 parsecs"),
+        ("-1", "-1"),
+        ("\"\"", ""),
+    ] {
+        std::fs::write(
+            &recipe,
+            format!("hyperclone_recipe: 1\noptions:\n  factor: 2\n  shard_size: {text}\n"),
+        )
+        .unwrap();
+        let by_recipe = hyperclone_core::recipe::Recipe::load(&recipe)
+            .and_then(|r| r.options(&recipe, &cfg))
+            .map(|o| o.shard_size);
+        let by_flag = GrowthRequest {
+            factor: Some("2".into()),
+            shard_size: flag_text.into(),
+            ..GrowthRequest::default()
+        }
+        .resolve(&cfg)
+        .map(|o| o.shard_size);
+        assert_eq!(
+            by_recipe.as_ref().ok(),
+            by_flag.as_ref().ok(),
+            "shard_size {text}: recipe {by_recipe:?}, flag {by_flag:?}"
+        );
+    }
+    for (text, flag) in [
+        ("2", "2"),
+        ("0", "0"),
+        ("1.5", "1.5"),
+        ("3", "3"),
+        ("\"2\"", "2"),
+    ] {
+        std::fs::write(
+            &recipe,
+            format!("hyperclone_recipe: 1\noptions:\n  factor: {text}\n"),
+        )
+        .unwrap();
+        let by_recipe = hyperclone_core::recipe::Recipe::load(&recipe)
+            .and_then(|r| r.options(&recipe, &cfg))
+            .map(|o| o.factor);
+        let by_flag = GrowthRequest {
+            factor: Some(flag.into()),
+            ..GrowthRequest::default()
+        }
+        .resolve(&cfg)
+        .map(|o| o.factor);
+        assert_eq!(
+            by_recipe.as_ref().ok(),
+            by_flag.as_ref().ok(),
+            "factor {text}"
+        );
+    }
+}
+
 /// The header-length-into-padding attack of issue 10, and holes/trailing bytes, at the
 /// library level: each is refused, naming the file.
 #[test]

@@ -1310,7 +1310,11 @@ fn command_fails(root: &Path, cmd: &[&str], expect: &[&str]) {
     let out = run(cmd, root);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{cmd:?}: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "{cmd:?}: one line, got: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "{cmd:?}: one line, got: {err}"
+    );
     assert!(err.starts_with("error: "), "{cmd:?}: {err}");
     for e in expect {
         assert!(err.contains(e), "{cmd:?}: `{e}` not in: {err}");
@@ -1345,7 +1349,11 @@ fn tied_config_with_a_different_stored_head_is_refused() {
     tied.write_with(&r.path().join("src"), &tied.config(), &tensors);
     every_reader_fails(
         r.path(),
-        &["`lm_head.weight`", "model.embed_tokens.weight", "tie_word_embeddings"],
+        &[
+            "`lm_head.weight`",
+            "model.embed_tokens.weight",
+            "tie_word_embeddings",
+        ],
     );
     // An equal stored head (a converted .bin keeps both) ties in every version: accepted.
     let p = r.path().join("src/model.safetensors");
@@ -1359,7 +1367,10 @@ fn tied_config_with_a_different_stored_head_is_refused() {
     let emb = bytes[e.start..e.start + e.len].to_vec();
     bytes[h.start..h.start + h.len].copy_from_slice(&emb);
     std::fs::write(&p, bytes).unwrap();
-    let out = run(&["clone", "src", "dst", "--factor", "2", "--verify"], r.path());
+    let out = run(
+        &["clone", "src", "dst", "--factor", "2", "--verify"],
+        r.path(),
+    );
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
@@ -1380,9 +1391,15 @@ fn non_canonical_layer_indices_are_refused_by_name() {
     // Beside the canonical name (the duplicate the campaign found).
     let r = root();
     with_tensors(r.path(), |t| {
-        t.push(("model.layers.01.input_layernorm.weight".into(), vec![HIDDEN]));
+        t.push((
+            "model.layers.01.input_layernorm.weight".into(),
+            vec![HIDDEN],
+        ));
     });
-    every_reader_fails(r.path(), &["`model.layers.01.input_layernorm.weight`", "canonical"]);
+    every_reader_fails(
+        r.path(),
+        &["`model.layers.01.input_layernorm.weight`", "canonical"],
+    );
 }
 
 #[test]
@@ -1403,7 +1420,11 @@ fn a_single_file_beside_an_index_is_what_transformers_loads() {
         ..Tiny::default()
     }
     .write(&other);
-    std::fs::copy(other.join("model.safetensors"), src.join("model.safetensors")).unwrap();
+    std::fs::copy(
+        other.join("model.safetensors"),
+        src.join("model.safetensors"),
+    )
+    .unwrap();
     std::fs::remove_dir_all(&other).unwrap();
     // The config says untied, the single file has no head: every reader reports the
     // single file, none falls back to the shards.
@@ -1417,7 +1438,10 @@ fn a_single_file_beside_an_index_is_what_transformers_loads() {
     assert!(out.status.success(), "{}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!text.contains("model-00001-of-00002"), "{text}");
-    let out = run(&["clone", "src", "dst", "--factor", "2", "--verify"], r.path());
+    let out = run(
+        &["clone", "src", "dst", "--factor", "2", "--verify"],
+        r.path(),
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     // A FIFO named model.safetensors is no file to transformers either: the index is read.
     let r = root();
@@ -1436,7 +1460,9 @@ fn a_single_file_beside_an_index_is_what_transformers_loads() {
     assert!(out.status.success(), "{}", stderr(&out));
     // config.json's `transformers_weights` redirects transformers elsewhere: refused.
     let r = root();
-    with_config(r.path(), |c| c["transformers_weights"] = json!("other.safetensors"));
+    with_config(r.path(), |c| {
+        c["transformers_weights"] = json!("other.safetensors")
+    });
     every_reader_fails(r.path(), &["transformers_weights"]);
 }
 
@@ -1445,11 +1471,17 @@ fn layer_types_of_wrong_length_or_unknown_values_are_refused() {
     // Class 10: transformers' validate_layer_type, for every family.
     for (types, expect) in [
         (json!(["full_attention"]), "1 entries"),
-        (json!(["full_attention", "full_attention", "full_attention"]), "3 entries"),
+        (
+            json!(["full_attention", "full_attention", "full_attention"]),
+            "3 entries",
+        ),
         (json!(["full_attention", "bogus"]), "`layer_types[1]`"),
         (json!(["full_attention", null]), "`layer_types[1]`"),
         (json!(["full_attention", 1]), "`layer_types[1]`"),
-        (json!(["chunked_attention", "full_attention"]), "`layer_types[0]`"),
+        (
+            json!(["chunked_attention", "full_attention"]),
+            "`layer_types[0]`",
+        ),
         (json!("full_attention"), "must be a list"),
         (json!({"0": "full_attention"}), "must be a list"),
     ] {
@@ -1463,13 +1495,20 @@ fn layer_types_of_wrong_length_or_unknown_values_are_refused() {
         c["layer_types"] = json!(["sliding_attention", "full_attention"])
     });
     let out = run(
-        &["clone", "src", "dst", "--factor", "2", "--depth-factor", "2"],
+        &[
+            "clone",
+            "src",
+            "dst",
+            "--factor",
+            "2",
+            "--depth-factor",
+            "2",
+        ],
         r.path(),
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let cfg: Value =
-        serde_json::from_slice(&std::fs::read(r.path().join("dst/config.json")).unwrap())
-            .unwrap();
+        serde_json::from_slice(&std::fs::read(r.path().join("dst/config.json")).unwrap()).unwrap();
     let grown = cfg["layer_types"].as_array().unwrap();
     assert_eq!(grown.len(), 4);
     assert!(grown.iter().all(Value::is_string), "{grown:?}");
@@ -1516,7 +1555,10 @@ fn recipes_are_validated_exactly_as_flags() {
         ("  shard_size: .inf\n", "options.shard_size"),
         ("  intermediate_size: .inf\n", "options.intermediate_size"),
         ("  num_hidden_layers: -.inf\n", "options.num_hidden_layers"),
-        ("  num_attention_heads: .nan\n", "options.num_attention_heads"),
+        (
+            "  num_attention_heads: .nan\n",
+            "options.num_attention_heads",
+        ),
         // Refused by the flags' own rules, now shared.
         ("  snr_db: -10\n", "--snr-db -10"),
         ("  snr_db: \"10\"\n", "`snr_db` must be a number"),
@@ -1532,7 +1574,11 @@ fn recipes_are_validated_exactly_as_flags() {
         fails(r.path(), &["--recipe", "r.yaml"], &["r.yaml", expect]);
     }
     for factor in ["0", "1.5", ".inf", "-2", "\"x\""] {
-        write_recipe(r.path(), "r.yaml", &format!("hyperclone_recipe: 1\noptions:\n  factor: {factor}\n"));
+        write_recipe(
+            r.path(),
+            "r.yaml",
+            &format!("hyperclone_recipe: 1\noptions:\n  factor: {factor}\n"),
+        );
         fails(r.path(), &["--recipe", "r.yaml"], &["r.yaml"]);
     }
     // What the flags accept, a recipe accepts: a size with a unit, the flag's dtype names.
@@ -1557,21 +1603,34 @@ fn deeply_nested_recipes_are_refused_before_parsing() {
     let n = 2_000_000;
     let cases = [
         ("flow.yaml", format!("{}{}", "[".repeat(n), "]".repeat(n))),
-        ("json.json", format!("{}1{}", "{\"a\":".repeat(n), "}".repeat(n))),
+        (
+            "json.json",
+            format!("{}1{}", "{\"a\":".repeat(n), "}".repeat(n)),
+        ),
         // Invalid JSON (unclosed) that falls back to YAML.
         ("open.json", "[".repeat(n)),
         (
             "block.yaml",
-            (0..5_000).map(|d| format!("{}k:\n", " ".repeat(d))).collect(),
+            (0..5_000)
+                .map(|d| format!("{}k:\n", " ".repeat(d)))
+                .collect(),
         ),
         ("dashes.yaml", format!("{}x\n", "- ".repeat(n))),
     ];
     for (name, text) in cases {
         write_recipe(r.path(), name, &text);
         let t0 = std::time::Instant::now();
-        fails(r.path(), &["--recipe", name], &[name, "nests more than 64 levels"]);
+        fails(
+            r.path(),
+            &["--recipe", name],
+            &[name, "nests more than 64 levels"],
+        );
         // Not a timing assert on speed, a hang guard: quadratic parsing took minutes.
-        assert!(t0.elapsed().as_secs() < 60, "{name} took {:?}", t0.elapsed());
+        assert!(
+            t0.elapsed().as_secs() < 60,
+            "{name} took {:?}",
+            t0.elapsed()
+        );
         std::fs::remove_file(r.path().join(name)).unwrap();
     }
 }
@@ -1589,11 +1648,26 @@ fn snr_below_the_floor_is_refused_for_flags_and_recipes() {
             &["--snr-db", "below 0 dB"],
         );
     }
-    write_recipe(r.path(), "r.json", r#"{"hyperclone_recipe": 1, "options": {"factor": 2, "variant": "noisy", "snr_db": -10}}"#);
+    write_recipe(
+        r.path(),
+        "r.json",
+        r#"{"hyperclone_recipe": 1, "options": {"factor": 2, "variant": "noisy", "snr_db": -10}}"#,
+    );
     fails(r.path(), &["--recipe", "r.json"], &["r.json", "below 0 dB"]);
     // The floor itself round-trips: verify passes at 0 dB.
     let out = run(
-        &["clone", "src", "dst", "--factor", "2", "--variant", "noisy", "--snr-db", "0", "--verify"],
+        &[
+            "clone",
+            "src",
+            "dst",
+            "--factor",
+            "2",
+            "--variant",
+            "noisy",
+            "--snr-db",
+            "0",
+            "--verify",
+        ],
         r.path(),
     );
     assert!(out.status.success(), "{}", stderr(&out));
@@ -1630,7 +1704,11 @@ fn stale_partials_of_any_kind_are_removed_and_others_kept() {
     for d in [dead, dead - 1, dead - 2, dead - 3] {
         assert!(name(&d.to_string()).symlink_metadata().is_err(), "{d} left");
     }
-    assert_eq!(std::fs::read(keep.join("precious")).unwrap(), b"x", "link followed");
+    assert_eq!(
+        std::fs::read(keep.join("precious")).unwrap(),
+        b"x",
+        "link followed"
+    );
     for other in ["+4294960", "04294960", "x"] {
         assert!(name(other).exists(), "{other} removed");
     }

@@ -82,3 +82,65 @@ fn mutated_folders_through_the_binary() {
     }
     eprintln!("{cases} mutated folders x 4 commands: {outcomes:?}");
 }
+
+/// The round-two classes (issue 18) through every command that opens a folder: they agree,
+/// since one opener decides (all refuse with the same line, or all succeed), and none
+/// panics.
+#[test]
+fn round_two_folders_end_alike_in_every_command() {
+    let cases: usize = std::env::var("HYPERCLONE_MUTATION_CLI_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(25);
+    let mut rng = Rng(0x18_c11);
+    let root = tempfile::tempdir().unwrap();
+    let commands: [&[&str]; 5] = [
+        &["inspect", "src"],
+        &["plan", "src", "--factor", "2"],
+        &["clone", "src", "dst", "--factor", "2", "--verify"],
+        &["forward", "src", "--tokens", "1,2,3"],
+        &["verify", "src", "src"],
+    ];
+    for case in 0..cases {
+        let (files, what, expect) = mutate_round_two(&mut rng, case);
+        let dir = root.path().join(format!("case{case}"));
+        let src = dir.join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        for (name, bytes) in &files {
+            std::fs::write(src.join(name), bytes).unwrap();
+        }
+        let before = snapshot(&src);
+        let mut errors = Vec::new();
+        for args in commands {
+            let out = Command::new(bin())
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr).trim_end().to_string();
+            match (expect, out.status.code()) {
+                (Expect::Refused(needle), Some(1)) => {
+                    assert_eq!(
+                        err.lines().count(),
+                        1,
+                        "case {case} ({what}), {args:?}: {err}"
+                    );
+                    assert!(
+                        err.contains(needle),
+                        "case {case} ({what}), {args:?}: {err}"
+                    );
+                    errors.push(err);
+                }
+                (Expect::Accepted | Expect::ReadsSingleFile, Some(0)) => {}
+                (_, code) => panic!("case {case} ({what}), {args:?}: exit {code:?}: {err}"),
+            }
+            assert_eq!(snapshot(&src), before, "case {case} ({what}): SRC modified");
+        }
+        errors.dedup();
+        assert!(
+            errors.len() <= 1,
+            "case {case} ({what}): commands disagree: {errors:?}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -318,3 +318,192 @@ pub fn mutate(rng: &mut Rng, case: usize) -> (Files, String) {
     };
     (files, what)
 }
+
+/// What a round-two case (issue 18) must end in, beyond "no panic, SRC untouched".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// Refused while opening SRC, the message naming this text.
+    Refused(&'static str),
+    /// Opened, and what is read is the single `model.safetensors` (transformers' choice).
+    ReadsSingleFile,
+    /// Opened and grown.
+    Accepted,
+}
+
+/// Renames one tensor of a safetensors file (same entry).
+fn rename_tensor(bytes: &[u8], from: &str, to: &str) -> Vec<u8> {
+    with_header(bytes, |h| {
+        let e = h.remove(from).expect("tensor present");
+        h.insert(to.into(), e);
+    })
+}
+
+/// The data bytes of one tensor of a safetensors file, for copying values around.
+fn tensor_range(bytes: &[u8], name: &str) -> std::ops::Range<usize> {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let h: Map<String, Value> = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let o = &h[name]["data_offsets"];
+    8 + n + o[0].as_u64().unwrap() as usize..8 + n + o[1].as_u64().unwrap() as usize
+}
+
+fn edit_config(files: &mut Files, edit: impl FnOnce(&mut Map<String, Value>)) {
+    let mut cfg: Map<String, Value> = serde_json::from_slice(&files["config.json"]).unwrap();
+    edit(&mut cfg);
+    files.insert("config.json".into(), serde_json::to_vec(&cfg).unwrap());
+}
+
+/// The classes the second campaign found (issue 18), as seeded mutations with their
+/// expected outcome: non-canonical layer indices, a tied config beside a stored head, a
+/// single file beside an index, `layer_types`, empty or hostile weight maps.
+pub fn mutate_round_two(rng: &mut Rng, case: usize) -> (Files, String, Expect) {
+    let mut files = single();
+    match case % 5 {
+        // Tensor names: a layer index that is not how transformers writes it.
+        0 => {
+            let index = *rng.pick(&[
+                "00",
+                "01",
+                "000",
+                "+0",
+                "-0",
+                " 0",
+                "0 ",
+                "0_",
+                "0x0",
+                "٠",
+                "0\u{0}",
+                "18446744073709551616",
+                "",
+                "0.",
+                "１",
+            ]);
+            let names: Vec<String> = tensors()
+                .into_iter()
+                .map(|(n, _)| n)
+                .filter(|n| n.starts_with("model.layers.0."))
+                .collect();
+            let from = rng.pick(&names).clone();
+            let to = from.replacen("layers.0.", &format!("layers.{index}."), 1);
+            let b = files["model.safetensors"].clone();
+            // Beside the canonical tensor (a duplicate), or instead of it (a hole).
+            let out = if rng.below(2) == 0 {
+                with_header(&b, |h| {
+                    let e = h[&from].clone();
+                    h.insert(to.clone(), e);
+                })
+            } else {
+                rename_tensor(&b, &from, &to)
+            };
+            files.insert("model.safetensors".into(), out);
+            (
+                files,
+                format!("`{from}` -> `{to}`"),
+                Expect::Refused("model.layers."),
+            )
+        }
+        // A tied config beside a stored head: refused unless the head equals the embedding.
+        1 => {
+            edit_config(&mut files, |c| {
+                c.insert("tie_word_embeddings".into(), json!(true));
+            });
+            let equal = rng.below(2) == 0;
+            if equal {
+                let b = files.get_mut("model.safetensors").unwrap();
+                let (e, h) = (
+                    tensor_range(b, "model.embed_tokens.weight"),
+                    tensor_range(b, "lm_head.weight"),
+                );
+                let emb = b[e].to_vec();
+                b[h].copy_from_slice(&emb);
+                (
+                    files,
+                    "tied, stored head = embedding".into(),
+                    Expect::Accepted,
+                )
+            } else {
+                let b = files.get_mut("model.safetensors").unwrap();
+                let h = tensor_range(b, "lm_head.weight");
+                let i = h.start + 4 * rng.below(h.len() / 4);
+                // One element changed (or made -0.0 / NaN): still another head.
+                let v = *rng.pick(&[1.5f32, f32::NAN, 1e-30]);
+                b[i..i + 4].copy_from_slice(&v.to_le_bytes());
+                let d = format!("tied, stored head differs at byte {i} ({v})");
+                (files, d, Expect::Refused("tie_word_embeddings"))
+            }
+        }
+        // Both a single file and an index: the single file is read, whatever the index says.
+        2 => {
+            let shards = sharded();
+            for (k, v) in shards {
+                if k != "config.json" {
+                    files.insert(k, v);
+                }
+            }
+            let what = match rng.below(4) {
+                0 => "a valid index and its shards".to_string(),
+                1 => {
+                    files.insert(
+                        "model.safetensors.index.json".into(),
+                        br#"{"weight_map": {}}"#.to_vec(),
+                    );
+                    "an index with an empty weight_map".to_string()
+                }
+                2 => {
+                    let v = hostile(rng);
+                    let text = serde_json::to_vec(&json!({ "weight_map": v })).unwrap();
+                    files.insert("model.safetensors.index.json".into(), text);
+                    format!("an index with weight_map = {v}")
+                }
+                _ => {
+                    files.remove("model-00002-of-00002.safetensors");
+                    "an index naming a missing shard".to_string()
+                }
+            };
+            (
+                files,
+                format!("model.safetensors beside {what}"),
+                Expect::ReadsSingleFile,
+            )
+        }
+        // layer_types: wrong length, unknown or non-string entries, not a list.
+        3 => {
+            let v = match rng.below(8) {
+                0 => json!([]),
+                1 => json!(["full_attention", "full_attention"]),
+                2 => json!(["bogus"]),
+                3 => json!([null]),
+                4 => json!([1]),
+                5 => json!("full_attention"),
+                6 => json!(["chunked_attention"]),
+                _ => json!({"0": "full_attention"}),
+            };
+            edit_config(&mut files, |c| {
+                c.insert("layer_types".into(), v.clone());
+            });
+            (
+                files,
+                format!("layer_types = {v}"),
+                Expect::Refused("layer_types"),
+            )
+        }
+        // The index alone, with an empty or missing weight_map.
+        _ => {
+            let mut files = sharded();
+            let text = *rng.pick(&[
+                r#"{"weight_map": {}}"#,
+                r#"{"metadata": {}, "weight_map": {}}"#,
+                r#"{"metadata": {"total_size": 0}}"#,
+                r#"{}"#,
+            ]);
+            files.insert(
+                "model.safetensors.index.json".into(),
+                text.as_bytes().to_vec(),
+            );
+            (
+                files,
+                format!("index = {text}"),
+                Expect::Refused("weight_map"),
+            )
+        }
+    }
+}
