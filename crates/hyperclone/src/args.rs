@@ -403,7 +403,8 @@ pub struct GrowthArgs {
     #[arg(long, value_name = "V", default_value = "symmetric",
           value_parser = ["symmetric", "noisy", "diagonal", "noisy-diagonal"])]
     pub variant: String,
-    /// Signal-to-noise ratio of the noisy variants, in dB, realised exactly per block.
+    /// Signal-to-noise ratio of the noisy variants, in dB, realised exactly per block; at
+    /// least 0 (below, the noise outweighs the weights and rounding no longer cancels).
     #[arg(
         long,
         value_name = "DB",
@@ -424,7 +425,10 @@ pub struct GrowthArgs {
 
 #[derive(Args)]
 pub struct CloneArgs {
-    /// Source model folder (config.json + model.safetensors or an index and shards).
+    /// Source model folder (config.json + model.safetensors or an index and shards; with
+    /// both, model.safetensors, as transformers loads it). SRC is memory-mapped: truncating
+    /// or rewriting it during a clone kills the clone with SIGBUS; the next clone into DST
+    /// removes the partial folder it left.
     pub src: PathBuf,
     /// Destination folder; must not exist unless --force.
     pub dst: PathBuf,

@@ -1713,3 +1713,30 @@ fn stale_partials_of_any_kind_are_removed_and_others_kept() {
         assert!(name(other).exists(), "{other} removed");
     }
 }
+
+#[test]
+fn a_clone_killed_by_sigbus_is_cleaned_up_by_the_next() {
+    // Class 17 (part): truncating SRC during a clone is a SIGBUS on the mapped file, which
+    // kills the process with no chance to clean up. What it leaves is exactly this: the
+    // partial folder of a process that died of SIGBUS, with half-written files. (A real
+    // truncation race on a test-sized model finishes before the signal lands; it was run
+    // by hand on SmolLM2-135M, see the notes.) The next clone removes it.
+    use std::os::unix::process::ExitStatusExt;
+    let r = root();
+    Tiny::default().write(&r.path().join("src"));
+    let mut victim = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+    let partial = r
+        .path()
+        .join(format!(".dst.hyperclone-partial-{}", victim.id()));
+    std::fs::create_dir(&partial).unwrap();
+    std::fs::write(partial.join("model-00001-of-00002.safetensors"), b"half").unwrap();
+    std::process::Command::new("kill")
+        .args(["-BUS", &victim.id().to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(victim.wait().unwrap().signal(), Some(7), "died of SIGBUS");
+    let again = run(&["clone", "src", "dst", "--factor", "2"], r.path());
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert!(stderr(&again).contains("removed"), "{}", stderr(&again));
+    assert_eq!(listing(r.path()), ["dst", "src"]);
+}
