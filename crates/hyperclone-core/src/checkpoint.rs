@@ -61,8 +61,8 @@ impl Checkpoint {
             files.push(SafetensorsFile::open(&dir.join(name))?);
         }
         check_index_agrees(dir, &files, sharded(&file_names))?;
-        let (tensors, dropped) = classify(&config, &files)?;
-        check_tied_head(&config, &files, &tensors)?;
+        let (mut tensors, mut dropped) = classify(&config, &files)?;
+        check_tied_head(&config, &files, &mut tensors, &mut dropped)?;
         Ok(Checkpoint {
             dir: dir.to_path_buf(),
             config,
@@ -118,8 +118,8 @@ impl Checkpoint {
             bytes.extend_from_slice(t.data);
         }
         let files = vec![SafetensorsFile::from_bytes(&file, bytes)?];
-        let (tensors, dropped) = classify(&config, &files)?;
-        check_tied_head(&config, &files, &tensors)?;
+        let (mut tensors, mut dropped) = classify(&config, &files)?;
+        check_tied_head(&config, &files, &mut tensors, &mut dropped)?;
         Ok(Checkpoint {
             dir,
             config,
@@ -422,23 +422,28 @@ fn classify(
 /// untied (`PreTrainedModel.tie_weights`: "both are present in the checkpoints with
 /// different values, so we will NOT tie them", checked for all 14 families), 4.x overwrote
 /// it with the embedding. Growing either would compute another function than some
-/// transformers computes for SRC, so it is refused; an equal stored head (a converted .bin
-/// keeps both) ties in every version and is accepted. Equality is torch.equal's: values,
+/// transformers computes for SRC, so it is refused. An equal stored head (a converted .bin
+/// keeps both) ties in every version: it is the tie, so it is set aside like a buffer and
+/// the checkpoint reads as one without it (the clone, the decoder and `--keep-tied` then
+/// treat it exactly as transformers' tied parameter). Equality is torch.equal's: values,
 /// NaN never equal, across dtypes.
 fn check_tied_head(
     config: &ModelConfig,
     files: &[SafetensorsFile],
-    tensors: &[SourceTensor],
+    tensors: &mut Vec<SourceTensor>,
+    dropped: &mut Vec<String>,
 ) -> Result<()> {
     let family = config.family;
     if !config.tie_word_embeddings {
         return Ok(());
     }
-    let find = |name: &str| tensors.iter().find(|t| t.info.name == name);
-    let (Some(head), Some(embed)) = (find(family.head), find(family.embedding)) else {
+    let position = |name: &str| tensors.iter().position(|t| t.info.name == name);
+    let (Some(h), Some(e)) = (position(family.head), position(family.embedding)) else {
         return Ok(());
     };
-    if same_values(files, head, embed) {
+    let head = &tensors[h];
+    if same_values(files, head, &tensors[e]) {
+        dropped.push(tensors.remove(h).info.name);
         return Ok(());
     }
     Err(Error::tensor(
