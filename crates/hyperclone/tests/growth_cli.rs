@@ -117,7 +117,7 @@ fn recipes_replay_and_refuse_what_does_not_match() {
         ("hyperclone_recipe: 9\noptions: {factor: 2}\n", "version 1"),
         (
             "hyperclone_recipe: 1\noptions: {factor: 2, depth_mode: deep}\n",
-            "unknown depth_mode",
+            "unknown --depth-mode `deep`",
         ),
         ("{{{{", "neither JSON"),
     ] {
