@@ -7,6 +7,7 @@
 
 use crate::error::{NnError, Result};
 use crate::rng::mix64;
+use crate::tokenizer_guard::guarded;
 use memmap2::Mmap;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
@@ -230,8 +231,10 @@ pub fn tokenize_to_cache(
         return Ok(out);
     }
 
-    let mut tokenizer = Tokenizer::from_bytes(&tok_bytes)
-        .map_err(|e| tok_err(&tokenizer_json.display().to_string(), e))?;
+    let mut tokenizer = guarded(tokenizer_json, "loading it", || {
+        Tokenizer::from_bytes(&tok_bytes)
+            .map_err(|e| tok_err(&tokenizer_json.display().to_string(), e))
+    })?;
     // A padded or truncated encoding would silently drop or invent tokens.
     tokenizer
         .with_truncation(None)
@@ -261,22 +264,26 @@ pub fn tokenize_to_cache(
                 bytes += std::fs::metadata(&files[j]).map(|m| m.len()).unwrap_or(0);
                 j += 1;
             }
-            let encoded: Vec<Vec<u32>> = files[i..j]
-                .par_iter()
-                .map(|f| {
-                    let text = read_text(f)?;
-                    let parts = chunks(&text, CHUNK_BYTES)
-                        .into_par_iter()
-                        .map(|c| {
-                            tokenizer
-                                .encode_fast(c, false)
-                                .map(|e| e.get_ids().to_vec())
-                                .map_err(|e| tok_err(&f.display().to_string(), e))
-                        })
-                        .collect::<Result<Vec<_>>>()?;
-                    Ok(parts.concat())
-                })
-                .collect::<Result<_>>()?;
+            // Encoding panics inside the library (on rayon workers) come back here as
+            // one error naming the tokenizer.
+            let encoded: Vec<Vec<u32>> = guarded(tokenizer_json, "encoding the corpus", || {
+                files[i..j]
+                    .par_iter()
+                    .map(|f| {
+                        let text = read_text(f)?;
+                        let parts = chunks(&text, CHUNK_BYTES)
+                            .into_par_iter()
+                            .map(|c| {
+                                tokenizer
+                                    .encode_fast(c, false)
+                                    .map(|e| e.get_ids().to_vec())
+                                    .map_err(|e| tok_err(&f.display().to_string(), e))
+                            })
+                            .collect::<Result<Vec<_>>>()?;
+                        Ok(parts.concat())
+                    })
+                    .collect::<Result<_>>()
+            })?;
             for ids in encoded {
                 if let (Some(id), false) = (eos, first) {
                     w.write_all(&id.to_le_bytes())
