@@ -150,7 +150,9 @@ pub fn run(a: &TrainOptions, progress: &dyn TrainProgress) -> Result<RunDone> {
     let growth = clone_growth(&ckpt);
     let mut opt = if a.resume {
         check_optimizer_state(&last.join("optimizer.safetensors"))?;
-        AdamW::load(&params, &last.join("optimizer.safetensors"))?
+        let opt = AdamW::load(&params, &last.join("optimizer.safetensors"))?;
+        check_optimizer_step(&last, start_step, opt.t)?;
+        opt
     } else if let Some(base) = &a.optimizer_from {
         let Some(g) = &growth else {
             bail!(
@@ -349,6 +351,34 @@ fn check_optimizer_state(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// AdamW's own step count must agree with the checkpoint's step: it sets the bias
+/// correction, so a mismatch silently changes every later update. trainer_state.json
+/// records it (`adamw_step`); older checkpoints only bound it (moments carried from a base
+/// start past 0, so it is at least the step).
+fn check_optimizer_step(last: &Path, step: u64, adamw_step: u64) -> Result<()> {
+    let path = last.join("trainer_state.json");
+    let recorded = hyperclone_core::limits::read_json(&path)?
+        .get("adamw_step")
+        .map(|v| v.as_u64());
+    let agrees = match recorded {
+        Some(Some(r)) => r == adamw_step,
+        Some(None) => bail!("{}: `adamw_step` is not a whole number", path.display()),
+        None => adamw_step >= step,
+    };
+    if !agrees {
+        bail!(
+            "{}: adamw.step {adamw_step} disagrees with {} (step {step}{}): the optimizer state belongs to another run",
+            last.join("optimizer.safetensors").display(),
+            path.display(),
+            match recorded {
+                Some(Some(r)) => format!(", adamw_step {r}"),
+                _ => String::new(),
+            }
+        );
+    }
+    Ok(())
+}
+
 /// Options that would make no sense or loop forever, refused before any work.
 fn validate(a: &TrainOptions) -> Result<()> {
     if a.grad_accum == 0 {
@@ -531,7 +561,7 @@ fn save_checkpoint(
     opt.save(params, &staging.join("optimizer.safetensors"))?;
     std::fs::write(
         staging.join("trainer_state.json"),
-        json!({ "step": step }).to_string(),
+        json!({ "step": step, "adamw_step": opt.t }).to_string(),
     )?;
     let last = out.join(LAST);
     let old = out.join(".last-old");
