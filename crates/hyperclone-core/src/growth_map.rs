@@ -442,12 +442,25 @@ fn layer_map(cfg: &ModelConfig, o: &GrowthOptions) -> Result<Vec<LayerSource>> {
 /// Layer-indexed behaviour that config.json states only implicitly cannot follow a layer
 /// to its new index; refuse instead of changing which layers slide.
 fn depth_is_expressible(cfg: &ModelConfig) -> Result<()> {
+    // GPT-2 divides layer l's attention scores by l + 1: a source layer moved to another
+    // index computes something else, whatever the config lists.
+    if cfg.flag("scale_attn_by_inverse_layer_idx") {
+        return Err(Error::Options(
+            "depth growth: scale_attn_by_inverse_layer_idx scales each layer's attention by its index, so a source \
+             layer moved to a new index changes the function; grow only the width"
+                .into(),
+        ));
+    }
     if cfg.raw.get("layer_types").is_some_and(Value::is_array) {
         return Ok(()); // rewritten layer by layer in the grown config
     }
     let why = if cfg.family.per_layer_sliding {
         Some("the model alternates sliding and global attention by layer index and config.json has no `layer_types`")
-    } else if cfg.flag("use_sliding_window") && cfg.raw.contains_key("max_window_layers") {
+    } else if cfg.flag("use_sliding_window")
+        && matches!(cfg.family.model_type, "qwen2" | "qwen3")
+        && !cfg.raw.get("sliding_window").is_some_and(Value::is_null)
+    {
+        // max_window_layers defaults to 28 when absent: still chosen by index.
         Some("sliding attention is chosen by layer index (max_window_layers) and config.json has no `layer_types`")
     } else {
         None
@@ -701,19 +714,37 @@ mod tests {
 
     #[test]
     fn depth_refuses_implicit_layer_layouts() {
-        let c =
-            cfg(json!({"use_sliding_window": true, "max_window_layers": 2, "sliding_window": 16}));
+        let deeper = GrowthOptions {
+            num_layers: Some(8),
+            ..options()
+        };
+        // With or without max_window_layers (transformers' default is 28).
+        for extra in [
+            json!({"model_type": "qwen2", "use_sliding_window": true, "max_window_layers": 2, "sliding_window": 16}),
+            json!({"model_type": "qwen3", "head_dim": 8, "use_sliding_window": true}),
+        ] {
+            let err = GrowthMap::new(&cfg(extra), &deeper).unwrap_err();
+            assert!(err.to_string().contains("layer_types"), "{err}");
+        }
+        // Llama never slides, whatever the config says; a window switched off is no layout.
+        for extra in [
+            json!({"use_sliding_window": true, "max_window_layers": 2, "sliding_window": 16}),
+            json!({"model_type": "qwen2", "use_sliding_window": true, "sliding_window": null}),
+        ] {
+            assert!(GrowthMap::new(&cfg(extra), &deeper).is_ok());
+        }
+        // GPT-2's attention scaled by the inverse layer index cannot move a layer.
         let err = GrowthMap::new(
-            &c,
-            &GrowthOptions {
-                num_layers: Some(8),
-                ..options()
-            },
+            &cfg(json!({"scale_attn_by_inverse_layer_idx": true})),
+            &deeper,
         )
         .unwrap_err();
-        assert!(err.to_string().contains("layer_types"), "{err}");
+        assert!(
+            err.to_string().contains("scale_attn_by_inverse_layer_idx"),
+            "{err}"
+        );
         let c = cfg(
-            json!({"use_sliding_window": true, "max_window_layers": 2, "sliding_window": 16,
+            json!({"model_type": "qwen2", "use_sliding_window": true, "max_window_layers": 2, "sliding_window": 16,
             "layer_types": ["full_attention", "full_attention", "sliding_attention", "sliding_attention"]}),
         );
         assert!(GrowthMap::new(

@@ -14,6 +14,7 @@ pub mod grow;
 pub mod growth_map;
 pub mod kernel;
 pub mod limits;
+pub mod output_guard;
 pub mod plan;
 pub mod provenance;
 pub mod recipe;

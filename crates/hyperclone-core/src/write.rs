@@ -186,7 +186,12 @@ pub fn write_clone(
         return Err(Error::Interrupted);
     }
     if let Some(check) = check {
-        check(&staging.path).map_err(Error::Verification)?;
+        let checked = check(&staging.path);
+        // Ctrl-C while verifying (minutes on a large model) stops the clone like any other.
+        if cancel.load(Ordering::Relaxed) {
+            return Err(Error::Interrupted);
+        }
+        checked.map_err(Error::Verification)?;
     }
     staging.commit(dst, force)?;
     Ok(CloneOutcome {

@@ -150,6 +150,10 @@ pub fn arch(model_type: &str, config: &serde_json::Value) -> Option<Arch> {
         .get("do_layer_norm_before")
         .and_then(|v| v.as_bool())
         .unwrap_or(true);
+    let remove_final_norm = config
+        .get("_remove_final_layer_norm")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
     Some(match model_type {
         "llama" | "mistral" | "qwen2" => LLAMA,
         "qwen3" => Arch {
@@ -289,7 +293,13 @@ pub fn arch(model_type: &str, config: &serde_json::Value) -> Option<Arch> {
             positions: Some(("model.decoder.embed_positions", 2)),
             project_in: Some("model.decoder.project_in"),
             project_out: Some("model.decoder.project_out"),
-            final_norm: "model.decoder.final_layer_norm",
+            // modeling_opt builds the final LayerNorm only for pre-norm models without
+            // `_remove_final_layer_norm`; otherwise stored weights for it are ignored.
+            final_norm: if layer_norm_before && !remove_final_norm {
+                "model.decoder.final_layer_norm"
+            } else {
+                ""
+            },
             norm: NormKind::Layer,
             block: if layer_norm_before {
                 BlockLayout::Sequential {

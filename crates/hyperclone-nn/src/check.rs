@@ -12,6 +12,7 @@ use hyperclone_core::symmetry::mean_row_half_cosine;
 use hyperclone_core::Checkpoint;
 use serde_json::{json, Value};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 pub use crate::generate::probe_tokens;
@@ -117,11 +118,32 @@ pub fn run_verify(
     ids: Option<&[u32]>,
     dtype: DType,
 ) -> Result<Verification> {
+    run_verify_cancellable(small, big, ids, dtype, &AtomicBool::new(false))
+}
+
+/// [`run_verify`] that stops between its stages (loading each model, running them) once
+/// `cancel` is set (Ctrl-C during `clone --verify`).
+pub fn run_verify_cancellable(
+    small: &Path,
+    big: &Path,
+    ids: Option<&[u32]>,
+    dtype: DType,
+    cancel: &AtomicBool,
+) -> Result<Verification> {
+    let stop = || -> Result<()> {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(NnError::Input("interrupted".into()));
+        }
+        Ok(())
+    };
     let small_ckpt = Checkpoint::open(small)?;
     let big_ckpt = Checkpoint::open(big)?;
     ensure_memory_for(&[&small_ckpt, &big_ckpt], dtype)?;
+    stop()?;
     let small_model = Decoder::load(&small_ckpt, dtype, &Device::Cpu)?;
+    stop()?;
     let big_model = Decoder::load(&big_ckpt, dtype, &Device::Cpu)?;
+    stop()?;
     let vocab = small_model.spec.vocab;
     let ids = match ids {
         Some(ids) => {
@@ -170,6 +192,7 @@ pub fn run_verify(
 pub struct StagedCheck<'a> {
     source: &'a Path,
     report: Mutex<Option<Value>>,
+    cancel: Option<&'a AtomicBool>,
 }
 
 impl<'a> StagedCheck<'a> {
@@ -177,13 +200,24 @@ impl<'a> StagedCheck<'a> {
         StagedCheck {
             source,
             report: Mutex::new(None),
+            cancel: None,
         }
+    }
+
+    /// Stops between verification stages once `cancel` is set (the clone's Ctrl-C flag;
+    /// the clone then reports the interruption and keeps nothing).
+    pub fn with_cancel(mut self, cancel: &'a AtomicBool) -> Self {
+        self.cancel = Some(cancel);
+        self
     }
 
     /// `Err(reason)` when the staged clone does not compute the source's function.
     pub fn check(&self, staged: &Path) -> std::result::Result<(), String> {
         let dtype = affordable_dtype(self.source, staged).map_err(|e| e.to_string())?;
-        let v = run_verify(self.source, staged, None, dtype).map_err(|e| e.to_string())?;
+        let never = AtomicBool::new(false);
+        let cancel = self.cancel.unwrap_or(&never);
+        let v = run_verify_cancellable(self.source, staged, None, dtype, cancel)
+            .map_err(|e| e.to_string())?;
         *self.report.lock().expect("not poisoned") = Some(v.json());
         if v.passed() {
             Ok(())

@@ -7,6 +7,7 @@
 
 use crate::error::{NnError, Result};
 use crate::rng::mix64;
+use crate::tokenizer_guard::guarded;
 use memmap2::Mmap;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
@@ -80,6 +81,35 @@ fn chunks(text: &str, target: usize) -> Vec<&str> {
     out
 }
 
+/// Longest run of whitespace or of non-whitespace the BPE trainer sees in one piece (bytes).
+/// The trainer applies a merge to a word by removing symbols from a vector, which is
+/// quadratic in the word's length: 300 KB of text without a space is one 300 KB pre-token
+/// and took minutes. Real words are far shorter, so cutting longer runs into pieces of this
+/// size changes no merge of ordinary text (only pairs straddling a cut inside a
+/// pathological run go uncounted) and bounds the work to linear in the text.
+const MAX_RUN_BYTES: usize = 256;
+
+/// `text` cut so that no run of whitespace or non-whitespace is longer than `max` bytes
+/// (cuts on char boundaries; text without such runs stays one piece).
+fn bounded_runs(text: &str, max: usize) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut start, mut run_start) = (0, 0);
+    let mut prev_ws: Option<bool> = None;
+    for (i, ch) in text.char_indices() {
+        let ws = ch.is_whitespace();
+        if prev_ws != Some(ws) {
+            run_start = i;
+        } else if i - run_start >= max {
+            out.push(&text[start..i]);
+            start = i;
+            run_start = i;
+        }
+        prev_ws = Some(ws);
+    }
+    out.push(&text[start..]);
+    out
+}
+
 /// Trains a byte-level BPE tokenizer (tokenizers crate: ByteLevel pre-tokenizer + decoder,
 /// BpeTrainer) on text files.
 ///
@@ -88,6 +118,9 @@ fn chunks(text: &str, target: usize) -> Vec<&str> {
 /// times, in which case it is smaller (never larger). Seeding all 256 bytes means any text,
 /// even bytes unseen in training, encodes without an unknown token, and
 /// `add_prefix_space = false` makes decode(encode(text)) return the text exactly.
+///
+/// Runs of whitespace or non-whitespace longer than [`MAX_RUN_BYTES`] are cut before
+/// training (see there): training time stays linear in the text.
 pub fn train_bpe(
     files: &[PathBuf],
     vocab_size: usize,
@@ -127,9 +160,17 @@ pub fn train_bpe(
         .iter()
         .map(|f| read_text(f))
         .collect::<Result<Vec<_>>>()?;
-    let pieces: Vec<&str> = texts.iter().flat_map(|t| chunks(t, CHUNK_BYTES)).collect();
-    tk.train(&mut trainer, pieces.into_iter())
-        .map_err(|e| tok_err("BPE training failed", e))?;
+    let pieces: Vec<&str> = texts
+        .iter()
+        .flat_map(|t| chunks(t, CHUNK_BYTES))
+        .flat_map(|c| bounded_runs(c, MAX_RUN_BYTES))
+        .collect();
+    let label = files[0].display().to_string();
+    guarded(Path::new(&label), "training a BPE on it", || {
+        tk.train(&mut trainer, pieces.into_iter())
+            .map(|_| ())
+            .map_err(|e| tok_err("BPE training failed", e))
+    })?;
     Ok(Tokenizer::from(tk))
 }
 
@@ -230,8 +271,10 @@ pub fn tokenize_to_cache(
         return Ok(out);
     }
 
-    let mut tokenizer = Tokenizer::from_bytes(&tok_bytes)
-        .map_err(|e| tok_err(&tokenizer_json.display().to_string(), e))?;
+    let mut tokenizer = guarded(tokenizer_json, "loading it", || {
+        Tokenizer::from_bytes(&tok_bytes)
+            .map_err(|e| tok_err(&tokenizer_json.display().to_string(), e))
+    })?;
     // A padded or truncated encoding would silently drop or invent tokens.
     tokenizer
         .with_truncation(None)
@@ -261,22 +304,26 @@ pub fn tokenize_to_cache(
                 bytes += std::fs::metadata(&files[j]).map(|m| m.len()).unwrap_or(0);
                 j += 1;
             }
-            let encoded: Vec<Vec<u32>> = files[i..j]
-                .par_iter()
-                .map(|f| {
-                    let text = read_text(f)?;
-                    let parts = chunks(&text, CHUNK_BYTES)
-                        .into_par_iter()
-                        .map(|c| {
-                            tokenizer
-                                .encode_fast(c, false)
-                                .map(|e| e.get_ids().to_vec())
-                                .map_err(|e| tok_err(&f.display().to_string(), e))
-                        })
-                        .collect::<Result<Vec<_>>>()?;
-                    Ok(parts.concat())
-                })
-                .collect::<Result<_>>()?;
+            // Encoding panics inside the library (on rayon workers) come back here as
+            // one error naming the tokenizer.
+            let encoded: Vec<Vec<u32>> = guarded(tokenizer_json, "encoding the corpus", || {
+                files[i..j]
+                    .par_iter()
+                    .map(|f| {
+                        let text = read_text(f)?;
+                        let parts = chunks(&text, CHUNK_BYTES)
+                            .into_par_iter()
+                            .map(|c| {
+                                tokenizer
+                                    .encode_fast(c, false)
+                                    .map(|e| e.get_ids().to_vec())
+                                    .map_err(|e| tok_err(&f.display().to_string(), e))
+                            })
+                            .collect::<Result<Vec<_>>>()?;
+                        Ok(parts.concat())
+                    })
+                    .collect::<Result<_>>()
+            })?;
             for ids in encoded {
                 if let (Some(id), false) = (eos, first) {
                     w.write_all(&id.to_le_bytes())
@@ -476,6 +523,31 @@ mod tests {
         }
         assert_eq!(chunks("   \n   ", 1), vec!["   \n   "]);
         assert_eq!(chunks("", 4), vec![""]);
+    }
+
+    #[test]
+    fn bounded_runs_cut_only_long_runs_on_char_boundaries() {
+        // Ordinary text (every run shorter than the bound) is one piece: training unchanged.
+        let prose = "Enter KING, with attendants.\n  Thou art\tso fair;  \n\n";
+        assert_eq!(bounded_runs(prose, MAX_RUN_BYTES), vec![prose]);
+        let long = format!("x {} y{}z", "é".repeat(300), " ".repeat(700));
+        let parts = bounded_runs(&long, 256);
+        assert_eq!(parts.concat(), long);
+        assert!(parts.len() >= 5, "{}", parts.len());
+        for p in &parts {
+            let mut run = 0usize;
+            let mut prev = None;
+            for ch in p.chars() {
+                run = if prev == Some(ch.is_whitespace()) {
+                    run + ch.len_utf8()
+                } else {
+                    ch.len_utf8()
+                };
+                prev = Some(ch.is_whitespace());
+                assert!(run <= 256, "a run of {run} bytes survived");
+            }
+        }
+        assert_eq!(bounded_runs("", 4), vec![""]);
     }
 
     /// The property tokenize_to_cache relies on: encoding chunk by chunk gives the tokens of

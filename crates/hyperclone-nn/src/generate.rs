@@ -2,6 +2,7 @@
 //! what `hyperclone forward` and `hyperclone generate` (and the demo) compute.
 
 use crate::error::Context;
+use crate::tokenizer_guard::guarded;
 use crate::verify::argmax;
 use crate::{Decoder, NnError, Result};
 use candle_core::{DType, Device, Tensor};
@@ -23,8 +24,10 @@ pub fn tokenizer(model: &Path) -> Result<Tokenizer> {
     let p = model.join("tokenizer.json");
     // A FIFO or device would hang or never end.
     hyperclone_core::limits::ensure_regular_file(&p)?;
-    Tokenizer::from_file(&p)
-        .map_err(|e| NnError::Input(format!("{}: cannot load tokenizer: {e}", p.display())))
+    guarded(&p, "loading it", || {
+        Tokenizer::from_file(&p)
+            .map_err(|e| NnError::Input(format!("{}: cannot load tokenizer: {e}", p.display())))
+    })
 }
 
 /// A fixed probe: 16 ids spread over the vocabulary (no tokenizer needed).
@@ -86,9 +89,11 @@ pub fn input_ids(input: &Input, model: &Path, vocab: usize) -> Result<Vec<u32>> 
             .collect());
     }
     if let Some(text) = &input.text {
-        let enc = tokenizer(model)?
-            .encode(text.as_str(), false)
-            .map_err(|e| NnError::Input(format!("tokenizing --text: {e}")))?;
+        let tok = tokenizer(model)?;
+        let enc = guarded(&model.join("tokenizer.json"), "encoding --text", || {
+            tok.encode(text.as_str(), false)
+                .map_err(|e| NnError::Input(format!("tokenizing --text: {e}")))
+        })?;
         if enc.get_ids().is_empty() {
             bail!("--text gave no tokens");
         }
@@ -153,11 +158,14 @@ pub fn complete(
     seed: u64,
     mut emit: impl FnMut(&str),
 ) -> Result<String> {
-    let mut ids = tok
-        .encode(prompt, false)
-        .map_err(|e| NnError::Input(format!("tokenizing the prompt: {e}")))?
-        .get_ids()
-        .to_vec();
+    // The tokenizer is MODEL/tokenizer.json (see [`tokenizer`]): named if it fails.
+    let tok_file = ckpt.dir.join("tokenizer.json");
+    let mut ids = guarded(&tok_file, "encoding the prompt", || {
+        tok.encode(prompt, false)
+            .map_err(|e| NnError::Input(format!("tokenizing the prompt: {e}")))
+    })?
+    .get_ids()
+    .to_vec();
     if ids.is_empty() {
         bail!("the prompt gave no tokens");
     }
@@ -180,9 +188,10 @@ pub fn complete(
             break;
         }
         ids.push(next);
-        let text = tok
-            .decode(&ids[prompt_len..], true)
-            .map_err(|e| NnError::Input(format!("decoding: {e}")))?;
+        let text = guarded(&tok_file, "decoding", || {
+            tok.decode(&ids[prompt_len..], true)
+                .map_err(|e| NnError::Input(format!("decoding: {e}")))
+        })?;
         if let Some(new) = text.strip_prefix(printed.as_str()) {
             emit(new);
         }

@@ -487,10 +487,10 @@ impl Decoder {
             }
         };
         for (l, layer) in self.layers.iter().enumerate() {
-            let window = s.sliding_window[l];
+            let (window, scale) = (s.sliding_window[l], s.attn_scale[l]);
             x = if let BlockLayout::PostNorm { .. } = self.block {
                 let a = dropped(
-                    self.attention(layer, &x, b, t, &cos, &sin, window)?,
+                    self.attention(layer, &x, b, t, &cos, &sin, window, scale)?,
                     2 * l as u64,
                 )?;
                 let x = apply(&layer.post_attn, &(x + a)?)?;
@@ -499,7 +499,7 @@ impl Decoder {
             } else {
                 let h = apply(&layer.pre_attn, &x)?;
                 let a = dropped(
-                    self.attention(layer, &h, b, t, &cos, &sin, window)?,
+                    self.attention(layer, &h, b, t, &cos, &sin, window, scale)?,
                     2 * l as u64,
                 )?;
                 if let BlockLayout::Parallel { .. } = self.block {
@@ -546,6 +546,7 @@ impl Decoder {
         cos: &Option<Tensor>,
         sin: &Option<Tensor>,
         window: Option<usize>,
+        scale: f64,
     ) -> Result<Tensor> {
         let s = &self.spec;
         let (nh, nk, hd) = (s.heads, s.kv_heads, s.head_dim);
@@ -586,7 +587,7 @@ impl Decoder {
         // kv head serves group*T query rows (query position = row % T).
         let group = nh / nk;
         let q = q.reshape((b, nk, group * t, hd))?;
-        let mut scores = (q.matmul(&k.t()?.contiguous()?)? * s.attn_scale)?;
+        let mut scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
         if let Some(c) = s.attn_softcap {
             scores = ((scores / c)?.tanh()? * c)?;
         }

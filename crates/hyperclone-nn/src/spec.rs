@@ -50,12 +50,141 @@ pub struct DecoderSpec {
     pub activation: Activation,
     /// Per-layer causal window (None = full attention).
     pub sliding_window: Vec<Option<usize>>,
-    /// Score scale (head_dim^-0.5, or Gemma-2's query_pre_attn_scalar^-0.5).
-    pub attn_scale: f64,
+    /// Per-layer score scale: head_dim^-0.5, Gemma-2's query_pre_attn_scalar^-0.5, or
+    /// GPT-2's with `scale_attn_weights` / `scale_attn_by_inverse_layer_idx`.
+    pub attn_scale: Vec<f64>,
     pub attn_softcap: Option<f64>,
     pub final_softcap: Option<f64>,
     /// Gemma multiplies embeddings by sqrt(hidden_size).
     pub embed_scale: Option<f64>,
+}
+
+/// Config switches that change the function and that the decoder does not implement:
+/// refused by name rather than computed wrongly (transformers 5.23 semantics).
+fn refuse_unimplemented(
+    model_type: &str,
+    raw: &serde_json::Map<String, Value>,
+    path: &str,
+) -> Result<()> {
+    let on = |k: &str| raw.get(k).and_then(Value::as_bool) == Some(true);
+    let refused: &[(&str, &str)] = match model_type {
+        // Attention over the whole sequence, not causal.
+        "gemma" | "gemma2" => &[("use_bidirectional_attention", "non-causal attention")],
+        "stablelm" => &[
+            ("use_parallel_residual", "the parallel residual block"),
+            ("qk_layernorm", "per-head q/k LayerNorms"),
+        ],
+        "phi" => &[("qk_layernorm", "q/k LayerNorms")],
+        _ => &[],
+    };
+    for (key, what) in refused {
+        if on(key) {
+            return Err(NnError::Unsupported(format!(
+                "{path}: `{key}: true` ({what}) is not implemented in the Rust decoder (clone works; verify in transformers)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The activation's config key as each family's transformers module reads it (a config may
+/// carry several; only one is used), with Gemma's legacy `gelu` meaning the tanh form.
+fn activation_name<'a>(model_type: &str, raw: &'a serde_json::Map<String, Value>) -> &'a str {
+    let key = match model_type {
+        "gemma2" => "hidden_activation",
+        "gpt2" | "opt" => "activation_function",
+        _ => "hidden_act",
+    };
+    let default = match model_type {
+        "gemma" | "gemma2" | "starcoder2" => "gelu_pytorch_tanh",
+        "gpt2" | "phi" => "gelu_new",
+        "gpt_neox" => "gelu",
+        "opt" => "relu",
+        _ => "silu",
+    };
+    let name = raw.get(key).and_then(Value::as_str).unwrap_or(default);
+    // configuration_gemma.py turns the official releases' `gelu` into the tanh form.
+    if model_type == "gemma" && name == "gelu" {
+        return "gelu_pytorch_tanh";
+    }
+    name
+}
+
+/// Which layers slide, and over how many positions, as transformers 5.23 decides it:
+/// - mistral, starcoder2, phi3: every layer, whenever `sliding_window` is set (layer_types
+///   is not read);
+/// - qwen2, qwen3: only with `use_sliding_window`; then `layer_types` if given, else the
+///   layers from `max_window_layers` (default 28) on;
+/// - gemma2: `layer_types` if given, else the even layers (0, 2, ...);
+/// - every other family: no sliding.
+fn sliding_windows(
+    model_type: &str,
+    raw: &serde_json::Map<String, Value>,
+    layers: usize,
+) -> Vec<Option<usize>> {
+    // An absent key takes the configuration class's default; an explicit null is no window.
+    let window = match raw.get("sliding_window") {
+        Some(v) => v.as_u64().map(|w| w as usize),
+        None if matches!(model_type, "mistral" | "qwen2" | "qwen3" | "gemma2") => Some(4096),
+        None => None,
+    };
+    let layer_types: Option<Vec<bool>> =
+        raw.get("layer_types").and_then(Value::as_array).map(|a| {
+            a.iter()
+                .map(|v| v.as_str() == Some("sliding_attention"))
+                .collect()
+        });
+    let listed = |l: usize| layer_types.as_ref().map(|t| t.get(l) == Some(&true));
+    let slides = |l: usize| -> bool {
+        match model_type {
+            "mistral" | "starcoder2" | "phi3" => true,
+            "qwen2" | "qwen3" => {
+                let on = raw.get("use_sliding_window").and_then(Value::as_bool) == Some(true);
+                let from = raw
+                    .get("max_window_layers")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(28);
+                on && listed(l).unwrap_or(l as u64 >= from)
+            }
+            "gemma2" => listed(l).unwrap_or(l % 2 == 0),
+            _ => false,
+        }
+    };
+    (0..layers)
+        .map(|l| if slides(l) { window } else { None })
+        .collect()
+}
+
+/// Each layer's attention score scale (modeling_gpt2's `scaling`; query_pre_attn_scalar
+/// for Gemma-2; head_dim^-0.5 elsewhere).
+fn attention_scales(
+    model_type: &str,
+    raw: &serde_json::Map<String, Value>,
+    head_dim: usize,
+    layers: usize,
+) -> Vec<f64> {
+    let flag = |k: &str, default: bool| raw.get(k).and_then(Value::as_bool).unwrap_or(default);
+    let base = match raw.get("query_pre_attn_scalar").and_then(Value::as_f64) {
+        Some(s) if model_type == "gemma2" => s.powf(-0.5),
+        _ => (head_dim as f64).powf(-0.5),
+    };
+    (0..layers)
+        .map(|l| {
+            if model_type != "gpt2" {
+                return base;
+            }
+            // reorder_and_upcast_attn only changes the precision torch computes in.
+            let mut s = if flag("scale_attn_weights", true) {
+                base
+            } else {
+                1.0
+            };
+            if flag("scale_attn_by_inverse_layer_idx", false) {
+                s /= (l + 1) as f64;
+            }
+            s
+        })
+        .collect()
 }
 
 impl DecoderSpec {
@@ -103,10 +232,8 @@ impl DecoderSpec {
             .or_else(|| num(rope.and_then(|r| r.get("partial_rotary_factor"))))
             .or_else(|| num(raw.get("rotary_pct")))
             .unwrap_or(1.0);
-        let act_name = ["hidden_activation", "hidden_act", "activation_function"]
-            .iter()
-            .find_map(|k| raw.get(*k).and_then(Value::as_str))
-            .unwrap_or("silu");
+        refuse_unimplemented(c.family.model_type, raw, &path)?;
+        let act_name = activation_name(c.family.model_type, raw);
         let activation = match act_name {
             "silu" | "swish" => Activation::Silu,
             "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Activation::GeluTanh,
@@ -118,39 +245,7 @@ impl DecoderSpec {
                 )))
             }
         };
-        let window = raw
-            .get("sliding_window")
-            .and_then(Value::as_u64)
-            .map(|w| w as usize);
-        let window_everywhere = match c.family.model_type {
-            "mistral" | "starcoder2" => true,
-            _ => raw
-                .get("use_sliding_window")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-        };
-        let layer_types: Option<Vec<String>> =
-            raw.get("layer_types").and_then(Value::as_array).map(|a| {
-                a.iter()
-                    .map(|v| v.as_str().unwrap_or("").to_string())
-                    .collect()
-            });
-        let sliding_window: Vec<Option<usize>> = (0..c.num_hidden_layers)
-            .map(|l| {
-                let sliding = match &layer_types {
-                    Some(t) => {
-                        t.get(l).is_some_and(|s| s == "sliding_attention")
-                            && (window_everywhere || c.family.per_layer_sliding)
-                    }
-                    None => window_everywhere,
-                };
-                if sliding {
-                    window
-                } else {
-                    None
-                }
-            })
-            .collect();
+        let sliding_window = sliding_windows(c.family.model_type, raw, c.num_hidden_layers);
         let norm_eps = [
             "rms_norm_eps",
             "layer_norm_eps",
@@ -160,11 +255,15 @@ impl DecoderSpec {
         ]
         .iter()
         .find_map(|k| num(raw.get(*k)));
-        let attn_scale = match num(raw.get("query_pre_attn_scalar")) {
-            Some(s) => s.powf(-0.5),
-            None => (c.head_dim as f64).powf(-0.5),
+        let attn_scale =
+            attention_scales(c.family.model_type, raw, c.head_dim, c.num_hidden_layers);
+        // Only Gemma-2 soft-caps; its configuration defaults are 50 (scores) and 30 (logits)
+        // when the key is absent, none when it is null.
+        let softcap = |k: &str, default: f64| match (c.family.model_type, raw.get(k)) {
+            ("gemma2", None) => Some(default),
+            ("gemma2", Some(v)) => v.as_f64().filter(|&v| v > 0.0),
+            _ => None,
         };
-        let softcap = |k: &str| num(raw.get(k)).filter(|&v| v > 0.0);
         // Numbers the forward pass divides by, raises to powers or sizes buffers with: refuse
         // values that would panic or silently give NaN instead of computing with them.
         let bad = |what: &str, v: f64| {
@@ -186,8 +285,16 @@ impl DecoderSpec {
                 return Err(bad("rms_norm_eps", eps));
             }
         }
-        if !attn_scale.is_finite() {
-            return Err(bad("query_pre_attn_scalar", attn_scale.powi(-2)));
+        if let Some(a) = attn_scale.iter().find(|a| !a.is_finite()) {
+            return Err(bad("query_pre_attn_scalar", a.powi(-2)));
+        }
+        // transformers divides by a soft-cap: zero or a negative one is not a model.
+        if c.family.model_type == "gemma2" {
+            for k in ["attn_logit_softcapping", "final_logit_softcapping"] {
+                if let Some(v) = raw.get(k).and_then(Value::as_f64) {
+                    positive(k, v)?;
+                }
+            }
         }
         if let Some(r) = &llama3_rope {
             positive("rope_scaling.factor", r.factor)?;
@@ -226,8 +333,8 @@ impl DecoderSpec {
             activation,
             sliding_window,
             attn_scale,
-            attn_softcap: softcap("attn_logit_softcapping"),
-            final_softcap: softcap("final_logit_softcapping"),
+            attn_softcap: softcap("attn_logit_softcapping", 50.0),
+            final_softcap: softcap("final_logit_softcapping", 30.0),
             embed_scale: c
                 .family
                 .embedding_scaled_by_sqrt_hidden

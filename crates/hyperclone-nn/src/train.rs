@@ -235,17 +235,28 @@ impl AdamW {
             .ok_or_else(|| {
                 NnError::Input(format!("{}: no adamw.step in the metadata", path.display()))
             })?;
-        let read = |name: String, n: usize| -> Result<Vec<f32>> {
+        // The bias correction raises beta to the power t as an i32.
+        if t > i32::MAX as u64 {
+            return Err(NnError::Input(format!(
+                "{}: adamw.step {t} is out of range (at most {})",
+                path.display(),
+                i32::MAX
+            )));
+        }
+        let read = |name: String, shape: &[usize]| -> Result<Vec<f32>> {
             let info = f
                 .get(&name)
                 .ok_or_else(|| NnError::Input(format!("{}: `{name}` missing", path.display())))?;
-            if info.numel() != n {
+            // The shape, not only the count: a transposed moment would pair every weight
+            // with another weight's history.
+            if info.shape != shape {
                 return Err(NnError::Input(format!(
-                    "{}: `{name}` has {} values, the model {n}",
+                    "{}: `{name}` has shape {:?}, the model's tensor {shape:?}",
                     path.display(),
-                    info.numel()
+                    info.shape
                 )));
             }
+            let n = info.numel();
             let mut v = vec![0f64; n];
             info.dtype.decode(f.data(info), &mut v);
             Ok(v.into_iter().map(|x| x as f32).collect())
@@ -256,10 +267,8 @@ impl AdamW {
             t,
         };
         for p in params {
-            opt.m
-                .push(read(format!("m.{}", p.name), p.var.elem_count())?);
-            opt.v
-                .push(read(format!("v.{}", p.name), p.var.elem_count())?);
+            opt.m.push(read(format!("m.{}", p.name), p.var.dims())?);
+            opt.v.push(read(format!("v.{}", p.name), p.var.dims())?);
         }
         Ok(opt)
     }

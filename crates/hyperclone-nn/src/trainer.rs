@@ -22,6 +22,7 @@ use candle_core::{DType, Device};
 use hyperclone_core::family::Space;
 use hyperclone_core::growth_map::RecordedGrowth;
 use hyperclone_core::kernel::Segment;
+use hyperclone_core::output_guard::{refuse_existing, write_file_atomically, Inputs};
 use hyperclone_core::symmetry::{mean_row_half_cosine_with, uniform_segments};
 use hyperclone_core::Checkpoint;
 use serde_json::json;
@@ -69,6 +70,8 @@ pub struct TrainOptions {
     pub seed: u64,
     /// Continue from OUT/last, reproducing the uninterrupted run exactly.
     pub resume: bool,
+    /// Start over in an OUT that holds an earlier run (refused otherwise).
+    pub force: bool,
     /// Stop after this step with a checkpoint, as if interrupted.
     pub stop_at: Option<u64>,
 }
@@ -103,6 +106,7 @@ pub struct RunDone {
 /// Trains as `hyperclone train` does.
 pub fn run(a: &TrainOptions, progress: &dyn TrainProgress) -> Result<RunDone> {
     validate(a)?;
+    check_outputs(a)?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let last = a.out.join(LAST);
     // Where the weights come from: the last checkpoint, a model, or a fresh random init.
@@ -146,7 +150,9 @@ pub fn run(a: &TrainOptions, progress: &dyn TrainProgress) -> Result<RunDone> {
     let growth = clone_growth(&ckpt);
     let mut opt = if a.resume {
         check_optimizer_state(&last.join("optimizer.safetensors"))?;
-        AdamW::load(&params, &last.join("optimizer.safetensors"))?
+        let opt = AdamW::load(&params, &last.join("optimizer.safetensors"))?;
+        check_optimizer_step(&last, start_step, opt.t)?;
+        opt
     } else if let Some(base) = &a.optimizer_from {
         let Some(g) = &growth else {
             bail!(
@@ -261,12 +267,57 @@ pub fn run(a: &TrainOptions, progress: &dyn TrainProgress) -> Result<RunDone> {
     })
 }
 
+/// What a run writes (OUT/last and its staging folders, metrics.jsonl, a random init, the
+/// token cache) must not land on what it reads, and a fresh run must not replace an earlier
+/// run's checkpoint or log: `--resume` continues it, `--force` starts over.
+fn check_outputs(a: &TrainOptions) -> Result<()> {
+    let mut inputs = Inputs::new();
+    for p in [&a.model, &a.init_config, &a.tokenizer, &a.optimizer_from]
+        .into_iter()
+        .flatten()
+    {
+        inputs.add(p);
+    }
+    inputs.add_all(&text_files(&a.data)?);
+    if !a.val.is_empty() {
+        inputs.add_all(&text_files(&a.val)?);
+    }
+    let cache = a
+        .token_cache
+        .clone()
+        .unwrap_or_else(|| a.out.join("tokens"));
+    for (flag, written) in [
+        ("--out", a.out.join(LAST)),
+        ("--out", a.out.join(".last-partial")),
+        ("--out", a.out.join(".last-old")),
+        ("--out", a.out.join("metrics.jsonl")),
+        ("--out", a.out.join("init")),
+        ("--token-cache", cache),
+    ] {
+        inputs.check_output(flag, &written)?;
+    }
+    if !a.resume && !a.force {
+        for earlier in [LAST, "metrics.jsonl"] {
+            let p = a.out.join(earlier);
+            if p.symlink_metadata().is_ok() {
+                bail!(
+                    "{}: holds an earlier run ({earlier}); pass --resume to continue it or --force to start over",
+                    a.out.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The end-of-text token documents are separated by, when the tokenizer has one.
 pub fn eos_token(tokenizer: &Path) -> Result<Option<u32>> {
     hyperclone_core::limits::ensure_regular_file(tokenizer)?; // a FIFO would hang
-    Ok(tokenizers::Tokenizer::from_file(tokenizer)
-        .map_err(|e| NnError::Input(format!("{}: {e}", tokenizer.display())))?
-        .token_to_id(crate::corpus::EOS_TOKEN))
+    crate::tokenizer_guard::guarded(tokenizer, "loading it", || {
+        Ok(tokenizers::Tokenizer::from_file(tokenizer)
+            .map_err(|e| NnError::Input(format!("{}: {e}", tokenizer.display())))?
+            .token_to_id(crate::corpus::EOS_TOKEN))
+    })
 }
 
 /// AdamW moments must be finite and second moments non-negative: a corrupt state would
@@ -296,6 +347,34 @@ fn check_optimizer_state(path: &Path) -> Result<()> {
                 );
             }
         }
+    }
+    Ok(())
+}
+
+/// AdamW's own step count must agree with the checkpoint's step: it sets the bias
+/// correction, so a mismatch silently changes every later update. trainer_state.json
+/// records it (`adamw_step`); older checkpoints only bound it (moments carried from a base
+/// start past 0, so it is at least the step).
+fn check_optimizer_step(last: &Path, step: u64, adamw_step: u64) -> Result<()> {
+    let path = last.join("trainer_state.json");
+    let recorded = hyperclone_core::limits::read_json(&path)?
+        .get("adamw_step")
+        .map(|v| v.as_u64());
+    let agrees = match recorded {
+        Some(Some(r)) => r == adamw_step,
+        Some(None) => bail!("{}: `adamw_step` is not a whole number", path.display()),
+        None => adamw_step >= step,
+    };
+    if !agrees {
+        bail!(
+            "{}: adamw.step {adamw_step} disagrees with {} (step {step}{}): the optimizer state belongs to another run",
+            last.join("optimizer.safetensors").display(),
+            path.display(),
+            match recorded {
+                Some(Some(r)) => format!(", adamw_step {r}"),
+                _ => String::new(),
+            }
+        );
     }
     Ok(())
 }
@@ -482,7 +561,7 @@ fn save_checkpoint(
     opt.save(params, &staging.join("optimizer.safetensors"))?;
     std::fs::write(
         staging.join("trainer_state.json"),
-        json!({ "step": step }).to_string(),
+        json!({ "step": step, "adamw_step": opt.t }).to_string(),
     )?;
     let last = out.join(LAST);
     let old = out.join(".last-old");
@@ -543,6 +622,7 @@ pub fn train_tokenizer(
     vocab_size: usize,
     min_frequency: u64,
     out: &Path,
+    force: bool,
 ) -> Result<TokenizerDone> {
     // Token ids are u32 and the trainer allocates per id: far past any real vocabulary.
     const MAX_VOCAB: usize = 1 << 24;
@@ -553,10 +633,15 @@ pub fn train_tokenizer(
     if files.is_empty() {
         bail!("--data: no .txt files found");
     }
+    // Checked before the (long) training: not onto a data file, not over a file unasked.
+    Inputs::new().add_all(&files).check_output("--out", out)?;
+    refuse_existing("--out", out, force)?;
     let started = std::time::Instant::now();
     let tok = crate::corpus::train_bpe(&files, vocab_size, min_frequency)?;
-    tok.save(out, true)
+    let json = tok
+        .to_string(true)
         .map_err(|e| NnError::Input(format!("writing {}: {e}", out.display())))?;
+    write_file_atomically(out, json.as_bytes())?;
     Ok(TokenizerDone {
         vocab_size: tok.get_vocab_size(true),
         files: files.len(),

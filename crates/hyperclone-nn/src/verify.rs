@@ -245,7 +245,7 @@ pub fn verify_expecting(
         .flatten()
         .zip(bl.iter().flatten())
         .fold(0f64, |m, (a, b)| nan_max(m, (a - b).abs()));
-    let std_ratio = std(bl.iter().flatten()) / std(sl.iter().flatten());
+    let std_ratio = std_ratio(std(bl.iter().flatten()), std(sl.iter().flatten()));
     let mut agree = 0usize;
     let mut kl = 0.0;
     for (a, b) in sl.iter().zip(&bl) {
@@ -316,6 +316,16 @@ fn state_deviations(
             })
         })
         .collect()
+}
+
+/// std(big) / std(small), with constant logits on both sides (a zero head) the same scale:
+/// 1, not 0/0. A constant SMALL against a varying BIG stays infinite (a failure).
+fn std_ratio(big: f64, small: f64) -> f64 {
+    if big == 0.0 && small == 0.0 {
+        1.0
+    } else {
+        big / small
+    }
 }
 
 /// The larger of two, NaN if either is (f64::max drops NaN, hiding a broken model).

@@ -159,3 +159,13 @@ fn other_families_match_exact_f64_transformers() {
         check_exact_goldens(&dir);
     }
 }
+
+/// Layouts transformers derives from the layer index when config.json does not list them
+/// (qwen2's max_window_layers, gemma2's alternation) and GPT-2's per-layer attention scale:
+/// tests/fixtures/make_window_fixtures.py.
+#[test]
+fn index_derived_windows_and_scales_match_exact_f64_transformers() {
+    for dir in fixture_dirs("windows", "golden64.safetensors", 3) {
+        check_exact_goldens(&dir);
+    }
+}

@@ -20,6 +20,7 @@ use crate::runs::{models_json, read_corpus, read_runs, read_screen};
 use crate::settings::{Arm, Settings, BASE_SEED};
 use crate::Result;
 use hyperclone_core::grow::grow_quietly;
+use hyperclone_core::output_guard::Inputs;
 use hyperclone_core::{GrowthOptions, Variant};
 use hyperclone_nn::train::Schedule;
 use hyperclone_nn::trainer::{self, read_state, TrainOptions, TrainProgress};
@@ -138,6 +139,7 @@ pub fn experiment(a: &ExperimentOptions, progress: &dyn StudyProgress) -> Result
     } else {
         Some(corpus(a)?)
     };
+    check_out_folder(a, corpus.as_ref())?;
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     check_same_settings(&out, &s)?;
 
@@ -185,6 +187,7 @@ pub fn experiment(a: &ExperimentOptions, progress: &dyn StudyProgress) -> Result
             save_every: 100,
             seed: 0,
             resume: false,
+            force: false,
             stop_at: None,
         };
         let c = Common {
@@ -463,6 +466,35 @@ fn corpus(a: &ExperimentOptions) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
     Ok((vec![train], vec![val]))
 }
 
+/// OUT is written throughout (its tokenizer, base config, runs, report): it must not be,
+/// hold or lie inside an input, and a folder with other content than an earlier experiment
+/// (no experiment.json) is not taken over.
+fn check_out_folder(
+    a: &ExperimentOptions,
+    corpus: Option<&(Vec<PathBuf>, Vec<PathBuf>)>,
+) -> Result<()> {
+    let mut inputs = Inputs::new();
+    if let Some((data, val)) = corpus {
+        inputs.add_all(&hyperclone_nn::corpus::text_files(data)?);
+        inputs.add_all(&hyperclone_nn::corpus::text_files(val)?);
+    }
+    for p in [&a.tokenizer, &a.base_config].into_iter().flatten() {
+        inputs.add(p);
+    }
+    inputs.check_output("--out", &a.out)?;
+    let foreign = std::fs::read_dir(&a.out)
+        .map(|mut entries| entries.next().is_some())
+        .unwrap_or(false)
+        && !a.out.join("experiment.json").exists();
+    if foreign {
+        bail!(
+            "--out {}: holds files but no experiment.json (not an experiment folder); choose another --out",
+            a.out.display()
+        );
+    }
+    Ok(())
+}
+
 /// An OUT folder keeps one experiment: reusing its runs under other settings would mix them.
 fn check_same_settings(out: &Path, s: &Settings) -> Result<()> {
     let path = out.join("experiment.json");
@@ -507,7 +539,12 @@ fn run_once(args: &TrainOptions, label: &str, progress: &dyn StudyProgress) -> R
                 ..args.clone()
             }
         }
-        None => args.clone(),
+        // No checkpoint: a fresh start in a folder the study owns (an attempt that died
+        // before its first checkpoint may have left a log behind).
+        None => TrainOptions {
+            force: true,
+            ..args.clone()
+        },
     };
     let r = trainer::run(&args, progress.run(label).as_ref())
         .with_context(|| format!("run {label}"))?;

@@ -178,9 +178,12 @@ pub struct TokenizerArgs {
     /// Merges need at least this many occurrences.
     #[arg(long, default_value_t = 2)]
     pub min_frequency: u64,
-    /// Output tokenizer.json.
+    /// Output tokenizer.json (never onto a --data file; an existing FILE only with --force).
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
+    /// Replace an existing --out FILE.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Args, Clone)]
@@ -263,8 +266,12 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Continue from OUT/last, reproducing the uninterrupted run exactly.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "force")]
     pub resume: bool,
+    /// Start over in an OUT that holds an earlier run (its OUT/last and metrics.jsonl are
+    /// replaced); without it such an OUT is refused.
+    #[arg(long)]
+    pub force: bool,
     /// Stop after this step with a checkpoint, as if interrupted (run long jobs in slices:
     /// the schedule still spans --steps; continue with --resume).
     #[arg(long, value_name = "STEP")]
@@ -294,9 +301,13 @@ pub struct ForwardArgs {
     /// Working precision.
     #[arg(long, default_value = "f32", value_parser = ["f64", "f32", "bf16"])]
     pub dtype: String,
-    /// Save the logits as tensor `logits` [T, vocab] (f32) in a safetensors file.
+    /// Save the logits as tensor `logits` [T, vocab] (f32) in a safetensors file (never
+    /// onto the model; an existing FILE only with --force).
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
+    /// Replace an existing --out FILE.
+    #[arg(long, requires = "out")]
+    pub force: bool,
     /// Run a batch of B copies of the input (for benchmarks; reports use the first).
     #[arg(long, value_name = "B", default_value_t = 1)]
     pub batch: usize,

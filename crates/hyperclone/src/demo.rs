@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use hyperclone_core::grow::grow_quietly;
 use hyperclone_core::{GrowthOptions, Variant};
 use hyperclone_nn::generate::{complete, load, parse_dtype, tokenizer};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 /// The bundled model, compiled in so the demo runs from any folder without a network.
@@ -27,24 +27,21 @@ const FILES: [(&str, &[u8]); 3] = [
     ),
 ];
 
-/// A scratch folder removed on drop.
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 pub fn demo(a: DemoArgs) -> Result<()> {
-    let scratch =
-        Scratch(std::env::temp_dir().join(format!("hyperclone-demo-{}", std::process::id())));
-    let small = scratch.0.join("shakespeare-tiny");
+    // A new folder of a fresh name, removed on drop: the demo deletes only what it created
+    // (a fixed name with the PID could be another process's folder).
+    let scratch = tempfile::Builder::new()
+        .prefix("hyperclone-demo-")
+        .tempdir()
+        .context("creating the demo's scratch folder")?;
+    let small = scratch.path().join("shakespeare-tiny");
     std::fs::create_dir_all(&small).with_context(|| format!("creating {}", small.display()))?;
     for (name, bytes) in FILES {
         std::fs::write(small.join(name), bytes)?;
     }
-    let big = scratch.0.join(format!("shakespeare-tiny-x{}", a.factor));
+    let big = scratch
+        .path()
+        .join(format!("shakespeare-tiny-x{}", a.factor));
 
     let started = Instant::now();
     let options = GrowthOptions {

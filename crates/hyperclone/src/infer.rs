@@ -1,11 +1,13 @@
 //! forward, verify, generate: the Rust decoder on the command line.
 
 use crate::args::{ForwardArgs, GenerateArgs, InputArgs, VerifyArgs};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
+use hyperclone_core::output_guard::{refuse_existing, write_file_atomically, Inputs};
 use hyperclone_core::safetensors::{encode_header, HeaderEntry};
 use hyperclone_core::Checkpoint;
 use hyperclone_nn::check::Verification;
 use hyperclone_nn::generate::{complete, forward_logits, load, tokenizer, Input};
+use hyperclone_nn::tokenizer_guard::guarded;
 use hyperclone_nn::DType;
 use serde_json::json;
 use std::path::Path;
@@ -23,6 +25,12 @@ fn input_ids(input: &InputArgs, model: &Path, vocab: usize) -> Result<Vec<u32>> 
 }
 
 pub fn forward(a: ForwardArgs) -> Result<()> {
+    if let Some(out) = &a.out {
+        // Before any work: the logits must not land on the model (its weights, its folder)
+        // nor replace a file the user did not say may go.
+        Inputs::new().add(&a.model).check_output("--out", out)?;
+        refuse_existing("--out", out, a.force)?;
+    }
     let (_, model) = load(&a.model, parse_dtype(&a.dtype))?;
     let ids = input_ids(&a.input, &a.model, model.spec.vocab)?;
     let logits = forward_logits(&model, &ids, a.batch, a.repeat)?;
@@ -40,7 +48,7 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
         for x in rows.iter().flatten() {
             bytes.extend_from_slice(&x.to_le_bytes());
         }
-        std::fs::write(out, bytes).with_context(|| format!("writing {}", out.display()))?;
+        write_file_atomically(out, &bytes)?;
     }
     let last: Vec<f64> = rows[t - 1].iter().map(|&x| x as f64).collect();
     let mut order: Vec<usize> = (0..v).collect();
@@ -49,7 +57,10 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
     let top5: Vec<serde_json::Value> = order[..5.min(v)]
         .iter()
         .map(|&i| {
-            let text = tok.as_ref().and_then(|t| t.decode(&[i as u32], false).ok());
+            let text = tok.as_ref().and_then(|t| {
+                let file = a.model.join("tokenizer.json");
+                guarded(&file, "decoding", || Ok(t.decode(&[i as u32], false).ok())).ok()?
+            });
             json!({"id": i, "logit": last[i], "text": text})
         })
         .collect();

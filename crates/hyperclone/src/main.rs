@@ -154,7 +154,7 @@ fn clone(a: CloneArgs) -> Result<()> {
     );
     let progress = Bar(bar.clone());
     // Verification runs on the finished staging folder, before it is moved into place.
-    let staged = StagedCheck::new(&a.src);
+    let staged = StagedCheck::new(&a.src).with_cancel(&cancel);
     let check = |dir: &std::path::Path| staged.check(dir);
     let env = WriteEnv {
         progress: &progress,

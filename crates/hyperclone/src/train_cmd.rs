@@ -55,6 +55,7 @@ fn options(a: &TrainArgs) -> Result<TrainOptions> {
         save_every: a.save_every,
         seed: a.seed,
         resume: a.resume,
+        force: a.force,
         stop_at: a.stop_at,
     })
 }
@@ -106,7 +107,7 @@ impl TrainProgress for StepBar {
 }
 
 pub fn tokenizer(a: TokenizerArgs) -> Result<()> {
-    let done = trainer::train_tokenizer(&a.data, a.vocab_size, a.min_frequency, &a.out)?;
+    let done = trainer::train_tokenizer(&a.data, a.vocab_size, a.min_frequency, &a.out, a.force)?;
     outln!(
         "trained a {}-token byte-level BPE on {} file(s) in {:.1} s: {}",
         done.vocab_size,

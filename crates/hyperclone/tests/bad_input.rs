@@ -523,6 +523,41 @@ fn failed_verification_keeps_nothing() {
 }
 
 #[test]
+fn ctrl_c_during_verification_keeps_nothing() {
+    // The signal handler only sets the flag; here it arrives while the check runs, and the
+    // check itself passes: the clone must still stop before it is moved into place.
+    let r = root();
+    let src = Tiny::default().write(&r.path().join("src"));
+    let ckpt = Checkpoint::open(&src).unwrap();
+    let options = GrowthOptions {
+        factor: 2,
+        ffn_factor: 2,
+        ..GrowthOptions::default()
+    };
+    let plan = Plan::new(&ckpt, &options, &BTreeMap::new()).unwrap();
+    let cancel = AtomicBool::new(false);
+    let check = |_: &Path| -> Result<(), String> {
+        cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    };
+    let env = WriteEnv {
+        progress: &NoProgress,
+        cancel: &cancel,
+        create: &hyperclone_core::write::create_plain_file,
+        check: Some(&check),
+        allow_nonfinite: false,
+    };
+    let err = write_clone(&ckpt, &plan, "card", &r.path().join("dst"), false, &env)
+        .err()
+        .unwrap();
+    assert_eq!(
+        err.to_string(),
+        "interrupted; the partial output was removed"
+    );
+    assert_eq!(listing(r.path()), ["src"]);
+}
+
+#[test]
 fn full_disk_on_a_real_tmpfs() {
     // Needs root to mount; CI runs as root. Elsewhere the injected-writer test above covers it.
     let r = root();
@@ -1078,6 +1113,55 @@ fn train_flags_and_resume_state_are_validated() {
             "negative",
         ],
     );
+    // A moment of transposed shape (same count), and an adamw.step that disagrees with
+    // trainer_state.json: both belong to another run.
+    let rewrite = |transpose: bool, step: &str| {
+        let f = SafetensorsFile::open(&opt_from_good(&good, r.path())).unwrap();
+        let mut entries = Vec::new();
+        let mut data = Vec::new();
+        let mut transposed = None;
+        for t in &f.tensors {
+            let mut shape = t.shape.clone();
+            if transpose && transposed.is_none() && shape.len() == 2 && shape[0] != shape[1] {
+                shape.reverse();
+                transposed = Some(t.name.clone());
+            }
+            entries.push(hyperclone_core::safetensors::HeaderEntry {
+                name: t.name.clone(),
+                dtype: t.dtype,
+                shape,
+            });
+            data.extend_from_slice(f.data(t));
+        }
+        let mut meta = f.metadata.clone();
+        meta.insert("adamw.step".into(), step.into());
+        let mut bytes = hyperclone_core::safetensors::encode_header(&entries, &meta);
+        bytes.extend_from_slice(&data);
+        std::fs::write(&opt, bytes).unwrap();
+        transposed
+    };
+    let name = rewrite(true, "2").expect("a non-square matrix");
+    one_error_line(
+        &resume("4"),
+        r.path(),
+        &["optimizer.safetensors", &format!("`{name}`"), "shape"],
+    );
+    rewrite(false, "7");
+    one_error_line(
+        &resume("4"),
+        r.path(),
+        &["adamw.step 7 disagrees", "trainer_state.json"],
+    );
+    rewrite(false, "2");
+    let out = run(&resume("4"), r.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// The good optimizer state bytes, written beside the run to read tensors from.
+fn opt_from_good(good: &[u8], dir: &Path) -> std::path::PathBuf {
+    let p = dir.join("good-optimizer.safetensors");
+    std::fs::write(&p, good).unwrap();
+    p
 }
 
 #[test]

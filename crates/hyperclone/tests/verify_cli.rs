@@ -119,6 +119,32 @@ fn head_scaled_by_an_extra_one_over_n_fails_on_the_std_ratio() {
 }
 
 #[test]
+fn an_exact_clone_of_a_model_with_constant_logits_passes() {
+    // A zero head: every logit is 0 in both models, std 0 / 0. The same scale, not NaN.
+    let tmp = tempfile::tempdir().unwrap();
+    let small = tmp.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    for f in std::fs::read_dir(fixture("llama-gqa-untied")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, small.join(f.file_name().unwrap())).unwrap();
+    }
+    edit_tensor(&small, "lm_head.weight", |w, _| {
+        w.iter_mut().for_each(|x| *x = 0.0)
+    });
+    let big = tmp.path().join("big");
+    clone(&small, &big, 2, "symmetric", "f64");
+    let (ok, v) = verify(&small, &big);
+    assert!(ok, "{v}");
+    assert_eq!(v["std_ratio"].as_f64(), Some(1.0), "{v}");
+    // A clone whose head is not zero against that source still fails.
+    edit_tensor(&big, "lm_head.weight", |w, _| {
+        w.iter_mut().for_each(|x| *x = 0.5)
+    });
+    let (ok, v) = verify(&small, &big);
+    assert!(!ok, "{v}");
+}
+
+#[test]
 fn swapped_heads_in_q_proj_fail_at_that_layer() {
     let tmp = tempfile::tempdir().unwrap();
     let dst = tmp.path().join("big");
