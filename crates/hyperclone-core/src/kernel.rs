@@ -1034,3 +1034,174 @@ mod tests {
         );
     }
 }
+
+/// The exact bytes of the noisy variants, pinned: the noise is part of a clone's identity
+/// ("the same source, flags and seed give byte-identical output"), so any speed-up of the
+/// kernel must reproduce these digests, computed by the scalar kernel before it was
+/// restructured (commit 37355dd). A deliberate change of the noise has to update them and
+/// say so in the changelog.
+#[cfg(test)]
+mod pinned_bytes {
+    use super::*;
+
+    /// FNV-1a 64 of a byte string: enough to detect any changed byte, no dependency.
+    fn fnv(bytes: &[u8]) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for &b in bytes {
+            h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h
+    }
+
+    fn digest(
+        rows: AxisGrowth,
+        cols: AxisGrowth,
+        variant: Variant,
+        out_dtype: DType,
+        noise_key: u64,
+    ) -> u64 {
+        let n = rows.src_len() * cols.src_len();
+        let w: Vec<f64> = (0..n)
+            .map(|i| gaussian(4242, i as u64) * 0.02 + if i % 7 == 0 { 0.01 } else { 0.0 })
+            .collect();
+        let mut src = vec![0u8; n * DType::F32.size()];
+        DType::F32.encode(&w, &mut src);
+        let spec = ExpansionSpec {
+            variant,
+            snr_db: 10.0,
+            noise_key,
+            out_dtype,
+            scale: 1.0,
+        };
+        let e = Expansion::new(&src, DType::F32, &[rows, cols], spec).unwrap();
+        let mut out = vec![0u8; e.dest_shape()[0] * e.dest_row_bytes()];
+        e.fill_rows(0, &mut out);
+        fnv(&out)
+    }
+
+    fn cases() -> Vec<(&'static str, u64)> {
+        use Role::{Read, Write};
+        let t = AxisGrowth::tiled;
+        let uneven = |len, copies, extra, role| AxisGrowth {
+            segments: vec![Segment { len, copies, extra }],
+            role,
+        };
+        let fused = AxisGrowth {
+            segments: vec![
+                Segment::tiled(24, 2),
+                Segment::tiled(8, 2),
+                Segment::tiled(8, 1),
+            ],
+            role: Write,
+        };
+        let mut out = Vec::new();
+        for (vn, variant) in [
+            ("noisy", Variant::Noisy),
+            ("noisy-diag", Variant::NoisyDiagonal),
+        ] {
+            for (dn, dtype) in [
+                ("f32", DType::F32),
+                ("bf16", DType::BF16),
+                ("f64", DType::F64),
+            ] {
+                let label = |what: &str| -> &'static str {
+                    Box::leak(format!("{vn} {dn} {what}").into_boxed_str())
+                };
+                out.push((
+                    label("rows-write x2"),
+                    digest(t(48, 2, Write), t(40, 2, Read), variant, dtype, 11),
+                ));
+                out.push((
+                    label("cols-write x3"),
+                    digest(t(30, 3, Read), t(20, 3, Write), variant, dtype, 12),
+                ));
+                out.push((
+                    label("x4"),
+                    digest(t(12, 4, Write), t(10, 4, Read), variant, dtype, 13),
+                ));
+                out.push((
+                    label("uneven read"),
+                    digest(t(9, 2, Write), uneven(10, 2, 3, Read), variant, dtype, 14),
+                ));
+                out.push((
+                    label("uneven write"),
+                    digest(uneven(7, 1, 4, Write), t(6, 3, Read), variant, dtype, 15),
+                ));
+                out.push((
+                    label("fused rows"),
+                    digest(fused.clone(), t(16, 2, Read), variant, dtype, 16),
+                ));
+                out.push((
+                    label("ffn x3 of hidden x2"),
+                    digest(t(14, 3, Write), t(12, 2, Read), variant, dtype, 17),
+                ));
+            }
+            // Larger than one 64 Ki-element calibration chunk, several 256 KiB row tasks.
+            out.push((
+                Box::leak(format!("{vn} f32 big").into_boxed_str()),
+                digest(t(300, 2, Write), t(256, 2, Read), variant, DType::F32, 18),
+            ));
+        }
+        out
+    }
+
+    const PINNED: &[(&str, u64)] = &[
+        ("noisy f32 rows-write x2", 0xa8560bcbfcd695ee),
+        ("noisy f32 cols-write x3", 0xff975e7fc5bbe8ff),
+        ("noisy f32 x4", 0xaa838e231eb383b3),
+        ("noisy f32 uneven read", 0xd1f17503ac7e27eb),
+        ("noisy f32 uneven write", 0xcd833eef5ed9224a),
+        ("noisy f32 fused rows", 0x03cdfd101bc7c3be),
+        ("noisy f32 ffn x3 of hidden x2", 0x2c5e2681083ec3c9),
+        ("noisy bf16 rows-write x2", 0x8f8dbe52a9fa333b),
+        ("noisy bf16 cols-write x3", 0x5b3e178246613878),
+        ("noisy bf16 x4", 0x4c69ae3063021b3a),
+        ("noisy bf16 uneven read", 0xc6cd751cc968891b),
+        ("noisy bf16 uneven write", 0x77cbe2eae2678822),
+        ("noisy bf16 fused rows", 0xab7c56b1ea59b8d0),
+        ("noisy bf16 ffn x3 of hidden x2", 0xd81c21510fd82088),
+        ("noisy f64 rows-write x2", 0xbdadc3d63025e1fd),
+        ("noisy f64 cols-write x3", 0xd8c0d9be57e77635),
+        ("noisy f64 x4", 0xa07fdabcf1d2ba55),
+        ("noisy f64 uneven read", 0x491231394c621221),
+        ("noisy f64 uneven write", 0x342708d9fe3893fc),
+        ("noisy f64 fused rows", 0xe496156070e1cdb9),
+        ("noisy f64 ffn x3 of hidden x2", 0x5f2d73f152c5005d),
+        ("noisy f32 big", 0x71a06736fd86886a),
+        ("noisy-diag f32 rows-write x2", 0xece99d4cf512b4bc),
+        ("noisy-diag f32 cols-write x3", 0x76db8abe9e9d6744),
+        ("noisy-diag f32 x4", 0x3ef30d374240c52e),
+        ("noisy-diag f32 uneven read", 0xeb54f9d99525cf36),
+        ("noisy-diag f32 uneven write", 0x157424bb9d74979e),
+        ("noisy-diag f32 fused rows", 0x7c05c9c54c219964),
+        ("noisy-diag f32 ffn x3 of hidden x2", 0x2f967a035eb31242),
+        ("noisy-diag bf16 rows-write x2", 0x9f66b01426858bd7),
+        ("noisy-diag bf16 cols-write x3", 0x93ae5ad070b05e1e),
+        ("noisy-diag bf16 x4", 0x7ae9dece2faaa5a6),
+        ("noisy-diag bf16 uneven read", 0xbddd7ee56930f1d7),
+        ("noisy-diag bf16 uneven write", 0x584e35bd5f87730c),
+        ("noisy-diag bf16 fused rows", 0x363fa257719420ee),
+        ("noisy-diag bf16 ffn x3 of hidden x2", 0xa9eec34f3a89567b),
+        ("noisy-diag f64 rows-write x2", 0x82acfb752bad1853),
+        ("noisy-diag f64 cols-write x3", 0x5cc4036e0e93d29e),
+        ("noisy-diag f64 x4", 0x427089971b704018),
+        ("noisy-diag f64 uneven read", 0x69b2bec8d347d555),
+        ("noisy-diag f64 uneven write", 0x05c7de4629697b1b),
+        ("noisy-diag f64 fused rows", 0x8e948509f20df069),
+        ("noisy-diag f64 ffn x3 of hidden x2", 0x4caed4a525b1095e),
+        ("noisy-diag f32 big", 0x7121e3d8a8a8b3dc),
+    ];
+
+    #[test]
+    fn noisy_bytes_match_the_pinned_digests() {
+        let got = cases();
+        let table: String = got
+            .iter()
+            .map(|(l, d)| format!("    (\"{l}\", 0x{d:016x}),\n"))
+            .collect();
+        assert_eq!(got.len(), PINNED.len(), "digest table:\n{table}");
+        for ((l, d), (pl, pd)) in got.iter().zip(PINNED) {
+            assert_eq!((l, d), (pl, pd), "digest table:\n{table}");
+        }
+    }
+}
