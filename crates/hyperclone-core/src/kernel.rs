@@ -205,7 +205,18 @@ struct Noise {
     pairs: usize,
     /// [write segment][block-row * pairs + pair]
     sigma: Vec<Vec<f64>>,
+    /// The unit draws of every block, kept from calibration when they fit
+    /// [`NOISE_CACHE_BYTES`]: [block-row * pairs + pair][flat source index] (the write
+    /// segment is implied by the index). Without them the rows draw again.
+    draws: Option<Vec<Vec<f64>>>,
 }
+
+/// The most memory one tensor's cached noise draws may take. Calibration has to see every
+/// draw of a block before the first element can be written (sigma depends on all of them),
+/// so without a cache each draw is computed twice; with it, once. 64 MiB holds the draws of
+/// every matrix of models up to about 1.6B parameters at x2 (8 bytes x 2 blocks per source
+/// element, 4M elements); larger matrices fall back to drawing twice.
+pub const NOISE_CACHE_BYTES: usize = 64 << 20;
 
 /// A planned expansion of one tensor, ready to produce destination rows in any order.
 pub struct Expansion<'a> {
@@ -243,6 +254,18 @@ impl<'a> Expansion<'a> {
         src_dtype: DType,
         axes: &[AxisGrowth],
         spec: ExpansionSpec,
+    ) -> Result<Self, String> {
+        Self::with_cache_limit(src, src_dtype, axes, spec, NOISE_CACHE_BYTES)
+    }
+
+    /// [`Expansion::new`] with another limit on the cached noise draws (tests use 0 to
+    /// check that drawing twice gives the same bytes as drawing once).
+    fn with_cache_limit(
+        src: &'a [u8],
+        src_dtype: DType,
+        axes: &[AxisGrowth],
+        spec: ExpansionSpec,
+        cache_limit: usize,
     ) -> Result<Self, String> {
         let axes: [AxisGrowth; 2] = match axes {
             [a] => [AxisGrowth::tiled(1, 1, Role::Read), a.clone()],
@@ -282,7 +305,7 @@ impl<'a> Expansion<'a> {
             noise: None,
         };
         if spec.variant.is_noisy() && exp.read_blocks() >= 2 {
-            exp.noise = Some(exp.calibrate_noise(spec));
+            exp.noise = Some(exp.calibrate_noise(spec, cache_limit));
         }
         Ok(exp)
     }
@@ -345,10 +368,36 @@ impl<'a> Expansion<'a> {
         }
     }
 
-    fn calibrate_noise(&self, spec: ExpansionSpec) -> Noise {
+    /// Bytes the noise draws of this tensor take when cached: one f64 per source element
+    /// for each (block-row, pair) of the widest write segment.
+    fn draws_bytes(&self) -> Option<usize> {
+        let w = 1 - self.read_axis;
+        let write_blocks = self.axes[w]
+            .segments
+            .iter()
+            .map(Segment::max_blocks)
+            .max()?;
+        let numel = self.axes[0].src_len().checked_mul(self.axes[1].src_len())?;
+        (write_blocks * (self.read_blocks() / 2))
+            .checked_mul(numel)?
+            .checked_mul(8)
+    }
+
+    fn calibrate_noise(&self, spec: ExpansionSpec, cache_limit: usize) -> Noise {
         let snr = 10f64.powf(spec.snr_db / 10.0);
         let pairs = self.read_blocks() / 2;
         let w = 1 - self.read_axis;
+        let numel = self.axes[0].src_len() * self.axes[1].src_len();
+        let max_write_blocks = self.axes[w]
+            .segments
+            .iter()
+            .map(Segment::max_blocks)
+            .max()
+            .unwrap_or(0);
+        let mut draws = match self.draws_bytes() {
+            Some(b) if b <= cache_limit => Some(vec![vec![0f64; numel]; max_write_blocks * pairs]),
+            _ => None,
+        };
         let sigma = (0..self.axes[w].segments.len())
             .map(|ws| {
                 let ranges = self.segment_ranges(ws);
@@ -361,8 +410,12 @@ impl<'a> Expansion<'a> {
                     for pair in 0..pairs {
                         let pattern = self.calibration_pattern(ws, bw, pair);
                         let target = signal * pattern.row_power(bw) / snr;
-                        let drawn =
-                            mean_square_of_noise(block_key(spec.noise_key, ws, bw, pair), &ranges);
+                        let cache = draws.as_mut().map(|d| d[bw * pairs + pair].as_mut_slice());
+                        let drawn = mean_square_of_noise(
+                            block_key(spec.noise_key, ws, bw, pair),
+                            &ranges,
+                            cache,
+                        );
                         sig.push(if drawn > 0.0 {
                             (target / drawn).sqrt()
                         } else {
@@ -377,6 +430,7 @@ impl<'a> Expansion<'a> {
             key: spec.noise_key,
             pairs,
             sigma,
+            draws,
         }
     }
 
@@ -386,23 +440,25 @@ impl<'a> Expansion<'a> {
         let row_bytes = self.dest_row_bytes();
         debug_assert_eq!(out.len() % row_bytes, 0);
         let rows_per_task = (256 * 1024 / row_bytes).max(1);
+        let cols = self.axes[1].src_len();
+        let pairs = self.noise.as_ref().map_or(0, |n| n.pairs);
         out.par_chunks_mut(rows_per_task * row_bytes)
             .enumerate()
             .for_each(|(task, chunk)| {
-                let mut src_row = vec![0f64; self.axes[1].src_len()];
-                let mut dst_row = vec![0f64; self.dest_shape()[1]];
+                let mut scratch = RowScratch {
+                    src: vec![0f64; cols],
+                    dst: vec![0f64; self.dest_shape()[1]],
+                    pair_draws: vec![0f64; pairs * cols],
+                    draws: vec![0f64; cols],
+                };
                 for (k, row_out) in chunk.chunks_exact_mut(row_bytes).enumerate() {
-                    self.row(
-                        first_row + task * rows_per_task + k,
-                        &mut src_row,
-                        &mut dst_row,
-                    );
-                    self.out_dtype.encode(&dst_row, row_out);
+                    self.row(first_row + task * rows_per_task + k, &mut scratch);
+                    self.out_dtype.encode(&scratch.dst, row_out);
                 }
             });
     }
 
-    fn row(&self, row: usize, src_row: &mut [f64], dst_row: &mut [f64]) {
+    fn row(&self, row: usize, buf: &mut RowScratch) {
         let p0 = *self
             .row_pieces
             .iter()
@@ -411,8 +467,10 @@ impl<'a> Expansion<'a> {
         let sr = p0.src + (row - p0.dest);
         let cols = self.axes[1].src_len();
         let elem = self.src_dtype.size();
-        self.src_dtype
-            .decode(&self.src[sr * cols * elem..(sr + 1) * cols * elem], src_row);
+        self.src_dtype.decode(
+            &self.src[sr * cols * elem..(sr + 1) * cols * elem],
+            &mut buf.src,
+        );
         for p1 in &self.col_pieces {
             let (pw, pr) = if self.read_axis == 1 {
                 (&p0, p1)
@@ -426,25 +484,57 @@ impl<'a> Expansion<'a> {
                 diagonal: self.diagonal,
             };
             let scale = pattern.scale(bw, br) * self.scale;
-            let block = &mut dst_row[p1.dest..p1.dest + p1.len];
-            let source = &src_row[p1.src..p1.src + p1.len];
-            for (d, s) in block.iter_mut().zip(source) {
-                *d = s * scale;
-            }
-            let Some(noise) = &self.noise else { continue };
+            let block = &mut buf.dst[p1.dest..p1.dest + p1.len];
+            let source = &buf.src[p1.src..p1.src + p1.len];
             let pair = br / 2;
-            if pair >= pr.blocks / 2 {
-                continue; // the odd last copy of an odd multiplicity stays noise-free
-            }
+            let noise = match &self.noise {
+                // The odd last copy of an odd multiplicity stays noise-free.
+                Some(noise) if pair < pr.blocks / 2 => noise,
+                _ => {
+                    for (d, s) in block.iter_mut().zip(source) {
+                        *d = s * scale;
+                    }
+                    continue;
+                }
+            };
             let sigma = noise.sigma[ws][bw * noise.pairs + pair];
             let signed = if br % 2 == 0 { sigma } else { -sigma };
-            let key = block_key(noise.key, ws, bw, pair);
-            let base = (sr * cols + p1.src) as u64;
-            for (k, d) in block.iter_mut().enumerate() {
-                *d += signed * gaussian(key, base + k as u64);
+            let base = sr * cols + p1.src;
+            let z: &[f64] = if let Some(draws) = &noise.draws {
+                &draws[bw * noise.pairs + pair][base..base + p1.len]
+            } else if self.read_axis == 1 {
+                // Both blocks of a pair read the same draws, and they lie in this row:
+                // the even copy's piece comes first (pieces are in copy order) and covers
+                // the same source columns, so the odd one reuses its draws.
+                let z = &mut buf.pair_draws[pair * cols + p1.src..pair * cols + p1.src + p1.len];
+                if br % 2 == 0 {
+                    gaussians(block_key(noise.key, ws, bw, pair), base as u64, z);
+                }
+                z
+            } else {
+                let z = &mut buf.draws[..p1.len];
+                gaussians(block_key(noise.key, ws, bw, pair), base as u64, z);
+                z
+            };
+            // The same two roundings as `s * scale` then `+= signed * z`: Rust never fuses
+            // them into an FMA, so these bytes match the scalar kernel's.
+            for ((d, s), z) in block.iter_mut().zip(source).zip(z) {
+                *d = s * scale + signed * z;
             }
         }
     }
+}
+
+/// Per-task buffers of [`Expansion::fill_rows`].
+struct RowScratch {
+    /// The source row as f64.
+    src: Vec<f64>,
+    /// The destination row as f64.
+    dst: Vec<f64>,
+    /// [pair][source column]: the draws of the even copy of each pair, reused by the odd one.
+    pair_draws: Vec<f64>,
+    /// One piece's draws when the read axis is the rows (no reuse within a row).
+    draws: Vec<f64>,
 }
 
 /// mean(W^2) over some flat element ranges of a source tensor, summed per range in a fixed
@@ -466,17 +556,60 @@ fn mean_square_of_source(src: &[u8], dtype: DType, ranges: &[std::ops::Range<usi
     partial.iter().sum::<f64>() / n as f64
 }
 
-/// mean(z^2) of the noise draws addressed by the given element ranges.
-fn mean_square_of_noise(key: u64, ranges: &[std::ops::Range<usize>]) -> f64 {
+/// mean(z^2) of the noise draws addressed by the given element ranges; with `cache` (one
+/// slot per flat source index) the draws are also stored there. Summed per 64 Ki chunk in
+/// index order, then over chunks in order: the same result on any number of threads.
+fn mean_square_of_noise(
+    key: u64,
+    ranges: &[std::ops::Range<usize>],
+    cache: Option<&mut [f64]>,
+) -> f64 {
     let n: usize = ranges.iter().map(|r| r.len()).sum();
     if n == 0 {
         return 0.0;
     }
-    let partial: Vec<f64> = split(ranges)
-        .into_par_iter()
-        .map(|r| r.map(|i| gaussian(key, i as u64).powi(2)).sum::<f64>())
-        .collect();
+    let chunks = split(ranges);
+    let sum_squares = |z: &[f64]| z.iter().map(|z| z * z).sum::<f64>();
+    let partial: Vec<f64> = match cache {
+        Some(cache) => chunks
+            .par_iter()
+            .zip(carve(cache, &chunks))
+            .map(|(r, z)| {
+                gaussians(key, r.start as u64, z);
+                sum_squares(z)
+            })
+            .collect(),
+        None => chunks
+            .par_iter()
+            .map(|r| {
+                let mut z = [0f64; DRAW_BATCH];
+                // One running sum over the whole chunk, in index order, as `sum()` does
+                // (it starts from -0.0): batching the draws must not regroup the additions.
+                let mut acc = -0.0;
+                for start in r.clone().step_by(DRAW_BATCH) {
+                    let z = &mut z[..(r.end - start).min(DRAW_BATCH)];
+                    gaussians(key, start as u64, z);
+                    acc = z.iter().fold(acc, |a, z| a + z * z);
+                }
+                acc
+            })
+            .collect(),
+    };
     partial.iter().sum::<f64>() / n as f64
+}
+
+/// The disjoint sub-slices of `buf` at the given ascending, non-overlapping ranges.
+fn carve<'s>(mut buf: &'s mut [f64], ranges: &[std::ops::Range<usize>]) -> Vec<&'s mut [f64]> {
+    let mut out = Vec::with_capacity(ranges.len());
+    let mut pos = 0;
+    for r in ranges {
+        let rest = std::mem::take(&mut buf);
+        let (piece, rest) = rest[r.start - pos..].split_at_mut(r.len());
+        out.push(piece);
+        buf = rest;
+        pos = r.end;
+    }
+    out
 }
 
 /// Ranges cut into pieces of at most 64 Ki elements: the unit of parallel work whose partial
@@ -516,7 +649,66 @@ fn block_key(key: u64, write_segment: usize, bw: usize, pair: usize) -> u64 {
     mix64(key ^ mix64(block ^ 0x9e37_79b9_7f4a_7c15))
 }
 
-/// A standard normal draw addressed by (key, index).
+/// Draws per batch of [`gaussians`]: big enough for the vector loops, small enough for
+/// the stack and L1.
+const DRAW_BATCH: usize = 256;
+
+/// `out[k] = gaussian(key, start + k)`, bit for bit, faster: the counter hashing, the
+/// conversions to uniforms and the final sqrt/multiply run as array loops the compiler
+/// vectorizes (exact integer ops and correctly rounded IEEE ops, so no bit changes), and
+/// only `ln` and `cos` stay scalar libm calls, as in [`gaussian`].
+fn gaussians(key: u64, start: u64, out: &mut [f64]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512dq") {
+        // SAFETY: the CPU has the features the function is compiled for.
+        return unsafe { gaussians_avx512(key, start, out) };
+    }
+    gaussians_portable(key, start, out)
+}
+
+/// [`gaussians`] compiled for AVX-512 (8 lanes of 64-bit multiply and u64 -> f64), chosen
+/// at run time so the binary still runs on any x86-64.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq")]
+unsafe fn gaussians_avx512(key: u64, start: u64, out: &mut [f64]) {
+    gaussians_body(key, start, out)
+}
+
+fn gaussians_portable(key: u64, start: u64, out: &mut [f64]) {
+    gaussians_body(key, start, out)
+}
+
+#[inline(always)]
+fn gaussians_body(key: u64, start: u64, out: &mut [f64]) {
+    const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut u1 = [0f64; DRAW_BATCH];
+    let mut u2 = [0f64; DRAW_BATCH];
+    for (c, out) in out.chunks_mut(DRAW_BATCH).enumerate() {
+        let first = start.wrapping_add((c * DRAW_BATCH) as u64);
+        let n = out.len();
+        let (u1, u2) = (&mut u1[..n], &mut u2[..n]);
+        for (k, (u1, u2)) in u1.iter_mut().zip(u2.iter_mut()).enumerate() {
+            let index = first.wrapping_add(k as u64);
+            let a =
+                mix64(key.wrapping_add(index.wrapping_mul(2).wrapping_add(1).wrapping_mul(GOLDEN)));
+            let b =
+                mix64(key.wrapping_add(index.wrapping_mul(2).wrapping_add(2).wrapping_mul(GOLDEN)));
+            *u1 = ((a >> 11) + 1) as f64 * (1.0 / (1u64 << 53) as f64);
+            *u2 = (b >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
+        }
+        for (u1, u2) in u1.iter_mut().zip(u2.iter_mut()) {
+            *u1 = u1.ln();
+            *u2 = (std::f64::consts::TAU * *u2).cos();
+        }
+        for ((o, l), c) in out.iter_mut().zip(&*u1).zip(&*u2) {
+            *o = (-2.0 * l).sqrt() * c;
+        }
+    }
+}
+
+/// A standard normal draw addressed by (key, index): the definition of the noise, one draw
+/// at a time. The kernel uses [`gaussians`], tested to match it bit for bit.
+#[cfg_attr(not(test), allow(dead_code))]
 fn gaussian(key: u64, index: u64) -> f64 {
     const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
     let a = mix64(key.wrapping_add(index.wrapping_mul(2).wrapping_add(1).wrapping_mul(GOLDEN)));
@@ -1023,6 +1215,28 @@ mod tests {
     }
 
     #[test]
+    fn batched_draws_are_the_scalar_draws_bit_for_bit() {
+        // Starts near u64::MAX check the counter's wrap-around; lengths cross batch edges.
+        for (key, start) in [
+            (0, 0),
+            (7, 12345),
+            (u64::MAX, u64::MAX - 300),
+            (99, 1 << 40),
+        ] {
+            for len in [0, 1, 7, DRAW_BATCH - 1, DRAW_BATCH, 3 * DRAW_BATCH + 5] {
+                let want: Vec<u64> = (0..len)
+                    .map(|k| gaussian(key, start.wrapping_add(k as u64)).to_bits())
+                    .collect();
+                let mut got = vec![0.0; len];
+                gaussians(key, start, &mut got);
+                assert_eq!(got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want);
+                gaussians_portable(key, start, &mut got);
+                assert_eq!(got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want);
+            }
+        }
+    }
+
+    #[test]
     fn gaussian_is_standard_normal() {
         let n = 200_000;
         let xs: Vec<f64> = (0..n).map(|i| gaussian(99, i)).collect();
@@ -1073,10 +1287,17 @@ mod pinned_bytes {
             out_dtype,
             scale: 1.0,
         };
-        let e = Expansion::new(&src, DType::F32, &[rows, cols], spec).unwrap();
-        let mut out = vec![0u8; e.dest_shape()[0] * e.dest_row_bytes()];
-        e.fill_rows(0, &mut out);
-        fnv(&out)
+        let axes = [rows, cols];
+        let digests = [0, usize::MAX].map(|cache_limit| {
+            let e =
+                Expansion::with_cache_limit(&src, DType::F32, &axes, spec, cache_limit).unwrap();
+            assert_eq!(e.noise.as_ref().unwrap().draws.is_some(), cache_limit > 0);
+            let mut out = vec![0u8; e.dest_shape()[0] * e.dest_row_bytes()];
+            e.fill_rows(0, &mut out);
+            fnv(&out)
+        });
+        assert_eq!(digests[0], digests[1], "cached and recomputed draws agree");
+        digests[0]
     }
 
     fn cases() -> Vec<(&'static str, u64)> {
