@@ -205,7 +205,18 @@ struct Noise {
     pairs: usize,
     /// [write segment][block-row * pairs + pair]
     sigma: Vec<Vec<f64>>,
+    /// The unit draws of every block, kept from calibration when they fit
+    /// [`NOISE_CACHE_BYTES`]: [block-row * pairs + pair][flat source index] (the write
+    /// segment is implied by the index). Without them the rows draw again.
+    draws: Option<Vec<Vec<f64>>>,
 }
+
+/// The most memory one tensor's cached noise draws may take. Calibration has to see every
+/// draw of a block before the first element can be written (sigma depends on all of them),
+/// so without a cache each draw is computed twice; with it, once. 64 MiB holds the draws of
+/// every matrix of models up to about 1.6B parameters at x2 (8 bytes x 2 blocks per source
+/// element, 4M elements); larger matrices fall back to drawing twice.
+pub const NOISE_CACHE_BYTES: usize = 64 << 20;
 
 /// A planned expansion of one tensor, ready to produce destination rows in any order.
 pub struct Expansion<'a> {
@@ -243,6 +254,18 @@ impl<'a> Expansion<'a> {
         src_dtype: DType,
         axes: &[AxisGrowth],
         spec: ExpansionSpec,
+    ) -> Result<Self, String> {
+        Self::with_cache_limit(src, src_dtype, axes, spec, NOISE_CACHE_BYTES)
+    }
+
+    /// [`Expansion::new`] with another limit on the cached noise draws (tests use 0 to
+    /// check that drawing twice gives the same bytes as drawing once).
+    fn with_cache_limit(
+        src: &'a [u8],
+        src_dtype: DType,
+        axes: &[AxisGrowth],
+        spec: ExpansionSpec,
+        cache_limit: usize,
     ) -> Result<Self, String> {
         let axes: [AxisGrowth; 2] = match axes {
             [a] => [AxisGrowth::tiled(1, 1, Role::Read), a.clone()],
@@ -282,7 +305,7 @@ impl<'a> Expansion<'a> {
             noise: None,
         };
         if spec.variant.is_noisy() && exp.read_blocks() >= 2 {
-            exp.noise = Some(exp.calibrate_noise(spec));
+            exp.noise = Some(exp.calibrate_noise(spec, cache_limit));
         }
         Ok(exp)
     }
@@ -345,10 +368,36 @@ impl<'a> Expansion<'a> {
         }
     }
 
-    fn calibrate_noise(&self, spec: ExpansionSpec) -> Noise {
+    /// Bytes the noise draws of this tensor take when cached: one f64 per source element
+    /// for each (block-row, pair) of the widest write segment.
+    fn draws_bytes(&self) -> Option<usize> {
+        let w = 1 - self.read_axis;
+        let write_blocks = self.axes[w]
+            .segments
+            .iter()
+            .map(Segment::max_blocks)
+            .max()?;
+        let numel = self.axes[0].src_len().checked_mul(self.axes[1].src_len())?;
+        (write_blocks * (self.read_blocks() / 2))
+            .checked_mul(numel)?
+            .checked_mul(8)
+    }
+
+    fn calibrate_noise(&self, spec: ExpansionSpec, cache_limit: usize) -> Noise {
         let snr = 10f64.powf(spec.snr_db / 10.0);
         let pairs = self.read_blocks() / 2;
         let w = 1 - self.read_axis;
+        let numel = self.axes[0].src_len() * self.axes[1].src_len();
+        let max_write_blocks = self.axes[w]
+            .segments
+            .iter()
+            .map(Segment::max_blocks)
+            .max()
+            .unwrap_or(0);
+        let mut draws = match self.draws_bytes() {
+            Some(b) if b <= cache_limit => Some(vec![vec![0f64; numel]; max_write_blocks * pairs]),
+            _ => None,
+        };
         let sigma = (0..self.axes[w].segments.len())
             .map(|ws| {
                 let ranges = self.segment_ranges(ws);
@@ -361,8 +410,12 @@ impl<'a> Expansion<'a> {
                     for pair in 0..pairs {
                         let pattern = self.calibration_pattern(ws, bw, pair);
                         let target = signal * pattern.row_power(bw) / snr;
-                        let drawn =
-                            mean_square_of_noise(block_key(spec.noise_key, ws, bw, pair), &ranges);
+                        let cache = draws.as_mut().map(|d| d[bw * pairs + pair].as_mut_slice());
+                        let drawn = mean_square_of_noise(
+                            block_key(spec.noise_key, ws, bw, pair),
+                            &ranges,
+                            cache,
+                        );
                         sig.push(if drawn > 0.0 {
                             (target / drawn).sqrt()
                         } else {
@@ -377,6 +430,7 @@ impl<'a> Expansion<'a> {
             key: spec.noise_key,
             pairs,
             sigma,
+            draws,
         }
     }
 
@@ -386,23 +440,25 @@ impl<'a> Expansion<'a> {
         let row_bytes = self.dest_row_bytes();
         debug_assert_eq!(out.len() % row_bytes, 0);
         let rows_per_task = (256 * 1024 / row_bytes).max(1);
+        let cols = self.axes[1].src_len();
+        let pairs = self.noise.as_ref().map_or(0, |n| n.pairs);
         out.par_chunks_mut(rows_per_task * row_bytes)
             .enumerate()
             .for_each(|(task, chunk)| {
-                let mut src_row = vec![0f64; self.axes[1].src_len()];
-                let mut dst_row = vec![0f64; self.dest_shape()[1]];
+                let mut scratch = RowScratch {
+                    src: vec![0f64; cols],
+                    dst: vec![0f64; self.dest_shape()[1]],
+                    pair_draws: vec![0f64; pairs * cols],
+                    draws: vec![0f64; cols],
+                };
                 for (k, row_out) in chunk.chunks_exact_mut(row_bytes).enumerate() {
-                    self.row(
-                        first_row + task * rows_per_task + k,
-                        &mut src_row,
-                        &mut dst_row,
-                    );
-                    self.out_dtype.encode(&dst_row, row_out);
+                    self.row(first_row + task * rows_per_task + k, &mut scratch);
+                    self.out_dtype.encode(&scratch.dst, row_out);
                 }
             });
     }
 
-    fn row(&self, row: usize, src_row: &mut [f64], dst_row: &mut [f64]) {
+    fn row(&self, row: usize, buf: &mut RowScratch) {
         let p0 = *self
             .row_pieces
             .iter()
@@ -411,8 +467,10 @@ impl<'a> Expansion<'a> {
         let sr = p0.src + (row - p0.dest);
         let cols = self.axes[1].src_len();
         let elem = self.src_dtype.size();
-        self.src_dtype
-            .decode(&self.src[sr * cols * elem..(sr + 1) * cols * elem], src_row);
+        self.src_dtype.decode(
+            &self.src[sr * cols * elem..(sr + 1) * cols * elem],
+            &mut buf.src,
+        );
         for p1 in &self.col_pieces {
             let (pw, pr) = if self.read_axis == 1 {
                 (&p0, p1)
@@ -426,25 +484,57 @@ impl<'a> Expansion<'a> {
                 diagonal: self.diagonal,
             };
             let scale = pattern.scale(bw, br) * self.scale;
-            let block = &mut dst_row[p1.dest..p1.dest + p1.len];
-            let source = &src_row[p1.src..p1.src + p1.len];
-            for (d, s) in block.iter_mut().zip(source) {
-                *d = s * scale;
-            }
-            let Some(noise) = &self.noise else { continue };
+            let block = &mut buf.dst[p1.dest..p1.dest + p1.len];
+            let source = &buf.src[p1.src..p1.src + p1.len];
             let pair = br / 2;
-            if pair >= pr.blocks / 2 {
-                continue; // the odd last copy of an odd multiplicity stays noise-free
-            }
+            let noise = match &self.noise {
+                // The odd last copy of an odd multiplicity stays noise-free.
+                Some(noise) if pair < pr.blocks / 2 => noise,
+                _ => {
+                    for (d, s) in block.iter_mut().zip(source) {
+                        *d = s * scale;
+                    }
+                    continue;
+                }
+            };
             let sigma = noise.sigma[ws][bw * noise.pairs + pair];
             let signed = if br % 2 == 0 { sigma } else { -sigma };
-            let key = block_key(noise.key, ws, bw, pair);
-            let base = (sr * cols + p1.src) as u64;
-            for (k, d) in block.iter_mut().enumerate() {
-                *d += signed * gaussian(key, base + k as u64);
+            let base = sr * cols + p1.src;
+            let z: &[f64] = if let Some(draws) = &noise.draws {
+                &draws[bw * noise.pairs + pair][base..base + p1.len]
+            } else if self.read_axis == 1 {
+                // Both blocks of a pair read the same draws, and they lie in this row:
+                // the even copy's piece comes first (pieces are in copy order) and covers
+                // the same source columns, so the odd one reuses its draws.
+                let z = &mut buf.pair_draws[pair * cols + p1.src..pair * cols + p1.src + p1.len];
+                if br % 2 == 0 {
+                    gaussians(block_key(noise.key, ws, bw, pair), base as u64, z);
+                }
+                z
+            } else {
+                let z = &mut buf.draws[..p1.len];
+                gaussians(block_key(noise.key, ws, bw, pair), base as u64, z);
+                z
+            };
+            // The same two roundings as `s * scale` then `+= signed * z`: Rust never fuses
+            // them into an FMA, so these bytes match the scalar kernel's.
+            for ((d, s), z) in block.iter_mut().zip(source).zip(z) {
+                *d = s * scale + signed * z;
             }
         }
     }
+}
+
+/// Per-task buffers of [`Expansion::fill_rows`].
+struct RowScratch {
+    /// The source row as f64.
+    src: Vec<f64>,
+    /// The destination row as f64.
+    dst: Vec<f64>,
+    /// [pair][source column]: the draws of the even copy of each pair, reused by the odd one.
+    pair_draws: Vec<f64>,
+    /// One piece's draws when the read axis is the rows (no reuse within a row).
+    draws: Vec<f64>,
 }
 
 /// mean(W^2) over some flat element ranges of a source tensor, summed per range in a fixed
@@ -466,17 +556,60 @@ fn mean_square_of_source(src: &[u8], dtype: DType, ranges: &[std::ops::Range<usi
     partial.iter().sum::<f64>() / n as f64
 }
 
-/// mean(z^2) of the noise draws addressed by the given element ranges.
-fn mean_square_of_noise(key: u64, ranges: &[std::ops::Range<usize>]) -> f64 {
+/// mean(z^2) of the noise draws addressed by the given element ranges; with `cache` (one
+/// slot per flat source index) the draws are also stored there. Summed per 64 Ki chunk in
+/// index order, then over chunks in order: the same result on any number of threads.
+fn mean_square_of_noise(
+    key: u64,
+    ranges: &[std::ops::Range<usize>],
+    cache: Option<&mut [f64]>,
+) -> f64 {
     let n: usize = ranges.iter().map(|r| r.len()).sum();
     if n == 0 {
         return 0.0;
     }
-    let partial: Vec<f64> = split(ranges)
-        .into_par_iter()
-        .map(|r| r.map(|i| gaussian(key, i as u64).powi(2)).sum::<f64>())
-        .collect();
+    let chunks = split(ranges);
+    let sum_squares = |z: &[f64]| z.iter().map(|z| z * z).sum::<f64>();
+    let partial: Vec<f64> = match cache {
+        Some(cache) => chunks
+            .par_iter()
+            .zip(carve(cache, &chunks))
+            .map(|(r, z)| {
+                gaussians(key, r.start as u64, z);
+                sum_squares(z)
+            })
+            .collect(),
+        None => chunks
+            .par_iter()
+            .map(|r| {
+                let mut z = [0f64; DRAW_BATCH];
+                // One running sum over the whole chunk, in index order, as `sum()` does
+                // (it starts from -0.0): batching the draws must not regroup the additions.
+                let mut acc = -0.0;
+                for start in r.clone().step_by(DRAW_BATCH) {
+                    let z = &mut z[..(r.end - start).min(DRAW_BATCH)];
+                    gaussians(key, start as u64, z);
+                    acc = z.iter().fold(acc, |a, z| a + z * z);
+                }
+                acc
+            })
+            .collect(),
+    };
     partial.iter().sum::<f64>() / n as f64
+}
+
+/// The disjoint sub-slices of `buf` at the given ascending, non-overlapping ranges.
+fn carve<'s>(mut buf: &'s mut [f64], ranges: &[std::ops::Range<usize>]) -> Vec<&'s mut [f64]> {
+    let mut out = Vec::with_capacity(ranges.len());
+    let mut pos = 0;
+    for r in ranges {
+        let rest = std::mem::take(&mut buf);
+        let (piece, rest) = rest[r.start - pos..].split_at_mut(r.len());
+        out.push(piece);
+        buf = rest;
+        pos = r.end;
+    }
+    out
 }
 
 /// Ranges cut into pieces of at most 64 Ki elements: the unit of parallel work whose partial
@@ -516,7 +649,96 @@ fn block_key(key: u64, write_segment: usize, bw: usize, pair: usize) -> u64 {
     mix64(key ^ mix64(block ^ 0x9e37_79b9_7f4a_7c15))
 }
 
-/// A standard normal draw addressed by (key, index).
+/// Draws per batch of [`gaussians`]: big enough for the vector loops, small enough for
+/// the stack and L1.
+const DRAW_BATCH: usize = 1024;
+
+/// `out[k] = gaussian(key, start + k)`, bit for bit, faster: the counter hashing, the
+/// conversions to uniforms and the final sqrt/multiply run as array loops the compiler
+/// vectorizes (exact integer ops and correctly rounded IEEE ops, so no bit changes), and
+/// only `ln` and `cos` stay scalar libm calls, as in [`gaussian`].
+fn gaussians(key: u64, start: u64, out: &mut [f64]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512dq") {
+        // SAFETY: the CPU has the features the function is compiled for.
+        return unsafe { gaussians_avx512(key, start, out) };
+    }
+    gaussians_portable(key, start, out)
+}
+
+/// [`gaussians`] compiled for AVX-512 (8 lanes of 64-bit multiply and u64 -> f64), chosen
+/// at run time so the binary still runs on any x86-64.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq")]
+unsafe fn gaussians_avx512(key: u64, start: u64, out: &mut [f64]) {
+    gaussians_body(key, start, out)
+}
+
+fn gaussians_portable(key: u64, start: u64, out: &mut [f64]) {
+    gaussians_body(key, start, out)
+}
+
+/// Buckets of the angle by which [`gaussians_body`] orders its `cos` calls.
+const ANGLE_BUCKETS: usize = 128;
+
+#[inline(always)]
+fn gaussians_body(key: u64, start: u64, out: &mut [f64]) {
+    const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut u1 = [0f64; DRAW_BATCH];
+    let mut u2 = [0f64; DRAW_BATCH];
+    let mut bucket = [0u8; DRAW_BATCH];
+    let mut order = [0u16; DRAW_BATCH];
+    for (c, out) in out.chunks_mut(DRAW_BATCH).enumerate() {
+        let first = start.wrapping_add((c * DRAW_BATCH) as u64);
+        let n = out.len();
+        let (u1, u2, bucket) = (&mut u1[..n], &mut u2[..n], &mut bucket[..n]);
+        for (k, ((u1, u2), bucket)) in u1
+            .iter_mut()
+            .zip(u2.iter_mut())
+            .zip(bucket.iter_mut())
+            .enumerate()
+        {
+            let index = first.wrapping_add(k as u64);
+            let a =
+                mix64(key.wrapping_add(index.wrapping_mul(2).wrapping_add(1).wrapping_mul(GOLDEN)));
+            let b =
+                mix64(key.wrapping_add(index.wrapping_mul(2).wrapping_add(2).wrapping_mul(GOLDEN)));
+            *u1 = ((a >> 11) + 1) as f64 * (1.0 / (1u64 << 53) as f64);
+            *u2 = (b >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
+            // The top bits of u2: which 1/128 of the circle the angle lies in.
+            *bucket = (b >> (64 - ANGLE_BUCKETS.trailing_zeros())) as u8;
+        }
+        for u1 in u1.iter_mut() {
+            *u1 = u1.ln();
+        }
+        // libm's cos branches on the argument's range and quadrant; random angles make
+        // those branches unpredictable and cost 4x the arithmetic. Calling it in angle
+        // order (a counting sort by bucket) keeps them predictable. Same calls, same values.
+        let mut next = [0u16; ANGLE_BUCKETS];
+        for &b in bucket.iter() {
+            next[b as usize] += 1;
+        }
+        let mut sum = 0;
+        for slot in next.iter_mut() {
+            (*slot, sum) = (sum, sum + *slot);
+        }
+        for (k, &b) in bucket.iter().enumerate() {
+            order[next[b as usize] as usize] = k as u16;
+            next[b as usize] += 1;
+        }
+        for &k in &order[..n] {
+            let u2 = &mut u2[k as usize];
+            *u2 = (std::f64::consts::TAU * *u2).cos();
+        }
+        for ((o, l), c) in out.iter_mut().zip(&*u1).zip(&*u2) {
+            *o = (-2.0 * l).sqrt() * c;
+        }
+    }
+}
+
+/// A standard normal draw addressed by (key, index): the definition of the noise, one draw
+/// at a time. The kernel uses [`gaussians`], tested to match it bit for bit.
+#[cfg_attr(not(test), allow(dead_code))]
 fn gaussian(key: u64, index: u64) -> f64 {
     const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
     let a = mix64(key.wrapping_add(index.wrapping_mul(2).wrapping_add(1).wrapping_mul(GOLDEN)));
@@ -1023,6 +1245,28 @@ mod tests {
     }
 
     #[test]
+    fn batched_draws_are_the_scalar_draws_bit_for_bit() {
+        // Starts near u64::MAX check the counter's wrap-around; lengths cross batch edges.
+        for (key, start) in [
+            (0, 0),
+            (7, 12345),
+            (u64::MAX, u64::MAX - 300),
+            (99, 1 << 40),
+        ] {
+            for len in [0, 1, 7, DRAW_BATCH - 1, DRAW_BATCH, 3 * DRAW_BATCH + 5] {
+                let want: Vec<u64> = (0..len)
+                    .map(|k| gaussian(key, start.wrapping_add(k as u64)).to_bits())
+                    .collect();
+                let mut got = vec![0.0; len];
+                gaussians(key, start, &mut got);
+                assert_eq!(got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want);
+                gaussians_portable(key, start, &mut got);
+                assert_eq!(got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want);
+            }
+        }
+    }
+
+    #[test]
     fn gaussian_is_standard_normal() {
         let n = 200_000;
         let xs: Vec<f64> = (0..n).map(|i| gaussian(99, i)).collect();
@@ -1031,6 +1275,227 @@ mod tests {
         assert!(
             mean.abs() < 0.01 && (var - 1.0).abs() < 0.01,
             "mean {mean} var {var}"
+        );
+    }
+}
+
+/// The exact bytes of the noisy variants, pinned: the noise is part of a clone's identity
+/// ("the same source, flags and seed give byte-identical output"), so any speed-up of the
+/// kernel must reproduce these digests, computed by the scalar kernel before it was
+/// restructured (commit 37355dd). A deliberate change of the noise has to update them and
+/// say so in the changelog.
+#[cfg(test)]
+mod pinned_bytes {
+    use super::*;
+
+    /// FNV-1a 64 of a byte string: enough to detect any changed byte, no dependency.
+    fn fnv(bytes: &[u8]) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for &b in bytes {
+            h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h
+    }
+
+    fn digest(
+        rows: AxisGrowth,
+        cols: AxisGrowth,
+        variant: Variant,
+        out_dtype: DType,
+        noise_key: u64,
+    ) -> u64 {
+        let n = rows.src_len() * cols.src_len();
+        let w: Vec<f64> = (0..n)
+            .map(|i| gaussian(4242, i as u64) * 0.02 + if i % 7 == 0 { 0.01 } else { 0.0 })
+            .collect();
+        let mut src = vec![0u8; n * DType::F32.size()];
+        DType::F32.encode(&w, &mut src);
+        let spec = ExpansionSpec {
+            variant,
+            snr_db: 10.0,
+            noise_key,
+            out_dtype,
+            scale: 1.0,
+        };
+        let axes = [rows, cols];
+        let digests = [0, usize::MAX].map(|cache_limit| {
+            let e =
+                Expansion::with_cache_limit(&src, DType::F32, &axes, spec, cache_limit).unwrap();
+            assert_eq!(e.noise.as_ref().unwrap().draws.is_some(), cache_limit > 0);
+            let mut out = vec![0u8; e.dest_shape()[0] * e.dest_row_bytes()];
+            e.fill_rows(0, &mut out);
+            fnv(&out)
+        });
+        assert_eq!(digests[0], digests[1], "cached and recomputed draws agree");
+        digests[0]
+    }
+
+    fn cases() -> Vec<(&'static str, u64)> {
+        use Role::{Read, Write};
+        let t = AxisGrowth::tiled;
+        let uneven = |len, copies, extra, role| AxisGrowth {
+            segments: vec![Segment { len, copies, extra }],
+            role,
+        };
+        let fused = AxisGrowth {
+            segments: vec![
+                Segment::tiled(24, 2),
+                Segment::tiled(8, 2),
+                Segment::tiled(8, 1),
+            ],
+            role: Write,
+        };
+        let mut out = Vec::new();
+        for (vn, variant) in [
+            ("noisy", Variant::Noisy),
+            ("noisy-diag", Variant::NoisyDiagonal),
+        ] {
+            for (dn, dtype) in [
+                ("f32", DType::F32),
+                ("bf16", DType::BF16),
+                ("f64", DType::F64),
+            ] {
+                let label = |what: &str| -> &'static str {
+                    Box::leak(format!("{vn} {dn} {what}").into_boxed_str())
+                };
+                out.push((
+                    label("rows-write x2"),
+                    digest(t(48, 2, Write), t(40, 2, Read), variant, dtype, 11),
+                ));
+                out.push((
+                    label("cols-write x3"),
+                    digest(t(30, 3, Read), t(20, 3, Write), variant, dtype, 12),
+                ));
+                out.push((
+                    label("x4"),
+                    digest(t(12, 4, Write), t(10, 4, Read), variant, dtype, 13),
+                ));
+                out.push((
+                    label("uneven read"),
+                    digest(t(9, 2, Write), uneven(10, 2, 3, Read), variant, dtype, 14),
+                ));
+                out.push((
+                    label("uneven write"),
+                    digest(uneven(7, 1, 4, Write), t(6, 3, Read), variant, dtype, 15),
+                ));
+                out.push((
+                    label("fused rows"),
+                    digest(fused.clone(), t(16, 2, Read), variant, dtype, 16),
+                ));
+                out.push((
+                    label("ffn x3 of hidden x2"),
+                    digest(t(14, 3, Write), t(12, 2, Read), variant, dtype, 17),
+                ));
+            }
+            // Larger than one 64 Ki-element calibration chunk, several 256 KiB row tasks.
+            out.push((
+                Box::leak(format!("{vn} f32 big").into_boxed_str()),
+                digest(t(300, 2, Write), t(256, 2, Read), variant, DType::F32, 18),
+            ));
+        }
+        out
+    }
+
+    const PINNED: &[(&str, u64)] = &[
+        ("noisy f32 rows-write x2", 0xa8560bcbfcd695ee),
+        ("noisy f32 cols-write x3", 0xff975e7fc5bbe8ff),
+        ("noisy f32 x4", 0xaa838e231eb383b3),
+        ("noisy f32 uneven read", 0xd1f17503ac7e27eb),
+        ("noisy f32 uneven write", 0xcd833eef5ed9224a),
+        ("noisy f32 fused rows", 0x03cdfd101bc7c3be),
+        ("noisy f32 ffn x3 of hidden x2", 0x2c5e2681083ec3c9),
+        ("noisy bf16 rows-write x2", 0x8f8dbe52a9fa333b),
+        ("noisy bf16 cols-write x3", 0x5b3e178246613878),
+        ("noisy bf16 x4", 0x4c69ae3063021b3a),
+        ("noisy bf16 uneven read", 0xc6cd751cc968891b),
+        ("noisy bf16 uneven write", 0x77cbe2eae2678822),
+        ("noisy bf16 fused rows", 0xab7c56b1ea59b8d0),
+        ("noisy bf16 ffn x3 of hidden x2", 0xd81c21510fd82088),
+        ("noisy f64 rows-write x2", 0xbdadc3d63025e1fd),
+        ("noisy f64 cols-write x3", 0xd8c0d9be57e77635),
+        ("noisy f64 x4", 0xa07fdabcf1d2ba55),
+        ("noisy f64 uneven read", 0x491231394c621221),
+        ("noisy f64 uneven write", 0x342708d9fe3893fc),
+        ("noisy f64 fused rows", 0xe496156070e1cdb9),
+        ("noisy f64 ffn x3 of hidden x2", 0x5f2d73f152c5005d),
+        ("noisy f32 big", 0x71a06736fd86886a),
+        ("noisy-diag f32 rows-write x2", 0xece99d4cf512b4bc),
+        ("noisy-diag f32 cols-write x3", 0x76db8abe9e9d6744),
+        ("noisy-diag f32 x4", 0x3ef30d374240c52e),
+        ("noisy-diag f32 uneven read", 0xeb54f9d99525cf36),
+        ("noisy-diag f32 uneven write", 0x157424bb9d74979e),
+        ("noisy-diag f32 fused rows", 0x7c05c9c54c219964),
+        ("noisy-diag f32 ffn x3 of hidden x2", 0x2f967a035eb31242),
+        ("noisy-diag bf16 rows-write x2", 0x9f66b01426858bd7),
+        ("noisy-diag bf16 cols-write x3", 0x93ae5ad070b05e1e),
+        ("noisy-diag bf16 x4", 0x7ae9dece2faaa5a6),
+        ("noisy-diag bf16 uneven read", 0xbddd7ee56930f1d7),
+        ("noisy-diag bf16 uneven write", 0x584e35bd5f87730c),
+        ("noisy-diag bf16 fused rows", 0x363fa257719420ee),
+        ("noisy-diag bf16 ffn x3 of hidden x2", 0xa9eec34f3a89567b),
+        ("noisy-diag f64 rows-write x2", 0x82acfb752bad1853),
+        ("noisy-diag f64 cols-write x3", 0x5cc4036e0e93d29e),
+        ("noisy-diag f64 x4", 0x427089971b704018),
+        ("noisy-diag f64 uneven read", 0x69b2bec8d347d555),
+        ("noisy-diag f64 uneven write", 0x05c7de4629697b1b),
+        ("noisy-diag f64 fused rows", 0x8e948509f20df069),
+        ("noisy-diag f64 ffn x3 of hidden x2", 0x4caed4a525b1095e),
+        ("noisy-diag f32 big", 0x7121e3d8a8a8b3dc),
+    ];
+
+    #[test]
+    fn noisy_bytes_match_the_pinned_digests() {
+        let got = cases();
+        let table: String = got
+            .iter()
+            .map(|(l, d)| format!("    (\"{l}\", 0x{d:016x}),\n"))
+            .collect();
+        assert_eq!(got.len(), PINNED.len(), "digest table:\n{table}");
+        for ((l, d), (pl, pd)) in got.iter().zip(PINNED) {
+            assert_eq!((l, d), (pl, pd), "digest table:\n{table}");
+        }
+    }
+}
+
+/// A micro-benchmark, not a test: `cargo test --release -p hyperclone-core --lib draw_bench
+/// -- --ignored --nocapture`; DRAWS=batched or DRAWS=scalar runs one side only, so that
+/// `perf stat -e task-clock` on the test binary gives its CPU time on a busy machine.
+#[cfg(test)]
+mod draw_bench {
+    fn best(f: &mut dyn FnMut()) -> f64 {
+        (0..5)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::MAX, f64::min)
+    }
+
+    #[test]
+    #[ignore]
+    fn draw_speed() {
+        let n = 1 << 20;
+        let mut out = vec![0.0; n];
+        let which = std::env::var("DRAWS").unwrap_or_default();
+        let dt = if which != "scalar" {
+            best(&mut || super::gaussians(7, 0, &mut out))
+        } else {
+            0.0
+        };
+        let ds = if which != "batched" {
+            best(&mut || {
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = super::gaussian(7, i as u64);
+                }
+            })
+        } else {
+            0.0
+        };
+        eprintln!(
+            "batched {:.1} ns/draw, scalar {:.1} ns/draw",
+            dt / n as f64 * 1e9,
+            ds / n as f64 * 1e9,
         );
     }
 }
