@@ -230,43 +230,9 @@ pub(crate) fn resolve(ckpt: &Checkpoint) -> Result<(Arch, DecoderSpec)> {
     Ok((arch, spec))
 }
 
-/// Decodes elements [start, start + len) of a stored tensor to f64, passes them through
-/// `perturb`, and makes them a tensor of `shape` in the working dtype. The file pages read
-/// are released afterwards (they stay in the page cache): a mapped checkpoint is never
-/// resident in the process as a whole.
-pub(crate) fn decode_range(
-    ckpt: &Checkpoint,
-    t: &SourceTensor,
-    start: usize,
-    shape: &[usize],
-    dtype: DType,
-    device: &Device,
-    perturb: Option<&Perturb<'_>>,
-) -> Result<Tensor> {
-    let f = &ckpt.files[t.file];
-    let len: usize = shape.iter().product();
-    let size = t.info.dtype.size();
-    let bytes = f
-        .data(&t.info)
-        .get(start * size..(start + len) * size)
-        .ok_or_else(|| {
-            NnError::Input(format!(
-                "{}: elements {start}..{} of `{}` are outside the tensor",
-                ckpt.dir.display(),
-                start + len,
-                t.info.name
-            ))
-        })?;
-    let mut v = vec![0f64; len];
-    t.info.dtype.decode(bytes, &mut v);
-    f.advise_done(&t.info);
-    if let Some(perturb) = perturb {
-        perturb(&mut v);
-    }
-    Ok(Tensor::from_vec(v, shape.to_vec(), device)?.to_dtype(dtype)?)
-}
-
-/// A whole stored tensor in the working dtype (see [`decode_range`]).
+/// A whole stored tensor in the working dtype: decoded to f64, passed through `perturb`,
+/// converted. The file pages read are released afterwards (they stay in the page cache):
+/// a mapped checkpoint never becomes resident in the process as a whole.
 pub(crate) fn decode(
     ckpt: &Checkpoint,
     t: &SourceTensor,
@@ -274,7 +240,55 @@ pub(crate) fn decode(
     device: &Device,
     perturb: Option<&Perturb<'_>>,
 ) -> Result<Tensor> {
-    decode_range(ckpt, t, 0, &t.info.shape, dtype, device, perturb)
+    let f = &ckpt.files[t.file];
+    let mut v = vec![0f64; t.info.numel()];
+    t.info.dtype.decode(f.data(&t.info), &mut v);
+    f.advise_done(&t.info);
+    if let Some(perturb) = perturb {
+        perturb(&mut v);
+    }
+    Ok(Tensor::from_vec(v, t.info.shape.clone(), device)?.to_dtype(dtype)?)
+}
+
+/// Rows of a stored matrix [rows, cols], in the order given (repeats allowed), as a tensor
+/// [rows.len(), cols] in the working dtype: the same values [`decode`] gives for those rows.
+pub(crate) fn decode_rows(
+    ckpt: &Checkpoint,
+    t: &SourceTensor,
+    rows: &[usize],
+    dtype: DType,
+    device: &Device,
+    perturb: Option<&Perturb<'_>>,
+) -> Result<Tensor> {
+    let &[height, cols] = t.info.shape.as_slice() else {
+        return Err(NnError::Input(format!(
+            "{}: `{}` has shape {:?}, not a matrix",
+            ckpt.dir.display(),
+            t.info.name,
+            t.info.shape
+        )));
+    };
+    let f = &ckpt.files[t.file];
+    let data = f.data(&t.info);
+    let row_bytes = cols * t.info.dtype.size();
+    let mut v = vec![0f64; rows.len() * cols];
+    for (out, &r) in v.chunks_mut(cols.max(1)).zip(rows) {
+        if r >= height {
+            return Err(NnError::Input(format!(
+                "{}: row {r} of `{}` does not exist (it has {height})",
+                ckpt.dir.display(),
+                t.info.name
+            )));
+        }
+        t.info
+            .dtype
+            .decode(&data[r * row_bytes..(r + 1) * row_bytes], out);
+    }
+    f.advise_done(&t.info);
+    if let Some(perturb) = perturb {
+        perturb(&mut v);
+    }
+    Ok(Tensor::from_vec(v, (rows.len(), cols), device)?.to_dtype(dtype)?)
 }
 
 /// Named weights in the working dtype, as the builders below look them up: all of a
@@ -292,7 +306,7 @@ impl Weights<'_> {
         })
     }
 
-    fn opt(&self, name: &str) -> Option<Tensor> {
+    pub(crate) fn opt(&self, name: &str) -> Option<Tensor> {
         self.map.get(name).cloned()
     }
 
@@ -828,7 +842,7 @@ impl Frame {
 
     /// cos/sin tables [T, rotary_dim], computed in f64 (the exact rotation) then cast;
     /// None for learned-position families.
-    fn rope_tables(&self, t: usize) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    pub(crate) fn rope_tables(&self, t: usize) -> Result<(Option<Tensor>, Option<Tensor>)> {
         if self.learned_positions {
             return Ok((None, None));
         }
