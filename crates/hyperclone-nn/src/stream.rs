@@ -19,9 +19,9 @@ use hyperclone_core::checkpoint::SourceTensor;
 use hyperclone_core::Checkpoint;
 use std::collections::HashMap;
 
-/// Vocabulary rows of the head decoded at once, in elements (64 MiB in f64): enough for
-/// the matmul to run at full speed, small next to any layer.
-const HEAD_CHUNK_ELEMENTS: usize = 8 << 20;
+/// Vocabulary rows of the head decoded at once, in elements (32 to 64 MiB in f64, see
+/// [`head_chunks`]): enough for the matmul to run at full speed, small next to any layer.
+const HEAD_CHUNK_ELEMENTS: usize = 4 << 20;
 
 /// Runs token ids [B, T] through the checkpoint's decoder in the working `dtype`, every
 /// weight passed through `perturb` (element by element) first if given.
@@ -31,6 +31,19 @@ pub fn forward_streamed(
     device: &Device,
     perturb: Option<&Perturb<'_>>,
     ids: &Tensor,
+) -> Result<ForwardOutput> {
+    forward_streamed_in_chunks(ckpt, dtype, device, perturb, ids, HEAD_CHUNK_ELEMENTS)
+}
+
+/// [`forward_streamed`] with the head decoded `head_chunk` elements (whole rows, at least
+/// one) at a time: tests split a tiny vocabulary into several uneven chunks.
+pub fn forward_streamed_in_chunks(
+    ckpt: &Checkpoint,
+    dtype: DType,
+    device: &Device,
+    perturb: Option<&Perturb<'_>>,
+    ids: &Tensor,
+    head_chunk: usize,
 ) -> Result<ForwardOutput> {
     let (arch, frame) = Frame::of(ckpt, dtype, device)?;
     let (b, t) = ids.dims2()?;
@@ -91,7 +104,14 @@ pub fn forward_streamed(
         rest.projection(arch.project_out).as_ref(),
     )?;
     let bias = rest.opt(&format!("{}.bias", arch.head));
-    let logits = chunked_logits(ckpt, head, bias.as_ref(), &h, dtype, device, perturb)?;
+    let logits = chunked_logits(
+        ckpt,
+        head,
+        bias.as_ref(),
+        &h,
+        head_chunk,
+        (dtype, device, perturb),
+    )?;
     let logits = frame.softcap(logits)?;
     frame.output(logits, residual, h, b, t)
 }
@@ -147,28 +167,60 @@ fn weights_where<'a>(
 }
 
 /// h [N, d'] times the head [vocab, d'] (plus its bias), a chunk of vocabulary rows at a
-/// time: [N, vocab].
+/// time (see [`head_chunks`]): [N, vocab].
 fn chunked_logits(
     ckpt: &Checkpoint,
     head: &SourceTensor,
     bias: Option<&Tensor>,
     h: &Tensor,
-    dtype: DType,
-    device: &Device,
-    perturb: Option<&Perturb<'_>>,
+    chunk_elements: usize,
+    (dtype, device, perturb): (DType, &Device, Option<&Perturb<'_>>),
 ) -> Result<Tensor> {
     let vocab = head.info.shape.first().copied().unwrap_or(0);
     let width = head.info.shape.get(1).copied().unwrap_or(1).max(1);
-    let chunk = (HEAD_CHUNK_ELEMENTS / width).max(1);
-    let mut parts = Vec::with_capacity(vocab.div_ceil(chunk));
-    for start in (0..vocab).step_by(chunk) {
-        let len = chunk.min(vocab - start);
+    let tokens = h.dim(0)?;
+    let mut parts = Vec::new();
+    for (start, len) in head_chunks(tokens, vocab, chunk_elements / width) {
         let rows: Vec<usize> = (start..start + len).collect();
         let w = decode_rows(ckpt, head, &rows, dtype, device, perturb)?;
         let b = bias.map(|b| b.narrow(0, start, len)).transpose()?;
         parts.push(Linear::new(w, b).forward(h)?);
     }
     Ok(Tensor::cat(&parts, 1)?)
+}
+
+/// Splits `vocab` head rows into (start, len) chunks of about `rows` rows, such that every
+/// logit is summed in the same order as in the whole head's product.
+///
+/// The `gemm` crate picks its algorithm, and with it the order of a dot product's sum, by
+/// the product's shape (m = tokens, n = head rows): n or m of 1 is a matrix-vector kernel,
+/// m*n <= 256 a horizontal kernel, m and n both <= 64 a fixed depth blocking; larger
+/// shapes block the depth by the depth alone. Chunks of at least [`min_chunk_rows`] rows
+/// (and at least 2 tokens) stay in that last regime, as the whole head is then too, so
+/// their logits are bit for bit the whole product's (tests/stream.rs checks it). Otherwise
+/// the head is read whole.
+pub fn head_chunks(tokens: usize, vocab: usize, rows: usize) -> Vec<(usize, usize)> {
+    let least = min_chunk_rows(tokens);
+    if tokens < 2 || vocab < 2 * least {
+        return vec![(0, vocab)];
+    }
+    // Never fewer rows than `least`: the remainder is spread over the chunks, not left
+    // as a small last one.
+    let count = (vocab / rows.max(least)).max(1);
+    let (base, extra) = (vocab / count, vocab % count);
+    let mut out = Vec::with_capacity(count);
+    let mut start = 0;
+    for i in 0..count {
+        let len = base + usize::from(i < extra);
+        out.push((start, len));
+        start += len;
+    }
+    out
+}
+
+/// The fewest head rows a chunk may have for `tokens` tokens (see [`head_chunks`]).
+pub fn min_chunk_rows(tokens: usize) -> usize {
+    65usize.max(256 / tokens.max(1) + 1)
 }
 
 /// Bytes [`forward_streamed`] needs at its peak for `tokens` tokens, besides the mapped
@@ -189,7 +241,13 @@ pub fn streamed_bytes(ckpt: &Checkpoint, dtype: DType, tokens: usize) -> u64 {
     }
     let layer = per_layer.into_iter().max().unwrap_or(0);
     let weights = layer * size + largest * 8;
-    let head = HEAD_CHUNK_ELEMENTS as u64 * (8 + size);
+    // A chunk holds up to twice the budget's rows; a single token reads the head whole.
+    let head_rows = if tokens < 2 {
+        c.vocab_size as u64
+    } else {
+        2 * (HEAD_CHUNK_ELEMENTS / c.hidden_size.max(1)).max(min_chunk_rows(tokens)) as u64
+    };
+    let head = head_rows.min(c.vocab_size as u64) * c.hidden_size as u64 * (8 + size);
     let t = tokens as u64;
     let per_token = (c.num_hidden_layers as u64 + 1) * c.hidden_size as u64
         + 8 * c.intermediate_size as u64

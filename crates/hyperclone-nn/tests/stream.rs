@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use hyperclone_core::grow::grow_quietly;
 use hyperclone_core::{Checkpoint, GrowthOptions, Variant};
 use hyperclone_nn::check::{probe_tokens, run_verify};
-use hyperclone_nn::stream::forward_streamed;
+use hyperclone_nn::stream::{forward_streamed, forward_streamed_in_chunks};
 use hyperclone_nn::verify::{default_tolerance, verify_expecting, Expectation};
 use hyperclone_nn::{Decoder, ForwardOutput};
 use std::path::{Path, PathBuf};
@@ -237,6 +237,90 @@ fn a_broken_layer_is_named_by_the_streamed_verify() {
                 "{fx} {tensor} {dtype:?}: {:?}",
                 v.report
             );
+        }
+    }
+}
+
+/// A random model whose head is worth splitting: 1000 vocabulary rows, and a width over
+/// 512 so that gemm blocks the depth of each dot product.
+fn wide_vocab_model(dir: &Path) -> Checkpoint {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let text = std::fs::read_to_string(root.join("tiny/llama-gqa-untied/config.json")).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for (k, v) in [
+        ("vocab_size", 1000),
+        ("hidden_size", 576),
+        ("head_dim", 144),
+        ("intermediate_size", 64),
+        ("num_hidden_layers", 1),
+    ] {
+        cfg[k] = v.into();
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    let config = dir.join("given.json");
+    std::fs::write(&config, cfg.to_string()).unwrap();
+    let out = dir.join("model");
+    hyperclone_nn::init::write_random_checkpoint(&config, &out, 0.5, 7).unwrap();
+    Checkpoint::open(&out).unwrap()
+}
+
+#[test]
+fn a_head_read_in_chunks_gives_the_resident_logits_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = wide_vocab_model(tmp.path());
+    let (vocab, width) = (ckpt.config.vocab_size, ckpt.config.hidden_size);
+    let mut split = 0;
+    for dtype in [DType::F64, DType::F32] {
+        let resident = Decoder::load(&ckpt, dtype, &Device::Cpu).unwrap();
+        // Every gemm regime of the tokens: a vector, the horizontal and the small kernels'
+        // sizes, and beyond 64.
+        for tokens in [1, 2, 3, 16, 40, 70] {
+            let ids: Vec<u32> = (0..tokens as u64)
+                .map(|i| ((i * 7919 + 13) % vocab as u64) as u32)
+                .collect();
+            let input = Tensor::from_vec(ids, (1, tokens), &Device::Cpu).unwrap();
+            let whole = resident.forward(&input).unwrap();
+            for rows in [1, 7, 65, 100, 333, vocab] {
+                let chunks = hyperclone_nn::stream::head_chunks(tokens, vocab, rows);
+                split += usize::from(chunks.len() > 1);
+                let streamed = forward_streamed_in_chunks(
+                    &ckpt,
+                    dtype,
+                    &Device::Cpu,
+                    None,
+                    &input,
+                    rows * width,
+                )
+                .unwrap();
+                assert_same(
+                    &whole,
+                    &streamed,
+                    &format!("{dtype:?}, {tokens} tokens, chunks {chunks:?}"),
+                );
+            }
+        }
+    }
+    assert!(split > 20, "the head was split only {split} times");
+}
+
+#[test]
+fn head_chunks_cover_the_vocabulary_in_order_and_never_run_small() {
+    for tokens in [1, 2, 3, 16, 300] {
+        for vocab in [1, 64, 129, 130, 1000, 49152, 151_936] {
+            for rows in [1, 65, 7281, 200_000] {
+                let chunks = hyperclone_nn::stream::head_chunks(tokens, vocab, rows);
+                let mut next = 0;
+                for &(start, len) in &chunks {
+                    assert_eq!(start, next);
+                    next += len;
+                }
+                assert_eq!(next, vocab, "{tokens} {vocab} {rows}: {chunks:?}");
+                if chunks.len() > 1 {
+                    let least = hyperclone_nn::stream::min_chunk_rows(tokens);
+                    assert!(tokens >= 2);
+                    assert!(chunks.iter().all(|c| c.1 >= least.max(rows.min(vocab / 2))));
+                }
+            }
         }
     }
 }
