@@ -53,12 +53,25 @@ fn bits(t: &Tensor) -> Vec<u64> {
         .collect()
 }
 
+/// Panics at the first element whose bits differ (the vectors are too long to print).
+fn assert_bits(a: &Tensor, b: &Tensor, what: &str) {
+    let (a, b) = (bits(a), bits(b));
+    assert_eq!(a.len(), b.len(), "{what}: sizes");
+    if let Some(i) = (0..a.len()).find(|&i| a[i] != b[i]) {
+        panic!(
+            "{what}: element {i} differs: {} vs {}",
+            f64::from_bits(a[i]),
+            f64::from_bits(b[i])
+        );
+    }
+}
+
 fn assert_same(a: &ForwardOutput, b: &ForwardOutput, what: &str) {
-    assert_eq!(bits(&a.logits), bits(&b.logits), "{what}: logits");
-    assert_eq!(bits(&a.final_norm), bits(&b.final_norm), "{what}: final norm");
+    assert_bits(&a.logits, &b.logits, &format!("{what}: logits"));
+    assert_bits(&a.final_norm, &b.final_norm, &format!("{what}: final norm"));
     assert_eq!(a.residual.len(), b.residual.len(), "{what}: states");
     for (i, (x, y)) in a.residual.iter().zip(&b.residual).enumerate() {
-        assert_eq!(bits(x), bits(y), "{what}: residual state {i}");
+        assert_bits(x, y, &format!("{what}: residual state {i}"));
     }
 }
 
