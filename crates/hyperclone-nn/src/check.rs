@@ -94,17 +94,16 @@ pub fn memory_for(models: &[&Checkpoint], dtype: DType, tokens: usize) -> (u64, 
         .map(|c| streamed_bytes(c, dtype, tokens))
         .max()
         .unwrap_or(0);
-    let kept: u64 = models
-        .iter()
-        .map(|c| {
-            let c = &c.config;
-            let states = (c.num_hidden_layers as u64 + 2) * c.hidden_size as u64;
-            // The logits once in the working dtype and once in f64 for the comparison.
-            let logits = c.vocab_size as u64 * (dtype.size_in_bytes() as u64 + 8);
-            tokens as u64 * (states * dtype.size_in_bytes() as u64 + logits)
-        })
-        .sum();
-    let need = peak + kept;
+    let size = dtype.size_in_bytes() as u64;
+    let kept = models.iter().fold(0u64, |sum, c| {
+        let c = &c.config;
+        let states = (c.num_hidden_layers as u64 + 2).saturating_mul(c.hidden_size as u64);
+        // The logits once in the working dtype and once in f64 for the comparison.
+        let logits = (c.vocab_size as u64).saturating_mul(size + 8);
+        let per_token = states.saturating_mul(size).saturating_add(logits);
+        sum.saturating_add((tokens as u64).saturating_mul(per_token))
+    });
+    let need = peak.saturating_add(kept);
     let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
         m.lines()
             .find(|l| l.starts_with("MemAvailable:"))

@@ -228,6 +228,7 @@ pub fn min_chunk_rows(tokens: usize) -> usize {
 /// chunk, and the activations (residual states, one layer's intermediates and attention
 /// scores, the logits).
 pub fn streamed_bytes(ckpt: &Checkpoint, dtype: DType, tokens: usize) -> u64 {
+    // Saturating: the sizes come from the checkpoint's config and the caller's tokens.
     let c = &ckpt.config;
     let size = dtype.size_in_bytes() as u64;
     let mut per_layer = vec![0u64; c.num_hidden_layers];
@@ -235,23 +236,32 @@ pub fn streamed_bytes(ckpt: &Checkpoint, dtype: DType, tokens: usize) -> u64 {
     for t in &ckpt.tensors {
         let n = t.info.numel() as u64;
         if let Some(l) = t.layer.and_then(|l| per_layer.get_mut(l)) {
-            *l += n;
+            *l = l.saturating_add(n);
             largest = largest.max(n);
         }
     }
     let layer = per_layer.into_iter().max().unwrap_or(0);
-    let weights = layer * size + largest * 8;
+    let weights = layer
+        .saturating_mul(size)
+        .saturating_add(largest.saturating_mul(8));
     // A chunk holds up to twice the budget's rows; a single token reads the head whole.
+    let (vocab, hidden) = (c.vocab_size as u64, c.hidden_size as u64);
     let head_rows = if tokens < 2 {
-        c.vocab_size as u64
+        vocab
     } else {
         2 * (HEAD_CHUNK_ELEMENTS / c.hidden_size.max(1)).max(min_chunk_rows(tokens)) as u64
     };
-    let head = head_rows.min(c.vocab_size as u64) * c.hidden_size as u64 * (8 + size);
+    let head = head_rows
+        .min(vocab)
+        .saturating_mul(hidden)
+        .saturating_mul(8 + size);
     let t = tokens as u64;
-    let per_token = (c.num_hidden_layers as u64 + 1) * c.hidden_size as u64
-        + 8 * c.intermediate_size as u64
-        + c.num_attention_heads as u64 * t
-        + 2 * c.vocab_size as u64;
-    weights + head + t * per_token * size
+    let per_token = (c.num_hidden_layers as u64 + 1)
+        .saturating_mul(hidden)
+        .saturating_add((c.intermediate_size as u64).saturating_mul(8))
+        .saturating_add((c.num_attention_heads as u64).saturating_mul(t))
+        .saturating_add(vocab.saturating_mul(2));
+    weights
+        .saturating_add(head)
+        .saturating_add(t.saturating_mul(per_token).saturating_mul(size))
 }
