@@ -335,7 +335,10 @@ impl Weights<'_> {
 
     /// OPT's optional projections around the layers.
     pub(crate) fn projection(&self, name: Option<&str>) -> Option<Linear> {
-        name.and_then(|n| self.opt(&format!("{n}.weight")).map(|w| Linear::new(w, None)))
+        name.and_then(|n| {
+            self.opt(&format!("{n}.weight"))
+                .map(|w| Linear::new(w, None))
+        })
     }
 }
 

@@ -11,8 +11,7 @@
 use crate::arch::Arch;
 use crate::error::{NnError, Result};
 use crate::model::{
-    build_layer, decode, decode_rows, layer_prefix, ForwardOutput, Frame, Linear, Perturb,
-    Weights,
+    build_layer, decode, decode_rows, layer_prefix, ForwardOutput, Frame, Linear, Perturb, Weights,
 };
 use candle_core::{DType, Device, Tensor};
 use hyperclone_core::checkpoint::SourceTensor;
@@ -77,9 +76,7 @@ pub fn forward_streamed_in_chunks(
         }
         None => None,
     };
-    let head = ckpt
-        .find(&format!("{}.weight", arch.head))
-        .unwrap_or(embed);
+    let head = ckpt.find(&format!("{}.weight", arch.head)).unwrap_or(embed);
     // Tables read by rows stay out of the small tensors loaded whole.
     let tables: Vec<&str> = [Some(embed), Some(head), position_table.map(|(t, _)| t)]
         .into_iter()
@@ -157,7 +154,10 @@ fn weights_where<'a>(
 ) -> Result<Weights<'a>> {
     let mut map = HashMap::new();
     for t in ckpt.tensors.iter().filter(|t| wanted(&t.info.name)) {
-        map.insert(t.info.name.clone(), decode(ckpt, t, dtype, device, perturb)?);
+        map.insert(
+            t.info.name.clone(),
+            decode(ckpt, t, dtype, device, perturb)?,
+        );
     }
     Ok(Weights {
         map,

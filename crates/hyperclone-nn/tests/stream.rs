@@ -24,7 +24,11 @@ fn fixtures() -> Vec<PathBuf> {
         }
     }
     v.sort();
-    assert!(v.len() >= 20, "expected the committed fixtures, found {}", v.len());
+    assert!(
+        v.len() >= 20,
+        "expected the committed fixtures, found {}",
+        v.len()
+    );
     v
 }
 
@@ -90,13 +94,20 @@ fn same_forward(dir: &Path, dtype: DType) {
         .forward(&input)
         .unwrap();
     let streamed = forward_streamed(&ckpt, dtype, &Device::Cpu, None, &input).unwrap();
-    assert_same(&resident, &streamed, &format!("{} {dtype:?}", dir.display()));
+    assert_same(
+        &resident,
+        &streamed,
+        &format!("{} {dtype:?}", dir.display()),
+    );
 }
 
 /// The report `run_verify` gives (streamed) is the one the resident decoders give.
 fn same_report(small: &Path, big: &Path, dtype: DType) {
     let v = run_verify(small, big, None, dtype).unwrap();
-    let (s, b) = (Checkpoint::open(small).unwrap(), Checkpoint::open(big).unwrap());
+    let (s, b) = (
+        Checkpoint::open(small).unwrap(),
+        Checkpoint::open(big).unwrap(),
+    );
     let coarsest = b
         .dtypes()
         .into_iter()
@@ -182,7 +193,11 @@ fn a_perturbed_streamed_forward_equals_the_perturbed_resident_one() {
                 .unwrap();
             let streamed =
                 forward_streamed(&ckpt, dtype, &Device::Cpu, Some(&round), &input).unwrap();
-            assert_same(&resident, &streamed, &format!("{} {dtype:?}", src.display()));
+            assert_same(
+                &resident,
+                &streamed,
+                &format!("{} {dtype:?}", src.display()),
+            );
         }
     }
 }
@@ -237,7 +252,9 @@ fn a_broken_layer_is_named_by_the_streamed_verify() {
     ];
     for (fx, depth, tensor, state) in cases {
         let src = root.join(fx);
-        let dst = tmp.path().join(format!("{}-{}", name(&src), depth.unwrap_or(0)));
+        let dst = tmp
+            .path()
+            .join(format!("{}-{}", name(&src), depth.unwrap_or(0)));
         grow(&src, &dst, depth);
         assert!(run_verify(&src, &dst, None, DType::F64).unwrap().passed());
         scale_tensor(&dst, tensor, 1.01);
