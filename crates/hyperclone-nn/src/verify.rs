@@ -228,7 +228,7 @@ pub fn verify_expecting(
 pub fn grown_factor(s: &DecoderSpec, b: &DecoderSpec, expect: &Expectation) -> Result<usize> {
     let layers_match =
         expect.layer_of.len() == b.layers && expect.layer_of.iter().all(|&l| l < s.layers);
-    if b.hidden % s.hidden != 0 || b.vocab != s.vocab || !layers_match {
+    if !b.hidden.is_multiple_of(s.hidden) || b.vocab != s.vocab || !layers_match {
         return Err(NnError::Input(format!(
             "BIG (hidden {}, vocab {}, {} layers) is not a grown SMALL (hidden {}, vocab {}, {} layers){}",
             b.hidden,
