@@ -32,6 +32,8 @@ pub fn row_half_cosines(big: &Checkpoint, small: &ModelConfig) -> Vec<(String, f
         let values = || {
             let mut w = vec![0f64; t.info.numel()];
             t.info.dtype.decode(f.data(&t.info), &mut w);
+            // Release the pages read: verify must not end up holding BIG's whole file.
+            f.advise_done(&t.info);
             w
         };
         if let Some(c) = tensor_cosine(t.rule, &t.info.shape, &segments, values) {

@@ -3,11 +3,12 @@
 //! verify`, `clone --verify`, the demo and the Python package alike.
 
 use crate::error::{NnError, Result};
+use crate::model::resolve;
+use crate::stream::{forward_streamed, streamed_bytes};
 use crate::verify::{
-    default_tolerance, rounding_sensitivity, verify_expecting, Expectation, VerifyReport,
+    compare, default_tolerance, grown_factor, rounding_sensitivity, Expectation, VerifyReport,
 };
-use crate::Decoder;
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use hyperclone_core::symmetry::mean_row_half_cosine;
 use hyperclone_core::Checkpoint;
 use serde_json::{json, Value};
@@ -66,15 +67,16 @@ impl Verification {
     }
 }
 
-/// Verification holds both models in memory in the working dtype; refuse up front, with the
-/// numbers, rather than be killed by the OOM killer half-way (a 7B clone in f64 is 56 GB).
-pub fn ensure_memory_for(models: &[&Checkpoint], dtype: DType) -> Result<()> {
-    let (need, available) = memory_for(models, dtype);
+/// Verification streams each model a layer at a time ([`forward_streamed`]); refuse up
+/// front, with the numbers, when even that does not fit rather than be killed by the OOM
+/// killer half-way.
+pub fn ensure_memory_for(models: &[&Checkpoint], dtype: DType, tokens: usize) -> Result<()> {
+    let (need, available) = memory_for(models, dtype, tokens);
     if let Some(avail) = available {
         if need > avail {
             return Err(NnError::Input(format!(
                 "verifying needs about {:.1} GiB in {:?} but {:.1} GiB is available (use `hyperclone verify --dtype f32`, \
-                 or a bigger machine)",
+                 fewer tokens, or a bigger machine)",
                 need as f64 / (1u64 << 30) as f64,
                 dtype,
                 avail as f64 / (1u64 << 30) as f64
@@ -84,12 +86,25 @@ pub fn ensure_memory_for(models: &[&Checkpoint], dtype: DType) -> Result<()> {
     Ok(())
 }
 
-/// (bytes verification needs, bytes available if known).
-pub fn memory_for(models: &[&Checkpoint], dtype: DType) -> (u64, Option<u64>) {
-    let params: u64 = models.iter().map(|c| c.parameter_count()).sum();
-    // Weights once in the working dtype plus one f64 staging copy of a model while loading;
-    // the activations of a probe are small in comparison.
-    let need = params * dtype.size_in_bytes() as u64 + params * 8 / models.len().max(1) as u64;
+/// (bytes verification needs for `tokens` tokens, bytes available if known): the models run
+/// one after the other, so the largest one's streaming peak, plus every model's outputs
+/// kept for the comparison.
+pub fn memory_for(models: &[&Checkpoint], dtype: DType, tokens: usize) -> (u64, Option<u64>) {
+    let peak = models
+        .iter()
+        .map(|c| streamed_bytes(c, dtype, tokens))
+        .max()
+        .unwrap_or(0);
+    let size = dtype.size_in_bytes() as u64;
+    let kept = models.iter().fold(0u64, |sum, c| {
+        let c = &c.config;
+        let states = (c.num_hidden_layers as u64 + 2).saturating_mul(c.hidden_size as u64);
+        // The logits once in the working dtype and once in f64 for the comparison.
+        let logits = (c.vocab_size as u64).saturating_mul(size + 8);
+        let per_token = states.saturating_mul(size).saturating_add(logits);
+        sum.saturating_add((tokens as u64).saturating_mul(per_token))
+    });
+    let need = peak.saturating_add(kept);
     let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
         m.lines()
             .find(|l| l.starts_with("MemAvailable:"))
@@ -100,18 +115,19 @@ pub fn memory_for(models: &[&Checkpoint], dtype: DType) -> (u64, Option<u64>) {
     (need, available)
 }
 
-/// The precision `clone --verify` can afford: f64 (exact to 1e-9) when both models fit in
-/// memory that way, else f32 (1e-4 of the logit scale).
+/// The precision `clone --verify` can afford: f64 (exact to 1e-9) when verifying the probe
+/// fits in memory that way, else f32 (1e-4 of the logit scale).
 pub fn affordable_dtype(small: &Path, big: &Path) -> Result<DType> {
     let (s, b) = (Checkpoint::open(small)?, Checkpoint::open(big)?);
-    Ok(match memory_for(&[&s, &b], DType::F64) {
+    let tokens = probe_tokens(s.config.vocab_size).len();
+    Ok(match memory_for(&[&s, &b], DType::F64, tokens) {
         (need, Some(avail)) if need > avail => DType::F32,
         _ => DType::F64,
     })
 }
 
 /// Checks that BIG computes SMALL's function on `ids` (default: [`probe_tokens`]) in the
-/// working `dtype`.
+/// working `dtype`, running each model a layer at a time (see [`forward_streamed`]).
 pub fn run_verify(
     small: &Path,
     big: &Path,
@@ -138,13 +154,9 @@ pub fn run_verify_cancellable(
     };
     let small_ckpt = Checkpoint::open(small)?;
     let big_ckpt = Checkpoint::open(big)?;
-    ensure_memory_for(&[&small_ckpt, &big_ckpt], dtype)?;
-    stop()?;
-    let small_model = Decoder::load(&small_ckpt, dtype, &Device::Cpu)?;
-    stop()?;
-    let big_model = Decoder::load(&big_ckpt, dtype, &Device::Cpu)?;
-    stop()?;
-    let vocab = small_model.spec.vocab;
+    let (_, small_spec) = resolve(&small_ckpt)?;
+    let (_, big_spec) = resolve(&big_ckpt)?;
+    let vocab = small_spec.vocab;
     let ids = match ids {
         Some(ids) => {
             if ids.is_empty() {
@@ -159,7 +171,16 @@ pub fn run_verify_cancellable(
         }
         None => probe_tokens(vocab),
     };
+    ensure_memory_for(&[&small_ckpt, &big_ckpt], dtype, ids.len())?;
+    stop()?;
     let expect = Expectation::recorded(&big_ckpt)?;
+    let n = grown_factor(&small_spec, &big_spec, &expect)?;
+    let device = Device::Cpu;
+    let input = Tensor::from_vec(ids.clone(), (1, ids.len()), &device)?;
+    let small_out = forward_streamed(&small_ckpt, dtype, &device, None, &input)?;
+    stop()?;
+    let big_out = forward_streamed(&big_ckpt, dtype, &device, None, &input)?;
+    stop()?;
     // The coarsest dtype BIG stores weights in bounds how exact it can be (see
     // default_tolerance); SMALL's own rounding is shared by both models.
     let coarsest = big_ckpt
@@ -171,14 +192,15 @@ pub fn run_verify_cancellable(
     // on the model (depth, norms, scale): measure it on SMALL instead of assuming it.
     let report = match coarsest {
         hyperclone_core::DType::BF16 | hyperclone_core::DType::F16 => {
-            let s = rounding_sensitivity(&small_ckpt, &small_model, coarsest, dtype, &ids)?;
-            verify_expecting(&small_model, &big_model, &ids, 0.0, &expect)?
+            let s = rounding_sensitivity(&small_ckpt, &small_out, coarsest, dtype, &ids)?;
+            compare(&small_out, &big_out, n, ids.len(), 0.0, &expect)?
                 .with_measured_tolerance(dtype, s)
         }
-        _ => verify_expecting(
-            &small_model,
-            &big_model,
-            &ids,
+        _ => compare(
+            &small_out,
+            &big_out,
+            n,
+            ids.len(),
             default_tolerance(dtype, coarsest),
             &expect,
         )?,

@@ -21,6 +21,7 @@ pub mod optimizer_carry;
 pub mod rng;
 pub mod softmax;
 pub mod spec;
+pub mod stream;
 pub mod tokenizer_guard;
 pub mod train;
 pub mod trainer;

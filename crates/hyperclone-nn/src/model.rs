@@ -4,11 +4,12 @@
 //! Written with plain differentiable candle ops (no fused kernels without a backward), so
 //! the same code serves verification in f64 and training in f32.
 
-use crate::arch::{arch, AttnLayout, BlockLayout, MlpLayout};
+use crate::arch::{arch, Arch, AttnLayout, BlockLayout, MlpLayout};
 use crate::error::{NnError, Result};
 use crate::softmax::CausalSoftmax;
 use crate::spec::{Activation, DecoderSpec, NormKind};
 use candle_core::{DType, Device, Tensor, Var, D};
+use hyperclone_core::checkpoint::SourceTensor;
 use hyperclone_core::Checkpoint;
 use std::collections::HashMap;
 
@@ -16,7 +17,7 @@ use std::collections::HashMap;
 /// transpose shares its storage), never a copy made at load time: training updates the
 /// loaded tensors in place, and every view sees the update. Rows that no view can express
 /// (NeoX's per-head q|k|v interleave) are gathered at each forward instead.
-struct Linear {
+pub(crate) struct Linear {
     /// [out, in] (possibly a strided view).
     w: Tensor,
     b: Option<Tensor>,
@@ -25,12 +26,12 @@ struct Linear {
 }
 
 impl Linear {
-    fn new(w: Tensor, b: Option<Tensor>) -> Linear {
+    pub(crate) fn new(w: Tensor, b: Option<Tensor>) -> Linear {
         Linear { w, b, select: None }
     }
 
     /// x: [N, in] -> [N, out]
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (w, b) = match &self.select {
             Some(idx) => (
                 self.w.index_select(idx, 0)?,
@@ -60,7 +61,7 @@ impl Linear {
     }
 }
 
-struct Norm {
+pub(crate) struct Norm {
     w: Tensor,
     b: Option<Tensor>,
     kind: NormKind,
@@ -99,7 +100,7 @@ enum Mlp {
     },
 }
 
-struct Layer {
+pub(crate) struct Layer {
     pre_attn: Option<Norm>,
     post_attn: Option<Norm>,
     pre_mlp: Option<Norm>,
@@ -113,11 +114,22 @@ struct Layer {
     mlp: Mlp,
 }
 
-pub struct Decoder {
+/// What a forward pass needs besides the weights: the numeric switches, the working
+/// precision and device, and how a block is wired. The resident [`Decoder`] and the
+/// layer-streamed forward (`stream.rs`) both run every block through
+/// [`Frame::layer_forward`], so there is one implementation of a block.
+pub struct Frame {
     pub spec: DecoderSpec,
     pub dtype: DType,
     pub device: Device,
     block: BlockLayout,
+    /// Learned position embeddings (GPT-2, OPT) instead of rotary ones.
+    learned_positions: bool,
+}
+
+/// A decoder with every weight resident in the working dtype (training, generation).
+pub struct Decoder {
+    frame: Frame,
     embed: Tensor,
     positions: Option<(Tensor, usize)>,
     project_in: Option<Linear>,
@@ -125,6 +137,15 @@ pub struct Decoder {
     layers: Vec<Layer>,
     norm: Option<Norm>,
     head: Linear,
+}
+
+/// `decoder.spec`, `decoder.dtype`, `decoder.device` and the block functions read through
+/// the frame.
+impl std::ops::Deref for Decoder {
+    type Target = Frame;
+    fn deref(&self) -> &Frame {
+        &self.frame
+    }
 }
 
 /// Logits and the residual stream, for verification.
@@ -185,8 +206,283 @@ impl Dropout {
     }
 }
 
-/// Edits a weight's values (decoded to f64) before the decoder takes them.
+/// Edits a weight's values (decoded to f64) before the decoder takes them. It must act
+/// element by element: the layer-streamed forward passes it a tensor's rows in pieces.
 pub type Perturb<'a> = dyn Fn(&mut [f64]) + 'a;
+
+/// The family's layout and the numeric switches of a checkpoint, with the norm epsilon
+/// settled (its default depends on the norm kind).
+pub(crate) fn resolve(ckpt: &Checkpoint) -> Result<(Arch, DecoderSpec)> {
+    let model_type = ckpt.config.family.model_type;
+    let arch = arch(model_type, &serde_json::Value::Object(ckpt.config.raw.clone())).ok_or_else(|| {
+        NnError::Unsupported(format!(
+            "the Rust decoder does not cover model_type `{model_type}` yet (cloning does; check the clone in transformers)"
+        ))
+    })?;
+    let mut spec = DecoderSpec::from_checkpoint(ckpt)?;
+    if spec.norm_eps.is_nan() {
+        spec.norm_eps = if arch.norm == NormKind::Layer {
+            1e-5
+        } else {
+            1e-6
+        };
+    }
+    Ok((arch, spec))
+}
+
+/// A whole stored tensor in the working dtype: decoded to f64, passed through `perturb`,
+/// converted. The file pages read are released afterwards (they stay in the page cache):
+/// a mapped checkpoint never becomes resident in the process as a whole.
+pub(crate) fn decode(
+    ckpt: &Checkpoint,
+    t: &SourceTensor,
+    dtype: DType,
+    device: &Device,
+    perturb: Option<&Perturb<'_>>,
+) -> Result<Tensor> {
+    let f = &ckpt.files[t.file];
+    let mut v = vec![0f64; t.info.numel()];
+    t.info.dtype.decode(f.data(&t.info), &mut v);
+    f.advise_done(&t.info);
+    if let Some(perturb) = perturb {
+        perturb(&mut v);
+    }
+    Ok(Tensor::from_vec(v, t.info.shape.clone(), device)?.to_dtype(dtype)?)
+}
+
+/// Rows of a stored matrix [rows, cols], in the order given (repeats allowed), as a tensor
+/// [rows.len(), cols] in the working dtype: the same values [`decode`] gives for those rows.
+pub(crate) fn decode_rows(
+    ckpt: &Checkpoint,
+    t: &SourceTensor,
+    rows: &[usize],
+    dtype: DType,
+    device: &Device,
+    perturb: Option<&Perturb<'_>>,
+) -> Result<Tensor> {
+    let &[height, cols] = t.info.shape.as_slice() else {
+        return Err(NnError::Input(format!(
+            "{}: `{}` has shape {:?}, not a matrix",
+            ckpt.dir.display(),
+            t.info.name,
+            t.info.shape
+        )));
+    };
+    let f = &ckpt.files[t.file];
+    let data = f.data(&t.info);
+    let row_bytes = cols * t.info.dtype.size();
+    let mut v = vec![0f64; rows.len() * cols];
+    for (out, &r) in v.chunks_mut(cols.max(1)).zip(rows) {
+        if r >= height {
+            return Err(NnError::Input(format!(
+                "{}: row {r} of `{}` does not exist (it has {height})",
+                ckpt.dir.display(),
+                t.info.name
+            )));
+        }
+        t.info
+            .dtype
+            .decode(&data[r * row_bytes..(r + 1) * row_bytes], out);
+    }
+    f.advise_done(&t.info);
+    if let Some(perturb) = perturb {
+        perturb(&mut v);
+    }
+    Ok(Tensor::from_vec(v, (rows.len(), cols), device)?.to_dtype(dtype)?)
+}
+
+/// Named weights in the working dtype, as the builders below look them up: all of a
+/// checkpoint's (the resident decoder) or one layer's (the streamed forward).
+pub(crate) struct Weights<'a> {
+    pub map: HashMap<String, Tensor>,
+    pub dir: &'a std::path::Path,
+    pub norm: NormKind,
+}
+
+impl Weights<'_> {
+    fn take(&self, name: &str) -> Result<Tensor> {
+        self.map.get(name).cloned().ok_or_else(|| {
+            NnError::Input(format!("{}: tensor `{name}` missing", self.dir.display()))
+        })
+    }
+
+    pub(crate) fn opt(&self, name: &str) -> Option<Tensor> {
+        self.map.get(name).cloned()
+    }
+
+    fn lin(&self, p: &str) -> Result<Linear> {
+        Ok(Linear::new(
+            self.take(&format!("{p}.weight"))?,
+            self.opt(&format!("{p}.bias")),
+        ))
+    }
+
+    /// GPT-2's Conv1D keeps [in, out]: a transposed view (the matmul reads it as stored).
+    fn conv(&self, p: &str) -> Result<Linear> {
+        Ok(Linear::new(
+            self.take(&format!("{p}.weight"))?.t()?,
+            self.opt(&format!("{p}.bias")),
+        ))
+    }
+
+    pub(crate) fn norm(&self, name: &str) -> Option<Norm> {
+        self.opt(&format!("{name}.weight")).map(|w| Norm {
+            w,
+            b: self.opt(&format!("{name}.bias")),
+            kind: self.norm,
+        })
+    }
+
+    /// OPT's optional projections around the layers.
+    pub(crate) fn projection(&self, name: Option<&str>) -> Option<Linear> {
+        name.and_then(|n| {
+            self.opt(&format!("{n}.weight"))
+                .map(|w| Linear::new(w, None))
+        })
+    }
+}
+
+/// The name prefix of layer `l`'s tensors.
+pub(crate) fn layer_prefix(arch: &Arch, l: usize) -> String {
+    format!("{}.{l}", arch.layers)
+}
+
+/// Layer `l` of the decoder, from weights holding (at least) that layer's tensors.
+pub(crate) fn build_layer(
+    arch: &Arch,
+    spec: &DecoderSpec,
+    device: &Device,
+    l: usize,
+    w: &Weights<'_>,
+) -> Result<Layer> {
+    let lin = |p: &str| w.lin(p);
+    let conv = |p: &str| w.conv(p);
+    let norm = |name: &str| w.norm(name);
+    let (nh, nk, hd) = (spec.heads, spec.kv_heads, spec.head_dim);
+    let p = layer_prefix(arch, l);
+    let (q, k, v, o, attn_prefix) = match arch.attn {
+        AttnLayout::Separate { prefix, q, k, v, o } => {
+            let a = join(&p, prefix);
+            (
+                lin(&join(&a, q))?,
+                lin(&join(&a, k))?,
+                lin(&join(&a, v))?,
+                lin(&join(&a, o))?,
+                a,
+            )
+        }
+        AttnLayout::Concat { prefix, qkv, o } | AttnLayout::Conv1d { prefix, qkv, o } => {
+            let a = join(&p, prefix);
+            let is_conv = matches!(arch.attn, AttnLayout::Conv1d { .. });
+            let fused = if is_conv {
+                conv(&join(&a, qkv))?
+            } else {
+                lin(&join(&a, qkv))?
+            };
+            let out = if is_conv {
+                conv(&join(&a, o))?
+            } else {
+                lin(&join(&a, o))?
+            };
+            (
+                fused.rows(0, nh * hd)?,
+                fused.rows(nh * hd, nk * hd)?,
+                fused.rows((nh + nk) * hd, nk * hd)?,
+                out,
+                a,
+            )
+        }
+        AttnLayout::PerHead { prefix, qkv, o } => {
+            // Rows (heads, 3, head_dim): gather q, k, v rows head by head.
+            let a = join(&p, prefix);
+            let pick = |s: usize| -> Result<Linear> {
+                let rows: Vec<u32> = (0..nh)
+                    .flat_map(|h| (0..hd).map(move |d| ((h * 3 + s) * hd + d) as u32))
+                    .collect();
+                let mut l = lin(&join(&a, qkv))?;
+                l.select = Some(Tensor::from_vec(rows, nh * hd, device)?);
+                Ok(l)
+            };
+            (pick(0)?, pick(1)?, pick(2)?, lin(&join(&a, o))?, a)
+        }
+    };
+    let mlp = match arch.mlp {
+        MlpLayout::Gated {
+            prefix,
+            gate,
+            up,
+            down,
+        } => {
+            let m = join(&p, prefix);
+            Mlp::Gated {
+                gate: lin(&join(&m, gate))?,
+                up: lin(&join(&m, up))?,
+                down: lin(&join(&m, down))?,
+            }
+        }
+        MlpLayout::GatedFused {
+            prefix,
+            gate_up,
+            down,
+        } => {
+            let m = join(&p, prefix);
+            let fused = lin(&join(&m, gate_up))?;
+            Mlp::Gated {
+                gate: fused.rows(0, spec.ffn)?,
+                up: fused.rows(spec.ffn, spec.ffn)?,
+                down: lin(&join(&m, down))?,
+            }
+        }
+        MlpLayout::Plain { prefix, up, down } => {
+            let m = join(&p, prefix);
+            Mlp::Plain {
+                up: lin(&join(&m, up))?,
+                down: lin(&join(&m, down))?,
+            }
+        }
+        MlpLayout::PlainConv1d { prefix, up, down } => {
+            let m = join(&p, prefix);
+            Mlp::Plain {
+                up: conv(&join(&m, up))?,
+                down: conv(&join(&m, down))?,
+            }
+        }
+    };
+    let at = |n: Option<&str>| n.and_then(|n| norm(&join(&p, n)));
+    let (pre_attn, post_attn, pre_mlp, post_mlp) = match arch.block {
+        BlockLayout::Sequential {
+            pre_attn,
+            post_attn,
+            pre_mlp,
+            post_mlp,
+        } => (at(pre_attn), at(post_attn), at(pre_mlp), at(post_mlp)),
+        BlockLayout::Parallel {
+            attn_norm,
+            mlp_norm,
+        } => (at(Some(attn_norm)), None, at(Some(mlp_norm)), None),
+        BlockLayout::PostNorm {
+            attn_norm,
+            mlp_norm,
+        } => (None, at(Some(attn_norm)), None, at(Some(mlp_norm))),
+    };
+    let (q_norm, k_norm) = match arch.qk_norm {
+        Some((qn, kn)) => (norm(&join(&attn_prefix, qn)), norm(&join(&attn_prefix, kn))),
+        None => (None, None),
+    };
+    Ok(Layer {
+        pre_attn,
+        post_attn,
+        pre_mlp,
+        post_mlp,
+        q,
+        k,
+        v,
+        o,
+        q_norm,
+        k_norm,
+        mlp,
+    })
+}
 
 impl Decoder {
     pub fn load(ckpt: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
@@ -221,30 +517,15 @@ impl Decoder {
         trainable: bool,
         perturb: Option<&Perturb<'_>>,
     ) -> Result<(Self, Vec<Param>)> {
-        let model_type = ckpt.config.family.model_type;
-        let arch = arch(model_type, &serde_json::Value::Object(ckpt.config.raw.clone())).ok_or_else(|| {
-            NnError::Unsupported(format!(
-                "the Rust decoder does not cover model_type `{model_type}` yet (cloning does; check the clone in transformers)"
-            ))
-        })?;
-        let mut spec = DecoderSpec::from_checkpoint(ckpt)?;
-        if spec.norm_eps.is_nan() {
-            spec.norm_eps = if arch.norm == NormKind::Layer {
-                1e-5
-            } else {
-                1e-6
-            };
-        }
-        let mut weights: HashMap<String, Tensor> = HashMap::new();
+        let (arch, spec) = resolve(ckpt)?;
+        let mut weights = Weights {
+            map: HashMap::new(),
+            dir: &ckpt.dir,
+            norm: arch.norm,
+        };
         let mut params = Vec::new();
         for t in &ckpt.tensors {
-            let f = &ckpt.files[t.file];
-            let mut v = vec![0f64; t.info.numel()];
-            t.info.dtype.decode(f.data(&t.info), &mut v);
-            if let Some(perturb) = perturb {
-                perturb(&mut v);
-            }
-            let mut tensor = Tensor::from_vec(v, t.info.shape.clone(), device)?.to_dtype(dtype)?;
+            let mut tensor = decode(ckpt, t, dtype, device, perturb)?;
             if trainable {
                 let var = Var::from_tensor(&tensor)?;
                 tensor = var.as_tensor().clone();
@@ -254,181 +535,27 @@ impl Decoder {
                     decay: t.info.shape.len() >= 2,
                 });
             }
-            weights.insert(t.info.name.clone(), tensor);
+            weights.map.insert(t.info.name.clone(), tensor);
         }
-        let take = |name: &str| -> Result<Tensor> {
-            weights.get(name).cloned().ok_or_else(|| {
-                NnError::Input(format!("{}: tensor `{name}` missing", ckpt.dir.display()))
-            })
-        };
-        let opt = |name: &str| weights.get(name).cloned();
-        let lin = |p: &str| -> Result<Linear> {
-            Ok(Linear::new(
-                take(&format!("{p}.weight"))?,
-                opt(&format!("{p}.bias")),
-            ))
-        };
-        // GPT-2's Conv1D keeps [in, out]: a transposed view (the matmul reads it as stored).
-        let conv = |p: &str| -> Result<Linear> {
-            Ok(Linear::new(
-                take(&format!("{p}.weight"))?.t()?,
-                opt(&format!("{p}.bias")),
-            ))
-        };
-        let norm = |name: &str| -> Option<Norm> {
-            opt(&format!("{name}.weight")).map(|w| Norm {
-                w,
-                b: opt(&format!("{name}.bias")),
-                kind: arch.norm,
-            })
-        };
-        let (nh, nk, hd) = (spec.heads, spec.kv_heads, spec.head_dim);
-        let mut layers = Vec::with_capacity(spec.layers);
-        for l in 0..spec.layers {
-            let p = format!("{}.{l}", arch.layers);
-            let (q, k, v, o, attn_prefix) = match arch.attn {
-                AttnLayout::Separate { prefix, q, k, v, o } => {
-                    let a = join(&p, prefix);
-                    (
-                        lin(&join(&a, q))?,
-                        lin(&join(&a, k))?,
-                        lin(&join(&a, v))?,
-                        lin(&join(&a, o))?,
-                        a,
-                    )
-                }
-                AttnLayout::Concat { prefix, qkv, o } | AttnLayout::Conv1d { prefix, qkv, o } => {
-                    let a = join(&p, prefix);
-                    let is_conv = matches!(arch.attn, AttnLayout::Conv1d { .. });
-                    let fused = if is_conv {
-                        conv(&join(&a, qkv))?
-                    } else {
-                        lin(&join(&a, qkv))?
-                    };
-                    let out = if is_conv {
-                        conv(&join(&a, o))?
-                    } else {
-                        lin(&join(&a, o))?
-                    };
-                    (
-                        fused.rows(0, nh * hd)?,
-                        fused.rows(nh * hd, nk * hd)?,
-                        fused.rows((nh + nk) * hd, nk * hd)?,
-                        out,
-                        a,
-                    )
-                }
-                AttnLayout::PerHead { prefix, qkv, o } => {
-                    // Rows (heads, 3, head_dim): gather q, k, v rows head by head.
-                    let a = join(&p, prefix);
-                    let pick = |s: usize| -> Result<Linear> {
-                        let rows: Vec<u32> = (0..nh)
-                            .flat_map(|h| (0..hd).map(move |d| ((h * 3 + s) * hd + d) as u32))
-                            .collect();
-                        let mut l = lin(&join(&a, qkv))?;
-                        l.select = Some(Tensor::from_vec(rows, nh * hd, device)?);
-                        Ok(l)
-                    };
-                    (pick(0)?, pick(1)?, pick(2)?, lin(&join(&a, o))?, a)
-                }
-            };
-            let mlp = match arch.mlp {
-                MlpLayout::Gated {
-                    prefix,
-                    gate,
-                    up,
-                    down,
-                } => {
-                    let m = join(&p, prefix);
-                    Mlp::Gated {
-                        gate: lin(&join(&m, gate))?,
-                        up: lin(&join(&m, up))?,
-                        down: lin(&join(&m, down))?,
-                    }
-                }
-                MlpLayout::GatedFused {
-                    prefix,
-                    gate_up,
-                    down,
-                } => {
-                    let m = join(&p, prefix);
-                    let fused = lin(&join(&m, gate_up))?;
-                    Mlp::Gated {
-                        gate: fused.rows(0, spec.ffn)?,
-                        up: fused.rows(spec.ffn, spec.ffn)?,
-                        down: lin(&join(&m, down))?,
-                    }
-                }
-                MlpLayout::Plain { prefix, up, down } => {
-                    let m = join(&p, prefix);
-                    Mlp::Plain {
-                        up: lin(&join(&m, up))?,
-                        down: lin(&join(&m, down))?,
-                    }
-                }
-                MlpLayout::PlainConv1d { prefix, up, down } => {
-                    let m = join(&p, prefix);
-                    Mlp::Plain {
-                        up: conv(&join(&m, up))?,
-                        down: conv(&join(&m, down))?,
-                    }
-                }
-            };
-            let at = |n: Option<&str>| n.and_then(|n| norm(&join(&p, n)));
-            let (pre_attn, post_attn, pre_mlp, post_mlp) = match arch.block {
-                BlockLayout::Sequential {
-                    pre_attn,
-                    post_attn,
-                    pre_mlp,
-                    post_mlp,
-                } => (at(pre_attn), at(post_attn), at(pre_mlp), at(post_mlp)),
-                BlockLayout::Parallel {
-                    attn_norm,
-                    mlp_norm,
-                } => (at(Some(attn_norm)), None, at(Some(mlp_norm)), None),
-                BlockLayout::PostNorm {
-                    attn_norm,
-                    mlp_norm,
-                } => (None, at(Some(attn_norm)), None, at(Some(mlp_norm))),
-            };
-            let (q_norm, k_norm) = match arch.qk_norm {
-                Some((qn, kn)) => (norm(&join(&attn_prefix, qn)), norm(&join(&attn_prefix, kn))),
-                None => (None, None),
-            };
-            layers.push(Layer {
-                pre_attn,
-                post_attn,
-                pre_mlp,
-                post_mlp,
-                q,
-                k,
-                v,
-                o,
-                q_norm,
-                k_norm,
-                mlp,
-            });
-        }
-        let embed = take(&format!("{}.weight", arch.embed))?;
+        let layers = (0..spec.layers)
+            .map(|l| build_layer(&arch, &spec, device, l, &weights))
+            .collect::<Result<Vec<_>>>()?;
+        let embed = weights.take(&format!("{}.weight", arch.embed))?;
         let head = Linear::new(
-            opt(&format!("{}.weight", arch.head)).unwrap_or_else(|| embed.clone()),
-            opt(&format!("{}.bias", arch.head)),
+            weights
+                .opt(&format!("{}.weight", arch.head))
+                .unwrap_or_else(|| embed.clone()),
+            weights.opt(&format!("{}.bias", arch.head)),
         );
         let positions = match arch.positions {
-            Some((name, offset)) => Some((take(&format!("{name}.weight"))?, offset)),
+            Some((name, offset)) => Some((weights.take(&format!("{name}.weight"))?, offset)),
             None => None,
         };
-        let project = |name: Option<&str>| {
-            name.and_then(|n| opt(&format!("{n}.weight")).map(|w| Linear::new(w, None)))
-        };
         let decoder = Decoder {
-            project_in: project(arch.project_in),
-            project_out: project(arch.project_out),
-            norm: norm(arch.final_norm),
-            spec,
-            dtype,
-            device: device.clone(),
-            block: arch.block,
+            project_in: weights.projection(arch.project_in),
+            project_out: weights.projection(arch.project_out),
+            norm: weights.norm(arch.final_norm),
+            frame: Frame::new(spec, dtype, device, &arch),
             embed,
             positions,
             layers,
@@ -445,35 +572,105 @@ impl Decoder {
     /// Forward with optional (training) dropout on each attention and MLP output.
     pub fn forward_with(&self, ids: &Tensor, dropout: Option<&Dropout>) -> Result<ForwardOutput> {
         let (b, t) = ids.dims2()?;
-        let s = &self.spec;
+        self.check_ids(ids)?;
+        let rows = self.embed.index_select(&ids.flatten_all()?, 0)?;
+        let positions = match &self.positions {
+            Some((table, offset)) => {
+                Some(table.index_select(&self.position_ids(b, t, *offset)?, 0)?)
+            }
+            None => None,
+        };
+        let mut x = self.input(rows, self.project_in.as_ref(), positions)?;
+        let (cos, sin) = self.rope_tables(t)?;
+        let d = x.dim(1)?;
+        let mut residual = vec![x.reshape((b, t, d))?];
+        for (l, layer) in self.layers.iter().enumerate() {
+            x = self.layer_forward(l, layer, x, b, t, (&cos, &sin), dropout)?;
+            residual.push(x.reshape((b, t, d))?);
+        }
+        let h = self.head_input(&x, self.norm.as_ref(), self.project_out.as_ref())?;
+        let logits = self.softcap(self.head.forward(&h)?)?;
+        self.output(logits, residual, h, b, t)
+    }
+}
+
+impl Frame {
+    fn new(spec: DecoderSpec, dtype: DType, device: &Device, arch: &Arch) -> Frame {
+        Frame {
+            spec,
+            dtype,
+            device: device.clone(),
+            block: arch.block,
+            learned_positions: arch.positions.is_some(),
+        }
+    }
+
+    /// The frame of a checkpoint's decoder (its family layout and switches).
+    pub(crate) fn of(ckpt: &Checkpoint, dtype: DType, device: &Device) -> Result<(Arch, Frame)> {
+        let (arch, spec) = resolve(ckpt)?;
+        let frame = Frame::new(spec, dtype, device, &arch);
+        Ok((arch, frame))
+    }
+
+    /// Refuses token ids outside the vocabulary (an embedding lookup would read past it).
+    pub(crate) fn check_ids(&self, ids: &Tensor) -> Result<()> {
+        let vocab = self.spec.vocab;
         if let Some(bad) = ids
             .flatten_all()?
             .to_vec1::<u32>()?
             .iter()
-            .find(|&&i| i as usize >= s.vocab)
+            .find(|&&i| i as usize >= vocab)
         {
             return Err(NnError::Input(format!(
-                "token id {bad} is outside the vocabulary (size {})",
-                s.vocab
+                "token id {bad} is outside the vocabulary (size {vocab})"
             )));
         }
-        let eps = s.norm_eps;
-        let (cos, sin) = self.rope_tables(t)?;
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?;
-        if let Some(scale) = s.embed_scale {
+        Ok(())
+    }
+
+    /// The rows of a learned position table that B sequences of T tokens read.
+    pub(crate) fn position_ids(&self, b: usize, t: usize, offset: usize) -> Result<Tensor> {
+        let pos: Vec<u32> = (0..b)
+            .flat_map(|_| (0..t).map(|p| (p + offset) as u32))
+            .collect();
+        Ok(Tensor::from_vec(pos, b * t, &self.device)?)
+    }
+
+    /// The residual stream's start [B*T, d] from the tokens' embedding rows and (learned
+    /// positions) their position rows.
+    pub(crate) fn input(
+        &self,
+        rows: Tensor,
+        project_in: Option<&Linear>,
+        positions: Option<Tensor>,
+    ) -> Result<Tensor> {
+        let mut x = rows;
+        if let Some(scale) = self.spec.embed_scale {
             x = (x * scale)?;
         }
-        if let Some(p) = &self.project_in {
+        if let Some(p) = project_in {
             x = p.forward(&x)?;
         }
-        if let Some((table, offset)) = &self.positions {
-            let pos: Vec<u32> = (0..b)
-                .flat_map(|_| (0..t).map(|p| (p + offset) as u32))
-                .collect();
-            x = (x + table.index_select(&Tensor::from_vec(pos, b * t, &self.device)?, 0)?)?;
+        if let Some(pos) = positions {
+            x = (x + pos)?;
         }
-        let d = x.dim(1)?;
-        let mut residual = vec![x.reshape((b, t, d))?];
+        Ok(x)
+    }
+
+    /// One block: the residual stream [B*T, d] after layer `l`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn layer_forward(
+        &self,
+        l: usize,
+        layer: &Layer,
+        x: Tensor,
+        b: usize,
+        t: usize,
+        (cos, sin): (&Option<Tensor>, &Option<Tensor>),
+        dropout: Option<&Dropout>,
+    ) -> Result<Tensor> {
+        let eps = self.spec.norm_eps;
+        let (window, scale) = (self.spec.sliding_window[l], self.spec.attn_scale[l]);
         let apply = |n: &Option<Norm>, x: &Tensor| -> Result<Tensor> {
             match n {
                 Some(n) => n.forward(x, eps),
@@ -486,51 +683,76 @@ impl Decoder {
                 None => Ok(x),
             }
         };
-        for (l, layer) in self.layers.iter().enumerate() {
-            let (window, scale) = (s.sliding_window[l], s.attn_scale[l]);
-            x = if let BlockLayout::PostNorm { .. } = self.block {
-                let a = dropped(
-                    self.attention(layer, &x, b, t, &cos, &sin, window, scale)?,
-                    2 * l as u64,
+        Ok(if let BlockLayout::PostNorm { .. } = self.block {
+            let a = dropped(
+                self.attention(layer, &x, b, t, cos, sin, window, scale)?,
+                2 * l as u64,
+            )?;
+            let x = apply(&layer.post_attn, &(x + a)?)?;
+            let m = dropped(self.mlp(layer, &x)?, 2 * l as u64 + 1)?;
+            apply(&layer.post_mlp, &(x + m)?)?
+        } else {
+            let h = apply(&layer.pre_attn, &x)?;
+            let a = dropped(
+                self.attention(layer, &h, b, t, cos, sin, window, scale)?,
+                2 * l as u64,
+            )?;
+            if let BlockLayout::Parallel { .. } = self.block {
+                // Both branches read the same x.
+                let m = dropped(
+                    self.mlp(layer, &apply(&layer.pre_mlp, &x)?)?,
+                    2 * l as u64 + 1,
                 )?;
-                let x = apply(&layer.post_attn, &(x + a)?)?;
-                let m = dropped(self.mlp(layer, &x)?, 2 * l as u64 + 1)?;
-                apply(&layer.post_mlp, &(x + m)?)?
+                ((x + a)? + m)?
             } else {
-                let h = apply(&layer.pre_attn, &x)?;
-                let a = dropped(
-                    self.attention(layer, &h, b, t, &cos, &sin, window, scale)?,
-                    2 * l as u64,
+                let x = (x + apply(&layer.post_attn, &a)?)?;
+                let m = dropped(
+                    self.mlp(layer, &apply(&layer.pre_mlp, &x)?)?,
+                    2 * l as u64 + 1,
                 )?;
-                if let BlockLayout::Parallel { .. } = self.block {
-                    // Both branches read the same x.
-                    let m = dropped(
-                        self.mlp(layer, &apply(&layer.pre_mlp, &x)?)?,
-                        2 * l as u64 + 1,
-                    )?;
-                    ((x + a)? + m)?
-                } else {
-                    let x = (x + apply(&layer.post_attn, &a)?)?;
-                    let m = dropped(
-                        self.mlp(layer, &apply(&layer.pre_mlp, &x)?)?,
-                        2 * l as u64 + 1,
-                    )?;
-                    (x + apply(&layer.post_mlp, &m)?)?
-                }
-            };
-            residual.push(x.reshape((b, t, d))?);
-        }
-        let mut h = apply(&self.norm, &x)?;
-        if let Some(p) = &self.project_out {
+                (x + apply(&layer.post_mlp, &m)?)?
+            }
+        })
+    }
+
+    /// What the head reads: the last residual state through the final norm (and OPT's
+    /// project_out).
+    pub(crate) fn head_input(
+        &self,
+        x: &Tensor,
+        norm: Option<&Norm>,
+        project_out: Option<&Linear>,
+    ) -> Result<Tensor> {
+        let mut h = match norm {
+            Some(n) => n.forward(x, self.spec.norm_eps)?,
+            None => x.clone(),
+        };
+        if let Some(p) = project_out {
             h = p.forward(&h)?;
         }
-        let mut logits = self.head.forward(&h)?;
-        if let Some(c) = s.final_softcap {
-            logits = ((logits / c)?.tanh()? * c)?;
-        }
+        Ok(h)
+    }
+
+    /// The final logit soft-cap (Gemma-2), if the model has one.
+    pub(crate) fn softcap(&self, logits: Tensor) -> Result<Tensor> {
+        Ok(match self.spec.final_softcap {
+            Some(c) => ((logits / c)?.tanh()? * c)?,
+            None => logits,
+        })
+    }
+
+    /// Logits [B*T, vocab], the residual states and the head's input, shaped [B, T, ..].
+    pub(crate) fn output(
+        &self,
+        logits: Tensor,
+        residual: Vec<Tensor>,
+        h: Tensor,
+        b: usize,
+        t: usize,
+    ) -> Result<ForwardOutput> {
         let dh = h.dim(1)?;
         Ok(ForwardOutput {
-            logits: logits.reshape((b, t, s.vocab))?,
+            logits: logits.reshape((b, t, self.spec.vocab))?,
             residual,
             final_norm: h.reshape((b, t, dh))?,
         })
@@ -624,8 +846,8 @@ impl Decoder {
 
     /// cos/sin tables [T, rotary_dim], computed in f64 (the exact rotation) then cast;
     /// None for learned-position families.
-    fn rope_tables(&self, t: usize) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        if self.positions.is_some() {
+    pub(crate) fn rope_tables(&self, t: usize) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if self.learned_positions {
             return Ok((None, None));
         }
         let s = &self.spec;

@@ -3,6 +3,8 @@
 
 use crate::error::{NnError, Result};
 use crate::model::{Decoder, ForwardOutput};
+use crate::spec::DecoderSpec;
+use crate::stream::forward_streamed;
 use candle_core::{DType, Tensor, D};
 
 #[derive(Debug, Clone)]
@@ -92,14 +94,18 @@ pub fn working_tolerance(working: DType) -> f64 {
 /// How far rounding every weight to `storage` moves SMALL's function, measured: SMALL is
 /// run with each weight w replaced by `round(w / k) * k` (an independent rounding error of
 /// up to half an ulp of `storage` at w's magnitude, as writing W/n or W/n + noise gives a
-/// clone) and compared with SMALL as stored.
+/// clone) and compared with SMALL as stored (`small`: its output on `ids`). The rounded
+/// SMALL is streamed layer by layer ([`forward_streamed`]), never held whole.
 pub fn rounding_sensitivity(
     ckpt: &hyperclone_core::Checkpoint,
-    small: &Decoder,
+    small: &ForwardOutput,
     storage: hyperclone_core::DType,
     working: DType,
     ids: &[u32],
 ) -> Result<Sensitivity> {
+    let device = small.logits.device();
+    let input = Tensor::from_vec(ids.to_vec(), (1, ids.len()), device)?;
+    let same = Expectation::same_depth(small.residual.len() - 1);
     // Three independent draws of the rounding (w/3, w/5, w/7 rounded, scaled back): one
     // draw can by chance leave a metric (the signed scale error) near zero.
     let mut out = Sensitivity {
@@ -116,8 +122,8 @@ pub fn rounding_sensitivity(
                 *x *= k;
             }
         };
-        let rounded = Decoder::load_perturbed(ckpt, working, &small.device, &round)?;
-        let r = verify(small, &rounded, ids, 0.0)?;
+        let rounded = forward_streamed(ckpt, working, device, Some(&round), &input)?;
+        let r = compare(small, &rounded, 1, ids.len(), 0.0, &same)?;
         let states = r.states.iter().map(|s| s.relative).fold(0.0, nan_max);
         out.values = nan_max(out.values, nan_max(r.max_rel_logit_diff, states));
         out.scale = nan_max(out.scale, (r.std_ratio - 1.0).abs());
@@ -210,10 +216,19 @@ pub fn verify_expecting(
     tolerance: f64,
     expect: &Expectation,
 ) -> Result<VerifyReport> {
-    let (s, b) = (&small.spec, &big.spec);
+    let n = grown_factor(&small.spec, &big.spec, expect)?;
+    let input = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &small.device)?;
+    let so = small.forward(&input)?;
+    let bo = big.forward(&input.to_device(&big.device)?)?;
+    compare(&so, &bo, n, ids.len(), tolerance, expect)
+}
+
+/// The width factor n of BIG over SMALL, refusing a BIG that is not SMALL grown by the
+/// recorded layer map.
+pub fn grown_factor(s: &DecoderSpec, b: &DecoderSpec, expect: &Expectation) -> Result<usize> {
     let layers_match =
         expect.layer_of.len() == b.layers && expect.layer_of.iter().all(|&l| l < s.layers);
-    if b.hidden % s.hidden != 0 || b.vocab != s.vocab || !layers_match {
+    if !b.hidden.is_multiple_of(s.hidden) || b.vocab != s.vocab || !layers_match {
         return Err(NnError::Input(format!(
             "BIG (hidden {}, vocab {}, {} layers) is not a grown SMALL (hidden {}, vocab {}, {} layers){}",
             b.hidden,
@@ -229,10 +244,19 @@ pub fn verify_expecting(
             }
         )));
     }
-    let n = b.hidden / s.hidden;
-    let input = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &small.device)?;
-    let so = small.forward(&input)?;
-    let bo = big.forward(&input.to_device(&big.device)?)?;
+    Ok(b.hidden / s.hidden)
+}
+
+/// The report on SMALL's and BIG's outputs for the same `tokens` tokens (BIG `n` times
+/// wider, its layers mapped by `expect`), however each was computed.
+pub fn compare(
+    so: &ForwardOutput,
+    bo: &ForwardOutput,
+    n: usize,
+    tokens: usize,
+    tolerance: f64,
+    expect: &Expectation,
+) -> Result<VerifyReport> {
     let sl = to_rows(&so.logits)?;
     let bl = to_rows(&bo.logits)?;
     let scale = sl
@@ -252,10 +276,10 @@ pub fn verify_expecting(
         agree += (argmax(a) == argmax(b)) as usize;
         kl += kl_divergence(a, b);
     }
-    let states = state_deviations(&so, &bo, n, expect)?;
+    let states = state_deviations(so, bo, n, expect)?;
     Ok(VerifyReport {
         factor: n,
-        tokens: ids.len(),
+        tokens,
         max_abs_logit_diff: max_abs,
         max_rel_logit_diff: max_abs / scale,
         std_ratio,
