@@ -123,18 +123,16 @@ pub fn crossing(points: &[(f64, f64)], target: f64) -> Option<Crossing> {
     if first.1 <= target {
         return Some(Crossing::BelowSmallest { tokens: first.0 });
     }
-    Some(
-        points
-            .windows(2)
-            .find(|w| w[1].1 <= target)
-            .map_or(Crossing::NotReached { tokens: points[points.len() - 1].0 }, |w| {
-                Crossing::Between {
-                    tokens: log_interpolate(w[0], w[1], target),
-                    lo: w[0].0,
-                    hi: w[1].0,
-                }
-            }),
-    )
+    Some(points.windows(2).find(|w| w[1].1 <= target).map_or(
+        Crossing::NotReached {
+            tokens: points[points.len() - 1].0,
+        },
+        |w| Crossing::Between {
+            tokens: log_interpolate(w[0], w[1], target),
+            lo: w[0].0,
+            hi: w[1].0,
+        },
+    ))
 }
 
 /// The rungs (in ladder order) that bracket the crossing of `points` (one seed's finished
@@ -195,8 +193,14 @@ mod tests {
             }
             c => panic!("{c:?}"),
         }
-        assert_eq!(crossing(&pts, 4.9), Some(Crossing::BelowSmallest { tokens: 1e6 }));
-        assert_eq!(crossing(&pts, 4.2), Some(Crossing::NotReached { tokens: 8e6 }));
+        assert_eq!(
+            crossing(&pts, 4.9),
+            Some(Crossing::BelowSmallest { tokens: 1e6 })
+        );
+        assert_eq!(
+            crossing(&pts, 4.2),
+            Some(Crossing::NotReached { tokens: 8e6 })
+        );
         assert_eq!(crossing(&[], 4.2), None);
         // The first crossing counts when noise makes the losses non-monotone.
         let noisy = [(1e6, 4.8), (2e6, 4.45), (4e6, 4.55), (8e6, 4.3)];
@@ -210,14 +214,27 @@ mod tests {
         let c = crossing(&[(1e6, 4.8), (2e6, 4.6)], 4.7).unwrap();
         let s = c.speedup(|b| r / b);
         assert!((s.exact().unwrap() - 8e6 / (1e6 * 2f64.sqrt())).abs() < 1e-9);
-        assert_eq!(Crossing::BelowSmallest { tokens: 1e6 }.speedup(|b| r / b), Speedup::AtLeast(8.0));
-        assert_eq!(Crossing::NotReached { tokens: 8e6 }.speedup(|b| r / b), Speedup::Below(1.0));
+        assert_eq!(
+            Crossing::BelowSmallest { tokens: 1e6 }.speedup(|b| r / b),
+            Speedup::AtLeast(8.0)
+        );
+        assert_eq!(
+            Crossing::NotReached { tokens: 8e6 }.speedup(|b| r / b),
+            Speedup::Below(1.0)
+        );
         assert_eq!(Speedup::AtLeast(8.0).at_least(2.0), Some(true));
-        assert_eq!(Speedup::AtLeast(1.5).at_least(2.0), None, "a bound under 2 says nothing");
+        assert_eq!(
+            Speedup::AtLeast(1.5).at_least(2.0),
+            None,
+            "a bound under 2 says nothing"
+        );
         assert_eq!(Speedup::Below(1.0).at_least(2.0), Some(false));
         assert_eq!(Speedup::Exact(1.9).at_least(2.0), Some(false));
         assert_eq!(Speedup::AtLeast(8.0).to_json(), json!({"at_least": 8.0}));
-        assert_eq!(Crossing::NotReached { tokens: 8e6 }.budget_json(), json!({"above": 8e6}));
+        assert_eq!(
+            Crossing::NotReached { tokens: 8e6 }.budget_json(),
+            json!({"above": 8e6})
+        );
     }
 
     #[test]

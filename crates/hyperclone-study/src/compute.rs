@@ -88,7 +88,13 @@ pub fn training_flops_per_token(s: &Shape, seq: usize) -> Flops {
 
 /// The speedup charging the base: the random init's training FLOPs over the clone's plus
 /// the base's, i.e. R F_large / (C F_large + B F_small) with R, C and B in tokens.
-pub fn charged_speedup(random_tokens: f64, clone_tokens: f64, base_tokens: f64, small: &Flops, large: &Flops) -> f64 {
+pub fn charged_speedup(
+    random_tokens: f64,
+    clone_tokens: f64,
+    base_tokens: f64,
+    small: &Flops,
+    large: &Flops,
+) -> f64 {
     random_tokens * large.total() / (clone_tokens * large.total() + base_tokens * small.total())
 }
 
@@ -99,7 +105,15 @@ mod tests {
     #[test]
     fn a_tiny_shape_counted_by_hand() {
         // d 4, f 6, 2 heads of 2, 1 kv head, 1 layer, V 10, n_ctx 3.
-        let s = Shape { hidden: 4, ffn: 6, heads: 2, kv_heads: 1, head_dim: 2, layers: 1, vocab: 10 };
+        let s = Shape {
+            hidden: 4,
+            ffn: 6,
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 2,
+            layers: 1,
+            vocab: 10,
+        };
         // q 4x4 = 16, k and v 4x2 = 8 each, o 16, MLP 3 x 4 x 6 = 72: 120 parameters.
         assert_eq!(non_embedding_matmul_params(&s), 120.0);
         let f = training_flops_per_token(&s, 3);
@@ -114,9 +128,25 @@ mod tests {
     fn the_study_shapes() {
         // The paper-regime base (hidden 64, FFN 172, 2 heads of 32, 1 kv head, 4 layers,
         // V 4096) and its x2 clone (hidden 128, FFN 344, 4 heads, 1 kv head), n_ctx 128.
-        let small = Shape { hidden: 64, ffn: 172, heads: 2, kv_heads: 1, head_dim: 32, layers: 4, vocab: 4096 };
-        let large = Shape { hidden: 128, ffn: 344, heads: 4, ..small };
-        let (fs, fl) = (training_flops_per_token(&small, 128), training_flops_per_token(&large, 128));
+        let small = Shape {
+            hidden: 64,
+            ffn: 172,
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 32,
+            layers: 4,
+            vocab: 4096,
+        };
+        let large = Shape {
+            hidden: 128,
+            ffn: 344,
+            heads: 4,
+            ..small
+        };
+        let (fs, fl) = (
+            training_flops_per_token(&small, 128),
+            training_flops_per_token(&large, 128),
+        );
         // Small: 4 x (4096 + 2 x 2048 + 4096 + 33024) = 181,248 matmul parameters.
         assert_eq!(fs.non_embedding, 6.0 * 181_248.0);
         assert_eq!(fs.head, 6.0 * 262_144.0);

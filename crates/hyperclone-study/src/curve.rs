@@ -97,7 +97,7 @@ pub fn write_compact(metrics: &Path, dst: &Path, every: u64) -> Result<()> {
         let v: Value = serde_json::from_str(line)
             .with_context(|| format!("{} line {}: not JSON", metrics.display(), i + 1))?;
         let step = v["step"].as_u64().unwrap_or(0);
-        if v["val_loss"].is_null() && step % every.max(1) != 0 {
+        if v["val_loss"].is_null() && !step.is_multiple_of(every.max(1)) {
             continue;
         }
         csv.push_str(&format!(

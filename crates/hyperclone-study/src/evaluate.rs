@@ -38,7 +38,13 @@ pub fn read(run: &Path, windows: usize, seq: usize, step: u64) -> Option<FinalEv
 
 /// Evaluates RUN/last (at `step`) on `windows` windows of `seq` tokens spread evenly over
 /// the validation split, unless that is already recorded; returns the result.
-pub fn final_eval(run: &Path, val: &TokenFile, windows: usize, seq: usize, step: u64) -> Result<FinalEval> {
+pub fn final_eval(
+    run: &Path,
+    val: &TokenFile,
+    windows: usize,
+    seq: usize,
+    step: u64,
+) -> Result<FinalEval> {
     if let Some(e) = read(run, windows, seq, step) {
         return Ok(e);
     }

@@ -257,14 +257,21 @@ impl Common<'_> {
             seed,
         };
         go!(self.large_run(dir.clone(), r, &label));
-        crate::evaluate::final_eval(&dir, &self.val, self.s.final_eval_windows, self.s.seq, steps)?;
+        crate::evaluate::final_eval(
+            &dir,
+            &self.val,
+            self.s.final_eval_windows,
+            self.s.seq,
+            steps,
+        )?;
         Ok(true)
     }
 
     /// The final loss of a finished rung (its final evaluation).
     fn final_loss(&self, arm: Arm, base_steps: u64, steps: u64, seed: u64) -> Option<f64> {
         let dir = ladder_dir(&self.out, base_key(arm, base_steps), arm, steps, seed);
-        crate::evaluate::read(&dir, self.s.final_eval_windows, self.s.seq, steps).map(|e| e.val_loss)
+        crate::evaluate::read(&dir, self.s.final_eval_windows, self.s.seq, steps)
+            .map(|e| e.val_loss)
     }
 
     /// (rung, final loss) of one seed's finished rungs.
@@ -504,8 +511,10 @@ fn screen_arm(c: &Common, arm: Arm, base_steps: u64) -> Result<bool> {
     }
     let best = report::best_of(&read_screen(&c.out, key, arm));
     if let Some((lr, loss)) = best {
-        c.progress
-            .line(&format!("   {}: lr {lr:e} (screen loss {loss:.4})", arm.name()));
+        c.progress.line(&format!(
+            "   {}: lr {lr:e} (screen loss {loss:.4})",
+            arm.name()
+        ));
     }
     Ok(true)
 }

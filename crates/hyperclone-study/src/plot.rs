@@ -121,9 +121,17 @@ fn full_budget_curves(report: &Report) -> Vec<(String, RunRole, Vec<&Curve>)> {
             .map(|r| &r.curve)
             .collect()
     };
-    let mut all = vec![("random-init".to_string(), RunRole::Random, curves(None, Arm::RANDOM))];
+    let mut all = vec![(
+        "random-init".to_string(),
+        RunRole::Random,
+        curves(None, Arm::RANDOM),
+    )];
     for row in &report.rows {
-        all.push((row.label(), RunRole::Clone, curves(Some(row.base_steps), row.arm)));
+        all.push((
+            row.label(),
+            RunRole::Clone,
+            curves(Some(row.base_steps), row.arm),
+        ));
     }
     all.retain(|c| !c.2.is_empty());
     all
@@ -216,7 +224,13 @@ pub fn val_loss(report: &Report, path: &Path) -> Result<()> {
         for (i, (label, role, band)) in bands.iter().enumerate() {
             let c = colour(i, *role);
             let last = band.last().map_or(f64::NAN, |p| p.1);
-            draw_band(&mut chart, band, c, format!("{label} ({last:.3})"), (y0, y1))?;
+            draw_band(
+                &mut chart,
+                band,
+                c,
+                format!("{label} ({last:.3})"),
+                (y0, y1),
+            )?;
         }
         if legend {
             draw_legend(&mut chart, SeriesLabelPosition::UpperRight)?;
@@ -281,7 +295,13 @@ fn ladder_of(report: &Report, base: Option<u64>, arm: Arm) -> Ladder {
             let vals: Vec<f64> = s
                 .seeds
                 .iter()
-                .filter_map(|&seed| report.runs.ladder.get(&(base, arm, steps, seed))?.final_loss())
+                .filter_map(|&seed| {
+                    report
+                        .runs
+                        .ladder
+                        .get(&(base, arm, steps, seed))?
+                        .final_loss()
+                })
                 .collect();
             if vals.is_empty() {
                 return None;
@@ -307,15 +327,24 @@ pub fn budget(report: &Report, path: &Path) -> Result<()> {
     for (i, row) in report.rows.iter().enumerate() {
         lines.push((
             row.label(),
-            colour(i, RunRole::Clone),
+            // i + 1: the same colour as the row in val_loss.png, where the random init is first.
+            colour(i + 1, RunRole::Clone),
             ladder_of(report, Some(row.base_steps), row.arm),
         ));
     }
     lines.retain(|l| !l.2.is_empty());
     let xs = || lines.iter().flat_map(|l| l.2.iter().map(|p| p.0));
-    let ys = || lines.iter().flat_map(|l| l.2.iter().flat_map(|p| p.4.iter().copied()));
+    let ys = || {
+        lines
+            .iter()
+            .flat_map(|l| l.2.iter().flat_map(|p| p.4.iter().copied()))
+    };
     let (x0, x1) = (xs().fold(f64::INFINITY, f64::min), xs().fold(0.0, f64::max));
-    let (x0, x1) = if x0.is_finite() && x1 > x0 { (x0 / 1.3, x1 * 1.3) } else { (1.0, 10.0) };
+    let (x0, x1) = if x0.is_finite() && x1 > x0 {
+        (x0 / 1.3, x1 * 1.3)
+    } else {
+        (1.0, 10.0)
+    };
     let mut refs: Vec<(String, f64)> = Vec::new();
     let randoms: Vec<f64> = report.random_finals().iter().map(|r| r.1).collect();
     if !randoms.is_empty() {
@@ -329,8 +358,12 @@ pub fn budget(report: &Report, path: &Path) -> Result<()> {
             refs.push((format!("base-{b}, final"), l));
         }
     }
-    let y_lo = ys().chain(refs.iter().map(|r| r.1)).fold(f64::INFINITY, f64::min);
-    let y_hi = ys().chain(refs.iter().map(|r| r.1)).fold(f64::NEG_INFINITY, f64::max);
+    let y_lo = ys()
+        .chain(refs.iter().map(|r| r.1))
+        .fold(f64::INFINITY, f64::min);
+    let y_hi = ys()
+        .chain(refs.iter().map(|r| r.1))
+        .fold(f64::NEG_INFINITY, f64::max);
     let (y0, y1) = if y_lo.is_finite() {
         let pad = 0.05 * (y_hi - y_lo).max(0.02);
         (y_lo - pad, y_hi + pad)
@@ -358,7 +391,12 @@ pub fn budget(report: &Report, path: &Path) -> Result<()> {
     for (i, (label, y)) in refs.iter().enumerate() {
         let c = if i == 0 { RGBColor(214, 39, 40) } else { BLACK };
         chart
-            .draw_series(DashedLineSeries::new([(x0, *y), (x1, *y)], 8, 6, c.stroke_width(2)))
+            .draw_series(DashedLineSeries::new(
+                [(x0, *y), (x1, *y)],
+                8,
+                6,
+                c.stroke_width(2),
+            ))
             .map_err(err)?
             .label(format!("{label} ({y:.3})"))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
@@ -373,16 +411,18 @@ pub fn budget(report: &Report, path: &Path) -> Result<()> {
                 .map_err(err)?;
         }
         chart
-            .draw_series(LineSeries::new(ladder.iter().map(|p| (p.0, p.1)), c.stroke_width(3)))
+            .draw_series(LineSeries::new(
+                ladder.iter().map(|p| (p.0, p.1)),
+                c.stroke_width(3),
+            ))
             .map_err(err)?
             .label(label.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3)));
         chart
-            .draw_series(
-                ladder
-                    .iter()
-                    .flat_map(|p| p.4.iter().map(move |v| Circle::new((p.0, *v), 4, c.filled()))),
-            )
+            .draw_series(ladder.iter().flat_map(|p| {
+                p.4.iter()
+                    .map(move |v| Circle::new((p.0, *v), 4, c.filled()))
+            }))
             .map_err(err)?;
     }
     chart

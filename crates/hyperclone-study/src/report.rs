@@ -140,7 +140,11 @@ impl Report {
             complete,
         };
         let top = s.largest_base();
-        let mut rows: Vec<Row> = s.clone_arms().into_iter().map(|a| report.row(top, a)).collect();
+        let mut rows: Vec<Row> = s
+            .clone_arms()
+            .into_iter()
+            .map(|a| report.row(top, a))
+            .collect();
         for &b in s.base_steps[..s.base_steps.len() - 1].iter().rev() {
             rows.push(report.row(b, s.headline_arm));
         }
@@ -384,7 +388,12 @@ impl Report {
             let losses: Vec<f64> = s
                 .seeds
                 .iter()
-                .filter_map(|&seed| self.runs.ladder.get(&(base, arm, steps, seed))?.final_loss())
+                .filter_map(|&seed| {
+                    self.runs
+                        .ladder
+                        .get(&(base, arm, steps, seed))?
+                        .final_loss()
+                })
                 .collect();
             match losses.len() {
                 0 => "-".into(),
@@ -433,7 +442,11 @@ impl Report {
                     row.base_loss.map_or("-".into(), |l| format!("{l:.4}")),
                     r.seed,
                     r.target.map_or("pending".into(), |l| format!("{l:.4}")),
-                    if runs.is_empty() { "pending".into() } else { runs.join(", ") },
+                    if runs.is_empty() {
+                        "pending".into()
+                    } else {
+                        runs.join(", ")
+                    },
                     r.crossing.map_or("pending", |c| c.status()),
                     r.speedup.map_or("-".into(), |x| x.text()),
                     r.charged.map_or("-".into(), |x| x.text()),
@@ -460,7 +473,9 @@ impl Report {
         }
         let _ = writeln!(t, " chosen |\n|---|{}---|", "---|".repeat(lrs.len()));
         for (base, arm) in keys {
-            let label = base.map_or(arm.name().to_string(), |b| format!("{} (base-{b})", arm.name()));
+            let label = base.map_or(arm.name().to_string(), |b| {
+                format!("{} (base-{b})", arm.name())
+            });
             let _ = write!(t, "| {label} |");
             for lr in &lrs {
                 let cell = self
@@ -491,7 +506,11 @@ impl Report {
                 f.total()
             );
         }
-        let _ = writeln!(t, "\nThe base's training costs {:.3} large-model tokens per base token.", fs.total() / fl.total());
+        let _ = writeln!(
+            t,
+            "\nThe base's training costs {:.3} large-model tokens per base token.",
+            fs.total() / fl.total()
+        );
         t
     }
 
@@ -505,12 +524,14 @@ impl Report {
         for row in &self.rows {
             for &seed in &s.seeds {
                 let key = (Some(row.base_steps), row.arm, s.steps, seed);
-                let (Some(c), Some(r)) = (self.runs.ladder.get(&key), self.random_full(seed)) else {
+                let (Some(c), Some(r)) = (self.runs.ladder.get(&key), self.random_full(seed))
+                else {
                     continue;
                 };
                 let target = r.curve.final_loss();
                 let reach = tokens_to_reach(&c.curve.evals, target);
-                let random_reach = tokens_to_reach(&r.curve.evals, target).unwrap_or(r.curve.tokens());
+                let random_reach =
+                    tokens_to_reach(&r.curve.evals, target).unwrap_or(r.curve.tokens());
                 let dip = forgetting_dip(&c.curve.evals);
                 let _ = writeln!(
                     t,
@@ -518,9 +539,17 @@ impl Report {
                     row.label(),
                     c.curve.final_loss(),
                     reach.map_or("not reached".into(), mega),
-                    reach.map_or("-".into(), |x| if x > 0.0 { format!("{:.2}x", random_reach / x) } else { "at step 0".into() }),
+                    reach.map_or("-".into(), |x| if x > 0.0 {
+                        format!("{:.2}x", random_reach / x)
+                    } else {
+                        "at step 0".into()
+                    }),
                     dip.rise,
-                    c.curve.evals.last().and_then(|e| e.symmetry).map_or("-".into(), |x| format!("{x:.4}")),
+                    c.curve
+                        .evals
+                        .last()
+                        .and_then(|e| e.symmetry)
+                        .map_or("-".into(), |x| format!("{x:.4}")),
                 );
             }
         }
@@ -570,7 +599,10 @@ impl Report {
     pub fn markdown(&self) -> String {
         let s = &self.settings;
         let mut m = String::new();
-        let _ = writeln!(m, "# Convergence study, budget-matched: HyperCloning on one CPU machine\n");
+        let _ = writeln!(
+            m,
+            "# Convergence study, budget-matched: HyperCloning on one CPU machine\n"
+        );
         let _ = writeln!(m, "**{}**\n", self.headline_sentence());
         if !self.complete {
             let _ = writeln!(m, "The study is not complete: the numbers below are from the runs finished so far; rerunning the same command continues it.\n");
@@ -612,7 +644,11 @@ impl Report {
         m.push_str(METHOD);
         m.push('\n');
         m.push_str(&self.flops_markdown());
-        let _ = writeln!(m, "\n## Learning-rate screens ({} steps, seed {}, loss at the run's end)\n", s.screen_steps, s.seeds[0]);
+        let _ = writeln!(
+            m,
+            "\n## Learning-rate screens ({} steps, seed {}, loss at the run's end)\n",
+            s.screen_steps, s.seeds[0]
+        );
         m.push_str(&self.screen_markdown());
         let _ = writeln!(m, "\n## Secondary view: within-run curves of the full-budget runs\n\nInside one run a point is not a shorter run's final loss: the random init reaches its own final loss only in its decay, so a within-run ratio is capped by the schedule. Shown for the curves only; the headline is the budget-matched table above.\n");
         m.push_str(&self.within_run_markdown());
@@ -631,7 +667,10 @@ impl Report {
                 let _ = writeln!(f, "- {}: regime check pending.", row.label());
                 continue;
             }
-            let text: Vec<String> = margins.iter().map(|(seed, m)| format!("s{seed} {m:+.4}")).collect();
+            let text: Vec<String> = margins
+                .iter()
+                .map(|(seed, m)| format!("s{seed} {m:+.4}"))
+                .collect();
             let _ = writeln!(
                 f,
                 "- {}: the random init ends below the base's {:.4} by {} nats: {}.",
@@ -640,14 +679,18 @@ impl Report {
                 text.join(", "),
                 match self.regime_met(row) {
                     Some(true) => "the paper's regime (>= 0.05 on every seed) holds".to_string(),
-                    Some(false) => "the paper's regime (>= 0.05 on every seed) is NOT met".to_string(),
+                    Some(false) =>
+                        "the paper's regime (>= 0.05 on every seed) is NOT met".to_string(),
                     None => "pending for the other seeds".to_string(),
                 }
             );
         }
         match self.final_eval_tokens() {
             Some(t) if t >= MIN_FINAL_EVAL_TOKENS => {
-                let _ = writeln!(f, "- Every final point is evaluated on at least {t} held-out tokens.");
+                let _ = writeln!(
+                    f,
+                    "- Every final point is evaluated on at least {t} held-out tokens."
+                );
             }
             Some(t) => {
                 let _ = writeln!(f, "- Final points are evaluated on only {t} held-out tokens (the protocol asks for {MIN_FINAL_EVAL_TOKENS}): a pipeline check, not a measurement.");
@@ -655,7 +698,11 @@ impl Report {
             None => {}
         }
         if s.seeds.len() < 3 {
-            let _ = writeln!(f, "- {} seed(s): the protocol asks for at least 3.", s.seeds.len());
+            let _ = writeln!(
+                f,
+                "- {} seed(s): the protocol asks for at least 3.",
+                s.seeds.len()
+            );
         }
         if let Some(train) = self.corpus_train_tokens() {
             let passes = s.corpus_passes(train as usize);

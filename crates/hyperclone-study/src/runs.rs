@@ -144,7 +144,12 @@ fn numbered<T: std::str::FromStr>(dir: &Path, prefix: &str) -> Vec<(T, PathBuf)>
         .flatten()
         .filter_map(|e| {
             let path = e.path();
-            let n = path.file_name()?.to_str()?.strip_prefix(prefix)?.parse().ok()?;
+            let n = path
+                .file_name()?
+                .to_str()?
+                .strip_prefix(prefix)?
+                .parse()
+                .ok()?;
             Some((n, path))
         })
         .collect()
@@ -197,7 +202,16 @@ pub fn read_corpus(out: &Path) -> Value {
 
 /// The two shapes, their parameter counts and configs, for the report (null until the
 /// strongest base has been grown).
-pub fn models(out: &Path, s: &Settings) -> Result<Option<(hyperclone_core::config::ModelConfig, hyperclone_core::config::ModelConfig, Value)>> {
+pub fn models(
+    out: &Path,
+    s: &Settings,
+) -> Result<
+    Option<(
+        hyperclone_core::config::ModelConfig,
+        hyperclone_core::config::ModelConfig,
+        Value,
+    )>,
+> {
     let top = s.largest_base();
     let base = base_dir(out, top).join("last");
     let large = clone_dir(out, top, Variant::Symmetric, 0);

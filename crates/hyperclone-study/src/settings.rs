@@ -96,8 +96,16 @@ const ARMS: [(&str, Start, Moments); 9] = [
     ("noisy-carried", Start::Noisy, Moments::Carried),
     ("symmetric-fresh", Start::Symmetric, Moments::Fresh),
     ("symmetric-carried", Start::Symmetric, Moments::Carried),
-    ("symmetric+dropout-fresh", Start::SymmetricDropout, Moments::Fresh),
-    ("symmetric+dropout-carried", Start::SymmetricDropout, Moments::Carried),
+    (
+        "symmetric+dropout-fresh",
+        Start::SymmetricDropout,
+        Moments::Fresh,
+    ),
+    (
+        "symmetric+dropout-carried",
+        Start::SymmetricDropout,
+        Moments::Carried,
+    ),
     ("diagonal-fresh", Start::Diagonal, Moments::Fresh),
     ("diagonal-carried", Start::Diagonal, Moments::Carried),
 ];
@@ -317,8 +325,7 @@ impl Settings {
         {
             bail!("--arms: start with random-init (every speedup is measured against it), then the clone arms");
         }
-        if !self.arms.contains(&self.headline_arm) || self.headline_arm.role() != RunRole::Clone
-        {
+        if !self.arms.contains(&self.headline_arm) || self.headline_arm.role() != RunRole::Clone {
             bail!(
                 "--headline-arm {}: must be one of the clone arms in --arms",
                 self.headline_arm.name()
@@ -335,7 +342,9 @@ impl Settings {
             && self.ladder.windows(2).all(|w| w[0] < w[1])
             && self.ladder.last() == Some(&1.0);
         if !fractions_ok {
-            bail!("--ladder: give ascending fractions of --steps ending at 1, e.g. 0.125,0.25,0.5,1");
+            bail!(
+                "--ladder: give ascending fractions of --steps ending at 1, e.g. 0.125,0.25,0.5,1"
+            );
         }
         let rungs = self.ladder_steps();
         if rungs.windows(2).any(|w| w[0] >= w[1]) || rungs[0] <= self.warmup {
@@ -415,7 +424,9 @@ impl Settings {
                 .max(self.largest_base() * self.tokens_per_step())
         );
         if self.preset == "quick" {
-            return Ok(Some(format!("warning: {what}; fine for a pipeline check only")));
+            return Ok(Some(format!(
+                "warning: {what}; fine for a pipeline check only"
+            )));
         }
         bail!("{what}: give more --data or lower --steps / --base-steps")
     }
@@ -517,7 +528,10 @@ mod tests {
         let s = Settings::resolve(&options()).unwrap();
         // 8.19M tokens of budget: 14.4M training tokens is 0.57 passes, 4M is 2.05.
         assert_eq!(s.check_corpus(14_413_513).unwrap(), None);
-        assert!(s.check_corpus(4_096_000).unwrap().is_none(), "exactly 2 passes");
+        assert!(
+            s.check_corpus(4_096_000).unwrap().is_none(),
+            "exactly 2 passes"
+        );
         let err = s.check_corpus(4_000_000).unwrap_err().to_string();
         assert!(err.contains("2.0 times"), "{err}");
         let q = Settings::resolve(&ExperimentOptions {

@@ -54,7 +54,12 @@ fn points(r: &Value, arm: &str, base: Option<u64>, seed: u64) -> Vec<(f64, f64)>
         .unwrap()
         .iter()
         .filter(|x| x["arm"] == arm && x["base_steps"].as_u64() == base && x["seed"] == seed)
-        .map(|x| (x["tokens"].as_f64().unwrap(), x["final_val_loss"].as_f64().unwrap()))
+        .map(|x| {
+            (
+                x["tokens"].as_f64().unwrap(),
+                x["final_val_loss"].as_f64().unwrap(),
+            )
+        })
         .collect();
     p.sort_by(|a, b| a.0.total_cmp(&b.0));
     p
@@ -103,8 +108,14 @@ fn check_headline_against_runs(r: &Value) {
         match first {
             Some(0) => {
                 assert_eq!(h["crossings"][i], "below the smallest budget");
-                assert!(close(speedup["at_least"].as_f64().unwrap(), big_r / pts[0].0));
-                assert!(close(charged["at_least"].as_f64().unwrap(), charge(pts[0].0)));
+                assert!(close(
+                    speedup["at_least"].as_f64().unwrap(),
+                    big_r / pts[0].0
+                ));
+                assert!(close(
+                    charged["at_least"].as_f64().unwrap(),
+                    charge(pts[0].0)
+                ));
             }
             None => {
                 assert_eq!(h["crossings"][i], "not reached within the ladder");
@@ -134,12 +145,18 @@ fn quick_experiment_writes_a_complete_report_and_reruns_reuse_it() {
     let o = experiment(d, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(stdout.contains("warning: the longest run"), "the toy corpus is read many times: {stdout}");
+    assert!(
+        stdout.contains("warning: the longest run"),
+        "the toy corpus is read many times: {stdout}"
+    );
 
     let r = report(d);
     let h = &r["headline"];
     assert_eq!(h["protocol"], "budget-matched");
-    assert_eq!(h["arm"], "noisy-fresh", "the paper's protocol, fixed before any run");
+    assert_eq!(
+        h["arm"], "noisy-fresh",
+        "the paper's protocol, fixed before any run"
+    );
     assert_eq!(h["variant"], "noisy");
     assert_eq!(h["moments"], "fresh");
     assert_eq!(h["base_steps"], 40);
@@ -152,11 +169,20 @@ fn quick_experiment_writes_a_complete_report_and_reruns_reuse_it() {
         .iter()
         .map(|x| x["loss"].as_f64().unwrap())
         .collect();
-    assert_eq!(finals.len(), 2, "the random init at its full budget on both seeds");
+    assert_eq!(
+        finals.len(),
+        2,
+        "the random init at its full budget on both seeds"
+    );
     let mean = finals.iter().sum::<f64>() / 2.0;
     assert!((h["random_final_loss"].as_f64().unwrap() - mean).abs() < 1e-12);
     let n = h["seeds"].as_array().unwrap().len();
-    for key in ["clone_budget_tokens", "speedups", "speedups_charging_base", "crossings"] {
+    for key in [
+        "clone_budget_tokens",
+        "speedups",
+        "speedups_charging_base",
+        "crossings",
+    ] {
         assert_eq!(h[key].as_array().unwrap().len(), n, "{key}: {h}");
     }
     assert!(h["corpus_train_tokens"].as_f64().unwrap() > 0.0);
@@ -167,8 +193,14 @@ fn quick_experiment_writes_a_complete_report_and_reruns_reuse_it() {
     check_headline_against_runs(&r);
     // FLOPs per token by the documented formula (input embedding: none).
     let seq = 12.0;
-    assert_eq!(h["flops_per_token"]["small"], flops(&r["models"]["small"], seq));
-    assert_eq!(h["flops_per_token"]["large"], flops(&r["models"]["large"], seq));
+    assert_eq!(
+        h["flops_per_token"]["small"],
+        flops(&r["models"]["small"], seq)
+    );
+    assert_eq!(
+        h["flops_per_token"]["large"],
+        flops(&r["models"]["large"], seq)
+    );
     assert_eq!(r["flops_per_token"]["large"]["input_embedding"], 0.0);
 
     // Rows: both clone arms from the strongest base, then the headline arm from the weaker.
@@ -176,16 +208,30 @@ fn quick_experiment_writes_a_complete_report_and_reruns_reuse_it() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|x| (x["arm"].as_str().unwrap().to_string(), x["base_steps"].as_u64().unwrap()))
+        .map(|x| {
+            (
+                x["arm"].as_str().unwrap().to_string(),
+                x["base_steps"].as_u64().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(
         rows,
-        [("noisy-fresh".into(), 40), ("noisy-carried".into(), 40), ("noisy-fresh".into(), 15)]
+        [
+            ("noisy-fresh".into(), 40),
+            ("noisy-carried".into(), 40),
+            ("noisy-fresh".into(), 15)
+        ]
     );
     // Phase 1: seed 0 runs every rung of every row; phase 2: seed 1 runs the random init's
     // full budget and, per clone row, a contiguous run of rungs that brackets its crossing.
     let rung_tokens: Vec<f64> = RUNGS.iter().map(|&s| s as f64 * TOKENS_PER_STEP).collect();
-    for (arm, base) in [("random-init", None), ("noisy-fresh", Some(40)), ("noisy-carried", Some(40)), ("noisy-fresh", Some(15))] {
+    for (arm, base) in [
+        ("random-init", None),
+        ("noisy-fresh", Some(40)),
+        ("noisy-carried", Some(40)),
+        ("noisy-fresh", Some(15)),
+    ] {
         let p0: Vec<f64> = points(&r, arm, base, 0).iter().map(|p| p.0).collect();
         assert_eq!(p0, rung_tokens, "{arm} {base:?} seed 0");
         let p1 = points(&r, arm, base, 1);
@@ -199,13 +245,19 @@ fn quick_experiment_writes_a_complete_report_and_reruns_reuse_it() {
         assert!(run["final_eval_tokens"].as_u64().unwrap() > 0, "{run}");
     }
     // Every arm screened its own lr on the same grid, from each base it grows from.
-    assert_eq!(r["screen"].as_array().unwrap().len(), 2 * 4, "4 screens x 2 lrs");
+    assert_eq!(
+        r["screen"].as_array().unwrap().len(),
+        2 * 4,
+        "4 screens x 2 lrs"
+    );
     // Every run's compact curve is gathered under curves/.
     let csvs = walk(&d.join("exp/curves"));
     let runs = 2 + 8 + r["runs"].as_array().unwrap().len();
     assert_eq!(csvs.len(), runs, "{csvs:?}");
     for f in &csvs {
-        assert!(std::fs::read_to_string(f).unwrap().starts_with("step,tokens,lr,train_loss,val_loss,symmetry\n"));
+        assert!(std::fs::read_to_string(f)
+            .unwrap()
+            .starts_with("step,tokens,lr,train_loss,val_loss,symmetry\n"));
     }
 
     let md = std::fs::read_to_string(d.join("exp/report.md")).unwrap();
@@ -230,7 +282,11 @@ fn quick_experiment_writes_a_complete_report_and_reruns_reuse_it() {
     let o = experiment(d, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(out.matches("finished earlier, reused").count(), runs, "{out}");
+    assert_eq!(
+        out.matches("finished earlier, reused").count(),
+        runs,
+        "{out}"
+    );
     assert_eq!(report(d), r);
 
     // A run that is lost is retrained, to the same numbers (batches and noise are seeded).
@@ -245,15 +301,28 @@ fn quick_experiment_writes_a_complete_report_and_reruns_reuse_it() {
     let o = experiment(d, &["--report-only"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let partial = report(d);
-    assert_eq!(partial["headline"]["random_final_losses"].as_array().unwrap().len(), 1);
-    assert_eq!(partial["headline"]["paper_regime"]["met"], Value::Null, "pending, not guessed");
+    assert_eq!(
+        partial["headline"]["random_final_losses"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        partial["headline"]["paper_regime"]["met"],
+        Value::Null,
+        "pending, not guessed"
+    );
     assert!(d.join("exp/report.md").exists());
 
     // Other settings in the same folder would mix two experiments: refused, nothing touched.
     let o = experiment(d, &["--steps", "32"]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("other settings") && err.contains("random_budget_steps"), "{err}");
+    assert!(
+        err.contains("other settings") && err.contains("random_budget_steps"),
+        "{err}"
+    );
     assert_eq!(report(d)["runs"], partial["runs"]);
 }
 
