@@ -351,21 +351,30 @@ impl Report {
             String::new()
         };
         let seeds: Vec<u64> = measured.iter().map(|r| r.seed).collect();
-        let verdict = match self.half_budget_on_every_seed(row) {
-            Some(true) => "The paper's claim (the clone matches in at most half the budget, on every seed) holds here".to_string(),
-            Some(false) => format!(
-                "The paper's claim (the clone matches in at most half the budget, on every seed) is NOT reproduced here: the measured ratio is {}{spread}",
-                per_seed.join(", ")
-            ),
-            None => "The ladder cannot yet tell whether the clone matches in at most half the budget on every seed".to_string(),
-        };
-        let regime = match self.regime_met(row) {
-            Some(true) => "the paper's regime holds (the random init ends >= 0.05 nats below the base on every seed)".to_string(),
-            Some(false) => "the paper's regime is NOT met (the random init does not end >= 0.05 nats below the base on every seed), so this is not the paper's question yet".to_string(),
-            None => "whether the paper's regime holds is pending".to_string(),
+        const CLAIM: &str =
+            "The paper's claim (the clone matches in at most half the budget, on every seed)";
+        // Outside the regime the claim is not tested, whatever the ratio: say that first.
+        let verdict = match (self.regime_met(row), self.half_budget_on_every_seed(row)) {
+            (Some(false), _) => "The paper's regime is NOT met (the random init does not end >= 0.05 nats below the base on every seed), so this does not test the paper's claim".to_string(),
+            (regime, half) => {
+                let claim = match half {
+                    Some(true) => format!("{CLAIM} holds here"),
+                    Some(false) => format!(
+                        "{CLAIM} is NOT reproduced here: the measured ratio is {}{spread}",
+                        per_seed.join(", ")
+                    ),
+                    None => format!("{CLAIM}: the ladder cannot tell yet"),
+                };
+                let regime = if regime == Some(true) {
+                    "the paper's regime holds (the random init ends >= 0.05 nats below the base on every seed)"
+                } else {
+                    "whether the paper's regime holds is pending"
+                };
+                format!("{claim}; {regime}")
+            }
         };
         format!(
-            "headline (budget-matched): {} grown from the {}-token base matches the random init's {}-token final loss {} sooner on seeds {seeds:?}{spread}; charging the base's FLOPs {}. {verdict}; {regime}.{}",
+            "headline (budget-matched): {} grown from the {}-token base matches the random init's {}-token final loss {} sooner on seeds {seeds:?}{spread}; charging the base's FLOPs {}. {verdict}.{}",
             row.arm.name(),
             mega(row.base_tokens),
             mega(self.settings.budget_tokens() as f64),
