@@ -92,7 +92,9 @@ struct Common<'a> {
     val: TokenFile,
     /// When this slice ends (None: run to the end).
     deadline: Option<Instant>,
-    /// Tokens per second of the last chunk trained, to size the next one to the deadline.
+    /// Tokens per second of the last chunk trained, to size the next one to the deadline;
+    /// None until this slice has trained a chunk (every slice trains at least one, so
+    /// repeated slices always finish, however short).
     rate: Cell<Option<f64>>,
 }
 
@@ -153,23 +155,21 @@ impl Common<'_> {
     }
 
     /// Where the next chunk from `start` stops: the run's end without a deadline; else at
-    /// most one checkpoint interval, and only as far as the measured speed allows before
-    /// the deadline (None: no time left for a step).
+    /// most one checkpoint interval: the first chunk of a slice whole (so every slice makes
+    /// progress), later ones only as far as the measured speed allows before the deadline
+    /// (None: no time left for a step).
     fn chunk_end(&self, args: &TrainOptions, start: u64) -> Option<u64> {
         let Some(deadline) = self.deadline else {
             return Some(args.steps);
         };
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left == Duration::ZERO {
-            return None;
-        }
         let interval = args.save_every.max(1);
         let fits = match self.rate.get() {
+            None => interval,
             Some(rate) => {
+                let left = deadline.saturating_duration_since(Instant::now());
                 let per_step = (args.batch * args.seq) as f64;
                 (left.as_secs_f64() * rate / per_step).floor() as u64
             }
-            None => interval,
         };
         (fits > 0).then(|| (start + fits.min(interval)).min(args.steps))
     }

@@ -326,28 +326,41 @@ fn quick_experiment_writes_a_complete_report_and_reruns_reuse_it() {
     assert_eq!(report(d)["runs"], partial["runs"]);
 }
 
-/// A slice that is out of time trains nothing, still reports (incomplete), and the same
-/// command without the limit then runs the whole plan.
+/// A slice that is out of time stops after its first chunk (a quarter of the first base),
+/// still reports (incomplete); the same command then continues, interrupted run included,
+/// to exactly the numbers of an uninterrupted study.
 #[test]
 fn a_slice_stops_and_the_same_command_continues() {
     let tmp = tempfile::tempdir().unwrap();
-    let d = tmp.path();
-    common::toy_corpus(d);
-    let o = experiment(d, &["--max-minutes", "0.000001"]);
+    let (sliced, whole) = (tmp.path().join("sliced"), tmp.path().join("whole"));
+    for d in [&sliced, &whole] {
+        std::fs::create_dir_all(d).unwrap();
+        common::toy_corpus(d);
+    }
+    let o = experiment(&sliced, &["--max-minutes", "0.000001"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("rerun the same command to continue"), "{out}");
-    let r = report(d);
+    let r = report(&sliced);
     assert_eq!(r["complete"], false);
     assert!(r["runs"].as_array().unwrap().is_empty());
-    let o = experiment(d, &["--max-minutes", "0"]);
+    assert!(
+        r["bases"].as_array().unwrap().is_empty(),
+        "base-40 is a quarter done"
+    );
+    let o = experiment(&sliced, &["--max-minutes", "0"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--max-minutes"));
-    let o = experiment(d, &[]);
+
+    let o = experiment(&sliced, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let r = report(d);
-    assert_eq!(r["complete"], true);
-    assert!(!r["headline"]["speedups"].as_array().unwrap().is_empty());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("base-40: resuming at step 10"));
+    let o = experiment(&whole, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (a, b) = (report(&sliced), report(&whole));
+    assert_eq!(a["complete"], true);
+    assert_eq!(a["runs"], b["runs"]);
+    assert_eq!(a["headline"], b["headline"]);
 }
 
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
