@@ -10,7 +10,8 @@
 //! 4. phase 2: every other seed runs the random init at its full budget, and for each clone
 //!    arm the rungs that bracket seed 0's crossing, adding neighbouring rungs until its own
 //!    crossing is bracketed;
-//! 5. the headline arm again from every weaker base (its own screen, ladder and seeds);
+//! 5. the headline arm again from every weaker base (its own screen, ladder and seeds).
+//!    The plan runs the headline arm's phases before the other clone arms' (see `plan`);
 //! 6. every finished run is evaluated on `final_eval_windows` held-out windows, and its
 //!    curve is gathered as a compact CSV under OUT/curves;
 //! 7. report.md / report.json / PNG plots (report.rs, plot.rs).
@@ -316,10 +317,14 @@ impl Common<'_> {
         Ok(true)
     }
 
-    /// One clone row: its screen, phase 1, then phase 2 on every other seed.
-    fn clone_row(&self, arm: Arm, base_steps: u64) -> Result<bool> {
+    /// Phase 1 of a clone row: its screen, then every rung on the first seed.
+    fn phase1(&self, arm: Arm, base_steps: u64) -> Result<bool> {
         go!(screen_arm(self, arm, base_steps));
-        go!(self.ladder(arm, base_steps));
+        self.ladder(arm, base_steps)
+    }
+
+    /// Phase 2 of a clone row: the bracketing rungs on every other seed.
+    fn phase2(&self, arm: Arm, base_steps: u64) -> Result<bool> {
         for &seed in &self.s.seeds[1..] {
             go!(self.bracket_seed(arm, base_steps, seed));
         }
@@ -427,7 +432,10 @@ pub fn experiment(a: &ExperimentOptions, progress: &dyn StudyProgress) -> Result
     Ok(report)
 }
 
-/// The whole study in priority order, so a study cut short has the headline's runs first.
+/// The whole study in priority order, so a study cut short has the headline's runs first:
+/// bases; the random init's screen and seed-0 ladder; the headline arm's screen and seed-0
+/// ladder; the random init on the other seeds and the headline arm's bracketing rungs; the
+/// other clone arms; the weaker bases' rows.
 /// Ok(false) when the slice ended before the plan did.
 fn plan(c: &Common, base_config: &Path) -> Result<bool> {
     let s = &c.s;
@@ -448,23 +456,40 @@ fn plan(c: &Common, base_config: &Path) -> Result<bool> {
     ));
     go!(screen_arm(c, Arm::RANDOM, top));
     go!(c.ladder(Arm::RANDOM, top));
+    // Seed 0's headline (the headline arm's ladder) before the other seeds: a study cut
+    // short then has a first, one-seed answer.
+    let headline = s.headline_arm;
+    c.progress.line(&format!(
+        "3. {} from base-{top} (the headline): lr screen, ladder on seed {seed0}",
+        headline.name()
+    ));
+    go!(c.phase1(headline, top));
+    c.progress.line(&format!(
+        "4. seeds {:?}: the random init at {} steps, then {}'s bracketing rungs",
+        &s.seeds[1..],
+        s.steps,
+        headline.name()
+    ));
     for &seed in &s.seeds[1..] {
         go!(c.rung(Arm::RANDOM, top, s.steps, seed));
     }
-    for arm in s.clone_arms() {
+    go!(c.phase2(headline, top));
+    for arm in s.clone_arms().into_iter().skip(1) {
         c.progress.line(&format!(
-            "3. {} from base-{top}: lr screen, ladder on seed {seed0}, bracketing rungs on seeds {:?}",
+            "5. {} from base-{top}: lr screen, ladder on seed {seed0}, bracketing rungs on seeds {:?}",
             arm.name(),
             &s.seeds[1..]
         ));
-        go!(c.clone_row(arm, top));
+        go!(c.phase1(arm, top));
+        go!(c.phase2(arm, top));
     }
     for &steps in s.base_steps[..s.base_steps.len() - 1].iter().rev() {
         c.progress.line(&format!(
-            "4. second row: {} from the weaker base-{steps}",
+            "6. second row: {} from the weaker base-{steps}",
             s.headline_arm.name()
         ));
-        go!(c.clone_row(s.headline_arm, steps));
+        go!(c.phase1(s.headline_arm, steps));
+        go!(c.phase2(s.headline_arm, steps));
     }
     Ok(true)
 }
