@@ -350,6 +350,7 @@ pub fn experiment(a: &ExperimentOptions, progress: &dyn StudyProgress) -> Result
         Some(corpus(a)?)
     };
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    // An OUT with other settings is refused before anything in it is touched.
     check_same_settings(&out, &s)?;
 
     let mut complete = true;
@@ -357,9 +358,12 @@ pub fn experiment(a: &ExperimentOptions, progress: &dyn StudyProgress) -> Result
         let tokenizer = out.join("tokenizer.json");
         prepare_tokenizer(a, &s, &data, &tokenizer, progress)?;
         let (train_tokens, val_tokens) = record_corpus(&out, &tokenizer, &data, &val)?;
+        // Settings are recorded only once the corpus can carry them, so a refused budget
+        // leaves no experiment.json that would refuse the corrected command.
         if let Some(warning) = s.check_corpus(train_tokens)? {
             progress.line(&warning);
         }
+        record_settings(&out, &s)?;
         let base_config = out.join("base-config.json");
         match &a.base_config {
             Some(c) => std::fs::copy(c, &base_config)
@@ -641,6 +645,7 @@ fn corpus(a: &ExperimentOptions) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
 }
 
 /// An OUT folder keeps one experiment: reusing its runs under other settings would mix them.
+/// Only compares; record_settings writes.
 fn check_same_settings(out: &Path, s: &Settings) -> Result<()> {
     let path = out.join("experiment.json");
     let now = s.to_json();
@@ -654,9 +659,16 @@ fn check_same_settings(out: &Path, s: &Settings) -> Result<()> {
                 differences(&before, &now).join(", ")
             );
         }
-        return Ok(());
     }
-    std::fs::write(&path, serde_json::to_string_pretty(&now)?)?;
+    Ok(())
+}
+
+/// Writes OUT/experiment.json for a new study (check_same_settings ran before).
+fn record_settings(out: &Path, s: &Settings) -> Result<()> {
+    let path = out.join("experiment.json");
+    if !path.exists() {
+        std::fs::write(&path, serde_json::to_string_pretty(&s.to_json())?)?;
+    }
     Ok(())
 }
 

@@ -363,6 +363,40 @@ fn a_slice_stops_and_the_same_command_continues() {
     assert_eq!(a["headline"], b["headline"]);
 }
 
+/// The paper-regime preset refuses a budget that reads the training split more than twice,
+/// before any run, and leaves no experiment.json behind (the corrected command must work).
+#[test]
+fn a_budget_that_repeats_the_corpus_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    common::toy_corpus(d);
+    let o = common::run(
+        &[
+            "experiment",
+            "--paper-regime",
+            "--out",
+            "exp",
+            "--tokenizer",
+            "tokenizer.json",
+            "--base-config",
+            "config.json",
+            "--data",
+            "data/a.txt",
+            "--val",
+            "data/b.txt",
+        ],
+        d,
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("times (at most 2)") && err.lines().count() == 1,
+        "{err}"
+    );
+    assert!(!d.join("exp/experiment.json").exists());
+    assert!(!d.join("exp/bases").exists(), "nothing trained");
+}
+
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();
     for e in std::fs::read_dir(dir).unwrap().flatten() {
