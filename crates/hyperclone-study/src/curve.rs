@@ -85,6 +85,37 @@ impl Curve {
     }
 }
 
+/// Writes a run's metrics.jsonl as a compact CSV (step, tokens, lr, train_loss, val_loss,
+/// symmetry): every evaluation, and the training loss of every `every`-th step, so a long
+/// study's raw curves stay small enough to commit. Empty cells are absent values.
+pub fn write_compact(metrics: &Path, dst: &Path, every: u64) -> Result<()> {
+    let text = std::fs::read_to_string(metrics)
+        .with_context(|| format!("reading {}", metrics.display()))?;
+    let mut csv = String::from("step,tokens,lr,train_loss,val_loss,symmetry\n");
+    let cell = |v: &Value| v.as_f64().map_or(String::new(), |x| format!("{x}"));
+    for (i, line) in text.lines().enumerate() {
+        let v: Value = serde_json::from_str(line)
+            .with_context(|| format!("{} line {}: not JSON", metrics.display(), i + 1))?;
+        let step = v["step"].as_u64().unwrap_or(0);
+        if v["val_loss"].is_null() && !step.is_multiple_of(every.max(1)) {
+            continue;
+        }
+        csv.push_str(&format!(
+            "{step},{},{},{},{},{}\n",
+            v["tokens"].as_u64().unwrap_or(0),
+            cell(&v["lr"]),
+            cell(&v["train_loss"]),
+            cell(&v["val_loss"]),
+            cell(&v["symmetry"]),
+        ));
+    }
+    if let Some(parent) = dst.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(dst, csv).with_context(|| format!("writing {}", dst.display()))?;
+    Ok(())
+}
+
 /// Tokens after which the validation loss first reaches `target`, interpolating linearly
 /// between the two evaluations around the crossing; 0 when the run starts there.
 pub fn tokens_to_reach(evals: &[EvalPoint], target: f64) -> Option<f64> {
@@ -185,5 +216,29 @@ mod tests {
         let d = forgetting_dip(&evals(&[(0.0, 4.0), (100.0, 3.0)]));
         assert_eq!(d.rise, 0.0);
         assert_eq!(d.recovered_tokens, Some(0.0));
+    }
+
+    #[test]
+    fn the_compact_curve_keeps_evaluations_and_every_nth_step() {
+        let dir = std::env::temp_dir().join(format!("hc-compact-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let m = dir.join("metrics.jsonl");
+        std::fs::write(
+            &m,
+            concat!(
+                "{\"step\":0,\"tokens\":0,\"val_loss\":8.0}\n",
+                "{\"step\":1,\"tokens\":10,\"train_loss\":7.5,\"lr\":0.001}\n",
+                "{\"step\":2,\"tokens\":20,\"train_loss\":7.0,\"lr\":0.002}\n",
+                "{\"step\":3,\"tokens\":30,\"train_loss\":6.5,\"lr\":0.002,\"val_loss\":6.9,\"symmetry\":0.5}\n",
+            ),
+        )
+        .unwrap();
+        let out = dir.join("a/b.csv");
+        write_compact(&m, &out, 2).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap(),
+            "step,tokens,lr,train_loss,val_loss,symmetry\n0,0,,,8,\n2,20,0.002,7,,\n3,30,0.002,6.5,6.9,0.5\n"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,33 +1,43 @@
-//! `hyperclone experiment`: the convergence study, on one CPU machine.
+//! `hyperclone experiment`: the budget-matched convergence study, on one CPU machine.
 //!
-//! 1. small bases at several token budgets (the largest trained longer than the large runs);
-//! 2. each grown x n (symmetric, noisy, diagonal; noise seeded per run seed);
-//! 3. per arm (random init, symmetric, symmetric + dropout, noisy, diagonal) a learning-rate
-//!    screen on the first part of the budget from the largest base, each arm's best kept, so
-//!    no arm is handicapped;
-//! 4. the final runs: every arm at its best learning rate on several seeds (data order,
-//!    noise, random init, dropout);
-//! 5. the best clone arm again from the smaller bases ("speedup vs base budget");
-//! 6. report.md / report.json / PNG plots (report.rs, plot.rs).
+//! 1. small bases at one or more budgets (the strongest is the headline's; weaker ones are
+//!    second rows);
+//! 2. per arm (random init; noisy clone with fresh AdamW moments, the paper's protocol;
+//!    noisy clone with carried moments, ours) a learning-rate screen on the same grid, each
+//!    run a complete schedule of the final runs' shape at the shortest rung's length;
+//! 3. phase 1: seed 0 runs every rung of the ladder (complete runs of 1/8, 1/4, 1/2 and 1 of
+//!    the random init's budget by default) for every arm;
+//! 4. phase 2: every other seed runs the random init at its full budget, and for each clone
+//!    arm the rungs that bracket seed 0's crossing, adding neighbouring rungs until its own
+//!    crossing is bracketed;
+//! 5. the headline arm again from every weaker base (its own screen, ladder and seeds).
+//!    The plan runs the headline arm's phases before the other clone arms' (see `plan`);
+//! 6. every finished run is evaluated on `final_eval_windows` held-out windows, and its
+//!    curve is gathered as a compact CSV under OUT/curves;
+//! 7. report.md / report.json / PNG plots (report.rs, plot.rs).
 //!
 //! Every run lives in its own folder, so rerunning the command reuses finished runs and
-//! resumes interrupted ones from their last checkpoint: a long study can be run in slices,
-//! across sessions, and `--report-only` reports whatever has finished.
+//! resumes an interrupted one from its last checkpoint. `max_minutes` ends a slice: the
+//! running run stops at a checkpoint, the report is written from what has finished, and the
+//! same command continues later (across sessions if need be).
 
+use crate::budget::{bracket, next_rung};
 use crate::report::{self, Report};
-use crate::runs::{base_dir, budget_dir, clone_dir, final_dir, screen_arm_dir};
-use crate::runs::{models_json, read_corpus, read_runs, read_screen};
+use crate::runs::{base_dir, base_key, clone_dir, curve_file, ladder_dir, read_screen, screen_dir};
+use crate::runs::{models, read_corpus, read_runs};
 use crate::settings::{Arm, Settings, BASE_SEED};
 use crate::Result;
 use hyperclone_core::grow::grow_quietly;
 use hyperclone_core::output_guard::Inputs;
 use hyperclone_core::{GrowthOptions, Variant};
+use hyperclone_nn::corpus::TokenFile;
 use hyperclone_nn::train::Schedule;
 use hyperclone_nn::trainer::{self, read_state, TrainOptions, TrainProgress};
 use hyperclone_nn::Context;
 use serde_json::{json, Value};
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 pub use crate::settings::ExperimentOptions;
 
@@ -80,11 +90,116 @@ struct Common<'a> {
     template: TrainOptions,
     s: Settings,
     progress: &'a dyn StudyProgress,
+    /// The validation split, for the final evaluations.
+    val: TokenFile,
+    /// When this slice ends (None: run to the end).
+    deadline: Option<Instant>,
+    /// Tokens per second of the last chunk trained, to size the next one to the deadline;
+    /// None until this slice has trained a chunk (every slice trains at least one, so
+    /// repeated slices always finish, however short).
+    rate: Cell<Option<f64>>,
+}
+
+/// `if !step? { return Ok(false) }`: the slice's time is up, stop planning.
+macro_rules! go {
+    ($e:expr) => {
+        if !$e? {
+            return Ok(false);
+        }
+    };
 }
 
 impl Common<'_> {
+    /// Trains `args` to its last step in chunks that end by the deadline (each a resume of
+    /// the one before, which the trainer reproduces exactly); reuses a finished run. Then
+    /// gathers its compact curve. Ok(false) when the slice ended first.
+    fn train(&self, args: &TrainOptions, label: &str) -> Result<bool> {
+        let last = args.out.join("last");
+        let mut trained = false;
+        loop {
+            let done = read_state(&last).ok();
+            if done.is_some_and(|d| d >= args.steps) {
+                if !trained {
+                    self.progress
+                        .line(&format!("   {label}: finished earlier, reused"));
+                }
+                let every = (args.steps / 200).max(1);
+                crate::curve::write_compact(
+                    &args.out.join("metrics.jsonl"),
+                    &curve_file(&self.out, &args.out),
+                    every,
+                )?;
+                return Ok(true);
+            }
+            let start = done.unwrap_or(0);
+            let Some(end) = self.chunk_end(args, start) else {
+                return Ok(false);
+            };
+            if let Some(step) = done {
+                self.progress
+                    .line(&format!("   {label}: resuming at step {step}"));
+            }
+            // No checkpoint: a fresh start in a folder the study owns (an attempt that died
+            // before its first checkpoint may have left a log behind).
+            let run = TrainOptions {
+                resume: done.is_some(),
+                force: done.is_none(),
+                stop_at: Some(end),
+                ..args.clone()
+            };
+            let r = trainer::run(&run, self.progress.run(label).as_ref())
+                .with_context(|| format!("run {label}"))?;
+            let rate = r.tokens as f64 / r.seconds.max(1e-9);
+            self.rate.set(Some(rate));
+            trained = true;
+            self.progress.line(&format!(
+                "   {label}: {} steps in {:.0} s ({rate:.0} tokens/s)",
+                r.steps, r.seconds
+            ));
+        }
+    }
+
+    /// Where the next chunk from `start` stops: the run's end without a deadline; else at
+    /// most one checkpoint interval: the first chunk of a slice whole (so every slice makes
+    /// progress), later ones only as far as the measured speed allows before the deadline
+    /// (None: no time left for a step).
+    fn chunk_end(&self, args: &TrainOptions, start: u64) -> Option<u64> {
+        let Some(deadline) = self.deadline else {
+            return Some(args.steps);
+        };
+        let interval = args.save_every.max(1);
+        let fits = match self.rate.get() {
+            None => interval,
+            Some(rate) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let per_step = (args.batch * args.seq) as f64;
+                (left.as_secs_f64() * rate / per_step).floor() as u64
+            }
+        };
+        (fits > 0).then(|| (start + fits.min(interval)).min(args.steps))
+    }
+
+    /// Trains the base of `steps` steps, then evaluates it as every ladder run is.
+    fn base(&self, steps: u64, config: &Path) -> Result<bool> {
+        let s = &self.s;
+        let args = TrainOptions {
+            init_config: Some(config.to_path_buf()),
+            out: base_dir(&self.out, steps),
+            steps,
+            lr: s.base_lr,
+            min_lr: Some(s.base_lr * s.min_lr_frac),
+            seed: BASE_SEED,
+            save_every: (steps / 4).max(1),
+            eval_every: s.eval_every * 2,
+            ..self.template.clone()
+        };
+        go!(self.train(&args, &format!("base-{steps}")));
+        crate::evaluate::final_eval(&args.out, &self.val, s.final_eval_windows, s.seq, steps)?;
+        Ok(true)
+    }
+
     /// Trains `r.arm` from the base of `r.base_steps` steps into `dir`.
-    fn large_run(&self, dir: PathBuf, r: LargeRun, label: &str) -> Result<()> {
+    fn large_run(&self, dir: PathBuf, r: LargeRun, label: &str) -> Result<bool> {
         let LargeRun {
             arm,
             base_steps,
@@ -92,39 +207,132 @@ impl Common<'_> {
             lr,
             seed,
         } = r;
+        let s = &self.s;
         let mut run = TrainOptions {
             out: dir,
             steps,
             lr,
-            min_lr: Some(lr * self.s.min_lr_frac),
+            min_lr: Some(lr * s.min_lr_frac),
             seed,
-            dropout: arm.dropout(),
+            dropout: arm.dropout(s.dropout),
             save_every: (steps / 4).max(1),
             ..self.template.clone()
         };
+        let base = base_dir(&self.out, base_steps);
         match arm.variant() {
             Some(v) => {
                 let clone = clone_dir(&self.out, base_steps, v, seed);
-                grow(&base_dir(&self.out, base_steps), &clone, &self.s, v, seed)?;
-                if self.s.carry_optimizer {
-                    run.optimizer_from = Some(base_dir(&self.out, base_steps).join("last"));
+                grow(&base, &clone, s, v, seed)?;
+                if arm.carries_moments() {
+                    run.optimizer_from = Some(base.join("last"));
                 }
                 run.model = Some(clone);
             }
             None => {
                 // The same large shape as every clone, randomly initialised with the run's seed.
                 let clone = clone_dir(&self.out, base_steps, Variant::Symmetric, seed);
-                grow(
-                    &base_dir(&self.out, base_steps),
-                    &clone,
-                    &self.s,
-                    Variant::Symmetric,
-                    seed,
-                )?;
+                grow(&base, &clone, s, Variant::Symmetric, seed)?;
                 run.init_config = Some(clone.join("config.json"));
             }
         }
-        run_once(&run, label, self.progress)
+        self.train(&run, label)
+    }
+
+    /// The peak lr `arm` screened best at from `base_steps` (the random init: its one screen).
+    fn lr(&self, arm: Arm, base_steps: u64) -> Result<f64> {
+        match report::best_of(&read_screen(&self.out, base_key(arm, base_steps), arm)) {
+            Some((lr, _)) => Ok(lr),
+            None => bail!("{}: no learning rate from the screen", arm.name()),
+        }
+    }
+
+    /// One complete run of `steps` steps (a rung of the ladder), then its final evaluation.
+    fn rung(&self, arm: Arm, base_steps: u64, steps: u64, seed: u64) -> Result<bool> {
+        let key = base_key(arm, base_steps);
+        let dir = ladder_dir(&self.out, key, arm, steps, seed);
+        let label = match key {
+            Some(b) => format!("{} base-{b} {steps} steps s{seed}", arm.name()),
+            None => format!("{} {steps} steps s{seed}", arm.name()),
+        };
+        let r = LargeRun {
+            arm,
+            base_steps,
+            steps,
+            lr: self.lr(arm, base_steps)?,
+            seed,
+        };
+        go!(self.large_run(dir.clone(), r, &label));
+        crate::evaluate::final_eval(
+            &dir,
+            &self.val,
+            self.s.final_eval_windows,
+            self.s.seq,
+            steps,
+        )?;
+        Ok(true)
+    }
+
+    /// The final loss of a finished rung (its final evaluation).
+    fn final_loss(&self, arm: Arm, base_steps: u64, steps: u64, seed: u64) -> Option<f64> {
+        let dir = ladder_dir(&self.out, base_key(arm, base_steps), arm, steps, seed);
+        crate::evaluate::read(&dir, self.s.final_eval_windows, self.s.seq, steps)
+            .map(|e| e.val_loss)
+    }
+
+    /// (rung, final loss) of one seed's finished rungs.
+    fn points(&self, arm: Arm, base_steps: u64, seed: u64) -> Vec<(u64, f64)> {
+        self.s
+            .ladder_steps()
+            .into_iter()
+            .filter_map(|r| Some((r, self.final_loss(arm, base_steps, r, seed)?)))
+            .collect()
+    }
+
+    /// The random init's final loss at its full budget on `seed`: that seed's target.
+    fn target(&self, seed: u64) -> Result<f64> {
+        let top = self.s.largest_base();
+        match self.final_loss(Arm::RANDOM, top, self.s.steps, seed) {
+            Some(t) => Ok(t),
+            None => bail!("random-init s{seed}: its full-budget run has no final evaluation"),
+        }
+    }
+
+    /// Phase 1 for one row: every rung on the first seed.
+    fn ladder(&self, arm: Arm, base_steps: u64) -> Result<bool> {
+        for steps in self.s.ladder_steps() {
+            go!(self.rung(arm, base_steps, steps, self.s.seeds[0]));
+        }
+        Ok(true)
+    }
+
+    /// Phase 2 for one row and seed: the rungs around seed 0's crossing, then neighbours
+    /// until this seed's own crossing is bracketed (or the ladder ends).
+    fn bracket_seed(&self, arm: Arm, base_steps: u64, seed: u64) -> Result<bool> {
+        let first = self.s.seeds[0];
+        let planned = bracket(&self.points(arm, base_steps, first), self.target(first)?);
+        for steps in planned {
+            go!(self.rung(arm, base_steps, steps, seed));
+        }
+        let target = self.target(seed)?;
+        let ladder = self.s.ladder_steps();
+        while let Some(steps) = next_rung(&ladder, &self.points(arm, base_steps, seed), target) {
+            go!(self.rung(arm, base_steps, steps, seed));
+        }
+        Ok(true)
+    }
+
+    /// Phase 1 of a clone row: its screen, then every rung on the first seed.
+    fn phase1(&self, arm: Arm, base_steps: u64) -> Result<bool> {
+        go!(screen_arm(self, arm, base_steps));
+        self.ladder(arm, base_steps)
+    }
+
+    /// Phase 2 of a clone row: the bracketing rungs on every other seed.
+    fn phase2(&self, arm: Arm, base_steps: u64) -> Result<bool> {
+        for &seed in &self.s.seeds[1..] {
+            go!(self.bracket_seed(arm, base_steps, seed));
+        }
+        Ok(true)
     }
 }
 
@@ -132,6 +340,12 @@ impl Common<'_> {
 /// the plots; returns the report.
 pub fn experiment(a: &ExperimentOptions, progress: &dyn StudyProgress) -> Result<Report> {
     let s = Settings::resolve(a)?;
+    if let Some(m) = a.max_minutes {
+        if !(m.is_finite() && m > 0.0) {
+            bail!("--max-minutes {m}: give a positive number of minutes");
+        }
+    }
+    let started = Instant::now();
     let out = a.out.clone();
     // Nothing is created before the inputs are known to exist.
     let corpus = if a.report_only {
@@ -141,12 +355,20 @@ pub fn experiment(a: &ExperimentOptions, progress: &dyn StudyProgress) -> Result
     };
     check_out_folder(a, corpus.as_ref())?;
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    // An OUT with other settings is refused before anything in it is touched.
     check_same_settings(&out, &s)?;
 
+    let mut complete = true;
     if let Some((data, val)) = corpus {
         let tokenizer = out.join("tokenizer.json");
         prepare_tokenizer(a, &s, &data, &tokenizer, progress)?;
-        record_corpus(&out, &tokenizer, &data, &val)?;
+        let (train_tokens, val_tokens) = record_corpus(&out, &tokenizer, &data, &val)?;
+        // Settings are recorded only once the corpus can carry them, so a refused budget
+        // leaves no experiment.json that would refuse the corrected command.
+        if let Some(warning) = s.check_corpus(train_tokens)? {
+            progress.line(&warning);
+        }
+        record_settings(&out, &s)?;
         let base_config = out.join("base-config.json");
         match &a.base_config {
             Some(c) => std::fs::copy(c, &base_config)
@@ -195,142 +417,104 @@ pub fn experiment(a: &ExperimentOptions, progress: &dyn StudyProgress) -> Result
             template,
             s: s.clone(),
             progress,
+            val: TokenFile::open(&val_tokens)?,
+            deadline: a
+                .max_minutes
+                .map(|m| started + Duration::from_secs_f64(m * 60.0)),
+            rate: Cell::new(None),
         };
-
-        progress.line(&format!("1. small bases ({:?} steps)", s.base_steps));
-        for &steps in &s.base_steps {
-            let base = TrainOptions {
-                init_config: Some(base_config.clone()),
-                out: base_dir(&out, steps),
-                steps,
-                lr: s.base_lr,
-                min_lr: Some(s.base_lr * s.min_lr_frac),
-                seed: BASE_SEED,
-                save_every: (steps / 4).max(1),
-                eval_every: s.eval_every * 2,
-                ..c.template.clone()
-            };
-            run_once(&base, &format!("base-{steps}"), progress)?;
-        }
-
-        let top = s.largest_base();
-        progress.line(&format!(
-            "2. learning-rate screen: {} steps from base-{top}, lr {:?}",
-            s.screen_steps, s.lrs
-        ));
-        for &arm in &s.arms {
-            screen_arm(&c, arm, top)?;
-        }
-        let runs = read_runs(&out, &s)?;
-        let best = report::best_lrs(&runs, &s);
-        for (arm, (lr, loss)) in &best {
-            progress.line(&format!("   {arm}: lr {lr:e} (screen loss {loss:.4})"));
-        }
-        let chosen = report::chosen_clone_arm(&runs, &s);
-
-        // The runs the headline needs come first, so a study cut short (and resumed later)
-        // has them: the random inits, then the screen's best clone arm from every base
-        // (largest first), then the other clone arms.
-        progress.line(&format!(
-            "3. random init: {} steps x {} tokens, seeds {:?}",
-            s.steps,
-            s.tokens_per_step(),
-            s.seeds
-        ));
-        let final_run = |arm: Arm, base_steps: u64, seed: u64| -> Result<()> {
-            let lr = if base_steps == top {
-                best.get(arm.name()).map(|b| b.0)
-            } else {
-                report::best_of(&read_screen(&out, base_steps, top, arm)?).map(|b| b.0)
-            };
-            let Some(lr) = lr else {
-                bail!("{}: no learning rate from the screen", arm.name());
-            };
-            let (dir, label) = if base_steps == top {
-                (
-                    final_dir(&out, arm, seed),
-                    format!("{} s{seed}", arm.name()),
-                )
-            } else {
-                (
-                    budget_dir(&out, base_steps, arm, seed),
-                    format!("{} base-{base_steps} s{seed}", arm.name()),
-                )
-            };
-            let r = LargeRun {
-                arm,
-                base_steps,
-                steps: s.steps,
-                lr,
-                seed,
-            };
-            c.large_run(dir, r, &label)
-        };
-        if s.arms.contains(&Arm::Random) {
-            for &seed in &s.seeds {
-                final_run(Arm::Random, top, seed)?;
-            }
-        }
-        if let Some(arm) = chosen {
+        complete = plan(&c, &base_config)?;
+        if !complete {
             progress.line(&format!(
-                "4. {} (the screen's best clone arm) from every base, largest first",
-                arm.name()
+                "   the slice's {} minutes are up: finished runs are kept and the interrupted one resumes from its checkpoint; rerun the same command to continue",
+                a.max_minutes.unwrap_or(0.0)
             ));
-            for &steps in s.base_steps.iter().rev() {
-                if steps != top {
-                    // A weaker base wants its own learning rate: the one screened from the
-                    // strongest base would handicap it.
-                    screen_arm(&c, arm, steps)?;
-                }
-                let seeds = if steps == top {
-                    s.seeds.clone()
-                } else {
-                    budget_seeds(&s)
-                };
-                for seed in seeds {
-                    final_run(arm, steps, seed)?;
-                }
-            }
-        }
-        let others: Vec<Arm> = s
-            .arms
-            .iter()
-            .copied()
-            .filter(|a| *a != Arm::Random && Some(*a) != chosen)
-            .collect();
-        if !others.is_empty() {
-            progress.line(&format!("5. the other clone arms from base-{top}"));
-        }
-        for arm in others {
-            for &seed in &s.seeds {
-                final_run(arm, top, seed)?;
-            }
         }
     }
 
-    progress.line("6. report");
+    progress.line("report");
     let runs = read_runs(&out, &s)?;
-    let corpus_tokens = read_corpus(&out);
-    let report = Report::new(&s, models_json(&out, &s)?, corpus_tokens, runs);
+    let report = Report::new(&s, models(&out, &s)?, read_corpus(&out), runs, complete);
     report.write(&out)?;
+    crate::plot::budget(&report, &out.join("budget.png"))?;
     crate::plot::val_loss(&report, &out.join("val_loss.png"))?;
     crate::plot::symmetry(&report, &out.join("symmetry.png"))?;
-    crate::plot::speedup(&report, &out.join("speedup.png"))?;
     Ok(report)
 }
 
-/// Screens `arm` grown from the base of `base_steps` steps: the grid, then 2x steps past an
-/// edge where the best sits (an optimum at the edge of the grid is not an optimum), at most
-/// `lr_extensions` times.
-fn screen_arm(c: &Common, arm: Arm, base_steps: u64) -> Result<()> {
+/// The whole study in priority order, so a study cut short has the headline's runs first:
+/// bases; the random init's screen and seed-0 ladder; the headline arm's screen and seed-0
+/// ladder; the random init on the other seeds and the headline arm's bracketing rungs; the
+/// other clone arms; the weaker bases' rows.
+/// Ok(false) when the slice ended before the plan did.
+fn plan(c: &Common, base_config: &Path) -> Result<bool> {
     let s = &c.s;
     let top = s.largest_base();
-    let dir = screen_arm_dir(&c.out, base_steps, top, arm);
-    let screen = |lr: f64| -> Result<()> {
-        let label = if base_steps == top {
-            format!("{}@{lr:e}", arm.name())
-        } else {
-            format!("{} base-{base_steps}@{lr:e}", arm.name())
+    let seed0 = s.seeds[0];
+    c.progress
+        .line(&format!("1. small bases ({:?} steps)", s.base_steps));
+    for &steps in s.base_steps.iter().rev() {
+        go!(c.base(steps, base_config));
+    }
+    c.progress.line(&format!(
+        "2. random init: lr screen ({} steps, lr {:?}), ladder {:?} steps on seed {seed0}, then {} steps on seeds {:?}",
+        s.screen_steps,
+        s.lrs,
+        s.ladder_steps(),
+        s.steps,
+        &s.seeds[1..]
+    ));
+    go!(screen_arm(c, Arm::RANDOM, top));
+    go!(c.ladder(Arm::RANDOM, top));
+    // Seed 0's headline (the headline arm's ladder) before the other seeds: a study cut
+    // short then has a first, one-seed answer.
+    let headline = s.headline_arm;
+    c.progress.line(&format!(
+        "3. {} from base-{top} (the headline): lr screen, ladder on seed {seed0}",
+        headline.name()
+    ));
+    go!(c.phase1(headline, top));
+    c.progress.line(&format!(
+        "4. seeds {:?}: the random init at {} steps, then {}'s bracketing rungs",
+        &s.seeds[1..],
+        s.steps,
+        headline.name()
+    ));
+    for &seed in &s.seeds[1..] {
+        go!(c.rung(Arm::RANDOM, top, s.steps, seed));
+    }
+    go!(c.phase2(headline, top));
+    for arm in s.clone_arms().into_iter().skip(1) {
+        c.progress.line(&format!(
+            "5. {} from base-{top}: lr screen, ladder on seed {seed0}, bracketing rungs on seeds {:?}",
+            arm.name(),
+            &s.seeds[1..]
+        ));
+        go!(c.phase1(arm, top));
+        go!(c.phase2(arm, top));
+    }
+    for &steps in s.base_steps[..s.base_steps.len() - 1].iter().rev() {
+        c.progress.line(&format!(
+            "6. second row: {} from the weaker base-{steps}",
+            s.headline_arm.name()
+        ));
+        go!(c.phase1(s.headline_arm, steps));
+        go!(c.phase2(s.headline_arm, steps));
+    }
+    Ok(true)
+}
+
+/// Screens `arm` (grown from the base of `base_steps` steps): the grid, then 2x steps past
+/// an edge where the best sits (an optimum at the edge of the grid is not an optimum), at
+/// most `lr_extensions` times. Every screen run is a complete schedule of `screen_steps`.
+fn screen_arm(c: &Common, arm: Arm, base_steps: u64) -> Result<bool> {
+    let s = &c.s;
+    let key = base_key(arm, base_steps);
+    let dir = screen_dir(&c.out, key, arm);
+    let screen = |lr: f64| -> Result<bool> {
+        let label = match key {
+            Some(b) => format!("screen {} base-{b} @{lr:e}", arm.name()),
+            None => format!("screen {} @{lr:e}", arm.name()),
         };
         let r = LargeRun {
             arm,
@@ -342,11 +526,11 @@ fn screen_arm(c: &Common, arm: Arm, base_steps: u64) -> Result<()> {
         c.large_run(dir.join(format!("lr{lr:e}")), r, &label)
     };
     for &lr in &s.lrs {
-        screen(lr)?;
+        go!(screen(lr));
     }
     // Counted over every lr screened so far, so a rerun does not extend again.
     loop {
-        let results = read_screen(&c.out, base_steps, top, arm)?;
+        let results = read_screen(&c.out, key, arm);
         let extended = results.iter().filter(|r| !s.lrs.contains(&r.0)).count();
         if extended >= s.lr_extensions as usize {
             break;
@@ -358,42 +542,42 @@ fn screen_arm(c: &Common, arm: Arm, base_steps: u64) -> Result<()> {
             "   {}: best lr at the grid's edge, screening {next:e}",
             arm.name()
         ));
-        screen(next)?;
+        go!(screen(next));
     }
-    Ok(())
-}
-
-/// The smaller bases get every seed (the headline may come from one of them), except under
-/// --quick (one seed: a pipeline check).
-pub fn budget_seeds(s: &Settings) -> Vec<u64> {
-    if s.preset == "quick" {
-        s.seeds[..1].to_vec()
-    } else {
-        s.seeds.clone()
+    let best = report::best_of(&read_screen(&c.out, key, arm));
+    if let Some((lr, loss)) = best {
+        c.progress.line(&format!(
+            "   {}: lr {lr:e} (screen loss {loss:.4})",
+            arm.name()
+        ));
     }
+    Ok(true)
 }
 
 /// Tokenizes both splits into the token cache (the runs reuse it) and records their sizes
-/// in OUT/corpus.json for the report.
-fn record_corpus(out: &Path, tokenizer: &Path, data: &[PathBuf], val: &[PathBuf]) -> Result<()> {
+/// in OUT/corpus.json for the report; returns the training split's token count and the
+/// validation split's token file.
+fn record_corpus(
+    out: &Path,
+    tokenizer: &Path,
+    data: &[PathBuf],
+    val: &[PathBuf],
+) -> Result<(usize, PathBuf)> {
     let eos = trainer::eos_token(tokenizer)?;
-    let count = |paths: &[PathBuf]| -> Result<(usize, usize)> {
+    let count = |paths: &[PathBuf]| -> Result<(usize, usize, PathBuf)> {
         let files = hyperclone_nn::corpus::text_files(paths)?;
         let path =
             hyperclone_nn::corpus::tokenize_to_cache(tokenizer, &files, eos, &out.join("tokens"))?;
-        Ok((
-            hyperclone_nn::corpus::TokenFile::open(&path)?.len(),
-            files.len(),
-        ))
+        Ok((TokenFile::open(&path)?.len(), files.len(), path))
     };
-    let (train_tokens, train_files) = count(data)?;
-    let (val_tokens, val_files) = count(val)?;
+    let (train_tokens, train_files, _) = count(data)?;
+    let (val_tokens, val_files, val_path) = count(val)?;
     let v = json!({
         "train_tokens": train_tokens, "train_files": train_files,
         "val_tokens": val_tokens, "val_files": val_files,
     });
     std::fs::write(out.join("corpus.json"), serde_json::to_string_pretty(&v)?)?;
-    Ok(())
+    Ok((train_tokens, val_path))
 }
 
 /// The tokenizer: --tokenizer, the bundled Shakespeare BPE for --quick, else a byte-level
@@ -496,6 +680,7 @@ fn check_out_folder(
 }
 
 /// An OUT folder keeps one experiment: reusing its runs under other settings would mix them.
+/// Only compares; record_settings writes.
 fn check_same_settings(out: &Path, s: &Settings) -> Result<()> {
     let path = out.join("experiment.json");
     let now = s.to_json();
@@ -509,9 +694,16 @@ fn check_same_settings(out: &Path, s: &Settings) -> Result<()> {
                 differences(&before, &now).join(", ")
             );
         }
-        return Ok(());
     }
-    std::fs::write(&path, serde_json::to_string_pretty(&now)?)?;
+    Ok(())
+}
+
+/// Writes OUT/experiment.json for a new study (check_same_settings ran before).
+fn record_settings(out: &Path, s: &Settings) -> Result<()> {
+    let path = out.join("experiment.json");
+    if !path.exists() {
+        std::fs::write(&path, serde_json::to_string_pretty(&s.to_json())?)?;
+    }
     Ok(())
 }
 
@@ -523,38 +715,6 @@ fn differences(before: &Value, now: &Value) -> Vec<String> {
         .filter(|(k, v)| b.get(*k) != Some(v))
         .map(|(k, v)| format!("{k} was {} now {v}", b.get(k).unwrap_or(&Value::Null)))
         .collect()
-}
-
-/// Trains `args` to its last step: skips a finished run, resumes an interrupted one.
-fn run_once(args: &TrainOptions, label: &str, progress: &dyn StudyProgress) -> Result<()> {
-    let args = match read_state(&args.out.join("last")).ok() {
-        Some(step) if step >= args.steps => {
-            progress.line(&format!("   {label}: finished earlier, reused"));
-            return Ok(());
-        }
-        Some(step) => {
-            progress.line(&format!("   {label}: resuming at step {step}"));
-            TrainOptions {
-                resume: true,
-                ..args.clone()
-            }
-        }
-        // No checkpoint: a fresh start in a folder the study owns (an attempt that died
-        // before its first checkpoint may have left a log behind).
-        None => TrainOptions {
-            force: true,
-            ..args.clone()
-        },
-    };
-    let r = trainer::run(&args, progress.run(label).as_ref())
-        .with_context(|| format!("run {label}"))?;
-    progress.line(&format!(
-        "   {label}: {} steps in {:.0} s ({:.0} tokens/s)",
-        r.steps,
-        r.seconds,
-        r.tokens as f64 / r.seconds.max(1e-9)
-    ));
-    Ok(())
 }
 
 fn grow(base: &Path, dst: &Path, s: &Settings, variant: Variant, seed: u64) -> Result<()> {

@@ -83,15 +83,9 @@ fn draw_legend<'a, 'b: 'a>(chart: &mut Chart<'a, 'b>, position: SeriesLabelPosit
 /// (tokens in millions, mean, min, max) per evaluation.
 type Band = Vec<(f64, f64, f64, f64)>;
 
-/// Mean and (min, max) over seeds at each evaluation of an arm's final runs: (tokens in
-/// millions, mean, min, max). Seeds share the evaluation steps.
-fn seed_band(report: &Report, arm: &str, value: impl Fn(&EvalPoint) -> Option<f64>) -> Band {
-    let curves: Vec<&Curve> = report
-        .settings
-        .seeds
-        .iter()
-        .filter_map(|&seed| report.runs.finals.get(&(arm, seed)))
-        .collect();
+/// Mean and (min, max) over seeds at each evaluation of a row's full-budget runs: (tokens
+/// in millions, mean, min, max). Seeds share the evaluation steps.
+fn seed_band(curves: &[&Curve], value: impl Fn(&EvalPoint) -> Option<f64>) -> Band {
     let Some(first) = curves.first() else {
         return Vec::new();
     };
@@ -104,12 +98,43 @@ fn seed_band(report: &Report, arm: &str, value: impl Fn(&EvalPoint) -> Option<f6
             if vals.len() != curves.len() {
                 return None;
             }
-            let mean = vals.iter().sum::<f64>() / vals.len() as f64;
-            let lo = vals.iter().cloned().fold(f64::INFINITY, f64::min);
-            let hi = vals.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let (mean, lo, hi) = stats(&vals);
             Some((first.evals[i].tokens / 1e6, mean, lo, hi))
         })
         .collect()
+}
+
+fn stats(vals: &[f64]) -> (f64, f64, f64) {
+    let mean = vals.iter().sum::<f64>() / vals.len() as f64;
+    let lo = vals.iter().cloned().fold(f64::INFINITY, f64::min);
+    let hi = vals.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    (mean, lo, hi)
+}
+
+/// (label, role, full-budget curves over seeds) of the random init and every row.
+fn full_budget_curves(report: &Report) -> Vec<(String, RunRole, Vec<&Curve>)> {
+    let s = &report.settings;
+    let curves = |base: Option<u64>, arm: Arm| -> Vec<&Curve> {
+        s.seeds
+            .iter()
+            .filter_map(|&seed| report.runs.ladder.get(&(base, arm, s.steps, seed)))
+            .map(|r| &r.curve)
+            .collect()
+    };
+    let mut all = vec![(
+        "random-init".to_string(),
+        RunRole::Random,
+        curves(None, Arm::RANDOM),
+    )];
+    for row in &report.rows {
+        all.push((
+            row.label(),
+            RunRole::Clone,
+            curves(Some(row.base_steps), row.arm),
+        ));
+    }
+    all.retain(|c| !c.2.is_empty());
+    all
 }
 
 /// Draws an arm's mean line and its seed band (min to max, translucent).
@@ -144,42 +169,36 @@ pub fn val_loss(report: &Report, path: &Path) -> Result<()> {
     let root = BitMapBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let (left, right) = root.split_horizontally(SIZE.0 / 2);
-    let bands: Vec<(&Arm, Band)> = report
-        .arms
-        .iter()
-        .map(|a| {
-            (
-                &a.arm,
-                seed_band(report, a.arm.name(), |e| Some(e.val_loss)),
-            )
-        })
-        .filter(|(_, b)| !b.is_empty())
+    let bands: Vec<(String, RunRole, Band)> = full_budget_curves(report)
+        .into_iter()
+        .map(|(label, role, curves)| (label, role, seed_band(&curves, |e| Some(e.val_loss))))
+        .filter(|(_, _, b)| !b.is_empty())
         .collect();
     let max_tokens = bands
         .iter()
-        .flat_map(|(_, b)| b.last().map(|p| p.0))
+        .flat_map(|(_, _, b)| b.last().map(|p| p.0))
         .fold(0.1, f64::max);
     let lo = bands
         .iter()
-        .flat_map(|(_, b)| b.iter().map(|p| p.2))
+        .flat_map(|(_, _, b)| b.iter().map(|p| p.2))
         .fold(f64::INFINITY, f64::min);
     let hi = bands
         .iter()
-        .flat_map(|(_, b)| b.iter().map(|p| p.3))
+        .flat_map(|(_, _, b)| b.iter().map(|p| p.3))
         .fold(f64::NEG_INFINITY, f64::max);
     let (lo, hi) = if lo.is_finite() { (lo, hi) } else { (0.0, 1.0) };
     let base = report
         .runs
         .bases
         .get(&report.settings.largest_base())
-        .map(Curve::final_loss);
+        .map(|r| r.curve.final_loss());
     let top = base.unwrap_or(hi).max(lo);
     let zoom_hi = top + 0.35 * (top - lo).abs().max(0.05);
     for (area, (y0, y1), title, legend) in [
         (
             &left,
             (lo - 0.05, hi + 0.05),
-            "validation loss (mean over seeds, band: min-max)",
+            "secondary view: within the full-budget runs (band: seeds' min-max)",
             true,
         ),
         (
@@ -202,14 +221,14 @@ pub fn val_loss(report: &Report, path: &Path) -> Result<()> {
                 .label(format!("small base, final ({base:.3})"))
                 .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
         }
-        for (i, (arm, band)) in bands.iter().enumerate() {
-            let c = colour(i, arm.role());
+        for (i, (label, role, band)) in bands.iter().enumerate() {
+            let c = colour(i, *role);
             let last = band.last().map_or(f64::NAN, |p| p.1);
             draw_band(
                 &mut chart,
                 band,
                 c,
-                format!("{} ({last:.3})", arm.name()),
+                format!("{label} ({last:.3})"),
                 (y0, y1),
             )?;
         }
@@ -226,12 +245,11 @@ pub fn symmetry(report: &Report, path: &Path) -> Result<()> {
     fonts();
     let root = BitMapBackend::new(path, (SIZE.0 / 2 + 100, SIZE.1)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
-    let bands: Vec<(usize, &Arm, Band)> = report
-        .arms
-        .iter()
+    let bands: Vec<(usize, String, Band)> = full_budget_curves(report)
+        .into_iter()
         .enumerate()
-        .filter(|(_, a)| a.arm.role() == RunRole::Clone)
-        .map(|(i, a)| (i, &a.arm, seed_band(report, a.arm.name(), |e| e.symmetry)))
+        .filter(|(_, c)| c.1 == RunRole::Clone)
+        .map(|(i, (label, _, curves))| (i, label, seed_band(&curves, |e| e.symmetry)))
         .filter(|(_, _, b)| !b.is_empty())
         .collect();
     let max_tokens = bands
@@ -246,18 +264,18 @@ pub fn symmetry(report: &Report, path: &Path) -> Result<()> {
     let y1 = 1.0 + 0.02 * (1.0 - y0);
     let mut chart = frame(
         &root,
-        "symmetry of the grown weights",
+        "symmetry of the grown weights (full-budget runs)",
         max_tokens,
         (y0, y1),
         "mean row-half cosine",
     )?;
-    for (i, arm, band) in &bands {
+    for (i, label, band) in &bands {
         let last = band.last().map_or(f64::NAN, |p| p.1);
         draw_band(
             &mut chart,
             band,
-            colour(*i, arm.role()),
-            format!("{} ({last:.4})", arm.name()),
+            colour(*i, RunRole::Clone),
+            format!("{label} ({last:.4})"),
             (y0, y1),
         )?;
     }
@@ -266,98 +284,155 @@ pub fn symmetry(report: &Report, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// (loss level, speedup) points.
-type Levels = Vec<(f64, f64)>;
+/// One row's final losses over the ladder: (budget tokens, mean, min, max, every seed's).
+type Ladder = Vec<(f64, f64, f64, f64, Vec<f64>)>;
 
-/// Speedup (random-init tokens / clone tokens to reach a loss) at each loss level between
-/// the random init's final loss and the base's, mean over seeds; 1x and 2x dashed.
-pub fn speedup(report: &Report, path: &Path) -> Result<()> {
-    fonts();
-    let root = BitMapBackend::new(path, (SIZE.0 / 2 + 100, SIZE.1)).into_drawing_area();
-    root.fill(&WHITE).map_err(err)?;
-    // Every clone arm from the largest base, and the best arm from each smaller base.
-    let top = report.settings.largest_base();
-    let mut curves: Vec<(usize, String, Levels)> = report
-        .arms
-        .iter()
-        .enumerate()
-        .filter(|(_, a)| a.arm.role() == RunRole::Clone)
-        .map(|(i, a)| {
-            (
-                i,
-                format!("{} (base-{top})", a.arm.name()),
-                report.speedup_curve(top, a.arm),
-            )
+fn ladder_of(report: &Report, base: Option<u64>, arm: Arm) -> Ladder {
+    let s = &report.settings;
+    s.ladder_steps()
+        .into_iter()
+        .filter_map(|steps| {
+            let vals: Vec<f64> = s
+                .seeds
+                .iter()
+                .filter_map(|&seed| {
+                    report
+                        .runs
+                        .ladder
+                        .get(&(base, arm, steps, seed))?
+                        .final_loss()
+                })
+                .collect();
+            if vals.is_empty() {
+                return None;
+            }
+            let (mean, lo, hi) = stats(&vals);
+            Some(((steps * s.tokens_per_step()) as f64, mean, lo, hi, vals))
         })
-        .collect();
-    for (j, row) in report
-        .budget
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| r.steps != top)
-    {
-        curves.push((
-            5 + j,
-            format!("{} (base-{})", row.arm.name(), row.steps),
-            report.speedup_curve(row.steps, row.arm),
+        .collect()
+}
+
+/// Final loss against budget (log scale), one line per arm: the mean over the seeds that
+/// ran each rung, their min-max band, every seed as a dot; the random init's mean final
+/// loss at its full budget (the target) and each base's final loss dashed.
+pub fn budget(report: &Report, path: &Path) -> Result<()> {
+    fonts();
+    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let mut lines: Vec<(String, RGBColor, Ladder)> = vec![(
+        "random-init".into(),
+        colour(0, RunRole::Random),
+        ladder_of(report, None, Arm::RANDOM),
+    )];
+    for (i, row) in report.rows.iter().enumerate() {
+        lines.push((
+            row.label(),
+            // i + 1: the same colour as the row in val_loss.png, where the random init is first.
+            colour(i + 1, RunRole::Clone),
+            ladder_of(report, Some(row.base_steps), row.arm),
         ));
     }
-    curves.retain(|(_, _, c)| !c.is_empty());
-    let xs = || curves.iter().flat_map(|(_, _, c)| c.iter().map(|p| p.0));
-    let (x0, x1) = (
-        xs().fold(f64::INFINITY, f64::min),
-        xs().fold(f64::NEG_INFINITY, f64::max),
-    );
+    lines.retain(|l| !l.2.is_empty());
+    let xs = || lines.iter().flat_map(|l| l.2.iter().map(|p| p.0));
+    let ys = || {
+        lines
+            .iter()
+            .flat_map(|l| l.2.iter().flat_map(|p| p.4.iter().copied()))
+    };
+    let (x0, x1) = (xs().fold(f64::INFINITY, f64::min), xs().fold(0.0, f64::max));
     let (x0, x1) = if x0.is_finite() && x1 > x0 {
-        (x0, x1)
+        (x0 / 1.3, x1 * 1.3)
+    } else {
+        (1.0, 10.0)
+    };
+    let mut refs: Vec<(String, f64)> = Vec::new();
+    let randoms: Vec<f64> = report.random_finals().iter().map(|r| r.1).collect();
+    if !randoms.is_empty() {
+        refs.push((
+            "target: random init's final loss at its full budget".into(),
+            randoms.iter().sum::<f64>() / randoms.len() as f64,
+        ));
+    }
+    for &b in &report.settings.base_steps {
+        if let Some(l) = report.runs.bases.get(&b).and_then(|r| r.final_loss()) {
+            refs.push((format!("base-{b}, final"), l));
+        }
+    }
+    let y_lo = ys()
+        .chain(refs.iter().map(|r| r.1))
+        .fold(f64::INFINITY, f64::min);
+    let y_hi = ys()
+        .chain(refs.iter().map(|r| r.1))
+        .fold(f64::NEG_INFINITY, f64::max);
+    let (y0, y1) = if y_lo.is_finite() {
+        let pad = 0.05 * (y_hi - y_lo).max(0.02);
+        (y_lo - pad, y_hi + pad)
     } else {
         (0.0, 1.0)
     };
-    let y1 = curves
-        .iter()
-        .flat_map(|(_, _, c)| c.iter().map(|p| p.1))
-        .filter(|y| y.is_finite())
-        .fold(2.5, f64::max)
-        .min(50.0);
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            "speedup over random init, by loss level",
+            "final validation loss against budget: complete runs (band: seeds' min-max)",
             ("sans-serif", 24),
         )
         .margin(12)
         .x_label_area_size(44)
         .y_label_area_size(70)
-        .build_cartesian_2d(x0..x1, 0.0..y1 * 1.05)
+        .build_cartesian_2d((x0..x1).log_scale(), y0..y1)
         .map_err(err)?;
     chart
         .configure_mesh()
-        .x_desc("validation loss reached (lower = later in training)")
-        .y_desc("tokens(random init) / tokens(clone)")
+        .x_desc("training tokens of the run (log scale)")
+        .y_desc("final validation loss (nats/token)")
+        .x_label_formatter(&|x| format!("{:.2}M", x / 1e6))
         .label_style(("sans-serif", 16))
         .draw()
         .map_err(err)?;
-    for level in [1.0, 2.0] {
+    for (i, (label, y)) in refs.iter().enumerate() {
+        let c = if i == 0 { RGBColor(214, 39, 40) } else { BLACK };
         chart
             .draw_series(DashedLineSeries::new(
-                [(x0, level), (x1, level)],
+                [(x0, *y), (x1, *y)],
                 8,
                 6,
-                BLACK.stroke_width(1),
+                c.stroke_width(2),
             ))
-            .map_err(err)?;
+            .map_err(err)?
+            .label(format!("{label} ({y:.3})"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
     }
-    for (i, label, c) in &curves {
-        let col = colour(*i, RunRole::Clone);
+    for (label, c, ladder) in &lines {
+        let c = *c;
+        if ladder.len() > 1 {
+            let mut polygon: Vec<(f64, f64)> = ladder.iter().map(|p| (p.0, p.3)).collect();
+            polygon.extend(ladder.iter().rev().map(|p| (p.0, p.2)));
+            chart
+                .draw_series(std::iter::once(Polygon::new(polygon, c.mix(0.18).filled())))
+                .map_err(err)?;
+        }
         chart
             .draw_series(LineSeries::new(
-                c.iter().map(|p| (p.0, p.1.min(y1))),
-                col.stroke_width(3),
+                ladder.iter().map(|p| (p.0, p.1)),
+                c.stroke_width(3),
             ))
             .map_err(err)?
             .label(label.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], col.stroke_width(3)));
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3)));
+        chart
+            .draw_series(ladder.iter().flat_map(|p| {
+                p.4.iter()
+                    .map(move |v| Circle::new((p.0, *v), 4, c.filled()))
+            }))
+            .map_err(err)?;
     }
-    draw_legend(&mut chart, SeriesLabelPosition::UpperRight)?;
+    chart
+        .configure_series_labels()
+        .label_font(("sans-serif", 16))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(err)?;
     root.present().map_err(err)?;
     Ok(())
 }

@@ -1,73 +1,20 @@
-//! The study's numbers: for each clone arm and seed, the tokens it needs to reach the same
-//! seed's random-init final loss (the paper's speedup), the same charging the base's
-//! training compute, the speedup at every loss level, the early rise after growth,
-//! symmetry, final-loss differences with their seed spread; the learning-rate screen; the
-//! speedup against the base's budget; report.md and report.json with the `headline`.
+//! The study's numbers, budget-matched: for each row (a clone arm grown from one base) and
+//! seed, the budget at which the clone's final loss equals the same seed's random-init final
+//! loss at its full budget (budget.rs), the speedup, the same charging the base's training
+//! FLOPs (compute.rs), whether the paper's regime holds (the random init ends at least 0.05
+//! nats below the base); the learning-rate screens; the within-run curves as a secondary
+//! view; report.md and report.json with the `headline`.
 
-use crate::curve::{forgetting_dip, mega, tokens_to_reach, Curve, RunRole};
-use crate::runs::StudyRuns;
-use crate::settings::{Arm, Settings};
+use crate::budget::{crossing, Crossing, Speedup};
+use crate::compute::{charged_speedup, training_flops_per_token, Flops, Shape};
+use crate::curve::{forgetting_dip, mega, tokens_to_reach, Curve};
+use crate::runs::{Run, StudyRuns};
+use crate::settings::{Arm, Settings, MIN_FINAL_EVAL_TOKENS, REGIME_MARGIN_NATS};
 use crate::Result;
+use hyperclone_core::config::ModelConfig;
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
-
-/// One clone run measured against the same seed's random init.
-#[derive(Clone, Debug)]
-pub struct Paired {
-    pub seed: u64,
-    pub final_loss: f64,
-    /// The random init's final loss for this seed: the target.
-    pub target: f64,
-    pub random_tokens: f64,
-    pub clone_tokens: Option<f64>,
-    /// random_tokens / clone_tokens; infinite when the clone starts at or below the target.
-    pub speedup: Option<f64>,
-    /// random_tokens / (clone_tokens + base tokens x N_small / N_large): the base's training
-    /// compute charged at 6N FLOPs per token.
-    pub speedup_charging_base: Option<f64>,
-    pub rise: f64,
-    pub rise_peak_tokens: f64,
-    pub final_symmetry: Option<f64>,
-}
-
-fn pair(clone: &Curve, random: &Curve, seed: u64, base_compute_tokens: f64) -> Paired {
-    let target = random.final_loss();
-    // The random run's own first crossing, not its length: a noisy curve may touch its
-    // final value early, and timing every run by the same rule keeps the ratio fair.
-    let random_tokens = tokens_to_reach(&random.evals, target).unwrap_or(random.tokens());
-    let clone_tokens = tokens_to_reach(&clone.evals, target);
-    let dip = forgetting_dip(&clone.evals);
-    Paired {
-        seed,
-        final_loss: clone.final_loss(),
-        target,
-        random_tokens,
-        clone_tokens,
-        speedup: clone_tokens.map(|t| {
-            if t > 0.0 {
-                random_tokens / t
-            } else {
-                f64::INFINITY
-            }
-        }),
-        speedup_charging_base: clone_tokens.map(|t| random_tokens / (t + base_compute_tokens)),
-        rise: dip.rise,
-        rise_peak_tokens: dip.peak_tokens,
-        final_symmetry: clone.evals.last().and_then(|e| e.symmetry),
-    }
-}
-
-/// Tokens of the base's training, in large-model token equivalents (6N FLOPs per token).
-fn base_compute_tokens(base: &Curve, models: &Value) -> f64 {
-    let small = models["small"]["parameters"].as_f64();
-    let large = models["large"]["parameters"].as_f64();
-    match (small, large) {
-        (Some(s), Some(l)) if l > 0.0 => base.tokens() * s / l,
-        _ => f64::NAN,
-    }
-}
 
 /// The next learning rate to screen when the best of `results` ((lr, loss), any order) sits
 /// at the grid's edge: half the smallest or twice the largest; None when it is inside.
@@ -99,33 +46,6 @@ pub fn best_of(results: &[(f64, f64)]) -> Option<(f64, f64)> {
         .min_by(|a, b| a.1.total_cmp(&b.1))
 }
 
-/// Each arm's screen winner: (lr, final validation loss) of its lowest finished screen run.
-pub fn best_lrs(runs: &StudyRuns, s: &Settings) -> BTreeMap<&'static str, (f64, f64)> {
-    s.arms
-        .iter()
-        .filter_map(|arm| {
-            runs.screen
-                .iter()
-                .filter(|((name, _), c)| *name == arm.name() && c.final_loss().is_finite())
-                .map(|((_, lr), c)| (f64::from_bits(*lr), c.final_loss()))
-                .min_by(|a, b| a.1.total_cmp(&b.1))
-                .map(|best| (arm.name(), best))
-        })
-        .collect()
-}
-
-/// The clone arm that is grown from every base: the lowest screen loss at its best lr (the
-/// screen selects; the seeded final runs measure).
-pub fn chosen_clone_arm(runs: &StudyRuns, s: &Settings) -> Option<Arm> {
-    let best = best_lrs(runs, s);
-    s.arms
-        .iter()
-        .filter(|a| a.role() == RunRole::Clone)
-        .filter_map(|a| best.get(a.name()).map(|(_, loss)| (*a, *loss)))
-        .min_by(|a, b| a.1.total_cmp(&b.1))
-        .map(|(a, _)| a)
-}
-
 fn mean(xs: &[f64]) -> f64 {
     xs.iter().sum::<f64>() / xs.len().max(1) as f64
 }
@@ -139,452 +59,508 @@ fn sd(xs: &[f64]) -> f64 {
     (xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (xs.len() - 1) as f64).sqrt()
 }
 
-fn fmt_speedup(x: Option<f64>) -> String {
-    match x {
-        Some(x) if x.is_infinite() => "starts below".into(),
-        Some(x) => format!("{x:.2}x"),
-        None => "not reached".into(),
-    }
+fn lr_text(lr: Option<f64>) -> String {
+    lr.map_or("-".into(), |l| format!("{l:e}"))
 }
 
-fn json_speedup(x: Option<f64>) -> Value {
-    match x {
-        Some(x) if x.is_finite() => json!(x),
-        Some(_) => json!("starts below"),
-        None => Value::Null,
-    }
+/// One seed of a row: its ladder points and where they cross its random init's final loss.
+#[derive(Clone, Debug)]
+pub struct SeedResult {
+    pub seed: u64,
+    /// The random init's final loss at its full budget on this seed.
+    pub target: Option<f64>,
+    /// (budget tokens, final loss) of this seed's finished rungs.
+    pub points: Vec<(f64, f64)>,
+    pub crossing: Option<Crossing>,
+    pub speedup: Option<Speedup>,
+    pub charged: Option<Speedup>,
 }
 
-/// One arm's final runs, summarised over seeds.
-pub struct ArmSummary {
+/// A clone arm grown from one base, over seeds.
+pub struct Row {
+    pub base_steps: u64,
+    pub base_tokens: f64,
+    /// The base's final evaluation.
+    pub base_loss: Option<f64>,
     pub arm: Arm,
     pub lr: Option<f64>,
-    pub finals: Vec<(u64, f64)>,
-    pub paired: Vec<Paired>,
+    pub seeds: Vec<SeedResult>,
+}
+
+impl Row {
+    pub fn label(&self) -> String {
+        format!("{} (base-{})", self.arm.name(), self.base_steps)
+    }
+
+    fn measured(&self) -> impl Iterator<Item = &SeedResult> {
+        self.seeds.iter().filter(|r| r.speedup.is_some())
+    }
 }
 
 pub struct Report {
     pub settings: Settings,
     pub settings_json: Value,
     pub models: Value,
+    /// Training FLOPs per token of the small and the large model.
+    pub flops: Option<(Flops, Flops)>,
     pub corpus: Value,
     pub runs: StudyRuns,
-    pub arms: Vec<ArmSummary>,
-    /// The best clone arm from every base budget, ascending.
-    pub budget: Vec<BudgetRow>,
-}
-
-/// The best clone arm grown from one base budget, paired with the random inits.
-pub struct BudgetRow {
-    pub steps: u64,
-    pub base_loss: f64,
-    pub base_tokens: f64,
-    pub arm: Arm,
-    /// The peak lr its runs used: screened from this base.
-    pub lr: Option<f64>,
-    pub paired: Vec<Paired>,
-}
-
-impl BudgetRow {
-    /// The clones start at or below every random init's final loss: the random init never
-    /// catches up with this base within the budget, so a speedup in tokens is unbounded and
-    /// only the one charging the base's compute means anything.
-    pub fn starts_below(&self) -> bool {
-        !self.paired.is_empty() && self.paired.iter().all(|p| self.base_loss <= p.target)
-    }
+    /// The strongest base's rows (headline arm first), then the weaker bases' rows.
+    pub rows: Vec<Row>,
+    /// Whether the whole plan has run (false: a slice ended first).
+    pub complete: bool,
 }
 
 impl Report {
-    pub fn new(s: &Settings, models: Value, corpus: Value, runs: StudyRuns) -> Report {
-        let top_steps = s.largest_base();
-        let top_compute = runs
-            .bases
-            .get(&top_steps)
-            .map_or(f64::NAN, |b| base_compute_tokens(b, &models));
-        let screen_best = best_lrs(&runs, s);
-        let best_lr = |arm: &Arm| screen_best.get(arm.name()).map(|b| b.0);
-        let arms = s
-            .arms
-            .iter()
-            .map(|arm| {
-                let finals: Vec<(u64, f64)> = s
-                    .seeds
-                    .iter()
-                    .filter_map(|&seed| {
-                        runs.finals
-                            .get(&(arm.name(), seed))
-                            .map(|c| (seed, c.final_loss()))
-                    })
-                    .collect();
-                let paired = if arm.role() == RunRole::Clone {
-                    s.seeds
-                        .iter()
-                        .filter_map(|&seed| {
-                            let c = runs.finals.get(&(arm.name(), seed))?;
-                            let r = runs.finals.get(&(Arm::Random.name(), seed))?;
-                            Some(pair(c, r, seed, top_compute))
-                        })
-                        .collect()
-                } else {
-                    Vec::new()
-                };
-                ArmSummary {
-                    arm: *arm,
-                    lr: best_lr(arm),
-                    finals,
-                    paired,
-                }
-            })
-            .collect();
-        let best_arm = chosen_clone_arm(&runs, s);
-        let mut budget = Vec::new();
-        if let Some(arm) = best_arm {
-            for &steps in &s.base_steps {
-                let Some(base) = runs.bases.get(&steps) else {
-                    continue;
-                };
-                let compute = base_compute_tokens(base, &models);
-                let paired: Vec<Paired> = s
-                    .seeds
-                    .iter()
-                    .filter_map(|&seed| {
-                        let c = if steps == top_steps {
-                            runs.finals.get(&(arm.name(), seed))?
-                        } else {
-                            runs.budget.get(&(steps, arm.name(), seed))?
-                        };
-                        let r = runs.finals.get(&(Arm::Random.name(), seed))?;
-                        Some(pair(c, r, seed, compute))
-                    })
-                    .collect();
-                let lr = if steps == top_steps {
-                    best_lr(&arm)
-                } else {
-                    let results: Vec<(f64, f64)> = runs
-                        .budget_screen
-                        .iter()
-                        .filter(|((b, a, _), _)| *b == steps && *a == arm.name())
-                        .map(|((_, _, lr), loss)| (f64::from_bits(*lr), *loss))
-                        .collect();
-                    best_of(&results).map(|b| b.0)
-                };
-                budget.push(BudgetRow {
-                    steps,
-                    base_loss: base.final_loss(),
-                    base_tokens: base.tokens(),
-                    arm,
-                    lr,
-                    paired,
-                });
-            }
-        }
-        Report {
+    pub fn new(
+        s: &Settings,
+        models: Option<(ModelConfig, ModelConfig, Value)>,
+        corpus: Value,
+        runs: StudyRuns,
+        complete: bool,
+    ) -> Report {
+        let (models, flops) = match models {
+            Some((small, large, v)) => (
+                v,
+                Some((
+                    training_flops_per_token(&Shape::of(&small), s.seq),
+                    training_flops_per_token(&Shape::of(&large), s.seq),
+                )),
+            ),
+            None => (Value::Null, None),
+        };
+        let mut report = Report {
             settings: s.clone(),
             settings_json: s.to_json(),
             models,
+            flops,
             corpus,
             runs,
-            arms,
-            budget,
+            rows: Vec::new(),
+            complete,
+        };
+        let top = s.largest_base();
+        let mut rows: Vec<Row> = s
+            .clone_arms()
+            .into_iter()
+            .map(|a| report.row(top, a))
+            .collect();
+        for &b in s.base_steps[..s.base_steps.len() - 1].iter().rev() {
+            rows.push(report.row(b, s.headline_arm));
+        }
+        report.rows = rows;
+        report
+    }
+
+    fn rung_tokens(&self, steps: u64) -> f64 {
+        (steps * self.settings.tokens_per_step()) as f64
+    }
+
+    /// The random init's full-budget run of `seed`.
+    fn random_full(&self, seed: u64) -> Option<&Run> {
+        self.runs
+            .ladder
+            .get(&(None, Arm::RANDOM, self.settings.steps, seed))
+    }
+
+    /// (seed, final loss) of the random init's full-budget runs.
+    pub fn random_finals(&self) -> Vec<(u64, f64)> {
+        self.settings
+            .seeds
+            .iter()
+            .filter_map(|&seed| Some((seed, self.random_full(seed)?.final_loss()?)))
+            .collect()
+    }
+
+    fn row(&self, base_steps: u64, arm: Arm) -> Row {
+        let s = &self.settings;
+        let base = Some(base_steps);
+        let base_tokens = self.rung_tokens(base_steps);
+        let r_tokens = s.budget_tokens() as f64;
+        let seeds = s
+            .seeds
+            .iter()
+            .map(|&seed| {
+                let target = self.random_full(seed).and_then(Run::final_loss);
+                let points: Vec<(f64, f64)> = self
+                    .runs
+                    .points(base, arm, seed)
+                    .into_iter()
+                    .map(|(steps, loss)| (self.rung_tokens(steps), loss))
+                    .collect();
+                let crossing = target.and_then(|t| crossing(&points, t));
+                SeedResult {
+                    seed,
+                    target,
+                    crossing,
+                    speedup: crossing.map(|c| c.speedup(|b| r_tokens / b)),
+                    charged: crossing.zip(self.flops).map(|(c, (fs, fl))| {
+                        c.speedup(|b| charged_speedup(r_tokens, b, base_tokens, &fs, &fl))
+                    }),
+                    points,
+                }
+            })
+            .collect();
+        Row {
+            base_steps,
+            base_tokens,
+            base_loss: self.runs.bases.get(&base_steps).and_then(Run::final_loss),
+            arm,
+            lr: best_of(&self.runs.screen_results(base, arm)).map(|b| b.0),
+            seeds,
         }
     }
 
-    fn random_finals(&self) -> Vec<f64> {
-        self.arms
-            .iter()
-            .find(|a| a.arm == Arm::Random)
-            .map(|a| a.finals.iter().map(|f| f.1).collect())
-            .unwrap_or_default()
+    pub fn headline_row(&self) -> Option<&Row> {
+        self.rows.first()
     }
 
-    fn top_base(&self) -> Option<&Curve> {
-        self.runs.bases.get(&self.settings.largest_base())
+    /// base loss - random final loss per seed; None until both exist.
+    fn regime_margins(&self, row: &Row) -> Vec<(u64, f64)> {
+        let Some(base) = row.base_loss else {
+            return Vec::new();
+        };
+        self.random_finals()
+            .into_iter()
+            .map(|(seed, loss)| (seed, base - loss))
+            .collect()
     }
 
-    fn large_budget_tokens(&self) -> f64 {
-        (self.settings.steps * self.settings.tokens_per_step()) as f64
+    /// Whether the random init ends >= 0.05 nats below the base on every seed (None until
+    /// every seed's full-budget run and the base are evaluated).
+    pub fn regime_met(&self, row: &Row) -> Option<bool> {
+        let m = self.regime_margins(row);
+        (m.len() == self.settings.seeds.len()).then(|| m.iter().all(|x| x.1 >= REGIME_MARGIN_NATS))
+    }
+
+    /// The fewest held-out tokens any evaluated final point was measured on.
+    fn final_eval_tokens(&self) -> Option<usize> {
+        self.runs
+            .ladder
+            .values()
+            .chain(self.runs.bases.values())
+            .filter_map(|r| r.final_eval.map(|e| e.tokens))
+            .min()
     }
 
     fn corpus_train_tokens(&self) -> Option<f64> {
         self.corpus["train_tokens"].as_f64()
     }
 
-    /// The large run of `arm` from the base of `steps` steps with `seed`.
-    pub fn run(&self, steps: u64, arm: Arm, seed: u64) -> Option<&Curve> {
-        if steps == self.settings.largest_base() {
-            self.runs.finals.get(&(arm.name(), seed))
-        } else {
-            self.runs.budget.get(&(steps, arm.name(), seed))
-        }
-    }
-
-    /// Speedup at each loss level between the random init's mean final loss and the base's
-    /// loss, for `arm` grown from the base of `steps` steps: mean over seeds of random tokens
-    /// / clone tokens to reach it. A level is what the random init reaches at a shorter
-    /// budget, so this is the speedup map over large-run budgets.
-    pub fn speedup_curve(&self, steps: u64, arm: Arm) -> Vec<(f64, f64)> {
-        let (Some(base), false) = (self.runs.bases.get(&steps), self.random_finals().is_empty())
-        else {
-            return Vec::new();
-        };
-        let lo = mean(&self.random_finals());
-        let hi = base.final_loss();
-        if hi.is_nan() || lo.is_nan() || hi <= lo {
-            return Vec::new();
-        }
-        let seeds: Vec<u64> = self
-            .settings
+    /// Whether every measured seed reaches the paper's 2x (clone budget <= R/2): None while
+    /// any seed is pending or its bound cannot tell.
+    fn half_budget_on_every_seed(&self, row: &Row) -> Option<bool> {
+        let answers: Vec<Option<bool>> = row
             .seeds
             .iter()
-            .copied()
-            .filter(|&seed| self.run(steps, arm, seed).is_some())
+            .map(|r| r.speedup.and_then(|x| x.at_least(2.0)))
             .collect();
-        if seeds.is_empty() {
-            return Vec::new();
+        if answers.contains(&Some(false)) {
+            return Some(false);
         }
-        (0..24)
-            .filter_map(|i| {
-                // Levels strictly below the base loss: at the base loss itself a clone "reaches"
-                // it within its first evaluation and the ratio says nothing.
-                let level = lo + (hi - lo) * i as f64 / 24.0;
-                let ratios: Vec<f64> = seeds
-                    .iter()
-                    .filter_map(|&seed| {
-                        let c = self.run(steps, arm, seed)?;
-                        let r = self.runs.finals.get(&(Arm::Random.name(), seed))?;
-                        let tr = tokens_to_reach(&r.evals, level)?;
-                        let tc = tokens_to_reach(&c.evals, level)?;
-                        (tc > 0.0).then(|| tr / tc)
-                    })
-                    .collect();
-                (ratios.len() == seeds.len()).then(|| (level, mean(&ratios)))
-            })
-            .collect()
+        answers.iter().all(|a| *a == Some(true)).then_some(true)
     }
 
-    /// The setting the headline reports: the largest base from which the best clone arm has
-    /// to learn to reach the random init (does not start below it) and has finished seeds;
-    /// the largest base when every budget starts below (the report then says so).
-    pub fn headline_row(&self) -> Option<&BudgetRow> {
-        let finished = || self.budget.iter().filter(|r| !r.paired.is_empty());
-        finished()
-            .filter(|r| !r.starts_below())
-            .max_by_key(|r| (r.paired.len() == self.settings.seeds.len(), r.steps))
-            .or_else(|| finished().max_by_key(|r| r.steps))
+    pub fn row_json(&self, row: &Row) -> Value {
+        let s = &self.settings;
+        let measured: Vec<&SeedResult> = row.measured().collect();
+        let exact: Vec<f64> = measured.iter().filter_map(|r| r.speedup?.exact()).collect();
+        let all_exact = !measured.is_empty() && exact.len() == measured.len();
+        let randoms = self.random_finals();
+        let random_losses: Vec<f64> = randoms.iter().map(|r| r.1).collect();
+        json!({
+            "protocol": "budget-matched",
+            "arm": row.arm.name(),
+            "variant": row.arm.variant_name(),
+            "moments": row.arm.moments.name(),
+            "lr": row.lr,
+            "seeds": measured.iter().map(|r| r.seed).collect::<Vec<_>>(),
+            "base_steps": row.base_steps,
+            "base_tokens": row.base_tokens,
+            "base_val_loss": row.base_loss,
+            "random_budget_tokens": s.budget_tokens(),
+            "random_final_loss": (!random_losses.is_empty()).then(|| mean(&random_losses)),
+            "random_final_loss_sd": (!random_losses.is_empty()).then(|| sd(&random_losses)),
+            "random_final_losses": randoms.iter().map(|(seed, l)| json!({"seed": seed, "loss": l})).collect::<Vec<_>>(),
+            "paper_regime": {
+                "required_margin_nats": REGIME_MARGIN_NATS,
+                "margins_below_base": self.regime_margins(row).iter().map(|(seed, m)| json!({"seed": seed, "nats": m})).collect::<Vec<_>>(),
+                "met": self.regime_met(row),
+            },
+            "clone_budget_tokens": measured.iter().map(|r| r.crossing.map_or(Value::Null, |c| c.budget_json())).collect::<Vec<_>>(),
+            "crossings": measured.iter().map(|r| r.crossing.map(|c| c.status())).collect::<Vec<_>>(),
+            "speedups": measured.iter().map(|r| r.speedup.map_or(Value::Null, |x| x.to_json())).collect::<Vec<_>>(),
+            "speedups_charging_base": measured.iter().map(|r| r.charged.map_or(Value::Null, |x| x.to_json())).collect::<Vec<_>>(),
+            "speedup_mean": all_exact.then(|| mean(&exact)),
+            "speedup_sd": all_exact.then(|| sd(&exact)),
+            "half_budget_on_every_seed": self.half_budget_on_every_seed(row),
+            "ladder": row.seeds.iter().map(|r| json!({
+                "seed": r.seed,
+                "target_val_loss": r.target,
+                "runs": r.points.iter().map(|(t, l)| json!({"tokens": t, "final_val_loss": l})).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        })
     }
 
     pub fn headline(&self) -> Value {
         let Some(row) = self.headline_row() else {
             return Value::Null;
         };
-        let lr = row.lr;
-        let speedups: Vec<Value> = row.paired.iter().map(|p| json_speedup(p.speedup)).collect();
-        let charged: Vec<Value> = row
-            .paired
-            .iter()
-            .map(|p| json_speedup(p.speedup_charging_base))
-            .collect();
-        let every_2x = !row.paired.is_empty()
-            && row
-                .paired
-                .iter()
-                .all(|p| p.speedup.is_some_and(|x| x.is_finite() && x >= 2.0));
-        json!({
-            "variant": row.arm.name(),
-            "lr": lr,
-            "base_steps": row.steps,
-            "seeds": row.paired.iter().map(|p| p.seed).collect::<Vec<_>>(),
-            "speedups": speedups,
-            "speedups_charging_base": charged,
-            "reaches_2x_on_every_seed": every_2x,
-            "clones_start_below_target": row.starts_below(),
-            "base_tokens": row.base_tokens,
-            "base_val_loss": row.base_loss,
-            "large_budget_tokens": self.large_budget_tokens(),
+        let mut h = self.row_json(row);
+        let s = &self.settings;
+        let extra = json!({
+            "complete": self.complete,
+            "final_eval_tokens": self.final_eval_tokens(),
+            "final_eval_tokens_at_least_65536": self.final_eval_tokens().map(|t| t >= MIN_FINAL_EVAL_TOKENS),
             "corpus_train_tokens": self.corpus_train_tokens(),
-            "corpus_passes_of_a_large_run": self.corpus_train_tokens().map(|c| self.large_budget_tokens() / c),
-        })
+            "corpus_passes": self.corpus_train_tokens().map(|c| s.corpus_passes(c as usize)),
+            "flops_per_token": self.flops.map(|(fs, fl)| json!({"small": fs.total(), "large": fl.total()})),
+        });
+        if let (Some(h), Some(e)) = (h.as_object_mut(), extra.as_object()) {
+            h.extend(e.clone());
+        }
+        h
     }
 
+    /// The headline in sentences: the measured ratio with its spread, the paper's claim
+    /// against it, and whether the regime is the paper's.
     pub fn headline_sentence(&self) -> String {
         let Some(row) = self.headline_row() else {
-            return "headline: pending (no clone arm has finished next to the random init)".into();
+            return "headline: pending".into();
         };
-        let per_seed: Vec<String> = row.paired.iter().map(|p| fmt_speedup(p.speedup)).collect();
-        let charged: Vec<String> = row
-            .paired
-            .iter()
-            .map(|p| fmt_speedup(p.speedup_charging_base))
-            .collect();
-        let seeds: Vec<u64> = row.paired.iter().map(|p| p.seed).collect();
-        if row.starts_below() {
+        let measured: Vec<&SeedResult> = row.measured().collect();
+        if measured.is_empty() {
             return format!(
-                "headline: every base budget starts at or below the random init's final loss, so the token \
-                 speedup is unbounded: {} grown from the {}-token base is already there at step 0 (seeds {seeds:?}); \
-                 charging the base's compute it is {} sooner",
-                row.arm.name(),
-                mega(row.base_tokens),
-                charged.join(", "),
+                "headline: pending ({} has no seed with both its ladder and the random init's full-budget run finished{})",
+                row.label(),
+                if self.complete { "" } else { "; the study is not complete: rerun the command to continue" }
             );
         }
-        let verdict = if self.headline()["reaches_2x_on_every_seed"] == json!(true) {
-            "the paper's >= 2x holds on every seed"
+        let per_seed: Vec<String> = measured
+            .iter()
+            .map(|r| r.speedup.map_or("-".into(), |x| x.text()))
+            .collect();
+        let charged: Vec<String> = measured
+            .iter()
+            .map(|r| r.charged.map_or("-".into(), |x| x.text()))
+            .collect();
+        let exact: Vec<f64> = measured.iter().filter_map(|r| r.speedup?.exact()).collect();
+        let spread = if exact.len() == measured.len() {
+            format!(" (mean {:.2}x, sd {:.2})", mean(&exact), sd(&exact))
         } else {
-            "the paper's >= 2x on every seed is NOT reproduced"
+            String::new()
+        };
+        let seeds: Vec<u64> = measured.iter().map(|r| r.seed).collect();
+        const CLAIM: &str =
+            "The paper's claim (the clone matches in at most half the budget, on every seed)";
+        // Outside the regime the claim is not tested, whatever the ratio: say that first.
+        let verdict = match (self.regime_met(row), self.half_budget_on_every_seed(row)) {
+            (Some(false), _) => "The paper's regime is NOT met (the random init does not end >= 0.05 nats below the base on every seed), so this does not test the paper's claim".to_string(),
+            (regime, half) => {
+                let claim = match half {
+                    Some(true) => format!("{CLAIM} holds here"),
+                    Some(false) => format!(
+                        "{CLAIM} is NOT reproduced here: the measured ratio is {}{spread}",
+                        per_seed.join(", ")
+                    ),
+                    None => format!("{CLAIM}: the ladder cannot tell yet"),
+                };
+                let regime = if regime == Some(true) {
+                    "the paper's regime holds (the random init ends >= 0.05 nats below the base on every seed)"
+                } else {
+                    "whether the paper's regime holds is pending"
+                };
+                format!("{claim}; {regime}")
+            }
         };
         format!(
-            "headline: {} grown from the {}-token base reaches the random init's final loss {} sooner \
-             (seeds {seeds:?}; {} charging the base's compute): {verdict}",
+            "headline (budget-matched): {} grown from the {}-token base matches the random init's {}-token final loss {} sooner on seeds {seeds:?}{spread}; charging the base's FLOPs {}. {verdict}.{}",
             row.arm.name(),
             mega(row.base_tokens),
+            mega(self.settings.budget_tokens() as f64),
             per_seed.join(", "),
             charged.join(", "),
+            if self.complete { "" } else { " (The study is not complete: rerun the command to continue.)" }
         )
     }
 
-    pub fn table_markdown(&self) -> String {
-        let mut t = String::new();
-        let _ = writeln!(
-            t,
-            "| arm | lr | final val loss (mean ± sd) | vs random init | tokens to random's final loss | speedup per seed | charging the base | early rise (peak at) | final symmetry |"
-        );
-        let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|");
-        let random = self.random_finals();
-        for a in &self.arms {
-            let losses: Vec<f64> = a.finals.iter().map(|f| f.1).collect();
-            let lr = a.lr.map_or("-".into(), |l| format!("{l:e}"));
-            if losses.is_empty() {
-                let _ = writeln!(t, "| {} | {lr} | pending | | | | | | |", a.arm.name());
-                continue;
+    /// Final loss (mean ± sd over seeds) at every rung, per row; the random init first.
+    pub fn ladder_markdown(&self) -> String {
+        let s = &self.settings;
+        let rungs = s.ladder_steps();
+        let mut t = String::from("| arm (base) | lr |");
+        for r in &rungs {
+            let _ = write!(t, " {} |", mega(self.rung_tokens(*r)));
+        }
+        let _ = writeln!(t, "\n|---|---|{}", "---|".repeat(rungs.len()));
+        let cell = |base: Option<u64>, arm: Arm, steps: u64| -> String {
+            let losses: Vec<f64> = s
+                .seeds
+                .iter()
+                .filter_map(|&seed| {
+                    self.runs
+                        .ladder
+                        .get(&(base, arm, steps, seed))?
+                        .final_loss()
+                })
+                .collect();
+            match losses.len() {
+                0 => "-".into(),
+                1 => format!("{:.4} (n=1)", losses[0]),
+                n => format!("{:.4} ± {:.4} (n={n})", mean(&losses), sd(&losses)),
             }
-            let loss = format!(
-                "{:.4} ± {:.4} (n={})",
-                mean(&losses),
-                sd(&losses),
-                losses.len()
-            );
-            if a.arm == Arm::Random {
+        };
+        let random_lr = best_of(&self.runs.screen_results(None, Arm::RANDOM)).map(|b| b.0);
+        let _ = write!(t, "| random-init | {} |", lr_text(random_lr));
+        for r in &rungs {
+            let _ = write!(t, " {} |", cell(None, Arm::RANDOM, *r));
+        }
+        t.push('\n');
+        for row in &self.rows {
+            let _ = write!(t, "| {} | {} |", row.label(), lr_text(row.lr));
+            for r in &rungs {
+                let _ = write!(t, " {} |", cell(Some(row.base_steps), row.arm, *r));
+            }
+            t.push('\n');
+        }
+        t
+    }
+
+    /// Every row's seeds: target, bracketing runs, clone budget, speedups.
+    pub fn speedup_markdown(&self) -> String {
+        let mut t = String::from(
+            "| arm (base) | base final loss | seed | random init's final loss (target) | clone runs (tokens: loss) | crossing | clone budget | speedup | charging the base |\n|---|---|---|---|---|---|---|---|---|\n",
+        );
+        for row in &self.rows {
+            for r in &row.seeds {
+                let runs: Vec<String> = r
+                    .points
+                    .iter()
+                    .map(|(tk, l)| format!("{}: {l:.4}", mega(*tk)))
+                    .collect();
+                let budget = match r.crossing {
+                    Some(Crossing::Between { tokens, .. }) => mega(tokens),
+                    Some(Crossing::BelowSmallest { tokens }) => format!("<= {}", mega(tokens)),
+                    Some(Crossing::NotReached { tokens }) => format!("> {}", mega(tokens)),
+                    None => "-".into(),
+                };
                 let _ = writeln!(
                     t,
-                    "| {} | {lr} | {loss} | - | {} | 1x | - | - | - |",
-                    a.arm.name(),
-                    mega(self.large_budget_tokens())
+                    "| {} | {} | {} | {} | {} | {} | {budget} | {} | {} |",
+                    row.label(),
+                    row.base_loss.map_or("-".into(), |l| format!("{l:.4}")),
+                    r.seed,
+                    r.target.map_or("pending".into(), |l| format!("{l:.4}")),
+                    if runs.is_empty() {
+                        "pending".into()
+                    } else {
+                        runs.join(", ")
+                    },
+                    r.crossing.map_or("pending", |c| c.status()),
+                    r.speedup.map_or("-".into(), |x| x.text()),
+                    r.charged.map_or("-".into(), |x| x.text()),
                 );
-                continue;
             }
-            let diffs: Vec<f64> = a.paired.iter().map(|p| p.final_loss - p.target).collect();
-            let reach: Vec<String> = a
-                .paired
-                .iter()
-                .map(|p| p.clone_tokens.map_or("-".into(), mega))
-                .collect();
-            let rises: Vec<f64> = a.paired.iter().map(|p| p.rise).collect();
-            let syms: Vec<f64> = a.paired.iter().filter_map(|p| p.final_symmetry).collect();
-            let _ = writeln!(
-                t,
-                "| {} | {lr} | {loss} | {} | {} | {} | {} | {} | {} |",
-                a.arm.name(),
-                if diffs.is_empty() || random.is_empty() {
-                    "-".into()
-                } else {
-                    format!("{:+.4} ± {:.4}", mean(&diffs), sd(&diffs))
-                },
-                reach.join(", "),
-                a.paired
-                    .iter()
-                    .map(|p| fmt_speedup(p.speedup))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                a.paired
-                    .iter()
-                    .map(|p| fmt_speedup(p.speedup_charging_base))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                if rises.is_empty() {
-                    "-".into()
-                } else {
-                    format!(
-                        "{:+.4} ({})",
-                        mean(&rises),
-                        mega(mean(
-                            &a.paired
-                                .iter()
-                                .map(|p| p.rise_peak_tokens)
-                                .collect::<Vec<_>>()
-                        ))
-                    )
-                },
-                if syms.is_empty() {
-                    "-".into()
-                } else {
-                    format!("{:.4}", mean(&syms))
-                },
-            );
         }
         t
     }
 
     fn screen_markdown(&self) -> String {
+        let mut keys: Vec<(Option<u64>, Arm)> = vec![(None, Arm::RANDOM)];
+        keys.extend(self.rows.iter().map(|r| (Some(r.base_steps), r.arm)));
         let mut lrs: Vec<f64> = self
             .runs
             .screen
             .keys()
-            .map(|(_, lr)| f64::from_bits(*lr))
+            .map(|(_, _, lr)| f64::from_bits(*lr))
             .collect();
         lrs.sort_by(f64::total_cmp);
         lrs.dedup();
-        let mut t = String::new();
-        let _ = write!(t, "| arm |");
+        let mut t = String::from("| arm (base) |");
         for lr in &lrs {
             let _ = write!(t, " lr {lr:e} |");
         }
-        let _ = writeln!(t, " chosen |");
-        let _ = writeln!(t, "|---|{}---|", "---|".repeat(lrs.len()));
-        for a in &self.arms {
-            let _ = write!(t, "| {} |", a.arm.name());
+        let _ = writeln!(t, " chosen |\n|---|{}---|", "---|".repeat(lrs.len()));
+        for (base, arm) in keys {
+            let label = base.map_or(arm.name().to_string(), |b| {
+                format!("{} (base-{b})", arm.name())
+            });
+            let _ = write!(t, "| {label} |");
             for lr in &lrs {
                 let cell = self
                     .runs
                     .screen
-                    .get(&(a.arm.name(), lr.to_bits()))
-                    .map_or("".into(), |c| format!("{:.4}", c.final_loss()));
+                    .get(&(base, arm, lr.to_bits()))
+                    .map_or(String::new(), |c| format!("{:.4}", c.final_loss()));
                 let _ = write!(t, " {cell} |");
             }
-            let _ = writeln!(t, " {} |", a.lr.map_or("-".into(), |l| format!("{l:e}")));
+            let best = best_of(&self.runs.screen_results(base, arm)).map(|b| b.0);
+            let _ = writeln!(t, " {} |", lr_text(best));
         }
         t
     }
 
-    fn budget_markdown(&self) -> String {
-        let mut t = String::new();
-        let _ = writeln!(t, "| base steps | base tokens | base val loss | arm | lr (screened from this base) | seeds | speedup per seed | charging the base | final loss vs random init |");
-        let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|");
-        for row in &self.budget {
-            let join = |f: &dyn Fn(&Paired) -> String| {
-                row.paired.iter().map(f).collect::<Vec<_>>().join(", ")
-            };
-            let diffs: Vec<f64> = row.paired.iter().map(|p| p.final_loss - p.target).collect();
+    fn flops_markdown(&self) -> String {
+        let Some((fs, fl)) = self.flops else {
+            return "pending (the strongest base has not been grown yet)\n".into();
+        };
+        let mut t = String::from("| model | non-embedding matmuls | LM head | attention (QK^T, AV) | input embedding | total |\n|---|---|---|---|---|---|\n");
+        for (name, f) in [("small (base)", fs), ("large", fl)] {
             let _ = writeln!(
                 t,
-                "| {} | {} | {:.4} | {} | {} | {} | {} | {} | {} |",
-                row.steps,
-                mega(row.base_tokens),
-                row.base_loss,
-                row.arm.name(),
-                row.lr.map_or("-".into(), |l| format!("{l:e}")),
-                row.paired.len(),
-                if row.paired.is_empty() {
-                    "pending".into()
-                } else {
-                    join(&|p| fmt_speedup(p.speedup))
-                },
-                join(&|p| fmt_speedup(p.speedup_charging_base)),
-                if diffs.is_empty() {
-                    "-".into()
-                } else {
-                    format!("{:+.4} ± {:.4}", mean(&diffs), sd(&diffs))
-                },
+                "| {name} | {:.0} | {:.0} | {:.0} | 0 | {:.0} |",
+                f.non_embedding,
+                f.head,
+                f.attention,
+                f.total()
             );
+        }
+        let _ = writeln!(
+            t,
+            "\nThe base's training costs {:.3} large-model tokens per base token.",
+            fs.total() / fl.total()
+        );
+        t
+    }
+
+    /// The within-run view: a clone's full-budget run against the random init's, inside
+    /// one schedule (secondary: a point inside a run is not a shorter run's final loss).
+    fn within_run_markdown(&self) -> String {
+        let s = &self.settings;
+        let mut t = String::from(
+            "| arm (base) | seed | final loss in-run | tokens to the random init's in-run final loss | ratio | early rise | final symmetry |\n|---|---|---|---|---|---|---|\n",
+        );
+        for row in &self.rows {
+            for &seed in &s.seeds {
+                let key = (Some(row.base_steps), row.arm, s.steps, seed);
+                let (Some(c), Some(r)) = (self.runs.ladder.get(&key), self.random_full(seed))
+                else {
+                    continue;
+                };
+                let target = r.curve.final_loss();
+                let reach = tokens_to_reach(&c.curve.evals, target);
+                let random_reach =
+                    tokens_to_reach(&r.curve.evals, target).unwrap_or(r.curve.tokens());
+                let dip = forgetting_dip(&c.curve.evals);
+                let _ = writeln!(
+                    t,
+                    "| {} | {seed} | {:.4} | {} | {} | {:+.4} | {} |",
+                    row.label(),
+                    c.curve.final_loss(),
+                    reach.map_or("not reached".into(), mega),
+                    reach.map_or("-".into(), |x| if x > 0.0 {
+                        format!("{:.2}x", random_reach / x)
+                    } else {
+                        "at step 0".into()
+                    }),
+                    dip.rise,
+                    c.curve
+                        .evals
+                        .last()
+                        .and_then(|e| e.symmetry)
+                        .map_or("-".into(), |x| format!("{x:.4}")),
+                );
+            }
         }
         t
     }
@@ -592,149 +568,156 @@ impl Report {
     pub fn to_json(&self) -> Value {
         let curve = |c: &Curve| {
             json!({
-                "name": c.name,
                 "tokens": c.tokens(),
-                "final_val_loss": c.final_loss(),
+                "final_val_loss_in_run": c.final_loss(),
                 "train_seconds": c.train_seconds,
                 "evals": c.evals.iter().map(|e| json!({
                     "step": e.step, "tokens": e.tokens, "val_loss": e.val_loss, "symmetry": e.symmetry,
                 })).collect::<Vec<_>>(),
             })
         };
-        let paired = |p: &Paired| {
-            json!({
-                "seed": p.seed,
-                "final_val_loss": p.final_loss,
-                "target_val_loss": p.target,
-                "random_tokens_to_target": p.random_tokens,
-                "tokens_to_target": p.clone_tokens,
-                "speedup": json_speedup(p.speedup),
-                "speedup_charging_base": json_speedup(p.speedup_charging_base),
-                "early_rise": p.rise,
-                "early_rise_peak_tokens": p.rise_peak_tokens,
-                "final_symmetry": p.final_symmetry,
-            })
-        };
         json!({
             "headline": self.headline(),
+            "rows": self.rows.iter().map(|r| self.row_json(r)).collect::<Vec<_>>(),
             "settings": self.settings_json,
             "models": self.models,
+            "flops_per_token": self.flops.map(|(fs, fl)| json!({"small": fs.to_json(), "large": fl.to_json()})),
             "corpus": self.corpus,
-            "bases": self.runs.bases.iter().map(|(steps, c)| json!({"steps": steps, "curve": curve(c)})).collect::<Vec<_>>(),
-            "screen": self.runs.screen.iter().map(|((arm, lr), c)| json!({
-                "arm": arm, "lr": f64::from_bits(*lr), "final_val_loss": c.final_loss(),
+            "complete": self.complete,
+            "bases": self.runs.bases.iter().map(|(steps, r)| json!({
+                "steps": steps, "final_val_loss": r.final_loss(),
+                "final_eval_tokens": r.final_eval.map(|e| e.tokens),
             })).collect::<Vec<_>>(),
-            "arms": self.arms.iter().map(|a| json!({
-                "arm": a.arm.name(),
-                "lr": a.lr,
-                "final_val_loss": a.finals.iter().map(|f| json!({"seed": f.0, "loss": f.1})).collect::<Vec<_>>(),
-                "paired_with_random_init": a.paired.iter().map(paired).collect::<Vec<_>>(),
-                "speedup_by_loss_level": self.speedup_curve(self.settings.largest_base(), a.arm).iter().map(|(l, x)| json!({"loss": l, "speedup": x})).collect::<Vec<_>>(),
+            "screen": self.runs.screen.iter().map(|((base, arm, lr), c)| json!({
+                "arm": arm.name(), "base_steps": base, "lr": f64::from_bits(*lr), "final_val_loss_in_run": c.final_loss(),
             })).collect::<Vec<_>>(),
-            "speedup_vs_base_budget": self.budget.iter().map(|r| json!({
-                "base_steps": r.steps, "base_tokens": r.base_tokens, "base_val_loss": r.base_loss,
-                "arm": r.arm.name(), "lr": r.lr, "clones_start_below_target": r.starts_below(),
-                "screen": self.runs.budget_screen.iter().filter(|((b, a, _), _)| *b == r.steps && *a == r.arm.name())
-                    .map(|((_, _, lr), loss)| json!({"lr": f64::from_bits(*lr), "final_val_loss": loss})).collect::<Vec<_>>(),
-                "runs": r.paired.iter().map(paired).collect::<Vec<_>>(),
-                "speedup_by_loss_level": self.speedup_curve(r.steps, r.arm).iter().map(|(l, x)| json!({"loss": l, "speedup": x})).collect::<Vec<_>>(),
+            "runs": self.runs.ladder.iter().map(|((base, arm, steps, seed), r)| json!({
+                "arm": arm.name(), "base_steps": base, "steps": steps,
+                "tokens": self.rung_tokens(*steps), "seed": seed,
+                "final_val_loss": r.final_loss(),
+                "final_eval_tokens": r.final_eval.map(|e| e.tokens),
             })).collect::<Vec<_>>(),
-            "curves": self.runs.finals.iter().map(|((arm, seed), c)| json!({
-                "arm": arm, "seed": seed, "curve": curve(c),
-            })).collect::<Vec<_>>(),
+            "within_run_curves_full_budget": self.runs.ladder.iter()
+                .filter(|((_, _, steps, _), _)| *steps == self.settings.steps)
+                .map(|((base, arm, _, seed), r)| json!({
+                    "arm": arm.name(), "base_steps": base, "seed": seed, "curve": curve(&r.curve),
+                })).collect::<Vec<_>>(),
         })
     }
 
     pub fn markdown(&self) -> String {
         let s = &self.settings;
         let mut m = String::new();
-        let _ = writeln!(m, "# Convergence study: HyperCloning on one CPU machine\n");
+        let _ = writeln!(
+            m,
+            "# Convergence study, budget-matched: HyperCloning on one CPU machine\n"
+        );
         let _ = writeln!(m, "**{}**\n", self.headline_sentence());
+        if !self.complete {
+            let _ = writeln!(m, "The study is not complete: the numbers below are from the runs finished so far; rerunning the same command continues it.\n");
+        }
         let small = &self.models["small"];
         let large = &self.models["large"];
         let _ = writeln!(
             m,
-            "Small Llama: hidden {}, {} layers, {} parameters. Large (x{}): hidden {}, {} parameters. \
-             Bases trained for {:?} steps; every large run {} steps x {} tokens = {}; learning rates screened \
-             for {} steps from the largest base on {:?}; final runs on seeds {:?}. Schedule: linear warmup ({} steps), \
-             stable, linear decay over the last {:.0}% to {:.0}% of the peak (WSD); AdamW (0.9, 0.95), weight decay 0.1, \
-             clipping 1.0; clones {} their base's AdamW moments.\n",
+            "Small Llama: hidden {}, {} layers, {} parameters (tied head). Large (x{}): hidden {}, {} parameters. \
+             Bases: {:?} steps x {} tokens. The random init's budget R = {} steps = {} tokens; ladder {:?} of R = {:?} steps. \
+             Every point is a complete run (linear warmup {} steps, stable, linear decay over the last {:.0}% to {:.0}% of the peak: WSD), \
+             evaluated at its end on {} held-out windows of {} tokens. Arms: {}. Each arm screens its own peak learning rate \
+             on {:?} (extended by 2x past an edge up to {} times) with runs of {} steps, the final runs' schedule shape. \
+             Seeds {:?}: seed {} runs every rung; the others run the random init at R and the rungs that bracket the crossing. \
+             AdamW (0.9, 0.95), weight decay 0.1, clipping 1.0.\n",
             small["hidden_size"], small["num_hidden_layers"], small["parameters"], s.factor,
             large["hidden_size"], large["parameters"],
-            s.base_steps, s.steps, s.tokens_per_step(), mega(self.large_budget_tokens()),
-            s.screen_steps, s.lrs, s.seeds, s.warmup, s.decay_frac * 100.0, s.min_lr_frac * 100.0,
-            if s.carry_optimizer { "carry (grown with the weights' tiling)" } else { "do not carry" },
+            s.base_steps, s.tokens_per_step(), s.steps, mega(s.budget_tokens() as f64),
+            s.ladder, s.ladder_steps(), s.warmup, s.decay_frac * 100.0, s.min_lr_frac * 100.0,
+            s.final_eval_windows, s.seq,
+            s.arms.iter().map(Arm::name).collect::<Vec<_>>().join(", "),
+            s.lrs, s.lr_extensions, s.screen_steps, s.seeds, s.seeds[0],
         );
         if let Some(train) = self.corpus_train_tokens() {
             let _ = writeln!(
                 m,
-                "Corpus: {} training tokens, {} validation tokens (whole held-out documents); a large run reads {:.2} of the training split, its base {:.2}.\n",
+                "Corpus: {} training tokens, {} validation tokens (whole held-out documents); the longest run reads the training split {:.2} times (at most 2 allowed).\n",
                 mega(train),
                 self.corpus["val_tokens"].as_f64().map_or("?".into(), mega),
-                self.large_budget_tokens() / train,
-                self.top_base().map_or(f64::NAN, |b| b.tokens() / train),
+                s.corpus_passes(train as usize),
             );
         }
-        let _ = writeln!(m, "## Final runs\n\nEach clone seed is paired with the random init of the same seed (data order, init, noise): the target is that run's final validation loss. \"Charging the base\" adds the base's training compute in large-model tokens (6N FLOPs per token).\n");
-        m.push_str(&self.table_markdown());
-        let _ = writeln!(m, "\n![validation loss](val_loss.png)\n\n![speedup by loss level](speedup.png)\n\n![symmetry](symmetry.png)\n");
+        let _ = writeln!(m, "## Final loss against budget\n\nFinal validation loss of complete runs (mean ± sd over the seeds that ran that rung).\n");
+        m.push_str(&self.ladder_markdown());
+        let _ = writeln!(m, "\n![final loss against budget](budget.png)\n");
+        let _ = writeln!(m, "## Speedup per seed\n");
+        m.push_str(&self.speedup_markdown());
+        m.push('\n');
+        m.push_str(METHOD);
+        m.push('\n');
+        m.push_str(&self.flops_markdown());
         let _ = writeln!(
             m,
-            "## Learning-rate screen (final validation loss after {} steps, seed {})\n",
+            "\n## Learning-rate screens ({} steps, seed {}, loss at the run's end)\n",
             s.screen_steps, s.seeds[0]
         );
         m.push_str(&self.screen_markdown());
-        let _ = writeln!(m, "\n## Speedup vs base budget\n");
-        if self.budget.is_empty() {
-            let _ = writeln!(m, "pending\n");
-        } else {
-            m.push_str(&self.budget_markdown());
-        }
-        m.push('\n');
+        let _ = writeln!(m, "\n## Secondary view: within-run curves of the full-budget runs\n\nInside one run a point is not a shorter run's final loss: the random init reaches its own final loss only in its decay, so a within-run ratio is capped by the schedule. Shown for the curves only; the headline is the budget-matched table above.\n");
+        m.push_str(&self.within_run_markdown());
+        let _ = writeln!(m, "\n![validation loss within the full-budget runs](val_loss.png)\n\n![symmetry](symmetry.png)\n");
         m.push_str(&self.findings());
         m
     }
 
-    /// What the tables say, in sentences.
+    /// The checks the protocol needs, in sentences.
     fn findings(&self) -> String {
-        let mut f = String::from("## Findings\n\n");
-        let random = self.random_finals();
-        if let (Some(base), false) = (self.top_base(), random.is_empty()) {
-            let r = mean(&random);
-            let gap = base.final_loss() - r;
+        let s = &self.settings;
+        let mut f = String::from("## Checks\n\n");
+        for row in &self.rows {
+            let margins = self.regime_margins(row);
+            if margins.is_empty() {
+                let _ = writeln!(f, "- {}: regime check pending.", row.label());
+                continue;
+            }
+            let text: Vec<String> = margins
+                .iter()
+                .map(|(seed, m)| format!("s{seed} {m:+.4}"))
+                .collect();
             let _ = writeln!(
                 f,
-                "- The large random init ends at {r:.4} (sd {:.4} over {} seeds), {} the largest base's {:.4} by {:.4}{}",
-                sd(&random),
-                random.len(),
-                if gap > 0.0 { "below" } else { "above" },
-                base.final_loss(),
-                gap.abs(),
-                if gap > 0.05 {
-                    ": the extra width pays within the budget, so there is something for growth to speed up."
-                } else {
-                    ": at this budget the large model does not beat the small one, so a speedup is not meaningful; raise --steps."
+                "- {}: the random init ends below the base's {:.4} by {} nats: {}.",
+                row.label(),
+                row.base_loss.unwrap_or(f64::NAN),
+                text.join(", "),
+                match self.regime_met(row) {
+                    Some(true) => "the paper's regime (>= 0.05 on every seed) holds".to_string(),
+                    Some(false) =>
+                        "the paper's regime (>= 0.05 on every seed) is NOT met".to_string(),
+                    None => "pending for the other seeds".to_string(),
                 }
             );
         }
-        for a in self.arms.iter().filter(|a| !a.paired.is_empty()) {
-            let sp: Vec<String> = a.paired.iter().map(|p| fmt_speedup(p.speedup)).collect();
-            let diffs: Vec<f64> = a.paired.iter().map(|p| p.final_loss - p.target).collect();
-            let rises: Vec<f64> = a.paired.iter().map(|p| p.rise).collect();
+        match self.final_eval_tokens() {
+            Some(t) if t >= MIN_FINAL_EVAL_TOKENS => {
+                let _ = writeln!(
+                    f,
+                    "- Every final point is evaluated on at least {t} held-out tokens."
+                );
+            }
+            Some(t) => {
+                let _ = writeln!(f, "- Final points are evaluated on only {t} held-out tokens (the protocol asks for {MIN_FINAL_EVAL_TOKENS}): a pipeline check, not a measurement.");
+            }
+            None => {}
+        }
+        if s.seeds.len() < 3 {
             let _ = writeln!(
                 f,
-                "- {} (lr {}): speedup {} ; final loss {:+.4} ± {:.4} against the random init; early rise {:+.4}{}.",
-                a.arm.name(),
-                a.lr.map_or("-".into(), |l| format!("{l:e}")),
-                sp.join(", "),
-                mean(&diffs),
-                sd(&diffs),
-                mean(&rises),
-                a.paired
-                    .first()
-                    .and_then(|p| p.final_symmetry)
-                    .map_or(String::new(), |x| format!("; symmetry ends at {x:.4}"))
+                "- {} seed(s): the protocol asks for at least 3.",
+                s.seeds.len()
             );
+        }
+        if let Some(train) = self.corpus_train_tokens() {
+            let passes = s.corpus_passes(train as usize);
+            if passes > crate::settings::MAX_CORPUS_PASSES {
+                let _ = writeln!(f, "- The longest run reads the training split {passes:.1} times (more than 2): a pipeline check, not a measurement.");
+            }
         }
         f
     }
@@ -748,6 +731,25 @@ impl Report {
         Ok(())
     }
 }
+
+/// How the headline numbers are computed (report.md states it next to them).
+const METHOD: &str = "## How the numbers are computed
+
+- **Speedup.** For each seed, T is the random init's final loss after its full budget R.
+  The clone arm's complete runs of that seed give (budget b_i, final loss L_i). At the
+  first rung with L_i <= T the crossing is interpolated linearly in log-budget between it
+  and the rung before: b* = b_{i-1} (b_i / b_{i-1})^t with t = (L_{i-1} - T) / (L_{i-1} -
+  L_i), and the speedup is R / b*. If the shortest rung already reaches T the report says
+  \"below the smallest budget\" (speedup >= R / b_1); if the longest does not, \"not
+  reached within the ladder\" (speedup < R / b_k). Nothing is extrapolated.
+- **Compute.** Training FLOPs per token = 6 x (non-embedding matmul parameters) + 6 x d x V
+  (the LM head) + 12 x L x n_ctx x (heads x head_dim) (QK^T and the weighted sum over the
+  full n_ctx window the decoder computes); the input embedding is a lookup and costs no
+  matmul FLOPs. Charging the base: R F_large / (b* F_large + B F_small), B the base's
+  training tokens.
+- **Regime.** The paper's question needs a large run that beats the base: the random init
+  must end at least 0.05 nats below the base's final loss on every seed.
+";
 
 #[cfg(test)]
 mod tests {

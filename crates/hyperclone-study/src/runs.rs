@@ -2,18 +2,21 @@
 //!
 //! ```text
 //! OUT/experiment.json, corpus.json, tokenizer.json, base-config.json, tokens/
-//! OUT/bases/base-N/                       each small base (N steps)
-//! OUT/clones/base-N/VARIANT[-sSEED]/      its clones (noisy ones per seed)
-//! OUT/screen/ARM/lrLR/                    the lr screen from the largest base
-//! OUT/screen/base-N/ARM/lrLR/             ... and from a smaller base
-//! OUT/runs/ARM/sSEED/                     the final runs from the largest base
-//! OUT/budget/base-N/ARM/sSEED/            the chosen clone arm from a smaller base
+//! OUT/bases/base-N/                                  each small base (N steps)
+//! OUT/clones/base-N/VARIANT[-sSEED]/                 its clones (noisy ones per seed)
+//! OUT/screen/random-init/lrLR/                       the random init's lr screen
+//! OUT/screen/base-N/ARM/lrLR/                        a clone arm's, from base-N
+//! OUT/ladder/random-init/steps-B/sSEED/              a complete run of B steps
+//! OUT/ladder/base-N/ARM/steps-B/sSEED/               ... of a clone arm from base-N
+//! OUT/curves/<the run's path>.csv                    every run's compact curve (committable)
 //! ```
 //!
 //! Every run folder is a `hyperclone train` output (last/ + metrics.jsonl); a run counts
-//! once its last evaluation is at its saved step.
+//! once its last evaluation is at its saved step, and a ladder run's final loss is its
+//! final_eval.json (evaluate.rs).
 
 use crate::curve::Curve;
+use crate::evaluate::{self, FinalEval};
 use crate::settings::{Arm, Settings};
 use crate::Result;
 use hyperclone_core::Variant;
@@ -22,15 +25,55 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// A finished run: its curve, and its final evaluation once made.
+#[derive(Clone, Debug)]
+pub struct Run {
+    pub curve: Curve,
+    pub final_eval: Option<FinalEval>,
+}
+
+impl Run {
+    /// The budget-matched final loss: the final evaluation's (None until it is made).
+    pub fn final_loss(&self) -> Option<f64> {
+        self.final_eval.map(|e| e.val_loss)
+    }
+}
+
+/// Which base a run grew from: none for the random init.
+pub type BaseKey = Option<u64>;
+
 /// The finished runs, by where they sit in the study (lr keys are `f64::to_bits`).
 #[derive(Default)]
 pub struct StudyRuns {
-    pub bases: BTreeMap<u64, Curve>,
-    pub screen: BTreeMap<(&'static str, u64), Curve>,
-    pub finals: BTreeMap<(&'static str, u64), Curve>,
-    pub budget: BTreeMap<(u64, &'static str, u64), Curve>,
-    /// Final screen losses from the smaller bases: (base steps, arm, lr bits) -> loss.
-    pub budget_screen: BTreeMap<(u64, &'static str, u64), f64>,
+    pub bases: BTreeMap<u64, Run>,
+    pub screen: BTreeMap<(BaseKey, Arm, u64), Curve>,
+    /// (base, arm, steps, seed).
+    pub ladder: BTreeMap<(BaseKey, Arm, u64, u64), Run>,
+}
+
+impl StudyRuns {
+    /// (steps, final loss) of one seed's finished and evaluated ladder runs, in step order.
+    pub fn points(&self, base: BaseKey, arm: Arm, seed: u64) -> Vec<(u64, f64)> {
+        self.ladder
+            .iter()
+            .filter(|((b, a, _, s), _)| *b == base && *a == arm && *s == seed)
+            .filter_map(|((_, _, steps, _), r)| Some((*steps, r.final_loss()?)))
+            .collect()
+    }
+
+    /// (lr, final loss of its curve) of every finished screen run of `arm` from `base`.
+    pub fn screen_results(&self, base: BaseKey, arm: Arm) -> Vec<(f64, f64)> {
+        self.screen
+            .iter()
+            .filter(|((b, a, _), _)| *b == base && *a == arm)
+            .map(|((_, _, lr), c)| (f64::from_bits(*lr), c.final_loss()))
+            .collect()
+    }
+}
+
+/// The base a run of `arm` grows from, in the row of base `steps` (the random init has none).
+pub fn base_key(arm: Arm, steps: u64) -> BaseKey {
+    arm.variant().map(|_| steps)
 }
 
 /// The small base trained for `steps` steps.
@@ -50,57 +93,31 @@ pub fn clone_dir(out: &Path, base_steps: u64, variant: Variant, seed: u64) -> Pa
         .join(name)
 }
 
-/// Screen runs from the largest base live in screen/ARM/, from a smaller one in
-/// screen/base-N/ARM/.
-pub fn screen_arm_dir(out: &Path, base_steps: u64, top: u64, arm: Arm) -> PathBuf {
-    if base_steps == top {
-        out.join("screen").join(arm.name())
-    } else {
-        out.join("screen")
-            .join(format!("base-{base_steps}"))
-            .join(arm.name())
+fn row_dir(out: &Path, what: &str, base: BaseKey, arm: Arm) -> PathBuf {
+    match base {
+        None => out.join(what).join(arm.name()),
+        Some(b) => out.join(what).join(format!("base-{b}")).join(arm.name()),
     }
 }
 
-pub fn final_dir(out: &Path, arm: Arm, seed: u64) -> PathBuf {
-    out.join("runs").join(arm.name()).join(format!("s{seed}"))
+/// The screen runs of `arm` (from `base` for a clone arm) live in lrLR/ under this.
+pub fn screen_dir(out: &Path, base: BaseKey, arm: Arm) -> PathBuf {
+    row_dir(out, "screen", base, arm)
 }
 
-pub fn budget_dir(out: &Path, base_steps: u64, arm: Arm, seed: u64) -> PathBuf {
-    out.join("budget")
-        .join(format!("base-{base_steps}"))
-        .join(arm.name())
+pub fn ladder_dir(out: &Path, base: BaseKey, arm: Arm, steps: u64, seed: u64) -> PathBuf {
+    row_dir(out, "ladder", base, arm)
+        .join(format!("steps-{steps}"))
         .join(format!("s{seed}"))
 }
 
-/// (lr, curve) of every finished screen run of `arm` from that base, whatever grid it came
-/// from (the folder name holds the lr), in lr order; none when nothing was screened yet.
-fn screened_curves(out: &Path, base_steps: u64, top: u64, arm: Arm) -> Vec<(f64, Curve)> {
-    let dir = screen_arm_dir(out, base_steps, top, arm);
-    let mut results: Vec<(f64, Curve)> = std::fs::read_dir(&dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| {
-            let path = entry.path();
-            let lr = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_prefix("lr"))
-                .and_then(|n| n.parse::<f64>().ok())?;
-            Some((lr, finished_curve(arm.name(), &path)?))
-        })
-        .collect();
-    results.sort_by(|a, b| a.0.total_cmp(&b.0));
-    results
-}
-
-/// (lr, final validation loss) of every finished screen run of `arm` from that base.
-pub fn read_screen(out: &Path, base_steps: u64, top: u64, arm: Arm) -> Result<Vec<(f64, f64)>> {
-    Ok(screened_curves(out, base_steps, top, arm)
-        .into_iter()
-        .map(|(lr, c)| (lr, c.final_loss()))
-        .collect())
+/// Where a run's compact curve is gathered: OUT/curves/ + the run's path under OUT + .csv.
+pub fn curve_file(out: &Path, run: &Path) -> PathBuf {
+    let rel = run.strip_prefix(out).unwrap_or(run);
+    // Appended, not set_extension: lr2.5e-4 would lose its "5e-4".
+    let mut name = out.join("curves").join(rel).into_os_string();
+    name.push(".csv");
+    PathBuf::from(name)
 }
 
 /// A run's curve when the run has finished (its last evaluation is at its saved step).
@@ -110,33 +127,65 @@ pub fn finished_curve(name: &str, dir: &Path) -> Option<Curve> {
     (curve.evals.last()?.step == done).then_some(curve)
 }
 
-/// Every finished run's curve (missing ones are simply absent: the report says pending).
+fn finished_run(name: &str, dir: &Path, s: &Settings) -> Option<Run> {
+    let curve = finished_curve(name, dir)?;
+    let step = curve.evals.last()?.step;
+    Some(Run {
+        final_eval: evaluate::read(dir, s.final_eval_windows, s.seq, step),
+        curve,
+    })
+}
+
+/// Numbers after `prefix` in the names of `dir`'s entries (lr1e-3, steps-500, s0).
+fn numbered<T: std::str::FromStr>(dir: &Path, prefix: &str) -> Vec<(T, PathBuf)> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let path = e.path();
+            let n = path
+                .file_name()?
+                .to_str()?
+                .strip_prefix(prefix)?
+                .parse()
+                .ok()?;
+            Some((n, path))
+        })
+        .collect()
+}
+
+/// Every finished run (missing ones are simply absent: the report says pending). Ladder
+/// rungs and seeds outside the settings are ignored.
 pub fn read_runs(out: &Path, s: &Settings) -> Result<StudyRuns> {
-    let read = |name: String, dir: PathBuf| finished_curve(&name, &dir);
     let mut runs = StudyRuns::default();
     for &steps in &s.base_steps {
-        if let Some(c) = read(format!("base-{steps}"), base_dir(out, steps)) {
-            runs.bases.insert(steps, c);
+        if let Some(r) = finished_run(&format!("base-{steps}"), &base_dir(out, steps), s) {
+            runs.bases.insert(steps, r);
         }
     }
-    let top = s.largest_base();
+    let rungs = s.ladder_steps();
     for &arm in &s.arms {
-        for &steps in &s.base_steps[..s.base_steps.len() - 1] {
-            for (lr, loss) in read_screen(out, steps, top, arm).unwrap_or_default() {
-                runs.budget_screen
-                    .insert((steps, arm.name(), lr.to_bits()), loss);
+        let mut keys: Vec<BaseKey> = s.base_steps.iter().map(|&b| base_key(arm, b)).collect();
+        keys.dedup();
+        for base in keys {
+            for (lr, path) in numbered::<f64>(&screen_dir(out, base, arm), "lr") {
+                if let Some(c) = finished_curve(arm.name(), &path) {
+                    runs.screen.insert((base, arm, lr.to_bits()), c);
+                }
             }
-        }
-        for (lr, c) in screened_curves(out, top, top, arm) {
-            runs.screen.insert((arm.name(), lr.to_bits()), c);
-        }
-        for &seed in &s.seeds {
-            if let Some(c) = read(arm.name().into(), final_dir(out, arm, seed)) {
-                runs.finals.insert((arm.name(), seed), c);
-            }
-            for &steps in &s.base_steps {
-                if let Some(c) = read(arm.name().into(), budget_dir(out, steps, arm, seed)) {
-                    runs.budget.insert((steps, arm.name(), seed), c);
+            let row = row_dir(out, "ladder", base, arm);
+            for (steps, dir) in numbered::<u64>(&row, "steps-") {
+                if !rungs.contains(&steps) {
+                    continue;
+                }
+                for (seed, path) in numbered::<u64>(&dir, "s") {
+                    if !s.seeds.contains(&seed) {
+                        continue;
+                    }
+                    if let Some(r) = finished_run(arm.name(), &path, s) {
+                        runs.ladder.insert((base, arm, steps, seed), r);
+                    }
                 }
             }
         }
@@ -151,27 +200,53 @@ pub fn read_corpus(out: &Path) -> Value {
         .unwrap_or(Value::Null)
 }
 
-/// The two shapes and their parameter counts, for the report.
-pub fn models_json(out: &Path, s: &Settings) -> Result<Value> {
-    let describe = |dir: PathBuf| -> Result<Value> {
-        let ckpt = hyperclone_core::Checkpoint::open(&dir)?;
+/// The two shapes, their parameter counts and configs, for the report (null until the
+/// strongest base has been grown).
+pub fn models(
+    out: &Path,
+    s: &Settings,
+) -> Result<
+    Option<(
+        hyperclone_core::config::ModelConfig,
+        hyperclone_core::config::ModelConfig,
+        Value,
+    )>,
+> {
+    let top = s.largest_base();
+    let base = base_dir(out, top).join("last");
+    let large = clone_dir(out, top, Variant::Symmetric, 0);
+    if !base.join("config.json").exists() || !large.join("config.json").exists() {
+        return Ok(None);
+    }
+    let describe = |dir: &Path| -> Result<(hyperclone_core::config::ModelConfig, Value)> {
+        let ckpt = hyperclone_core::Checkpoint::open(dir)?;
         let c = &ckpt.config;
         let params: usize = ckpt.tensors.iter().map(|t| t.info.numel()).sum();
-        Ok(json!({
+        let v = json!({
             "hidden_size": c.hidden_size,
             "intermediate_size": c.intermediate_size,
             "num_attention_heads": c.num_attention_heads,
             "num_key_value_heads": c.num_key_value_heads,
+            "head_dim": c.head_dim,
             "num_hidden_layers": c.num_hidden_layers,
             "vocab_size": c.vocab_size,
+            "tie_word_embeddings": c.tie_word_embeddings,
             "parameters": params,
-        }))
+        });
+        Ok((ckpt.config.clone(), v))
     };
-    let top = s.largest_base();
-    let base = base_dir(out, top).join("last");
-    let large = clone_dir(out, top, Variant::Symmetric, 0);
-    if !base.exists() || !large.exists() {
-        return Ok(Value::Null);
-    }
-    Ok(json!({ "small": describe(base)?, "large": describe(large)? }))
+    let (sc, sv) = describe(&base)?;
+    let (lc, lv) = describe(&large)?;
+    Ok(Some((sc, lc, json!({ "small": sv, "large": lv }))))
+}
+
+/// (lr, final loss of its curve) of every finished screen run of `arm` from `base`, read
+/// from disk (whatever grid it came from: the folder name holds the lr), in lr order.
+pub fn read_screen(out: &Path, base: BaseKey, arm: Arm) -> Vec<(f64, f64)> {
+    let mut r: Vec<(f64, f64)> = numbered::<f64>(&screen_dir(out, base, arm), "lr")
+        .into_iter()
+        .filter_map(|(lr, path)| Some((lr, finished_curve(arm.name(), &path)?.final_loss())))
+        .collect();
+    r.sort_by(|a, b| a.0.total_cmp(&b.0));
+    r
 }

@@ -41,41 +41,49 @@ pub enum Command {
     Tokenizer(TokenizerArgs),
     /// Grow the bundled Shakespeare model, verify it, and let both continue a verse (offline).
     Demo(DemoArgs),
-    /// The convergence study on a CPU: bases at three budgets, grown clones and a random init,
-    /// learning rates screened alike, several seeds; reports speedups with their spread.
+    /// The convergence study on a CPU, budget-matched: complete runs at a ladder of budgets
+    /// for a random init and grown clones, learning rates screened alike, several seeds.
     Experiment(ExperimentArgs),
 }
 
 #[derive(Args, Clone)]
 #[command(
-    long_about = "The convergence study: the HyperCloning paper's protocol, scaled to one CPU machine.\n\n\
-    1. train small Llama bases at three token budgets (the largest longer than a large run);\n\
-    2. grow each x2 (symmetric, noisy 10 dB, diagonal; noise seeded per run seed);\n\
-    3. screen the peak learning rate of every arm alike from the largest base (the grid grows by 2x \
-    past an edge where the best sits);\n\
-    4. train the random init and the screen's best clone arm on every seed, that arm again from each \
-    smaller base after its own screen, then the other arms; WSD schedule, clones start AdamW from \
-    their base's grown moments;\n\
-    5. write OUT/report.md, OUT/report.json (with a `headline`) and PNG plots (validation loss with \
-    seed bands, speedup by loss level, symmetry).\n\n\
-    Runs that finished are kept and reused, and an interrupted run resumes from its last checkpoint, \
-    so rerunning the same command continues a study (across sessions if need be); --report-only \
-    reports what has finished. The default (about 3 hours on 2 cores) is what docs/experiment holds; \
-    --full adds arms and seeds; --quick (tiny models, about a minute) checks the pipeline.\n\n\
+    long_about = "The convergence study, budget-matched: does a clone of a strong base reach a long random-init \
+    run's final loss in half the budget (the HyperCloning paper's claim), on one CPU machine?\n\n\
+    1. train small Llama bases (the strongest, 2250 steps x 2048 tokens, is the headline's; weaker ones are \
+    second rows) and grow them x2;\n\
+    2. every arm (random init; noisy clone with fresh AdamW moments, the paper's protocol; noisy clone with \
+    carried moments) screens its own peak learning rate on the same grid, with runs of the final runs' \
+    schedule shape and the shortest budget's length;\n\
+    3. phase 1: seed 0 trains every arm at every budget of the ladder (1/8, 1/4, 1/2, 1 of the random \
+    init's budget, 4000 steps x 2048 tokens), each a complete WSD run; phase 2: the other seeds train the \
+    random init at its full budget and the clone budgets that bracket the crossing;\n\
+    4. every run is evaluated at its end on 512 x 128 = 65,536 held-out tokens; the speedup is the random \
+    init's budget over the clone's budget at which its final loss equals the random init's final loss, \
+    interpolated in log-budget between the two bracketing runs;\n\
+    5. write OUT/report.md, OUT/report.json (with a `headline`), plots, and every run's compact curve \
+    under OUT/curves.\n\n\
+    Finished runs are kept and an interrupted run resumes from its last checkpoint, so rerunning the same \
+    command continues a study; --max-minutes ends a slice at a checkpoint. --quick (tiny models, about a \
+    minute) checks the pipeline.\n\n\
     Data: the prose corpus of scripts/fetch_corpus.sh by default (--quick: Shakespeare)."
 )]
 pub struct ExperimentArgs {
-    /// Output folder: bases/, clones/, screen/, runs/, budget/ (each run: checkpoint +
-    /// metrics.jsonl), report.md, report.json, *.png.
+    /// Output folder: bases/, clones/, screen/, ladder/ (each run: checkpoint + metrics.jsonl +
+    /// final_eval.json), curves/ (compact CSVs), report.md, report.json, *.png.
     #[arg(long, value_name = "DIR", default_value = "experiment")]
     pub out: PathBuf,
-    /// Tiny models, few steps, two seeds, every arm: checks the pipeline in about a minute.
-    #[arg(long)]
+    /// Tiny models, few steps, two seeds: checks the pipeline in about a minute.
+    #[arg(long, conflicts_with = "paper_regime")]
     pub quick: bool,
-    /// Every arm (adds exact symmetric and diagonal to the default's random init, noisy and
-    /// symmetric + dropout) and every seed from the smaller bases; several hours on 2 cores.
+    /// The paper's regime (the default preset, spelled out): the 4.61M-token base, an
+    /// 8.19M-token random init, three seeds.
     #[arg(long)]
-    pub full: bool,
+    pub paper_regime: bool,
+    /// Stop after about this many minutes, at a checkpoint, and write the report of what has
+    /// finished; the same command continues.
+    #[arg(long, value_name = "MINUTES")]
+    pub max_minutes: Option<f64>,
     /// Training text [default: ~/.cache/hyperclone/prose/train from scripts/fetch_corpus.sh;
     /// quick: the Shakespeare corpus].
     #[arg(long, value_name = "FILE_OR_DIR", num_args = 1..)]
@@ -96,36 +104,44 @@ pub struct ExperimentArgs {
     /// Signal-to-noise ratio of the noisy clones, in dB.
     #[arg(long, default_value_t = 10.0)]
     pub snr_db: f64,
-    /// Dropout of the symmetric+dropout arm (the other arms train without dropout).
+    /// Dropout of the symmetric+dropout arms (the other arms train without dropout).
     #[arg(long, default_value_t = 0.1)]
     pub dropout: f64,
-    /// Arms to run: random-init, symmetric, symmetric+dropout, noisy, diagonal
-    /// [default: random-init,noisy,symmetric+dropout; quick and full: all].
+    /// Arms, random-init first: random-init, then clone arms named START-MOMENTS with START
+    /// noisy, symmetric, symmetric+dropout or diagonal and MOMENTS fresh or carried
+    /// [default: random-init,noisy-fresh,noisy-carried].
     #[arg(long, value_delimiter = ',', value_name = "ARMS")]
     pub arms: Option<Vec<String>>,
-    /// Steps of each small base, ascending; the largest is grown for the screen and the final
-    /// runs [default: 250,750,2250; quick: 15,40].
+    /// The clone arm the headline reports, fixed before any run [default: noisy-fresh, the
+    /// paper's protocol].
+    #[arg(long, value_name = "ARM")]
+    pub headline_arm: Option<String>,
+    /// Steps of each small base, ascending; the largest is the headline's, the others are
+    /// second rows [default: 750,2250; quick: 15,40].
     #[arg(long, value_delimiter = ',', value_name = "STEPS")]
     pub base_steps: Option<Vec<u64>>,
     /// Peak learning rate of the bases [default: 3e-3].
     #[arg(long)]
     pub base_lr: Option<f64>,
-    /// Steps of every final large run [default: 1000; quick: 30].
+    /// The random init's full budget in steps: the ladder's top rung [default: 4000; quick: 24].
     #[arg(long)]
     pub steps: Option<u64>,
-    /// Steps of each learning-rate screen run (a complete short schedule) [default: 200;
-    /// quick: 10].
+    /// The budget ladder as ascending fractions of --steps ending at 1 [default: 0.125,0.25,0.5,1].
+    #[arg(long, value_delimiter = ',', value_name = "FRACTIONS")]
+    pub ladder: Option<Vec<f64>>,
+    /// Steps of each learning-rate screen run, at least the shortest rung [default: the
+    /// shortest rung].
     #[arg(long)]
     pub screen_steps: Option<u64>,
     /// Peak learning rates screened for every arm alike [default: 5e-4,1e-3,2e-3,4e-3;
     /// quick: 1e-3,3e-3].
     #[arg(long, value_delimiter = ',', value_name = "LRS")]
     pub lrs: Option<Vec<f64>>,
-    /// Seeds of the final runs: data order, noise, random init, dropout [default: 0,1,2;
-    /// quick: 0,1].
+    /// Seeds: data order, noise, random init, dropout; the first runs every rung [default:
+    /// 0,1,2; quick: 0,1].
     #[arg(long, value_delimiter = ',', value_name = "SEEDS")]
     pub seeds: Option<Vec<u64>>,
-    /// Warmup steps of every run [default: 50; quick: 3].
+    /// Warmup steps of every run [default: 50; quick: 1].
     #[arg(long)]
     pub warmup: Option<u64>,
     /// Fraction of every run spent in the final linear decay (warmup-stable-decay schedule).
@@ -134,21 +150,22 @@ pub struct ExperimentArgs {
     /// Where the decay ends, as a fraction of the run's peak learning rate.
     #[arg(long, default_value_t = 0.1)]
     pub min_lr_frac: f64,
-    /// Start clones' AdamW from zero instead of from their base's grown moments.
-    #[arg(long)]
-    pub fresh_optimizer: bool,
     /// Sequences per step [default: 16; quick: 8].
     #[arg(long)]
     pub batch: Option<usize>,
-    /// Tokens per sequence [default: 128; quick: 64].
+    /// Tokens per sequence [default: 128; quick: 32].
     #[arg(long)]
     pub seq: Option<usize>,
-    /// Evaluate every E steps [default: 25; quick: 5].
+    /// Evaluate the curve every E steps [default: 50; quick: 2].
     #[arg(long)]
     pub eval_every: Option<u64>,
-    /// Validation windows per evaluation [default: 64; quick: 16].
+    /// Validation windows per curve evaluation [default: 64; quick: 16].
     #[arg(long)]
     pub eval_windows: Option<usize>,
+    /// Validation windows of every run's final evaluation [default: 512 (65,536 tokens);
+    /// quick: 64].
+    #[arg(long)]
+    pub final_eval_windows: Option<usize>,
     /// Only rewrite the report and plots from the runs that have finished.
     #[arg(long)]
     pub report_only: bool,

@@ -1,7 +1,8 @@
-//! `hyperclone experiment --quick` end to end on the toy corpus: the study's pipeline runs
-//! (bases, lr screen, seeds, the smaller base), the report is complete, symmetry behaves as
-//! the math says (kept exactly without dropout, broken by dropout), reruns reuse finished
-//! runs, a deleted run is retrained to the same numbers, and changed settings are refused.
+//! `hyperclone experiment --quick` end to end on the toy corpus: the budget-matched pipeline
+//! runs (bases, per-arm lr screens, seed 0's ladder, the other seeds' bracketing rungs, the
+//! weaker base's row), the headline's speedups agree with the documented interpolation and
+//! FLOPs count recomputed here from the runs, reruns reuse finished runs, a deleted run is
+//! retrained to the same numbers, slices stop and continue, changed settings are refused.
 
 mod common;
 
@@ -9,13 +10,12 @@ use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Output};
 
-const ARMS: [&str; 5] = [
-    "random-init",
-    "symmetric",
-    "symmetric+dropout",
-    "noisy",
-    "diagonal",
-];
+const ARMS: [&str; 3] = ["random-init", "noisy-fresh", "noisy-carried"];
+
+/// --quick's ladder: 24 steps for the random init, rungs at 1/8, 1/4, 1/2 and 1.
+const RUNGS: [u64; 4] = [3, 6, 12, 24];
+/// Tokens per step: --quick's batch 8 x --seq 12.
+const TOKENS_PER_STEP: f64 = 96.0;
 
 fn experiment(dir: &Path, extra: &[&str]) -> Output {
     let mut args = vec![
@@ -47,19 +47,94 @@ fn is_png(path: &Path) -> bool {
     bytes.len() > 10_000 && bytes.starts_with(b"\x89PNG\r\n\x1a\n")
 }
 
-/// The final run of `arm` with `seed` in report.json's curves.
-fn curve<'a>(r: &'a Value, arm: &str, seed: u64) -> &'a Value {
-    r["curves"]
+/// (tokens, final loss) of the finished rungs of `arm` from `base` on `seed`, ascending.
+fn points(r: &Value, arm: &str, base: Option<u64>, seed: u64) -> Vec<(f64, f64)> {
+    let mut p: Vec<(f64, f64)> = r["runs"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|c| c["arm"] == arm && c["seed"] == seed)
-        .map(|c| &c["curve"])
-        .unwrap_or_else(|| panic!("no curve {arm} s{seed}"))
+        .filter(|x| x["arm"] == arm && x["base_steps"].as_u64() == base && x["seed"] == seed)
+        .map(|x| {
+            (
+                x["tokens"].as_f64().unwrap(),
+                x["final_val_loss"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    p.sort_by(|a, b| a.0.total_cmp(&b.0));
+    p
 }
 
-fn paired(r: &Value, arm: usize, seed: usize) -> &Value {
-    &r["arms"][arm]["paired_with_random_init"][seed]
+/// The documented formula, recomputed here: training FLOPs per token of a Llama shape
+/// from report.json's models section.
+fn flops(m: &Value, seq: f64) -> f64 {
+    let g = |k: &str| m[k].as_f64().unwrap();
+    let (d, f, h, kv, hd, l, v) = (
+        g("hidden_size"),
+        g("intermediate_size"),
+        g("num_attention_heads"),
+        g("num_key_value_heads"),
+        g("head_dim"),
+        g("num_hidden_layers"),
+        g("vocab_size"),
+    );
+    let matmuls = l * (d * h * hd + 2.0 * d * kv * hd + h * hd * d + 3.0 * d * f);
+    6.0 * matmuls + 6.0 * d * v + 12.0 * l * seq * h * hd
+}
+
+/// The headline's speedups recomputed from the runs: the first rung at or below the seed's
+/// target, interpolated in log-budget with the rung before; bounds at the ladder's ends.
+fn check_headline_against_runs(r: &Value) {
+    let h = &r["headline"];
+    let big_r = h["random_budget_tokens"].as_f64().unwrap();
+    let base_tokens = h["base_tokens"].as_f64().unwrap();
+    let (fs, fl) = (
+        h["flops_per_token"]["small"].as_f64().unwrap(),
+        h["flops_per_token"]["large"].as_f64().unwrap(),
+    );
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs();
+    let seeds = h["seeds"].as_array().unwrap();
+    assert!(!seeds.is_empty(), "{h}");
+    for (i, seed) in seeds.iter().enumerate() {
+        let seed = seed.as_u64().unwrap();
+        let target = points(r, "random-init", None, seed)
+            .last()
+            .map(|p| p.1)
+            .unwrap();
+        let pts = points(r, "noisy-fresh", Some(40), seed);
+        let first = pts.iter().position(|p| p.1 <= target);
+        let (speedup, charged) = (&h["speedups"][i], &h["speedups_charging_base"][i]);
+        let charge = |b: f64| big_r * fl / (b * fl + base_tokens * fs);
+        match first {
+            Some(0) => {
+                assert_eq!(h["crossings"][i], "below the smallest budget");
+                assert!(close(
+                    speedup["at_least"].as_f64().unwrap(),
+                    big_r / pts[0].0
+                ));
+                assert!(close(
+                    charged["at_least"].as_f64().unwrap(),
+                    charge(pts[0].0)
+                ));
+            }
+            None => {
+                assert_eq!(h["crossings"][i], "not reached within the ladder");
+                let last = pts.last().unwrap().0;
+                assert!(close(speedup["below"].as_f64().unwrap(), big_r / last));
+                assert_eq!(h["clone_budget_tokens"][i]["above"], last);
+            }
+            Some(k) => {
+                assert_eq!(h["crossings"][i], "interpolated");
+                let (lo, hi) = (pts[k - 1], pts[k]);
+                let t = (lo.1 - target) / (lo.1 - hi.1);
+                let b = (lo.0.ln() + t * (hi.0.ln() - lo.0.ln())).exp();
+                assert!(lo.0 < b && b <= hi.0);
+                assert!(close(h["clone_budget_tokens"][i].as_f64().unwrap(), b));
+                assert!(close(speedup.as_f64().unwrap(), big_r / b));
+                assert!(close(charged.as_f64().unwrap(), charge(b)));
+            }
+        }
+    }
 }
 
 #[test]
@@ -69,86 +144,137 @@ fn quick_experiment_writes_a_complete_report_and_reruns_reuse_it() {
     common::toy_corpus(d);
     let o = experiment(d, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("warning: the longest run"),
+        "the toy corpus is read many times: {stdout}"
+    );
 
     let r = report(d);
-    let arms = r["arms"].as_array().unwrap();
-    let names: Vec<&str> = arms.iter().map(|a| a["arm"].as_str().unwrap()).collect();
-    assert_eq!(names, ARMS);
-    for arm in arms {
-        let finals = arm["final_val_loss"].as_array().unwrap();
-        assert_eq!(finals.len(), 2, "two seeds: {arm}");
-        for f in finals {
-            let loss = f["loss"].as_f64().unwrap();
-            assert!(loss.is_finite() && loss > 0.0, "{arm}");
-        }
-        // Every arm's learning rate was chosen from the screen.
-        let lr = arm["lr"].as_f64().unwrap();
-        assert!(lr == 1e-3 || lr == 3e-3, "{arm}");
-    }
-    assert_eq!(r["screen"].as_array().unwrap().len(), 10, "5 arms x 2 lrs");
-    assert_eq!(r["models"]["large"]["hidden_size"], 64);
-    assert_eq!(r["models"]["small"]["hidden_size"], 32);
-    assert_eq!(r["bases"].as_array().unwrap().len(), 2);
-    // The headline names one clone arm with one speedup per seed.
     let h = &r["headline"];
-    assert!(ARMS[1..].contains(&h["variant"].as_str().unwrap()), "{h}");
-    assert_eq!(h["seeds"], serde_json::json!([0, 1]));
-    assert_eq!(h["speedups"].as_array().unwrap().len(), 2);
-    assert_eq!(h["speedups_charging_base"].as_array().unwrap().len(), 2);
-    assert_eq!(h["large_budget_tokens"], 30.0 * 8.0 * 12.0);
-    // From the largest base whose clones have to learn to reach the random init.
-    let base_steps = h["base_steps"].as_u64().unwrap();
-    assert!(base_steps == 15 || base_steps == 40, "{h}");
-    assert_eq!(h["base_tokens"], base_steps as f64 * 8.0 * 12.0);
-    assert!(h["clones_start_below_target"].is_boolean());
-    assert!(h["corpus_train_tokens"].as_f64().unwrap() > 0.0);
-    // Every large run starts with the step-0 evaluation; a clone starts at the base's function.
-    let base_final = r["bases"][1]["curve"]["final_val_loss"].as_f64().unwrap();
-    let sym_start = curve(&r, "symmetric", 0)["evals"][0]["val_loss"]
-        .as_f64()
-        .unwrap();
-    assert!(
-        (sym_start - base_final).abs() < 1e-4 * base_final,
-        "a symmetric clone starts at the base's loss: {sym_start} vs {base_final}"
-    );
-    // Without dropout a symmetric clone's copies stay identical; dropout breaks them.
-    for seed in 0..2 {
-        let sym = paired(&r, 1, seed)["final_symmetry"].as_f64().unwrap();
-        let dropped = paired(&r, 2, seed)["final_symmetry"].as_f64().unwrap();
-        assert!(sym > 0.999_999, "symmetric without dropout: {sym}");
-        assert!(dropped < 0.9999, "symmetric with dropout: {dropped}");
-    }
-    // Each seed is paired with the random init of the same seed.
-    for seed in 0..2 {
-        let target = paired(&r, 3, seed)["target_val_loss"].as_f64().unwrap();
-        let random_final = curve(&r, "random-init", seed as u64)["final_val_loss"]
-            .as_f64()
-            .unwrap();
-        assert_eq!(target, random_final);
-    }
-    // Two bases: the best clone arm was trained from the smaller one as well.
-    let budget = r["speedup_vs_base_budget"].as_array().unwrap();
-    assert_eq!(budget.len(), 2);
-    assert_eq!(budget[0]["base_steps"], 15);
+    assert_eq!(h["protocol"], "budget-matched");
     assert_eq!(
-        budget[0]["runs"].as_array().unwrap().len(),
-        1,
-        "one seed by default"
+        h["arm"], "noisy-fresh",
+        "the paper's protocol, fixed before any run"
     );
+    assert_eq!(h["variant"], "noisy");
+    assert_eq!(h["moments"], "fresh");
+    assert_eq!(h["base_steps"], 40);
+    assert_eq!(h["base_tokens"], 40.0 * TOKENS_PER_STEP);
+    assert!(h["base_val_loss"].as_f64().unwrap().is_finite());
+    assert_eq!(h["random_budget_tokens"], 24.0 * TOKENS_PER_STEP);
+    let finals: Vec<f64> = h["random_final_losses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["loss"].as_f64().unwrap())
+        .collect();
+    assert_eq!(
+        finals.len(),
+        2,
+        "the random init at its full budget on both seeds"
+    );
+    let mean = finals.iter().sum::<f64>() / 2.0;
+    assert!((h["random_final_loss"].as_f64().unwrap() - mean).abs() < 1e-12);
+    let n = h["seeds"].as_array().unwrap().len();
+    for key in [
+        "clone_budget_tokens",
+        "speedups",
+        "speedups_charging_base",
+        "crossings",
+    ] {
+        assert_eq!(h[key].as_array().unwrap().len(), n, "{key}: {h}");
+    }
+    assert!(h["corpus_train_tokens"].as_f64().unwrap() > 0.0);
+    assert!(h["paper_regime"]["met"].is_boolean(), "{h}");
+    assert_eq!(h["complete"], true);
+    // The toy validation split is short: fewer than 65,536 tokens, and the report says so.
+    assert_eq!(h["final_eval_tokens_at_least_65536"], false);
+    check_headline_against_runs(&r);
+    // FLOPs per token by the documented formula (input embedding: none).
+    let seq = 12.0;
+    assert_eq!(
+        h["flops_per_token"]["small"],
+        flops(&r["models"]["small"], seq)
+    );
+    assert_eq!(
+        h["flops_per_token"]["large"],
+        flops(&r["models"]["large"], seq)
+    );
+    assert_eq!(r["flops_per_token"]["large"]["input_embedding"], 0.0);
+
+    // Rows: both clone arms from the strongest base, then the headline arm from the weaker.
+    let rows: Vec<(String, u64)> = r["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            (
+                x["arm"].as_str().unwrap().to_string(),
+                x["base_steps"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("noisy-fresh".into(), 40),
+            ("noisy-carried".into(), 40),
+            ("noisy-fresh".into(), 15)
+        ]
+    );
+    // Phase 1: seed 0 runs every rung of every row; phase 2: seed 1 runs the random init's
+    // full budget and, per clone row, a contiguous run of rungs that brackets its crossing.
+    let rung_tokens: Vec<f64> = RUNGS.iter().map(|&s| s as f64 * TOKENS_PER_STEP).collect();
+    for (arm, base) in [
+        ("random-init", None),
+        ("noisy-fresh", Some(40)),
+        ("noisy-carried", Some(40)),
+        ("noisy-fresh", Some(15)),
+    ] {
+        let p0: Vec<f64> = points(&r, arm, base, 0).iter().map(|p| p.0).collect();
+        assert_eq!(p0, rung_tokens, "{arm} {base:?} seed 0");
+        let p1 = points(&r, arm, base, 1);
+        if arm == "random-init" {
+            assert_eq!(p1.iter().map(|p| p.0).collect::<Vec<_>>(), [rung_tokens[3]]);
+        } else {
+            assert!(!p1.is_empty() && p1.len() <= 4, "{arm} {base:?}: {p1:?}");
+        }
+    }
+    for run in r["runs"].as_array().unwrap() {
+        assert!(run["final_eval_tokens"].as_u64().unwrap() > 0, "{run}");
+    }
+    // Every arm screened its own lr on the same grid, from each base it grows from.
+    assert_eq!(
+        r["screen"].as_array().unwrap().len(),
+        2 * 4,
+        "4 screens x 2 lrs"
+    );
+    // Every run's compact curve is gathered under curves/.
+    let csvs = walk(&d.join("exp/curves"));
+    let runs = 2 + 8 + r["runs"].as_array().unwrap().len();
+    assert_eq!(csvs.len(), runs, "{csvs:?}");
+    for f in &csvs {
+        assert!(std::fs::read_to_string(f)
+            .unwrap()
+            .starts_with("step,tokens,lr,train_loss,val_loss,symmetry\n"));
+    }
 
     let md = std::fs::read_to_string(d.join("exp/report.md")).unwrap();
     for needle in ARMS.iter().copied().chain([
-        "| arm | lr | final val loss",
-        "## Learning-rate screen",
-        "## Speedup vs base budget",
-        "## Findings",
+        "## Final loss against budget",
+        "## Speedup per seed",
+        "## How the numbers are computed",
+        "interpolated linearly in log-budget",
+        "## Learning-rate screens",
+        "## Secondary view",
+        "## Checks",
+        "budget.png",
         "val_loss.png",
-        "speedup.png",
-        "symmetry.png",
     ]) {
         assert!(md.contains(needle), "report.md lacks {needle:?}:\n{md}");
     }
-    for png in ["val_loss.png", "symmetry.png", "speedup.png"] {
+    for png in ["budget.png", "val_loss.png", "symmetry.png"] {
         assert!(is_png(&d.join("exp").join(png)), "{png}");
     }
 
@@ -156,43 +282,132 @@ fn quick_experiment_writes_a_complete_report_and_reruns_reuse_it() {
     let o = experiment(d, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = String::from_utf8_lossy(&o.stdout);
-    // 2 bases + 10 screen runs + 10 final runs, and from the smaller base the chosen arm's
-    // own 2-lr screen and its run.
-    assert_eq!(out.matches("finished earlier, reused").count(), 25, "{out}");
+    assert_eq!(
+        out.matches("finished earlier, reused").count(),
+        runs,
+        "{out}"
+    );
     assert_eq!(report(d), r);
 
-    // A run that is lost is retrained, to the same numbers (batches and dropout are seeded).
-    std::fs::remove_dir_all(d.join("exp/runs/symmetric+dropout/s0")).unwrap();
+    // A run that is lost is retrained, to the same numbers (batches and noise are seeded).
+    std::fs::remove_dir_all(d.join("exp/ladder/base-40/noisy-fresh/steps-24/s0")).unwrap();
     let o = experiment(d, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let again = report(d);
-    assert_eq!(again["arms"][2], r["arms"][2]);
+    assert_eq!(report(d)["headline"], r["headline"]);
 
-    // --report-only rewrites the report from the metrics without training; a missing run is
-    // reported as pending, not an error.
+    // --report-only rewrites the report without training; a missing run is pending.
     std::fs::remove_file(d.join("exp/report.md")).unwrap();
-    std::fs::remove_dir_all(d.join("exp/runs/diagonal/s1")).unwrap();
+    std::fs::remove_dir_all(d.join("exp/ladder/random-init/steps-24/s1")).unwrap();
     let o = experiment(d, &["--report-only"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let partial = report(d);
     assert_eq!(
-        partial["arms"][4]["final_val_loss"]
+        partial["headline"]["random_final_losses"]
             .as_array()
             .unwrap()
             .len(),
         1
     );
+    assert_eq!(
+        partial["headline"]["paper_regime"]["met"],
+        Value::Null,
+        "pending, not guessed"
+    );
     assert!(d.join("exp/report.md").exists());
 
     // Other settings in the same folder would mix two experiments: refused, nothing touched.
-    let o = experiment(d, &["--steps", "31"]);
+    let o = experiment(d, &["--steps", "32"]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        err.contains("other settings") && err.contains("steps"),
+        err.contains("other settings") && err.contains("random_budget_steps"),
         "{err}"
     );
-    assert_eq!(report(d)["arms"], partial["arms"]);
+    assert_eq!(report(d)["runs"], partial["runs"]);
+}
+
+/// A slice that is out of time stops after its first chunk (a quarter of the first base),
+/// still reports (incomplete); the same command then continues, interrupted run included,
+/// to exactly the numbers of an uninterrupted study.
+#[test]
+fn a_slice_stops_and_the_same_command_continues() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (sliced, whole) = (tmp.path().join("sliced"), tmp.path().join("whole"));
+    for d in [&sliced, &whole] {
+        std::fs::create_dir_all(d).unwrap();
+        common::toy_corpus(d);
+    }
+    let o = experiment(&sliced, &["--max-minutes", "0.000001"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("rerun the same command to continue"), "{out}");
+    let r = report(&sliced);
+    assert_eq!(r["complete"], false);
+    assert!(r["runs"].as_array().unwrap().is_empty());
+    assert!(
+        r["bases"].as_array().unwrap().is_empty(),
+        "base-40 is a quarter done"
+    );
+    let o = experiment(&sliced, &["--max-minutes", "0"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--max-minutes"));
+
+    let o = experiment(&sliced, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("base-40: resuming at step 10"));
+    let o = experiment(&whole, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (a, b) = (report(&sliced), report(&whole));
+    assert_eq!(a["complete"], true);
+    assert_eq!(a["runs"], b["runs"]);
+    assert_eq!(a["headline"], b["headline"]);
+}
+
+/// The paper-regime preset refuses a budget that reads the training split more than twice,
+/// before any run, and leaves no experiment.json behind (the corrected command must work).
+#[test]
+fn a_budget_that_repeats_the_corpus_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    common::toy_corpus(d);
+    let o = common::run(
+        &[
+            "experiment",
+            "--paper-regime",
+            "--out",
+            "exp",
+            "--tokenizer",
+            "tokenizer.json",
+            "--base-config",
+            "config.json",
+            "--data",
+            "data/a.txt",
+            "--val",
+            "data/b.txt",
+        ],
+        d,
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("times (at most 2)") && err.lines().count() == 1,
+        "{err}"
+    );
+    assert!(!d.join("exp/experiment.json").exists());
+    assert!(!d.join("exp/bases").exists(), "nothing trained");
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            files.extend(walk(&p));
+        } else {
+            files.push(p);
+        }
+    }
+    files
 }
 
 #[test]
