@@ -1600,7 +1600,7 @@ fn deeply_nested_recipes_are_refused_before_parsing() {
     // ignored Ctrl-C. The depth is bounded by a linear pre-scan (64 levels).
     let r = root();
     Tiny::default().write(&r.path().join("src"));
-    let n = 2_000_000;
+    let n = 500_000;
     let cases = [
         ("flow.yaml", format!("{}{}", "[".repeat(n), "]".repeat(n))),
         (
@@ -1633,6 +1633,17 @@ fn deeply_nested_recipes_are_refused_before_parsing() {
         );
         std::fs::remove_file(r.path().join(name)).unwrap();
     }
+    // Flat but huge (a 40 MB YAML list took 90 s and 8 GB): bounded by the item count.
+    let flat = format!(
+        "hyperclone_recipe: 1\noptions: {{factor: 2}}\ngrowth_map: [{}1]\n",
+        "1,".repeat(2_000_000)
+    );
+    write_recipe(r.path(), "flat.yaml", &flat);
+    fails(
+        r.path(),
+        &["--recipe", "flat.yaml"],
+        &["flat.yaml", "items"],
+    );
 }
 
 #[test]
@@ -1724,7 +1735,10 @@ fn a_clone_killed_by_sigbus_is_cleaned_up_by_the_next() {
     use std::os::unix::process::ExitStatusExt;
     let r = root();
     Tiny::default().write(&r.path().join("src"));
-    let mut victim = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+    let mut victim = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
     let partial = r
         .path()
         .join(format!(".dst.hyperclone-partial-{}", victim.id()));
