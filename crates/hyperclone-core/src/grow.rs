@@ -209,10 +209,17 @@ pub fn open_and_plan(
     progress: &dyn Progress,
 ) -> Result<(Checkpoint, Plan, Provenance)> {
     let ckpt = Checkpoint::open(src)?;
-    let options = request.resolve(&ckpt.config)?;
+    // A recipe is read once (it may be megabytes): its options, then its recorded map.
+    let recipe = match &request.recipe {
+        Some(path) => Some((path, Recipe::load(path)?)),
+        None => None,
+    };
+    let options = match &recipe {
+        Some((path, r)) => r.options(path, &ckpt.config)?,
+        None => request.resolve(&ckpt.config)?,
+    };
     let (plan, prov) = plan_with(&ckpt, &options)?;
-    if let Some(path) = &request.recipe {
-        let recipe = Recipe::load(path)?;
+    if let Some((path, recipe)) = &recipe {
         recipe.check_map(path, &plan.map)?;
         if recipe
             .source_config_sha256

@@ -100,6 +100,11 @@ pub fn checked_numel(dims: &[usize]) -> Option<u64> {
 /// own recipes nest about 6 deep.
 pub const MAX_NESTING: usize = 64;
 
+/// Most items (values, entries, lines) a recipe may have. The largest real one, `plan
+/// --json` of a growth to [`MAX_LAYERS`] layers, has about 600k; a 40 MB list of 20M
+/// numbers took 90 s and 8 GB to parse as YAML (4 MB of JSON: 7 s, 0.5 GB).
+pub const MAX_ITEMS: usize = 1 << 20;
+
 /// Refuses text nested deeper than [`MAX_NESTING`], in one linear pass, before any parser
 /// sees it: the YAML parser takes quadratic time in the depth (100k levels took minutes and
 /// ignored Ctrl-C). The count is an upper bound on the real depth, never below it: every
@@ -107,12 +112,25 @@ pub const MAX_NESTING: usize = 64;
 /// context each deeper indentation and each `- `/`? ` that opens a compact nested entry on
 /// one line is a level. It may over-count text with dozens of unclosed brackets inside a
 /// string; a recipe has none.
+///
+/// It also counts items (every `,`, `[`, `{` and line) and refuses more than [`MAX_ITEMS`]:
+/// parsers allocate per item, so that bounds their time and memory too.
 pub fn check_nesting(text: &str) -> std::result::Result<(), String> {
     let too_deep = |line: usize| {
         Err(format!(
             "nests more than {MAX_NESTING} levels deep (line {line}); a recipe nests a few levels"
         ))
     };
+    let items = text
+        .bytes()
+        .filter(|b| matches!(b, b',' | b'[' | b'{' | b'\n'))
+        .count();
+    if items > MAX_ITEMS {
+        return Err(format!(
+            "has {items} items (values, entries, lines), over the limit of {MAX_ITEMS}; a recipe has a few \
+             per layer"
+        ));
+    }
     let mut flow = 0usize; // open [ and { not yet closed
     let mut indents: Vec<usize> = Vec::new(); // block context: the open indentation levels
     for (i, line) in text.lines().enumerate() {
@@ -172,5 +190,8 @@ mod tests {
         // Sibling keys at one indentation are one level, however many.
         let wide: String = (0..10_000).map(|i| format!("k{i}: 1\n")).collect();
         assert!(check_nesting(&wide).is_ok());
+        // Flat but huge: bounded by the item count.
+        assert!(check_nesting(&format!("[{}1]", "1,".repeat(MAX_ITEMS))).is_err());
+        assert!(check_nesting(&"k: 1\n".repeat(MAX_ITEMS + 1)).is_err());
     }
 }

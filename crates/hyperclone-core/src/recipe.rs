@@ -122,7 +122,7 @@ impl Recipe {
         let request = parse_options(opts).map_err(|m| bad(format!("options: {m}")))?;
         Ok(Recipe {
             request,
-            growth_map: top.get("growth_map").cloned(),
+            growth_map: top.remove("growth_map"),
             source_config_sha256: top
                 .get("source")
                 .and_then(|s| s.get("config_sha256"))

@@ -1684,7 +1684,7 @@ fn deeply_nested_recipes_are_refused_before_parsing() {
     // ignored Ctrl-C. The depth is bounded by a linear pre-scan (64 levels).
     let r = root();
     Tiny::default().write(&r.path().join("src"));
-    let n = 2_000_000;
+    let n = 500_000;
     let cases = [
         ("flow.yaml", format!("{}{}", "[".repeat(n), "]".repeat(n))),
         (
@@ -1717,6 +1717,17 @@ fn deeply_nested_recipes_are_refused_before_parsing() {
         );
         std::fs::remove_file(r.path().join(name)).unwrap();
     }
+    // Flat but huge (a 40 MB YAML list took 90 s and 8 GB): bounded by the item count.
+    let flat = format!(
+        "hyperclone_recipe: 1\noptions: {{factor: 2}}\ngrowth_map: [{}1]\n",
+        "1,".repeat(2_000_000)
+    );
+    write_recipe(r.path(), "flat.yaml", &flat);
+    fails(
+        r.path(),
+        &["--recipe", "flat.yaml"],
+        &["flat.yaml", "items"],
+    );
 }
 
 #[test]
@@ -1808,7 +1819,10 @@ fn a_clone_killed_by_sigbus_is_cleaned_up_by_the_next() {
     use std::os::unix::process::ExitStatusExt;
     let r = root();
     Tiny::default().write(&r.path().join("src"));
-    let mut victim = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+    let mut victim = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
     let partial = r
         .path()
         .join(format!(".dst.hyperclone-partial-{}", victim.id()));
@@ -1823,4 +1837,47 @@ fn a_clone_killed_by_sigbus_is_cleaned_up_by_the_next() {
     assert!(again.status.success(), "{}", stderr(&again));
     assert!(stderr(&again).contains("removed"), "{}", stderr(&again));
     assert_eq!(listing(r.path()), ["dst", "src"]);
+}
+
+#[test]
+fn a_signal_during_reading_stops_the_clone_before_anything_is_written() {
+    // Class 13 (signals in every phase): the handler is installed before SRC, the config
+    // and a recipe are read, so a signal then only sets the flag; the write checks it
+    // first and creates nothing.
+    let r = root();
+    Tiny::default().write(&r.path().join("src"));
+    let ckpt = Checkpoint::open(&r.path().join("src")).unwrap();
+    let plan = Plan::new(&ckpt, &GrowthOptions::default(), &BTreeMap::new()).unwrap();
+    let cancel = AtomicBool::new(true);
+    let env = WriteEnv::quiet(&cancel);
+    let err = write_clone(&ckpt, &plan, "card", &r.path().join("dst"), false, &env)
+        .err()
+        .expect("interrupted");
+    assert!(matches!(err, hyperclone_core::Error::Interrupted), "{err}");
+    assert_eq!(listing(r.path()), ["src"]);
+    // Through the binary: SIGINT while a large (valid) recipe is parsed.
+    let notes = format!(
+        "hyperclone_recipe: 1\noptions: {{factor: 2}}\nnotes: [{}1]\n",
+        "1,".repeat(500_000)
+    );
+    std::fs::write(r.path().join("r.yaml"), notes).unwrap();
+    let child = std::process::Command::new(bin())
+        .args(["clone", "src", "dst", "--recipe", "r.yaml"])
+        .current_dir(r.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    if out.status.success() {
+        eprintln!("skipping the binary: the clone finished before the signal");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("interrupted"), "{}", stderr(&out));
+    assert_eq!(listing(r.path()), ["r.yaml", "src"]);
 }
