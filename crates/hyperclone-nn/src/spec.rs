@@ -158,7 +158,7 @@ fn sliding_windows(
                     .unwrap_or(28);
                 on && listed(l).unwrap_or(l as u64 >= from)
             }
-            "gemma2" => listed(l).unwrap_or(l % 2 == 0),
+            "gemma2" => listed(l).unwrap_or(l.is_multiple_of(2)),
             _ => false,
         }
     };
