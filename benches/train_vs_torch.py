@@ -50,7 +50,7 @@ def rust(binary: Path, work: Path, tokenizer: Path, steps: int, batch: int, seq:
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
     subprocess.run(
         [str(binary), "train", "--init-config", "cfg.json", "--tokenizer", str(tokenizer), "--data", "data",
-         "--out", "out", "--steps", str(steps), "--batch", str(batch), "--seq", str(seq), "--eval-every", "1000000",
+         "--out", "out", "--force", "--steps", str(steps), "--batch", str(batch), "--seq", str(seq), "--eval-every", "1000000",
          "--save-every", "1000000"],
         cwd=work, env=env, check=True, capture_output=True,
     )

@@ -205,6 +205,7 @@ pub fn run_verify_cancellable(
             &expect,
         )?,
     };
+    stop()?; // the symmetry reads every weight of BIG again
     let symmetry = mean_row_half_cosine(&big_ckpt, &small_ckpt.config);
     Ok(Verification { report, symmetry })
 }

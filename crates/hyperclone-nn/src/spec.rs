@@ -67,6 +67,18 @@ fn refuse_unimplemented(
     path: &str,
 ) -> Result<()> {
     let on = |k: &str| raw.get(k).and_then(Value::as_bool) == Some(true);
+    // modeling_opt then applies LayerNorms without weights, which the decoder (reading a
+    // norm from its stored weight) would skip altogether.
+    if model_type == "opt"
+        && raw
+            .get("layer_norm_elementwise_affine")
+            .and_then(Value::as_bool)
+            == Some(false)
+    {
+        return Err(NnError::Unsupported(format!(
+            "{path}: `layer_norm_elementwise_affine: false` (LayerNorms without weights) is not implemented in the Rust decoder"
+        )));
+    }
     let refused: &[(&str, &str)] = match model_type {
         // Attention over the whole sequence, not causal.
         "gemma" | "gemma2" => &[("use_bidirectional_attention", "non-causal attention")],
@@ -146,7 +158,7 @@ fn sliding_windows(
                     .unwrap_or(28);
                 on && listed(l).unwrap_or(l as u64 >= from)
             }
-            "gemma2" => listed(l).unwrap_or(l % 2 == 0),
+            "gemma2" => listed(l).unwrap_or(l.is_multiple_of(2)),
             _ => false,
         }
     };
@@ -164,8 +176,11 @@ fn attention_scales(
     layers: usize,
 ) -> Vec<f64> {
     let flag = |k: &str, default: bool| raw.get(k).and_then(Value::as_bool).unwrap_or(default);
-    let base = match raw.get("query_pre_attn_scalar").and_then(Value::as_f64) {
-        Some(s) if model_type == "gemma2" => s.powf(-0.5),
+    // Gemma-2 scales by query_pre_attn_scalar^-0.5 (configuration default 256, whatever
+    // head_dim is); a null leaves NaN, refused by the caller.
+    let base = match (model_type, raw.get("query_pre_attn_scalar")) {
+        ("gemma2", None) => 256f64.powf(-0.5),
+        ("gemma2", Some(v)) => v.as_f64().map_or(f64::NAN, |s| s.powf(-0.5)),
         _ => (head_dim as f64).powf(-0.5),
     };
     (0..layers)
@@ -368,5 +383,95 @@ impl DecoderSpec {
                 }
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn map(v: Value) -> serde_json::Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    /// transformers 5.23's per-family rules (configuration_*.py / modeling_*.py).
+    #[test]
+    fn sliding_layers_follow_each_family() {
+        let w = Some(4);
+        let qwen =
+            map(json!({"use_sliding_window": true, "sliding_window": 4, "max_window_layers": 1}));
+        assert_eq!(sliding_windows("qwen2", &qwen, 3), vec![None, w, w]);
+        assert_eq!(sliding_windows("qwen3", &qwen, 3), vec![None, w, w]);
+        // max_window_layers defaults to 28; without use_sliding_window nothing slides, even
+        // with layer_types saying so (the config drops the window).
+        let qwen = map(json!({"use_sliding_window": true, "sliding_window": 4}));
+        assert_eq!(sliding_windows("qwen2", &qwen, 30)[27..], [None, w, w]);
+        let off = map(json!({"sliding_window": 4, "layer_types": ["sliding_attention"]}));
+        assert_eq!(sliding_windows("qwen2", &off, 1), vec![None]);
+        let gemma2 = map(json!({"sliding_window": 4}));
+        assert_eq!(sliding_windows("gemma2", &gemma2, 3), vec![w, None, w]);
+        let listed = map(
+            json!({"sliding_window": 4, "layer_types": ["full_attention", "sliding_attention"]}),
+        );
+        assert_eq!(sliding_windows("gemma2", &listed, 2), vec![None, w]);
+        // Every layer, layer_types not read; null is no window; absent is the class default.
+        for t in ["mistral", "starcoder2", "phi3"] {
+            assert_eq!(sliding_windows(t, &listed, 2), vec![w, w], "{t}");
+            assert_eq!(
+                sliding_windows(t, &map(json!({"sliding_window": null})), 2),
+                vec![None, None]
+            );
+        }
+        assert_eq!(
+            sliding_windows("mistral", &map(json!({})), 1),
+            vec![Some(4096)]
+        );
+        assert_eq!(sliding_windows("llama", &qwen, 2), vec![None, None]);
+    }
+
+    #[test]
+    fn attention_scales_and_activations_follow_each_family() {
+        let gpt2 =
+            map(json!({"scale_attn_weights": false, "scale_attn_by_inverse_layer_idx": true}));
+        assert_eq!(
+            attention_scales("gpt2", &gpt2, 16, 3),
+            vec![1.0, 0.5, 1.0 / 3.0]
+        );
+        let both = map(json!({"scale_attn_by_inverse_layer_idx": true}));
+        assert_eq!(attention_scales("gpt2", &both, 16, 2), vec![0.25, 0.125]);
+        // Only Gemma-2 reads query_pre_attn_scalar (default 256).
+        let q = map(json!({"query_pre_attn_scalar": 64}));
+        assert_eq!(attention_scales("gemma2", &q, 16, 1), vec![0.125]);
+        assert_eq!(attention_scales("llama", &q, 16, 1), vec![0.25]);
+        assert_eq!(
+            attention_scales("gemma2", &map(json!({})), 16, 1),
+            vec![1.0 / 16.0]
+        );
+        let acts = map(
+            json!({"hidden_act": "gelu", "hidden_activation": "relu", "activation_function": "silu"}),
+        );
+        assert_eq!(activation_name("gemma", &acts), "gelu_pytorch_tanh");
+        assert_eq!(activation_name("gemma2", &acts), "relu");
+        assert_eq!(activation_name("gpt2", &acts), "silu");
+        assert_eq!(activation_name("llama", &acts), "gelu");
+        assert_eq!(activation_name("opt", &map(json!({}))), "relu");
+    }
+
+    #[test]
+    fn unimplemented_switches_are_refused_by_name() {
+        for (t, key) in [
+            ("gemma", "use_bidirectional_attention"),
+            ("gemma2", "use_bidirectional_attention"),
+            ("stablelm", "use_parallel_residual"),
+            ("stablelm", "qk_layernorm"),
+            ("phi", "qk_layernorm"),
+        ] {
+            let e = refuse_unimplemented(t, &map(json!({key: true})), "c.json").unwrap_err();
+            assert!(e.to_string().contains(key), "{e}");
+            assert!(refuse_unimplemented(t, &map(json!({key: false})), "c.json").is_ok());
+        }
+        let opt = map(json!({"layer_norm_elementwise_affine": false}));
+        assert!(refuse_unimplemented("opt", &opt, "c.json").is_err());
     }
 }

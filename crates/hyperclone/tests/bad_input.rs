@@ -1880,4 +1880,249 @@ fn a_signal_during_reading_stops_the_clone_before_anything_is_written() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("interrupted"), "{}", stderr(&out));
     assert_eq!(listing(r.path()), ["r.yaml", "src"]);
+/// Every command that writes a file, pointed at its own inputs (the same path, a hard link,
+/// a symbolic link, a path inside an input model folder, a folder holding an input) or at
+/// an existing file without --force: one error line, and every input byte-identical.
+#[test]
+fn commands_never_write_onto_their_inputs() {
+    let r = root();
+    let d = r.path();
+    toy_corpus(d);
+    Tiny::default().write(&d.join("m"));
+    std::fs::hard_link(d.join("m/model.safetensors"), d.join("weights-link")).unwrap();
+    std::fs::hard_link(d.join("data/a.txt"), d.join("text-link")).unwrap();
+    std::os::unix::fs::symlink(d.join("m/config.json"), d.join("config-symlink")).unwrap();
+    std::fs::write(d.join("existing.bin"), b"the user's file").unwrap();
+    let before = snapshot(d);
+    let forward = |out: &'static str, force: bool| {
+        let mut a = vec!["forward", "m", "--out", out];
+        if force {
+            a.push("--force");
+        }
+        a
+    };
+    for (out, force, expect) in [
+        ("m/model.safetensors", true, "lies inside the input m"),
+        ("m/logits.safetensors", false, "lies inside the input m"),
+        ("m", true, "is the input m"),
+        ("weights-link", true, "hard link"),
+        ("config-symlink", true, "lies inside the input m"),
+        (".", true, "holds the input m"),
+        ("existing.bin", false, "already exists (pass --force"),
+    ] {
+        one_error_line(&forward(out, force), d, &["--out", expect]);
+    }
+    let tokenizer = |out: &'static str, data: &'static str| {
+        vec![
+            "tokenizer",
+            "--data",
+            data,
+            "--out",
+            out,
+            "--vocab-size",
+            "300",
+            "--force",
+        ]
+    };
+    for (out, data, expect) in [
+        ("data/a.txt", "data", "is the input"),
+        ("text-link", "data/a.txt", "hard link"),
+        ("data", "data", "holds the input"),
+    ] {
+        one_error_line(&tokenizer(out, data), d, &["--out", expect]);
+    }
+    one_error_line(
+        &[
+            "tokenizer",
+            "--data",
+            "data",
+            "--out",
+            "existing.bin",
+            "--vocab-size",
+            "300",
+        ],
+        d,
+        &["already exists (pass --force"],
+    );
+    let train = |out: &'static str, extra: &[&'static str]| {
+        let mut a = vec![
+            "train",
+            "--model",
+            "m",
+            "--tokenizer",
+            "tokenizer.json",
+            "--data",
+            "data",
+            "--out",
+            out,
+            "--steps",
+            "1",
+            "--batch",
+            "1",
+            "--seq",
+            "4",
+            "--eval-every",
+            "1",
+        ];
+        a.extend_from_slice(extra);
+        a
+    };
+    one_error_line(&train("m/run", &[]), d, &["lies inside the input m"]);
+    one_error_line(
+        &train("run", &["--token-cache", "data"]),
+        d,
+        &["--token-cache", "holds the input"],
+    );
+    one_error_line(
+        &[
+            "experiment",
+            "--quick",
+            "--out",
+            "data",
+            "--data",
+            "data/a.txt",
+            "--val",
+            "data/b.txt",
+        ],
+        d,
+        &["--out", "holds the input"],
+    );
+    one_error_line(
+        &["clone", "m", "m/big", "--factor", "2", "--force"],
+        d,
+        &["overlaps"],
+    );
+    assert_eq!(snapshot(d), before, "an input or an existing file changed");
+    // Replacing what the user named with --force goes through a new file: the other name
+    // of a hard-linked output keeps its bytes.
+    std::fs::hard_link(d.join("existing.bin"), d.join("existing-other-name")).unwrap();
+    let out = run(&forward("existing.bin", true), d);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read(d.join("existing-other-name")).unwrap(),
+        b"the user's file"
+    );
+    assert_ne!(
+        std::fs::read(d.join("existing.bin")).unwrap(),
+        b"the user's file"
+    );
+}
+
+/// `train --out DIR` holding an earlier run: refused without --resume or --force (the
+/// earlier checkpoint kept), continued with --resume, started over with --force.
+#[test]
+fn train_never_replaces_an_earlier_run_unasked() {
+    let r = root();
+    let d = r.path();
+    toy_corpus(d);
+    let train = |steps: &'static str, extra: &[&'static str]| {
+        let mut a = vec![
+            "train",
+            "--init-config",
+            "config.json",
+            "--tokenizer",
+            "tokenizer.json",
+            "--data",
+            "data",
+            "--out",
+            "out",
+            "--steps",
+            steps,
+            "--batch",
+            "2",
+            "--seq",
+            "8",
+            "--eval-every",
+            "1",
+            "--save-every",
+            "1",
+        ];
+        a.extend_from_slice(extra);
+        a
+    };
+    let state = || std::fs::read_to_string(d.join("out/last/trainer_state.json")).unwrap();
+    let out = run(&train("4", &[]), d);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let four = state();
+    let weights = std::fs::read(d.join("out/last/model.safetensors")).unwrap();
+    one_error_line(
+        &train("2", &[]),
+        d,
+        &["holds an earlier run", "--resume", "--force"],
+    );
+    assert_eq!(state(), four);
+    assert_eq!(
+        std::fs::read(d.join("out/last/model.safetensors")).unwrap(),
+        weights
+    );
+    // Only a log left (the run died before its first checkpoint) is an earlier run too.
+    std::fs::remove_dir_all(d.join("out/last")).unwrap();
+    one_error_line(
+        &train("2", &[]),
+        d,
+        &["holds an earlier run (metrics.jsonl)"],
+    );
+    let out = run(&train("2", &["--force"]), d);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(state().contains("\"step\":2"), "{}", state());
+    let out = run(&train("3", &["--resume"]), d);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(state().contains("\"step\":3"), "{}", state());
+}
+
+/// tokenizer.json files the tokenizers library accepts and then panics on (exit 101 before):
+/// one error line naming the file, from every command that tokenizes.
+#[test]
+fn tokenizers_panics_become_one_error_line() {
+    let r = root();
+    let d = r.path();
+    toy_corpus(d);
+    let bundled: Value = serde_json::from_slice(
+        &std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../assets/shakespeare-tiny/tokenizer.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let mut replace = bundled.clone();
+    replace["normalizer"] = json!({"type": "Replace", "pattern": {"String": ""}, "content": "x"});
+    let mut prefix = bundled;
+    prefix["model"]["continuing_subword_prefix"] = json!("##");
+    for (name, tok, when) in [
+        ("replace", replace, "encoding"),
+        ("prefix", prefix, "loading"),
+    ] {
+        let m = d.join(name);
+        std::fs::create_dir_all(&m).unwrap();
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(
+                Path::new(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/../../assets/shakespeare-tiny"
+                ))
+                .join(f),
+                m.join(f),
+            )
+            .unwrap();
+        }
+        std::fs::write(m.join("tokenizer.json"), tok.to_string()).unwrap();
+        let file = format!("{name}/tokenizer.json");
+        let expect = [file.as_str(), "the tokenizers library failed while", when];
+        one_error_line(&["forward", name, "--text", "ROMEO. But soft"], d, &expect);
+        one_error_line(
+            &["generate", name, "--prompt", "ROMEO", "--max-tokens", "2"],
+            d,
+            &expect,
+        );
+        let out_dir = format!("run-{name}");
+        one_error_line(
+            &[
+                "train", "--model", name, "--data", "data", "--out", &out_dir, "--steps", "1",
+                "--batch", "1", "--seq", "4",
+            ],
+            d,
+            &expect,
+        );
+    }
 }

@@ -57,6 +57,30 @@ fn mutated_decoder_configs_never_panic() {
         "final_logit_softcapping",
         "max_position_embeddings",
         "eos_token_id",
+        // Issue 18: switches transformers resolves per family and per layer index.
+        "max_window_layers",
+        "scale_attn_weights",
+        "scale_attn_by_inverse_layer_idx",
+        "reorder_and_upcast_attn",
+        "use_bidirectional_attention",
+        "hidden_activation",
+        "activation_function",
+        "use_parallel_residual",
+        "qk_layernorm",
+        "do_layer_norm_before",
+        "_remove_final_layer_norm",
+    ];
+    // Mutated from the tiny Llama and from one committed fixture of each family whose
+    // switches differ (their goldens pin the unmutated function).
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let bases: Vec<Option<std::path::PathBuf>> = vec![
+        None,
+        Some(fixtures.join("families/gpt2-mha")),
+        Some(fixtures.join("families/gemma2-gqa")),
+        Some(fixtures.join("families/opt-proj")),
+        Some(fixtures.join("families/stablelm-gqa")),
+        Some(fixtures.join("windows/qwen2-window-by-index")),
+        Some(fixtures.join("windows/gpt2-layer-scale")),
     ];
     let mut state = 0x0f0f_u64;
     let mut next = || {
@@ -73,7 +97,13 @@ fn mutated_decoder_configs_never_panic() {
         .unwrap_or(240);
     for case in 0..cases {
         let t = Tiny::default();
-        let mut cfg = t.config();
+        let base = &bases[case % bases.len()];
+        let mut cfg = match base {
+            Some(b) => {
+                serde_json::from_slice(&std::fs::read(b.join("config.json")).unwrap()).unwrap()
+            }
+            None => t.config(),
+        };
         let mut what = Vec::new();
         for _ in 0..1 + next() % 2 {
             let key = keys[(next() % keys.len() as u64) as usize];
@@ -85,7 +115,16 @@ fn mutated_decoder_configs_never_panic() {
             cfg[key] = v;
         }
         let dir = root.path().join(format!("c{case}"));
-        t.write_with(&dir, &cfg, &t.tensors());
+        match base {
+            Some(b) => {
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::copy(b.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+                std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+            }
+            None => {
+                t.write_with(&dir, &cfg, &t.tensors());
+            }
+        }
         let outcome = catch_unwind(AssertUnwindSafe(|| -> &'static str {
             let ckpt = match Checkpoint::open(&dir) {
                 Ok(c) => c,
@@ -95,8 +134,9 @@ fn mutated_decoder_configs_never_panic() {
                 Ok(m) => m,
                 Err(_) => return "load refused",
             };
+            // Longer than the fixtures' windows (4), so sliding layers differ from full ones.
             let ids =
-                Tensor::from_vec((0..8u32).collect::<Vec<_>>(), (1, 8), &Device::Cpu).unwrap();
+                Tensor::from_vec((0..12u32).collect::<Vec<_>>(), (1, 12), &Device::Cpu).unwrap();
             match model.forward(&ids) {
                 Ok(_) => "ran",
                 Err(_) => "forward refused",
@@ -108,4 +148,65 @@ fn mutated_decoder_configs_never_panic() {
     }
     eprintln!("{cases} decoder config mutations: {outcomes:?}");
     assert!(outcomes.contains_key("ran"));
+}
+
+/// tokenizer.json files mutated in the fields the tokenizers library panics on (normalizer
+/// patterns, BPE prefixes and suffixes, merges, added tokens), run through loading and
+/// encoding as forward --text and generate do: `Ok` or a clean `Err`, never a panic.
+#[test]
+fn mutated_tokenizers_never_panic() {
+    use hyperclone_nn::generate::{input_ids, Input};
+    let assets =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/shakespeare-tiny");
+    let base: Value =
+        serde_json::from_slice(&std::fs::read(assets.join("tokenizer.json")).unwrap()).unwrap();
+    let strings = ["", "##", "</w>", "\\", "(", "a", "\u{0}", "ĠĠĠĠĠĠĠĠ", "é"];
+    let mut state = 0x7e57_u64;
+    let mut next = || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) as usize
+    };
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("m");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut outcomes: BTreeMap<&str, usize> = BTreeMap::new();
+    for case in 0..60 {
+        let mut tok = base.clone();
+        let pick = next() % 6;
+        let s1 = strings[(case * 7 + pick) % strings.len()];
+        let s2 = strings[next() % strings.len()];
+        let id = next() % 5000;
+        match pick {
+            0 => {
+                tok["normalizer"] =
+                    json!({"type": "Replace", "pattern": {"String": s1}, "content": s2})
+            }
+            1 => {
+                tok["normalizer"] =
+                    json!({"type": "Replace", "pattern": {"Regex": s1}, "content": s2})
+            }
+            2 => tok["model"]["continuing_subword_prefix"] = json!(s1),
+            3 => tok["model"]["end_of_word_suffix"] = json!(s1),
+            4 => tok["model"]["merges"] = json!([format!("{s1} {s2}")]),
+            _ => {
+                tok["added_tokens"] = json!([{"id": id, "content": s1, "single_word": false,
+                "lstrip": true, "rstrip": true, "normalized": true, "special": false}])
+            }
+        }
+        std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+        let input = Input {
+            text: Some(["ROMEO. But soft", "", "  ", "ééé##</w>"][case % 4].to_string()),
+            ..Input::default()
+        };
+        let outcome = catch_unwind(AssertUnwindSafe(|| match input_ids(&input, &dir, 5000) {
+            Ok(_) => "encoded",
+            Err(_) => "refused",
+        }))
+        .unwrap_or_else(|_| panic!("case {case} panicked: {tok}"));
+        *outcomes.entry(outcome).or_default() += 1;
+    }
+    eprintln!("60 tokenizer mutations: {outcomes:?}");
+    assert!(outcomes.contains_key("encoded") && outcomes.contains_key("refused"));
 }
