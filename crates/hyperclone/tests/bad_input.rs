@@ -1880,6 +1880,8 @@ fn a_signal_during_reading_stops_the_clone_before_anything_is_written() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("interrupted"), "{}", stderr(&out));
     assert_eq!(listing(r.path()), ["r.yaml", "src"]);
+}
+
 /// Every command that writes a file, pointed at its own inputs (the same path, a hard link,
 /// a symbolic link, a path inside an input model folder, a folder holding an input) or at
 /// an existing file without --force: one error line, and every input byte-identical.
