@@ -213,10 +213,58 @@ struct Noise {
 
 /// The most memory one tensor's cached noise draws may take. Calibration has to see every
 /// draw of a block before the first element can be written (sigma depends on all of them),
-/// so without a cache each draw is computed twice; with it, once. 64 MiB holds the draws of
-/// every matrix of models up to about 1.6B parameters at x2 (8 bytes x 2 blocks per source
-/// element, 4M elements); larger matrices fall back to drawing twice.
+/// so without a cache each draw is computed twice; with it, once. At x2 (two blocks of 8
+/// bytes per source element) 64 MiB holds a matrix of up to 4M elements: every matrix of
+/// SmolLM2-135M/360M; larger ones (a 1B model's 2048 x 8192 MLP) fall back to drawing twice,
+/// which costs time, not memory: peak RssAnon stays bounded whatever the model.
 pub const NOISE_CACHE_BYTES: usize = 64 << 20;
+
+/// The tensor's axes as (rows, columns), a 1-D tensor getting a dummy 1-row axis 0, and
+/// which of them is the read axis.
+fn two_axes(axes: &[AxisGrowth]) -> Result<([AxisGrowth; 2], usize), String> {
+    let axes: [AxisGrowth; 2] = match axes {
+        [a] => [AxisGrowth::tiled(1, 1, Role::Read), a.clone()],
+        [a, b] => [a.clone(), b.clone()],
+        _ => return Err(format!("tensors of rank {} are not supported", axes.len())),
+    };
+    let grown = |a: &AxisGrowth| a.segments.iter().any(|s| s.copies > 1);
+    let read_axis = match (axes[0].role, axes[1].role) {
+        (Role::Read, Role::Write) => 0,
+        (Role::Write, Role::Read) => 1,
+        // Two write axes: only legal when one of them is not grown; it plays the reader.
+        (Role::Write, Role::Write) if !grown(&axes[0]) => 0,
+        (Role::Write, Role::Write) if !grown(&axes[1]) => 1,
+        _ => return Err("a tensor needs one read and one write axis".into()),
+    };
+    if axes[read_axis].segments.len() != 1 {
+        return Err("a fused read axis is not supported".into());
+    }
+    Ok((axes, read_axis))
+}
+
+/// Bytes of one f64 per source element for each (block-row, pair) of the widest write
+/// segment: what caching a tensor's noise draws takes.
+fn draws_bytes(axes: &[AxisGrowth; 2], read_axis: usize) -> Option<usize> {
+    let write_blocks = axes[1 - read_axis]
+        .segments
+        .iter()
+        .map(Segment::max_blocks)
+        .max()?;
+    let pairs = axes[read_axis].segments[0].max_blocks() / 2;
+    let numel = axes[0].src_len().checked_mul(axes[1].src_len())?;
+    (write_blocks * pairs).checked_mul(numel)?.checked_mul(8)
+}
+
+/// Memory an [`Expansion`] of a tensor with these axes holds for its cached noise draws
+/// (0 without noise, or when they exceed [`NOISE_CACHE_BYTES`] and are drawn twice).
+pub fn noise_cache_bytes(axes: &[AxisGrowth], variant: Variant) -> usize {
+    match two_axes(axes) {
+        Ok((axes, read_axis)) if variant.is_noisy() => draws_bytes(&axes, read_axis)
+            .filter(|&b| b <= NOISE_CACHE_BYTES)
+            .unwrap_or(0),
+        _ => 0,
+    }
+}
 
 /// A planned expansion of one tensor, ready to produce destination rows in any order.
 pub struct Expansion<'a> {
@@ -267,23 +315,7 @@ impl<'a> Expansion<'a> {
         spec: ExpansionSpec,
         cache_limit: usize,
     ) -> Result<Self, String> {
-        let axes: [AxisGrowth; 2] = match axes {
-            [a] => [AxisGrowth::tiled(1, 1, Role::Read), a.clone()],
-            [a, b] => [a.clone(), b.clone()],
-            _ => return Err(format!("tensors of rank {} are not supported", axes.len())),
-        };
-        let grown = |a: &AxisGrowth| a.segments.iter().any(|s| s.copies > 1);
-        let read_axis = match (axes[0].role, axes[1].role) {
-            (Role::Read, Role::Write) => 0,
-            (Role::Write, Role::Read) => 1,
-            // Two write axes: only legal when one of them is not grown; it plays the reader.
-            (Role::Write, Role::Write) if !grown(&axes[0]) => 0,
-            (Role::Write, Role::Write) if !grown(&axes[1]) => 1,
-            _ => return Err("a tensor needs one read and one write axis".into()),
-        };
-        if axes[read_axis].segments.len() != 1 {
-            return Err("a fused read axis is not supported".into());
-        }
+        let (axes, read_axis) = two_axes(axes)?;
         let numel = axes[0].src_len() * axes[1].src_len();
         if src.len() != numel * src_dtype.size() {
             return Err(format!(
@@ -368,21 +400,6 @@ impl<'a> Expansion<'a> {
         }
     }
 
-    /// Bytes the noise draws of this tensor take when cached: one f64 per source element
-    /// for each (block-row, pair) of the widest write segment.
-    fn draws_bytes(&self) -> Option<usize> {
-        let w = 1 - self.read_axis;
-        let write_blocks = self.axes[w]
-            .segments
-            .iter()
-            .map(Segment::max_blocks)
-            .max()?;
-        let numel = self.axes[0].src_len().checked_mul(self.axes[1].src_len())?;
-        (write_blocks * (self.read_blocks() / 2))
-            .checked_mul(numel)?
-            .checked_mul(8)
-    }
-
     fn calibrate_noise(&self, spec: ExpansionSpec, cache_limit: usize) -> Noise {
         let snr = 10f64.powf(spec.snr_db / 10.0);
         let pairs = self.read_blocks() / 2;
@@ -394,7 +411,7 @@ impl<'a> Expansion<'a> {
             .map(Segment::max_blocks)
             .max()
             .unwrap_or(0);
-        let mut draws = match self.draws_bytes() {
+        let mut draws = match draws_bytes(&self.axes, self.read_axis) {
             Some(b) if b <= cache_limit => Some(vec![vec![0f64; numel]; max_write_blocks * pairs]),
             _ => None,
         };
@@ -1264,6 +1281,43 @@ mod tests {
                 assert_eq!(got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want);
             }
         }
+    }
+
+    #[test]
+    fn noise_cache_is_bounded_and_counted() {
+        let mlp = [ax(1536, 2, Role::Write), ax(576, 2, Role::Read)];
+        // Two block-rows x one pair x 884,736 source elements x 8 bytes.
+        assert_eq!(noise_cache_bytes(&mlp, Variant::Noisy), 2 * 1536 * 576 * 8);
+        assert_eq!(
+            noise_cache_bytes(&mlp, Variant::NoisyDiagonal),
+            2 * 1536 * 576 * 8
+        );
+        assert_eq!(noise_cache_bytes(&mlp, Variant::Symmetric), 0);
+        // x4: four block-rows x two pairs.
+        let x4 = [ax(10, 4, Role::Write), ax(6, 4, Role::Read)];
+        assert_eq!(noise_cache_bytes(&x4, Variant::Noisy), 4 * 2 * 60 * 8);
+        // An embedding reads the vocabulary, never grown: no noise, nothing kept.
+        let emb = [ax(49152, 1, Role::Read), ax(576, 2, Role::Write)];
+        assert_eq!(noise_cache_bytes(&emb, Variant::Noisy), 0);
+        // A 7B MLP matrix at x2 (720 MB of draws) is drawn twice instead of kept.
+        let big = [ax(11008, 2, Role::Write), ax(4096, 2, Role::Read)];
+        assert_eq!(noise_cache_bytes(&big, Variant::Noisy), 0);
+        let spec = ExpansionSpec {
+            variant: Variant::Noisy,
+            snr_db: 10.0,
+            noise_key: 1,
+            out_dtype: DType::BF16,
+            scale: 1.0,
+        };
+        let small = encode(&weights(24), DType::BF16);
+        let e = Expansion::new(
+            &small,
+            DType::BF16,
+            &[ax(4, 2, Role::Write), ax(6, 2, Role::Read)],
+            spec,
+        )
+        .unwrap();
+        assert!(e.noise.unwrap().draws.is_some());
     }
 
     #[test]

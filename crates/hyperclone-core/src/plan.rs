@@ -306,8 +306,15 @@ impl Plan {
             .max()
             .unwrap_or(0);
         let headers: u64 = self.shards.iter().map(|s| s.header.len() as u64).sum();
+        // The noisy variants keep one tensor's noise draws while it is written.
+        let noise = self
+            .tensors
+            .iter()
+            .map(|t| crate::kernel::noise_cache_bytes(&t.axes, self.options.variant) as u64)
+            .max()
+            .unwrap_or(0);
         // Two chunk buffers: one being filled while the other is written.
-        2 * WRITE_CHUNK_BYTES as u64 + threads as u64 * widest_rows + headers
+        2 * WRITE_CHUNK_BYTES as u64 + threads as u64 * widest_rows + headers + noise
     }
 
     pub fn is_sharded(&self) -> bool {
