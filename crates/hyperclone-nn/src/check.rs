@@ -4,7 +4,7 @@
 
 use crate::error::{NnError, Result};
 use crate::model::resolve;
-use crate::stream::{forward_streamed, streamed_bytes};
+use crate::stream::{forward_streamed_cancellable, streamed_bytes};
 use crate::verify::{
     compare, default_tolerance, grown_factor, rounding_sensitivity, Expectation, VerifyReport,
 };
@@ -67,7 +67,7 @@ impl Verification {
     }
 }
 
-/// Verification streams each model a layer at a time ([`forward_streamed`]); refuse up
+/// Verification streams each model a layer at a time ([`crate::stream::forward_streamed`]); refuse up
 /// front, with the numbers, when even that does not fit rather than be killed by the OOM
 /// killer half-way.
 pub fn ensure_memory_for(models: &[&Checkpoint], dtype: DType, tokens: usize) -> Result<()> {
@@ -127,7 +127,7 @@ pub fn affordable_dtype(small: &Path, big: &Path) -> Result<DType> {
 }
 
 /// Checks that BIG computes SMALL's function on `ids` (default: [`probe_tokens`]) in the
-/// working `dtype`, running each model a layer at a time (see [`forward_streamed`]).
+/// working `dtype`, running each model a layer at a time (see [`crate::stream::forward_streamed`]).
 pub fn run_verify(
     small: &Path,
     big: &Path,
@@ -177,9 +177,9 @@ pub fn run_verify_cancellable(
     let n = grown_factor(&small_spec, &big_spec, &expect)?;
     let device = Device::Cpu;
     let input = Tensor::from_vec(ids.clone(), (1, ids.len()), &device)?;
-    let small_out = forward_streamed(&small_ckpt, dtype, &device, None, &input)?;
+    let small_out = forward_streamed_cancellable(&small_ckpt, dtype, &device, &input, cancel)?;
     stop()?;
-    let big_out = forward_streamed(&big_ckpt, dtype, &device, None, &input)?;
+    let big_out = forward_streamed_cancellable(&big_ckpt, dtype, &device, &input, cancel)?;
     stop()?;
     // The coarsest dtype BIG stores weights in bounds how exact it can be (see
     // default_tolerance); SMALL's own rounding is shared by both models.

@@ -17,6 +17,7 @@ use candle_core::{DType, Device, Tensor};
 use hyperclone_core::checkpoint::SourceTensor;
 use hyperclone_core::Checkpoint;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Vocabulary rows of the head decoded at once, in elements (32 to 64 MiB in f64, see
 /// [`head_chunks`]): enough for the matmul to run at full speed, small next to any layer.
@@ -44,6 +45,37 @@ pub fn forward_streamed_in_chunks(
     ids: &Tensor,
     head_chunk: usize,
 ) -> Result<ForwardOutput> {
+    let never = AtomicBool::new(false);
+    streamed(ckpt, dtype, device, perturb, ids, head_chunk, &never)
+}
+
+/// [`forward_streamed`] that stops with "interrupted" before the next layer once `cancel`
+/// is set: a Ctrl-C during `clone --verify` of a large model takes effect within one layer.
+pub fn forward_streamed_cancellable(
+    ckpt: &Checkpoint,
+    dtype: DType,
+    device: &Device,
+    ids: &Tensor,
+    cancel: &AtomicBool,
+) -> Result<ForwardOutput> {
+    streamed(ckpt, dtype, device, None, ids, HEAD_CHUNK_ELEMENTS, cancel)
+}
+
+fn streamed(
+    ckpt: &Checkpoint,
+    dtype: DType,
+    device: &Device,
+    perturb: Option<&Perturb<'_>>,
+    ids: &Tensor,
+    head_chunk: usize,
+    cancel: &AtomicBool,
+) -> Result<ForwardOutput> {
+    let stop = || -> Result<()> {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(NnError::Input("interrupted".into()));
+        }
+        Ok(())
+    };
     let (arch, frame) = Frame::of(ckpt, dtype, device)?;
     let (b, t) = ids.dims2()?;
     frame.check_ids(ids)?;
@@ -89,12 +121,14 @@ pub fn forward_streamed_in_chunks(
     let d = x.dim(1)?;
     let mut residual = vec![x.reshape((b, t, d))?];
     for l in 0..frame.spec.layers {
+        stop()?;
         // This layer's weights live only for this iteration.
         let w = layer_weights(ckpt, &arch, l, dtype, device, perturb)?;
         let layer = build_layer(&arch, &frame.spec, device, l, &w)?;
         x = frame.layer_forward(l, &layer, x, b, t, (&cos, &sin), None)?;
         residual.push(x.reshape((b, t, d))?);
     }
+    stop()?;
     let h = frame.head_input(
         &x,
         rest.norm(arch.final_norm).as_ref(),

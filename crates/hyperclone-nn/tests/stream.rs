@@ -354,3 +354,34 @@ fn head_chunks_cover_the_vocabulary_in_order_and_never_run_small() {
         }
     }
 }
+
+/// A cancel flag set before (or while) a model streams stops it before its next layer: a
+/// Ctrl-C during `clone --verify` of a large model is honoured within one layer.
+#[test]
+fn a_set_cancel_flag_stops_the_stream_before_the_next_layer() {
+    let dir = &fixtures()[0];
+    let ckpt = Checkpoint::open(dir).unwrap();
+    let input = ids(&ckpt);
+    let cancel = std::sync::atomic::AtomicBool::new(true);
+    let err = hyperclone_nn::stream::forward_streamed_cancellable(
+        &ckpt,
+        DType::F64,
+        &Device::Cpu,
+        &input,
+        &cancel,
+    )
+    .err()
+    .expect("interrupted");
+    assert!(err.to_string().contains("interrupted"), "{err}");
+    cancel.store(false, std::sync::atomic::Ordering::Relaxed);
+    let whole = hyperclone_nn::stream::forward_streamed_cancellable(
+        &ckpt,
+        DType::F64,
+        &Device::Cpu,
+        &input,
+        &cancel,
+    )
+    .unwrap();
+    let streamed = forward_streamed(&ckpt, DType::F64, &Device::Cpu, None, &input).unwrap();
+    assert_same(&whole, &streamed, "cancellable, never cancelled");
+}
