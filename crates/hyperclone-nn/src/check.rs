@@ -2,7 +2,7 @@
 //! probe, the tolerance for the clone's storage dtype, and the report. Used by `hyperclone
 //! verify`, `clone --verify`, the demo and the Python package alike.
 
-use crate::error::{NnError, Result};
+use crate::error::{stop_if_cancelled, NnError, Result};
 use crate::model::resolve;
 use crate::stream::{forward_streamed_cancellable, streamed_bytes};
 use crate::verify::{
@@ -13,7 +13,7 @@ use hyperclone_core::symmetry::mean_row_half_cosine;
 use hyperclone_core::Checkpoint;
 use serde_json::{json, Value};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Mutex;
 
 pub use crate::generate::probe_tokens;
@@ -146,12 +146,7 @@ pub fn run_verify_cancellable(
     dtype: DType,
     cancel: &AtomicBool,
 ) -> Result<Verification> {
-    let stop = || -> Result<()> {
-        if cancel.load(Ordering::Relaxed) {
-            return Err(NnError::Input("interrupted".into()));
-        }
-        Ok(())
-    };
+    let stop = || stop_if_cancelled(cancel);
     let small_ckpt = Checkpoint::open(small)?;
     let big_ckpt = Checkpoint::open(big)?;
     let (_, small_spec) = resolve(&small_ckpt)?;

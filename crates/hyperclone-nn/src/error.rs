@@ -56,3 +56,12 @@ impl<T> Context<T> for Option<T> {
         self.ok_or_else(|| NnError::Input(message()))
     }
 }
+
+/// `Err("interrupted")` once `cancel` is set: long work (a streamed verify) checks it
+/// between its steps so Ctrl-C takes effect promptly.
+pub fn stop_if_cancelled(cancel: &std::sync::atomic::AtomicBool) -> Result<()> {
+    if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(NnError::Input("interrupted".into()));
+    }
+    Ok(())
+}

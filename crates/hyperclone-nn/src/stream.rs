@@ -9,7 +9,7 @@
 //! product either way).
 
 use crate::arch::Arch;
-use crate::error::{NnError, Result};
+use crate::error::{stop_if_cancelled, NnError, Result};
 use crate::model::{
     build_layer, decode, decode_rows, layer_prefix, ForwardOutput, Frame, Linear, Perturb, Weights,
 };
@@ -17,7 +17,7 @@ use candle_core::{DType, Device, Tensor};
 use hyperclone_core::checkpoint::SourceTensor;
 use hyperclone_core::Checkpoint;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 /// Vocabulary rows of the head decoded at once, in elements (32 to 64 MiB in f64, see
 /// [`head_chunks`]): enough for the matmul to run at full speed, small next to any layer.
@@ -70,12 +70,7 @@ fn streamed(
     head_chunk: usize,
     cancel: &AtomicBool,
 ) -> Result<ForwardOutput> {
-    let stop = || -> Result<()> {
-        if cancel.load(Ordering::Relaxed) {
-            return Err(NnError::Input("interrupted".into()));
-        }
-        Ok(())
-    };
+    let stop = || stop_if_cancelled(cancel);
     let (arch, frame) = Frame::of(ckpt, dtype, device)?;
     let (b, t) = ids.dims2()?;
     frame.check_ids(ids)?;
