@@ -14,6 +14,7 @@ pub mod arch;
 pub mod check;
 pub mod corpus;
 pub mod error;
+pub(crate) mod fused;
 pub mod generate;
 pub mod init;
 pub mod model;

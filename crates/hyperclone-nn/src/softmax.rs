@@ -69,8 +69,8 @@ impl CustomOp1 for CausalSoftmax {
     }
 }
 
-/// The float operations the op needs, for f32 and f64.
-mod num_like {
+/// The float operations the fused ops need, for f32 and f64.
+pub(crate) mod num_like {
     pub trait Float:
         Copy
         + Send
@@ -85,6 +85,9 @@ mod num_like {
         fn neg_infinity() -> Self;
         fn max(self, o: Self) -> Self;
         fn exp(self) -> Self;
+        fn ln(self) -> Self;
+        fn sqrt(self) -> Self;
+        fn from_f64(x: f64) -> Self;
     }
     macro_rules! float {
         ($t:ty) => {
@@ -103,6 +106,15 @@ mod num_like {
                 }
                 fn exp(self) -> Self {
                     <$t>::exp(self)
+                }
+                fn ln(self) -> Self {
+                    <$t>::ln(self)
+                }
+                fn sqrt(self) -> Self {
+                    <$t>::sqrt(self)
+                }
+                fn from_f64(x: f64) -> Self {
+                    x as $t
                 }
             }
         };
