@@ -185,6 +185,25 @@ impl Dropout {
     }
 }
 
+/// Keys and values of every position run so far, per layer (after rotary and q/k norms), so
+/// that generation runs one new position per token instead of the whole prefix.
+pub struct KvCache {
+    /// [B, kv_heads, positions, head_dim] keys and values of each layer.
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// Edits a weight's values (decoded to f64) before the decoder takes them.
 pub type Perturb<'a> = dyn Fn(&mut [f64]) + 'a;
 
@@ -445,6 +464,56 @@ impl Decoder {
     /// Forward with optional (training) dropout on each attention and MLP output.
     pub fn forward_with(&self, ids: &Tensor, dropout: Option<&Dropout>) -> Result<ForwardOutput> {
         let (b, t) = ids.dims2()?;
+        let (residual, h) = self.body(ids, dropout, None)?;
+        let logits = self.logits(&h)?;
+        let dh = h.dim(1)?;
+        Ok(ForwardOutput {
+            logits: logits.reshape((b, t, self.spec.vocab))?,
+            residual,
+            final_norm: h.reshape((b, t, dh))?,
+        })
+    }
+
+    /// An empty cache for [`Decoder::forward_next`].
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            layers: vec![None; self.layers.len()],
+            len: 0,
+        }
+    }
+
+    /// Runs ids [B, T] as the positions after those already in `cache`, appends their keys
+    /// and values to it, and returns the logits of the last new position [B, vocab]. The same
+    /// numbers as a full forward over the whole sequence, up to summation order.
+    pub fn forward_next(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let (_, h) = self.body(ids, None, Some(cache))?;
+        let last = h
+            .reshape((b, t, h.dim(1)?))?
+            .narrow(1, t - 1, 1)?
+            .squeeze(1)?;
+        self.logits(&last)
+    }
+
+    /// The head on what the final norm produced: [N, d'] -> [N, vocab].
+    fn logits(&self, h: &Tensor) -> Result<Tensor> {
+        let mut logits = self.head.forward(h)?;
+        if let Some(c) = self.spec.final_softcap {
+            logits = ((logits / c)?.tanh()? * c)?;
+        }
+        Ok(logits)
+    }
+
+    /// Embedding and blocks: the residual stream after the embedding and each layer, and
+    /// what the head reads [B*T, d']. With a cache, ids are the positions after the cached ones.
+    fn body(
+        &self,
+        ids: &Tensor,
+        dropout: Option<&Dropout>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<(Vec<Tensor>, Tensor)> {
+        let (b, t) = ids.dims2()?;
+        let past = cache.as_ref().map_or(0, |c| c.len);
         let s = &self.spec;
         if let Some(bad) = ids
             .flatten_all()?
@@ -458,7 +527,7 @@ impl Decoder {
             )));
         }
         let eps = s.norm_eps;
-        let (cos, sin) = self.rope_tables(t)?;
+        let (cos, sin) = self.rope_tables(past, t)?;
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?;
         if let Some(scale) = s.embed_scale {
             x = (x * scale)?;
@@ -468,7 +537,7 @@ impl Decoder {
         }
         if let Some((table, offset)) = &self.positions {
             let pos: Vec<u32> = (0..b)
-                .flat_map(|_| (0..t).map(|p| (p + offset) as u32))
+                .flat_map(|_| (0..t).map(|p| (past + p + offset) as u32))
                 .collect();
             x = (x + table.index_select(&Tensor::from_vec(pos, b * t, &self.device)?, 0)?)?;
         }
@@ -488,9 +557,10 @@ impl Decoder {
         };
         for (l, layer) in self.layers.iter().enumerate() {
             let window = s.sliding_window[l];
+            let mut kv = cache.as_deref_mut().map(|c| &mut c.layers[l]);
             x = if let BlockLayout::PostNorm { .. } = self.block {
                 let a = dropped(
-                    self.attention(layer, &x, b, t, &cos, &sin, window)?,
+                    self.attention(layer, &x, b, t, &cos, &sin, window, kv.take())?,
                     2 * l as u64,
                 )?;
                 let x = apply(&layer.post_attn, &(x + a)?)?;
@@ -499,7 +569,7 @@ impl Decoder {
             } else {
                 let h = apply(&layer.pre_attn, &x)?;
                 let a = dropped(
-                    self.attention(layer, &h, b, t, &cos, &sin, window)?,
+                    self.attention(layer, &h, b, t, &cos, &sin, window, kv.take())?,
                     2 * l as u64,
                 )?;
                 if let BlockLayout::Parallel { .. } = self.block {
@@ -524,16 +594,10 @@ impl Decoder {
         if let Some(p) = &self.project_out {
             h = p.forward(&h)?;
         }
-        let mut logits = self.head.forward(&h)?;
-        if let Some(c) = s.final_softcap {
-            logits = ((logits / c)?.tanh()? * c)?;
+        if let Some(c) = cache {
+            c.len += t;
         }
-        let dh = h.dim(1)?;
-        Ok(ForwardOutput {
-            logits: logits.reshape((b, t, s.vocab))?,
-            residual,
-            final_norm: h.reshape((b, t, dh))?,
-        })
+        Ok((residual, h))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -546,6 +610,7 @@ impl Decoder {
         cos: &Option<Tensor>,
         sin: &Option<Tensor>,
         window: Option<usize>,
+        past: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let s = &self.spec;
         let (nh, nk, hd) = (s.heads, s.kv_heads, s.head_dim);
@@ -566,7 +631,7 @@ impl Decoder {
         };
         let mut q = heads(q, nh)?;
         let mut k = heads(k, nk)?;
-        let v = heads(l.v.forward(h)?, nk)?;
+        let mut v = heads(l.v.forward(h)?, nk)?;
         if !whole(&l.q_norm) {
             if let Some(n) = &l.q_norm {
                 q = n.forward(&q, eps)?;
@@ -581,6 +646,16 @@ impl Decoder {
             q = apply_rope(&q, cos, sin)?;
             k = apply_rope(&k, cos, sin)?;
         }
+        if let Some(slot) = past {
+            if let Some((pk, pv)) = slot.take() {
+                k = Tensor::cat(&[&pk, &k], 2)?;
+                v = Tensor::cat(&[&pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        // Keys span the cached positions and the t new ones; query row i is position
+        // offset + i.
+        let offset = k.dim(2)? - t;
         // Grouped-query attention without copying k and v: the nh/nk query heads that share
         // a kv head are adjacent, so [B, nh, T, hd] views as [B, nk, group*T, hd] and each
         // kv head serves group*T query rows (query position = row % T).
@@ -591,9 +666,9 @@ impl Decoder {
             scores = ((scores / c)?.tanh()? * c)?;
         }
         let probs = if self.device.is_cpu() && matches!(self.dtype, DType::F32 | DType::F64) {
-            scores.apply_op1(CausalSoftmax { window })?
+            scores.apply_op1(CausalSoftmax { window, offset })?
         } else {
-            let mask = self.mask(t, window)?.repeat((group, 1))?;
+            let mask = self.mask(offset, t, window)?.repeat((group, 1))?;
             softmax_last_dim(&scores.broadcast_add(&mask)?)?
         };
         let out = probs
@@ -615,7 +690,12 @@ impl Decoder {
         };
         match &l.mlp {
             Mlp::Gated { gate, up, down } => {
-                down.forward(&(act(gate.forward(h)?)? * up.forward(h)?)?)
+                let (g, u) = (gate.forward(h)?, up.forward(h)?);
+                if self.spec.activation == Activation::Silu && crate::fused::fusable(&g) {
+                    // SwiGLU in one pass: silu(g) * u without the sigmoid and product temporaries.
+                    return down.forward(&g.apply_op2(&u, crate::fused::SiluMul)?);
+                }
+                down.forward(&(act(g)? * u)?)
             }
             Mlp::Plain { up, down } => down.forward(&act(up.forward(h)?)?),
         }
@@ -623,7 +703,7 @@ impl Decoder {
 
     /// cos/sin tables [T, rotary_dim], computed in f64 (the exact rotation) then cast;
     /// None for learned-position families.
-    fn rope_tables(&self, t: usize) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn rope_tables(&self, past: usize, t: usize) -> Result<(Option<Tensor>, Option<Tensor>)> {
         if self.positions.is_some() {
             return Ok((None, None));
         }
@@ -632,7 +712,7 @@ impl Decoder {
         let inv = s.inv_freq(rot);
         let mut cos = Vec::with_capacity(t * rot);
         let mut sin = Vec::with_capacity(t * rot);
-        for p in 0..t {
+        for p in past..past + t {
             for _ in 0..2 {
                 for f in &inv {
                     let a = p as f64 * f;
@@ -647,12 +727,13 @@ impl Decoder {
         Ok((Some(mk(cos)?), Some(mk(sin)?)))
     }
 
-    /// Additive causal mask [T, T] (0 where attended, -inf elsewhere), for devices and dtypes
-    /// without the fused causal softmax.
-    fn mask(&self, t: usize, window: Option<usize>) -> Result<Tensor> {
-        let m: Vec<f64> = (0..t * t)
+    /// Additive causal mask [T, offset + T] for queries at positions offset.. (0 where
+    /// attended, -inf elsewhere), for devices and dtypes without the fused causal softmax.
+    fn mask(&self, offset: usize, t: usize, window: Option<usize>) -> Result<Tensor> {
+        let keys = offset + t;
+        let m: Vec<f64> = (0..t * keys)
             .map(|k| {
-                let (i, j) = (k / t, k % t);
+                let (i, j) = (offset + k / keys, k % keys);
                 if j <= i && window.is_none_or(|w| i - j < w) {
                     0.0
                 } else {
@@ -660,12 +741,18 @@ impl Decoder {
                 }
             })
             .collect();
-        Ok(Tensor::from_vec(m, (t, t), &self.device)?.to_dtype(self.dtype)?)
+        Ok(Tensor::from_vec(m, (t, keys), &self.device)?.to_dtype(self.dtype)?)
     }
 }
 
 /// RMSNorm over the last dimension, in the working dtype.
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if crate::fused::fusable(x) && w.dtype() == x.dtype() {
+        // One pass (and one for the backward) instead of six candle ops and their temporaries.
+        return Ok(x
+            .contiguous()?
+            .apply_op2(&w.contiguous()?, crate::fused::RmsNorm { eps })?);
+    }
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
     Ok(x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)?)
 }
@@ -679,6 +766,14 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 /// Rotary embedding, transformers' rotate_half convention, on the first rotary_dim dims.
 fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if crate::fused::fusable(x) && cos.dtype() == x.dtype() {
+        // One pass instead of narrow/neg/cat/mul/mul/add (and their backwards).
+        return Ok(x.contiguous()?.apply_op3(
+            &cos.contiguous()?,
+            &sin.contiguous()?,
+            crate::fused::Rope,
+        )?);
+    }
     let hd = x.dim(D::Minus1)?;
     let rot = cos.dim(D::Minus1)?;
     let (xr, pass) = if rot == hd {

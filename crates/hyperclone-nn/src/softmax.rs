@@ -6,21 +6,24 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-/// Softmax over the last axis of scores [.., g*T, T] (row r is query position i = r % T),
-/// where query i sees keys j <= i (and
-/// i - j < window when a sliding window is set). Masked entries come out 0.
+/// Softmax over the last axis of scores [.., g*T, offset + T] (row r is query position
+/// i = offset + r % T; the first `offset` keys are cached positions), where query i sees
+/// keys j <= i (and i - j < window when a sliding window is set). Masked entries come out 0.
 pub struct CausalSoftmax {
     pub window: Option<usize>,
+    /// Positions before the first query (0 without a KV cache).
+    pub offset: usize,
 }
 
 impl CausalSoftmax {
-    fn rows<T: num_like::Float>(&self, x: &[T], t: usize) -> Vec<T> {
+    fn rows<T: num_like::Float>(&self, x: &[T], keys: usize) -> Vec<T> {
+        let queries = keys - self.offset;
         let mut out = vec![T::zero(); x.len()];
-        out.par_chunks_mut(t)
-            .zip(x.par_chunks(t))
+        out.par_chunks_mut(keys)
+            .zip(x.par_chunks(keys))
             .enumerate()
             .for_each(|(r, (o, xs))| {
-                let i = r % t;
+                let i = self.offset + r % queries;
                 let lo = self.window.map_or(0, |w| (i + 1).saturating_sub(w));
                 let seen = &xs[lo..=i];
                 let max = seen.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
@@ -47,9 +50,15 @@ impl CustomOp1 for CausalSoftmax {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let dims = layout.dims();
         let t = *dims.last().unwrap_or(&0);
-        // Rows may stack several query heads that share keys ([.., g*T, T], GQA).
-        if dims.len() < 2 || t == 0 || !dims[dims.len() - 2].is_multiple_of(t) {
-            candle_core::bail!("causal-softmax needs [.., g*T, T] scores, got {dims:?}");
+        // Rows may stack several query heads that share keys ([.., g*T, offset + T], GQA).
+        if dims.len() < 2
+            || t <= self.offset
+            || !dims[dims.len() - 2].is_multiple_of(t - self.offset)
+        {
+            candle_core::bail!(
+                "causal-softmax needs [.., g*T, {} + T] scores, got {dims:?}",
+                self.offset
+            );
         }
         let Some((a, b)) = layout.contiguous_offsets() else {
             candle_core::bail!("causal-softmax needs contiguous scores");
@@ -79,6 +88,7 @@ pub(crate) mod num_like {
         + std::ops::Add<Output = Self>
         + std::ops::Mul<Output = Self>
         + std::ops::Div<Output = Self>
+        + PartialOrd
     {
         fn zero() -> Self;
         fn one() -> Self;
@@ -86,6 +96,7 @@ pub(crate) mod num_like {
         fn max(self, o: Self) -> Self;
         fn exp(self) -> Self;
         fn ln(self) -> Self;
+        fn abs(self) -> Self;
         fn sqrt(self) -> Self;
         fn from_f64(x: f64) -> Self;
     }
@@ -109,6 +120,9 @@ pub(crate) mod num_like {
                 }
                 fn ln(self) -> Self {
                     <$t>::ln(self)
+                }
+                fn abs(self) -> Self {
+                    <$t>::abs(self)
                 }
                 fn sqrt(self) -> Self {
                     <$t>::sqrt(self)
@@ -153,7 +167,9 @@ mod tests {
             // [B=2, K=1, g*T = 2*5, T] scores, as grouped-query attention produces them.
             let x = Var::from_tensor(&Tensor::randn(0f64, 2.0, (2, 1, 2 * t, t), &Device::Cpu)?)?;
             let w = Tensor::randn(0f64, 1.0, (2, 1, 2 * t, t), &Device::Cpu)?;
-            let fused = x.as_tensor().apply_op1(CausalSoftmax { window })?;
+            let fused = x
+                .as_tensor()
+                .apply_op1(CausalSoftmax { window, offset: 0 })?;
             let plain = reference(x.as_tensor(), t, window)?;
             let diff = (&fused - &plain)?
                 .abs()?
@@ -180,9 +196,26 @@ mod tests {
                 .to_scalar::<f64>()?;
             assert!(gdiff < 1e-14, "gradient differs by {gdiff}");
         }
-        let f32_out = Tensor::ones((1, 3, 3), DType::F32, &Device::Cpu)?
-            .apply_op1(CausalSoftmax { window: None })?;
+        let f32_out =
+            Tensor::ones((1, 3, 3), DType::F32, &Device::Cpu)?.apply_op1(CausalSoftmax {
+                window: None,
+                offset: 0,
+            })?;
         assert_eq!(f32_out.to_vec3::<f32>()?[0][2], vec![1.0 / 3.0; 3]);
+        // With 3 cached positions, 2 new queries (positions 3 and 4) over 5 keys: the rows
+        // of the full 5x5 softmax for those positions.
+        let x = Tensor::randn(0f64, 2.0, (1, 2 * t, t), &Device::Cpu)?;
+        let full = x.apply_op1(CausalSoftmax {
+            window: Some(2),
+            offset: 0,
+        })?;
+        let rows = Tensor::cat(&[x.narrow(1, 3, 2)?, x.narrow(1, 8, 2)?], 1)?;
+        let cached = rows.apply_op1(CausalSoftmax {
+            window: Some(2),
+            offset: 3,
+        })?;
+        let want = Tensor::cat(&[full.narrow(1, 3, 2)?, full.narrow(1, 8, 2)?], 1)?;
+        assert_eq!(cached.to_vec3::<f64>()?, want.to_vec3::<f64>()?);
         Ok(())
     }
 }
