@@ -66,6 +66,23 @@ impl CrossEntropyRows {
             });
         out
     }
+
+    /// f32: vectorized max and exponentials, the sum and its log in f64.
+    fn rows_f32(x: &[f32], t: &[u32], v: usize) -> Vec<f32> {
+        let mut out = vec![0f32; t.len() * 2];
+        out.par_chunks_mut(2 * ROWS_PER_TASK)
+            .zip(x.par_chunks(v * ROWS_PER_TASK))
+            .zip(t.par_chunks(ROWS_PER_TASK))
+            .for_each(|((o, xs), ts)| {
+                for ((o, row), &target) in o.chunks_mut(2).zip(xs.chunks(v)).zip(ts) {
+                    let max = crate::vexp::max(row);
+                    let log_sum = crate::vexp::exp_sum(row, max).ln();
+                    o[0] = (log_sum - (row[target as usize] - max) as f64) as f32;
+                    o[1] = (max as f64 + log_sum) as f32;
+                }
+            });
+        out
+    }
 }
 
 impl CustomOp2 for CrossEntropyRows {
@@ -92,7 +109,9 @@ impl CustomOp2 for CrossEntropyRows {
             candle_core::bail!("cross-entropy: target {bad} outside the {v} classes");
         }
         let out = match s1 {
-            CpuStorage::F32(x) => CpuStorage::F32(Self::rows(contiguous(x, l1, "logits")?, t, v)),
+            CpuStorage::F32(x) => {
+                CpuStorage::F32(Self::rows_f32(contiguous(x, l1, "logits")?, t, v))
+            }
             CpuStorage::F64(x) => CpuStorage::F64(Self::rows(contiguous(x, l1, "logits")?, t, v)),
             _ => candle_core::bail!("cross-entropy: only f32 and f64 logits"),
         };
@@ -143,6 +162,23 @@ impl CrossEntropyGrad {
             });
         out
     }
+
+    fn rows_f32(x: &[f32], t: &[u32], coef: &[f32], v: usize) -> Vec<f32> {
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(v * ROWS_PER_TASK)
+            .zip(x.par_chunks(v * ROWS_PER_TASK))
+            .zip(t.par_chunks(ROWS_PER_TASK))
+            .zip(coef.par_chunks(3 * ROWS_PER_TASK))
+            .for_each(|(((o, xs), ts), cs)| {
+                for (((o, row), &target), c) in
+                    o.chunks_mut(v).zip(xs.chunks(v)).zip(ts).zip(cs.chunks(3))
+                {
+                    crate::vexp::scaled_exp(o, row, c[0], c[1] + c[2]);
+                    o[target as usize] -= c[1];
+                }
+            });
+        out
+    }
 }
 
 impl CustomOp3 for CrossEntropyGrad {
@@ -165,7 +201,7 @@ impl CustomOp3 for CrossEntropyGrad {
         };
         let t = contiguous(t, l2, "targets")?;
         let out = match (s1, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(c)) => CpuStorage::F32(Self::rows(
+            (CpuStorage::F32(x), CpuStorage::F32(c)) => CpuStorage::F32(Self::rows_f32(
                 contiguous(x, l1, "logits")?,
                 t,
                 contiguous(c, l3, "coef")?,
@@ -630,6 +666,24 @@ mod tests {
             .squeeze(1)?;
         let rel = max_abs(&f32_loss, &reference_rows(x.as_tensor(), &t)?);
         assert!(rel < 1e-4, "{rel}");
+        // The f32 path (vectorized exponentials) has the f64 gradient to f32 rounding.
+        let x32 = Var::from_tensor(&x.as_tensor().to_dtype(DType::F32)?)?;
+        let l32 = x32.as_tensor().apply_op2(&t, CrossEntropyRows)?;
+        let l32 = l32.narrow(1, 0, 1)?.squeeze(1)?;
+        let g32 = (l32 * w.to_dtype(DType::F32)?)?
+            .sum_all()?
+            .backward()?
+            .get(x32.as_tensor())
+            .unwrap()
+            .to_dtype(DType::F64)?;
+        let plain = reference_rows(x.as_tensor(), &t)?;
+        let g64 = (plain * &w)?
+            .sum_all()?
+            .backward()?
+            .get(x.as_tensor())
+            .unwrap()
+            .clone();
+        assert!(max_abs(&g32, &g64) < 1e-5, "{}", max_abs(&g32, &g64));
         Ok(())
     }
 

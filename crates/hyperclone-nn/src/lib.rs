@@ -24,6 +24,7 @@ pub mod softmax;
 pub mod spec;
 pub mod train;
 pub mod trainer;
+pub(crate) mod vexp;
 
 /// The working precision of a forward pass or verification (candle's dtype), re-exported so
 /// callers need not depend on candle.
