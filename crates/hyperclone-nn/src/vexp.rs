@@ -50,6 +50,26 @@ macro_rules! kernels {
                 acc.iter().sum::<f64>() + tail
             }
 
+            /// out_j = e^(x_j - shift); returns sum_j out_j, accumulated in f64.
+            $(#[target_feature(enable = $feature)])*
+            pub unsafe fn exp_store_sum(out: &mut [f32], x: &[f32], shift: f32) -> f64 {
+                let mut acc = [0f64; 16];
+                let n = x.len().min(out.len());
+                let whole = n - n % 16;
+                for (o, c) in out[..whole].chunks_exact_mut(16).zip(x[..whole].chunks_exact(16)) {
+                    for k in 0..16 {
+                        o[k] = exp_poly(c[k] - shift);
+                        acc[k] += o[k] as f64;
+                    }
+                }
+                let mut tail = 0f64;
+                for (o, &v) in out[whole..n].iter_mut().zip(&x[whole..n]) {
+                    *o = exp_poly(v - shift);
+                    tail += *o as f64;
+                }
+                acc.iter().sum::<f64>() + tail
+            }
+
             /// out_j = g e^(x_j - shift).
             $(#[target_feature(enable = $feature)])*
             pub unsafe fn scaled_exp(out: &mut [f32], x: &[f32], shift: f32, g: f32) {
@@ -130,6 +150,11 @@ pub fn exp_sum(x: &[f32], max: f32) -> f64 {
     dispatch!(exp_sum(x, max))
 }
 
+/// out_j = e^(x_j - shift), returning their sum in f64.
+pub fn exp_store_sum(out: &mut [f32], x: &[f32], shift: f32) -> f64 {
+    dispatch!(exp_store_sum(out, x, shift))
+}
+
 /// out_j = g e^(x_j - shift).
 pub fn scaled_exp(out: &mut [f32], x: &[f32], shift: f32, g: f32) {
     dispatch!(scaled_exp(out, x, shift, g))
@@ -168,6 +193,11 @@ mod tests {
         scaled_exp(&mut out, &row, m, 0.5);
         for (o, &v) in out.iter().zip(&row) {
             assert_eq!(*o, 0.5 * exp_poly(v - m));
+        }
+        let s = exp_store_sum(&mut out, &row, m);
+        assert!((s - want).abs() < 1e-12 * want);
+        for (o, &v) in out.iter().zip(&row) {
+            assert_eq!(*o, exp_poly(v - m));
         }
         // SAFETY: the plain kernels need no instruction set.
         let plain_sum = unsafe { plain::exp_sum(&row, m) };
