@@ -173,12 +173,13 @@ pub fn complete(
     let prompt_len = ids.len();
     let mut rng = seed ^ 0x9e37_79b9_7f4a_7c15;
     let mut printed = String::new();
+    // A KV cache: the prompt runs once, then each token costs one position.
+    let mut cache = model.new_cache();
     for _ in 0..max_tokens {
-        // No KV cache: the whole sequence is recomputed each step (fine for verification-size
-        // models; generation speed is not this command's job).
-        let input = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu)?;
-        let logits = model.forward(&input)?.logits.squeeze(0)?;
-        let last: Vec<f64> = logits.get(ids.len() - 1)?.to_dtype(DType::F64)?.to_vec1()?;
+        let fresh = &ids[cache.len()..];
+        let input = Tensor::from_vec(fresh.to_vec(), (1, fresh.len()), &Device::Cpu)?;
+        let logits = model.forward_next(&input, &mut cache)?.squeeze(0)?;
+        let last: Vec<f64> = logits.to_dtype(DType::F64)?.to_vec1()?;
         let next = if temperature <= 0.0 {
             argmax(&last)
         } else {

@@ -14,6 +14,7 @@ pub mod arch;
 pub mod check;
 pub mod corpus;
 pub mod error;
+pub(crate) mod fused;
 pub mod generate;
 pub mod init;
 pub mod model;
@@ -25,6 +26,7 @@ pub mod stream;
 pub mod tokenizer_guard;
 pub mod train;
 pub mod trainer;
+pub(crate) mod vexp;
 
 /// The working precision of a forward pass or verification (candle's dtype), re-exported so
 /// callers need not depend on candle.

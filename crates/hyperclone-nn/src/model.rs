@@ -206,6 +206,25 @@ impl Dropout {
     }
 }
 
+/// Keys and values of every position run so far, per layer (after rotary and q/k norms), so
+/// that generation runs one new position per token instead of the whole prefix.
+pub struct KvCache {
+    /// [B, kv_heads, positions, head_dim] keys and values of each layer.
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// Edits a weight's values (decoded to f64) before the decoder takes them. It must act
 /// element by element: the layer-streamed forward passes it a tensor's rows in pieces.
 pub type Perturb<'a> = dyn Fn(&mut [f64]) + 'a;
@@ -572,25 +591,65 @@ impl Decoder {
     /// Forward with optional (training) dropout on each attention and MLP output.
     pub fn forward_with(&self, ids: &Tensor, dropout: Option<&Dropout>) -> Result<ForwardOutput> {
         let (b, t) = ids.dims2()?;
+        let (residual, h) = self.body(ids, dropout, None)?;
+        let logits = self.softcap(self.head.forward(&h)?)?;
+        self.output(logits, residual, h, b, t)
+    }
+
+    /// An empty cache for [`Decoder::forward_next`].
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            layers: vec![None; self.layers.len()],
+            len: 0,
+        }
+    }
+
+    /// Runs ids [B, T] as the positions after those already in `cache`, appends their keys
+    /// and values to it, and returns the logits of the last new position [B, vocab]. The same
+    /// numbers as a full forward over the whole sequence, up to summation order.
+    pub fn forward_next(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let (_, h) = self.body(ids, None, Some(cache))?;
+        let last = h
+            .reshape((b, t, h.dim(1)?))?
+            .narrow(1, t - 1, 1)?
+            .squeeze(1)?;
+        self.softcap(self.head.forward(&last)?)
+    }
+
+    /// Embedding and blocks: the residual stream after the embedding and each layer, and
+    /// what the head reads [B*T, d']. With a cache, ids are the positions after the cached
+    /// ones (whose keys and values it holds); their own are appended.
+    fn body(
+        &self,
+        ids: &Tensor,
+        dropout: Option<&Dropout>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<(Vec<Tensor>, Tensor)> {
+        let (b, t) = ids.dims2()?;
+        let past = cache.as_ref().map_or(0, |c| c.len);
         self.check_ids(ids)?;
         let rows = self.embed.index_select(&ids.flatten_all()?, 0)?;
         let positions = match &self.positions {
             Some((table, offset)) => {
-                Some(table.index_select(&self.position_ids(b, t, *offset)?, 0)?)
+                Some(table.index_select(&self.position_ids(b, t, past + *offset)?, 0)?)
             }
             None => None,
         };
         let mut x = self.input(rows, self.project_in.as_ref(), positions)?;
-        let (cos, sin) = self.rope_tables(t)?;
+        let (cos, sin) = self.rope_tables(past, t)?;
         let d = x.dim(1)?;
         let mut residual = vec![x.reshape((b, t, d))?];
         for (l, layer) in self.layers.iter().enumerate() {
-            x = self.layer_forward(l, layer, x, b, t, (&cos, &sin), dropout)?;
+            let kv = cache.as_deref_mut().map(|c| &mut c.layers[l]);
+            x = self.layer_forward(l, layer, x, b, t, (&cos, &sin), dropout, kv)?;
             residual.push(x.reshape((b, t, d))?);
         }
         let h = self.head_input(&x, self.norm.as_ref(), self.project_out.as_ref())?;
-        let logits = self.softcap(self.head.forward(&h)?)?;
-        self.output(logits, residual, h, b, t)
+        if let Some(c) = cache {
+            c.len += t;
+        }
+        Ok((residual, h))
     }
 }
 
@@ -668,6 +727,7 @@ impl Frame {
         t: usize,
         (cos, sin): (&Option<Tensor>, &Option<Tensor>),
         dropout: Option<&Dropout>,
+        mut kv: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let eps = self.spec.norm_eps;
         let (window, scale) = (self.spec.sliding_window[l], self.spec.attn_scale[l]);
@@ -685,7 +745,7 @@ impl Frame {
         };
         Ok(if let BlockLayout::PostNorm { .. } = self.block {
             let a = dropped(
-                self.attention(layer, &x, b, t, cos, sin, window, scale)?,
+                self.attention(layer, &x, b, t, cos, sin, window, scale, kv.take())?,
                 2 * l as u64,
             )?;
             let x = apply(&layer.post_attn, &(x + a)?)?;
@@ -694,7 +754,7 @@ impl Frame {
         } else {
             let h = apply(&layer.pre_attn, &x)?;
             let a = dropped(
-                self.attention(layer, &h, b, t, cos, sin, window, scale)?,
+                self.attention(layer, &h, b, t, cos, sin, window, scale, kv.take())?,
                 2 * l as u64,
             )?;
             if let BlockLayout::Parallel { .. } = self.block {
@@ -769,6 +829,7 @@ impl Frame {
         sin: &Option<Tensor>,
         window: Option<usize>,
         scale: f64,
+        past: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let s = &self.spec;
         let (nh, nk, hd) = (s.heads, s.kv_heads, s.head_dim);
@@ -789,7 +850,7 @@ impl Frame {
         };
         let mut q = heads(q, nh)?;
         let mut k = heads(k, nk)?;
-        let v = heads(l.v.forward(h)?, nk)?;
+        let mut v = heads(l.v.forward(h)?, nk)?;
         if !whole(&l.q_norm) {
             if let Some(n) = &l.q_norm {
                 q = n.forward(&q, eps)?;
@@ -804,6 +865,16 @@ impl Frame {
             q = apply_rope(&q, cos, sin)?;
             k = apply_rope(&k, cos, sin)?;
         }
+        if let Some(slot) = past {
+            if let Some((pk, pv)) = slot.take() {
+                k = Tensor::cat(&[&pk, &k], 2)?;
+                v = Tensor::cat(&[&pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        // Keys span the cached positions and the t new ones; query row i is position
+        // offset + i.
+        let offset = k.dim(2)? - t;
         // Grouped-query attention without copying k and v: the nh/nk query heads that share
         // a kv head are adjacent, so [B, nh, T, hd] views as [B, nk, group*T, hd] and each
         // kv head serves group*T query rows (query position = row % T).
@@ -814,9 +885,9 @@ impl Frame {
             scores = ((scores / c)?.tanh()? * c)?;
         }
         let probs = if self.device.is_cpu() && matches!(self.dtype, DType::F32 | DType::F64) {
-            scores.apply_op1(CausalSoftmax { window })?
+            scores.apply_op1(CausalSoftmax { window, offset })?
         } else {
-            let mask = self.mask(t, window)?.repeat((group, 1))?;
+            let mask = self.mask(offset, t, window)?.repeat((group, 1))?;
             softmax_last_dim(&scores.broadcast_add(&mask)?)?
         };
         let out = probs
@@ -838,15 +909,24 @@ impl Frame {
         };
         match &l.mlp {
             Mlp::Gated { gate, up, down } => {
-                down.forward(&(act(gate.forward(h)?)? * up.forward(h)?)?)
+                let (g, u) = (gate.forward(h)?, up.forward(h)?);
+                if self.spec.activation == Activation::Silu && crate::fused::fusable(&g) {
+                    // SwiGLU in one pass: silu(g) * u without the sigmoid and product temporaries.
+                    return down.forward(&g.apply_op2(&u, crate::fused::SiluMul)?);
+                }
+                down.forward(&(act(g)? * u)?)
             }
             Mlp::Plain { up, down } => down.forward(&act(up.forward(h)?)?),
         }
     }
 
-    /// cos/sin tables [T, rotary_dim], computed in f64 (the exact rotation) then cast;
-    /// None for learned-position families.
-    pub(crate) fn rope_tables(&self, t: usize) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    /// cos/sin tables [T, rotary_dim] for positions past..past+T, computed in f64 (the exact
+    /// rotation) then cast; None for learned-position families.
+    pub(crate) fn rope_tables(
+        &self,
+        past: usize,
+        t: usize,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         if self.learned_positions {
             return Ok((None, None));
         }
@@ -855,7 +935,7 @@ impl Frame {
         let inv = s.inv_freq(rot);
         let mut cos = Vec::with_capacity(t * rot);
         let mut sin = Vec::with_capacity(t * rot);
-        for p in 0..t {
+        for p in past..past + t {
             for _ in 0..2 {
                 for f in &inv {
                     let a = p as f64 * f;
@@ -870,12 +950,13 @@ impl Frame {
         Ok((Some(mk(cos)?), Some(mk(sin)?)))
     }
 
-    /// Additive causal mask [T, T] (0 where attended, -inf elsewhere), for devices and dtypes
-    /// without the fused causal softmax.
-    fn mask(&self, t: usize, window: Option<usize>) -> Result<Tensor> {
-        let m: Vec<f64> = (0..t * t)
+    /// Additive causal mask [T, offset + T] for queries at positions offset.. (0 where
+    /// attended, -inf elsewhere), for devices and dtypes without the fused causal softmax.
+    fn mask(&self, offset: usize, t: usize, window: Option<usize>) -> Result<Tensor> {
+        let keys = offset + t;
+        let m: Vec<f64> = (0..t * keys)
             .map(|k| {
-                let (i, j) = (k / t, k % t);
+                let (i, j) = (offset + k / keys, k % keys);
                 if j <= i && window.is_none_or(|w| i - j < w) {
                     0.0
                 } else {
@@ -883,12 +964,18 @@ impl Frame {
                 }
             })
             .collect();
-        Ok(Tensor::from_vec(m, (t, t), &self.device)?.to_dtype(self.dtype)?)
+        Ok(Tensor::from_vec(m, (t, keys), &self.device)?.to_dtype(self.dtype)?)
     }
 }
 
 /// RMSNorm over the last dimension, in the working dtype.
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if crate::fused::fusable(x) && w.dtype() == x.dtype() {
+        // One pass (and one for the backward) instead of six candle ops and their temporaries.
+        return Ok(x
+            .contiguous()?
+            .apply_op2(&w.contiguous()?, crate::fused::RmsNorm { eps })?);
+    }
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
     Ok(x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)?)
 }
@@ -902,6 +989,14 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 /// Rotary embedding, transformers' rotate_half convention, on the first rotary_dim dims.
 fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if crate::fused::fusable(x) && cos.dtype() == x.dtype() {
+        // One pass instead of narrow/neg/cat/mul/mul/add (and their backwards).
+        return Ok(x.contiguous()?.apply_op3(
+            &cos.contiguous()?,
+            &sin.contiguous()?,
+            crate::fused::Rope,
+        )?);
+    }
     let hd = x.dim(D::Minus1)?;
     let rot = cos.dim(D::Minus1)?;
     let (xr, pass) = if rot == hd {

@@ -87,6 +87,14 @@ impl TrainConfig {
 
 /// Mean next-token cross-entropy of logits [N, V] against targets [N].
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if crate::fused::fusable(logits) {
+        // One pass over the [N, V] logits forward and one backward, instead of seven of
+        // each (the logits are the largest tensor of a step: 200 MB at vocab 49152).
+        let rows = logits
+            .contiguous()?
+            .apply_op2(&targets.contiguous()?, crate::fused::CrossEntropyRows)?;
+        return Ok(rows.narrow(1, 0, 1)?.mean_all()?);
+    }
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let shifted = logits.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;

@@ -1,0 +1,783 @@
+//! Fused CPU ops with hand-written backwards, for the hot spots a profile of a training
+//! step showed: each replaces a chain of candle element-wise ops (one full pass over a
+//! large tensor and one fresh allocation per op, forward and backward) with one pass.
+//!
+//! Every op here has a test comparing its value and gradient with the unfused chain in
+//! f64. Devices other than the CPU, and dtypes other than f32/f64, take the unfused path.
+
+use crate::softmax::num_like::Float;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Rows handed to one rayon task: large enough to amortize the task, small enough to
+/// balance a few threads. Per-chunk partial sums are added in chunk order, so results do
+/// not depend on the thread count.
+const ROWS_PER_TASK: usize = 16;
+
+/// The contiguous slice of a storage that a layout covers.
+fn contiguous<'a, T>(x: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&x[a..b]),
+        None => candle_core::bail!("{what}: needs a contiguous tensor"),
+    }
+}
+
+/// Whether the fused ops can run on `x` (CPU, f32 or f64).
+pub fn fusable(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
+/// Neumaier's compensated sum: the rounding of a long sum (a vocabulary's worth of terms)
+/// stays at one unit in the last place instead of growing with the length.
+fn compensated_sum<T: Float>(xs: impl Iterator<Item = T>) -> T {
+    let (mut sum, mut carry) = (T::zero(), T::zero());
+    for x in xs {
+        let t = sum + x;
+        carry = if sum.abs() >= x.abs() {
+            carry + ((sum - t) + x)
+        } else {
+            carry + ((x - t) + sum)
+        };
+        sum = t;
+    }
+    sum + carry
+}
+
+/// Per-row cross-entropy of logits [N, V] against targets [N] (u32): out [N, 2] holds
+/// (lse - x[target], lse) for each row, lse = log sum exp(x). The second column is kept for
+/// the backward (the softmax is exp(x - lse)), so no row is reduced twice.
+pub struct CrossEntropyRows;
+
+impl CrossEntropyRows {
+    fn rows<T: Float>(x: &[T], t: &[u32], v: usize) -> Vec<T> {
+        let mut out = vec![T::zero(); t.len() * 2];
+        out.par_chunks_mut(2 * ROWS_PER_TASK)
+            .zip(x.par_chunks(v * ROWS_PER_TASK))
+            .zip(t.par_chunks(ROWS_PER_TASK))
+            .for_each(|((o, xs), ts)| {
+                for ((o, row), &target) in o.chunks_mut(2).zip(xs.chunks(v)).zip(ts) {
+                    let max = row.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
+                    let sum = compensated_sum(row.iter().map(|&x| (x - max).exp()));
+                    // The loss as log(sum) - (x_t - max): x_t - max is exact for nearby
+                    // values, so no rounding at the scale of |max| enters the loss.
+                    o[0] = sum.ln() - (row[target as usize] - max);
+                    o[1] = max + sum.ln();
+                }
+            });
+        out
+    }
+
+    /// f32: vectorized max and exponentials, the sum and its log in f64.
+    fn rows_f32(x: &[f32], t: &[u32], v: usize) -> Vec<f32> {
+        let mut out = vec![0f32; t.len() * 2];
+        out.par_chunks_mut(2 * ROWS_PER_TASK)
+            .zip(x.par_chunks(v * ROWS_PER_TASK))
+            .zip(t.par_chunks(ROWS_PER_TASK))
+            .for_each(|((o, xs), ts)| {
+                for ((o, row), &target) in o.chunks_mut(2).zip(xs.chunks(v)).zip(ts) {
+                    let max = crate::vexp::max(row);
+                    let log_sum = crate::vexp::exp_sum(row, max).ln();
+                    o[0] = (log_sum - (row[target as usize] - max) as f64) as f32;
+                    o[1] = (max as f64 + log_sum) as f32;
+                }
+            });
+        out
+    }
+}
+
+impl CustomOp2 for CrossEntropyRows {
+    fn name(&self) -> &'static str {
+        "cross-entropy-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, v) = l1.shape().dims2()?;
+        let CpuStorage::U32(t) = s2 else {
+            candle_core::bail!("cross-entropy: targets must be u32");
+        };
+        let t = contiguous(t, l2, "cross-entropy targets")?;
+        if t.len() != n {
+            candle_core::bail!("cross-entropy: {n} rows of logits, {} targets", t.len());
+        }
+        if let Some(bad) = t.iter().find(|&&i| i as usize >= v) {
+            candle_core::bail!("cross-entropy: target {bad} outside the {v} classes");
+        }
+        let out = match s1 {
+            CpuStorage::F32(x) => {
+                CpuStorage::F32(Self::rows_f32(contiguous(x, l1, "logits")?, t, v))
+            }
+            CpuStorage::F64(x) => CpuStorage::F64(Self::rows(contiguous(x, l1, "logits")?, t, v)),
+            _ => candle_core::bail!("cross-entropy: only f32 and f64 logits"),
+        };
+        Ok((out, Shape::from((n, 2))))
+    }
+
+    /// d loss_i / d x_ij = softmax_ij - [j = target_i]; d lse_i / d x_ij = softmax_ij.
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // Per row: lse, the gradient of the loss column, the gradient of the lse column.
+        let coef = Tensor::cat(&[&res.narrow(1, 1, 1)?, grad_res], 1)?.contiguous()?;
+        let g = logits.contiguous()?.apply_op3_no_bwd(
+            &targets.contiguous()?,
+            &coef,
+            &CrossEntropyGrad,
+        )?;
+        Ok((Some(g), None))
+    }
+}
+
+/// The backward of [`CrossEntropyRows`]: (logits [N, V], targets [N], coef [N, 3] =
+/// (lse, g_loss, g_lse)) -> g_loss * (p - onehot) + g_lse * p, p = exp(x - lse).
+struct CrossEntropyGrad;
+
+impl CrossEntropyGrad {
+    fn rows<T: Float>(x: &[T], t: &[u32], coef: &[T], v: usize) -> Vec<T> {
+        let mut out = vec![T::zero(); x.len()];
+        out.par_chunks_mut(v * ROWS_PER_TASK)
+            .zip(x.par_chunks(v * ROWS_PER_TASK))
+            .zip(t.par_chunks(ROWS_PER_TASK))
+            .zip(coef.par_chunks(3 * ROWS_PER_TASK))
+            .for_each(|(((o, xs), ts), cs)| {
+                for (((o, row), &target), c) in
+                    o.chunks_mut(v).zip(xs.chunks(v)).zip(ts).zip(cs.chunks(3))
+                {
+                    let (lse, g_loss, g_lse) = (c[0], c[1], c[2]);
+                    let g = g_loss + g_lse;
+                    for (d, &x) in o.iter_mut().zip(row) {
+                        *d = g * (x - lse).exp();
+                    }
+                    o[target as usize] = o[target as usize] - g_loss;
+                }
+            });
+        out
+    }
+
+    fn rows_f32(x: &[f32], t: &[u32], coef: &[f32], v: usize) -> Vec<f32> {
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(v * ROWS_PER_TASK)
+            .zip(x.par_chunks(v * ROWS_PER_TASK))
+            .zip(t.par_chunks(ROWS_PER_TASK))
+            .zip(coef.par_chunks(3 * ROWS_PER_TASK))
+            .for_each(|(((o, xs), ts), cs)| {
+                for (((o, row), &target), c) in
+                    o.chunks_mut(v).zip(xs.chunks(v)).zip(ts).zip(cs.chunks(3))
+                {
+                    crate::vexp::scaled_exp(o, row, c[0], c[1] + c[2]);
+                    o[target as usize] -= c[1];
+                }
+            });
+        out
+    }
+}
+
+impl CustomOp3 for CrossEntropyGrad {
+    fn name(&self) -> &'static str {
+        "cross-entropy-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, v) = l1.shape().dims2()?;
+        let CpuStorage::U32(t) = s2 else {
+            candle_core::bail!("cross-entropy: targets must be u32");
+        };
+        let t = contiguous(t, l2, "targets")?;
+        let out = match (s1, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(c)) => CpuStorage::F32(Self::rows_f32(
+                contiguous(x, l1, "logits")?,
+                t,
+                contiguous(c, l3, "coef")?,
+                v,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(c)) => CpuStorage::F64(Self::rows(
+                contiguous(x, l1, "logits")?,
+                t,
+                contiguous(c, l3, "coef")?,
+                v,
+            )),
+            _ => candle_core::bail!("cross-entropy grad: mismatched dtypes"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Splits a flat two-part result [a | b] into tensors shaped like `sa` and `sb`.
+fn split(flat: &Tensor, sa: &Shape, sb: &Shape) -> Result<(Tensor, Tensor)> {
+    let (na, nb) = (sa.elem_count(), sb.elem_count());
+    Ok((
+        flat.narrow(0, 0, na)?.reshape(sa)?,
+        flat.narrow(0, na, nb)?.reshape(sb)?,
+    ))
+}
+
+/// Both float storages of a binary op, as contiguous slices of one type.
+macro_rules! float_pair {
+    ($s1:expr, $l1:expr, $s2:expr, $l2:expr, $what:expr, |$a:ident, $b:ident| $body:expr) => {
+        match ($s1, $s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(y)) => {
+                let ($a, $b) = (contiguous(x, $l1, $what)?, contiguous(y, $l2, $what)?);
+                CpuStorage::F32($body)
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(y)) => {
+                let ($a, $b) = (contiguous(x, $l1, $what)?, contiguous(y, $l2, $what)?);
+                CpuStorage::F64($body)
+            }
+            _ => candle_core::bail!("{}: only f32 or f64, both the same", $what),
+        }
+    };
+}
+
+/// RMSNorm over the last axis: y = x * w / sqrt(mean(x^2) + eps), for x [.., d], w [d].
+pub struct RmsNorm {
+    pub eps: f64,
+}
+
+/// 1 / sqrt(mean(x^2) + eps) of one row, in the row's dtype as the unfused chain computes it.
+fn inv_rms<T: Float>(row: &[T], eps: f64) -> T {
+    let ss = row.iter().fold(T::zero(), |s, &x| s + x * x);
+    T::one() / (ss / T::from_f64(row.len() as f64) + T::from_f64(eps)).sqrt()
+}
+
+impl RmsNorm {
+    fn forward<T: Float>(&self, x: &[T], w: &[T]) -> Vec<T> {
+        let d = w.len();
+        let mut out = vec![T::zero(); x.len()];
+        out.par_chunks_mut(d * ROWS_PER_TASK)
+            .zip(x.par_chunks(d * ROWS_PER_TASK))
+            .for_each(|(o, xs)| {
+                for (o, row) in o.chunks_mut(d).zip(xs.chunks(d)) {
+                    let r = inv_rms(row, self.eps);
+                    for ((o, &x), &w) in o.iter_mut().zip(row).zip(w) {
+                        *o = x * r * w;
+                    }
+                }
+            });
+        out
+    }
+
+    /// [dx | dw] from x, w and the output gradient g:
+    /// dx = r (g w - x r^2 mean(g w x)), dw = sum over rows of g x r.
+    fn backward<T: Float>(&self, x: &[T], w: &[T], g: &[T]) -> Vec<T> {
+        let d = w.len();
+        let mut dx = vec![T::zero(); x.len()];
+        let partial_dw: Vec<Vec<T>> = dx
+            .par_chunks_mut(d * ROWS_PER_TASK)
+            .zip(x.par_chunks(d * ROWS_PER_TASK))
+            .zip(g.par_chunks(d * ROWS_PER_TASK))
+            .map(|((dx, xs), gs)| {
+                let mut dw = vec![T::zero(); d];
+                for ((dx, row), g) in dx.chunks_mut(d).zip(xs.chunks(d)).zip(gs.chunks(d)) {
+                    let r = inv_rms(row, self.eps);
+                    let mut dot = T::zero();
+                    for k in 0..d {
+                        dot = dot + g[k] * w[k] * row[k];
+                        dw[k] = dw[k] + g[k] * row[k] * r;
+                    }
+                    let c = r * r * dot / T::from_f64(d as f64);
+                    for k in 0..d {
+                        dx[k] = r * (g[k] * w[k] - row[k] * c);
+                    }
+                }
+                dw
+            })
+            .collect();
+        // In chunk order: the same sum on any number of threads.
+        let mut dw = vec![T::zero(); d];
+        for p in partial_dw {
+            for (a, b) in dw.iter_mut().zip(p) {
+                *a = *a + b;
+            }
+        }
+        dx.extend(dw);
+        dx
+    }
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = l2.shape().dims1()?;
+        if l1.dims().last() != Some(&d) {
+            candle_core::bail!("rms-norm: weight of {d} for input {:?}", l1.dims());
+        }
+        let out = float_pair!(s1, l1, s2, l2, "rms-norm", |x, w| self.forward(x, w));
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let flat = x.contiguous()?.apply_op3_no_bwd(
+            &w.contiguous()?,
+            &grad_res.contiguous()?,
+            &RmsNormGrad { eps: self.eps },
+        )?;
+        let (dx, dw) = split(&flat, x.shape(), w.shape())?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+struct RmsNormGrad {
+    eps: f64,
+}
+
+impl CustomOp3 for RmsNormGrad {
+    fn name(&self) -> &'static str {
+        "rms-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let norm = RmsNorm { eps: self.eps };
+        let n = l1.shape().elem_count() + l2.shape().elem_count();
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => {
+                CpuStorage::F32(norm.backward(
+                    contiguous(x, l1, "rms-norm grad")?,
+                    contiguous(w, l2, "rms-norm grad")?,
+                    contiguous(g, l3, "rms-norm grad")?,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(g)) => {
+                CpuStorage::F64(norm.backward(
+                    contiguous(x, l1, "rms-norm grad")?,
+                    contiguous(w, l2, "rms-norm grad")?,
+                    contiguous(g, l3, "rms-norm grad")?,
+                ))
+            }
+            _ => candle_core::bail!("rms-norm grad: only f32 or f64"),
+        };
+        Ok((out, Shape::from(n)))
+    }
+}
+
+/// SwiGLU's product: silu(gate) * up, element-wise (silu(g) = g / (1 + exp(-g))).
+pub struct SiluMul;
+
+fn sigmoid<T: Float>(g: T) -> T {
+    T::one() / (T::one() + (T::zero() - g).exp())
+}
+
+impl SiluMul {
+    fn forward<T: Float>(g: &[T], u: &[T]) -> Vec<T> {
+        const CHUNK: usize = 1 << 14;
+        let mut out = vec![T::zero(); g.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .zip(u.par_chunks(CHUNK))
+            .for_each(|((o, g), u)| {
+                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                    *o = g * sigmoid(g) * u;
+                }
+            });
+        out
+    }
+
+    /// [d gate | d up]: d gate = dy u s (1 + g (1 - s)), d up = dy g s, s = sigmoid(g).
+    fn backward<T: Float>(g: &[T], u: &[T], dy: &[T]) -> Vec<T> {
+        const CHUNK: usize = 1 << 14;
+        let n = g.len();
+        let mut out = vec![T::zero(); 2 * n];
+        let (dg, du) = out.split_at_mut(n);
+        dg.par_chunks_mut(CHUNK)
+            .zip(du.par_chunks_mut(CHUNK))
+            .zip(g.par_chunks(CHUNK))
+            .zip(u.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
+            .for_each(|(((dg, du), g), (u, dy))| {
+                for k in 0..g.len() {
+                    let s = sigmoid(g[k]);
+                    dg[k] = dy[k] * u[k] * s * (T::one() + g[k] * (T::one() - s));
+                    du[k] = dy[k] * g[k] * s;
+                }
+            });
+        out
+    }
+}
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("silu-mul: shapes {:?} and {:?}", l1.dims(), l2.dims());
+        }
+        let out = float_pair!(s1, l1, s2, l2, "silu-mul", |g, u| Self::forward(g, u));
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let flat = g.contiguous()?.apply_op3_no_bwd(
+            &u.contiguous()?,
+            &grad_res.contiguous()?,
+            &SiluMulGrad,
+        )?;
+        let (dg, du) = split(&flat, g.shape(), u.shape())?;
+        Ok((Some(dg), Some(du)))
+    }
+}
+
+struct SiluMulGrad;
+
+impl CustomOp3 for SiluMulGrad {
+    fn name(&self) -> &'static str {
+        "silu-mul-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let n = l1.shape().elem_count();
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(g), CpuStorage::F32(u), CpuStorage::F32(dy)) => {
+                CpuStorage::F32(SiluMul::backward(
+                    contiguous(g, l1, "silu-mul grad")?,
+                    contiguous(u, l2, "silu-mul grad")?,
+                    contiguous(dy, l3, "silu-mul grad")?,
+                ))
+            }
+            (CpuStorage::F64(g), CpuStorage::F64(u), CpuStorage::F64(dy)) => {
+                CpuStorage::F64(SiluMul::backward(
+                    contiguous(g, l1, "silu-mul grad")?,
+                    contiguous(u, l2, "silu-mul grad")?,
+                    contiguous(dy, l3, "silu-mul grad")?,
+                ))
+            }
+            _ => candle_core::bail!("silu-mul grad: only f32 or f64"),
+        };
+        Ok((out, Shape::from(2 * n)))
+    }
+}
+
+/// Rotary embedding (transformers' rotate_half convention) on the first `rot` dims of x
+/// [.., T, hd] with cos/sin tables [T, rot]; the other hd - rot dims pass through. Row r of
+/// x is position r % T. Its backward is the same rotation with sin negated (the inverse
+/// rotation), so it is this op again.
+pub struct Rope;
+
+impl Rope {
+    fn forward<T: Float>(x: &[T], cos: &[T], sin: &[T], t: usize, hd: usize) -> Vec<T> {
+        let rot = cos.len() / t;
+        let half = rot / 2;
+        let mut out = x.to_vec();
+        out.par_chunks_mut(hd * t)
+            .zip(x.par_chunks(hd * t))
+            .for_each(|(o, xs)| {
+                for (p, (o, row)) in o.chunks_mut(hd).zip(xs.chunks(hd)).enumerate() {
+                    let (c, s) = (&cos[p * rot..(p + 1) * rot], &sin[p * rot..(p + 1) * rot]);
+                    for k in 0..half {
+                        // [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]
+                        o[k] = row[k] * c[k] + (T::zero() - row[k + half]) * s[k];
+                        o[k + half] = row[k + half] * c[k + half] + row[k] * s[k + half];
+                    }
+                }
+            });
+        out
+    }
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = l1.dims();
+        let (t, rot) = l2.shape().dims2()?;
+        let hd = *dims.last().unwrap_or(&0);
+        if dims.len() < 2
+            || dims[dims.len() - 2] != t
+            || l3.dims() != l2.dims()
+            || rot > hd
+            || rot % 2 != 0
+        {
+            candle_core::bail!("rope: x {dims:?} with tables {:?}", l2.dims());
+        }
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(c), CpuStorage::F32(s)) => {
+                CpuStorage::F32(Self::forward(
+                    contiguous(x, l1, "rope")?,
+                    contiguous(c, l2, "rope")?,
+                    contiguous(s, l3, "rope")?,
+                    t,
+                    hd,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(c), CpuStorage::F64(s)) => {
+                CpuStorage::F64(Self::forward(
+                    contiguous(x, l1, "rope")?,
+                    contiguous(c, l2, "rope")?,
+                    contiguous(s, l3, "rope")?,
+                    t,
+                    hd,
+                ))
+            }
+            _ => candle_core::bail!("rope: only f32 or f64, all the same"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = grad_res
+            .contiguous()?
+            .apply_op3_no_bwd(cos, &sin.neg()?, &Rope)?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// The unfused cross-entropy the trainer used before (per-row losses).
+    fn reference_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let max = logits.max_keepdim(D::Minus1)?.detach();
+        let shifted = logits.broadcast_sub(&max)?;
+        let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+        let logp = shifted.broadcast_sub(&lse)?;
+        logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()
+    }
+
+    #[test]
+    fn cross_entropy_matches_the_unfused_chain_in_value_and_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        // 37 rows: not a multiple of ROWS_PER_TASK.
+        let (n, v) = (37, 11);
+        let x = Var::from_tensor(&(Tensor::randn(0f64, 3.0, (n, v), &dev)? + 50.0)?)?;
+        let t: Vec<u32> = (0..n as u32).map(|i| (i * 7) % v as u32).collect();
+        let t = Tensor::from_vec(t, n, &dev)?;
+        let w = Tensor::randn(0f64, 1.0, n, &dev)?;
+        let fused = x.as_tensor().apply_op2(&t, CrossEntropyRows)?;
+        let plain = reference_rows(x.as_tensor(), &t)?;
+        let loss = fused.narrow(1, 0, 1)?.squeeze(1)?;
+        assert!(max_abs(&loss, &plain) < 1e-13);
+        // A weighted sum of both columns exercises both gradient coefficients.
+        let lse = fused.narrow(1, 1, 1)?.squeeze(1)?;
+        let g1 = ((loss * &w)?.sum_all()? + lse.sum_all()?)?
+            .backward()?
+            .get(x.as_tensor())
+            .unwrap()
+            .clone();
+        let plain_lse = x
+            .as_tensor()
+            .exp()?
+            .sum_keepdim(D::Minus1)?
+            .log()?
+            .squeeze(1)?;
+        let g2 = ((plain * &w)?.sum_all()? + plain_lse.sum_all()?)?
+            .backward()?
+            .get(x.as_tensor())
+            .unwrap()
+            .clone();
+        assert!(max_abs(&g1, &g2) < 1e-13, "{}", max_abs(&g1, &g2));
+        // f32 agrees with f64 to f32 rounding.
+        let f32_loss = x
+            .as_tensor()
+            .to_dtype(DType::F32)?
+            .apply_op2(&t, CrossEntropyRows)?
+            .to_dtype(DType::F64)?
+            .narrow(1, 0, 1)?
+            .squeeze(1)?;
+        let rel = max_abs(&f32_loss, &reference_rows(x.as_tensor(), &t)?);
+        assert!(rel < 1e-4, "{rel}");
+        // The f32 path (vectorized exponentials) has the f64 gradient to f32 rounding.
+        let x32 = Var::from_tensor(&x.as_tensor().to_dtype(DType::F32)?)?;
+        let l32 = x32.as_tensor().apply_op2(&t, CrossEntropyRows)?;
+        let l32 = l32.narrow(1, 0, 1)?.squeeze(1)?;
+        let g32 = (l32 * w.to_dtype(DType::F32)?)?
+            .sum_all()?
+            .backward()?
+            .get(x32.as_tensor())
+            .unwrap()
+            .to_dtype(DType::F64)?;
+        let plain = reference_rows(x.as_tensor(), &t)?;
+        let g64 = (plain * &w)?
+            .sum_all()?
+            .backward()?
+            .get(x.as_tensor())
+            .unwrap()
+            .clone();
+        assert!(max_abs(&g32, &g64) < 1e-5, "{}", max_abs(&g32, &g64));
+        Ok(())
+    }
+
+    #[test]
+    fn cross_entropy_refuses_targets_outside_the_vocabulary() -> Result<()> {
+        let x = Tensor::zeros((2, 3), DType::F32, &Device::Cpu)?;
+        let t = Tensor::from_vec(vec![0u32, 3], 2, &Device::Cpu)?;
+        let e = x.apply_op2(&t, CrossEntropyRows).unwrap_err().to_string();
+        assert!(e.contains("target 3 outside the 3 classes"), "{e}");
+        Ok(())
+    }
+
+    /// Value and gradients of `fused` against `plain` for random inputs, in f64.
+    fn check_grads(
+        shapes: &[&[usize]],
+        fused: impl Fn(&[Tensor]) -> Result<Tensor>,
+        plain: impl Fn(&[Tensor]) -> Result<Tensor>,
+    ) -> Result<()> {
+        let dev = Device::Cpu;
+        let vars: Vec<Var> = shapes
+            .iter()
+            .map(|s| Var::from_tensor(&Tensor::randn(0f64, 1.0, s.to_vec(), &dev)?))
+            .collect::<Result<_>>()?;
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let (a, b) = (fused(&ts)?, plain(&ts)?);
+        assert!(
+            max_abs(&a, &b) < 1e-14,
+            "value differs by {}",
+            max_abs(&a, &b)
+        );
+        let w = Tensor::randn(0f64, 1.0, a.shape(), &dev)?;
+        let ga = (a * &w)?.sum_all()?.backward()?;
+        let gb = (b * &w)?.sum_all()?.backward()?;
+        for t in &ts {
+            let (x, y) = (ga.get(t).unwrap(), gb.get(t).unwrap());
+            assert!(
+                max_abs(x, y) < 1e-13,
+                "gradient differs by {}",
+                max_abs(x, y)
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn rms_norm_matches_the_unfused_chain_in_value_and_gradient() -> Result<()> {
+        // 37 rows (not a multiple of ROWS_PER_TASK), d = 6.
+        check_grads(
+            &[&[37, 6], &[6]],
+            |t| t[0].apply_op2(&t[1], RmsNorm { eps: 1e-5 }),
+            |t| {
+                let ms = t[0].sqr()?.mean_keepdim(D::Minus1)?;
+                t[0].broadcast_div(&(ms + 1e-5)?.sqrt()?)?
+                    .broadcast_mul(&t[1])
+            },
+        )
+    }
+
+    #[test]
+    fn silu_mul_matches_the_unfused_chain_in_value_and_gradient() -> Result<()> {
+        check_grads(
+            &[&[5, 9], &[5, 9]],
+            |t| t[0].apply_op2(&t[1], SiluMul),
+            |t| (&t[0] * candle_nn::ops::sigmoid(&t[0])?)? * &t[1],
+        )
+    }
+
+    #[test]
+    fn rope_matches_the_unfused_rotation_in_value_and_gradient() -> Result<()> {
+        // x [B=2, H=3, T=4, hd=6] with rot = 4 (partial) and rot = 6 (full).
+        for rot in [4, 6] {
+            let dev = Device::Cpu;
+            let angle = Tensor::randn(0f64, 1.0, (4, rot / 2), &dev)?;
+            let angle = Tensor::cat(&[&angle, &angle], 1)?;
+            let (cos, sin) = (angle.cos()?, angle.sin()?);
+            check_grads(
+                &[&[2, 3, 4, 6]],
+                |t| t[0].apply_op3(&cos, &sin, Rope),
+                |t| {
+                    let x = &t[0];
+                    let xr = x.narrow(D::Minus1, 0, rot)?;
+                    let half = rot / 2;
+                    let x1 = xr.narrow(D::Minus1, 0, half)?;
+                    let x2 = xr.narrow(D::Minus1, half, half)?;
+                    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+                    let y = (xr.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?;
+                    if rot == 6 {
+                        Ok(y)
+                    } else {
+                        Tensor::cat(&[&y, &x.narrow(D::Minus1, rot, 6 - rot)?], D::Minus1)
+                    }
+                },
+            )?;
+        }
+        Ok(())
+    }
+}
