@@ -15,6 +15,16 @@ use crate::kernel::Segment;
 /// least two whole copies, located by `big`'s recorded growth map (older clones: by
 /// comparing its sizes with `small`'s).
 pub fn row_half_cosines(big: &Checkpoint, small: &ModelConfig) -> Vec<(String, f64)> {
+    row_half_cosines_in_chunks(big, small, COSINE_CHUNK_ELEMENTS)
+}
+
+/// [`row_half_cosines`] decoding about `chunk_elements` values at a time (whole rows, at
+/// least one); tests split tiny tensors into many chunks.
+fn row_half_cosines_in_chunks(
+    big: &Checkpoint,
+    small: &ModelConfig,
+    chunk_elements: usize,
+) -> Vec<(String, f64)> {
     let segments = match RecordedGrowth::of(big) {
         Some(r) => r.spaces,
         None => Space::ALL
@@ -28,29 +38,50 @@ pub fn row_half_cosines(big: &Checkpoint, small: &ModelConfig) -> Vec<(String, f
     };
     let mut out = Vec::new();
     for t in &big.tensors {
-        let f = &big.files[t.file];
-        let values = || {
-            let mut w = vec![0f64; t.info.numel()];
-            t.info.dtype.decode(f.data(&t.info), &mut w);
-            // Release the pages read: verify must not end up holding BIG's whole file.
-            f.advise_done(&t.info);
-            w
+        let Some((read_axis, block)) = grown_read_axis(t.rule, &t.info.shape, &segments) else {
+            continue;
         };
-        if let Some(c) = tensor_cosine(t.rule, &t.info.shape, &segments, values) {
+        let f = &big.files[t.file];
+        let (rows, cols) = (t.info.shape[0], t.info.shape[1]);
+        let bytes = f.data(&t.info);
+        let mut acc = Cosines::default();
+        // Rows read their copies along axis 1: decode a bounded run of rows at a time, so a
+        // 152k x 5120 head costs a few MiB here, not 6 GB of f64 (same sums, same order).
+        // Along axis 0 a row's copies are far apart: decode the tensor whole.
+        let step = if read_axis == 1 {
+            (chunk_elements / cols.max(1)).max(1)
+        } else {
+            rows.max(1)
+        };
+        let row_bytes = cols * t.info.dtype.size();
+        let mut w = Vec::new();
+        for start in (0..rows).step_by(step) {
+            let n = step.min(rows - start);
+            w.resize(n * cols, 0f64);
+            t.info
+                .dtype
+                .decode(&bytes[start * row_bytes..(start + n) * row_bytes], &mut w);
+            acc.add(&w, n, cols, read_axis, block);
+        }
+        // Release the pages read: verify must not end up holding BIG's whole file.
+        f.advise_done(&t.info);
+        if let Some(c) = acc.mean() {
             out.push((t.info.name.clone(), c));
         }
     }
     out
 }
 
-/// The mean row-half cosine of one tensor, `None` when its read axis is not grown into two
-/// or more whole copies (or every row is zero: an identity block's residual writers).
-fn tensor_cosine(
+/// Elements of a tensor decoded at once by [`row_half_cosines`] (32 MiB of f64).
+const COSINE_CHUNK_ELEMENTS: usize = 4 << 20;
+
+/// The read axis and the copy length of a tensor whose read axis is grown into two or more
+/// whole copies; `None` otherwise.
+fn grown_read_axis(
     rule: &crate::family::TensorRule,
     shape: &[usize],
     segments: &[(Space, Segment)],
-    values: impl FnOnce() -> Vec<f64>,
-) -> Option<f64> {
+) -> Option<(usize, usize)> {
     let ra = rule.axes.iter().position(|a| a.1 == Role::Read)?;
     if shape.len() != 2 || rule.axes[ra].0.len() != 1 {
         return None;
@@ -60,7 +91,44 @@ fn tensor_cosine(
     if seg.copies < 2 || seg.dest_len() != shape[ra] {
         return None;
     }
-    row_half_cosine(&values(), shape[0], shape[1], ra, seg.len)
+    Some((ra, seg.len))
+}
+
+/// Running sum of row cosines and the count of rows that have one (see [`row_half_cosine`]).
+#[derive(Default)]
+struct Cosines {
+    sum: f64,
+    counted: usize,
+}
+
+impl Cosines {
+    fn add(&mut self, w: &[f64], rows: usize, cols: usize, read_axis: usize, block: usize) {
+        let at = |r: usize, c: usize| w[r * cols + c];
+        let outer = if read_axis == 1 { rows } else { cols };
+        for o in 0..outer {
+            let (mut dot, mut n0, mut n1) = (0.0, 0.0, 0.0);
+            for k in 0..block {
+                let (a, b) = if read_axis == 1 {
+                    (at(o, k), at(o, k + block))
+                } else {
+                    (at(k, o), at(k + block, o))
+                };
+                dot += a * b;
+                n0 += a * a;
+                n1 += b * b;
+            }
+            if n0 > 0.0 || n1 > 0.0 {
+                self.counted += 1;
+            }
+            if n0 > 0.0 && n1 > 0.0 {
+                self.sum += dot / (n0.sqrt() * n1.sqrt());
+            }
+        }
+    }
+
+    fn mean(&self) -> Option<f64> {
+        (self.counted > 0).then(|| self.sum / self.counted as f64)
+    }
 }
 
 /// Mean cosine, over the rows of a [rows, cols] matrix, between the first two copies of
@@ -75,29 +143,9 @@ pub fn row_half_cosine(
     read_axis: usize,
     block: usize,
 ) -> Option<f64> {
-    let at = |r: usize, c: usize| w[r * cols + c];
-    let outer = if read_axis == 1 { rows } else { cols };
-    let (mut sum, mut counted) = (0.0, 0usize);
-    for o in 0..outer {
-        let (mut dot, mut n0, mut n1) = (0.0, 0.0, 0.0);
-        for k in 0..block {
-            let (a, b) = if read_axis == 1 {
-                (at(o, k), at(o, k + block))
-            } else {
-                (at(k, o), at(k + block, o))
-            };
-            dot += a * b;
-            n0 += a * a;
-            n1 += b * b;
-        }
-        if n0 > 0.0 || n1 > 0.0 {
-            counted += 1;
-        }
-        if n0 > 0.0 && n1 > 0.0 {
-            sum += dot / (n0.sqrt() * n1.sqrt());
-        }
-    }
-    (counted > 0).then(|| sum / counted as f64)
+    let mut acc = Cosines::default();
+    acc.add(w, rows, cols, read_axis, block);
+    acc.mean()
 }
 
 /// Mean over tensors of [`row_half_cosines`]; `None` when nothing was grown.
@@ -140,7 +188,8 @@ pub fn mean_row_half_cosine_with(
         .iter()
         .filter_map(|(name, w, shape)| {
             let (rule, _) = big.family.match_name(name)?;
-            tensor_cosine(rule, shape, segments, || w.clone())
+            let (read_axis, block) = grown_read_axis(rule, shape, segments)?;
+            row_half_cosine(w, shape[0], shape[1], read_axis, block)
         })
         .collect();
     (!cos.is_empty()).then(|| cos.iter().sum::<f64>() / cos.len() as f64)
@@ -159,6 +208,37 @@ pub fn mean_row_half_cosine_of(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_read_in_chunks_give_the_whole_tensors_cosines_bit_for_bit() {
+        let fixtures =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny");
+        let dir = tempfile::tempdir().unwrap();
+        for (name, variant) in [
+            ("llama-gqa-tied", crate::Variant::Noisy),
+            ("llama-gqa-untied", crate::Variant::NoisyDiagonal),
+        ] {
+            let src = fixtures.join(name);
+            let dst = dir.path().join(name);
+            let options = crate::GrowthOptions {
+                variant,
+                ..crate::GrowthOptions::default()
+            };
+            crate::grow::grow_quietly(&src, &dst, &options).unwrap();
+            let small = Checkpoint::open(&src).unwrap();
+            let big = Checkpoint::open(&dst).unwrap();
+            let whole = row_half_cosines_in_chunks(&big, &small.config, usize::MAX);
+            assert!(whole.len() > 4, "{name}: grown tensors found: {whole:?}");
+            for chunk in [1, 7, 100, 1000] {
+                let chunked = row_half_cosines_in_chunks(&big, &small.config, chunk);
+                assert_eq!(whole.len(), chunked.len());
+                for ((n, a), (m, b)) in whole.iter().zip(&chunked) {
+                    assert_eq!(n, m);
+                    assert_eq!(a.to_bits(), b.to_bits(), "{name} {n}, chunk {chunk}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn zero_rows_are_not_counted_and_one_sided_rows_are_zero() {
