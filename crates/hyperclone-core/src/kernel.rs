@@ -745,6 +745,7 @@ fn ln_unit(x: f64) -> f64 {
     const LG5: f64 = f64::from_bits(0x3FC7_4664_96CB_03DE); // 1.818357216161805012e-01
     const LG6: f64 = f64::from_bits(0x3FC3_9A09_D078_C69F); // 1.531383769920937332e-01
     const LG7: f64 = f64::from_bits(0x3FC2_F112_DF3E_5244); // 1.479819860511658591e-01
+
     // ln 2 split so that k * LN2_HI is exact for |k| < 2^11.
     const LN2_HI: f64 = f64::from_bits(0x3FE6_2E42_FEE0_0000);
     const LN2_LO: f64 = f64::from_bits(0x3DEA_39EF_3579_3C76);
@@ -786,7 +787,9 @@ fn cos_turns(j: u64) -> f64 {
     const C4: f64 = f64::from_bits(0xBE92_7E4F_809C_52AD); // -2.75573143513906633035e-07
     const C5: f64 = f64::from_bits(0x3E21_EE9E_BDB4_B1C4); // 2.08757232129817482790e-09
     const C6: f64 = f64::from_bits(0xBDA8_FAE9_BE88_38D4); // -1.13596475577881948265e-11
-    const QUARTER: u32 = 51; // a quarter turn is 2^51 units of 2^-53 turn
+                                                           // A quarter turn is 2^51 units of 2^-53 turn.
+    const QUARTER: u32 = 51;
+
     // Nearest quarter q in 0..=4 and the exact remainder r in [-2^50, 2^50).
     let q = (j + (1 << (QUARTER - 1))) >> QUARTER;
     let r = j.wrapping_sub(q << QUARTER) as i64;
@@ -1370,7 +1373,11 @@ mod tests {
             .collect();
         for e in 0..=53 {
             let p = (0.5f64).powi(e);
-            for m in [1.0, std::f64::consts::FRAC_1_SQRT_2, std::f64::consts::SQRT_2 * 0.5] {
+            for m in [
+                1.0,
+                std::f64::consts::FRAC_1_SQRT_2,
+                std::f64::consts::SQRT_2 * 0.5,
+            ] {
                 for d in -3i64..=3 {
                     let x = f64::from_bits((m * p).to_bits().wrapping_add(d as u64));
                     if x > 0.0 && x <= 1.0 {
@@ -1379,7 +1386,10 @@ mod tests {
                 }
             }
             // Hashed mantissas within this binade.
-            xs.extend((0..1000u64).map(|i| p * (0.5 + (mix64(i ^ e as u64) >> 12) as f64 * 2f64.powi(-53))));
+            xs.extend(
+                (0..1000u64)
+                    .map(|i| p * (0.5 + (mix64(i ^ e as u64) >> 12) as f64 * 2f64.powi(-53))),
+            );
         }
         let mut worst = 0f64;
         for &x in &xs {
@@ -1390,10 +1400,16 @@ mod tests {
             }
             worst = worst.max(((got - want) / want).abs());
         }
-        eprintln!("ln_unit: max relative error vs std {worst:.3e} over {} points", xs.len());
+        eprintln!(
+            "ln_unit: max relative error vs std {worst:.3e} over {} points",
+            xs.len()
+        );
         // Ours is within 1 ulp (fdlibm's bound) and the reference within 1 ulp on any libm:
         // 2 ulps, 2^-51 relative at most. Measured on glibc: 2.2e-16 (one ulp at most).
-        assert!(worst <= 2.0 * f64::EPSILON, "ln_unit max relative error {worst:e}");
+        assert!(
+            worst <= 2.0 * f64::EPSILON,
+            "ln_unit max relative error {worst:e}"
+        );
     }
 
     /// Our cos of a fraction of a turn against std's: absolute error against
@@ -1404,7 +1420,11 @@ mod tests {
     fn cos_turns_matches_std() {
         let mut js: Vec<u64> = (0..2_000_000u64).map(|i| mix64(i) >> 11).collect();
         for q in 0..=4u64 {
-            for edge in [q << 51, (q << 51) + (1 << 50), (q << 51).wrapping_sub(1 << 50)] {
+            for edge in [
+                q << 51,
+                (q << 51) + (1 << 50),
+                (q << 51).wrapping_sub(1 << 50),
+            ] {
                 for d in 0..5u64 {
                     for j in [edge.wrapping_add(d), edge.wrapping_sub(d)] {
                         if j < 1 << 53 {
@@ -1444,7 +1464,10 @@ mod tests {
         // 4.4e-16 near the end of the turn), plus an ulp of each result: 4 eps bounds it.
         assert!(abs <= 4.0 * f64::EPSILON, "cos_turns max abs error {abs:e}");
         // Same 1 + 1 ulp argument as for ln; measured on glibc: 2.2e-16.
-        assert!(rel <= 2.0 * f64::EPSILON, "cos_turns max relative error {rel:e}");
+        assert!(
+            rel <= 2.0 * f64::EPSILON,
+            "cos_turns max relative error {rel:e}"
+        );
     }
 
     /// The noise is the same on every x86-64 level: AVX-512, AVX2 and baseline SSE2 paths.
