@@ -14,7 +14,8 @@
 # seconds, cp_cpu cp's user+sys: on a machine others load, the steadier figures.
 #
 # BASELINE_BIN=/path/to/older/hyperclone also times that binary in the same repetitions
-# (interleaved, same cp), for before/after figures on a machine whose load varies.
+# (interleaved, taking turns at going first, same cp), for before/after figures on a
+# machine whose load varies.
 # Set RAYON_NUM_THREADS to pin the thread count; BENCH_DIR for scratch space; BENCH_REPS
 # for the repetitions (default 3; medians are reported, min-max spread beside them).
 set -euo pipefail
@@ -70,6 +71,32 @@ median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? 
 spread() { printf '%s\n' "$@" | sort -g | awk 'NR == 1 {lo = $1} {hi = $1} END {printf "%.2f-%.2f", lo, hi}'; }
 timed_sync() { local t0; t0=$(now); sync; echo "$(now) - $t0" | bc -l; }
 
+# One repetition of the clone under test, then `cp -r` of what it produced.
+run_new() {
+  local t peak_kib user sys s
+  sync
+  read -r t peak_kib user sys < <(measure "$bin" clone "$model" "$work/x$n" --factor "$n" --variant "$v" --json)
+  s=$(timed_sync)
+  c+=("$t"); cd_+=("$(echo "$t + $s" | bc -l)"); peaks+=("$peak_kib"); users+=("$user"); syss+=("$sys")
+  out_bytes=$(du -sb "$work/x$n" | cut -f1)
+  read -r t _ user sys < <(measure cp -r "$work/x$n" "$work/x$n-cp")
+  s=$(timed_sync)
+  p+=("$t"); pd+=("$(echo "$t + $s" | bc -l)"); cpc+=("$(echo "$user + $sys" | bc -l)")
+  rm -rf "$work/x$n-cp" "$work/x$n"
+  sync
+}
+
+# One repetition of the baseline binary (BASELINE_BIN) on the same clone.
+run_base() {
+  local t user sys
+  sync
+  read -r t _ user sys < <(measure "$base" clone "$model" "$work/x$n-base" --factor "$n" --variant "$v" --json)
+  timed_sync >/dev/null
+  bc_+=("$t"); bu+=("$user"); bs+=("$sys")
+  rm -rf "$work/x$n-base"
+  sync
+}
+
 cat "$model"/*.safetensors >/dev/null # warm the source pages
 src_bytes=$(du -sb "$model" | cut -f1)
 reps=${BENCH_REPS:-3}
@@ -80,24 +107,14 @@ printf '%-6s %-15s %11s %9s %11s %9s %11s %7s %8s %7s %7s %7s %8s %9s\n' factor 
 for n in "${factors[@]}"; do
   for v in "${variants[@]}"; do
     c=(); p=(); cd_=(); pd=(); peaks=(); users=(); syss=(); cpc=(); bc_=(); bu=(); bs=()
-    for _ in $(seq "$reps"); do
-      sync
-      read -r t peak_kib user sys < <(measure "$bin" clone "$model" "$work/x$n" --factor "$n" --variant "$v" --json)
-      s=$(timed_sync)
-      c+=("$t"); cd_+=("$(echo "$t + $s" | bc -l)"); peaks+=("$peak_kib"); users+=("$user"); syss+=("$sys")
-      out_bytes=$(du -sb "$work/x$n" | cut -f1)
-      read -r t _ user sys < <(measure cp -r "$work/x$n" "$work/x$n-cp")
-      s=$(timed_sync)
-      p+=("$t"); pd+=("$(echo "$t + $s" | bc -l)"); cpc+=("$(echo "$user + $sys" | bc -l)")
-      rm -rf "$work/x$n-cp"
-      if [ -n "$base" ]; then
-        sync
-        read -r t _ user sys < <(measure "$base" clone "$model" "$work/x$n-base" --factor "$n" --variant "$v" --json)
-        timed_sync >/dev/null
-        bc_+=("$t"); bu+=("$user"); bs+=("$sys")
-        rm -rf "$work/x$n-base"
+    # With a baseline, the two binaries alternate which goes first: the second one otherwise
+    # pays the first one's page-cache reclaim in sys time (seen: 7-11 s on a 2.16 GB output).
+    for rep in $(seq "$reps"); do
+      if [ -n "$base" ] && [ $((rep % 2)) -eq 0 ]; then
+        run_base; run_new
+      else
+        run_new; [ -z "$base" ] || run_base
       fi
-      rm -rf "$work/x$n"
     done
     mc=$(median "${c[@]}"); mp=$(median "${p[@]}"); mcd=$(median "${cd_[@]}"); mpd=$(median "${pd[@]}")
     peak=$(printf '%s\n' "${peaks[@]}" | sort -g | tail -1)
