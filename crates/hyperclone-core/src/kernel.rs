@@ -720,7 +720,7 @@ fn gaussians_body(key: u64, start: u64, out: &mut [f64]) {
 ///
 /// Until this change the draws called the platform's libm `ln`/`cos`, so the noise bytes
 /// depended on the libc; replacing them was a one-time, documented change of the noise
-/// (draws moved by about an ulp; same distribution, same SNR calibration; see README).
+/// (draws moved by about an ulp; same distribution, same SNR calibration; see docs/clone-output.md).
 #[inline(always)]
 fn gaussian(key: u64, index: u64) -> f64 {
     const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
