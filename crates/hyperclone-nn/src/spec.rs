@@ -59,38 +59,151 @@ pub struct DecoderSpec {
     pub embed_scale: Option<f64>,
 }
 
-/// Config switches that change the function and that the decoder does not implement:
-/// refused by name rather than computed wrongly (transformers 5.23 semantics).
+/// Which layers slide when a config has no (or an ignored) `layer_types`.
+#[derive(Clone, Copy, PartialEq)]
+enum Sliding {
+    /// No sliding window.
+    Never,
+    /// Every layer, whenever `sliding_window` is set; `layer_types` is not read.
+    Every,
+    /// Only with `use_sliding_window`; then `layer_types` if given, else the layers from
+    /// `max_window_layers` (default 28) on.
+    FromMaxWindowLayers,
+    /// `layer_types` if given, else the even layers (0, 2, ...).
+    EvenLayers,
+}
+
+/// How a family's transformers 5.23 modules read the config switches that change the
+/// function: one record per family, read by the generic code below (no family branches).
+struct FamilyRules {
+    /// The config key the activation is read from, and its default.
+    activation_key: &'static str,
+    default_activation: &'static str,
+    /// configuration_gemma.py turns the official releases' `gelu` into the tanh form.
+    legacy_gelu_is_tanh: bool,
+    sliding: Sliding,
+    /// The configuration class's `sliding_window` when the key is absent.
+    default_window: Option<usize>,
+    /// Boolean switches the Rust decoder does not implement: (key, what it does) refused
+    /// when true.
+    refused_when_true: &'static [(&'static str, &'static str)],
+    /// Switches refused when false (modeling_opt then applies LayerNorms without weights,
+    /// which the decoder, reading a norm from its stored weight, would skip).
+    refused_when_false: &'static [(&'static str, &'static str)],
+    /// Soft-caps on scores and logits with their configuration defaults (Gemma-2).
+    softcap_defaults: Option<(f64, f64)>,
+    /// Scores scaled by query_pre_attn_scalar^-0.5, with its configuration default, instead
+    /// of head_dim^-0.5 (Gemma-2).
+    query_pre_attn_scalar: Option<f64>,
+    /// modeling_gpt2's `scale_attn_weights` / `scale_attn_by_inverse_layer_idx`.
+    gpt2_scaling: bool,
+}
+
+impl FamilyRules {
+    fn of(model_type: &str) -> FamilyRules {
+        let base = FamilyRules {
+            activation_key: "hidden_act",
+            default_activation: "silu",
+            legacy_gelu_is_tanh: false,
+            sliding: Sliding::Never,
+            default_window: None,
+            refused_when_true: &[],
+            refused_when_false: &[],
+            softcap_defaults: None,
+            query_pre_attn_scalar: None,
+            gpt2_scaling: false,
+        };
+        // Attention over the whole sequence, not causal.
+        const BIDIRECTIONAL: &[(&str, &str)] =
+            &[("use_bidirectional_attention", "non-causal attention")];
+        match model_type {
+            "mistral" => FamilyRules {
+                sliding: Sliding::Every,
+                default_window: Some(4096),
+                ..base
+            },
+            "starcoder2" => FamilyRules {
+                default_activation: "gelu_pytorch_tanh",
+                sliding: Sliding::Every,
+                ..base
+            },
+            "phi3" => FamilyRules {
+                sliding: Sliding::Every,
+                ..base
+            },
+            "qwen2" | "qwen3" => FamilyRules {
+                sliding: Sliding::FromMaxWindowLayers,
+                default_window: Some(4096),
+                ..base
+            },
+            "gemma" => FamilyRules {
+                default_activation: "gelu_pytorch_tanh",
+                legacy_gelu_is_tanh: true,
+                refused_when_true: BIDIRECTIONAL,
+                ..base
+            },
+            "gemma2" => FamilyRules {
+                activation_key: "hidden_activation",
+                default_activation: "gelu_pytorch_tanh",
+                sliding: Sliding::EvenLayers,
+                default_window: Some(4096),
+                refused_when_true: BIDIRECTIONAL,
+                softcap_defaults: Some((50.0, 30.0)),
+                query_pre_attn_scalar: Some(256.0),
+                ..base
+            },
+            "stablelm" => FamilyRules {
+                refused_when_true: &[
+                    ("use_parallel_residual", "the parallel residual block"),
+                    ("qk_layernorm", "per-head q/k LayerNorms"),
+                ],
+                ..base
+            },
+            "phi" => FamilyRules {
+                default_activation: "gelu_new",
+                refused_when_true: &[("qk_layernorm", "q/k LayerNorms")],
+                ..base
+            },
+            "gpt2" => FamilyRules {
+                activation_key: "activation_function",
+                default_activation: "gelu_new",
+                gpt2_scaling: true,
+                ..base
+            },
+            "gpt_neox" => FamilyRules {
+                default_activation: "gelu",
+                ..base
+            },
+            "opt" => FamilyRules {
+                activation_key: "activation_function",
+                default_activation: "relu",
+                refused_when_false: &[(
+                    "layer_norm_elementwise_affine",
+                    "LayerNorms without weights",
+                )],
+                ..base
+            },
+            _ => base,
+        }
+    }
+}
+
 fn refuse_unimplemented(
     model_type: &str,
     raw: &serde_json::Map<String, Value>,
     path: &str,
 ) -> Result<()> {
-    let on = |k: &str| raw.get(k).and_then(Value::as_bool) == Some(true);
-    // modeling_opt then applies LayerNorms without weights, which the decoder (reading a
-    // norm from its stored weight) would skip altogether.
-    if model_type == "opt"
-        && raw
-            .get("layer_norm_elementwise_affine")
-            .and_then(Value::as_bool)
-            == Some(false)
-    {
-        return Err(NnError::Unsupported(format!(
-            "{path}: `layer_norm_elementwise_affine: false` (LayerNorms without weights) is not implemented in the Rust decoder"
-        )));
+    let rules = FamilyRules::of(model_type);
+    let flag = |k: &str| raw.get(k).and_then(Value::as_bool);
+    for (key, what) in rules.refused_when_false {
+        if flag(key) == Some(false) {
+            return Err(NnError::Unsupported(format!(
+                "{path}: `{key}: false` ({what}) is not implemented in the Rust decoder"
+            )));
+        }
     }
-    let refused: &[(&str, &str)] = match model_type {
-        // Attention over the whole sequence, not causal.
-        "gemma" | "gemma2" => &[("use_bidirectional_attention", "non-causal attention")],
-        "stablelm" => &[
-            ("use_parallel_residual", "the parallel residual block"),
-            ("qk_layernorm", "per-head q/k LayerNorms"),
-        ],
-        "phi" => &[("qk_layernorm", "q/k LayerNorms")],
-        _ => &[],
-    };
-    for (key, what) in refused {
-        if on(key) {
+    for (key, what) in rules.refused_when_true {
+        if flag(key) == Some(true) {
             return Err(NnError::Unsupported(format!(
                 "{path}: `{key}: true` ({what}) is not implemented in the Rust decoder (clone works; verify in transformers)"
             )));
@@ -99,46 +212,32 @@ fn refuse_unimplemented(
     Ok(())
 }
 
-/// The activation's config key as each family's transformers module reads it (a config may
-/// carry several; only one is used), with Gemma's legacy `gelu` meaning the tanh form.
+/// The activation's name as the family's transformers module reads it (a config may carry
+/// several keys; only one is used).
 fn activation_name<'a>(model_type: &str, raw: &'a serde_json::Map<String, Value>) -> &'a str {
-    let key = match model_type {
-        "gemma2" => "hidden_activation",
-        "gpt2" | "opt" => "activation_function",
-        _ => "hidden_act",
-    };
-    let default = match model_type {
-        "gemma" | "gemma2" | "starcoder2" => "gelu_pytorch_tanh",
-        "gpt2" | "phi" => "gelu_new",
-        "gpt_neox" => "gelu",
-        "opt" => "relu",
-        _ => "silu",
-    };
-    let name = raw.get(key).and_then(Value::as_str).unwrap_or(default);
-    // configuration_gemma.py turns the official releases' `gelu` into the tanh form.
-    if model_type == "gemma" && name == "gelu" {
+    let rules = FamilyRules::of(model_type);
+    let name = raw
+        .get(rules.activation_key)
+        .and_then(Value::as_str)
+        .unwrap_or(rules.default_activation);
+    if rules.legacy_gelu_is_tanh && name == "gelu" {
         return "gelu_pytorch_tanh";
     }
     name
 }
 
-/// Which layers slide, and over how many positions, as transformers 5.23 decides it:
-/// - mistral, starcoder2, phi3: every layer, whenever `sliding_window` is set (layer_types
-///   is not read);
-/// - qwen2, qwen3: only with `use_sliding_window`; then `layer_types` if given, else the
-///   layers from `max_window_layers` (default 28) on;
-/// - gemma2: `layer_types` if given, else the even layers (0, 2, ...);
-/// - every other family: no sliding.
+/// Which layers slide, and over how many positions, as transformers 5.23 decides it (see
+/// [`Sliding`]).
 fn sliding_windows(
     model_type: &str,
     raw: &serde_json::Map<String, Value>,
     layers: usize,
 ) -> Vec<Option<usize>> {
+    let rules = FamilyRules::of(model_type);
     // An absent key takes the configuration class's default; an explicit null is no window.
     let window = match raw.get("sliding_window") {
         Some(v) => v.as_u64().map(|w| w as usize),
-        None if matches!(model_type, "mistral" | "qwen2" | "qwen3" | "gemma2") => Some(4096),
-        None => None,
+        None => rules.default_window,
     };
     let layer_types: Option<Vec<bool>> =
         raw.get("layer_types").and_then(Value::as_array).map(|a| {
@@ -148,9 +247,10 @@ fn sliding_windows(
         });
     let listed = |l: usize| layer_types.as_ref().map(|t| t.get(l) == Some(&true));
     let slides = |l: usize| -> bool {
-        match model_type {
-            "mistral" | "starcoder2" | "phi3" => true,
-            "qwen2" | "qwen3" => {
+        match rules.sliding {
+            Sliding::Never => false,
+            Sliding::Every => true,
+            Sliding::FromMaxWindowLayers => {
                 let on = raw.get("use_sliding_window").and_then(Value::as_bool) == Some(true);
                 let from = raw
                     .get("max_window_layers")
@@ -158,8 +258,7 @@ fn sliding_windows(
                     .unwrap_or(28);
                 on && listed(l).unwrap_or(l as u64 >= from)
             }
-            "gemma2" => listed(l).unwrap_or(l.is_multiple_of(2)),
-            _ => false,
+            Sliding::EvenLayers => listed(l).unwrap_or(l.is_multiple_of(2)),
         }
     };
     (0..layers)
@@ -175,17 +274,20 @@ fn attention_scales(
     head_dim: usize,
     layers: usize,
 ) -> Vec<f64> {
+    let rules = FamilyRules::of(model_type);
     let flag = |k: &str, default: bool| raw.get(k).and_then(Value::as_bool).unwrap_or(default);
-    // Gemma-2 scales by query_pre_attn_scalar^-0.5 (configuration default 256, whatever
-    // head_dim is); a null leaves NaN, refused by the caller.
-    let base = match (model_type, raw.get("query_pre_attn_scalar")) {
-        ("gemma2", None) => 256f64.powf(-0.5),
-        ("gemma2", Some(v)) => v.as_f64().map_or(f64::NAN, |s| s.powf(-0.5)),
-        _ => (head_dim as f64).powf(-0.5),
+    // A null query_pre_attn_scalar leaves NaN, refused by the caller.
+    let base = match (
+        rules.query_pre_attn_scalar,
+        raw.get("query_pre_attn_scalar"),
+    ) {
+        (Some(default), None) => default.powf(-0.5),
+        (Some(_), Some(v)) => v.as_f64().map_or(f64::NAN, |s| s.powf(-0.5)),
+        (None, _) => (head_dim as f64).powf(-0.5),
     };
     (0..layers)
         .map(|l| {
-            if model_type != "gpt2" {
+            if !rules.gpt2_scaling {
                 return base;
             }
             // reorder_and_upcast_attn only changes the precision torch computes in.
@@ -272,12 +374,13 @@ impl DecoderSpec {
         .find_map(|k| num(raw.get(*k)));
         let attn_scale =
             attention_scales(c.family.model_type, raw, c.head_dim, c.num_hidden_layers);
-        // Only Gemma-2 soft-caps; its configuration defaults are 50 (scores) and 30 (logits)
-        // when the key is absent, none when it is null.
-        let softcap = |k: &str, default: f64| match (c.family.model_type, raw.get(k)) {
-            ("gemma2", None) => Some(default),
-            ("gemma2", Some(v)) => v.as_f64().filter(|&v| v > 0.0),
-            _ => None,
+        // Soft-caps only where the family has them: its configuration default when the key
+        // is absent, none when it is null.
+        let softcap_defaults = FamilyRules::of(c.family.model_type).softcap_defaults;
+        let softcap = |k: &str, default: Option<f64>| match (default, raw.get(k)) {
+            (Some(d), None) => Some(d),
+            (Some(_), Some(v)) => v.as_f64().filter(|&v| v > 0.0),
+            (None, _) => None,
         };
         // Numbers the forward pass divides by, raises to powers or sizes buffers with: refuse
         // values that would panic or silently give NaN instead of computing with them.
@@ -348,8 +451,14 @@ impl DecoderSpec {
             activation,
             sliding_window,
             attn_scale,
-            attn_softcap: softcap("attn_logit_softcapping", 50.0),
-            final_softcap: softcap("final_logit_softcapping", 30.0),
+            attn_softcap: softcap(
+                "attn_logit_softcapping",
+                softcap_defaults.map(|(scores, _)| scores),
+            ),
+            final_softcap: softcap(
+                "final_logit_softcapping",
+                softcap_defaults.map(|(_, logits)| logits),
+            ),
             embed_scale: c
                 .family
                 .embedding_scaled_by_sqrt_hidden
