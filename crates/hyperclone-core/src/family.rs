@@ -234,12 +234,23 @@ pub struct Family {
     pub tied_growth: TiedGrowth,
     /// Which head counts other than the source's x factor the family can load.
     pub head_counts: HeadCounts,
-    /// Sliding and global attention alternate per layer (Gemma-2): as `layer_types` says,
-    /// or by layer index when config.json has no `layer_types` (then layers cannot move to
-    /// new indices).
-    pub per_layer_sliding: bool,
+    /// How the family picks sliding-attention layers when config.json has no `layer_types`:
+    /// by layer index, in which case layers cannot move to new indices.
+    pub layer_sliding: LayerSliding,
     /// Shown in the support table.
     pub notes: &'static str,
+}
+
+/// How a family chooses its sliding-attention layers without `layer_types`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerSliding {
+    /// Not by index: no sliding, or every layer alike (mistral, phi3, starcoder2).
+    NotByIndex,
+    /// Sliding and global attention alternate by layer index (Gemma-2).
+    Alternating,
+    /// With `use_sliding_window`, the layers from `max_window_layers` (default 28) on
+    /// (Qwen2, Qwen3).
+    FromMaxWindowLayers,
 }
 
 use Component as C;
@@ -528,7 +539,7 @@ const fn family(
             also_scaled: &[],
         },
         head_counts: HeadCounts::Any,
-        per_layer_sliding: false,
+        layer_sliding: LayerSliding::NotByIndex,
         notes,
     }
 }
@@ -640,8 +651,12 @@ pub static FAMILIES: &[Family] = &[
         ..family("llama", false, &LLAMA_RULES, "MHA, GQA, MQA; tied or untied head; attention_bias / mlp_bias")
     },
     family("mistral", false, LLAMA_CORE, "GQA; sliding_window kept"),
-    family("qwen2", false, &QWEN2_RULES, "q/k/v biases tiled per head"),
     Family {
+        layer_sliding: LayerSliding::FromMaxWindowLayers,
+        ..family("qwen2", false, &QWEN2_RULES, "q/k/v biases tiled per head")
+    },
+    Family {
+        layer_sliding: LayerSliding::FromMaxWindowLayers,
         tied_growth: TiedGrowth::Exact {
             eps_key: "rms_norm_eps",
             also_scaled: &[
@@ -662,7 +677,7 @@ pub static FAMILIES: &[Family] = &[
         embedding_scaled_by_sqrt_hidden: true,
         tied_growth: GEMMA_TIE,
         head_counts: HeadCounts::DividingHidden,
-        per_layer_sliding: true,
+        layer_sliding: LayerSliding::Alternating,
         ..family("gemma2", true, &GEMMA2_RULES, "pre/post norms; soft-capping, query_pre_attn_scalar, sliding window kept")
     },
     Family {

@@ -15,7 +15,7 @@
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::family::{HeadCounts, Space, TensorRule, TiedGrowth};
+use crate::family::{HeadCounts, LayerSliding, Space, TensorRule, TiedGrowth};
 use crate::kernel::Segment;
 use crate::limits::MAX_LAYERS;
 use crate::plan::GrowthOptions;
@@ -454,16 +454,18 @@ fn depth_is_expressible(cfg: &ModelConfig) -> Result<()> {
     if cfg.raw.get("layer_types").is_some_and(Value::is_array) {
         return Ok(()); // rewritten layer by layer in the grown config
     }
-    let why = if cfg.family.per_layer_sliding {
-        Some("the model alternates sliding and global attention by layer index and config.json has no `layer_types`")
-    } else if cfg.flag("use_sliding_window")
-        && matches!(cfg.family.model_type, "qwen2" | "qwen3")
-        && !cfg.raw.get("sliding_window").is_some_and(Value::is_null)
-    {
+    let why = match cfg.family.layer_sliding {
+        LayerSliding::Alternating => Some(
+            "the model alternates sliding and global attention by layer index and config.json has no `layer_types`",
+        ),
         // max_window_layers defaults to 28 when absent: still chosen by index.
-        Some("sliding attention is chosen by layer index (max_window_layers) and config.json has no `layer_types`")
-    } else {
-        None
+        LayerSliding::FromMaxWindowLayers
+            if cfg.flag("use_sliding_window")
+                && !cfg.raw.get("sliding_window").is_some_and(Value::is_null) =>
+        {
+            Some("sliding attention is chosen by layer index (max_window_layers) and config.json has no `layer_types`")
+        }
+        _ => None,
     };
     match why {
         Some(why) => Err(Error::Options(format!(
