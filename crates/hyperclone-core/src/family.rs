@@ -241,15 +241,20 @@ pub struct Family {
     pub notes: &'static str,
 }
 
-/// How a family chooses its sliding-attention layers without `layer_types`.
+/// How a family chooses its sliding-attention layers (transformers 5.23), for growth and for
+/// the Rust decoder.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LayerSliding {
-    /// Not by index: no sliding, or every layer alike (mistral, phi3, starcoder2).
-    NotByIndex,
-    /// Sliding and global attention alternate by layer index (Gemma-2).
+    /// No sliding window.
+    Never,
+    /// Every layer, whenever `sliding_window` is set; `layer_types` is not read (mistral,
+    /// phi3, starcoder2).
+    Every,
+    /// `layer_types` if given, else sliding and global attention alternate by layer index,
+    /// even layers sliding (Gemma-2).
     Alternating,
-    /// With `use_sliding_window`, the layers from `max_window_layers` (default 28) on
-    /// (Qwen2, Qwen3).
+    /// Only with `use_sliding_window`; then `layer_types` if given, else the layers from
+    /// `max_window_layers` (default 28) on (Qwen2, Qwen3).
     FromMaxWindowLayers,
 }
 
@@ -539,7 +544,7 @@ const fn family(
             also_scaled: &[],
         },
         head_counts: HeadCounts::Any,
-        layer_sliding: LayerSliding::NotByIndex,
+        layer_sliding: LayerSliding::Never,
         notes,
     }
 }
@@ -650,7 +655,10 @@ pub static FAMILIES: &[Family] = &[
         head_counts: HeadCounts::DividingHidden,
         ..family("llama", false, &LLAMA_RULES, "MHA, GQA, MQA; tied or untied head; attention_bias / mlp_bias")
     },
-    family("mistral", false, LLAMA_CORE, "GQA; sliding_window kept"),
+    Family {
+        layer_sliding: LayerSliding::Every,
+        ..family("mistral", false, LLAMA_CORE, "GQA; sliding_window kept")
+    },
     Family {
         layer_sliding: LayerSliding::FromMaxWindowLayers,
         ..family("qwen2", false, &QWEN2_RULES, "q/k/v biases tiled per head")
@@ -691,13 +699,17 @@ pub static FAMILIES: &[Family] = &[
         ),
         ..family("olmo2", false, &OLMO2_RULES, "post-norms; q/k norms over the whole projection tiled like the heads")
     },
-    family("phi3", false, &PHI3_RULES, "fused qkv_proj and gate_up_proj grown segment by segment"),
+    Family {
+        layer_sliding: LayerSliding::Every,
+        ..family("phi3", false, &PHI3_RULES, "fused qkv_proj and gate_up_proj grown segment by segment")
+    },
     Family {
         tied_growth: LAYERNORM_TIE,
         head_counts: HEAD_DIM_DERIVED,
         ..family("stablelm", false, &STABLELM_RULES, "LayerNorm; partial rotary; optional qkv bias")
     },
     Family {
+        layer_sliding: LayerSliding::Every,
         tied_growth: TiedGrowth::Exact {
             eps_key: "norm_epsilon",
             also_scaled: &[],

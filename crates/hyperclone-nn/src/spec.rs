@@ -3,6 +3,7 @@
 //! switched on by their presence.
 
 use crate::error::{NnError, Result};
+use hyperclone_core::family::{Family, LayerSliding};
 use hyperclone_core::Checkpoint;
 use serde_json::Value;
 
@@ -59,20 +60,6 @@ pub struct DecoderSpec {
     pub embed_scale: Option<f64>,
 }
 
-/// Which layers slide when a config has no (or an ignored) `layer_types`.
-#[derive(Clone, Copy, PartialEq)]
-enum Sliding {
-    /// No sliding window.
-    Never,
-    /// Every layer, whenever `sliding_window` is set; `layer_types` is not read.
-    Every,
-    /// Only with `use_sliding_window`; then `layer_types` if given, else the layers from
-    /// `max_window_layers` (default 28) on.
-    FromMaxWindowLayers,
-    /// `layer_types` if given, else the even layers (0, 2, ...).
-    EvenLayers,
-}
-
 /// How a family's transformers 5.23 modules read the config switches that change the
 /// function: one record per family, read by the generic code below (no family branches).
 struct FamilyRules {
@@ -81,8 +68,8 @@ struct FamilyRules {
     default_activation: &'static str,
     /// configuration_gemma.py turns the official releases' `gelu` into the tanh form.
     legacy_gelu_is_tanh: bool,
-    sliding: Sliding,
-    /// The configuration class's `sliding_window` when the key is absent.
+    /// The configuration class's `sliding_window` when the key is absent (which layers slide
+    /// is growth's family data too: core's `Family::layer_sliding`).
     default_window: Option<usize>,
     /// Boolean switches the Rust decoder does not implement: (key, what it does) refused
     /// when true.
@@ -105,7 +92,6 @@ impl FamilyRules {
             activation_key: "hidden_act",
             default_activation: "silu",
             legacy_gelu_is_tanh: false,
-            sliding: Sliding::Never,
             default_window: None,
             refused_when_true: &[],
             refused_when_false: &[],
@@ -118,21 +104,15 @@ impl FamilyRules {
             &[("use_bidirectional_attention", "non-causal attention")];
         match model_type {
             "mistral" => FamilyRules {
-                sliding: Sliding::Every,
                 default_window: Some(4096),
                 ..base
             },
             "starcoder2" => FamilyRules {
                 default_activation: "gelu_pytorch_tanh",
-                sliding: Sliding::Every,
                 ..base
             },
-            "phi3" => FamilyRules {
-                sliding: Sliding::Every,
-                ..base
-            },
+            "phi3" => FamilyRules { ..base },
             "qwen2" | "qwen3" => FamilyRules {
-                sliding: Sliding::FromMaxWindowLayers,
                 default_window: Some(4096),
                 ..base
             },
@@ -145,7 +125,6 @@ impl FamilyRules {
             "gemma2" => FamilyRules {
                 activation_key: "hidden_activation",
                 default_activation: "gelu_pytorch_tanh",
-                sliding: Sliding::EvenLayers,
                 default_window: Some(4096),
                 refused_when_true: BIDIRECTIONAL,
                 softcap_defaults: Some((50.0, 30.0)),
@@ -227,13 +206,14 @@ fn activation_name<'a>(model_type: &str, raw: &'a serde_json::Map<String, Value>
 }
 
 /// Which layers slide, and over how many positions, as transformers 5.23 decides it (see
-/// [`Sliding`]).
+/// [`LayerSliding`]).
 fn sliding_windows(
     model_type: &str,
     raw: &serde_json::Map<String, Value>,
     layers: usize,
 ) -> Vec<Option<usize>> {
     let rules = FamilyRules::of(model_type);
+    let sliding = Family::lookup(model_type).map_or(LayerSliding::Never, |f| f.layer_sliding);
     // An absent key takes the configuration class's default; an explicit null is no window.
     let window = match raw.get("sliding_window") {
         Some(v) => v.as_u64().map(|w| w as usize),
@@ -247,10 +227,10 @@ fn sliding_windows(
         });
     let listed = |l: usize| layer_types.as_ref().map(|t| t.get(l) == Some(&true));
     let slides = |l: usize| -> bool {
-        match rules.sliding {
-            Sliding::Never => false,
-            Sliding::Every => true,
-            Sliding::FromMaxWindowLayers => {
+        match sliding {
+            LayerSliding::Never => false,
+            LayerSliding::Every => true,
+            LayerSliding::FromMaxWindowLayers => {
                 let on = raw.get("use_sliding_window").and_then(Value::as_bool) == Some(true);
                 let from = raw
                     .get("max_window_layers")
@@ -258,7 +238,7 @@ fn sliding_windows(
                     .unwrap_or(28);
                 on && listed(l).unwrap_or(l as u64 >= from)
             }
-            Sliding::EvenLayers => listed(l).unwrap_or(l.is_multiple_of(2)),
+            LayerSliding::Alternating => listed(l).unwrap_or(l.is_multiple_of(2)),
         }
     };
     (0..layers)
