@@ -13,25 +13,6 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
-/// Snapshot of every file's bytes under a folder.
-fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    listing(dir)
-        .into_iter()
-        .map(|f| {
-            let p = dir.join(&f);
-            // Special files (FIFOs, links to devices) are recorded by kind, never read.
-            let bytes = match std::fs::symlink_metadata(&p).unwrap() {
-                m if m.is_file() => std::fs::read(&p).unwrap(),
-                m if m.file_type().is_symlink() => {
-                    format!("-> {}", std::fs::read_link(&p).unwrap().display()).into_bytes()
-                }
-                m => format!("{:?}", m.file_type()).into_bytes(),
-            };
-            (f, bytes)
-        })
-        .collect()
-}
-
 /// Runs `hyperclone clone src dst <extra>` in `root` and checks the failure contract.
 fn fails(root: &Path, extra: &[&str], expect: &[&str]) {
     let src = root.join("src");
@@ -44,17 +25,9 @@ fn fails(root: &Path, extra: &[&str], expect: &[&str]) {
     }) {
         args.extend_from_slice(&["--factor", "2"]);
     }
-    let out = run(&args, root);
-    let err = stderr(&out);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "expected failure for {args:?}; stderr: {err}"
-    );
-    assert_eq!(err.trim_end().lines().count(), 1, "one line, got: {err}");
-    assert!(err.starts_with("error: "), "{err}");
+    let err = common::one_error_line(&run(&args, root));
     for e in expect {
-        assert!(err.contains(e), "`{e}` not in: {err}");
+        assert!(err.contains(e), "{args:?}: `{e}` not in: {err}");
     }
     assert_eq!(listing(root), before_root, "nothing left beside SRC");
     assert_eq!(snapshot(&src), before_src, "SRC untouched");
@@ -946,17 +919,10 @@ fn broken_pipe_is_a_normal_end() {
     }
 }
 
-/// Runs a command expected to fail with one `error:` line containing `expect`.
+/// Runs a command expected to fail with one `error:` line containing `expect`
+/// (shadows the shared check in common, which it calls).
 fn one_error_line(args: &[&str], cwd: &Path, expect: &[&str]) -> String {
-    let out = run(args, cwd);
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
-    assert_eq!(
-        err.trim_end().lines().count(),
-        1,
-        "{args:?}: one line, got: {err}"
-    );
-    assert!(err.starts_with("error: "), "{err}");
+    let err = common::one_error_line(&run(args, cwd));
     for e in expect {
         assert!(err.contains(e), "{args:?}: `{e}` not in: {err}");
     }
