@@ -1645,6 +1645,32 @@ fn recipes_are_validated_exactly_as_flags() {
 }
 
 #[test]
+fn clone_never_replaces_its_own_recipe() {
+    // The recipe is an input of clone as much as SRC: `--force` names DST for replacement,
+    // never the recipe (DST the recipe itself, or a folder holding it).
+    let r = root();
+    Tiny::default().write(&r.path().join("src"));
+    let recipe = "hyperclone_recipe: 1\noptions:\n  factor: 2\n";
+    write_recipe(r.path(), "r.yaml", recipe);
+    std::fs::create_dir(r.path().join("holder")).unwrap();
+    write_recipe(r.path(), "holder/r.yaml", recipe);
+    let before = snapshot(r.path());
+    let before_holder = snapshot(&r.path().join("holder"));
+    for (dst, recipe_path) in [("r.yaml", "r.yaml"), ("holder", "holder/r.yaml")] {
+        one_error_line(
+            &["clone", "src", dst, "--recipe", recipe_path, "--force"],
+            r.path(),
+            &[dst, "refusing to write onto the command's own input"],
+        );
+    }
+    assert_eq!(snapshot(r.path()), before, "the recipe or SRC changed");
+    assert_eq!(snapshot(&r.path().join("holder")), before_holder);
+    // Beside the recipe is fine.
+    let out = run(&["clone", "src", "dst", "--recipe", "r.yaml"], r.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
 fn deeply_nested_recipes_are_refused_before_parsing() {
     // Class 13: YAML parsing is quadratic in the depth; 100k levels took minutes and
     // ignored Ctrl-C. The depth is bounded by a linear pre-scan (64 levels).
