@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::family::Component;
 use crate::plan::{factor_for, GrowthOptions, Plan};
 use crate::provenance::{model_card, Provenance};
+use crate::output_guard::Inputs;
 use crate::recipe::{recipe_json, Recipe};
 use crate::write::Progress;
 use crate::write::{grow_tensors, write_clone, CloneOutcome, GrownTensor, WriteEnv};
@@ -258,6 +259,11 @@ pub fn clone_model(
     force: bool,
     env: &WriteEnv,
 ) -> Result<Cloned> {
+    // The recipe is an input too: DST must neither be it nor hold it (`--force` replaces
+    // DST, never an input). SRC is checked by write_clone with its own messages.
+    if let Some(recipe) = &request.recipe {
+        Inputs::new().add(recipe).check_output("DST", dst)?;
+    }
     let (ckpt, plan, prov) = open_and_plan(src, request, env.progress)?;
     let card = model_card(&ckpt, &plan, &prov);
     let outcome = write_clone(&ckpt, &plan, &card, dst, force, env)?;

@@ -111,9 +111,7 @@ pub fn write_clone(
     } = *env;
     // A signal that arrived while SRC, the config or a recipe was read (the handler is
     // installed first, so it only set the flag) stops here, before anything is written.
-    if cancel.load(Ordering::Relaxed) {
-        return Err(Error::Interrupted);
-    }
+    stop_if_cancelled(cancel)?;
     check_destination(&ckpt.dir, dst, force)?;
     for removed in remove_stale_siblings(dst)? {
         progress.notice(&format!(
@@ -182,15 +180,11 @@ pub fn write_clone(
         bytes_written += n;
         files.push(name);
     }
-    if cancel.load(Ordering::Relaxed) {
-        return Err(Error::Interrupted);
-    }
+    stop_if_cancelled(cancel)?;
     if let Some(check) = check {
         let checked = check(&staging.path);
         // Ctrl-C while verifying (minutes on a large model) stops the clone like any other.
-        if cancel.load(Ordering::Relaxed) {
-            return Err(Error::Interrupted);
-        }
+        stop_if_cancelled(cancel)?;
         checked.map_err(Error::Verification)?;
     }
     staging.commit(dst, force)?;
@@ -204,6 +198,14 @@ fn pretty_json(v: &serde_json::Value) -> Vec<u8> {
     let mut s = serde_json::to_vec_pretty(v).expect("JSON value");
     s.push(b'\n');
     s
+}
+
+/// `Err(Interrupted)` once `cancel` is set (Ctrl-C): checked between the clone's steps.
+fn stop_if_cancelled(cancel: &AtomicBool) -> Result<()> {
+    if cancel.load(Ordering::Relaxed) {
+        return Err(Error::Interrupted);
+    }
+    Ok(())
 }
 
 /// DST must not exist (unless forced) and must not overlap SRC: `--force` replaces DST,
@@ -647,9 +649,7 @@ fn expand_tensor(
     let rows_per_chunk = (WRITE_CHUNK_BYTES / row_bytes.max(1)).max(1);
     let mut row = 0;
     while row < rows {
-        if cancel.load(Ordering::Relaxed) {
-            return Err(Error::Interrupted);
-        }
+        stop_if_cancelled(cancel)?;
         let n = rows_per_chunk.min(rows - row);
         let mut buf = buffer()?;
         buf.resize(n * row_bytes, 0);

@@ -13,25 +13,6 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
-/// Snapshot of every file's bytes under a folder.
-fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    listing(dir)
-        .into_iter()
-        .map(|f| {
-            let p = dir.join(&f);
-            // Special files (FIFOs, links to devices) are recorded by kind, never read.
-            let bytes = match std::fs::symlink_metadata(&p).unwrap() {
-                m if m.is_file() => std::fs::read(&p).unwrap(),
-                m if m.file_type().is_symlink() => {
-                    format!("-> {}", std::fs::read_link(&p).unwrap().display()).into_bytes()
-                }
-                m => format!("{:?}", m.file_type()).into_bytes(),
-            };
-            (f, bytes)
-        })
-        .collect()
-}
-
 /// Runs `hyperclone clone src dst <extra>` in `root` and checks the failure contract.
 fn fails(root: &Path, extra: &[&str], expect: &[&str]) {
     let src = root.join("src");
@@ -44,17 +25,9 @@ fn fails(root: &Path, extra: &[&str], expect: &[&str]) {
     }) {
         args.extend_from_slice(&["--factor", "2"]);
     }
-    let out = run(&args, root);
-    let err = stderr(&out);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "expected failure for {args:?}; stderr: {err}"
-    );
-    assert_eq!(err.trim_end().lines().count(), 1, "one line, got: {err}");
-    assert!(err.starts_with("error: "), "{err}");
+    let err = common::one_error_line(&run(&args, root));
     for e in expect {
-        assert!(err.contains(e), "`{e}` not in: {err}");
+        assert!(err.contains(e), "{args:?}: `{e}` not in: {err}");
     }
     assert_eq!(listing(root), before_root, "nothing left beside SRC");
     assert_eq!(snapshot(&src), before_src, "SRC untouched");
@@ -946,17 +919,10 @@ fn broken_pipe_is_a_normal_end() {
     }
 }
 
-/// Runs a command expected to fail with one `error:` line containing `expect`.
+/// Runs a command expected to fail with one `error:` line containing `expect`
+/// (shadows the shared check in common, which it calls).
 fn one_error_line(args: &[&str], cwd: &Path, expect: &[&str]) -> String {
-    let out = run(args, cwd);
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
-    assert_eq!(
-        err.trim_end().lines().count(),
-        1,
-        "{args:?}: one line, got: {err}"
-    );
-    assert!(err.starts_with("error: "), "{err}");
+    let err = common::one_error_line(&run(args, cwd));
     for e in expect {
         assert!(err.contains(e), "{args:?}: `{e}` not in: {err}");
     }
@@ -1676,6 +1642,32 @@ fn recipes_are_validated_exactly_as_flags() {
     let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(plan["dtype"], "bfloat16");
     assert!(plan["shards"].as_array().unwrap().len() > 1, "2KB shards");
+}
+
+#[test]
+fn clone_never_replaces_its_own_recipe() {
+    // The recipe is an input of clone as much as SRC: `--force` names DST for replacement,
+    // never the recipe (DST the recipe itself, or a folder holding it).
+    let r = root();
+    Tiny::default().write(&r.path().join("src"));
+    let recipe = "hyperclone_recipe: 1\noptions:\n  factor: 2\n";
+    write_recipe(r.path(), "r.yaml", recipe);
+    std::fs::create_dir(r.path().join("holder")).unwrap();
+    write_recipe(r.path(), "holder/r.yaml", recipe);
+    let before = snapshot(r.path());
+    let before_holder = snapshot(&r.path().join("holder"));
+    for (dst, recipe_path) in [("r.yaml", "r.yaml"), ("holder", "holder/r.yaml")] {
+        one_error_line(
+            &["clone", "src", dst, "--recipe", recipe_path, "--force"],
+            r.path(),
+            &[dst, "refusing to write onto the command's own input"],
+        );
+    }
+    assert_eq!(snapshot(r.path()), before, "the recipe or SRC changed");
+    assert_eq!(snapshot(&r.path().join("holder")), before_holder);
+    // Beside the recipe is fine.
+    let out = run(&["clone", "src", "dst", "--recipe", "r.yaml"], r.path());
+    assert!(out.status.success(), "{}", stderr(&out));
 }
 
 #[test]

@@ -8,15 +8,6 @@ use common::*;
 use serde_json::Value;
 use std::path::Path;
 
-fn one_error_line(out: &std::process::Output) -> String {
-    let e = stderr(out);
-    let lines: Vec<&str> = e.trim().lines().collect();
-    assert_eq!(lines.len(), 1, "one line expected: {e}");
-    assert!(lines[0].starts_with("error: "), "{e}");
-    assert_eq!(out.status.code(), Some(1), "{e}");
-    lines[0].to_string()
-}
-
 fn plan_json(dir: &Path, args: &[&str]) -> Value {
     let mut a = vec!["plan", "src"];
     a.extend_from_slice(args);

@@ -7,24 +7,10 @@ mod common;
 #[path = "../../hyperclone-core/tests/mutate/mod.rs"]
 mod mutate;
 
-use common::{bin, listing};
+use common::{bin, listing, snapshot};
 use mutate::*;
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::process::Command;
-
-fn snapshot(dir: &Path) -> Files {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| {
-            let e = e.unwrap();
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).unwrap(),
-            )
-        })
-        .collect()
-}
 
 #[test]
 fn mutated_folders_through_the_binary() {

@@ -193,6 +193,35 @@ pub fn listing(dir: &Path) -> Vec<String> {
     v
 }
 
+/// Every entry of a folder (not recursive) with its bytes, for "input unchanged" checks.
+/// Special files (FIFOs, links to devices) are recorded by kind, never read.
+pub fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    listing(dir)
+        .into_iter()
+        .map(|f| {
+            let p = dir.join(&f);
+            let bytes = match std::fs::symlink_metadata(&p).unwrap() {
+                m if m.is_file() => std::fs::read(&p).unwrap(),
+                m if m.file_type().is_symlink() => {
+                    format!("-> {}", std::fs::read_link(&p).unwrap().display()).into_bytes()
+                }
+                m => format!("{:?}", m.file_type()).into_bytes(),
+            };
+            (f, bytes)
+        })
+        .collect()
+}
+
+/// The failure contract: exit 1 and exactly one `error: ` line on stderr; returns that line.
+pub fn one_error_line(out: &Output) -> String {
+    let e = stderr(out);
+    let lines: Vec<&str> = e.trim_end().lines().collect();
+    assert_eq!(lines.len(), 1, "one line expected: {e}");
+    assert!(lines[0].starts_with("error: "), "{e}");
+    assert_eq!(out.status.code(), Some(1), "{e}");
+    lines[0].to_string()
+}
+
 pub const TEXT: &str =
     "the cat sat on the mat and the dog sat on the log while the bird sang in the tree ";
 
