@@ -66,6 +66,14 @@ fn compensated_sum<T: Float>(xs: impl Iterator<Item = T>) -> T {
     sum + carry
 }
 
+/// The u32 class indices of a cross-entropy op, as a contiguous slice.
+fn targets<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
+    let CpuStorage::U32(t) = s else {
+        candle_core::bail!("cross-entropy: targets must be u32");
+    };
+    contiguous(t, l, "cross-entropy targets")
+}
+
 /// Per-row cross-entropy of logits [N, V] against targets [N] (u32): out [N, 2] holds
 /// (lse - x[target], lse) for each row, lse = log sum exp(x). The second column is kept for
 /// the backward (the softmax is exp(x - lse)), so no row is reduced twice.
@@ -123,10 +131,7 @@ impl CustomOp2 for CrossEntropyRows {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, v) = l1.shape().dims2()?;
-        let CpuStorage::U32(t) = s2 else {
-            candle_core::bail!("cross-entropy: targets must be u32");
-        };
-        let t = contiguous(t, l2, "cross-entropy targets")?;
+        let t = targets(s2, l2)?;
         if t.len() != n {
             candle_core::bail!("cross-entropy: {n} rows of logits, {} targets", t.len());
         }
@@ -216,10 +221,7 @@ impl CustomOp3 for CrossEntropyGrad {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (_, v) = l1.shape().dims2()?;
-        let CpuStorage::U32(t) = s2 else {
-            candle_core::bail!("cross-entropy: targets must be u32");
-        };
-        let t = contiguous(t, l2, "targets")?;
+        let t = targets(s2, l2)?;
         let out = float_args!("cross-entropy grad", [(s1, l1, x), (s3, l3, c)],
             f32: Self::rows(x, t, c, v, Self::row_f32),
             f64: Self::rows(x, t, c, v, Self::row));
