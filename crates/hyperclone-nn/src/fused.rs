@@ -22,6 +22,29 @@ fn contiguous<'a, T>(x: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
     }
 }
 
+/// The float storages of an op, as contiguous slices of one type bound to the given names:
+/// `float_args!(what, [(s1, l1, x), (s2, l2, w)], body)` evaluates `body` with x, w as
+/// &[f32] or &[f64] and wraps its Vec in the matching storage; the `f32: .., f64: ..` form
+/// takes a body per dtype.
+macro_rules! float_args {
+    ($what:expr, [$(($s:expr, $l:expr, $a:ident)),+], f32: $b32:expr, f64: $b64:expr) => {
+        match ($($s,)+) {
+            ($(CpuStorage::F32($a),)+) => {
+                $(let $a = contiguous($a, $l, $what)?;)+
+                CpuStorage::F32($b32)
+            }
+            ($(CpuStorage::F64($a),)+) => {
+                $(let $a = contiguous($a, $l, $what)?;)+
+                CpuStorage::F64($b64)
+            }
+            _ => candle_core::bail!("{}: only f32 or f64, all the same", $what),
+        }
+    };
+    ($what:expr, [$(($s:expr, $l:expr, $a:ident)),+], $body:expr) => {
+        float_args!($what, [$(($s, $l, $a)),+], f32: $body, f64: $body)
+    };
+}
+
 /// Whether the fused ops can run on `x` (CPU, f32 or f64).
 pub fn fusable(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
@@ -43,45 +66,55 @@ fn compensated_sum<T: Float>(xs: impl Iterator<Item = T>) -> T {
     sum + carry
 }
 
+/// The u32 class indices of a cross-entropy op, as a contiguous slice.
+fn targets<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
+    let CpuStorage::U32(t) = s else {
+        candle_core::bail!("cross-entropy: targets must be u32");
+    };
+    contiguous(t, l, "cross-entropy targets")
+}
+
 /// Per-row cross-entropy of logits [N, V] against targets [N] (u32): out [N, 2] holds
 /// (lse - x[target], lse) for each row, lse = log sum exp(x). The second column is kept for
 /// the backward (the softmax is exp(x - lse)), so no row is reduced twice.
 pub struct CrossEntropyRows;
 
 impl CrossEntropyRows {
-    fn rows<T: Float>(x: &[T], t: &[u32], v: usize) -> Vec<T> {
+    /// One (loss, lse) pair per row of `x` [N, v], from `row(logits, target)`.
+    fn rows<T: Float>(
+        x: &[T],
+        t: &[u32],
+        v: usize,
+        row: impl Fn(&[T], usize) -> (T, T) + Sync,
+    ) -> Vec<T> {
         let mut out = vec![T::zero(); t.len() * 2];
         out.par_chunks_mut(2 * ROWS_PER_TASK)
             .zip(x.par_chunks(v * ROWS_PER_TASK))
             .zip(t.par_chunks(ROWS_PER_TASK))
             .for_each(|((o, xs), ts)| {
-                for ((o, row), &target) in o.chunks_mut(2).zip(xs.chunks(v)).zip(ts) {
-                    let max = row.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
-                    let sum = compensated_sum(row.iter().map(|&x| (x - max).exp()));
-                    // The loss as log(sum) - (x_t - max): x_t - max is exact for nearby
-                    // values, so no rounding at the scale of |max| enters the loss.
-                    o[0] = sum.ln() - (row[target as usize] - max);
-                    o[1] = max + sum.ln();
+                for ((o, xs), &target) in o.chunks_mut(2).zip(xs.chunks(v)).zip(ts) {
+                    (o[0], o[1]) = row(xs, target as usize);
                 }
             });
         out
     }
 
+    fn row<T: Float>(row: &[T], target: usize) -> (T, T) {
+        let max = row.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
+        let sum = compensated_sum(row.iter().map(|&x| (x - max).exp()));
+        // The loss as log(sum) - (x_t - max): x_t - max is exact for nearby
+        // values, so no rounding at the scale of |max| enters the loss.
+        (sum.ln() - (row[target] - max), max + sum.ln())
+    }
+
     /// f32: vectorized max and exponentials, the sum and its log in f64.
-    fn rows_f32(x: &[f32], t: &[u32], v: usize) -> Vec<f32> {
-        let mut out = vec![0f32; t.len() * 2];
-        out.par_chunks_mut(2 * ROWS_PER_TASK)
-            .zip(x.par_chunks(v * ROWS_PER_TASK))
-            .zip(t.par_chunks(ROWS_PER_TASK))
-            .for_each(|((o, xs), ts)| {
-                for ((o, row), &target) in o.chunks_mut(2).zip(xs.chunks(v)).zip(ts) {
-                    let max = crate::vexp::max(row);
-                    let log_sum = crate::vexp::exp_sum(row, max).ln();
-                    o[0] = (log_sum - (row[target as usize] - max) as f64) as f32;
-                    o[1] = (max as f64 + log_sum) as f32;
-                }
-            });
-        out
+    fn row_f32(row: &[f32], target: usize) -> (f32, f32) {
+        let max = crate::vexp::max(row);
+        let log_sum = crate::vexp::exp_sum(row, max).ln();
+        (
+            (log_sum - (row[target] - max) as f64) as f32,
+            (max as f64 + log_sum) as f32,
+        )
     }
 }
 
@@ -98,23 +131,16 @@ impl CustomOp2 for CrossEntropyRows {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, v) = l1.shape().dims2()?;
-        let CpuStorage::U32(t) = s2 else {
-            candle_core::bail!("cross-entropy: targets must be u32");
-        };
-        let t = contiguous(t, l2, "cross-entropy targets")?;
+        let t = targets(s2, l2)?;
         if t.len() != n {
             candle_core::bail!("cross-entropy: {n} rows of logits, {} targets", t.len());
         }
         if let Some(bad) = t.iter().find(|&&i| i as usize >= v) {
             candle_core::bail!("cross-entropy: target {bad} outside the {v} classes");
         }
-        let out = match s1 {
-            CpuStorage::F32(x) => {
-                CpuStorage::F32(Self::rows_f32(contiguous(x, l1, "logits")?, t, v))
-            }
-            CpuStorage::F64(x) => CpuStorage::F64(Self::rows(contiguous(x, l1, "logits")?, t, v)),
-            _ => candle_core::bail!("cross-entropy: only f32 and f64 logits"),
-        };
+        let out = float_args!("cross-entropy logits", [(s1, l1, x)],
+            f32: Self::rows(x, t, v, Self::row_f32),
+            f64: Self::rows(x, t, v, Self::row));
         Ok((out, Shape::from((n, 2))))
     }
 
@@ -142,42 +168,41 @@ impl CustomOp2 for CrossEntropyRows {
 struct CrossEntropyGrad;
 
 impl CrossEntropyGrad {
-    fn rows<T: Float>(x: &[T], t: &[u32], coef: &[T], v: usize) -> Vec<T> {
+    /// The gradient rows of `x` [N, v], each from `row(out, logits, target, coef)`.
+    fn rows<T: Float>(
+        x: &[T],
+        t: &[u32],
+        coef: &[T],
+        v: usize,
+        row: impl Fn(&mut [T], &[T], usize, &[T]) + Sync,
+    ) -> Vec<T> {
         let mut out = vec![T::zero(); x.len()];
         out.par_chunks_mut(v * ROWS_PER_TASK)
             .zip(x.par_chunks(v * ROWS_PER_TASK))
             .zip(t.par_chunks(ROWS_PER_TASK))
             .zip(coef.par_chunks(3 * ROWS_PER_TASK))
             .for_each(|(((o, xs), ts), cs)| {
-                for (((o, row), &target), c) in
+                for (((o, xs), &target), c) in
                     o.chunks_mut(v).zip(xs.chunks(v)).zip(ts).zip(cs.chunks(3))
                 {
-                    let (lse, g_loss, g_lse) = (c[0], c[1], c[2]);
-                    let g = g_loss + g_lse;
-                    for (d, &x) in o.iter_mut().zip(row) {
-                        *d = g * (x - lse).exp();
-                    }
-                    o[target as usize] = o[target as usize] - g_loss;
+                    row(o, xs, target as usize, c);
                 }
             });
         out
     }
 
-    fn rows_f32(x: &[f32], t: &[u32], coef: &[f32], v: usize) -> Vec<f32> {
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(v * ROWS_PER_TASK)
-            .zip(x.par_chunks(v * ROWS_PER_TASK))
-            .zip(t.par_chunks(ROWS_PER_TASK))
-            .zip(coef.par_chunks(3 * ROWS_PER_TASK))
-            .for_each(|(((o, xs), ts), cs)| {
-                for (((o, row), &target), c) in
-                    o.chunks_mut(v).zip(xs.chunks(v)).zip(ts).zip(cs.chunks(3))
-                {
-                    crate::vexp::scaled_exp(o, row, c[0], c[1] + c[2]);
-                    o[target as usize] -= c[1];
-                }
-            });
-        out
+    fn row<T: Float>(o: &mut [T], row: &[T], target: usize, c: &[T]) {
+        let (lse, g_loss, g_lse) = (c[0], c[1], c[2]);
+        let g = g_loss + g_lse;
+        for (d, &x) in o.iter_mut().zip(row) {
+            *d = g * (x - lse).exp();
+        }
+        o[target] = o[target] - g_loss;
+    }
+
+    fn row_f32(o: &mut [f32], row: &[f32], target: usize, c: &[f32]) {
+        crate::vexp::scaled_exp(o, row, c[0], c[1] + c[2]);
+        o[target] -= c[1];
     }
 }
 
@@ -196,25 +221,10 @@ impl CustomOp3 for CrossEntropyGrad {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (_, v) = l1.shape().dims2()?;
-        let CpuStorage::U32(t) = s2 else {
-            candle_core::bail!("cross-entropy: targets must be u32");
-        };
-        let t = contiguous(t, l2, "targets")?;
-        let out = match (s1, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(c)) => CpuStorage::F32(Self::rows_f32(
-                contiguous(x, l1, "logits")?,
-                t,
-                contiguous(c, l3, "coef")?,
-                v,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(c)) => CpuStorage::F64(Self::rows(
-                contiguous(x, l1, "logits")?,
-                t,
-                contiguous(c, l3, "coef")?,
-                v,
-            )),
-            _ => candle_core::bail!("cross-entropy grad: mismatched dtypes"),
-        };
+        let t = targets(s2, l2)?;
+        let out = float_args!("cross-entropy grad", [(s1, l1, x), (s3, l3, c)],
+            f32: Self::rows(x, t, c, v, Self::row_f32),
+            f64: Self::rows(x, t, c, v, Self::row));
         Ok((out, l1.shape().clone()))
     }
 }
@@ -226,23 +236,6 @@ fn split(flat: &Tensor, sa: &Shape, sb: &Shape) -> Result<(Tensor, Tensor)> {
         flat.narrow(0, 0, na)?.reshape(sa)?,
         flat.narrow(0, na, nb)?.reshape(sb)?,
     ))
-}
-
-/// Both float storages of a binary op, as contiguous slices of one type.
-macro_rules! float_pair {
-    ($s1:expr, $l1:expr, $s2:expr, $l2:expr, $what:expr, |$a:ident, $b:ident| $body:expr) => {
-        match ($s1, $s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(y)) => {
-                let ($a, $b) = (contiguous(x, $l1, $what)?, contiguous(y, $l2, $what)?);
-                CpuStorage::F32($body)
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(y)) => {
-                let ($a, $b) = (contiguous(x, $l1, $what)?, contiguous(y, $l2, $what)?);
-                CpuStorage::F64($body)
-            }
-            _ => candle_core::bail!("{}: only f32 or f64, both the same", $what),
-        }
-    };
 }
 
 /// RMSNorm over the last axis: y = x * w / sqrt(mean(x^2) + eps), for x [.., d], w [d].
@@ -327,7 +320,7 @@ impl CustomOp2 for RmsNorm {
         if l1.dims().last() != Some(&d) {
             candle_core::bail!("rms-norm: weight of {d} for input {:?}", l1.dims());
         }
-        let out = float_pair!(s1, l1, s2, l2, "rms-norm", |x, w| self.forward(x, w));
+        let out = float_args!("rms-norm", [(s1, l1, x), (s2, l2, w)], self.forward(x, w));
         Ok((out, l1.shape().clone()))
     }
 
@@ -368,23 +361,11 @@ impl CustomOp3 for RmsNormGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let norm = RmsNorm { eps: self.eps };
         let n = l1.shape().elem_count() + l2.shape().elem_count();
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => {
-                CpuStorage::F32(norm.backward(
-                    contiguous(x, l1, "rms-norm grad")?,
-                    contiguous(w, l2, "rms-norm grad")?,
-                    contiguous(g, l3, "rms-norm grad")?,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(g)) => {
-                CpuStorage::F64(norm.backward(
-                    contiguous(x, l1, "rms-norm grad")?,
-                    contiguous(w, l2, "rms-norm grad")?,
-                    contiguous(g, l3, "rms-norm grad")?,
-                ))
-            }
-            _ => candle_core::bail!("rms-norm grad: only f32 or f64"),
-        };
+        let out = float_args!(
+            "rms-norm grad",
+            [(s1, l1, x), (s2, l2, w), (s3, l3, g)],
+            norm.backward(x, w, g)
+        );
         Ok((out, Shape::from(n)))
     }
 }
@@ -447,7 +428,7 @@ impl CustomOp2 for SiluMul {
         if l1.shape() != l2.shape() {
             candle_core::bail!("silu-mul: shapes {:?} and {:?}", l1.dims(), l2.dims());
         }
-        let out = float_pair!(s1, l1, s2, l2, "silu-mul", |g, u| Self::forward(g, u));
+        let out = float_args!("silu-mul", [(s1, l1, g), (s2, l2, u)], Self::forward(g, u));
         Ok((out, l1.shape().clone()))
     }
 
@@ -485,23 +466,11 @@ impl CustomOp3 for SiluMulGrad {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let n = l1.shape().elem_count();
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(g), CpuStorage::F32(u), CpuStorage::F32(dy)) => {
-                CpuStorage::F32(SiluMul::backward(
-                    contiguous(g, l1, "silu-mul grad")?,
-                    contiguous(u, l2, "silu-mul grad")?,
-                    contiguous(dy, l3, "silu-mul grad")?,
-                ))
-            }
-            (CpuStorage::F64(g), CpuStorage::F64(u), CpuStorage::F64(dy)) => {
-                CpuStorage::F64(SiluMul::backward(
-                    contiguous(g, l1, "silu-mul grad")?,
-                    contiguous(u, l2, "silu-mul grad")?,
-                    contiguous(dy, l3, "silu-mul grad")?,
-                ))
-            }
-            _ => candle_core::bail!("silu-mul grad: only f32 or f64"),
-        };
+        let out = float_args!(
+            "silu-mul grad",
+            [(s1, l1, g), (s2, l2, u), (s3, l3, dy)],
+            SiluMul::backward(g, u, dy)
+        );
         Ok((out, Shape::from(2 * n)))
     }
 }
@@ -558,27 +527,11 @@ impl CustomOp3 for Rope {
         {
             candle_core::bail!("rope: x {dims:?} with tables {:?}", l2.dims());
         }
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(c), CpuStorage::F32(s)) => {
-                CpuStorage::F32(Self::forward(
-                    contiguous(x, l1, "rope")?,
-                    contiguous(c, l2, "rope")?,
-                    contiguous(s, l3, "rope")?,
-                    t,
-                    hd,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(c), CpuStorage::F64(s)) => {
-                CpuStorage::F64(Self::forward(
-                    contiguous(x, l1, "rope")?,
-                    contiguous(c, l2, "rope")?,
-                    contiguous(s, l3, "rope")?,
-                    t,
-                    hd,
-                ))
-            }
-            _ => candle_core::bail!("rope: only f32 or f64, all the same"),
-        };
+        let out = float_args!(
+            "rope",
+            [(s1, l1, x), (s2, l2, c), (s3, l3, s)],
+            Self::forward(x, c, s, t, hd)
+        );
         Ok((out, l1.shape().clone()))
     }
 

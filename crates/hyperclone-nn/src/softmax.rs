@@ -16,7 +16,14 @@ pub struct CausalSoftmax {
 }
 
 impl CausalSoftmax {
-    fn rows<T: num_like::Float>(&self, x: &[T], keys: usize) -> Vec<T> {
+    /// Softmax rows of scores with `keys` columns: `row(out, seen)` fills the part of a row
+    /// its query sees; the masked rest stays 0.
+    fn rows<T: num_like::Float>(
+        &self,
+        x: &[T],
+        keys: usize,
+        row: impl Fn(&mut [T], &[T]) + Sync,
+    ) -> Vec<T> {
         let queries = keys - self.offset;
         let mut out = vec![T::zero(); x.len()];
         out.par_chunks_mut(keys)
@@ -25,42 +32,33 @@ impl CausalSoftmax {
             .for_each(|(r, (o, xs))| {
                 let i = self.offset + r % queries;
                 let lo = self.window.map_or(0, |w| (i + 1).saturating_sub(w));
-                let seen = &xs[lo..=i];
-                let max = seen.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
-                let mut sum = T::zero();
-                for (d, &v) in o[lo..=i].iter_mut().zip(seen) {
-                    let e = (v - max).exp();
-                    *d = e;
-                    sum = sum + e;
-                }
-                let inv = T::one() / sum;
-                for d in &mut o[lo..=i] {
-                    *d = *d * inv;
-                }
+                row(&mut o[lo..=i], &xs[lo..=i]);
             });
         out
     }
 
+    fn row<T: num_like::Float>(o: &mut [T], seen: &[T]) {
+        let max = seen.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
+        let mut sum = T::zero();
+        for (d, &v) in o.iter_mut().zip(seen) {
+            let e = (v - max).exp();
+            *d = e;
+            sum = sum + e;
+        }
+        let inv = T::one() / sum;
+        for d in o {
+            *d = *d * inv;
+        }
+    }
+
     /// f32 rows with the vectorized exponential (the softmax of a 4x512 SmolLM2 forward
     /// takes 140M of them), the sum in f64.
-    fn rows_f32(&self, x: &[f32], keys: usize) -> Vec<f32> {
-        let queries = keys - self.offset;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(keys)
-            .zip(x.par_chunks(keys))
-            .enumerate()
-            .for_each(|(r, (o, xs))| {
-                let i = self.offset + r % queries;
-                let lo = self.window.map_or(0, |w| (i + 1).saturating_sub(w));
-                let seen = &xs[lo..=i];
-                let max = crate::vexp::max(seen);
-                let o = &mut o[lo..=i];
-                let inv = (1.0 / crate::vexp::exp_store_sum(o, seen, max)) as f32;
-                for d in o {
-                    *d *= inv;
-                }
-            });
-        out
+    fn row_f32(o: &mut [f32], seen: &[f32]) {
+        let max = crate::vexp::max(seen);
+        let inv = (1.0 / crate::vexp::exp_store_sum(o, seen, max)) as f32;
+        for d in o {
+            *d *= inv;
+        }
     }
 }
 
@@ -86,8 +84,8 @@ impl CustomOp1 for CausalSoftmax {
             candle_core::bail!("causal-softmax needs contiguous scores");
         };
         let out = match storage {
-            CpuStorage::F32(x) => CpuStorage::F32(self.rows_f32(&x[a..b], t)),
-            CpuStorage::F64(x) => CpuStorage::F64(self.rows(&x[a..b], t)),
+            CpuStorage::F32(x) => CpuStorage::F32(self.rows(&x[a..b], t, Self::row_f32)),
+            CpuStorage::F64(x) => CpuStorage::F64(self.rows(&x[a..b], t, Self::row)),
             _ => candle_core::bail!("causal-softmax: only f32 and f64 scores"),
         };
         Ok((out, layout.shape().clone()))
