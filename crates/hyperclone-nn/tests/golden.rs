@@ -3,16 +3,13 @@
 use candle_core::{DType, Device, Tensor};
 use hyperclone_core::Checkpoint;
 use hyperclone_nn::Decoder;
+use hyperclone_testkit::fixtures::dirs;
 use std::path::{Path, PathBuf};
 
 /// The committed fixture folders under tests/fixtures/SUB that hold GOLDEN.
 fn fixture_dirs(sub: &str, golden: &str, at_least: usize) -> Vec<PathBuf> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(sub);
-    let mut v: Vec<PathBuf> = std::fs::read_dir(&root)
-        .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
-        .map(|e| e.unwrap().path())
+    let mut v: Vec<PathBuf> = dirs(sub)
+        .into_iter()
         .filter(|p| p.join(golden).exists())
         .collect();
     v.sort();

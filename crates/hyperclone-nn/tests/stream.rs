@@ -9,21 +9,14 @@ use hyperclone_nn::check::{probe_tokens, run_verify};
 use hyperclone_nn::stream::{forward_streamed, forward_streamed_in_chunks};
 use hyperclone_nn::verify::{default_tolerance, verify_expecting, Expectation};
 use hyperclone_nn::{Decoder, ForwardOutput};
+use hyperclone_testkit::files::scale_tensor;
+use hyperclone_testkit::fixtures::dirs;
 use std::path::{Path, PathBuf};
 
 /// Every committed fixture folder (the tiny Llama-likes and one per other family).
 fn fixtures() -> Vec<PathBuf> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
-    let mut v = Vec::new();
-    for sub in ["tiny", "families"] {
-        for e in std::fs::read_dir(root.join(sub)).unwrap() {
-            let p = e.unwrap().path();
-            if p.join("config.json").exists() {
-                v.push(p);
-            }
-        }
-    }
-    v.sort();
+    let mut v = dirs("tiny");
+    v.extend(dirs("families"));
     assert!(
         v.len() >= 20,
         "expected the committed fixtures, found {}",
@@ -200,29 +193,6 @@ fn a_perturbed_streamed_forward_equals_the_perturbed_resident_one() {
             );
         }
     }
-}
-
-/// Rewrites one tensor of a clone on disk, values scaled by `factor`.
-fn scale_tensor(dir: &Path, name: &str, factor: f64) {
-    let ckpt = Checkpoint::open(dir).unwrap();
-    let t = ckpt
-        .find(name)
-        .unwrap_or_else(|| panic!("{}: no {name}", dir.display()))
-        .clone();
-    let path = ckpt.files[t.file].path.clone();
-    let mut v = vec![0.0; t.info.numel()];
-    t.info
-        .dtype
-        .decode(ckpt.files[t.file].data(&t.info), &mut v);
-    drop(ckpt);
-    for x in &mut v {
-        *x *= factor;
-    }
-    let mut bytes = std::fs::read(&path).unwrap();
-    t.info
-        .dtype
-        .encode(&v, &mut bytes[t.info.start..t.info.start + t.info.len]);
-    std::fs::write(&path, bytes).unwrap();
 }
 
 #[test]

@@ -5,15 +5,15 @@ use candle_core::{DType, Device};
 use hyperclone_core::Checkpoint;
 use hyperclone_nn::train::{batch_loss, save_params, train_step, AdamW, Schedule, TrainConfig};
 use hyperclone_nn::Decoder;
+use hyperclone_testkit::fixtures::{self, families};
 use std::path::{Path, PathBuf};
 
 fn fixture(name: &str) -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
-    let tiny = root.join("tiny").join(name);
+    let tiny = fixtures::tiny(name);
     if tiny.exists() {
         tiny
     } else {
-        root.join("families").join(name)
+        fixtures::family(name)
     }
 }
 
@@ -54,24 +54,15 @@ fn every_parameter_gets_the_finite_difference_gradient() {
     // Every family: fused q|k|v (phi3), fused gate|up (phi3), Conv1D [in, out] (gpt2) and
     // NeoX's per-head interleave are used through views, and a perturbation of the stored
     // tensor must move the loss (a stale copy made at load time would give 0 here).
-    for name in [
+    let tiny = [
         "llama-gqa-untied",
         "qwen3-gqa",
         "qwen2-gqa",
         "llama-mqa-tied",
-        "gemma-mqa",
-        "gemma2-gqa",
-        "gpt-neox-partial-rotary",
-        "gpt2-mha",
-        "llama-edge-cases",
-        "olmo2-gqa",
-        "opt-pre-ln",
-        "opt-proj",
-        "phi-mha",
-        "phi3-gqa",
-        "stablelm-gqa",
-        "starcoder2-gqa",
-    ] {
+    ];
+    let every_family = families().into_iter().map(|(name, _)| name);
+    for name in tiny.into_iter().map(String::from).chain(every_family) {
+        let name = name.as_str();
         let ckpt = Checkpoint::open(&fixture(name)).unwrap();
         let (model, params) = Decoder::load_trainable(&ckpt, DType::F64, &Device::Cpu).unwrap();
         let (inputs, targets) = batch_for(0, 0);

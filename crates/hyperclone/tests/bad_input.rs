@@ -1,7 +1,7 @@
 //! Every bad input gives one clear line naming the file (and tensor), a non-zero exit, and
 //! leaves nothing at DST; SRC is never modified.
 
-mod common;
+use hyperclone_testkit::prelude as common;
 
 use common::*;
 use hyperclone_core::safetensors::SafetensorsFile;

@@ -1,7 +1,7 @@
 //! `hyperclone clone | plan | inspect` on synthetic checkpoints: output layout, config,
 //! shards, provenance, determinism and the parameter-count formula of HYPERCLONING.md.
 
-mod common;
+use hyperclone_testkit::prelude as common;
 
 use common::*;
 use hyperclone_core::{Checkpoint, DType};

@@ -4,7 +4,7 @@
 //! FLOPs count recomputed here from the runs, reruns reuse finished runs, a deleted run is
 //! retrained to the same numbers, slices stop and continue, changed settings are refused.
 
-mod common;
+use hyperclone_testkit::prelude as common;
 
 use serde_json::Value;
 use std::path::Path;

@@ -2,7 +2,7 @@
 //! (round trip, YAML, refusals), and the one-line errors for growths that cannot be exact.
 //! Exactness against transformers is in tests/python/test_growth.py.
 
-mod common;
+use hyperclone_testkit::prelude as common;
 
 use common::*;
 use serde_json::Value;

@@ -3,12 +3,10 @@
 //! 0, or 1 with exactly one `error:` line; never a panic (101), an abort (134) or a hang;
 //! SRC unchanged and nothing left beside it after a failed clone.
 
-mod common;
-#[path = "../../hyperclone-core/tests/mutate/mod.rs"]
-mod mutate;
+use hyperclone_testkit::prelude as common;
 
 use common::{bin, listing, snapshot};
-use mutate::*;
+use hyperclone_testkit::mutate::*;
 use std::collections::BTreeMap;
 use std::process::Command;
 

@@ -3,7 +3,7 @@
 //! Every case must end in `Ok` or a clean `Err`, never a panic (issue 10: `forward` panicked
 //! on configs that `clone` accepted).
 
-mod common;
+use hyperclone_testkit::prelude as common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;

@@ -6,7 +6,7 @@ use hyperclone_core::Checkpoint;
 use serde_json::Value;
 use std::path::Path;
 
-mod common;
+use hyperclone_testkit::prelude as common;
 
 /// The toy corpus, tokenizer and config (common::toy_corpus).
 fn setup(dir: &Path) {

@@ -2,21 +2,15 @@
 //! including ones an argmax check misses.
 
 use hyperclone_core::Checkpoint;
+use hyperclone_testkit::cli::bin;
+use hyperclone_testkit::files::edit_tensor;
+use hyperclone_testkit::fixtures::{families, family, tiny as fixture};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/tiny")
-        .join(name)
-}
-
 fn hc(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_hyperclone"))
-        .args(args)
-        .output()
-        .unwrap()
+    Command::new(bin()).args(args).output().unwrap()
 }
 
 fn clone(src: &Path, dst: &Path, n: usize, variant: &str, dtype: &str) {
@@ -45,24 +39,6 @@ fn verify(small: &Path, big: &Path) -> (bool, Value) {
         .unwrap_or_else(|_| panic!("no JSON; stderr: {}", String::from_utf8_lossy(&o.stderr)));
     assert_eq!(o.status.success(), v["passed"].as_bool().unwrap());
     (o.status.success(), v)
-}
-
-/// Rewrites one f64 tensor of a clone in place.
-fn edit_tensor(dir: &Path, name: &str, edit: impl FnOnce(&mut Vec<f64>, &[usize])) {
-    let ckpt = Checkpoint::open(dir).unwrap();
-    let t = ckpt.find(name).unwrap().clone();
-    let path = ckpt.files[t.file].path.clone();
-    let mut v = vec![0.0; t.info.numel()];
-    t.info
-        .dtype
-        .decode(ckpt.files[t.file].data(&t.info), &mut v);
-    drop(ckpt);
-    edit(&mut v, &t.info.shape);
-    let mut bytes = std::fs::read(&path).unwrap();
-    t.info
-        .dtype
-        .encode(&v, &mut bytes[t.info.start..t.info.start + t.info.len]);
-    std::fs::write(&path, bytes).unwrap();
 }
 
 #[test]
@@ -208,31 +184,11 @@ fn clone_verify_keeps_a_correct_clone() {
     assert!(dst.join("model.safetensors").exists());
 }
 
-fn family(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/families")
-        .join(name)
-}
-
-const FAMILIES: [&str; 12] = [
-    "gemma-mqa",
-    "gemma2-gqa",
-    "gpt-neox-partial-rotary",
-    "gpt2-mha",
-    "llama-edge-cases",
-    "olmo2-gqa",
-    "opt-pre-ln",
-    "opt-proj",
-    "phi-mha",
-    "phi3-gqa",
-    "stablelm-gqa",
-    "starcoder2-gqa",
-];
-
 #[test]
 fn every_family_clone_verifies_exactly() {
     let tmp = tempfile::tempdir().unwrap();
-    for fx in FAMILIES {
+    for (fx, _) in families() {
+        let fx = fx.as_str();
         for n in [2, 3] {
             for variant in ["symmetric", "noisy", "diagonal", "noisy-diagonal"] {
                 let dst = tmp.path().join(format!("{fx}-{n}-{variant}"));

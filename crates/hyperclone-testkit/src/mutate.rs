@@ -1,7 +1,6 @@
 //! Seeded mutations of a tiny Llama folder (safetensors bytes and header fields,
 //! config.json fields, the shard index), shared by the library harness
 //! (hyperclone-core/tests/mutation.rs) and the CLI harness (hyperclone/tests/mutation_cli.rs).
-#![allow(dead_code)]
 
 use hyperclone_core::safetensors::{encode_header, HeaderEntry};
 use hyperclone_core::DType;

@@ -1,12 +1,9 @@
 //! Tiny synthetic Llama checkpoints written byte by byte, so CLI tests need no Python.
-#![allow(dead_code)]
-
 use hyperclone_core::safetensors::{encode_header, HeaderEntry};
 use hyperclone_core::DType;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 pub struct Tiny {
     pub heads: usize,
@@ -165,61 +162,6 @@ fn pseudo_normal(state: &mut u64) -> f64 {
         s += (*state >> 11) as f64 / (1u64 << 53) as f64;
     }
     (s - 2.0) * (3.0f64).sqrt()
-}
-
-pub fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_hyperclone"))
-}
-
-pub fn run(args: &[&str], cwd: &Path) -> Output {
-    Command::new(bin())
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("hyperclone runs")
-}
-
-pub fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Entries of a folder, sorted, for "nothing left behind" checks.
-pub fn listing(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
-/// Every entry of a folder (not recursive) with its bytes, for "input unchanged" checks.
-/// Special files (FIFOs, links to devices) are recorded by kind, never read.
-pub fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    listing(dir)
-        .into_iter()
-        .map(|f| {
-            let p = dir.join(&f);
-            let bytes = match std::fs::symlink_metadata(&p).unwrap() {
-                m if m.is_file() => std::fs::read(&p).unwrap(),
-                m if m.file_type().is_symlink() => {
-                    format!("-> {}", std::fs::read_link(&p).unwrap().display()).into_bytes()
-                }
-                m => format!("{:?}", m.file_type()).into_bytes(),
-            };
-            (f, bytes)
-        })
-        .collect()
-}
-
-/// The failure contract: exit 1 and exactly one `error: ` line on stderr; returns that line.
-pub fn one_error_line(out: &Output) -> String {
-    let e = stderr(out);
-    let lines: Vec<&str> = e.trim_end().lines().collect();
-    assert_eq!(lines.len(), 1, "one line expected: {e}");
-    assert!(lines[0].starts_with("error: "), "{e}");
-    assert_eq!(out.status.code(), Some(1), "{e}");
-    lines[0].to_string()
 }
 
 pub const TEXT: &str =

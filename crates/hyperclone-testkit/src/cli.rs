@@ -1,0 +1,48 @@
+//! The `hyperclone` binary under test, and its failure contract.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The `hyperclone` binary of the build that runs the tests. Cargo builds a package's
+/// binaries before its integration tests and sets `CARGO_BIN_EXE_hyperclone` only while
+/// compiling them, so this finds it beside the test executable (target/<profile>/deps/..),
+/// as assert_cmd does; `HYPERCLONE_BIN` overrides it.
+pub fn bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("HYPERCLONE_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("the test executable lives in target/<profile>/deps");
+    let p = profile_dir.join(format!("hyperclone{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        p.is_file(),
+        "{} not built (run the tests with cargo test, which builds it first)",
+        p.display()
+    );
+    p
+}
+
+pub fn run(args: &[&str], cwd: &Path) -> Output {
+    Command::new(bin())
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("hyperclone runs")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The failure contract: exit 1 and exactly one `error: ` line on stderr; returns that line.
+pub fn one_error_line(out: &Output) -> String {
+    let e = stderr(out);
+    let lines: Vec<&str> = e.trim_end().lines().collect();
+    assert_eq!(lines.len(), 1, "one line expected: {e}");
+    assert!(lines[0].starts_with("error: "), "{e}");
+    assert_eq!(out.status.code(), Some(1), "{e}");
+    lines[0].to_string()
+}
