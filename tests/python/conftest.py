@@ -18,7 +18,8 @@ FIXTURES = REPO / "tests" / "fixtures"
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "slow: real-model checks (SmolLM2-135M, ~1 min); deselect with -m 'not slow'"
+        "markers", "slow: the slow lane (SmolLM2-135M, torchrun FSDP2, the quick study); "
+        "the fast lane deselects it with -m 'not slow'"
     )
     import transformers
 

@@ -25,6 +25,8 @@ import torch
 
 from conftest import FIXTURES, REPO, run_clone
 
+pytestmark = pytest.mark.slow
+
 EXAMPLES = REPO / "examples"
 FIXTURE = FIXTURES / "tiny" / "llama-gqa-untied"  # vocab 96, no tokenizer: char fallback
 STEPS, PER_RANK, RANKS, SEQ, LR = 8, 4, 2, 32, 3e-3

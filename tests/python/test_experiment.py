@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow
+
 ARMS = ["random-init", "noisy-fresh", "noisy-carried"]
 TEXT = "ROMEO.\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun."
 

@@ -113,6 +113,7 @@ fn run_case(root: &Path, factor: usize, expect_layout: Option<&Layout>) -> Outco
 }
 
 #[test]
+#[ignore = "slow lane: scripts/test-all.sh runs it (cargo test -- --include-ignored)"]
 fn mutated_inputs_never_panic_modify_src_or_leave_files() {
     let cases: usize = std::env::var("HYPERCLONE_MUTATION_CASES")
         .ok()
@@ -174,6 +175,7 @@ fn mutated_inputs_never_panic_modify_src_or_leave_files() {
 /// rules say (refused naming the cause, or read from the file transformers reads), never
 /// in a panic, a modified SRC or files beside it.
 #[test]
+#[ignore = "slow lane: scripts/test-all.sh runs it (cargo test -- --include-ignored)"]
 fn round_two_classes_end_as_transformers_rules_say() {
     let cases: usize = std::env::var("HYPERCLONE_MUTATION_CASES")
         .ok()

@@ -125,6 +125,7 @@ fn same_report(small: &Path, big: &Path, dtype: DType) {
 }
 
 #[test]
+#[ignore = "slow lane: scripts/test-all.sh runs it (cargo test -- --include-ignored)"]
 fn streamed_forward_and_report_equal_the_resident_ones_for_every_family() {
     let tmp = tempfile::tempdir().unwrap();
     for src in fixtures() {

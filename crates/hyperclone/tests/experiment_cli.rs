@@ -138,6 +138,7 @@ fn check_headline_against_runs(r: &Value) {
 }
 
 #[test]
+#[ignore = "slow lane: scripts/test-all.sh runs it (cargo test -- --include-ignored)"]
 fn quick_experiment_writes_a_complete_report_and_reruns_reuse_it() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
@@ -330,6 +331,7 @@ fn quick_experiment_writes_a_complete_report_and_reruns_reuse_it() {
 /// still reports (incomplete); the same command then continues, interrupted run included,
 /// to exactly the numbers of an uninterrupted study.
 #[test]
+#[ignore = "slow lane: scripts/test-all.sh runs it (cargo test -- --include-ignored)"]
 fn a_slice_stops_and_the_same_command_continues() {
     let tmp = tempfile::tempdir().unwrap();
     let (sliced, whole) = (tmp.path().join("sliced"), tmp.path().join("whole"));

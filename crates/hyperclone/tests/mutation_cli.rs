@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::process::Command;
 
 #[test]
+#[ignore = "slow lane: scripts/test-all.sh runs it (cargo test -- --include-ignored)"]
 fn mutated_folders_through_the_binary() {
     let cases: usize = std::env::var("HYPERCLONE_MUTATION_CLI_CASES")
         .ok()

@@ -42,6 +42,7 @@ fn verify(small: &Path, big: &Path) -> (bool, Value) {
 }
 
 #[test]
+#[ignore = "slow lane: scripts/test-all.sh runs it (cargo test -- --include-ignored)"]
 fn every_correct_clone_passes() {
     let tmp = tempfile::tempdir().unwrap();
     for fx in [
@@ -185,6 +186,7 @@ fn clone_verify_keeps_a_correct_clone() {
 }
 
 #[test]
+#[ignore = "slow lane: scripts/test-all.sh runs it (cargo test -- --include-ignored)"]
 fn every_family_clone_verifies_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     for (fx, _) in families() {
