@@ -115,10 +115,7 @@ fn run_case(root: &Path, factor: usize, expect_layout: Option<&Layout>) -> Outco
 #[test]
 #[ignore = "slow lane: scripts/test-all.sh runs it (cargo test -- --include-ignored)"]
 fn mutated_inputs_never_panic_modify_src_or_leave_files() {
-    let cases: usize = std::env::var("HYPERCLONE_MUTATION_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(720);
+    let cases = case_count("HYPERCLONE_MUTATION_CASES", 720);
     let mut rng = Rng(0x5eed_1234);
     let mut outcomes: BTreeMap<Outcome, usize> = BTreeMap::new();
     let root = tempfile::tempdir().unwrap();
@@ -127,12 +124,8 @@ fn mutated_inputs_never_panic_modify_src_or_leave_files() {
     let sharded_layout = original_layout(&sharded());
     for case in 0..cases {
         let (files, what) = mutate(&mut rng, case);
-        let dir = root.path().join(format!("case{case}"));
-        let src = dir.join("src");
-        std::fs::create_dir_all(&src).unwrap();
-        for (name, bytes) in &files {
-            std::fs::write(src.join(name), bytes).unwrap();
-        }
+        let src = write_case(root.path(), case, &files);
+        let dir = src.parent().unwrap().to_path_buf();
         // Mostly factor 2; sometimes a hostile factor on top of the mutation.
         let factor = if rng.below(6) == 0 {
             *rng.pick(&factors)
@@ -177,22 +170,15 @@ fn mutated_inputs_never_panic_modify_src_or_leave_files() {
 #[test]
 #[ignore = "slow lane: scripts/test-all.sh runs it (cargo test -- --include-ignored)"]
 fn round_two_classes_end_as_transformers_rules_say() {
-    let cases: usize = std::env::var("HYPERCLONE_MUTATION_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
+    let cases = case_count("HYPERCLONE_MUTATION_CASES", 200);
     let mut rng = Rng(0x18_2026);
     let root = tempfile::tempdir().unwrap();
     let single_layout = original_layout(&single());
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     for case in 0..cases {
         let (files, what, expect) = mutate_round_two(&mut rng, case);
-        let dir = root.path().join(format!("case{case}"));
-        let src = dir.join("src");
-        std::fs::create_dir_all(&src).unwrap();
-        for (name, bytes) in &files {
-            std::fs::write(src.join(name), bytes).unwrap();
-        }
+        let src = write_case(root.path(), case, &files);
+        let dir = src.parent().unwrap().to_path_buf();
         let before = snapshot(&src);
         let opened = catch_unwind(AssertUnwindSafe(|| Checkpoint::open(&src)))
             .unwrap_or_else(|_| panic!("case {case} panicked opening: {what}"));

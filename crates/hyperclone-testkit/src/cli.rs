@@ -46,3 +46,10 @@ pub fn one_error_line(out: &Output) -> String {
     assert_eq!(out.status.code(), Some(1), "{e}");
     lines[0].to_string()
 }
+
+/// `hyperclone clone src dst FLAGS...` in `cwd` (the layout the tiny-folder tests use).
+pub fn clone_src_dst(cwd: &Path, flags: &[&str]) -> Output {
+    let mut args = vec!["clone", "src", "dst"];
+    args.extend_from_slice(flags);
+    run(&args, cwd)
+}

@@ -506,3 +506,21 @@ pub fn mutate_round_two(rng: &mut Rng, case: usize) -> (Files, String, Expect) {
         }
     }
 }
+
+/// How many seeded cases a harness runs: `var` from the environment, else `default`.
+pub fn case_count(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Writes one case's files into `root/case{case}/src` and returns that folder.
+pub fn write_case(root: &std::path::Path, case: usize, files: &Files) -> std::path::PathBuf {
+    let src = root.join(format!("case{case}")).join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    for (name, bytes) in files {
+        std::fs::write(src.join(name), bytes).unwrap();
+    }
+    src
+}

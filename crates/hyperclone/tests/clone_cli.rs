@@ -145,19 +145,9 @@ fn sharded_in_sharded_out_with_index() {
         ..Default::default()
     }
     .write(&tmp.path().join("src"));
-    let out = run(
-        &[
-            "clone",
-            "src",
-            "dst",
-            "--factor",
-            "2",
-            "--shard-size",
-            "8KB",
-            "--dtype",
-            "f32",
-        ],
+    let out = clone_src_dst(
         tmp.path(),
+        &["--factor", "2", "--shard-size", "8KB", "--dtype", "f32"],
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let dst = tmp.path().join("dst");
@@ -187,20 +177,7 @@ fn same_source_flags_and_seed_give_identical_bytes() {
     for run_dir in ["a", "b"] {
         let d = tmp.path().join(run_dir);
         Tiny::default().write(&d.join("src"));
-        let out = run(
-            &[
-                "clone",
-                "src",
-                "dst",
-                "--factor",
-                "2",
-                "--variant",
-                "noisy",
-                "--seed",
-                "7",
-            ],
-            &d,
-        );
+        let out = clone_src_dst(&d, &["--factor", "2", "--variant", "noisy", "--seed", "7"]);
         assert!(out.status.success(), "{}", stderr(&out));
     }
     let files = listing(&tmp.path().join("a/dst"));
@@ -425,19 +402,9 @@ fn growing_in_memory_equals_the_clone_on_disk() {
         ..Default::default()
     }
     .write(&tmp.path().join("src"));
-    let out = run(
-        &[
-            "clone",
-            "src",
-            "dst",
-            "--factor",
-            "2",
-            "--variant",
-            "noisy",
-            "--seed",
-            "4",
-        ],
+    let out = clone_src_dst(
         tmp.path(),
+        &["--factor", "2", "--variant", "noisy", "--seed", "4"],
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let small = Checkpoint::open(&src).unwrap();

@@ -159,11 +159,9 @@ fn stack_depth_is_not_verified_as_if_it_were_exact() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     Tiny::default().write(&dir.join("src"));
-    let out = run(
+    let out = clone_src_dst(
+        dir,
         &[
-            "clone",
-            "src",
-            "dst",
             "--factor",
             "2",
             "--depth-factor",
@@ -171,7 +169,6 @@ fn stack_depth_is_not_verified_as_if_it_were_exact() {
             "--depth-mode",
             "stack",
         ],
-        dir,
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let e = one_error_line(&run(&["verify", "src", "dst"], dir));

@@ -13,10 +13,7 @@ use std::process::Command;
 #[test]
 #[ignore = "slow lane: scripts/test-all.sh runs it (cargo test -- --include-ignored)"]
 fn mutated_folders_through_the_binary() {
-    let cases: usize = std::env::var("HYPERCLONE_MUTATION_CLI_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(45);
+    let cases = case_count("HYPERCLONE_MUTATION_CLI_CASES", 45);
     let mut rng = Rng(0xc11_5eed);
     let root = tempfile::tempdir().unwrap();
     let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
@@ -28,12 +25,8 @@ fn mutated_folders_through_the_binary() {
     ];
     for case in 0..cases {
         let (files, what) = mutate(&mut rng, case);
-        let dir = root.path().join(format!("case{case}"));
-        let src = dir.join("src");
-        std::fs::create_dir_all(&src).unwrap();
-        for (name, bytes) in &files {
-            std::fs::write(src.join(name), bytes).unwrap();
-        }
+        let src = write_case(root.path(), case, &files);
+        let dir = src.parent().unwrap().to_path_buf();
         let before = snapshot(&src);
         for args in commands {
             let out = Command::new(bin())
@@ -73,10 +66,7 @@ fn mutated_folders_through_the_binary() {
 /// panics.
 #[test]
 fn round_two_folders_end_alike_in_every_command() {
-    let cases: usize = std::env::var("HYPERCLONE_MUTATION_CLI_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(25);
+    let cases = case_count("HYPERCLONE_MUTATION_CLI_CASES", 25);
     let mut rng = Rng(0x18_c11);
     let root = tempfile::tempdir().unwrap();
     let commands: [&[&str]; 5] = [
@@ -88,12 +78,8 @@ fn round_two_folders_end_alike_in_every_command() {
     ];
     for case in 0..cases {
         let (files, what, expect) = mutate_round_two(&mut rng, case);
-        let dir = root.path().join(format!("case{case}"));
-        let src = dir.join("src");
-        std::fs::create_dir_all(&src).unwrap();
-        for (name, bytes) in &files {
-            std::fs::write(src.join(name), bytes).unwrap();
-        }
+        let src = write_case(root.path(), case, &files);
+        let dir = src.parent().unwrap().to_path_buf();
         let before = snapshot(&src);
         let mut errors = Vec::new();
         for args in commands {

@@ -3,6 +3,7 @@
 //! Every case must end in `Ok` or a clean `Err`, never a panic (issue 10: `forward` panicked
 //! on configs that `clone` accepted).
 
+use hyperclone_testkit::mutate::case_count;
 use hyperclone_testkit::prelude as common;
 
 use candle_core::{DType, Device, Tensor};
@@ -91,10 +92,7 @@ fn mutated_decoder_configs_never_panic() {
     };
     let root = tempfile::tempdir().unwrap();
     let mut outcomes: BTreeMap<&str, usize> = BTreeMap::new();
-    let cases: usize = std::env::var("HYPERCLONE_MUTATION_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(240);
+    let cases = case_count("HYPERCLONE_MUTATION_CASES", 240);
     for case in 0..cases {
         let t = Tiny::default();
         let base = &bases[case % bases.len()];
