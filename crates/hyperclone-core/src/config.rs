@@ -302,6 +302,25 @@ impl ModelConfig {
     pub fn flag(&self, key: &str) -> bool {
         self.raw.get(key).and_then(Value::as_bool).unwrap_or(false)
     }
+
+    /// The model's sizes as a JSON object (keys as in config.json), for reports that
+    /// describe a model (`inspect --json`, the study's report).
+    pub fn sizes_json(&self) -> Map<String, Value> {
+        let v = serde_json::json!({
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "num_hidden_layers": self.num_hidden_layers,
+            "vocab_size": self.vocab_size,
+            "tie_word_embeddings": self.tie_word_embeddings,
+        });
+        match v {
+            Value::Object(m) => m,
+            _ => unreachable!("a json! object literal"),
+        }
+    }
 }
 
 #[cfg(test)]

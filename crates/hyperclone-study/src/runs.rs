@@ -222,17 +222,9 @@ pub fn models(
         let ckpt = hyperclone_core::Checkpoint::open(dir)?;
         let c = &ckpt.config;
         let params: usize = ckpt.tensors.iter().map(|t| t.info.numel()).sum();
-        let v = json!({
-            "hidden_size": c.hidden_size,
-            "intermediate_size": c.intermediate_size,
-            "num_attention_heads": c.num_attention_heads,
-            "num_key_value_heads": c.num_key_value_heads,
-            "head_dim": c.head_dim,
-            "num_hidden_layers": c.num_hidden_layers,
-            "vocab_size": c.vocab_size,
-            "tie_word_embeddings": c.tie_word_embeddings,
-            "parameters": params,
-        });
+        let mut v = c.sizes_json();
+        v.insert("parameters".into(), json!(params));
+        let v = Value::Object(v);
         Ok((ckpt.config.clone(), v))
     };
     let (sc, sv) = describe(&base)?;

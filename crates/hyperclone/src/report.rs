@@ -134,17 +134,11 @@ pub fn inspect(ckpt: &Checkpoint, as_json: bool) {
         })
         .collect();
     let dtypes: Vec<&str> = ckpt.dtypes().iter().map(|d| d.torch_name()).collect();
-    let v = json!({
-        "path": ckpt.dir.display().to_string(),
-        "model_type": c.family.model_type,
-        "hidden_size": c.hidden_size,
-        "intermediate_size": c.intermediate_size,
-        "num_attention_heads": c.num_attention_heads,
-        "num_key_value_heads": c.num_key_value_heads,
-        "head_dim": c.head_dim,
-        "num_hidden_layers": c.num_hidden_layers,
-        "vocab_size": c.vocab_size,
-        "tie_word_embeddings": c.tie_word_embeddings,
+    let mut v = serde_json::Map::new();
+    v.insert("path".into(), json!(ckpt.dir.display().to_string()));
+    v.insert("model_type".into(), json!(c.family.model_type));
+    v.extend(c.sizes_json());
+    let rest = json!({
         "attention": attention_kind(c.num_attention_heads, c.num_key_value_heads),
         "parameters": by_component(&counts),
         "dtypes": dtypes,
@@ -152,6 +146,8 @@ pub fn inspect(ckpt: &Checkpoint, as_json: bool) {
         "dropped_tensors": ckpt.dropped,
         "supported_families": FAMILIES.iter().map(|f| f.model_type).collect::<Vec<_>>(),
     });
+    v.extend(rest.as_object().cloned().unwrap_or_default());
+    let v = Value::Object(v);
     if as_json {
         outln!("{v}");
         return;

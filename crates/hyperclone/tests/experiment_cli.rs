@@ -18,9 +18,15 @@ const RUNGS: [u64; 4] = [3, 6, 12, 24];
 const TOKENS_PER_STEP: f64 = 96.0;
 
 fn experiment(dir: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["--quick", "--seq", "12"];
+    args.extend_from_slice(extra);
+    experiment_on_toy_corpus(dir, &args)
+}
+
+/// `experiment FLAGS...` on toy_corpus's files, written to exp/.
+fn experiment_on_toy_corpus(dir: &Path, flags: &[&str]) -> Output {
     let mut args = vec![
         "experiment",
-        "--quick",
         "--out",
         "exp",
         "--tokenizer",
@@ -31,10 +37,8 @@ fn experiment(dir: &Path, extra: &[&str]) -> Output {
         "data/a.txt",
         "--val",
         "data/b.txt",
-        "--seq",
-        "12",
     ];
-    args.extend_from_slice(extra);
+    args.extend_from_slice(flags);
     common::run(&args, dir)
 }
 
@@ -372,23 +376,7 @@ fn a_budget_that_repeats_the_corpus_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     common::toy_corpus(d);
-    let o = common::run(
-        &[
-            "experiment",
-            "--paper-regime",
-            "--out",
-            "exp",
-            "--tokenizer",
-            "tokenizer.json",
-            "--base-config",
-            "config.json",
-            "--data",
-            "data/a.txt",
-            "--val",
-            "data/b.txt",
-        ],
-        d,
-    );
+    let o = experiment_on_toy_corpus(d, &["--paper-regime"]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
