@@ -635,6 +635,7 @@ fn expand_tensor(
         noise_key: t.noise_key,
         out_dtype: t.dtype,
         scale: t.scale,
+        shift: t.shift,
     };
     let exp = Expansion::new(data, src.info.dtype, &t.axes, spec)
         .map_err(|m| Error::tensor(&file.path, &src.info.name, m))?;

@@ -62,7 +62,11 @@ fn growth_summary(ckpt: &Checkpoint, plan: &Plan) -> String {
         ));
     }
     if m.keep_tied {
-        parts.push("embedding kept tied, residual carried as tile/n".into());
+        parts.push(if m.tied_eps_divisor == m.factor.saturating_mul(m.factor) {
+            "embedding kept tied, residual carried as tile/n".into()
+        } else {
+            "embedding kept tied, residual carried as tile/sqrt(n)".into()
+        });
     }
     parts.join(", ")
 }
