@@ -2,7 +2,7 @@
 """Continue training a HyperClone with the transformers Trainer (one process).
 
     python examples/continue_trainer.py --model CLONE --data TEXT_DIR_OR_FILE --steps S \
-        --out OUT [--lr 3e-4] [--batch-size 8] [--seq-len 128] [--seed 0] \
+        --out OUT [--lr 3e-5] [--batch-size 8] [--seq-len 128] [--seed 0] \
         [--mixed-precision auto|bf16|off] [--force]
 
 The same continuation as examples/continue_fsdp.py, with the same tokenization and the
