@@ -34,7 +34,8 @@ Rank 0 logs the loss of every step (the mean over ranks, computed before that st
 update) and writes OUT/training_log.jsonl. At the end the full state dict is gathered to
 CPU (get_model_state_dict, full_state_dict=True, cpu_offload=True) and rank 0 writes OUT
 with save_pretrained (safetensors, f32) plus the tokenizer files of CLONE, so OUT reloads
-with AutoModelForCausalLM.from_pretrained. AdamW starts fresh (nothing of the small
+with AutoModelForCausalLM.from_pretrained, and CLONE's model card (README.md) with a
+"Continued training" section added. AdamW starts fresh (nothing of the small
 model's optimizer state exists in a HF folder).
 
 Multi-GPU on one node: torchrun --nproc_per_node 8 examples/continue_fsdp.py ...
@@ -67,6 +68,27 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "chat_template.jinja",
 )
+
+
+def keep_card(model_dir: Path, out: Path, script: str, args, sequences: int, bf16: bool,
+              first_loss: float, last_loss: float) -> None:
+    """Write MODEL's model card (README.md: the clone's provenance, recipe and Hub metadata)
+    into OUT, with a section on the training since: the card's "computes the same function"
+    now describes the starting point, not these weights."""
+    card = model_dir / "README.md"
+    if not card.is_file():
+        return
+    text = card.read_text(encoding="utf-8").rstrip("\n")
+    text += (
+        "\n\n## Continued training\n\n"
+        f"The weights in this folder are the model above trained further with `examples/{script}`: "
+        f"{args.steps} steps of AdamW (lr {args.lr:g}, warmup {args.warmup}, weight decay "
+        f"{args.weight_decay:g}), {sequences} sequences of {args.seq_len} tokens per step, "
+        f"{'bf16 mixed precision' if bf16 else 'f32'}, seed {args.seed}; training loss "
+        f"{first_loss:.4f} -> {last_loss:.4f}. Training changes the function: what the card "
+        "says above about computing the source's function describes the starting point.\n"
+    )
+    (out / "README.md").write_text(text, encoding="utf-8")
 
 
 # --- arguments -------------------------------------------------------------------------
@@ -303,6 +325,8 @@ def main(argv=None) -> int:
         for name in TOKENIZER_FILES:
             if (args.model / name).is_file():
                 shutil.copy2(args.model / name, args.out / name)
+        keep_card(args.model, args.out, "continue_fsdp.py", args, args.batch_size * world, bf16,
+                  records[0]["loss"], records[-1]["loss"])
         with open(args.out / "training_log.jsonl", "w") as fh:
             fh.write(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()},
                                      world_size=world, device=device.type, bf16=bf16,

@@ -157,6 +157,16 @@ def test_fsdp_output_reloads_and_trained(setup, fsdp_run):
         a, b = trained(input_ids=ids).logits, start(input_ids=ids).logits
     assert torch.isfinite(a).all()
     assert (a - b).abs().max().item() > 1e-2, "the saved model equals the clone: it did not train"
+    assert_card_kept(clone, out, "continue_fsdp.py")
+
+
+def assert_card_kept(clone: Path, out: Path, script: str):
+    # The clone's model card (provenance, recipe, Hub metadata) survives, with the training
+    # since said below it.
+    card = (out / "README.md").read_text()
+    assert card.startswith((clone / "README.md").read_text().rstrip("\n")), card[:400]
+    tail = card.split("## Continued training", 1)[1]
+    assert f"examples/{script}" in tail and f"{STEPS} steps" in tail and f"lr {LR:g}" in tail, tail
 
 
 def test_trainer_matches_fsdp(setup, fsdp_run, trainer_run):
@@ -181,6 +191,7 @@ def test_trainer_matches_fsdp(setup, fsdp_run, trainer_run):
     assert moved > 1e-2
     # Measured: 1.7e-5 to 3e-5 (weights within 1e-6) after 8 steps that moved logits by ~10.
     assert (a - b).abs().max().item() < 1e-3, "FSDP and Trainer ended at different weights"
+    assert_card_kept(clone, out_t, "continue_trainer.py")
 
 
 def test_fsdp_bf16_mixed_precision(setup, fsdp_run):
