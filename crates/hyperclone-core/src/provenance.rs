@@ -356,7 +356,10 @@ pub fn model_card(ckpt: &Checkpoint, plan: &Plan, prov: &Provenance) -> String {
     };
     let _ = writeln!(
         s,
-        "This checkpoint was grown with [hyperclone](https://arxiv.org/abs/2409.12903) {TOOL_VERSION}: every weight of the \
+        // The project has no public address, so it is named without a link; the link is
+        // the method's paper, labelled as such.
+        "This checkpoint was grown with hyperclone {TOOL_VERSION}, an implementation of HyperCloning \
+         ([Samragh et al., 2024](https://arxiv.org/abs/2409.12903)): every weight of the \
          source `{}` model was tiled so that this wider model {} (each hidden vector is {stream}). Continue \
          pre-training from here.\n",
         cfg.family.model_type,

@@ -86,6 +86,16 @@ fn clone_writes_a_complete_loadable_folder() {
         card.contains(&small.config_sha256().unwrap())
             && card.contains("hyperclone clone SRC DST --factor 2")
     );
+    // The tool is named, not linked to the paper as if the paper were the tool; the paper's
+    // link is labelled as the paper.
+    assert!(!card.contains("[hyperclone]("), "{card}");
+    assert!(
+        card.contains("grown with hyperclone ")
+            && card.contains(
+                "HyperCloning ([Samragh et al., 2024](https://arxiv.org/abs/2409.12903))"
+            ),
+        "{card}"
+    );
 
     // o_proj: [hidden x2 (write), heads x2 (read)] = 1/2 [[W, W], [W, W]].
     let (w, _) = decode(&small, "model.layers.1.self_attn.o_proj.weight");
