@@ -2,7 +2,7 @@
 """Continue training a HyperClone with the transformers Trainer (one process).
 
     python examples/continue_trainer.py --model CLONE --data TEXT_DIR_OR_FILE --steps S \
-        --out OUT [--lr 3e-4] [--batch-size 8] [--seq-len 128] [--seed 0] \
+        --out OUT [--lr 3e-5] [--batch-size 8] [--seq-len 128] [--seed 0] \
         [--mixed-precision auto|bf16|off] [--force]
 
 The same continuation as examples/continue_fsdp.py, with the same tokenization and the
@@ -11,7 +11,8 @@ reads over N ranks with --batch-size B/N, so the two runs log the same losses up
 rounding (tested). f32 weights, AdamW (adamw_torch), constant learning rate after
 --warmup, bf16 autocast when --mixed-precision is bf16 (auto = bf16 on a CUDA device that
 supports it, f32 on the CPU). OUT is written with Trainer.save_model (safetensors) plus
-the tokenizer files, so it reloads with AutoModelForCausalLM.from_pretrained. One process
+the tokenizer files, so it reloads with AutoModelForCausalLM.from_pretrained, and CLONE's
+model card (README.md) with a "Continued training" section added. One process
 only; for several GPUs use continue_fsdp.py (launching this under torchrun is untested).
 """
 
@@ -97,6 +98,8 @@ def main(argv=None) -> int:
         if (args.model / name).is_file():
             shutil.copy2(args.model / name, args.out / name)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    cf.keep_card(args.model, args.out, "continue_trainer.py", args, args.batch_size, bf16,
+                 losses[0], losses[-1])
     print(f"saved {args.out} (loss {losses[0]:.4f} -> {losses[-1]:.4f})")
     return 0
 

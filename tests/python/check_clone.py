@@ -30,6 +30,7 @@ pytest suite, which loads each source once and runs many clones against it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -127,7 +128,22 @@ class Growth:
     ffn: int | None = None  # exact destination FFN width (Net2Net when not a multiple)
     heads: int | None = None  # destination query heads when not n x the source's
     layer_of: list[int] | None = None  # for each DST layer, the SRC layer it equals
-    keep_tied: bool = False  # the residual is carried as tile(h)/n, the head stays tied
+    keep_tied: bool = False  # the residual is carried as tile(h) * s, the head stays tied
+    residual_scale: float | None = None  # s with keep_tied; None: from the source's family
+
+
+# Families whose model multiplies embeddings by sqrt(hidden_size) (transformers' Gemma
+# ScaledWordEmbedding), a multiplier that grows by sqrt(n) with the width.
+EMBEDDING_TIMES_SQRT_HIDDEN = ("gemma", "gemma2")
+
+
+def tied_residual_scale(cfg_s, n: int) -> float:
+    """docs/growth.md: with a kept tie the head is the embedding, so the embedding must be
+    tile(E)/n for exact logits; the stream starts as embedding x multiplier, so s = 1/n, or
+    sqrt(n)/n where the multiplier sqrt(hidden_size) grows by sqrt(n). Norm eps scales by s^2."""
+    if cfg_s.model_type in EMBEDDING_TIMES_SQRT_HIDDEN:
+        return math.sqrt(n) / n
+    return 1 / n
 
 
 def identity_layer_map(layers: int, target: int) -> list[int]:
@@ -165,11 +181,13 @@ def check_config(cfg_s, cfg_d, n: int, m: int | None = None, growth: Growth | No
         errs.append(f"intermediate_size: {f_d} is not a multiple of {f_s}")
     changed = set()
     if g.keep_tied:
-        # The head stays the embedding; norms see tile(h)/n, exact with eps / n^2.
+        # The head stays the embedding; norms see tile(h) * s, exact with eps * s^2 (eps / n^2,
+        # eps / n where the embedding multiplier grows by sqrt(n)).
         want("tie_word_embeddings", bool(getattr(cfg_d, "tie_word_embeddings", False)), True)
+        divisor = n if cfg_s.model_type in EMBEDDING_TIMES_SQRT_HIDDEN else n**2
         for key in ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"):
             if getattr(cfg_s, key, None) is not None:
-                want(key, getattr(cfg_d, key, None), getattr(cfg_s, key) / n**2)
+                want(key, getattr(cfg_d, key, None), getattr(cfg_s, key) / divisor)
                 changed.add(key)
     else:
         # A tied head cannot be a plain tile (embedding wants no 1/n, head wants 1/n).
@@ -202,7 +220,7 @@ def compare(
     """Numbers of invariants 1 and 2, and whether they pass the given tolerances.
 
     With depth growth, DST's state i+1 (after layer i) is compared with SRC's state after
-    the layer DST's layer i equals; with a kept tie, residual states are tile(h)/n (the
+    the layer DST's layer i equals; with a kept tie, residual states are tile(h) * s (the
     last state is the final norm's output, scale-invariant, so a plain tile)."""
     g = growth or Growth()
     ls, ld = out_s.logits, out_d.logits
@@ -231,7 +249,8 @@ def compare(
             # (the final state and the logits still are compared).
             continue
         hs = out_s.hidden[src_state[i]]
-        scale = 1 / n if g.keep_tied and i < last else 1.0
+        s = g.residual_scale if g.residual_scale is not None else 1 / n
+        scale = s if g.keep_tied and i < last else 1.0
         # OPT with project_out returns its last state in the ungrown word_embed_proj_dim
         # space: a state as wide as the source's must equal it (a 1-fold tile).
         # (Residual-stream states cannot stay narrow: the grown config fixes their width.)
@@ -280,6 +299,8 @@ def check(src, dst, n=None, m=None, ids=None, model_s=None, out_s=None, growth=N
     out_s = out_s if out_s is not None else forward(model_s, ids)
     if heads is not None:
         growth = Growth(heads=heads)
+    if growth is not None and growth.keep_tied and growth.residual_scale is None:
+        growth = dataclasses.replace(growth, residual_scale=tied_residual_scale(cfg_s, n))
     report = compare(out_s, forward(model_d, ids), n, growth=growth, **tol)
     cfg_errs = check_config(cfg_s, cfg_d, n, m, growth)
     report["problems"] = cfg_errs + report["problems"]

@@ -16,6 +16,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -158,6 +159,16 @@ def test_fsdp_output_reloads_and_trained(setup, fsdp_run):
         a, b = trained(input_ids=ids).logits, start(input_ids=ids).logits
     assert torch.isfinite(a).all()
     assert (a - b).abs().max().item() > 1e-2, "the saved model equals the clone: it did not train"
+    assert_card_kept(clone, out, "continue_fsdp.py")
+
+
+def assert_card_kept(clone: Path, out: Path, script: str):
+    # The clone's model card (provenance, recipe, Hub metadata) survives, with the training
+    # since said below it.
+    card = (out / "README.md").read_text()
+    assert card.startswith((clone / "README.md").read_text().rstrip("\n")), card[:400]
+    tail = card.split("## Continued training", 1)[1]
+    assert f"examples/{script}" in tail and f"{STEPS} steps" in tail and f"lr {LR:g}" in tail, tail
 
 
 def test_trainer_matches_fsdp(setup, fsdp_run, trainer_run):
@@ -182,6 +193,7 @@ def test_trainer_matches_fsdp(setup, fsdp_run, trainer_run):
     assert moved > 1e-2
     # Measured: 1.7e-5 to 3e-5 (weights within 1e-6) after 8 steps that moved logits by ~10.
     assert (a - b).abs().max().item() < 1e-3, "FSDP and Trainer ended at different weights"
+    assert_card_kept(clone, out_t, "continue_trainer.py")
 
 
 def test_fsdp_bf16_mixed_precision(setup, fsdp_run):
@@ -200,6 +212,26 @@ def test_fsdp_bf16_mixed_precision(setup, fsdp_run):
     f32 = fsdp_run[2][0]["loss"]
     assert abs(recs[0]["loss"] - f32) < 2e-2 * f32, (recs[0]["loss"], f32)
     assert all(p.dtype == torch.float32 for p in load(out).parameters())
+
+
+def test_default_lr_is_the_documented_one(tmp_path):
+    # docs/continue-training.md runs both examples with one --lr and explains why (fresh
+    # AdamW at 3e-4 raised the held-out loss); a bare run must get the same, as must the
+    # usage lines at the top of both scripts.
+    doc = (REPO / "docs" / "continue-training.md").read_text()
+    documented = set(re.findall(r"examples/continue_\w+\.py[^`]*?--lr (\S+)", doc, re.S))
+    assert len(documented) == 1, documented
+    lr = float(documented.pop())
+    args = cf.parse_args(["--model", str(FIXTURE), "--data", str(FIXTURE / "config.json"),
+                          "--out", str(tmp_path / "o"), "--steps", "1"])
+    assert args.lr == lr
+    for name in ("continue_fsdp.py", "continue_trainer.py"):
+        usage = (EXAMPLES / name).read_text().split('"""')[1]
+        assert f"[--lr {documented_text(lr)}]" in usage, name
+
+
+def documented_text(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-")
 
 
 def test_bad_arguments(setup, tmp_path, capsys):

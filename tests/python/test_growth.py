@@ -16,6 +16,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
@@ -30,11 +31,13 @@ ALL_SOURCES = {**FAMILY_DIRS, **{name: TINY / name for name in ("llama-gqa-tied"
 
 # Families where a kept tie cannot be exact, and the reason the refusal must name.
 TIE_REFUSED = {
-    "gemma": "sqrt(hidden_size)",
-    "gemma2": "sqrt(hidden_size)",
-    "olmo2": "without a norm",
     "opt": "eps is fixed",
 }
+# Families whose kept tie is not the plain tile(h)/n of pre-norm blocks: Gemma's embedding
+# multiplier (stream at 1/sqrt(n)), Gemma-2's and OLMo-2's post-norms, OLMo-2's un-normed
+# readers. Checked for n = 2 and 3 and every variant.
+TIE_RESCALED = ("gemma-mqa", "gemma2-gqa", "olmo2-gqa")
+VARIANTS = ("symmetric", "noisy", "diagonal", "noisy-diagonal")
 
 
 def config(path: Path) -> dict:
@@ -113,6 +116,22 @@ def test_keep_tied_is_exact_and_stays_tied(name, hyperclone_bin, tmp_path):
     hidden = cfg.get("hidden_size") or cfg.get("n_embd")
     count = lambda d: sum(t.size for f in d.glob("*.safetensors") for t in load_file(f).values())
     assert count(untied) - count(dst) == cfg["vocab_size"] * hidden * 2
+
+
+@pytest.mark.parametrize("name,n,variant", [(f, n, v) for f in TIE_RESCALED for n in (2, 3) for v in VARIANTS],
+                         ids=lambda v: str(v))
+def test_keep_tied_is_exact_with_a_rescaled_stream(name, n, variant, hyperclone_bin, tmp_path):
+    src = family_source(name, tmp_path, tied=True)
+    dst = tmp_path / "dst"
+    run_clone(hyperclone_bin, src, dst, "--factor", n, "--keep-tied", "--variant", variant)
+    tensors = {k: v for f in dst.glob("*.safetensors") for k, v in load_file(f).items()}
+    assert "lm_head.weight" not in tensors
+    check_growth(hyperclone_bin, src, dst, n, cc.Growth(keep_tied=True))
+    # The embedding is tile(E)/n in every family (the head reads it): for Gemma that is
+    # not the untied clone's tile(E)/sqrt(n).
+    emb = load_file(src / "model.safetensors")["model.embed_tokens.weight"]
+    want = np.concatenate([emb] * n, axis=1) / n
+    np.testing.assert_allclose(tensors["model.embed_tokens.weight"], want, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("name", sorted(n for n in ALL_SOURCES if model_type(n) in TIE_REFUSED))

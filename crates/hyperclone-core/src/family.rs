@@ -64,10 +64,14 @@ impl Space {
 /// Whether a tied embedding can stay tied through width growth, exactly.
 ///
 /// Keeping the tie means the head is the embedding, so the embedding cannot be a plain tile
-/// (the head needs 1/n on its hidden columns). Instead the whole residual stream is carried
-/// as tile(h)/n: embedding and every residual writer x 1/n. Norms are scale-invariant once
-/// their eps is divided by n^2, so everything that reads the stream through a norm sees the
-/// usual tile, and the head (the embedding again) reads tile(y) against tile(E)/n: exact.
+/// (the head needs 1/n on its hidden columns). Instead the embedding is written as
+/// tile(E)/n and the whole residual stream is carried as tile(h) * s: s = 1/n, or
+/// sqrt(n)/n = 1/sqrt(n) where the model multiplies embeddings by sqrt(hidden_size) (Gemma:
+/// the multiplier grows by sqrt(n), see [`Family::tied_eps_divisor`]). Every residual writer
+/// gets x s. Norms are scale-invariant once their eps is multiplied by s^2, so everything
+/// that reads the stream through a norm sees the usual tile, and the head (the embedding
+/// again) reads tile(y) against tile(E)/n: exact. Families whose blocks write a norm's output
+/// into the stream or read the stream without a norm say so in [`TiedResidual`].
 #[derive(Debug, Clone, Copy)]
 pub enum TiedGrowth {
     Exact {
@@ -80,6 +84,32 @@ pub enum TiedGrowth {
     },
     /// Why the tie cannot be kept exactly.
     Refused(&'static str),
+}
+
+/// What a kept tie (residual carried as tile(h) * s) needs beyond scaling the embedding and
+/// the residual writers, for families whose blocks are not plain pre-norm blocks.
+#[derive(Debug, Clone, Copy)]
+pub struct TiedResidual {
+    /// Norms whose output is added to the stream (Gemma-2's and OLMo-2's post-norms): their
+    /// output must carry s, so their gain is scaled: `offset + w' = s (offset + w)`. (Their
+    /// input, a residual writer's output, gets s like every writer, so the norm sees it
+    /// scaled like its eps.)
+    pub post_norms: &'static [&'static str],
+    /// The norms compute `x_hat * (offset + w)`: 1 for Gemma's, 0 otherwise.
+    pub norm_offset: f64,
+    /// Tensors that read the stream without a norm (OLMo-2's v_proj, gate_proj, up_proj):
+    /// x 1/s, absorbing it, so that their outputs are the plain tile as behind a norm (the
+    /// gate's activation is not homogeneous; v and up then reach writers scaled by s).
+    pub unnormed_readers: &'static [&'static str],
+}
+
+impl TiedResidual {
+    /// Pre-norm blocks: every reader goes through a norm, every writer is a projection.
+    pub const PRE_NORM: TiedResidual = TiedResidual {
+        post_norms: &[],
+        norm_offset: 0.0,
+        unnormed_readers: &[],
+    };
 }
 
 /// Head counts a clone may have besides the source's x factor (head_dim is always kept, and
@@ -232,6 +262,8 @@ pub struct Family {
     pub embedding_scaled_by_sqrt_hidden: bool,
     /// Whether `--keep-tied` is exact for this family, and how.
     pub tied_growth: TiedGrowth,
+    /// What a kept tie scales besides the embedding and the residual writers.
+    pub tied_residual: TiedResidual,
     /// Which head counts other than the source's x factor the family can load.
     pub head_counts: HeadCounts,
     /// How the family picks sliding-attention layers when config.json has no `layer_types`:
@@ -543,6 +575,7 @@ const fn family(
             eps_key: "rms_norm_eps",
             also_scaled: &[],
         },
+        tied_residual: TiedResidual::PRE_NORM,
         head_counts: HeadCounts::Any,
         layer_sliding: LayerSliding::Never,
         notes,
@@ -553,10 +586,11 @@ const HEAD_DIM_DERIVED: HeadCounts = HeadCounts::Refused(
     "transformers derives its head_dim as hidden_size / num_attention_heads, so the head count is fixed by the width",
 );
 
-const GEMMA_TIE: TiedGrowth = TiedGrowth::Refused(
-    "the model multiplies embeddings by sqrt(hidden_size) but the tied head reads them unscaled, so no one \
-     embedding tensor gives both the input tile(h)/n and the exact logits",
-);
+/// Gemma-2's and OLMo-2's norms whose output is added to the residual stream.
+const POST_NORMS: &[&str] = &[
+    "model.layers.{L}.post_attention_layernorm.weight",
+    "model.layers.{L}.post_feedforward_layernorm.weight",
+];
 const LAYERNORM_TIE: TiedGrowth = TiedGrowth::Exact {
     eps_key: "layer_norm_eps",
     also_scaled: &[],
@@ -678,21 +712,33 @@ pub static FAMILIES: &[Family] = &[
     },
     Family {
         embedding_scaled_by_sqrt_hidden: true,
-        tied_growth: GEMMA_TIE,
         ..family("gemma", true, LLAMA_CORE, "embedding stored as tile/sqrt(n) (the model scales it by sqrt(hidden)); (1+w) norms tiled")
     },
     Family {
         embedding_scaled_by_sqrt_hidden: true,
-        tied_growth: GEMMA_TIE,
+        tied_residual: TiedResidual {
+            post_norms: POST_NORMS,
+            norm_offset: 1.0,
+            unnormed_readers: &[],
+        },
         head_counts: HeadCounts::DividingHidden,
         layer_sliding: LayerSliding::Alternating,
         ..family("gemma2", true, &GEMMA2_RULES, "pre/post norms; soft-capping, query_pre_attn_scalar, sliding window kept")
     },
     Family {
-        tied_growth: TiedGrowth::Refused(
-            "attention and MLP read the residual stream directly, without a norm, so a residual carried as tile(h)/n \
-             would reach them scaled",
-        ),
+        // Attention and MLP read the stream without a norm. q and k pass through
+        // q_norm/k_norm, whose eps is scaled alike, so they keep s; v, gate and up absorb
+        // 1/s, so that (like every pre-norm reader) they give the plain tile and o_proj and
+        // down_proj, scaled by s as writers, feed the post-norms at s.
+        tied_residual: TiedResidual {
+            post_norms: POST_NORMS,
+            norm_offset: 0.0,
+            unnormed_readers: &[
+                "model.layers.{L}.self_attn.v_proj.weight",
+                "model.layers.{L}.mlp.gate_proj.weight",
+                "model.layers.{L}.mlp.up_proj.weight",
+            ],
+        },
         head_counts: HeadCounts::Refused(
             "its q/k norms normalise over all heads at once, so copying some heads more often than others changes \
              their statistics",
@@ -768,6 +814,20 @@ impl Family {
 
     pub fn supported_names() -> Vec<&'static str> {
         FAMILIES.iter().map(|f| f.model_type).collect()
+    }
+
+    /// With a kept tie at width factor n, the residual stream is tile(h) * s with s =
+    /// 1/sqrt(q), and the norms' eps is divided by q. The head is the embedding, so the
+    /// embedding must be tile(E)/n for the logits (tile(y) . tile(E)/n = y . E); the stream
+    /// starts as embedding x multiplier, and a sqrt(hidden_size) multiplier grows by sqrt(n):
+    /// s = 1/n (q = n^2) plainly, s = sqrt(n)/n = 1/sqrt(n) (q = n) for Gemma. q is an
+    /// integer so that eps / q and 1/sqrt(q) (= 1/n exactly for a square) round once.
+    pub fn tied_eps_divisor(&self, n: usize) -> usize {
+        if self.embedding_scaled_by_sqrt_hidden {
+            n
+        } else {
+            n.saturating_mul(n)
+        }
     }
 
     pub fn all_rules(&self) -> impl Iterator<Item = &'static TensorRule> + '_ {

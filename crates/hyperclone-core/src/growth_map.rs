@@ -10,8 +10,8 @@
 //!   `copies + (u < extra)`; readers of the space divide by it.
 //! - Each destination layer names its source layer and whether it is an inserted identity
 //!   block (a copy of its neighbour whose residual writers are zero: LLaMA Pro).
-//! - With a kept tie the residual stream is carried as tile(h)/n (see
-//!   [`crate::family::TiedGrowth`]).
+//! - With a kept tie the residual stream is carried as tile(h) * s, s = 1/n (1/sqrt(n) for
+//!   Gemma) (see [`crate::family::TiedGrowth`]).
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -137,6 +137,9 @@ pub struct GrowthMap {
     pub depth_mode: DepthMode,
     /// The clone keeps the source's tied embedding tied.
     pub keep_tied: bool,
+    /// With a kept tie: the norms' eps is divided by this, and the stream is carried at
+    /// 1/sqrt(it) ([`crate::family::Family::tied_eps_divisor`]); 1 otherwise.
+    pub tied_eps_divisor: usize,
 }
 
 impl GrowthMap {
@@ -168,12 +171,18 @@ impl GrowthMap {
                 ));
             }
         }
+        let keep_tied = o.keep_tied && o.factor > 1;
         Ok(GrowthMap {
             factor: o.factor,
             spaces,
             layers,
             depth_mode: o.depth_mode,
-            keep_tied: o.keep_tied && o.factor > 1,
+            keep_tied,
+            tied_eps_divisor: if keep_tied {
+                cfg.family.tied_eps_divisor(o.factor)
+            } else {
+                1
+            },
         })
     }
 
@@ -214,10 +223,12 @@ impl GrowthMap {
         self.depth_mode == DepthMode::Identity || !self.grows_depth()
     }
 
-    /// The residual stream of the clone is `tile(h) * residual_scale()`.
+    /// The residual stream of the clone is `tile(h) * residual_scale()`: 1, or with a kept
+    /// tie 1/n (1/sqrt(n) for Gemma).
     pub fn residual_scale(&self) -> f64 {
         if self.keep_tied {
-            1.0 / self.factor as f64
+            // sqrt of a perfect square is exact: 1/n to the bit where the divisor is n^2.
+            1.0 / (self.tied_eps_divisor as f64).sqrt()
         } else {
             1.0
         }
@@ -238,7 +249,8 @@ impl GrowthMap {
     }
 
     /// The constant factor on a tensor beyond the kernel's tiling: 0 for the residual writers
-    /// of an identity block, 1/n for residual sources and writers when a tie is kept.
+    /// of an identity block; with a kept tie, s = [`Self::residual_scale`] for residual
+    /// sources and writers (post-norms included) and 1/s for un-normed readers.
     pub fn tensor_scale(
         &self,
         cfg: &ModelConfig,
@@ -257,10 +269,28 @@ impl GrowthMap {
             TiedGrowth::Exact { also_scaled, .. } => also_scaled.contains(&rule.pattern),
             TiedGrowth::Refused(_) => false,
         };
-        if rule.writes_residual() || rule.starts_residual() || also {
+        let tied = &cfg.family.tied_residual;
+        if tied.unnormed_readers.contains(&rule.pattern) {
+            1.0 / self.residual_scale()
+        } else if rule.writes_residual()
+            || rule.starts_residual()
+            || also
+            || tied.post_norms.contains(&rule.pattern)
+        {
             self.residual_scale()
         } else {
             1.0
+        }
+    }
+
+    /// The constant added to every element after [`Self::tensor_scale`]: a kept tie scales
+    /// a post-norm's `offset + w` by s, so its stored gain becomes `s w + (s - 1) offset`.
+    pub fn tensor_shift(&self, cfg: &ModelConfig, rule: &TensorRule) -> f64 {
+        let tied = &cfg.family.tied_residual;
+        if self.keep_tied && tied.norm_offset != 0.0 && tied.post_norms.contains(&rule.pattern) {
+            (self.residual_scale() - 1.0) * tied.norm_offset
+        } else {
+            0.0
         }
     }
 
@@ -617,16 +647,82 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("no tie to keep"), "{err}");
-        let gemma = cfg(json!({"model_type": "gemma", "head_dim": 8}));
+        let opt = cfg(json!({"model_type": "opt", "ffn_dim": 48}));
         let err = GrowthMap::new(
-            &gemma,
+            &opt,
             &GrowthOptions {
                 keep_tied: true,
                 ..options()
             },
         )
         .unwrap_err();
-        assert!(err.to_string().contains("sqrt(hidden_size)"), "{err}");
+        assert!(err.to_string().contains("eps is fixed"), "{err}");
+    }
+
+    #[test]
+    fn a_kept_tie_carries_gemma_at_one_over_sqrt_n() {
+        // The embedding (the head) must be tile(E)/n for the logits; the model multiplies it
+        // by sqrt(n hidden), so the stream starts at sqrt(n)/n = 1/sqrt(n), and eps / n.
+        for n in [2usize, 3] {
+            for model_type in ["gemma", "gemma2"] {
+                let c = cfg(json!({"model_type": model_type, "head_dim": 8}));
+                let m = GrowthMap::new(
+                    &c,
+                    &GrowthOptions {
+                        factor: n,
+                        keep_tied: true,
+                        ..options()
+                    },
+                )
+                .unwrap();
+                assert_eq!(m.tied_eps_divisor, n);
+                let s = m.residual_scale();
+                assert!((s * s * n as f64 - 1.0).abs() < 1e-15, "{s}");
+                let rule = |p: &str| c.family.all_rules().find(|r| r.pattern == p).unwrap();
+                let o = rule("model.layers.{L}.self_attn.o_proj.weight");
+                assert_eq!(m.tensor_scale(&c, o, Some(0)), s);
+                let post = rule("model.layers.{L}.post_attention_layernorm.weight");
+                let q = rule("model.layers.{L}.self_attn.q_proj.weight");
+                assert_eq!(m.tensor_scale(&c, q, Some(0)), 1.0);
+                if model_type == "gemma2" {
+                    // Its post-norm writes the stream: offset + w' = s (1 + w).
+                    assert_eq!(m.tensor_scale(&c, post, Some(0)), s);
+                    assert_eq!(m.tensor_shift(&c, post), s - 1.0);
+                } else {
+                    // Gemma's post_attention_layernorm is the MLP's pre-norm.
+                    assert_eq!(m.tensor_scale(&c, post, Some(0)), 1.0);
+                    assert_eq!(m.tensor_shift(&c, post), 0.0);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_kept_tie_in_olmo2_scales_post_norms_and_absorbs_into_the_gate() {
+        let c = cfg(json!({"model_type": "olmo2"}));
+        let m = GrowthMap::new(
+            &c,
+            &GrowthOptions {
+                factor: 3,
+                keep_tied: true,
+                ..options()
+            },
+        )
+        .unwrap();
+        assert_eq!(m.residual_scale(), 1.0 / 3.0);
+        let rule = |p: &str| c.family.all_rules().find(|r| r.pattern == p).unwrap();
+        let scale = |p: &str| m.tensor_scale(&c, rule(p), Some(0));
+        assert_eq!(scale("model.layers.{L}.mlp.gate_proj.weight"), 3.0);
+        assert_eq!(scale("model.layers.{L}.mlp.up_proj.weight"), 3.0);
+        assert_eq!(scale("model.layers.{L}.self_attn.v_proj.weight"), 3.0);
+        assert_eq!(scale("model.layers.{L}.mlp.down_proj.weight"), 1.0 / 3.0);
+        assert_eq!(
+            scale("model.layers.{L}.post_feedforward_layernorm.weight"),
+            1.0 / 3.0
+        );
+        assert_eq!(scale("model.layers.{L}.self_attn.q_proj.weight"), 1.0);
+        let post = rule("model.layers.{L}.post_feedforward_layernorm.weight");
+        assert_eq!(m.tensor_shift(&c, post), 0.0);
     }
 
     #[test]

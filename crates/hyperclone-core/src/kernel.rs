@@ -278,6 +278,7 @@ pub struct Expansion<'a> {
     col_pieces: Vec<Piece>,
     diagonal: bool,
     scale: f64,
+    shift: f64,
     noise: Option<Noise>,
 }
 
@@ -292,6 +293,10 @@ pub struct ExpansionSpec {
     /// A constant factor on the whole tensor (Gemma's embedding: 1/sqrt(n), since the model
     /// multiplies embeddings by sqrt(hidden_size), which grows by sqrt(n)).
     pub scale: f64,
+    /// A constant added to every element after the scale (a kept tie's Gemma-2 post-norm
+    /// gains, `s w + (s - 1)`); only for tensors whose read axis is not grown, where every
+    /// element is a copy of one source element.
+    pub shift: f64,
 }
 
 impl<'a> Expansion<'a> {
@@ -316,6 +321,11 @@ impl<'a> Expansion<'a> {
         cache_limit: usize,
     ) -> Result<Self, String> {
         let (axes, read_axis) = two_axes(axes)?;
+        if spec.shift != 0.0 && axes[read_axis].dest_len() != axes[read_axis].src_len() {
+            return Err(
+                "a constant shift applies only to tensors whose read axis is not grown".into(),
+            );
+        }
         let numel = axes[0].src_len() * axes[1].src_len();
         if src.len() != numel * src_dtype.size() {
             return Err(format!(
@@ -334,6 +344,7 @@ impl<'a> Expansion<'a> {
             read_axis,
             diagonal: spec.variant.is_diagonal(),
             scale: spec.scale,
+            shift: spec.shift,
             noise: None,
         };
         if spec.variant.is_noisy() && exp.read_blocks() >= 2 {
@@ -510,6 +521,12 @@ impl<'a> Expansion<'a> {
                 _ => {
                     for (d, s) in block.iter_mut().zip(source) {
                         *d = s * scale;
+                    }
+                    // Only when set: adding 0.0 would turn -0.0 into +0.0.
+                    if self.shift != 0.0 {
+                        for d in block.iter_mut() {
+                            *d += self.shift;
+                        }
                     }
                     continue;
                 }
@@ -845,6 +862,7 @@ mod tests {
             noise_key: 7,
             out_dtype: dtype,
             scale: 1.0,
+            shift: 0.0,
         };
         let e = Expansion::new(&src, dtype, axes, spec).unwrap();
         let shape = e.dest_shape();
@@ -1044,6 +1062,7 @@ mod tests {
             noise_key: 3,
             out_dtype: DType::BF16,
             scale: 1.0,
+            shift: 0.0,
         };
         let axes = [ax(40, 2, Role::Write), ax(8, 2, Role::Read)];
         let e = Expansion::new(&src, DType::BF16, &axes, spec).unwrap();
@@ -1160,6 +1179,7 @@ mod tests {
             noise_key: 1,
             out_dtype: DType::F64,
             scale: 0.5,
+            shift: 0.0,
         };
         let e = Expansion::new(
             &src,
@@ -1176,6 +1196,40 @@ mod tests {
                 assert_eq!(d[r * 12 + c], w[r * 3 + c % 3] * 0.5);
             }
         }
+    }
+
+    #[test]
+    fn shift_is_added_after_the_scale_and_only_where_reads_are_not_grown() {
+        // A norm gain (one write axis): offset + w' = s (offset + w) with offset 1.
+        let w = weights(3);
+        let src = encode(&w, DType::F64);
+        let s = 0.5f64.sqrt();
+        let spec = ExpansionSpec {
+            variant: Variant::Noisy,
+            snr_db: 10.0,
+            noise_key: 1,
+            out_dtype: DType::F64,
+            scale: s,
+            shift: s - 1.0,
+        };
+        let e = Expansion::new(&src, DType::F64, &[ax(3, 2, Role::Write)], spec).unwrap();
+        let mut out = vec![0u8; e.dest_row_bytes()];
+        e.fill_rows(0, &mut out);
+        let d = decode(&out, DType::F64);
+        for (j, x) in d.iter().enumerate() {
+            let want = s * (1.0 + w[j % 3]);
+            assert!(((1.0 + x) - want).abs() <= 4.0 * f64::EPSILON, "{j}: {x}");
+        }
+        // A grown read axis would add the shift to blocks that must sum to W: refused.
+        let err = Expansion::new(
+            &encode(&weights(4 * 3), DType::F64),
+            DType::F64,
+            &[ax(4, 2, Role::Read), ax(3, 2, Role::Write)],
+            spec,
+        )
+        .err()
+        .unwrap();
+        assert!(err.contains("read axis is not grown"), "{err}");
     }
 
     /// Destination index -> source unit along a grown segment.
@@ -1352,6 +1406,7 @@ mod tests {
             noise_key: 1,
             out_dtype: DType::BF16,
             scale: 1.0,
+            shift: 0.0,
         };
         let small = encode(&weights(24), DType::BF16);
         let e = Expansion::new(
@@ -1560,6 +1615,7 @@ mod pinned_bytes {
             noise_key,
             out_dtype,
             scale: 1.0,
+            shift: 0.0,
         };
         let axes = [rows, cols];
         let digests = [0, usize::MAX].map(|cache_limit| {

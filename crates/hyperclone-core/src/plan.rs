@@ -144,6 +144,8 @@ pub struct DestTensor {
     pub noise_key: u64,
     /// A constant factor on the whole tensor (1 except Gemma-style scaled embeddings).
     pub scale: f64,
+    /// A constant added after the scale (0 except a kept tie's Gemma-2 post-norm gains).
+    pub shift: f64,
 }
 
 impl DestTensor {
@@ -403,6 +405,7 @@ fn dest_tensor(
         component,
         noise_key: name_key(options.seed, name),
         scale,
+        shift: map.tensor_shift(cfg, rule),
     })
 }
 
@@ -463,17 +466,18 @@ fn grown_config(
         }
     }
     if map.keep_tied {
-        // The residual is carried as tile(h)/n: norms stay exact when eps shrinks by n^2.
+        // The residual is carried as tile(h) * s: norms stay exact when eps scales by s^2
+        // (divided by n^2, or by n for Gemma).
         let crate::family::TiedGrowth::Exact { eps_key, .. } = cfg.family.tied_growth else {
             unreachable!("GrowthMap::new refuses families where a tie cannot be kept");
         };
+        let q = map.tied_eps_divisor;
         let eps = cfg.raw.get(eps_key).and_then(Value::as_f64).ok_or_else(|| {
             Error::Options(format!(
-                "--keep-tied: config.json has no numeric `{eps_key}`, and the norms' eps must be divided by n^2"
+                "--keep-tied: config.json has no numeric `{eps_key}`, and the norms' eps must be divided by {q}"
             ))
         })?;
-        let n = options.factor as f64;
-        set(eps_key, (eps / (n * n)).into());
+        set(eps_key, (eps / q as f64).into());
     } else {
         // Otherwise the clone stores the head as its own tensor (a tied head would need a
         // 1/n scale that a plain from_pretrained cannot express).

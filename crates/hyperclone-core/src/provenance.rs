@@ -340,17 +340,26 @@ pub fn model_card(ckpt: &Checkpoint, plan: &Plan, prov: &Provenance) -> String {
     let mut s = card_front_matter(prov);
     let _ = writeln!(s, "\n# HyperCloned from `{}`\n", prov.source);
     let map = &plan.map;
+    // The stream's divisor with a kept tie: n, or sqrt(n) (Gemma), see Family::tied_eps_divisor.
+    let divisor = if map.tied_eps_divisor == o.factor.saturating_mul(o.factor) {
+        o.factor.to_string()
+    } else {
+        format!("sqrt({})", map.tied_eps_divisor)
+    };
     let stream = if map.keep_tied {
         format!(
-            "{} stacked copies of the source's, divided by {}",
-            o.factor, o.factor
+            "{} stacked copies of the source's, divided by {divisor}",
+            o.factor
         )
     } else {
         format!("{} stacked copies of the source's", o.factor)
     };
     let _ = writeln!(
         s,
-        "This checkpoint was grown with [hyperclone](https://arxiv.org/abs/2409.12903) {TOOL_VERSION}: every weight of the \
+        // The project has no public address, so it is named without a link; the link is
+        // the method's paper, labelled as such.
+        "This checkpoint was grown with hyperclone {TOOL_VERSION}, an implementation of HyperCloning \
+         ([Samragh et al., 2024](https://arxiv.org/abs/2409.12903)): every weight of the \
          source `{}` model was tiled so that this wider model {} (each hidden vector is {stream}). Continue \
          pre-training from here.\n",
         cfg.family.model_type,
@@ -424,9 +433,8 @@ pub fn model_card(ckpt: &Checkpoint, plan: &Plan, prov: &Provenance) -> String {
     if map.keep_tied {
         let _ = writeln!(
             s,
-            "- tied embedding kept: the residual stream is carried as tile(h)/{n}, norm eps divided by {}",
-            o.factor * o.factor,
-            n = o.factor
+            "- tied embedding kept: the residual stream is carried as tile(h)/{divisor}, norm eps divided by {}",
+            map.tied_eps_divisor
         );
     }
     let _ = writeln!(s, "- variant: {}", o.variant.name());

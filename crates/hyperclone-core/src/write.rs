@@ -151,18 +151,7 @@ pub fn write_clone(
         pretty_json(&serde_json::Value::Object(plan.config.clone())),
     )?;
     small("README.md", model_card.as_bytes().to_vec())?;
-    let mut companions: Vec<PathBuf> = fs::read_dir(&ckpt.dir)
-        .map_err(|e| Error::io(&ckpt.dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_file()
-                && p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(is_companion_file)
-        })
-        .collect();
-    companions.sort();
-    for p in companions {
+    for p in companion_files(&ckpt.dir)? {
         let name = p
             .file_name()
             .and_then(|n| n.to_str())
@@ -567,6 +556,39 @@ pub struct GrownTensor {
     pub data: Vec<u8>,
 }
 
+/// The source's companion files (tokenizer, generation config, ...) a clone copies, sorted.
+fn companion_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut companions: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(is_companion_file)
+        })
+        .collect();
+    companions.sort();
+    Ok(companions)
+}
+
+/// Every file a clone of `plan` writes, in [`write_clone`]'s order: the shards, the index
+/// when sharded, config.json, README.md, then the source's companion files (what `plan`
+/// announces and `clone` then reports).
+pub fn output_file_names(ckpt: &Checkpoint, plan: &Plan) -> Result<Vec<String>> {
+    let mut files: Vec<String> = plan.shards.iter().map(|s| s.file_name.clone()).collect();
+    if plan.is_sharded() {
+        files.push(INDEX_FILE.to_string());
+    }
+    files.extend(["config.json".to_string(), "README.md".to_string()]);
+    for p in companion_files(&ckpt.dir)? {
+        if let Some(name) = p.file_name().and_then(|n| n.to_str()) {
+            files.push(name.to_string());
+        }
+    }
+    Ok(files)
+}
+
 /// Grows every tensor of `plan` into memory instead of files (the same kernel, the same
 /// checks, the same bytes as the files [`write_clone`] writes).
 pub fn grow_tensors(
@@ -635,6 +657,7 @@ fn expand_tensor(
         noise_key: t.noise_key,
         out_dtype: t.dtype,
         scale: t.scale,
+        shift: t.shift,
     };
     let exp = Expansion::new(data, src.info.dtype, &t.axes, spec)
         .map_err(|m| Error::tensor(&file.path, &src.info.name, m))?;

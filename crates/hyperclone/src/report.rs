@@ -62,7 +62,11 @@ fn growth_summary(ckpt: &Checkpoint, plan: &Plan) -> String {
         ));
     }
     if m.keep_tied {
-        parts.push("embedding kept tied, residual carried as tile/n".into());
+        parts.push(if m.tied_eps_divisor == m.factor.saturating_mul(m.factor) {
+            "embedding kept tied, residual carried as tile/n".into()
+        } else {
+            "embedding kept tied, residual carried as tile/sqrt(n)".into()
+        });
     }
     parts.join(", ")
 }
@@ -111,10 +115,27 @@ pub fn plan(ckpt: &Checkpoint, plan: &Plan, as_json: bool) {
         human_params(b),
         human_params(a)
     );
+    // Every file the clone writes, counted as `clone` counts them (not only the shards).
+    let files = match hyperclone_core::write::output_file_names(ckpt, plan) {
+        Ok(f) => {
+            let copied = f.len() - plan.shards.len() - 2 - usize::from(plan.is_sharded());
+            format!(
+                "{} file(s): {} safetensors{}, config.json, README.md{}",
+                f.len(),
+                plan.shards.len(),
+                if plan.is_sharded() { " + index" } else { "" },
+                if copied > 0 {
+                    format!(", {copied} copied from the source (tokenizer, ...)")
+                } else {
+                    String::new()
+                }
+            )
+        }
+        Err(_) => format!("{} safetensors file(s)", plan.shards.len()),
+    };
     outln!(
-        "\noutput: {} in {} file(s); expected peak memory {} (source pages are memory-mapped, not counted)",
+        "\noutput: {} in {files}; expected peak memory {} (source pages are memory-mapped, not counted)",
         human_bytes(plan.output_bytes()),
-        plan.shards.len(),
         human_bytes(plan.peak_memory_bytes(threads()))
     );
 }

@@ -86,6 +86,16 @@ fn clone_writes_a_complete_loadable_folder() {
         card.contains(&small.config_sha256().unwrap())
             && card.contains("hyperclone clone SRC DST --factor 2")
     );
+    // The tool is named, not linked to the paper as if the paper were the tool; the paper's
+    // link is labelled as the paper.
+    assert!(!card.contains("[hyperclone]("), "{card}");
+    assert!(
+        card.contains("grown with hyperclone ")
+            && card.contains(
+                "HyperCloning ([Samragh et al., 2024](https://arxiv.org/abs/2409.12903))"
+            ),
+        "{card}"
+    );
 
     // o_proj: [hidden x2 (write), heads x2 (read)] = 1/2 [[W, W], [W, W]].
     let (w, _) = decode(&small, "model.layers.1.self_attn.o_proj.weight");
@@ -465,4 +475,42 @@ fn growing_in_memory_equals_the_clone_on_disk() {
         .unwrap()
         .to_string();
     assert!(e.contains("layer 9 does not exist"), "{e}");
+}
+
+/// `plan` announces the file count that `clone` then reports, and both count every file
+/// written (shards, index, config.json, README.md, the copied tokenizer files), not only
+/// the shards.
+#[test]
+fn plan_and_clone_count_the_same_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    Tiny::default().write(&tmp.path().join("src"));
+    let count = |text: &str, marker: &str| -> usize {
+        let at = text
+            .find(marker)
+            .unwrap_or_else(|| panic!("no `{marker}` in {text}"));
+        let before = text[..at].trim_end();
+        before[before.rfind(' ').unwrap() + 1..].parse().unwrap()
+    };
+    for (i, shard) in ["5GB", "8KB"].into_iter().enumerate() {
+        let args = ["--factor", "2", "--dtype", "f32", "--shard-size", shard];
+        let plan = run(&[&["plan", "src"][..], &args].concat(), tmp.path());
+        assert!(plan.status.success(), "{}", stderr(&plan));
+        let planned = count(&String::from_utf8_lossy(&plan.stdout), " file(s):");
+        let dst = format!("dst{i}");
+        let clone = run(&[&["clone", "src", &dst][..], &args].concat(), tmp.path());
+        assert!(clone.status.success(), "{}", stderr(&clone));
+        let written = listing(&tmp.path().join(&dst)).len();
+        assert_eq!(
+            count(&String::from_utf8_lossy(&clone.stdout), " file(s)"),
+            written
+        );
+        assert_eq!(
+            planned,
+            written,
+            "{}",
+            String::from_utf8_lossy(&plan.stdout)
+        );
+        // shards + config.json + README.md + generation_config.json + tokenizer.json (+ index)
+        assert!(written >= 5 + i, "{written}");
+    }
 }
