@@ -289,3 +289,56 @@ fn a_fused_layout_tiled_as_one_block_fails() {
         assert_eq!(v["first_divergence"], "layer 0", "{fx} {name}: {v}");
     }
 }
+
+/// The dense families of 2026 (issue 19): every variant, n = 2 and 3, stored in f64, then an
+/// FFN factor != n with depth growth in one clone; the Rust decoder must find them exact.
+const DENSE_2026: [&str; 4] = [
+    "smollm3-nope",
+    "granite-gqa",
+    "olmo3-sliding",
+    "gemma3-text",
+];
+
+#[test]
+fn dense_2026_family_clones_verify_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    for fx in DENSE_2026 {
+        for n in [2, 3] {
+            for variant in ["symmetric", "noisy", "diagonal", "noisy-diagonal"] {
+                let dst = tmp.path().join(format!("{fx}-{n}-{variant}"));
+                clone(&family(fx), &dst, n, variant, "f64");
+                let (ok, v) = verify(&family(fx), &dst);
+                assert!(ok, "{fx} x{n} {variant}: {v}");
+                assert!(
+                    v["max_rel_logit_diff"].as_f64().unwrap() <= 1e-9,
+                    "{fx} x{n} {variant}: {v}"
+                );
+            }
+        }
+        // Width, FFN and depth at once: per-layer lists (layer_types, no_rope_layers) follow
+        // each source layer to its new index.
+        let dst = tmp.path().join(format!("{fx}-grown"));
+        let o = hc(&[
+            "clone",
+            family(fx).to_str().unwrap(),
+            dst.to_str().unwrap(),
+            "--factor",
+            "2",
+            "--ffn-factor",
+            "3",
+            "--depth-factor",
+            "2",
+            "--variant",
+            "noisy",
+            "--dtype",
+            "f64",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let (ok, v) = verify(&family(fx), &dst);
+        assert!(ok, "{fx} x2 ffn x3 depth x2: {v}");
+        assert!(
+            v["max_rel_logit_diff"].as_f64().unwrap() <= 1e-9,
+            "{fx}: {v}"
+        );
+    }
+}
