@@ -342,3 +342,43 @@ fn dense_2026_family_clones_verify_exactly() {
         );
     }
 }
+
+/// Layouts the 2026 dense families derive from the layer index when config.json does not
+/// list them (tests/fixtures/make_window_fixtures.py): width growth keeps them exactly; depth
+/// growth would move layers to indices with another layout, so it is refused, naming the key.
+#[test]
+fn dense_2026_index_derived_layouts_grow_wide_and_refuse_depth() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (fx, key) in [
+        ("gemma3-window-by-index", "`layer_types`"),
+        ("olmo3-window-by-index", "`layer_types`"),
+        ("smollm3-nope-by-index", "`no_rope_layers`"),
+    ] {
+        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/windows")
+            .join(fx);
+        let dst = tmp.path().join(fx);
+        clone(&src, &dst, 2, "noisy", "f64");
+        let (ok, v) = verify(&src, &dst);
+        assert!(ok, "{fx}: {v}");
+        assert!(
+            v["max_rel_logit_diff"].as_f64().unwrap() <= 1e-9,
+            "{fx}: {v}"
+        );
+        let deep = tmp.path().join(format!("{fx}-deep"));
+        let o = hc(&[
+            "clone",
+            src.to_str().unwrap(),
+            deep.to_str().unwrap(),
+            "--factor",
+            "2",
+            "--depth-factor",
+            "2",
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{fx}: depth growth must be refused");
+        assert!(err.contains(key), "{fx}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{fx}: one error line: {err}");
+        assert!(!deep.exists(), "{fx}: nothing written");
+    }
+}
