@@ -555,7 +555,9 @@ impl DecoderSpec {
         positive("rope_theta", rope_theta)?;
         positive("rope_local_base_freq", local_rope_theta)?;
         let layer_rope = layer_ropes(c.family.model_type, raw, c.num_hidden_layers);
-        if layer_rope.len() != c.num_hidden_layers {
+        if no_rope_layers(c.family.model_type, raw, c.num_hidden_layers).len()
+            != c.num_hidden_layers
+        {
             return Err(NnError::Unsupported(format!(
                 "{path}: `no_rope_layers` must list 0 or 1 for each of the {} layers",
                 c.num_hidden_layers

@@ -382,3 +382,90 @@ fn dense_2026_index_derived_layouts_grow_wide_and_refuse_depth() {
         assert!(!deep.exists(), "{fx}: nothing written");
     }
 }
+
+/// Switches of the 2026 dense families the Rust decoder does not implement, or values that
+/// are not a model: `forward` refuses each in one error line naming the key (a clean forward
+/// of the untouched fixture first, so the refusal is the edit's).
+#[test]
+fn dense_2026_unimplemented_switches_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: [(&str, &str, Value, &str); 9] = [
+        (
+            "gemma3-text",
+            "use_bidirectional_attention",
+            serde_json::json!(true),
+            "use_bidirectional_attention",
+        ),
+        (
+            "gemma3-text",
+            "rope_parameters",
+            serde_json::json!({"sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+                   "full_attention": {"rope_type": "default", "rope_theta": 1e6}}),
+            "rope_type `linear`",
+        ),
+        (
+            "gemma3-text",
+            "final_logit_softcapping",
+            serde_json::json!(0.0),
+            "final_logit_softcapping",
+        ),
+        (
+            "smollm3-nope",
+            "no_rope_layers",
+            serde_json::json!([1]),
+            "no_rope_layers",
+        ),
+        (
+            "smollm3-nope",
+            "no_rope_layers",
+            serde_json::json!([1, 2]),
+            "no_rope_layers",
+        ),
+        (
+            "granite-gqa",
+            "logits_scaling",
+            serde_json::json!(0.0),
+            "logits_scaling",
+        ),
+        (
+            "granite-gqa",
+            "attention_multiplier",
+            serde_json::json!("x"),
+            "attention_multiplier",
+        ),
+        (
+            "granite-gqa",
+            "residual_multiplier",
+            Value::Null,
+            "residual_multiplier",
+        ),
+        (
+            "granite-gqa",
+            "embedding_multiplier",
+            serde_json::json!([1.0]),
+            "embedding_multiplier",
+        ),
+    ];
+    for (i, (fx, key, value, expect)) in cases.into_iter().enumerate() {
+        let dir = tmp.path().join(format!("{i}-{fx}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(family(fx).join(f), dir.join(f)).unwrap();
+        }
+        let ok = hc(&["forward", dir.to_str().unwrap(), "--tokens", "1,2,3"]);
+        assert!(
+            ok.status.success(),
+            "{fx}: {}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
+        let path = dir.join("config.json");
+        let mut cfg: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        cfg[key] = value;
+        std::fs::write(&path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+        let o = hc(&["forward", dir.to_str().unwrap(), "--tokens", "1,2,3"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{fx} {key}: must be refused");
+        assert!(err.contains(expect), "{fx} {key}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{fx} {key}: one line: {err}");
+    }
+}
