@@ -792,4 +792,76 @@ mod tests {
         let opt = map(json!({"layer_norm_elementwise_affine": false}));
         assert!(refuse_unimplemented("opt", &opt, "c.json").is_err());
     }
+
+    /// transformers 5.23's rules for the 2026 dense families: which layers slide and which
+    /// rope each layer uses, with and without the explicit lists.
+    #[test]
+    fn dense_2026_layouts_follow_each_family() {
+        let (w, g, loc, no) = (
+            Some(4),
+            LayerRope::Global,
+            LayerRope::Local,
+            LayerRope::None,
+        );
+        // Gemma-3: every sliding_window_pattern-th layer (default 6) is global.
+        let gemma3 = map(json!({"sliding_window": 4, "sliding_window_pattern": 2}));
+        assert_eq!(sliding_windows("gemma3_text", &gemma3, 3), vec![w, None, w]);
+        assert_eq!(layer_ropes("gemma3_text", &gemma3, 3), vec![loc, g, loc]);
+        let six = sliding_windows("gemma3_text", &map(json!({"sliding_window": 4})), 7);
+        assert_eq!(six, vec![w, w, w, w, w, None, w]);
+        // A null window still leaves the sliding layers their own rope.
+        let nulled = map(
+            json!({"sliding_window": null, "layer_types": ["full_attention", "sliding_attention"]}),
+        );
+        assert_eq!(sliding_windows("gemma3_text", &nulled, 2), vec![None, None]);
+        assert_eq!(layer_ropes("gemma3_text", &nulled, 2), vec![g, loc]);
+        // OLMo-3: every 4th layer global; layer_types wins when given.
+        let olmo3 = map(json!({"sliding_window": 4}));
+        assert_eq!(sliding_windows("olmo3", &olmo3, 4), vec![w, w, w, None]);
+        assert_eq!(layer_ropes("olmo3", &olmo3, 4), vec![loc, loc, loc, g]);
+        // OLMo-2 has one rope and no window.
+        assert_eq!(layer_ropes("olmo2", &olmo3, 2), vec![g, g]);
+        // SmolLM3: no_rope_layers (default every 4th layer NoPE); NoPE layers slide only with
+        // use_sliding_window and a window.
+        let smol = map(
+            json!({"no_rope_layer_interval": 2, "use_sliding_window": true, "sliding_window": 4}),
+        );
+        assert_eq!(layer_ropes("smollm3", &smol, 3), vec![g, no, g]);
+        assert_eq!(sliding_windows("smollm3", &smol, 3), vec![None, w, None]);
+        let listed = map(
+            json!({"no_rope_layers": [0, 1], "use_sliding_window": false, "sliding_window": 4}),
+        );
+        assert_eq!(layer_ropes("smollm3", &listed, 2), vec![no, g]);
+        assert_eq!(sliding_windows("smollm3", &listed, 2), vec![None, None]);
+        assert_eq!(
+            layer_ropes("smollm3", &map(json!({})), 5),
+            vec![g, g, g, no, g]
+        );
+        // Entries other than 0 and 1 end the list (refused by the caller).
+        assert_eq!(
+            no_rope_layers("smollm3", &map(json!({"no_rope_layers": [1, 2]})), 2),
+            vec![true]
+        );
+        // Granite: attention_multiplier (default 1) replaces head_dim^-0.5.
+        let granite = map(json!({"attention_multiplier": 0.0625}));
+        assert_eq!(
+            attention_scales("granite", &granite, 16, 2),
+            vec![0.0625, 0.0625]
+        );
+        assert_eq!(
+            attention_scales("granite", &map(json!({})), 16, 1),
+            vec![1.0]
+        );
+        // Gemma-3 reads query_pre_attn_scalar (default 256) and refuses bidirectional attention.
+        assert_eq!(
+            attention_scales("gemma3_text", &map(json!({})), 16, 1),
+            vec![1.0 / 16.0]
+        );
+        let bi = map(json!({"use_bidirectional_attention": true}));
+        assert!(refuse_unimplemented("gemma3_text", &bi, "c.json").is_err());
+        assert_eq!(
+            activation_name("gemma3_text", &map(json!({"hidden_act": "relu"}))),
+            "gelu_pytorch_tanh"
+        );
+    }
 }
