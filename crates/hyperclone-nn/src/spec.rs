@@ -75,6 +75,8 @@ pub struct DecoderSpec {
     pub layer_rope: Vec<LayerRope>,
     /// rope_theta of the [`LayerRope::Local`] table.
     pub local_rope_theta: f64,
+    /// Linear rope scaling of the global table: inverse frequencies divided by it.
+    pub linear_rope_factor: Option<f64>,
     /// Granite's `residual_multiplier`: attention and MLP outputs scaled before they are added.
     pub residual_multiplier: Option<f64>,
     /// Granite's `logits_scaling`: the logits are divided by it.
@@ -454,6 +456,7 @@ impl DecoderSpec {
         }
         .filter(|v| !v.is_null());
         let mut llama3_rope = None;
+        let mut linear_rope_factor = None;
         if let Some(r) = rope {
             let kind = r
                 .get("rope_type")
@@ -462,6 +465,13 @@ impl DecoderSpec {
                 .unwrap_or("default");
             match kind {
                 "default" => {}
+                // modeling_rope_utils' linear scaling: every inverse frequency / factor
+                // (Gemma-3's global layers from 4B up).
+                "linear" => {
+                    linear_rope_factor = Some(num(r.get("factor")).ok_or_else(|| {
+                        NnError::Unsupported(format!("{path}: linear rope without `factor`"))
+                    })?);
+                }
                 "llama3" => {
                     let f = |k: &str| {
                         num(r.get(k)).ok_or_else(|| NnError::Unsupported(format!("{path}: llama3 rope without `{k}`")))
@@ -553,6 +563,9 @@ impl DecoderSpec {
             }
         };
         positive("rope_theta", rope_theta)?;
+        if let Some(f) = linear_rope_factor {
+            positive("rope_scaling.factor", f)?;
+        }
         positive("rope_local_base_freq", local_rope_theta)?;
         let layer_rope = layer_ropes(c.family.model_type, raw, c.num_hidden_layers);
         if no_rope_layers(c.family.model_type, raw, c.num_hidden_layers).len()
@@ -663,6 +676,7 @@ impl DecoderSpec {
                 .or(embedding_multiplier),
             layer_rope,
             local_rope_theta,
+            linear_rope_factor,
             residual_multiplier,
             logits_divisor,
         })
@@ -681,6 +695,10 @@ impl DecoderSpec {
         (0..half)
             .map(|i| {
                 let inv = 1.0 / self.rope_theta.powf((2 * i) as f64 / rot as f64);
+                let inv = match self.linear_rope_factor {
+                    Some(f) => inv / f,
+                    None => inv,
+                };
                 match self.llama3_rope {
                     None => inv,
                     Some(r) => {

@@ -294,6 +294,7 @@ fn dense_2026_families_get_the_finite_difference_gradient() {
         "granite-gqa",
         "olmo3-sliding",
         "gemma3-text",
+        "gemma3-linear-rope",
     ] {
         finite_difference_gradients(name);
     }

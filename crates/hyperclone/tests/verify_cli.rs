@@ -292,11 +292,12 @@ fn a_fused_layout_tiled_as_one_block_fails() {
 
 /// The dense families of 2026 (issue 19): every variant, n = 2 and 3, stored in f64, then an
 /// FFN factor != n with depth growth in one clone; the Rust decoder must find them exact.
-const DENSE_2026: [&str; 4] = [
+const DENSE_2026: [&str; 5] = [
     "smollm3-nope",
     "granite-gqa",
     "olmo3-sliding",
     "gemma3-text",
+    "gemma3-linear-rope",
 ];
 
 #[test]
