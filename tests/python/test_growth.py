@@ -32,6 +32,8 @@ ALL_SOURCES = {**FAMILY_DIRS, **{name: TINY / name for name in ("llama-gqa-tied"
 # Families where a kept tie cannot be exact, and the reason the refusal must name.
 TIE_REFUSED = {
     "opt": "eps is fixed",
+    "gemma3_text": "sqrt(hidden_size)",
+    "olmo3": "without a norm",
 }
 # Families whose kept tie is not the plain tile(h)/n of pre-norm blocks: Gemma's embedding
 # multiplier (stream at 1/sqrt(n)), Gemma-2's and OLMo-2's post-norms, OLMo-2's un-normed
@@ -224,8 +226,10 @@ def test_everything_at_once_and_replayed_from_the_recipe(name, hyperclone_bin, t
 
 # transformers derives head_dim from hidden / heads (or olmo2: q/k norms over all heads).
 HEADS_REFUSED = {"gpt2", "gpt_neox", "opt", "stablelm", "olmo2"}
+HEADS_REFUSED |= {"olmo3"}  # OLMo-2's q/k norms over all heads
 # transformers' config validation wants the head count to divide the hidden size.
 HEADS_DIVIDING_HIDDEN = {"llama", "gemma2"}
+HEADS_DIVIDING_HIDDEN |= {"smollm3", "granite", "gemma3_text"}
 
 
 def other_head_count(cfg, model_type: str, n: int = 2) -> int:

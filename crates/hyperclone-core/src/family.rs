@@ -271,6 +271,10 @@ pub struct Family {
     pub layer_sliding: LayerSliding,
     /// Shown in the support table.
     pub notes: &'static str,
+    /// Config keys other than `layer_types` that hold one entry per layer (SmolLM3's
+    /// `no_rope_layers`): depth growth moves each entry with its layer. When such a key is
+    /// absent the model derives it from the layer index, so depth growth is refused.
+    pub per_layer_keys: &'static [&'static str],
 }
 
 /// How a family chooses its sliding-attention layers (transformers 5.23), for growth and for
@@ -288,6 +292,16 @@ pub enum LayerSliding {
     /// Only with `use_sliding_window`; then `layer_types` if given, else the layers from
     /// `max_window_layers` (default 28) on (Qwen2, Qwen3).
     FromMaxWindowLayers,
+    /// `layer_types` if given, else every layer slides except each `period`-th (layer l is
+    /// global when (l + 1) % period == 0); `period_key` overrides the period when config.json
+    /// has it (Gemma-3's `sliding_window_pattern`, default 6; OLMo-3: 4).
+    Periodic {
+        period_key: Option<&'static str>,
+        period: usize,
+    },
+    /// Only with `use_sliding_window` and a window; then `layer_types` if given, else the
+    /// NoPE layers (SmolLM3: `no_rope_layers[l] == 0`).
+    NoRopeLayersIfEnabled,
 }
 
 use Component as C;
@@ -579,6 +593,7 @@ const fn family(
         head_counts: HeadCounts::Any,
         layer_sliding: LayerSliding::Never,
         notes,
+        per_layer_keys: &[],
     }
 }
 
@@ -671,6 +686,17 @@ const STABLELM_RULES: [&[TensorRule]; 10] = concat(&[
     MLP_GATED,
     FINAL_NORM_AND_HEAD,
     LAYERNORM_FINAL_BIAS,
+]);
+const GEMMA3_RULES: [&[TensorRule]; 9] = concat(&[
+    EMBED_TOKENS,
+    INPUT_NORM,
+    ATTN_QKVO,
+    POST_ATTN_NORM,
+    PRE_FFN_NORM,
+    POST_FFN_NORM,
+    MLP_GATED,
+    FINAL_NORM_AND_HEAD,
+    QK_NORM_PER_HEAD,
 ]);
 const STARCODER2_RULES: [&[TensorRule]; 9] = concat(&[
     EMBED_TOKENS,
@@ -804,6 +830,35 @@ pub static FAMILIES: &[Family] = &[
         ),
         head_counts: HEAD_DIM_DERIVED,
         ..family("opt", true, &[OPT], "learned positions (offset 2); project_in/out kept ungrown when word_embed_proj_dim != hidden")
+    },
+    Family {
+        head_counts: HeadCounts::DividingHidden,
+        layer_sliding: LayerSliding::NoRopeLayersIfEnabled,
+        per_layer_keys: &["no_rope_layers"],
+        ..family("smollm3", true, &LLAMA_RULES, "NoPE layers (no_rope_layers) kept layer by layer; optional sliding window")
+    },
+    Family {
+        head_counts: HeadCounts::DividingHidden,
+        ..family("granite", false, &LLAMA_RULES, "embedding/residual/attention multipliers and logits_scaling kept (none depends on the width)")
+    },
+    Family {
+        tied_growth: TiedGrowth::Refused(
+            "attention and MLP read the residual stream directly, without a norm, so a residual carried as tile(h)/n \
+             would reach them scaled",
+        ),
+        head_counts: HeadCounts::Refused(
+            "its q/k norms normalise over all heads at once, so copying some heads more often than others changes \
+             their statistics",
+        ),
+        layer_sliding: LayerSliding::Periodic { period_key: None, period: 4 },
+        ..family("olmo3", false, &OLMO2_RULES, "OLMo-2 layout; sliding/full layer_types, one rope per layer type")
+    },
+    Family {
+        embedding_scaled_by_sqrt_hidden: true,
+        tied_growth: GEMMA_TIE,
+        head_counts: HeadCounts::DividingHidden,
+        layer_sliding: LayerSliding::Periodic { period_key: Some("sliding_window_pattern"), period: 6 },
+        ..family("gemma3_text", true, &GEMMA3_RULES, "Gemma-2 layout plus per-head (1+w) q/k norms; local and global rope per layer type")
     },
 ];
 

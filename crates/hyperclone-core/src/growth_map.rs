@@ -481,6 +481,17 @@ fn depth_is_expressible(cfg: &ModelConfig) -> Result<()> {
                 .into(),
         ));
     }
+    if let Some(key) = cfg
+        .family
+        .per_layer_keys
+        .iter()
+        .find(|k| !cfg.raw.get(**k).is_some_and(Value::is_array))
+    {
+        return Err(Error::Options(format!(
+            "depth growth: config.json has no `{key}`, which the model then derives from the layer index; add the \
+             list to the source config to make the layout explicit"
+        )));
+    }
     if cfg.raw.get("layer_types").is_some_and(Value::is_array) {
         return Ok(()); // rewritten layer by layer in the grown config
     }
@@ -494,6 +505,15 @@ fn depth_is_expressible(cfg: &ModelConfig) -> Result<()> {
                 && !cfg.raw.get("sliding_window").is_some_and(Value::is_null) =>
         {
             Some("sliding attention is chosen by layer index (max_window_layers) and config.json has no `layer_types`")
+        }
+        LayerSliding::Periodic { .. } => Some(
+            "the model makes every few layers global by layer index and config.json has no `layer_types`",
+        ),
+        LayerSliding::NoRopeLayersIfEnabled
+            if cfg.flag("use_sliding_window")
+                && !cfg.raw.get("sliding_window").is_some_and(Value::is_null) =>
+        {
+            Some("sliding attention follows the NoPE layers' indices and config.json has no `layer_types`")
         }
         _ => None,
     };

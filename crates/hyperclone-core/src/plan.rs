@@ -445,6 +445,16 @@ fn grown_config(
                 .collect();
             set("layer_types", Value::Array(grown));
         }
+        for key in cfg.family.per_layer_keys {
+            if let Some(Value::Array(list)) = cfg.raw.get(*key) {
+                let grown = map
+                    .layers
+                    .iter()
+                    .map(|l| list.get(l.source).cloned().unwrap_or(Value::Null))
+                    .collect();
+                set(key, Value::Array(grown));
+            }
+        }
     }
     let heads = map.heads();
     set(keys.heads, heads.into());

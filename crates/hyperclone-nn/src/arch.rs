@@ -328,6 +328,28 @@ pub fn arch(model_type: &str, config: &serde_json::Value) -> Option<Arch> {
             },
             ..LLAMA
         },
+        "smollm3" | "granite" => LLAMA,
+        "olmo3" => Arch {
+            block: BlockLayout::Sequential {
+                pre_attn: None,
+                post_attn: Some("post_attention_layernorm"),
+                pre_mlp: None,
+                post_mlp: Some("post_feedforward_layernorm"),
+            },
+            qk_norm: Some(("q_norm", "k_norm")),
+            ..LLAMA
+        },
+        "gemma3_text" => Arch {
+            norm: NormKind::RmsOnePlus,
+            block: BlockLayout::Sequential {
+                pre_attn: Some("input_layernorm"),
+                post_attn: Some("post_attention_layernorm"),
+                pre_mlp: Some("pre_feedforward_layernorm"),
+                post_mlp: Some("post_feedforward_layernorm"),
+            },
+            qk_norm: Some(("q_norm", "k_norm")),
+            ..LLAMA
+        },
         _ => return None,
     })
 }

@@ -7,7 +7,7 @@
 use crate::arch::{arch, Arch, AttnLayout, BlockLayout, MlpLayout};
 use crate::error::{NnError, Result};
 use crate::softmax::CausalSoftmax;
-use crate::spec::{Activation, DecoderSpec, NormKind};
+use crate::spec::{Activation, DecoderSpec, LayerRope, NormKind};
 use candle_core::{DType, Device, Tensor, Var, D};
 use hyperclone_core::checkpoint::SourceTensor;
 use hyperclone_core::Checkpoint;
@@ -637,12 +637,12 @@ impl Decoder {
             None => None,
         };
         let mut x = self.input(rows, self.project_in.as_ref(), positions)?;
-        let (cos, sin) = self.rope_tables(past, t)?;
+        let ropes = self.rope_tables(past, t)?;
         let d = x.dim(1)?;
         let mut residual = vec![x.reshape((b, t, d))?];
         for (l, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_deref_mut().map(|c| &mut c.layers[l]);
-            x = self.layer_forward(l, layer, x, b, t, (&cos, &sin), dropout, kv)?;
+            x = self.layer_forward(l, layer, x, b, t, ropes.of(&self.spec, l), dropout, kv)?;
             residual.push(x.reshape((b, t, d))?);
         }
         let h = self.head_input(&x, self.norm.as_ref(), self.project_out.as_ref())?;
@@ -743,6 +743,13 @@ impl Frame {
                 None => Ok(x),
             }
         };
+        // Granite scales each sublayer's output before adding it to the residual stream.
+        let res = |x: Tensor| -> Result<Tensor> {
+            Ok(match self.spec.residual_multiplier {
+                Some(r) => (x * r)?,
+                None => x,
+            })
+        };
         Ok(if let BlockLayout::PostNorm { .. } = self.block {
             let a = dropped(
                 self.attention(layer, &x, b, t, cos, sin, window, scale, kv.take())?,
@@ -765,12 +772,12 @@ impl Frame {
                 )?;
                 ((x + a)? + m)?
             } else {
-                let x = (x + apply(&layer.post_attn, &a)?)?;
+                let x = (x + res(apply(&layer.post_attn, &a)?)?)?;
                 let m = dropped(
                     self.mlp(layer, &apply(&layer.pre_mlp, &x)?)?,
                     2 * l as u64 + 1,
                 )?;
-                (x + apply(&layer.post_mlp, &m)?)?
+                (x + res(apply(&layer.post_mlp, &m)?)?)?
             }
         })
     }
@@ -793,8 +800,13 @@ impl Frame {
         Ok(h)
     }
 
-    /// The final logit soft-cap (Gemma-2), if the model has one.
+    /// The final logit soft-cap (Gemma-2), if the model has one, after Granite's
+    /// `logits_scaling` division.
     pub(crate) fn softcap(&self, logits: Tensor) -> Result<Tensor> {
+        let logits = match self.spec.logits_divisor {
+            Some(d) => (logits / d)?,
+            None => logits,
+        };
         Ok(match self.spec.final_softcap {
             Some(c) => ((logits / c)?.tanh()? * c)?,
             None => logits,
@@ -921,23 +933,45 @@ impl Frame {
     }
 
     /// cos/sin tables [T, rotary_dim] for positions past..past+T, computed in f64 (the exact
-    /// rotation) then cast; None for learned-position families.
-    pub(crate) fn rope_tables(
-        &self,
-        past: usize,
-        t: usize,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    /// rotation) then cast; None for learned-position families. The sliding layers' own
+    /// table too where some layer uses it (Gemma-3, OLMo-3).
+    pub(crate) fn rope_tables(&self, past: usize, t: usize) -> Result<RopeTables> {
         if self.learned_positions {
-            return Ok((None, None));
+            return Ok(RopeTables {
+                global: (None, None),
+                local: (None, None),
+                none: (None, None),
+            });
         }
         let s = &self.spec;
         let rot = ((s.head_dim as f64 * s.partial_rotary) as usize) & !1;
-        let inv = s.inv_freq(rot);
+        let local = if s.layer_rope.contains(&LayerRope::Local) {
+            let (c, s) = self.rope_table(past, t, rot, &s.local_inv_freq(rot))?;
+            (Some(c), Some(s))
+        } else {
+            (None, None)
+        };
+        let (c, s) = self.rope_table(past, t, rot, &s.inv_freq(rot))?;
+        Ok(RopeTables {
+            global: (Some(c), Some(s)),
+            local,
+            none: (None, None),
+        })
+    }
+
+    /// One cos/sin table pair [T, rot] from inverse frequencies.
+    fn rope_table(
+        &self,
+        past: usize,
+        t: usize,
+        rot: usize,
+        inv: &[f64],
+    ) -> Result<(Tensor, Tensor)> {
         let mut cos = Vec::with_capacity(t * rot);
         let mut sin = Vec::with_capacity(t * rot);
         for p in past..past + t {
             for _ in 0..2 {
-                for f in &inv {
+                for f in inv {
                     let a = p as f64 * f;
                     cos.push(a.cos());
                     sin.push(a.sin());
@@ -947,7 +981,7 @@ impl Frame {
         let mk = |v: Vec<f64>| -> Result<Tensor> {
             Ok(Tensor::from_vec(v, (t, rot), &self.device)?.to_dtype(self.dtype)?)
         };
-        Ok((Some(mk(cos)?), Some(mk(sin)?)))
+        Ok((mk(cos)?, mk(sin)?))
     }
 
     /// Additive causal mask [T, offset + T] for queries at positions offset.. (0 where
@@ -965,6 +999,25 @@ impl Frame {
             })
             .collect();
         Ok(Tensor::from_vec(m, (t, keys), &self.device)?.to_dtype(self.dtype)?)
+    }
+}
+
+/// The rotary tables of one forward pass, picked per layer by [`DecoderSpec::layer_rope`].
+pub(crate) struct RopeTables {
+    global: (Option<Tensor>, Option<Tensor>),
+    local: (Option<Tensor>, Option<Tensor>),
+    /// NoPE layers: no tables.
+    none: (Option<Tensor>, Option<Tensor>),
+}
+
+impl RopeTables {
+    pub(crate) fn of(&self, spec: &DecoderSpec, l: usize) -> (&Option<Tensor>, &Option<Tensor>) {
+        let (c, s) = match spec.layer_rope.get(l) {
+            Some(LayerRope::Local) => &self.local,
+            Some(LayerRope::None) => &self.none,
+            _ => &self.global,
+        };
+        (c, s)
     }
 }
 

@@ -34,6 +34,19 @@ pub struct Llama3Rope {
     pub original_max_position_embeddings: f64,
 }
 
+/// Which rotary table a layer uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerRope {
+    /// `rope_theta` (and its scaling): every layer of most families, the full-attention
+    /// layers of Gemma-3 and OLMo-3.
+    Global,
+    /// The sliding layers' own rope (Gemma-3's local base frequency, OLMo-3's sliding
+    /// `rope_parameters`): default rope at `DecoderSpec::local_rope_theta`.
+    Local,
+    /// No rotary embedding (SmolLM3's NoPE layers).
+    None,
+}
+
 #[derive(Debug, Clone)]
 pub struct DecoderSpec {
     pub vocab: usize,
@@ -56,8 +69,18 @@ pub struct DecoderSpec {
     pub attn_scale: Vec<f64>,
     pub attn_softcap: Option<f64>,
     pub final_softcap: Option<f64>,
-    /// Gemma multiplies embeddings by sqrt(hidden_size).
+    /// Gemma multiplies embeddings by sqrt(hidden_size); Granite by `embedding_multiplier`.
     pub embed_scale: Option<f64>,
+    /// The rotary table of each layer.
+    pub layer_rope: Vec<LayerRope>,
+    /// rope_theta of the [`LayerRope::Local`] table.
+    pub local_rope_theta: f64,
+    /// Linear rope scaling of the global table: inverse frequencies divided by it.
+    pub linear_rope_factor: Option<f64>,
+    /// Granite's `residual_multiplier`: attention and MLP outputs scaled before they are added.
+    pub residual_multiplier: Option<f64>,
+    /// Granite's `logits_scaling`: the logits are divided by it.
+    pub logits_divisor: Option<f64>,
 }
 
 /// How a family's transformers 5.23 modules read the config switches that change the
@@ -84,6 +107,20 @@ struct FamilyRules {
     query_pre_attn_scalar: Option<f64>,
     /// modeling_gpt2's `scale_attn_weights` / `scale_attn_by_inverse_layer_idx`.
     gpt2_scaling: bool,
+    /// rope_theta when config.json has none (the configuration class's `default_theta`).
+    default_theta: f64,
+    /// One rope per layer type (`rope_parameters` keyed by `full_attention` and
+    /// `sliding_attention`; Gemma-3, OLMo-3): the legacy flat key of the sliding layers' theta
+    /// and its default.
+    local_rope: Option<(Option<&'static str>, f64)>,
+    /// Soft-cap keys read although they default to none (Gemma-3).
+    reads_softcaps: bool,
+    /// Granite: `attention_multiplier` is the score scale, `embedding_multiplier`,
+    /// `residual_multiplier` and `logits_scaling` scale the embedding, the sublayer outputs
+    /// and (dividing) the logits.
+    granite_multipliers: bool,
+    /// SmolLM3: `no_rope_layers` (default: every `no_rope_layer_interval`-th layer, 4, is NoPE).
+    no_rope_layers: bool,
 }
 
 impl FamilyRules {
@@ -98,6 +135,11 @@ impl FamilyRules {
             softcap_defaults: None,
             query_pre_attn_scalar: None,
             gpt2_scaling: false,
+            default_theta: 10_000.0,
+            local_rope: None,
+            reads_softcaps: false,
+            granite_multipliers: false,
+            no_rope_layers: false,
         };
         // Attention over the whole sequence, not causal.
         const BIDIRECTIONAL: &[(&str, &str)] =
@@ -160,6 +202,34 @@ impl FamilyRules {
                     "layer_norm_elementwise_affine",
                     "LayerNorms without weights",
                 )],
+                ..base
+            },
+            "smollm3" => FamilyRules {
+                default_theta: 2_000_000.0,
+                no_rope_layers: true,
+                ..base
+            },
+            "granite" => FamilyRules {
+                granite_multipliers: true,
+                ..base
+            },
+            // configuration_olmo3 pops a legacy flat `rope_theta` for the full layers only;
+            // the sliding ones then get the class default.
+            "olmo3" => FamilyRules {
+                default_window: Some(4096),
+                default_theta: 500_000.0,
+                local_rope: Some((None, 500_000.0)),
+                ..base
+            },
+            "gemma3_text" => FamilyRules {
+                activation_key: "hidden_activation",
+                default_activation: "gelu_pytorch_tanh",
+                default_window: Some(4096),
+                refused_when_true: BIDIRECTIONAL,
+                query_pre_attn_scalar: Some(256.0),
+                default_theta: 1_000_000.0,
+                local_rope: Some((Some("rope_local_base_freq"), 10_000.0)),
+                reads_softcaps: true,
                 ..base
             },
             _ => base,
@@ -226,6 +296,12 @@ fn sliding_windows(
                 .collect()
         });
     let listed = |l: usize| layer_types.as_ref().map(|t| t.get(l) == Some(&true));
+    let period = |key: Option<&str>, default: usize| {
+        key.and_then(|k| raw.get(k))
+            .and_then(Value::as_u64)
+            .map_or(default, |p| p as usize)
+    };
+    let ropes = no_rope_layers(model_type, raw, layers);
     let slides = |l: usize| -> bool {
         match sliding {
             LayerSliding::Never => false,
@@ -239,10 +315,83 @@ fn sliding_windows(
                 on && listed(l).unwrap_or(l as u64 >= from)
             }
             LayerSliding::Alternating => listed(l).unwrap_or(l.is_multiple_of(2)),
+            // A zero period is refused by the caller (transformers divides by it).
+            LayerSliding::Periodic {
+                period_key,
+                period: p,
+            } => listed(l).unwrap_or_else(|| {
+                let p = period(period_key, p);
+                p == 0 || !(l + 1).is_multiple_of(p)
+            }),
+            LayerSliding::NoRopeLayersIfEnabled => {
+                let on = raw.get("use_sliding_window").and_then(Value::as_bool) == Some(true);
+                on && window.is_some() && listed(l).unwrap_or(ropes.get(l).is_some_and(|r| !r))
+            }
         }
     };
     (0..layers)
         .map(|l| if slides(l) { window } else { None })
+        .collect()
+}
+
+/// Whether each layer has a rotary embedding (SmolLM3's `no_rope_layers`, 0 = NoPE; by
+/// default every `no_rope_layer_interval`-th layer); every layer for other families. A list
+/// entry that is not 0 or 1, or a list shorter than the model, reads as None (refused).
+fn no_rope_layers(
+    model_type: &str,
+    raw: &serde_json::Map<String, Value>,
+    layers: usize,
+) -> Vec<bool> {
+    if !FamilyRules::of(model_type).no_rope_layers {
+        return vec![true; layers];
+    }
+    match raw.get("no_rope_layers").filter(|v| !v.is_null()) {
+        Some(v) => {
+            let list = v.as_array().map(Vec::as_slice).unwrap_or(&[]);
+            list.iter()
+                .take(layers)
+                .map_while(|e| match e.as_u64() {
+                    Some(0) => Some(false),
+                    Some(1) => Some(true),
+                    _ => None,
+                })
+                .collect()
+        }
+        None => {
+            let every = raw
+                .get("no_rope_layer_interval")
+                .and_then(Value::as_u64)
+                .unwrap_or(4) as usize;
+            (0..layers)
+                .map(|l| every == 0 || !(l + 1).is_multiple_of(every))
+                .collect()
+        }
+    }
+}
+
+/// The rotary table of each layer: NoPE layers, the sliding layers' own rope where the
+/// family has one per layer type (by `layer_types`, or the family's index rule when absent).
+fn layer_ropes(
+    model_type: &str,
+    raw: &serde_json::Map<String, Value>,
+    layers: usize,
+) -> Vec<LayerRope> {
+    let rules = FamilyRules::of(model_type);
+    let ropes = no_rope_layers(model_type, raw, layers);
+    // The layer *type*, whatever the window: a sliding layer keeps its rope with a null window.
+    let mut typed = raw.clone();
+    typed.insert("sliding_window".into(), Value::from(1u64));
+    let types = sliding_windows(model_type, &typed, layers);
+    (0..layers)
+        .map(|l| {
+            if !ropes.get(l).copied().unwrap_or(false) {
+                LayerRope::None
+            } else if rules.local_rope.is_some() && types[l].is_some() {
+                LayerRope::Local
+            } else {
+                LayerRope::Global
+            }
+        })
         .collect()
 }
 
@@ -263,6 +412,10 @@ fn attention_scales(
     ) {
         (Some(default), None) => default.powf(-0.5),
         (Some(_), Some(v)) => v.as_f64().map_or(f64::NAN, |s| s.powf(-0.5)),
+        (None, _) if rules.granite_multipliers => match raw.get("attention_multiplier") {
+            None => 1.0,
+            Some(v) => v.as_f64().unwrap_or(f64::NAN),
+        },
         (None, _) => (head_dim as f64).powf(-0.5),
     };
     (0..layers)
@@ -290,11 +443,20 @@ impl DecoderSpec {
         let raw = &c.raw;
         let path = c.path.display().to_string();
         let num = |v: Option<&Value>| v.and_then(Value::as_f64);
-        let rope = raw
+        let rules = FamilyRules::of(c.family.model_type);
+        // One rope per layer type: the full-attention layers' is the global one read below.
+        let per_type = raw
             .get("rope_parameters")
-            .or_else(|| raw.get("rope_scaling"))
-            .filter(|v| !v.is_null());
+            .filter(|v| v.get("full_attention").is_some() || v.get("sliding_attention").is_some());
+        let rope = match per_type {
+            Some(p) => p.get("full_attention").or_else(|| raw.get("rope_scaling")),
+            None => raw
+                .get("rope_parameters")
+                .or_else(|| raw.get("rope_scaling")),
+        }
+        .filter(|v| !v.is_null());
         let mut llama3_rope = None;
+        let mut linear_rope_factor = None;
         if let Some(r) = rope {
             let kind = r
                 .get("rope_type")
@@ -303,6 +465,13 @@ impl DecoderSpec {
                 .unwrap_or("default");
             match kind {
                 "default" => {}
+                // modeling_rope_utils' linear scaling: every inverse frequency / factor
+                // (Gemma-3's global layers from 4B up).
+                "linear" => {
+                    linear_rope_factor = Some(num(r.get("factor")).ok_or_else(|| {
+                        NnError::Unsupported(format!("{path}: linear rope without `factor`"))
+                    })?);
+                }
                 "llama3" => {
                     let f = |k: &str| {
                         num(r.get(k)).ok_or_else(|| NnError::Unsupported(format!("{path}: llama3 rope without `{k}`")))
@@ -324,7 +493,25 @@ impl DecoderSpec {
         let rope_theta = num(raw.get("rope_theta"))
             .or_else(|| num(rope.and_then(|r| r.get("rope_theta"))))
             .or_else(|| num(raw.get("rotary_emb_base")))
-            .unwrap_or(10_000.0);
+            .unwrap_or(rules.default_theta);
+        let local = per_type
+            .and_then(|p| p.get("sliding_attention"))
+            .filter(|v| !v.is_null());
+        if let Some(kind) = local
+            .and_then(|r| r.get("rope_type"))
+            .and_then(Value::as_str)
+            .filter(|k| *k != "default")
+        {
+            return Err(NnError::Unsupported(format!(
+                "{path}: rope_type `{kind}` of the sliding layers is not implemented in the Rust decoder yet (clone works; verify in transformers)"
+            )));
+        }
+        let local_rope_theta = match rules.local_rope {
+            Some((legacy, default)) => num(local.and_then(|r| r.get("rope_theta")))
+                .or_else(|| num(legacy.and_then(|k| raw.get(k))))
+                .unwrap_or(default),
+            None => rope_theta,
+        };
         let partial_rotary = num(raw.get("partial_rotary_factor"))
             .or_else(|| num(rope.and_then(|r| r.get("partial_rotary_factor"))))
             .or_else(|| num(raw.get("rotary_pct")))
@@ -360,6 +547,7 @@ impl DecoderSpec {
         let softcap = |k: &str, default: Option<f64>| match (default, raw.get(k)) {
             (Some(d), None) => Some(d),
             (Some(_), Some(v)) => v.as_f64().filter(|&v| v > 0.0),
+            (None, Some(v)) if rules.reads_softcaps => v.as_f64().filter(|&v| v > 0.0),
             (None, _) => None,
         };
         // Numbers the forward pass divides by, raises to powers or sizes buffers with: refuse
@@ -375,6 +563,45 @@ impl DecoderSpec {
             }
         };
         positive("rope_theta", rope_theta)?;
+        if let Some(f) = linear_rope_factor {
+            positive("rope_scaling.factor", f)?;
+        }
+        positive("rope_local_base_freq", local_rope_theta)?;
+        let layer_rope = layer_ropes(c.family.model_type, raw, c.num_hidden_layers);
+        if no_rope_layers(c.family.model_type, raw, c.num_hidden_layers).len()
+            != c.num_hidden_layers
+        {
+            return Err(NnError::Unsupported(format!(
+                "{path}: `no_rope_layers` must list 0 or 1 for each of the {} layers",
+                c.num_hidden_layers
+            )));
+        }
+        for k in ["sliding_window_pattern", "no_rope_layer_interval"] {
+            if raw.get(k).and_then(Value::as_u64) == Some(0) {
+                return Err(bad(k, 0.0));
+            }
+        }
+        // Granite's multipliers (defaults 1): finite, and a logits divisor that is not zero.
+        let multiplier = |k: &str| -> Result<Option<f64>> {
+            if !rules.granite_multipliers {
+                return Ok(None);
+            }
+            match raw.get(k) {
+                None => Ok(Some(1.0)),
+                Some(v) => match v.as_f64() {
+                    Some(x) if x.is_finite() => Ok(Some(x)),
+                    _ => Err(NnError::Unsupported(format!(
+                        "{path}: `{k}` = {v} is out of range"
+                    ))),
+                },
+            }
+        };
+        let embedding_multiplier = multiplier("embedding_multiplier")?;
+        let residual_multiplier = multiplier("residual_multiplier")?;
+        let logits_divisor = multiplier("logits_scaling")?;
+        if logits_divisor == Some(0.0) {
+            return Err(bad("logits_scaling", 0.0));
+        }
         if !(partial_rotary > 0.0 && partial_rotary <= 1.0) {
             return Err(bad("partial_rotary_factor", partial_rotary));
         }
@@ -384,10 +611,13 @@ impl DecoderSpec {
             }
         }
         if let Some(a) = attn_scale.iter().find(|a| !a.is_finite()) {
+            if rules.granite_multipliers {
+                return Err(bad("attention_multiplier", *a));
+            }
             return Err(bad("query_pre_attn_scalar", a.powi(-2)));
         }
         // transformers divides by a soft-cap: zero or a negative one is not a model.
-        if c.family.model_type == "gemma2" {
+        if c.family.model_type == "gemma2" || rules.reads_softcaps {
             for k in ["attn_logit_softcapping", "final_logit_softcapping"] {
                 if let Some(v) = raw.get(k).and_then(Value::as_f64) {
                     positive(k, v)?;
@@ -442,8 +672,21 @@ impl DecoderSpec {
             embed_scale: c
                 .family
                 .embedding_scaled_by_sqrt_hidden
-                .then(|| (c.hidden_size as f64).sqrt()),
+                .then(|| (c.hidden_size as f64).sqrt())
+                .or(embedding_multiplier),
+            layer_rope,
+            local_rope_theta,
+            linear_rope_factor,
+            residual_multiplier,
+            logits_divisor,
         })
+    }
+
+    /// Inverse frequencies of the [`LayerRope::Local`] table: default rope at its theta.
+    pub fn local_inv_freq(&self, rot: usize) -> Vec<f64> {
+        (0..rot / 2)
+            .map(|i| 1.0 / self.local_rope_theta.powf((2 * i) as f64 / rot as f64))
+            .collect()
     }
 
     /// Inverse frequencies of the rotary embedding (rotary_dim / 2 of them), in f64.
@@ -452,6 +695,10 @@ impl DecoderSpec {
         (0..half)
             .map(|i| {
                 let inv = 1.0 / self.rope_theta.powf((2 * i) as f64 / rot as f64);
+                let inv = match self.linear_rope_factor {
+                    Some(f) => inv / f,
+                    None => inv,
+                };
                 match self.llama3_rope {
                     None => inv,
                     Some(r) => {
@@ -562,5 +809,77 @@ mod tests {
         }
         let opt = map(json!({"layer_norm_elementwise_affine": false}));
         assert!(refuse_unimplemented("opt", &opt, "c.json").is_err());
+    }
+
+    /// transformers 5.23's rules for the 2026 dense families: which layers slide and which
+    /// rope each layer uses, with and without the explicit lists.
+    #[test]
+    fn dense_2026_layouts_follow_each_family() {
+        let (w, g, loc, no) = (
+            Some(4),
+            LayerRope::Global,
+            LayerRope::Local,
+            LayerRope::None,
+        );
+        // Gemma-3: every sliding_window_pattern-th layer (default 6) is global.
+        let gemma3 = map(json!({"sliding_window": 4, "sliding_window_pattern": 2}));
+        assert_eq!(sliding_windows("gemma3_text", &gemma3, 3), vec![w, None, w]);
+        assert_eq!(layer_ropes("gemma3_text", &gemma3, 3), vec![loc, g, loc]);
+        let six = sliding_windows("gemma3_text", &map(json!({"sliding_window": 4})), 7);
+        assert_eq!(six, vec![w, w, w, w, w, None, w]);
+        // A null window still leaves the sliding layers their own rope.
+        let nulled = map(
+            json!({"sliding_window": null, "layer_types": ["full_attention", "sliding_attention"]}),
+        );
+        assert_eq!(sliding_windows("gemma3_text", &nulled, 2), vec![None, None]);
+        assert_eq!(layer_ropes("gemma3_text", &nulled, 2), vec![g, loc]);
+        // OLMo-3: every 4th layer global; layer_types wins when given.
+        let olmo3 = map(json!({"sliding_window": 4}));
+        assert_eq!(sliding_windows("olmo3", &olmo3, 4), vec![w, w, w, None]);
+        assert_eq!(layer_ropes("olmo3", &olmo3, 4), vec![loc, loc, loc, g]);
+        // OLMo-2 has one rope and no window.
+        assert_eq!(layer_ropes("olmo2", &olmo3, 2), vec![g, g]);
+        // SmolLM3: no_rope_layers (default every 4th layer NoPE); NoPE layers slide only with
+        // use_sliding_window and a window.
+        let smol = map(
+            json!({"no_rope_layer_interval": 2, "use_sliding_window": true, "sliding_window": 4}),
+        );
+        assert_eq!(layer_ropes("smollm3", &smol, 3), vec![g, no, g]);
+        assert_eq!(sliding_windows("smollm3", &smol, 3), vec![None, w, None]);
+        let listed = map(
+            json!({"no_rope_layers": [0, 1], "use_sliding_window": false, "sliding_window": 4}),
+        );
+        assert_eq!(layer_ropes("smollm3", &listed, 2), vec![no, g]);
+        assert_eq!(sliding_windows("smollm3", &listed, 2), vec![None, None]);
+        assert_eq!(
+            layer_ropes("smollm3", &map(json!({})), 5),
+            vec![g, g, g, no, g]
+        );
+        // Entries other than 0 and 1 end the list (refused by the caller).
+        assert_eq!(
+            no_rope_layers("smollm3", &map(json!({"no_rope_layers": [1, 2]})), 2),
+            vec![true]
+        );
+        // Granite: attention_multiplier (default 1) replaces head_dim^-0.5.
+        let granite = map(json!({"attention_multiplier": 0.0625}));
+        assert_eq!(
+            attention_scales("granite", &granite, 16, 2),
+            vec![0.0625, 0.0625]
+        );
+        assert_eq!(
+            attention_scales("granite", &map(json!({})), 16, 1),
+            vec![1.0]
+        );
+        // Gemma-3 reads query_pre_attn_scalar (default 256) and refuses bidirectional attention.
+        assert_eq!(
+            attention_scales("gemma3_text", &map(json!({})), 16, 1),
+            vec![1.0 / 16.0]
+        );
+        let bi = map(json!({"use_bidirectional_attention": true}));
+        assert!(refuse_unimplemented("gemma3_text", &bi, "c.json").is_err());
+        assert_eq!(
+            activation_name("gemma3_text", &map(json!({"hidden_act": "relu"}))),
+            "gelu_pytorch_tanh"
+        );
     }
 }

@@ -112,7 +112,7 @@ fn streamed(
         .collect();
     let rest = outside_layers(ckpt, &arch, &tables, dtype, device, perturb)?;
     let mut x = frame.input(rows, rest.projection(arch.project_in).as_ref(), positions)?;
-    let (cos, sin) = frame.rope_tables(0, t)?;
+    let ropes = frame.rope_tables(0, t)?;
     let d = x.dim(1)?;
     let mut residual = vec![x.reshape((b, t, d))?];
     for l in 0..frame.spec.layers {
@@ -120,7 +120,7 @@ fn streamed(
         // This layer's weights live only for this iteration.
         let w = layer_weights(ckpt, &arch, l, dtype, device, perturb)?;
         let layer = build_layer(&arch, &frame.spec, device, l, &w)?;
-        x = frame.layer_forward(l, &layer, x, b, t, (&cos, &sin), None, None)?;
+        x = frame.layer_forward(l, &layer, x, b, t, ropes.of(&frame.spec, l), None, None)?;
         residual.push(x.reshape((b, t, d))?);
     }
     stop()?;

@@ -247,3 +247,184 @@ fn a_fused_layout_tiled_as_one_block_fails() {
         assert_eq!(v["first_divergence"], "layer 0", "{fx} {name}: {v}");
     }
 }
+
+/// The dense families of 2026 (issue 19): every variant, n = 2 and 3, stored in f64, then an
+/// FFN factor != n with depth growth in one clone; the Rust decoder must find them exact.
+const DENSE_2026: [&str; 5] = [
+    "smollm3-nope",
+    "granite-gqa",
+    "olmo3-sliding",
+    "gemma3-text",
+    "gemma3-linear-rope",
+];
+
+#[test]
+fn dense_2026_family_clones_verify_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    for fx in DENSE_2026 {
+        for n in [2, 3] {
+            for variant in ["symmetric", "noisy", "diagonal", "noisy-diagonal"] {
+                let dst = tmp.path().join(format!("{fx}-{n}-{variant}"));
+                clone(&family(fx), &dst, n, variant, "f64");
+                let (ok, v) = verify(&family(fx), &dst);
+                assert!(ok, "{fx} x{n} {variant}: {v}");
+                assert!(
+                    v["max_rel_logit_diff"].as_f64().unwrap() <= 1e-9,
+                    "{fx} x{n} {variant}: {v}"
+                );
+            }
+        }
+        // Width, FFN and depth at once: per-layer lists (layer_types, no_rope_layers) follow
+        // each source layer to its new index.
+        let dst = tmp.path().join(format!("{fx}-grown"));
+        let o = hc(&[
+            "clone",
+            family(fx).to_str().unwrap(),
+            dst.to_str().unwrap(),
+            "--factor",
+            "2",
+            "--ffn-factor",
+            "3",
+            "--depth-factor",
+            "2",
+            "--variant",
+            "noisy",
+            "--dtype",
+            "f64",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let (ok, v) = verify(&family(fx), &dst);
+        assert!(ok, "{fx} x2 ffn x3 depth x2: {v}");
+        assert!(
+            v["max_rel_logit_diff"].as_f64().unwrap() <= 1e-9,
+            "{fx}: {v}"
+        );
+    }
+}
+
+/// Layouts the 2026 dense families derive from the layer index when config.json does not
+/// list them (tests/fixtures/make_window_fixtures.py): width growth keeps them exactly; depth
+/// growth would move layers to indices with another layout, so it is refused, naming the key.
+#[test]
+fn dense_2026_index_derived_layouts_grow_wide_and_refuse_depth() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (fx, key) in [
+        ("gemma3-window-by-index", "`layer_types`"),
+        ("olmo3-window-by-index", "`layer_types`"),
+        ("smollm3-nope-by-index", "`no_rope_layers`"),
+    ] {
+        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/windows")
+            .join(fx);
+        let dst = tmp.path().join(fx);
+        clone(&src, &dst, 2, "noisy", "f64");
+        let (ok, v) = verify(&src, &dst);
+        assert!(ok, "{fx}: {v}");
+        assert!(
+            v["max_rel_logit_diff"].as_f64().unwrap() <= 1e-9,
+            "{fx}: {v}"
+        );
+        let deep = tmp.path().join(format!("{fx}-deep"));
+        let o = hc(&[
+            "clone",
+            src.to_str().unwrap(),
+            deep.to_str().unwrap(),
+            "--factor",
+            "2",
+            "--depth-factor",
+            "2",
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{fx}: depth growth must be refused");
+        assert!(err.contains(key), "{fx}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{fx}: one error line: {err}");
+        assert!(!deep.exists(), "{fx}: nothing written");
+    }
+}
+
+/// Switches of the 2026 dense families the Rust decoder does not implement, or values that
+/// are not a model: `forward` refuses each in one error line naming the key (a clean forward
+/// of the untouched fixture first, so the refusal is the edit's).
+#[test]
+fn dense_2026_unimplemented_switches_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: [(&str, &str, Value, &str); 9] = [
+        (
+            "gemma3-text",
+            "use_bidirectional_attention",
+            serde_json::json!(true),
+            "use_bidirectional_attention",
+        ),
+        (
+            "gemma3-text",
+            "rope_parameters",
+            serde_json::json!({"sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+                   "full_attention": {"rope_type": "default", "rope_theta": 1e6}}),
+            "rope_type `linear`",
+        ),
+        (
+            "gemma3-text",
+            "final_logit_softcapping",
+            serde_json::json!(0.0),
+            "final_logit_softcapping",
+        ),
+        (
+            "smollm3-nope",
+            "no_rope_layers",
+            serde_json::json!([1]),
+            "no_rope_layers",
+        ),
+        (
+            "smollm3-nope",
+            "no_rope_layers",
+            serde_json::json!([1, 2]),
+            "no_rope_layers",
+        ),
+        (
+            "granite-gqa",
+            "logits_scaling",
+            serde_json::json!(0.0),
+            "logits_scaling",
+        ),
+        (
+            "granite-gqa",
+            "attention_multiplier",
+            serde_json::json!("x"),
+            "attention_multiplier",
+        ),
+        (
+            "granite-gqa",
+            "residual_multiplier",
+            Value::Null,
+            "residual_multiplier",
+        ),
+        (
+            "granite-gqa",
+            "embedding_multiplier",
+            serde_json::json!([1.0]),
+            "embedding_multiplier",
+        ),
+    ];
+    for (i, (fx, key, value, expect)) in cases.into_iter().enumerate() {
+        let dir = tmp.path().join(format!("{i}-{fx}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(family(fx).join(f), dir.join(f)).unwrap();
+        }
+        let ok = hc(&["forward", dir.to_str().unwrap(), "--tokens", "1,2,3"]);
+        assert!(
+            ok.status.success(),
+            "{fx}: {}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
+        let path = dir.join("config.json");
+        let mut cfg: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        cfg[key] = value;
+        std::fs::write(&path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+        let o = hc(&["forward", dir.to_str().unwrap(), "--tokens", "1,2,3"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{fx} {key}: must be refused");
+        assert!(err.contains(expect), "{fx} {key}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{fx} {key}: one line: {err}");
+    }
+}
