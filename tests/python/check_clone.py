@@ -134,7 +134,7 @@ class Growth:
 
 # Families whose model multiplies embeddings by sqrt(hidden_size) (transformers' Gemma
 # ScaledWordEmbedding), a multiplier that grows by sqrt(n) with the width.
-EMBEDDING_TIMES_SQRT_HIDDEN = ("gemma", "gemma2")
+EMBEDDING_TIMES_SQRT_HIDDEN = ("gemma", "gemma2", "gemma3_text")
 
 
 def tied_residual_scale(cfg_s, n: int) -> float:

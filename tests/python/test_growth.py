@@ -32,7 +32,6 @@ ALL_SOURCES = {**FAMILY_DIRS, **{name: TINY / name for name in ("llama-gqa-tied"
 # Families where a kept tie cannot be exact, and the reason the refusal must name.
 TIE_REFUSED = {
     "opt": "eps is fixed",
-    "gemma3_text": "sqrt(hidden_size)",
     "olmo3": "without a norm",
 }
 # Families whose kept tie is not the plain tile(h)/n of pre-norm blocks: Gemma's embedding

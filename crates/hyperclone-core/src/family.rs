@@ -855,7 +855,23 @@ pub static FAMILIES: &[Family] = &[
     },
     Family {
         embedding_scaled_by_sqrt_hidden: true,
-        tied_growth: GEMMA_TIE,
+        // Gemma-2's kept tie (s = 1/sqrt(n), post-norm gains shifted), plus the per-head q/k
+        // norms: they share rms_norm_eps (divided by n) but read q and k, which come from
+        // normed input at the plain tile, so q_proj/k_proj carry s as Qwen3's do.
+        tied_growth: TiedGrowth::Exact {
+            eps_key: "rms_norm_eps",
+            also_scaled: &[
+                "model.layers.{L}.self_attn.q_proj.weight",
+                "model.layers.{L}.self_attn.q_proj.bias",
+                "model.layers.{L}.self_attn.k_proj.weight",
+                "model.layers.{L}.self_attn.k_proj.bias",
+            ],
+        },
+        tied_residual: TiedResidual {
+            post_norms: POST_NORMS,
+            norm_offset: 1.0,
+            unnormed_readers: &[],
+        },
         head_counts: HeadCounts::DividingHidden,
         layer_sliding: LayerSliding::Periodic { period_key: Some("sliding_window_pattern"), period: 6 },
         ..family("gemma3_text", true, &GEMMA3_RULES, "Gemma-2 layout plus per-head (1+w) q/k norms; local and global rope per layer type")
