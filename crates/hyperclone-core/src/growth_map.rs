@@ -18,7 +18,9 @@ use crate::error::{Error, Result};
 use crate::family::{HeadCounts, LayerSliding, Space, TensorRule, TiedGrowth};
 use crate::kernel::Segment;
 use crate::limits::MAX_LAYERS;
-use crate::plan::GrowthOptions;
+use crate::options::GrowthOptions;
+// DepthMode lives with the options it is one of; re-exported here, where it used to be.
+pub use crate::options::DepthMode;
 use serde_json::{json, Map, Value};
 
 /// The `__metadata__` key under which every clone records its growth map (JSON).
@@ -88,33 +90,6 @@ impl RecordedGrowth {
     /// For each destination layer, the source layer whose output its output equals.
     pub fn layer_of(&self) -> Vec<usize> {
         self.layers.iter().map(|l| l.source).collect()
-    }
-}
-
-/// How `--num-hidden-layers` / `--depth-factor` adds layers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum DepthMode {
-    /// Function-preserving: after each source layer, as many copies of it as the even
-    /// spread gives, with their residual writers zeroed (LLaMA Pro).
-    #[default]
-    Identity,
-    /// The whole stack repeated (G_stack): destination layer j is source layer j mod L.
-    /// Not function-preserving; for experiments.
-    Stack,
-}
-
-impl DepthMode {
-    pub fn name(self) -> &'static str {
-        match self {
-            DepthMode::Identity => "identity",
-            DepthMode::Stack => "stack",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<DepthMode> {
-        [DepthMode::Identity, DepthMode::Stack]
-            .into_iter()
-            .find(|m| m.name() == s)
     }
 }
 

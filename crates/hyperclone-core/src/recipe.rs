@@ -10,7 +10,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::grow::GrowthRequest;
 use crate::growth_map::GrowthMap;
-use crate::plan::GrowthOptions;
+use crate::options::GrowthOptions;
 use serde_json::{json, Map, Value};
 use std::path::Path;
 
