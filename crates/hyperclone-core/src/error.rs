@@ -31,6 +31,14 @@ pub enum Error {
     /// The finished clone failed its check before being moved into place; nothing was kept.
     #[error("verification failed, nothing was written: {0}")]
     Verification(String),
+    /// An output exists and the caller did not allow replacing it. How to allow it is the
+    /// front end's to say ([`Error::phrased`]): the CLI `--force`, Python `force=True`.
+    #[error("{}: {role}already exists (allow replacing it with force)", path.display())]
+    NeedsForce {
+        path: PathBuf,
+        /// What the path is to the command, with its separator (`--out: `), or empty.
+        role: String,
+    },
     /// The user interrupted a long operation (Ctrl-C); partial output was removed.
     #[error("interrupted; the partial output was removed")]
     Interrupted,
@@ -60,6 +68,17 @@ impl Error {
             path: path.into(),
             tensor: tensor.into(),
             message: message.into(),
+        }
+    }
+    /// The error's one line, with `force` (`--force`, `force=True`) as the way to allow
+    /// replacing an existing output.
+    pub fn phrased(&self, force: &str) -> String {
+        match self {
+            Error::NeedsForce { path, role } => format!(
+                "{}: {role}already exists (pass {force} to replace it)",
+                path.display()
+            ),
+            other => other.to_string(),
         }
     }
     pub fn config(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {

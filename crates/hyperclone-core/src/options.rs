@@ -78,19 +78,19 @@ impl GrowthOptions {
         }
         if !self.snr_db.is_finite() {
             return Err(Error::Options(format!(
-                "--snr-db must be a finite number of decibels, got {}",
+                "snr_db must be a finite number of decibels, got {}",
                 self.snr_db
             )));
         }
         if self.snr_db < MIN_SNR_DB {
             return Err(Error::Options(format!(
-                "--snr-db {}: below {MIN_SNR_DB} dB the noise outweighs the weights and the clone no longer \
+                "snr_db {}: below {MIN_SNR_DB} dB the noise outweighs the weights and the clone no longer \
                  computes the source's function in floating point (noise cancels exactly only in exact arithmetic)",
                 self.snr_db
             )));
         }
         if self.shard_size == 0 {
-            return Err(Error::Options("--shard-size must be positive".into()));
+            return Err(Error::Options("shard_size must be positive".into()));
         }
         Ok(())
     }
@@ -119,7 +119,7 @@ pub fn factor_for(what: &str, source: usize, target: usize) -> Result<usize> {
         return Err(Error::Options(format!(
             "{what} {target} is not a whole multiple of the source's {source}: the width grows by whole copies, \
              because a norm's mean and variance over the grown hidden vector equal the source's only when it is \
-             whole copies of it (the FFN may grow by any amount: --intermediate-size)"
+             whole copies of it (the FFN may grow by any amount: intermediate_size)"
         )));
     }
     Ok(target / source)

@@ -251,7 +251,7 @@ fn dest_tensor(
             None => format!("FFN x{}", options.ffn_factor),
         };
         Error::Options(format!(
-            "--factor {} ({ffn}): tensor `{name}` would have more than {} elements",
+            "factor {} ({ffn}): tensor `{name}` would have more than {} elements",
             map.factor,
             crate::limits::MAX_TENSOR_ELEMENTS
         ))
@@ -352,7 +352,7 @@ fn grown_config(
         };
         let eps = cfg.raw.get(eps_key).and_then(Value::as_f64).ok_or_else(|| {
             Error::Options(format!(
-                "--keep-tied: config.json has no numeric `{eps_key}`, and the norms' eps must be divided by n^2"
+                "keep_tied: config.json has no numeric `{eps_key}`, and the norms' eps must be divided by n^2"
             ))
         })?;
         let n = map.factor as f64;

@@ -223,10 +223,10 @@ fn check_destination(src: &Path, dst: &Path, force: bool) -> Result<()> {
         ));
     }
     if dst.symlink_metadata().is_ok() && !force {
-        return Err(Error::format(
-            dst,
-            "already exists (pass --force to replace it)",
-        ));
+        return Err(Error::NeedsForce {
+            path: dst.to_path_buf(),
+            role: String::new(),
+        });
     }
     if force && dst.symlink_metadata().is_ok_and(|m| m.is_dir()) {
         check_removable(dst)?;
@@ -242,7 +242,7 @@ fn check_removable(dst: &Path) -> Result<()> {
         Error::format(
             dst,
             format!(
-                "--force cannot replace it: {} {why}; nothing was changed",
+                "cannot be replaced: {} {why}; nothing was changed",
                 what.display()
             ),
         )

@@ -15,7 +15,6 @@ macro_rules! out {
 mod args;
 mod demo;
 mod experiment_cmd;
-mod growth;
 mod infer;
 mod report;
 mod train_cmd;
@@ -106,8 +105,20 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 
 /// The error chain as one line (see [`hyperclone_core::error::one_line`]); the Python
 /// package raises the same line.
+/// Core errors are phrased for the command line (an existing output: "pass --force").
 fn one_line(e: &anyhow::Error) -> String {
-    hyperclone_core::error::one_line(e.chain())
+    hyperclone_core::error::one_line(e.chain().map(|c| {
+        let core = c.downcast_ref::<hyperclone_core::Error>().or_else(|| {
+            match c.downcast_ref::<hyperclone_nn::NnError>() {
+                Some(hyperclone_nn::NnError::Core(core)) => Some(core),
+                _ => None,
+            }
+        });
+        match core {
+            Some(core) => core.phrased("--force"),
+            None => c.to_string(),
+        }
+    }))
 }
 
 /// Notes on stderr, for commands without a progress bar.
@@ -163,7 +174,7 @@ fn clone(a: CloneArgs) -> Result<()> {
         check: if a.verify { Some(&check) } else { None },
         allow_nonfinite: a.allow_nonfinite,
     };
-    let cloned = clone_model(&a.src, &a.dst, &growth::request(&a.growth), a.force, &env);
+    let cloned = clone_model(&a.src, &a.dst, &a.growth.growth(), a.force, &env);
     bar.finish_and_clear();
     let cloned = cloned?;
     let verification = staged.into_report();
@@ -178,7 +189,7 @@ fn clone(a: CloneArgs) -> Result<()> {
 }
 
 fn plan(a: PlanArgs) -> Result<()> {
-    let (ckpt, plan, _) = open_and_plan(&a.src, &growth::request(&a.growth), &Notes)?;
+    let (ckpt, plan, _) = open_and_plan(&a.src, &a.growth.growth(), &Notes)?;
     report::plan(&ckpt, &plan, a.json);
     Ok(())
 }
