@@ -1,9 +1,12 @@
 //! hyperclone-core: HyperCloning growth math and streaming checkpoint I/O.
 //!
 //! The pieces, in the order a clone uses them: [`checkpoint`] opens a Hugging Face folder
-//! (config + safetensors) and classifies every tensor by its [`family`] rules; [`plan`]
-//! derives every destination tensor, shard and header; [`kernel`] expands one tensor; and
-//! [`write`] streams the plan into a temporary folder renamed into place when complete.
+//! (config + safetensors) and classifies every tensor by its [`family`] rules; a
+//! [`growth_spec::GrowthSpec`] (the options as given: flags, recipe, Python keywords)
+//! resolves into [`options::GrowthOptions`] and, through [`grow::plan_growth`], into the
+//! [`growth_map`] and the [`plan`], which derives every destination tensor, shard and
+//! header; [`kernel`] expands one tensor; and [`write`] streams the plan into a temporary
+//! folder renamed into place when complete.
 
 pub mod checkpoint;
 pub mod config;

@@ -216,4 +216,57 @@ mod tests {
             .context("loading model");
         assert_eq!(one_line(&bt), "loading model: shape mismatch in matmul");
     }
+
+    #[test]
+    fn an_existing_output_says_force_as_a_flag() {
+        let e = anyhow::Error::new(hyperclone_core::Error::NeedsForce {
+            path: "big".into(),
+            role: String::new(),
+        });
+        assert_eq!(
+            one_line(&e),
+            "big: already exists (pass --force to replace it)"
+        );
+        let nn = hyperclone_nn::NnError::Core(hyperclone_core::Error::NeedsForce {
+            path: "x.bin".into(),
+            role: "--out: ".into(),
+        });
+        assert_eq!(
+            one_line(&anyhow::Error::new(nn)),
+            "x.bin: --out: already exists (pass --force to replace it)"
+        );
+    }
+
+    #[test]
+    fn growth_flags_default_to_the_specs_defaults() {
+        use hyperclone_core::grow::Growth;
+        use hyperclone_core::GrowthSpec;
+        let growth = |args: &[&str]| -> Result<Growth, String> {
+            let cli = Cli::try_parse_from(["hyperclone", "plan", "src"].iter().chain(args))
+                .map_err(|e| e.to_string())?;
+            match cli.command {
+                Command::Plan(a) => Ok(a.growth.growth()),
+                _ => unreachable!(),
+            }
+        };
+        // One set of defaults: the flags' are GrowthSpec::default()'s (a recipe's and
+        // Python's missing keys take the same).
+        match growth(&["--factor", "2"]).unwrap() {
+            Growth::Spec(spec) => assert_eq!(spec, GrowthSpec::factor(2)),
+            other => panic!("{other:?}"),
+        }
+        // A recipe conflicts with the flags given, not with their defaults.
+        assert!(matches!(
+            growth(&["--recipe", "r.yaml"]).unwrap(),
+            Growth::Recipe(_)
+        ));
+        let e = growth(&["--recipe", "r.yaml", "--seed", "1"]).unwrap_err();
+        assert!(e.contains("cannot be used with"), "{e}");
+        // A size is required.
+        let e = growth(&["--seed", "1"]).unwrap_err();
+        assert!(
+            e.contains("--factor <N>|--hidden-size <D>|--recipe <FILE>"),
+            "{e}"
+        );
+    }
 }
