@@ -618,15 +618,14 @@ fn expand_tensor(
     if !allow_nonfinite {
         let bad = src.info.dtype.count_nonfinite(data);
         if bad > 0 {
-            return Err(Error::tensor(
-                &file.path,
-                &src.info.name,
-                format!(
-                    "{bad} of {} values are NaN or infinite; refusing to clone them \
-                     (pass --allow-nonfinite to clone them anyway)",
+            return Err(Error::NonFinite {
+                path: file.path.to_path_buf(),
+                tensor: src.info.name.clone(),
+                message: format!(
+                    "{bad} of {} values are NaN or infinite; refusing to clone them",
                     src.info.numel()
                 ),
-            ));
+            });
         }
     }
     let spec = ExpansionSpec {
@@ -662,7 +661,7 @@ fn expand_tensor(
                     &src.info.name,
                     format!(
                         "growing it into {} `{}` gives {bad} NaN or infinite values \
-                         (out of range of the output dtype, or --snr-db too low)",
+                         (out of range of the output dtype, or snr_db too low)",
                         t.dtype.safetensors_name(),
                         t.name
                     ),

@@ -30,13 +30,13 @@ create_exception!(
     "An error of hyperclone, with the one-line message the CLI prints after `error: `."
 );
 
-/// An error as the one line the CLI prints, except that an output that needs replacing
-/// says `force=True` where the CLI says `--force`.
+/// An error as the one line the CLI prints, except that an option that would allow what
+/// was refused is its keyword: `force=True` where the CLI says `--force`.
 fn err(e: &(dyn std::error::Error + 'static)) -> PyErr {
     let causes = std::iter::successors(Some(e), |e| e.source()).map(|c| match c
         .downcast_ref::<hyperclone_core::Error>(
     ) {
-        Some(core) => core.phrased("force=True"),
+        Some(core) => core.phrased(|option| format!("{option}=True")),
         None => c.to_string(),
     });
     HypercloneError::new_err(one_line(causes))

@@ -105,7 +105,8 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 
 /// The error chain as one line (see [`hyperclone_core::error::one_line`]); the Python
 /// package raises the same line.
-/// Core errors are phrased for the command line (an existing output: "pass --force").
+/// Core errors are phrased for the command line: an option that would allow what was
+/// refused is its flag ("pass --force").
 fn one_line(e: &anyhow::Error) -> String {
     hyperclone_core::error::one_line(e.chain().map(|c| {
         let core = c.downcast_ref::<hyperclone_core::Error>().or_else(|| {
@@ -115,7 +116,7 @@ fn one_line(e: &anyhow::Error) -> String {
             }
         });
         match core {
-            Some(core) => core.phrased("--force"),
+            Some(core) => core.phrased(|option| format!("--{}", option.replace('_', "-"))),
             None => c.to_string(),
         }
     }))
@@ -234,6 +235,16 @@ mod tests {
         assert_eq!(
             one_line(&anyhow::Error::new(nn)),
             "x.bin: --out: already exists (pass --force to replace it)"
+        );
+        let nan = hyperclone_core::Error::NonFinite {
+            path: "m.safetensors".into(),
+            tensor: "w".into(),
+            message: "1 of 4 values are NaN or infinite; refusing to clone them".into(),
+        };
+        assert_eq!(
+            one_line(&anyhow::Error::new(nan)),
+            "m.safetensors: tensor `w`: 1 of 4 values are NaN or infinite; refusing to clone them \
+             (pass --allow-nonfinite to clone them anyway)"
         );
     }
 
