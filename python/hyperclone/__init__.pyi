@@ -1,7 +1,9 @@
 """Type stubs of the hyperclone package (see __init__.py for the documentation)."""
 
 import os
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Literal, Mapping, Optional, Sequence, TypedDict, Union
+
+from typing_extensions import Unpack  # stubs are not run: Python 3.10 type checkers read it
 
 import numpy as np
 
@@ -13,47 +15,43 @@ PathLike = Union[str, os.PathLike[str]]
 class HypercloneError(Exception):
     """An error of hyperclone, with the one-line message the CLI prints after `error: `."""
 
+class Growth(TypedDict, total=False):
+    """The growth keywords: core's GrowthSpec, one per field (the CLI's growth flags with
+    underscores, a recipe's `options` keys). A size is required: `factor` (which clone, plan
+    and grow also take positionally) or `hidden_size`, unless `recipe=` is given."""
+
+    factor: Union[int, str]
+    hidden_size: int
+    ffn_factor: Union[int, str]
+    intermediate_size: int
+    depth_factor: Union[int, str]
+    num_hidden_layers: int
+    num_attention_heads: int
+    depth_mode: Literal["identity", "stack"]
+    keep_tied: bool
+    variant: Literal["symmetric", "noisy", "diagonal", "noisy-diagonal"]
+    snr_db: float
+    seed: int
+    dtype: Literal["keep", "f32", "bf16", "f16", "f64"]
+    shard_size: Union[int, str]
+
 def clone(
     src: PathLike,
     dst: PathLike,
-    factor: Optional[int] = None,
+    factor: Optional[Union[int, str]] = None,
     *,
-    hidden_size: Optional[int] = None,
-    ffn_factor: Optional[int] = None,
-    intermediate_size: Optional[int] = None,
-    depth_factor: Optional[int] = None,
-    num_hidden_layers: Optional[int] = None,
-    depth_mode: str = "identity",
-    keep_tied: bool = False,
-    num_attention_heads: Optional[int] = None,
-    variant: str = "symmetric",
-    snr_db: float = 10.0,
-    seed: int = 0,
-    dtype: str = "keep",
     recipe: Optional[PathLike] = None,
-    shard_size: Union[int, str] = "5GB",
     force: bool = False,
     verify: bool = False,
     allow_nonfinite: bool = False,
+    **growth: Unpack[Growth],
 ) -> dict[str, Any]: ...
 def plan(
     src: PathLike,
-    factor: Optional[int] = None,
+    factor: Optional[Union[int, str]] = None,
     *,
-    hidden_size: Optional[int] = None,
-    ffn_factor: Optional[int] = None,
-    intermediate_size: Optional[int] = None,
-    depth_factor: Optional[int] = None,
-    num_hidden_layers: Optional[int] = None,
-    depth_mode: str = "identity",
-    keep_tied: bool = False,
-    num_attention_heads: Optional[int] = None,
-    variant: str = "symmetric",
-    snr_db: float = 10.0,
-    seed: int = 0,
-    dtype: str = "keep",
     recipe: Optional[PathLike] = None,
-    shard_size: Union[int, str] = "5GB",
+    **growth: Unpack[Growth],
 ) -> dict[str, Any]: ...
 def verify(
     small: PathLike,
@@ -65,20 +63,9 @@ def verify(
 def grow(
     tensors: Mapping[str, np.ndarray],
     config: Mapping[str, Any],
-    factor: Optional[int] = None,
+    factor: Optional[Union[int, str]] = None,
     *,
-    hidden_size: Optional[int] = None,
-    ffn_factor: Optional[int] = None,
-    intermediate_size: Optional[int] = None,
-    depth_factor: Optional[int] = None,
-    num_hidden_layers: Optional[int] = None,
-    depth_mode: str = "identity",
-    keep_tied: bool = False,
-    num_attention_heads: Optional[int] = None,
-    variant: str = "symmetric",
-    snr_db: float = 10.0,
-    seed: int = 0,
-    dtype: str = "keep",
     recipe: Optional[PathLike] = None,
     allow_nonfinite: bool = False,
+    **growth: Unpack[Growth],
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]: ...

@@ -1,7 +1,7 @@
 """The compiled bindings (crates/hyperclone-py); use the functions of `hyperclone` instead.
 
-`growth` is the dict `hyperclone._growth` builds: the growth keywords as the CLI's flags
-take them (factors as text)."""
+`growth` is the dict of growth keywords given (core's GrowthSpec as a recipe's `options`
+mapping); `recipe` a recipe file instead (then `growth` must be empty)."""
 
 from typing import Any, Optional
 
@@ -9,10 +9,10 @@ __version__: str
 
 class HypercloneError(Exception): ...
 
-def clone(src: str, dst: str, growth: dict[str, Any], shard_size: str, force: bool,
+def clone(src: str, dst: str, growth: dict[str, Any], recipe: Optional[str], force: bool,
           verify: bool, allow_nonfinite: bool) -> str: ...
-def plan(src: str, growth: dict[str, Any], shard_size: str) -> str: ...
+def plan(src: str, growth: dict[str, Any], recipe: Optional[str]) -> str: ...
 def verify(small: str, big: str, tokens: Optional[list[int]], dtype: str) -> str: ...
 def grow(config_json: str, tensors: list[tuple[str, str, list[int], bytes]],
-         growth: dict[str, Any],
+         growth: dict[str, Any], recipe: Optional[str],
          allow_nonfinite: bool) -> tuple[str, list[tuple[str, str, list[int], bytearray]]]: ...

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import inspect
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -251,7 +252,8 @@ def test_grow_errors_name_the_tensor(tmp_path):
     nan = dict(state)
     nan["model.norm.weight"] = state["model.norm.weight"].copy()
     nan["model.norm.weight"][0] = np.nan
-    with pytest.raises(hyperclone.HypercloneError, match="NaN or infinite"):
+    with pytest.raises(hyperclone.HypercloneError,
+                       match=r"NaN or infinite.*\(pass allow_nonfinite=True to clone them anyway\)$"):
         hyperclone.grow(nan, config, 2)
     assert hyperclone.grow(nan, config, 2, allow_nonfinite=True)[0]
 
@@ -291,9 +293,38 @@ def test_errors_raise_hyperclone_error_with_the_cli_message(hyperclone_bin, tmp_
         message = str(info.value)
         assert "\n" not in message and message, message
         if args is not None:
-            assert message == cli_error(hyperclone_bin, *args)
+            # The same line, except that Python says how to allow a replacement in Python.
+            expected = cli_error(hyperclone_bin, *args).replace("pass --force", "pass force=True")
+            assert message == expected
     assert issubclass(hyperclone.HypercloneError, Exception)
     assert not (tmp_path / "x").exists()
+
+
+def test_errors_name_keywords_and_a_size_is_required(tmp_path):
+    src = TINY / "llama-gqa-untied"
+    hyperclone.clone(src, tmp_path / "big", 2)
+    for call, start in [
+        # No silent default factor: a size is asked for, as the CLI asks for one.
+        (lambda: hyperclone.clone(src, tmp_path / "x"), "give a size: factor N or hidden_size D"),
+        (lambda: hyperclone.plan(src, variant="noisy"), "give a size: factor N or hidden_size D"),
+        (lambda: hyperclone.clone(src, tmp_path / "big", 2),
+         f"{tmp_path / 'big'}: already exists (pass force=True to replace it)"),
+        (lambda: hyperclone.plan(src, 2, seed=-1), "`seed`: "),
+        (lambda: hyperclone.plan(src, 2, snr_db=-3), "snr_db -3: below 0 dB"),
+        (lambda: hyperclone.plan(src, 2, snr_db=float("inf")), "snr_db=inf: must be a finite"),
+        (lambda: hyperclone.plan(src, 2, variant="bogus"), "unknown variant `bogus`"),
+        (lambda: hyperclone.plan(src, 2, depth_factor=0), "depth_factor 0: "),
+        (lambda: hyperclone.plan(src, 2, shard_size=0), "shard_size 0: "),
+        (lambda: hyperclone.plan(src, 2, facter=3), "unknown field `facter`"),
+        (lambda: hyperclone.plan(src, 2, intermediate_size=2**70), "intermediate_size="),
+    ]:
+        with pytest.raises(hyperclone.HypercloneError) as info:
+            call()
+        assert str(info.value).startswith(start), (start, str(info.value))
+        assert "--" not in str(info.value), str(info.value)
+    assert not (tmp_path / "x").exists()
+    # force=True replaces.
+    assert hyperclone.clone(src, tmp_path / "big", 2, force=True)["destination"]
 
 
 # --- the model card -------------------------------------------------------------------------
@@ -350,7 +381,16 @@ def test_stubs_match_the_functions():
         assert fn.__doc__ and len(fn.__doc__) > 100, name
         params = list(inspect.signature(fn).parameters)
         a = stubbed[name].args
-        assert [p.arg for p in a.args + a.kwonlyargs] == params, name
+        stub_params = [p.arg for p in a.args + a.kwonlyargs] + ([a.kwarg.arg] if a.kwarg else [])
+        assert stub_params == params, name
+    # The stubs' growth keywords are core's GrowthSpec fields, which the unknown-keyword
+    # error lists (one list: the CLI's flags, a recipe's keys, these keywords).
+    growth = next(n for n in stub.body if isinstance(n, ast.ClassDef) and n.name == "Growth")
+    stubbed_keys = [n.target.id for n in growth.body if isinstance(n, ast.AnnAssign)]
+    with pytest.raises(hyperclone.HypercloneError) as info:
+        hyperclone.plan(TINY / "llama-gqa-untied", 2, no_such_option=1)
+    known = re.findall(r"`(\w+)`", str(info.value).split("expected one of", 1)[1])
+    assert stubbed_keys == known
     assert hyperclone.__version__
     assert set(hyperclone.__all__) >= {"clone", "plan", "verify", "grow", "HypercloneError"}
 

@@ -31,6 +31,22 @@ pub enum Error {
     /// The finished clone failed its check before being moved into place; nothing was kept.
     #[error("verification failed, nothing was written: {0}")]
     Verification(String),
+    /// An output exists and the caller did not allow replacing it (the `force` option).
+    /// How to pass an option is the front end's to say ([`Error::phrased`]).
+    #[error("{}: {role}already exists (pass force to replace it)", path.display())]
+    NeedsForce {
+        path: PathBuf,
+        /// What the path is to the command, with its separator (`--out: `), or empty.
+        role: String,
+    },
+    /// A source tensor holds NaN or infinite values and the caller did not allow cloning
+    /// them (the `allow_nonfinite` option).
+    #[error("{}: tensor `{tensor}`: {message} (pass allow_nonfinite to clone them anyway)", path.display())]
+    NonFinite {
+        path: PathBuf,
+        tensor: String,
+        message: String,
+    },
     /// The user interrupted a long operation (Ctrl-C); partial output was removed.
     #[error("interrupted; the partial output was removed")]
     Interrupted,
@@ -60,6 +76,27 @@ impl Error {
             path: path.into(),
             tensor: tensor.into(),
             message: message.into(),
+        }
+    }
+    /// The error's one line, with the options that would allow what was refused spelled
+    /// by the front end: `spell("force")` is `--force` for the CLI, `force=True` for Python.
+    pub fn phrased(&self, spell: impl Fn(&str) -> String) -> String {
+        match self {
+            Error::NeedsForce { path, role } => format!(
+                "{}: {role}already exists (pass {} to replace it)",
+                path.display(),
+                spell("force")
+            ),
+            Error::NonFinite {
+                path,
+                tensor,
+                message,
+            } => format!(
+                "{}: tensor `{tensor}`: {message} (pass {} to clone them anyway)",
+                path.display(),
+                spell("allow_nonfinite")
+            ),
+            other => other.to_string(),
         }
     }
     pub fn config(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {

@@ -1,239 +1,82 @@
-//! Clone orchestration shared by the CLI and the Python package: growth options from the
-//! user's words, opening and planning a source, cloning to disk, growing in memory, and the
+//! Clone orchestration shared by the CLI and the Python package: a [`Growth`] (a
+//! [`GrowthSpec`] or a recipe file) into a plan, opening and planning a source, cloning to disk, growing in memory, and the
 //! JSON summary of a plan. Front ends add only flag parsing, progress and printing.
 
 use crate::checkpoint::{Checkpoint, MemoryTensor};
-use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::family::Component;
-use crate::plan::{factor_for, GrowthOptions, Plan};
-use crate::provenance::{model_card, Provenance};
+use crate::growth_spec::GrowthSpec;
+use crate::options::GrowthOptions;
 use crate::output_guard::Inputs;
+use crate::plan::Plan;
+use crate::provenance::{model_card, Provenance};
 use crate::recipe::{recipe_json, Recipe};
 use crate::write::Progress;
 use crate::write::{grow_tensors, write_clone, CloneOutcome, GrownTensor, WriteEnv};
-use crate::{DType, DepthMode, Variant};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
-/// Growth as a user asks for it, in the CLI's terms (flag values as typed): turned into
-/// [`GrowthOptions`] against a source's config by [`GrowthRequest::resolve`], with errors
-/// that name the flag and say what to give instead.
+/// A growth: the options themselves, or a recipe file holding them (the whole growth; the
+/// file is read once, by [`plan_growth`]).
 #[derive(Debug, Clone)]
-pub struct GrowthRequest {
-    /// `--factor`: a whole number >= 1 (as typed, so "1.5" gets its own explanation).
-    pub factor: Option<String>,
-    /// `--hidden-size`: the target hidden size instead of a factor.
-    pub hidden_size: Option<usize>,
-    /// `--ffn-factor` [default: the hidden factor].
-    pub ffn_factor: Option<String>,
-    /// `--intermediate-size`: the target FFN size, any F >= the source's (Net2Net when
-    /// not a whole multiple).
-    pub intermediate_size: Option<usize>,
-    /// `--depth-factor`: multiply the layer count by K.
-    pub depth_factor: Option<String>,
-    /// `--num-hidden-layers`: the target layer count instead of a factor.
-    pub num_hidden_layers: Option<usize>,
-    /// `--depth-mode`: identity or stack.
-    pub depth_mode: String,
-    /// `--keep-tied`: keep a tied embedding tied.
-    pub keep_tied: bool,
-    /// `--recipe`: read every option from this recipe file instead (the other fields are
-    /// then not used).
-    pub recipe: Option<std::path::PathBuf>,
-    /// `--num-attention-heads`: the destination head count (default: the source's x factor).
-    pub num_attention_heads: Option<usize>,
-    pub variant: String,
-    pub snr_db: f64,
-    pub seed: u64,
-    /// `keep` or a dtype name (f32, bf16, f16, f64).
-    pub dtype: String,
-    /// e.g. 5GB, 500MB, 2GiB, 1048576.
-    pub shard_size: String,
+pub enum Growth {
+    Spec(GrowthSpec),
+    Recipe(PathBuf),
 }
 
-impl Default for GrowthRequest {
-    /// The CLI's defaults (no factor: one must be given).
-    fn default() -> Self {
-        GrowthRequest {
-            factor: None,
-            hidden_size: None,
-            ffn_factor: None,
-            intermediate_size: None,
-            depth_factor: None,
-            num_hidden_layers: None,
-            depth_mode: "identity".into(),
-            keep_tied: false,
-            recipe: None,
-            num_attention_heads: None,
-            variant: "symmetric".into(),
-            snr_db: 10.0,
-            seed: 0,
-            dtype: "keep".into(),
-            shard_size: "5GB".into(),
-        }
+impl From<GrowthSpec> for Growth {
+    fn from(spec: GrowthSpec) -> Growth {
+        Growth::Spec(spec)
     }
 }
 
-impl GrowthRequest {
-    pub fn resolve(&self, cfg: &ModelConfig) -> Result<GrowthOptions> {
-        if let Some(path) = &self.recipe {
-            return Recipe::load(path)?.options(path, cfg);
-        }
-        let factor = match (&self.factor, self.hidden_size) {
-            (Some(f), None) => parse_factor("--factor", f)?,
-            (None, Some(d)) => factor_for("--hidden-size", cfg.hidden_size, d)?,
-            (Some(_), Some(_)) => return Err(opt("give --factor or --hidden-size, not both")),
-            (None, None) => return Err(opt("give --factor N or --hidden-size D")),
-        };
-        let ffn_factor = match (&self.ffn_factor, self.intermediate_size) {
-            (Some(m), None) => parse_factor("--ffn-factor", m)?,
-            (None, _) => factor,
-            (Some(_), Some(_)) => {
-                return Err(opt("give --ffn-factor or --intermediate-size, not both"))
-            }
-        };
-        let num_layers =
-            match (&self.depth_factor, self.num_hidden_layers) {
-                (Some(k), None) => {
-                    let k = parse_factor("--depth-factor", k)?;
-                    Some(cfg.num_hidden_layers.checked_mul(k).ok_or_else(|| {
-                        opt(format!("--depth-factor {k}: the layer count overflows"))
-                    })?)
-                }
-                (None, l) => l,
-                (Some(_), Some(_)) => {
-                    return Err(opt("give --depth-factor or --num-hidden-layers, not both"))
-                }
-            };
-        let variant = Variant::parse(&self.variant).ok_or_else(|| {
-            let names: Vec<&str> = Variant::ALL.iter().map(|v| v.name()).collect();
-            opt(format!(
-                "unknown --variant `{}` (use one of {})",
-                self.variant,
-                names.join(", ")
-            ))
-        })?;
-        let dtype = match self.dtype.as_str() {
-            "keep" => None,
-            other => Some(DType::parse(other).ok_or_else(|| {
-                opt(format!(
-                    "unknown --dtype {other} (use keep, f32, bf16, f16 or f64)"
-                ))
-            })?),
-        };
-        let opts = GrowthOptions {
-            factor,
-            ffn_factor,
-            variant,
-            snr_db: self.snr_db,
-            seed: self.seed,
-            dtype,
-            shard_size: parse_size(&self.shard_size)?,
-            intermediate_size: self.intermediate_size,
-            num_layers,
-            depth_mode: DepthMode::parse(&self.depth_mode).ok_or_else(|| {
-                opt(format!(
-                    "unknown --depth-mode `{}` (use identity or stack)",
-                    self.depth_mode
-                ))
-            })?,
-            keep_tied: self.keep_tied,
-            num_heads: self.num_attention_heads,
-        };
-        opts.validate()?;
-        Ok(opts)
-    }
-}
-
-fn opt(message: impl Into<String>) -> Error {
-    Error::Options(message.into())
-}
-
-pub fn parse_factor(flag: &str, text: &str) -> Result<usize> {
-    match text.trim().parse::<usize>() {
-        Ok(0) => Err(opt(format!(
-            "{flag} 0: the factor must be a whole number >= 1"
-        ))),
-        Ok(n) => Ok(n),
-        Err(_) => Err(opt(format!(
-            "{flag} {text}: the factor must be a whole number >= 1 (HyperCloning grows by whole copies; \
-             fractional growth is not supported)"
-        ))),
-    }
-}
-
-/// "5GB" (10^9), "500MB", "2GiB" (2^30), "1048576".
-pub fn parse_size(text: &str) -> Result<u64> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let value: f64 = num.parse().map_err(|e| {
-        opt(format!(
-            "--shard-size {text}: expected a size like 5GB or 500MiB: {e}"
-        ))
-    })?;
-    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "kb" | "k" => 1e3,
-        "mb" | "m" => 1e6,
-        "gb" | "g" => 1e9,
-        "tb" | "t" => 1e12,
-        "kib" => 1024.0,
-        "mib" => 1024f64.powi(2),
-        "gib" => 1024f64.powi(3),
-        "tib" => 1024f64.powi(4),
-        _ => {
-            return Err(opt(format!(
-                "--shard-size {text}: unknown unit `{unit}` (use B, KB, MB, GB, KiB, MiB, GiB)"
-            )))
-        }
-    };
-    let bytes = (value * mult).round();
-    if bytes < 1.0 {
-        return Err(opt(format!(
-            "--shard-size {text}: must be at least one byte"
-        )));
-    }
-    Ok(bytes as u64)
-}
-
-/// Opens SRC and plans its growth; the provenance is what goes into the files. A recipe's
-/// recorded growth map must match the plan's; `progress` hears what is worth a note.
+/// Opens SRC and plans its growth; the provenance is what goes into the files.
 pub fn open_and_plan(
     src: &Path,
-    request: &GrowthRequest,
+    growth: &Growth,
     progress: &dyn Progress,
 ) -> Result<(Checkpoint, Plan, Provenance)> {
     let ckpt = Checkpoint::open(src)?;
-    // A recipe is read once (it may be megabytes): its options, then its recorded map.
-    let recipe = match &request.recipe {
-        Some(path) => Some((path, Recipe::load(path)?)),
-        None => None,
-    };
-    let options = match &recipe {
-        Some((path, r)) => r.options(path, &ckpt.config)?,
-        None => request.resolve(&ckpt.config)?,
-    };
-    let (plan, prov) = plan_with(&ckpt, &options)?;
-    if let Some((path, recipe)) = &recipe {
-        recipe.check_map(path, &plan.map)?;
-        if recipe
-            .source_config_sha256
-            .as_ref()
-            .is_some_and(|sha| *sha != prov.config_sha256)
-        {
-            progress.notice(&format!(
-                "{} was made for a source with another config.json; its growth map matches this one",
-                path.display()
-            ));
-        }
-    }
+    let (plan, prov) = plan_growth(&ckpt, growth, progress)?;
     Ok((ckpt, plan, prov))
+}
+
+/// The one way from a growth to a plan: resolve the spec (a recipe's read once, its errors
+/// naming the file), plan (which validates the options), and hold a recipe's recorded
+/// growth map to the plan's. `progress` hears what is worth a note.
+pub fn plan_growth(
+    ckpt: &Checkpoint,
+    growth: &Growth,
+    progress: &dyn Progress,
+) -> Result<(Plan, Provenance)> {
+    let path = match growth {
+        Growth::Spec(spec) => return plan_with(ckpt, &spec.resolve(&ckpt.config)?),
+        Growth::Recipe(path) => path,
+    };
+    let recipe = Recipe::load(path)?;
+    let in_recipe = |e: Error| match e {
+        Error::Options(m) => Error::Options(format!(
+            "{}: {m} (a recipe's options are checked as the flags are)",
+            path.display()
+        )),
+        other => other,
+    };
+    let options = recipe.spec.resolve(&ckpt.config).map_err(in_recipe)?;
+    let (plan, prov) = plan_with(ckpt, &options).map_err(in_recipe)?;
+    recipe.check_map(path, &plan.map)?;
+    if recipe
+        .source_config_sha256
+        .as_ref()
+        .is_some_and(|sha| *sha != prov.config_sha256)
+    {
+        progress.notice(&format!(
+            "{} was made for a source with another config.json; its growth map matches this one",
+            path.display()
+        ));
+    }
+    Ok((plan, prov))
 }
 
 /// Plans the growth of an open checkpoint with resolved options.
@@ -255,16 +98,16 @@ pub struct Cloned {
 pub fn clone_model(
     src: &Path,
     dst: &Path,
-    request: &GrowthRequest,
+    growth: &Growth,
     force: bool,
     env: &WriteEnv,
 ) -> Result<Cloned> {
-    // The recipe is an input too: DST must neither be it nor hold it (`--force` replaces
+    // The recipe is an input too: DST must neither be it nor hold it (`force` replaces
     // DST, never an input). SRC is checked by write_clone with its own messages.
-    if let Some(recipe) = &request.recipe {
+    if let Growth::Recipe(recipe) = growth {
         Inputs::new().add(recipe).check_output("DST", dst)?;
     }
-    let (ckpt, plan, prov) = open_and_plan(src, request, env.progress)?;
+    let (ckpt, plan, prov) = open_and_plan(src, growth, env.progress)?;
     let card = model_card(&ckpt, &plan, &prov);
     let outcome = write_clone(&ckpt, &plan, &card, dst, force, env)?;
     Ok(Cloned {
@@ -304,13 +147,12 @@ pub struct GrownInMemory {
 pub fn grow_in_memory(
     config_json: &str,
     tensors: &[MemoryTensor],
-    request: &GrowthRequest,
+    growth: &Growth,
     allow_nonfinite: bool,
     cancel: &AtomicBool,
 ) -> Result<GrownInMemory> {
     let ckpt = Checkpoint::from_memory(config_json, tensors)?;
-    let options = request.resolve(&ckpt.config)?;
-    let (plan, _) = plan_with(&ckpt, &options)?;
+    let (plan, _) = plan_growth(&ckpt, growth, &crate::write::NoProgress)?;
     let tensors = grow_tensors(&ckpt, &plan, cancel, allow_nonfinite)?;
     Ok(GrownInMemory {
         tensors,
@@ -392,32 +234,4 @@ pub fn clone_json(
         verification.cloned().unwrap_or(Value::Null),
     );
     v
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("5GB").unwrap(), 5_000_000_000);
-        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
-        assert_eq!(parse_size("1048576").unwrap(), 1 << 20);
-        assert_eq!(parse_size("1.5MB").unwrap(), 1_500_000);
-        assert!(parse_size("5 parsecs").is_err());
-        assert!(parse_size("0").is_err());
-    }
-
-    #[test]
-    fn factors() {
-        assert_eq!(parse_factor("--factor", "3").unwrap(), 3);
-        assert!(parse_factor("--factor", "0")
-            .unwrap_err()
-            .to_string()
-            .contains(">= 1"));
-        assert!(parse_factor("--factor", "1.5")
-            .unwrap_err()
-            .to_string()
-            .contains("whole number"));
-    }
 }

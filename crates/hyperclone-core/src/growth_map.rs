@@ -18,7 +18,9 @@ use crate::error::{Error, Result};
 use crate::family::{HeadCounts, LayerSliding, Space, TensorRule, TiedGrowth};
 use crate::kernel::Segment;
 use crate::limits::MAX_LAYERS;
-use crate::plan::GrowthOptions;
+use crate::options::GrowthOptions;
+// DepthMode lives with the options it is one of; re-exported here, where it used to be.
+pub use crate::options::DepthMode;
 use serde_json::{json, Map, Value};
 
 /// The `__metadata__` key under which every clone records its growth map (JSON).
@@ -91,33 +93,6 @@ impl RecordedGrowth {
     }
 }
 
-/// How `--num-hidden-layers` / `--depth-factor` adds layers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum DepthMode {
-    /// Function-preserving: after each source layer, as many copies of it as the even
-    /// spread gives, with their residual writers zeroed (LLaMA Pro).
-    #[default]
-    Identity,
-    /// The whole stack repeated (G_stack): destination layer j is source layer j mod L.
-    /// Not function-preserving; for experiments.
-    Stack,
-}
-
-impl DepthMode {
-    pub fn name(self) -> &'static str {
-        match self {
-            DepthMode::Identity => "identity",
-            DepthMode::Stack => "stack",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<DepthMode> {
-        [DepthMode::Identity, DepthMode::Stack]
-            .into_iter()
-            .find(|m| m.name() == s)
-    }
-}
-
 /// One destination layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LayerSource {
@@ -153,20 +128,20 @@ impl GrowthMap {
         if o.keep_tied {
             if !cfg.tie_word_embeddings {
                 return Err(opt(
-                    "--keep-tied: the source's head is not tied to its embedding (tie_word_embeddings is false), so \
+                    "keep_tied: the source's head is not tied to its embedding (tie_word_embeddings is false), so \
                      there is no tie to keep; drop the flag"
                         .into(),
                 ));
             }
             if let TiedGrowth::Refused(why) = cfg.family.tied_growth {
                 return Err(opt(format!(
-                    "--keep-tied is not exact for {}: {why}; clone without it (the head is then written untied)",
+                    "keep_tied is not exact for {}: {why}; clone without it (the head is then written untied)",
                     cfg.family.model_type
                 )));
             }
             if cfg.embed_proj_dim != cfg.hidden_size {
                 return Err(opt(
-                    "--keep-tied: the embedding lives behind project_in/out (word_embed_proj_dim != hidden_size)"
+                    "keep_tied: the embedding lives behind project_in/out (word_embed_proj_dim != hidden_size)"
                         .into(),
                 ));
             }
@@ -342,7 +317,7 @@ fn space_segment(cfg: &ModelConfig, o: &GrowthOptions, space: Space) -> Result<S
         Some(f) => f,
         None => len.checked_mul(o.ffn_factor).ok_or_else(|| {
             Error::Options(format!(
-                "--factor {} (FFN x{}): the FFN would have more than {} elements",
+                "factor {} (FFN x{}): the FFN would have more than {} elements",
                 o.factor,
                 o.ffn_factor,
                 crate::limits::MAX_TENSOR_ELEMENTS
@@ -351,7 +326,7 @@ fn space_segment(cfg: &ModelConfig, o: &GrowthOptions, space: Space) -> Result<S
     };
     if target < len {
         return Err(Error::Options(format!(
-            "--intermediate-size {target} is smaller than the source's {len}: growth never removes FFN units"
+            "intermediate_size {target} is smaller than the source's {len}: growth never removes FFN units"
         )));
     }
     Ok(Segment {
@@ -371,7 +346,7 @@ fn uneven_heads(cfg: &ModelConfig, o: &GrowthOptions) -> Result<Option<(usize, u
     let opt = |m: String| Err(Error::Options(m));
     if target < h {
         return opt(format!(
-            "--num-attention-heads {target} is fewer than the source's {h}: growth never removes heads"
+            "num_attention_heads {target} is fewer than the source's {h}: growth never removes heads"
         ));
     }
     let hidden = cfg.hidden_size.saturating_mul(o.factor);
@@ -380,14 +355,14 @@ fn uneven_heads(cfg: &ModelConfig, o: &GrowthOptions) -> Result<Option<(usize, u
         HeadCounts::DividingHidden if hidden.is_multiple_of(target) => {}
         HeadCounts::DividingHidden => {
             return opt(format!(
-                "--num-attention-heads {target}: {} configs must have a head count that divides hidden_size \
+                "num_attention_heads {target}: {} configs must have a head count that divides hidden_size \
                  ({hidden}; transformers validates it even with head_dim given)",
                 cfg.family.model_type
             ))
         }
         HeadCounts::Refused(why) => {
             return opt(format!(
-                "--num-attention-heads {target}: {} can only grow heads with the hidden size ({} for x{}): {why}",
+                "num_attention_heads {target}: {} can only grow heads with the hidden size ({} for x{}): {why}",
                 cfg.family.model_type,
                 h * o.factor,
                 o.factor
@@ -400,7 +375,7 @@ fn uneven_heads(cfg: &ModelConfig, o: &GrowthOptions) -> Result<Option<(usize, u
         1 // one shared (MQA) kv head serves any number of query heads
     } else if !target.is_multiple_of(group) {
         return opt(format!(
-            "--num-attention-heads {target}: {group} query heads share each kv head, so the count must be a \
+            "num_attention_heads {target}: {group} query heads share each kv head, so the count must be a \
              multiple of {group}"
         ));
     } else {
@@ -409,7 +384,7 @@ fn uneven_heads(cfg: &ModelConfig, o: &GrowthOptions) -> Result<Option<(usize, u
     crate::limits::checked_numel(&[target, cfg.head_dim, cfg.hidden_size, o.factor]).ok_or_else(
         || {
             Error::Options(format!(
-                "--num-attention-heads {target}: q_proj would be too large"
+                "num_attention_heads {target}: q_proj would be too large"
             ))
         },
     )?;
@@ -421,12 +396,12 @@ fn layer_map(cfg: &ModelConfig, o: &GrowthOptions) -> Result<Vec<LayerSource>> {
     let target = o.num_layers.unwrap_or(l);
     if target < l {
         return Err(Error::Options(format!(
-            "--num-hidden-layers {target} is fewer than the source's {l}: growth never removes layers"
+            "num_hidden_layers {target} is fewer than the source's {l}: growth never removes layers"
         )));
     }
     if target > MAX_LAYERS {
         return Err(Error::Options(format!(
-            "--num-hidden-layers {target}: at most {MAX_LAYERS} layers are supported"
+            "num_hidden_layers {target}: at most {MAX_LAYERS} layers are supported"
         )));
     }
     if target > l {
@@ -436,7 +411,7 @@ fn layer_map(cfg: &ModelConfig, o: &GrowthOptions) -> Result<Vec<LayerSource>> {
             return Err(Error::Options(
                 "depth growth: this model normalises the residual after every block (do_layer_norm_before: false), \
                  so an inserted block with zeroed writers still applies its LayerNorm and is not the identity; \
-                 use --depth-mode stack (not function-preserving) or grow only the width"
+                 use depth_mode stack (not function-preserving) or grow only the width"
                     .into(),
             ));
         }

@@ -1,9 +1,12 @@
 //! hyperclone-core: HyperCloning growth math and streaming checkpoint I/O.
 //!
 //! The pieces, in the order a clone uses them: [`checkpoint`] opens a Hugging Face folder
-//! (config + safetensors) and classifies every tensor by its [`family`] rules; [`plan`]
-//! derives every destination tensor, shard and header; [`kernel`] expands one tensor; and
-//! [`write`] streams the plan into a temporary folder renamed into place when complete.
+//! (config + safetensors) and classifies every tensor by its [`family`] rules; a
+//! [`growth_spec::GrowthSpec`] (the options as given: flags, recipe, Python keywords)
+//! resolves into [`options::GrowthOptions`] and, through [`grow::plan_growth`], into the
+//! [`growth_map`] and the [`plan`], which derives every destination tensor, shard and
+//! header; [`kernel`] expands one tensor; and [`write`] streams the plan into a temporary
+//! folder renamed into place when complete.
 
 pub mod checkpoint;
 pub mod config;
@@ -12,8 +15,10 @@ pub mod error;
 pub mod family;
 pub mod grow;
 pub mod growth_map;
+pub mod growth_spec;
 pub mod kernel;
 pub mod limits;
+pub mod options;
 pub mod output_guard;
 pub mod plan;
 pub mod provenance;
@@ -25,6 +30,8 @@ pub mod write;
 pub use checkpoint::Checkpoint;
 pub use dtype::DType;
 pub use error::{Error, Result};
-pub use growth_map::{DepthMode, GrowthMap};
+pub use growth_map::GrowthMap;
+pub use growth_spec::GrowthSpec;
 pub use kernel::Variant;
-pub use plan::{GrowthOptions, Plan};
+pub use options::{DepthMode, GrowthOptions};
+pub use plan::Plan;

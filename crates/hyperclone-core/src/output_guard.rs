@@ -137,10 +137,10 @@ impl Inputs {
 /// Refuses an existing `out` unless `force`: a command replaces only what the user lets it.
 pub fn refuse_existing(flag: &str, out: &Path, force: bool) -> Result<()> {
     if !force && out.symlink_metadata().is_ok() {
-        return Err(Error::format(
-            out,
-            format!("{flag}: already exists (pass --force to replace it)"),
-        ));
+        return Err(Error::NeedsForce {
+            path: out.to_path_buf(),
+            role: format!("{flag}: "),
+        });
     }
     Ok(())
 }

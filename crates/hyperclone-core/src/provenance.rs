@@ -13,7 +13,8 @@
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 use crate::family::Component;
-use crate::plan::{GrowthOptions, Plan};
+use crate::options::GrowthOptions;
+use crate::plan::Plan;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;

@@ -6,12 +6,11 @@
 //! options and refuses when it differs from the recorded one (a recipe made for another
 //! model), so a recipe can never silently mean something else.
 
-use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::grow::GrowthRequest;
 use crate::growth_map::GrowthMap;
-use crate::plan::GrowthOptions;
-use serde_json::{json, Map, Value};
+use crate::growth_spec::GrowthSpec;
+use crate::options::GrowthOptions;
+use serde_json::{json, Value};
 use std::path::Path;
 
 /// Format version of recipe files.
@@ -20,10 +19,10 @@ pub const RECIPE_VERSION: u64 = 1;
 /// A parsed recipe.
 #[derive(Debug, Clone)]
 pub struct Recipe {
-    /// The options in the flags' terms: [`Recipe::options`] validates them with the very
-    /// rules that validate flags ([`GrowthRequest::resolve`]), so a recipe accepts and
+    /// The options: the very struct the flags and the Python keywords fill, resolved and
+    /// validated by the same code ([`crate::grow::plan_growth`]), so a recipe accepts and
     /// refuses exactly what the command line does.
-    pub request: GrowthRequest,
+    pub spec: GrowthSpec,
     /// The growth map recorded with the recipe, if any (checked when replayed).
     pub growth_map: Option<Value>,
     /// The source's config.json sha256 recorded with the recipe, if any.
@@ -40,25 +39,9 @@ pub fn recipe_json(
     json!({
         "hyperclone_recipe": RECIPE_VERSION,
         "source": {"model_type": model_type, "config_sha256": config_sha256},
-        "options": options_json(o, map),
+        // Every size resolved (what the map was built from).
+        "options": GrowthSpec::of_growth(o, map),
         "growth_map": map.to_json(),
-    })
-}
-
-/// The options with every size resolved (what the map was built from).
-pub fn options_json(o: &GrowthOptions, map: &GrowthMap) -> Value {
-    json!({
-        "factor": o.factor,
-        "intermediate_size": map.dest_len(crate::family::Space::Ffn),
-        "num_hidden_layers": map.layers.len(),
-        "num_attention_heads": map.heads(),
-        "depth_mode": o.depth_mode.name(),
-        "keep_tied": o.keep_tied,
-        "variant": o.variant.name(),
-        "snr_db": o.snr_db,
-        "seed": o.seed,
-        "dtype": o.dtype.map(|d| d.torch_name()).unwrap_or("keep"),
-        "shard_size": o.shard_size,
     })
 }
 
@@ -81,18 +64,6 @@ impl Recipe {
             })?,
         };
         Recipe::from_value(path, value)
-    }
-
-    /// The growth options for `cfg`'s source, checked exactly as the flags are; an error
-    /// names the recipe.
-    pub fn options(&self, path: &Path, cfg: &ModelConfig) -> Result<GrowthOptions> {
-        self.request.resolve(cfg).map_err(|e| match e {
-            Error::Options(m) => Error::Options(format!(
-                "{}: {m} (a recipe's options are checked as the flags are)",
-                path.display()
-            )),
-            other => other,
-        })
     }
 
     pub fn from_value(path: &Path, value: Value) -> Result<Recipe> {
@@ -119,9 +90,9 @@ impl Recipe {
         let Some(Value::Object(opts)) = top.get("options") else {
             return Err(bad("has no `options` mapping".into()));
         };
-        let request = parse_options(opts).map_err(|m| bad(format!("options: {m}")))?;
+        let spec = GrowthSpec::from_map(opts).map_err(|m| bad(format!("options: {m}")))?;
         Ok(Recipe {
-            request,
+            spec,
             growth_map: top.remove("growth_map"),
             source_config_sha256: top
                 .get("source")
@@ -155,7 +126,7 @@ fn yaml_value(text: &str) -> std::result::Result<Value, String> {
     let y: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
     if let Some(at) = non_finite(&y, "") {
         return Err(format!(
-            "`{at}` is not a finite number (.inf and .nan are refused, as --snr-db inf is)"
+            "`{at}` is not a finite number (.inf and .nan are refused, as snr_db inf is)"
         ));
     }
     serde_json::to_value(&y).map_err(|e| e.to_string())
@@ -186,84 +157,6 @@ fn non_finite(v: &serde_yaml_ng::Value, at: &str) -> Option<String> {
         Y::Tagged(t) => non_finite(&t.value, at),
         Y::Null | Y::Bool(_) | Y::String(_) => None,
     }
-}
-
-/// The recipe's options as flags: each key checked for its JSON type here, every value
-/// then checked by [`GrowthRequest::resolve`], the flags' own rules.
-fn parse_options(o: &Map<String, Value>) -> std::result::Result<GrowthRequest, String> {
-    const KNOWN: [&str; 11] = [
-        "factor",
-        "num_attention_heads",
-        "intermediate_size",
-        "num_hidden_layers",
-        "depth_mode",
-        "keep_tied",
-        "variant",
-        "snr_db",
-        "seed",
-        "dtype",
-        "shard_size",
-    ];
-    if let Some(k) = o.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-        return Err(format!("unknown key `{k}` (known: {})", KNOWN.join(", ")));
-    }
-    let get = |k: &str| o.get(k).filter(|v| !v.is_null());
-    let uint = |k: &str| -> std::result::Result<Option<u64>, String> {
-        get(k)
-            .map(|v| {
-                v.as_u64()
-                    .ok_or_else(|| format!("`{k}` must be a non-negative integer, found {v}"))
-            })
-            .transpose()
-    };
-    let size = |k: &str| -> std::result::Result<Option<usize>, String> {
-        uint(k)?
-            .map(|x| usize::try_from(x).map_err(|_| format!("`{k}` {x} is too large")))
-            .transpose()
-    };
-    let text = |k: &str| -> std::result::Result<Option<String>, String> {
-        match get(k) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(v) => Err(format!("`{k}` must be a string, found {v}")),
-        }
-    };
-    // A number or the text a flag takes (`shard_size: 5GB`), as the flag would read it.
-    let number_or_text = |k: &str| -> std::result::Result<Option<String>, String> {
-        match get(k) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(Value::Number(n)) => Ok(Some(n.to_string())),
-            Some(v) => Err(format!("`{k}` must be a number, found {v}")),
-        }
-    };
-    let d = GrowthRequest::default();
-    let factor = number_or_text("factor")?.ok_or("`factor` is required")?;
-    let snr_db = match get("snr_db") {
-        None => d.snr_db,
-        Some(v) => v
-            .as_f64()
-            .ok_or_else(|| format!("`snr_db` must be a number, found {v}"))?,
-    };
-    let keep_tied = match get("keep_tied") {
-        None => false,
-        Some(Value::Bool(b)) => *b,
-        Some(v) => return Err(format!("`keep_tied` must be true or false, found {v}")),
-    };
-    Ok(GrowthRequest {
-        factor: Some(factor),
-        intermediate_size: size("intermediate_size")?,
-        num_hidden_layers: size("num_hidden_layers")?,
-        num_attention_heads: size("num_attention_heads")?,
-        depth_mode: text("depth_mode")?.unwrap_or(d.depth_mode),
-        keep_tied,
-        variant: text("variant")?.unwrap_or(d.variant),
-        snr_db,
-        seed: uint("seed")?.unwrap_or(d.seed),
-        dtype: text("dtype")?.unwrap_or(d.dtype),
-        shard_size: number_or_text("shard_size")?.unwrap_or(d.shard_size),
-        ..d
-    })
 }
 
 /// The path of the first place two JSON values differ (numbers compared as f64).
@@ -309,7 +202,7 @@ mod tests {
                     keep_tied: true\n  variant: noisy\n  seed: 7\n";
         let v = yaml_value(yaml).unwrap();
         let r = Recipe::from_value(Path::new("r.yaml"), v).unwrap();
-        let o = &r.request;
+        let o = &r.spec;
         assert_eq!(
             (
                 o.factor.as_deref(),
@@ -323,12 +216,30 @@ mod tests {
     }
 
     #[test]
+    fn recipe_spec_recipe_round_trip() {
+        // A recipe's options are a GrowthSpec and write back as the same mapping.
+        let yaml = "hyperclone_recipe: 1\noptions:\n  factor: 3\n  intermediate_size: 97\n  \
+                    num_hidden_layers: 5\n  num_attention_heads: 12\n  depth_mode: stack\n  keep_tied: true\n  \
+                    variant: noisy-diagonal\n  snr_db: 12.5\n  seed: 9\n  dtype: bf16\n  shard_size: 1000000\n";
+        let v = yaml_value(yaml).unwrap();
+        let r = Recipe::from_value(Path::new("r.yaml"), v.clone()).unwrap();
+        let back = serde_json::to_value(&r.spec).unwrap();
+        assert_eq!(back, v["options"]);
+        let again = Recipe::from_value(
+            Path::new("r.json"),
+            json!({"hyperclone_recipe": 1, "options": back}),
+        )
+        .unwrap();
+        assert_eq!(again.spec, r.spec);
+    }
+
+    #[test]
     fn unknown_keys_and_versions_are_refused() {
         let v = json!({"hyperclone_recipe": 1, "options": {"factor": 2, "facter": 3}});
         let e = Recipe::from_value(Path::new("r.json"), v)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("unknown key `facter`"), "{e}");
+        assert!(e.contains("unknown field `facter`"), "{e}");
         let v = json!({"hyperclone_recipe": 2, "options": {"factor": 2}});
         let e = Recipe::from_value(Path::new("r.json"), v)
             .unwrap_err()
@@ -338,7 +249,10 @@ mod tests {
         let e = Recipe::from_value(Path::new("r.json"), v)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("non-negative integer"), "{e}");
+        assert!(
+            e.contains("options: `seed`: invalid value: integer `-1`"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -212,10 +212,10 @@ fn check_destination(src: &Path, dst: &Path, force: bool) -> Result<()> {
         ));
     }
     if dst.symlink_metadata().is_ok() && !force {
-        return Err(Error::format(
-            dst,
-            "already exists (pass --force to replace it)",
-        ));
+        return Err(Error::NeedsForce {
+            path: dst.to_path_buf(),
+            role: String::new(),
+        });
     }
     if force && dst.symlink_metadata().is_ok_and(|m| m.is_dir()) {
         check_removable(dst)?;
@@ -231,7 +231,7 @@ fn check_removable(dst: &Path) -> Result<()> {
         Error::format(
             dst,
             format!(
-                "--force cannot replace it: {} {why}; nothing was changed",
+                "cannot be replaced: {} {why}; nothing was changed",
                 what.display()
             ),
         )
@@ -640,15 +640,14 @@ fn expand_tensor(
     if !allow_nonfinite {
         let bad = src.info.dtype.count_nonfinite(data);
         if bad > 0 {
-            return Err(Error::tensor(
-                &file.path,
-                &src.info.name,
-                format!(
-                    "{bad} of {} values are NaN or infinite; refusing to clone them \
-                     (pass --allow-nonfinite to clone them anyway)",
+            return Err(Error::NonFinite {
+                path: file.path.to_path_buf(),
+                tensor: src.info.name.clone(),
+                message: format!(
+                    "{bad} of {} values are NaN or infinite; refusing to clone them",
                     src.info.numel()
                 ),
-            ));
+            });
         }
     }
     let spec = ExpansionSpec {
@@ -685,7 +684,7 @@ fn expand_tensor(
                     &src.info.name,
                     format!(
                         "growing it into {} `{}` gives {bad} NaN or infinite values \
-                         (out of range of the output dtype, or --snr-db too low)",
+                         (out of range of the output dtype, or snr_db too low)",
                         t.dtype.safetensors_name(),
                         t.name
                     ),

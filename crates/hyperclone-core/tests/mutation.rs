@@ -222,12 +222,18 @@ fn round_two_classes_end_as_transformers_rules_say() {
 /// as a flag and as a recipe option (JSON and YAML spellings), ends alike.
 #[test]
 fn recipe_options_end_exactly_as_the_flags_do() {
-    use hyperclone_core::grow::GrowthRequest;
+    use hyperclone_core::{GrowthOptions, GrowthSpec};
     let root = tempfile::tempdir().unwrap();
     let cfg_path = root.path().join("config.json");
     std::fs::write(&cfg_path, serde_json::to_vec(&config()).unwrap()).unwrap();
     let cfg = hyperclone_core::config::ModelConfig::load(&cfg_path).unwrap();
     let recipe = root.path().join("r.yaml");
+    // Resolved and validated, as planning does (the ranges are the plan's to check).
+    let resolved = |s: &GrowthSpec| -> hyperclone_core::Result<GrowthOptions> {
+        let o = s.resolve(&cfg)?;
+        o.validate()?;
+        Ok(o)
+    };
     // (YAML spelling, the flag's value); None: clap refuses the text before any rule.
     let snrs: [(&str, Option<f64>); 14] = [
         ("10", Some(10.0)),
@@ -254,15 +260,14 @@ fn recipe_options_end_exactly_as_the_flags_do() {
         )
         .unwrap();
         let by_recipe = hyperclone_core::recipe::Recipe::load(&recipe)
-            .and_then(|r| r.options(&recipe, &cfg))
+            .and_then(|r| resolved(&r.spec))
             .is_ok();
-        let by_flag = GrowthRequest {
+        let by_flag = resolved(&GrowthSpec {
             factor: Some("2".into()),
             variant: "noisy".into(),
             snr_db: flag.unwrap(),
-            ..GrowthRequest::default()
-        }
-        .resolve(&cfg)
+            ..GrowthSpec::default()
+        })
         .is_ok();
         assert_eq!(
             by_recipe, by_flag,
@@ -286,14 +291,13 @@ fn recipe_options_end_exactly_as_the_flags_do() {
         )
         .unwrap();
         let by_recipe = hyperclone_core::recipe::Recipe::load(&recipe)
-            .and_then(|r| r.options(&recipe, &cfg))
+            .and_then(|r| resolved(&r.spec))
             .map(|o| o.shard_size);
-        let by_flag = GrowthRequest {
+        let by_flag = resolved(&GrowthSpec {
             factor: Some("2".into()),
             shard_size: flag_text.into(),
-            ..GrowthRequest::default()
-        }
-        .resolve(&cfg)
+            ..GrowthSpec::default()
+        })
         .map(|o| o.shard_size);
         assert_eq!(
             by_recipe.as_ref().ok(),
@@ -314,13 +318,12 @@ fn recipe_options_end_exactly_as_the_flags_do() {
         )
         .unwrap();
         let by_recipe = hyperclone_core::recipe::Recipe::load(&recipe)
-            .and_then(|r| r.options(&recipe, &cfg))
+            .and_then(|r| resolved(&r.spec))
             .map(|o| o.factor);
-        let by_flag = GrowthRequest {
+        let by_flag = resolved(&GrowthSpec {
             factor: Some(flag.into()),
-            ..GrowthRequest::default()
-        }
-        .resolve(&cfg)
+            ..GrowthSpec::default()
+        })
         .map(|o| o.factor);
         assert_eq!(
             by_recipe.as_ref().ok(),

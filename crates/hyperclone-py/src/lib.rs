@@ -7,16 +7,18 @@
 //! no conversion layer of our own to keep in step with serde's.
 
 use hyperclone_core::checkpoint::MemoryTensor;
-use hyperclone_core::error::one_line_of;
+use hyperclone_core::error::one_line;
 use hyperclone_core::grow::{clone_json, clone_model, grow_in_memory, open_and_plan, plan_json};
-use hyperclone_core::grow::{GrownInMemory, GrowthRequest};
+use hyperclone_core::grow::{GrownInMemory, Growth};
+use hyperclone_core::growth_spec::GrowthSpec;
 use hyperclone_core::write::{NoProgress, WriteEnv};
 use hyperclone_core::DType;
 use hyperclone_nn::check::{run_verify, StagedCheck};
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
-use pyo3::types::{PyByteArray, PyBytes};
+use pyo3::types::{PyBool, PyByteArray, PyBytes, PyDict, PyFloat, PyInt, PyString};
+use serde_json::{Map, Value};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -28,8 +30,16 @@ create_exception!(
     "An error of hyperclone, with the one-line message the CLI prints after `error: `."
 );
 
+/// An error as the one line the CLI prints, except that an option that would allow what
+/// was refused is its keyword: `force=True` where the CLI says `--force`.
 fn err(e: &(dyn std::error::Error + 'static)) -> PyErr {
-    HypercloneError::new_err(one_line_of(e))
+    let causes = std::iter::successors(Some(e), |e| e.source()).map(|c| match c
+        .downcast_ref::<hyperclone_core::Error>(
+    ) {
+        Some(core) => core.phrased(|option| format!("{option}=True")),
+        None => c.to_string(),
+    });
+    HypercloneError::new_err(one_line(causes))
 }
 
 /// Runs `work` on a worker thread without the GIL while this thread watches for signals:
@@ -60,64 +70,81 @@ fn cancellable<T: Send>(
     })
 }
 
-/// The growth keywords every function takes, as the CLI's flags take them (factors as
-/// text, so "1.5" gets the CLI's explanation).
-#[derive(FromPyObject)]
-#[pyo3(from_item_all)]
-struct Growth {
-    factor: Option<String>,
-    hidden_size: Option<usize>,
-    ffn_factor: Option<String>,
-    intermediate_size: Option<usize>,
-    depth_factor: Option<String>,
-    num_hidden_layers: Option<usize>,
-    depth_mode: String,
-    keep_tied: bool,
-    num_attention_heads: Option<usize>,
-    variant: String,
-    snr_db: f64,
-    seed: u64,
-    dtype: String,
-    recipe: Option<PathBuf>,
+/// The growth keywords (only those given) and `recipe=`, as a core [`Growth`]. The keywords
+/// become the mapping a recipe's `options` is and are read by the same code
+/// ([`GrowthSpec::from_map`]), so a new growth option needs nothing here, and errors name
+/// the keyword.
+fn growth_of(keywords: &Bound<'_, PyDict>, recipe: Option<PathBuf>) -> PyResult<Growth> {
+    if let Some(path) = recipe {
+        if !keywords.is_empty() {
+            let given: Vec<String> = keywords.keys().iter().map(|k| k.to_string()).collect();
+            return Err(HypercloneError::new_err(format!(
+                "recipe= holds the whole growth: do not also give {}",
+                given.join(", ")
+            )));
+        }
+        return Ok(Growth::Recipe(path));
+    }
+    let mut options = Map::new();
+    for (k, v) in keywords.iter() {
+        let key: String = k.extract()?;
+        let value = json_of(&key, &v)?;
+        options.insert(key, value);
+    }
+    GrowthSpec::from_map(&options)
+        .map(Growth::Spec)
+        .map_err(HypercloneError::new_err)
 }
 
-impl Growth {
-    fn request(self, shard_size: String) -> GrowthRequest {
-        GrowthRequest {
-            factor: self.factor,
-            hidden_size: self.hidden_size,
-            ffn_factor: self.ffn_factor,
-            intermediate_size: self.intermediate_size,
-            depth_factor: self.depth_factor,
-            num_hidden_layers: self.num_hidden_layers,
-            depth_mode: self.depth_mode,
-            keep_tied: self.keep_tied,
-            recipe: self.recipe,
-            num_attention_heads: self.num_attention_heads,
-            variant: self.variant,
-            snr_db: self.snr_db,
-            seed: self.seed,
-            dtype: self.dtype,
-            shard_size,
-        }
+/// A keyword's value as JSON: None, a bool, a whole number (Python's or numpy's), a finite
+/// float or text; anything else is refused by name (not as OverflowError or TypeError).
+fn json_of(key: &str, v: &Bound<'_, PyAny>) -> PyResult<Value> {
+    let refuse = |why: &str| -> PyResult<Value> {
+        let shown = v.repr().map(|r| r.to_string()).unwrap_or_default();
+        Err(HypercloneError::new_err(format!("{key}={shown}: {why}")))
+    };
+    if v.is_none() {
+        return Ok(Value::Null);
     }
+    if let Ok(b) = v.downcast::<PyBool>() {
+        return Ok(Value::Bool(b.is_true()));
+    }
+    if let Ok(x) = v.downcast::<PyFloat>() {
+        return match serde_json::Number::from_f64(x.value()) {
+            Some(n) => Ok(Value::Number(n)),
+            None => refuse("must be a finite number"),
+        };
+    }
+    if let Ok(s) = v.downcast::<PyString>() {
+        return Ok(Value::String(s.to_str()?.to_string()));
+    }
+    if let Ok(n) = v.extract::<u64>() {
+        return Ok(n.into());
+    }
+    if let Ok(n) = v.extract::<i64>() {
+        return Ok(n.into());
+    }
+    if v.is_instance_of::<PyInt>() {
+        return refuse("out of range");
+    }
+    refuse("must be a number, a bool or text")
 }
 
 /// Clones SRC into DST; returns the JSON of `hyperclone clone --json`.
 #[pyfunction]
-#[pyo3(signature = (src, dst, growth, shard_size, force, verify, allow_nonfinite))]
+#[pyo3(signature = (src, dst, growth, recipe, force, verify, allow_nonfinite))]
 #[allow(clippy::too_many_arguments)]
 fn clone(
     py: Python<'_>,
     src: PathBuf,
     dst: PathBuf,
-    growth: Growth,
-    shard_size: String,
+    growth: &Bound<'_, PyDict>,
+    recipe: Option<PathBuf>,
     force: bool,
     verify: bool,
     allow_nonfinite: bool,
 ) -> PyResult<String> {
-    let req = growth.request(shard_size);
+    let req = growth_of(growth, recipe)?;
     cancellable(py, |cancel| {
         let started = Instant::now();
         let staged = StagedCheck::new(&src);
@@ -141,9 +168,14 @@ fn clone(
 
 /// The plan of growing SRC; returns the JSON of `hyperclone plan --json`.
 #[pyfunction]
-#[pyo3(signature = (src, growth, shard_size))]
-fn plan(py: Python<'_>, src: PathBuf, growth: Growth, shard_size: String) -> PyResult<String> {
-    let req = growth.request(shard_size);
+#[pyo3(signature = (src, growth, recipe))]
+fn plan(
+    py: Python<'_>,
+    src: PathBuf,
+    growth: &Bound<'_, PyDict>,
+    recipe: Option<PathBuf>,
+) -> PyResult<String> {
+    let req = growth_of(growth, recipe)?;
     py.allow_threads(|| {
         let (ckpt, plan, _) = open_and_plan(&src, &req, &NoProgress).map_err(|e| err(&e))?;
         Ok(plan_json(&ckpt, &plan).to_string())
@@ -165,7 +197,7 @@ fn verify(
         "f32" => candle_core::DType::F32,
         other => {
             return Err(HypercloneError::new_err(format!(
-                "--dtype {other}: verification runs in f64 or f32"
+                "dtype {other}: verification runs in f64 or f32"
             )))
         }
     };
@@ -178,19 +210,20 @@ fn verify(
 /// Grows a state dict in memory. `tensors`: (name, safetensors dtype, shape, bytes); returns
 /// (grown config JSON, [(name, safetensors dtype, shape, bytearray)]).
 #[pyfunction]
-#[pyo3(signature = (config_json, tensors, growth, allow_nonfinite))]
+#[pyo3(signature = (config_json, tensors, growth, recipe, allow_nonfinite))]
 #[allow(clippy::type_complexity)]
 fn grow<'py>(
     py: Python<'py>,
     config_json: String,
     tensors: Vec<(String, String, Vec<usize>, Bound<'py, PyBytes>)>,
-    growth: Growth,
+    growth: &Bound<'py, PyDict>,
+    recipe: Option<PathBuf>,
     allow_nonfinite: bool,
 ) -> PyResult<(
     String,
     Vec<(String, String, Vec<usize>, Bound<'py, PyByteArray>)>,
 )> {
-    let req = growth.request("5GB".into());
+    let req = growth_of(growth, recipe)?;
     let mut source = Vec::with_capacity(tensors.len());
     for (name, dt, shape, data) in &tensors {
         let dtype = DType::from_safetensors_name(dt).ok_or_else(|| {

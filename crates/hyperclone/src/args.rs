@@ -1,6 +1,8 @@
 //! Command-line flags. Names are a contract: scripts call them.
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
+use hyperclone_core::grow::Growth;
+use hyperclone_core::growth_spec::GrowthSpec;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -373,82 +375,27 @@ pub struct GenerateArgs {
     pub dtype: String,
 }
 
+/// The growth flags: every option of core's [`GrowthSpec`] (its fields and their docs are
+/// the flags and their help), or a recipe holding them all.
 #[derive(Args, Clone)]
+#[command(group(ArgGroup::new("size").required(true).args(["factor", "hidden_size", "recipe"])))]
 pub struct GrowthArgs {
-    /// Multiply the hidden size and the number of attention heads by N (head_dim is kept).
-    /// Key/value heads grow N times too, except a single MQA head, which stays single.
-    #[arg(
-        long,
-        value_name = "N",
-        required_unless_present_any = ["hidden_size", "recipe"],
-        conflicts_with = "hidden_size"
-    )]
-    pub factor: Option<String>,
-    /// Alternative to --factor: the target hidden size (a whole multiple of the source's).
-    #[arg(long, value_name = "D")]
-    pub hidden_size: Option<usize>,
-    /// Multiply the MLP's intermediate size by M [default: the hidden factor N].
-    #[arg(long, value_name = "M", conflicts_with = "intermediate_size")]
-    pub ffn_factor: Option<String>,
-    /// Alternative to --ffn-factor: the target intermediate size, any F >= the source's.
-    /// A whole multiple tiles as the paper does; otherwise the first F mod f units get one
-    /// more copy than the rest (Net2Net) and their readers divide by each unit's count.
-    #[arg(long, value_name = "F")]
-    pub intermediate_size: Option<usize>,
-    /// Multiply the number of layers by K (see --depth-mode).
-    #[arg(long, value_name = "K", conflicts_with = "num_hidden_layers")]
-    pub depth_factor: Option<String>,
-    /// Alternative to --depth-factor: the target number of layers, any L >= the source's.
-    #[arg(long, value_name = "L")]
-    pub num_hidden_layers: Option<usize>,
-    /// How layers are added: identity = after source layers (spread evenly), copies of them
-    /// whose residual writers (o_proj, down_proj, their biases) are zero, so the model's
-    /// function is unchanged (LLaMA Pro); stack = the whole stack repeated (G_stack; not
-    /// function-preserving, for experiments).
-    #[arg(long, value_name = "MODE", default_value = "identity", value_parser = ["identity", "stack"])]
-    pub depth_mode: String,
-    /// Keep a tied embedding tied: the residual stream is carried as tile(h)/n (embedding and
-    /// residual writers x 1/n, norm eps / n^2), so logits stay exact and the clone saves
-    /// vocab x hidden x n parameters. Refused, with the reason, where it cannot be exact.
-    #[arg(long)]
-    pub keep_tied: bool,
+    #[command(flatten)]
+    pub spec: GrowthSpec,
     /// Read the whole growth from a recipe file (JSON or YAML; `plan --json` prints one
     /// under `recipe`). The recorded growth map must match what the options give for SRC.
-    #[arg(long, value_name = "FILE", conflicts_with_all = [
-        "factor", "hidden_size", "ffn_factor", "intermediate_size", "depth_factor",
-        "num_hidden_layers", "keep_tied", "num_attention_heads", "depth_mode", "variant", "snr_db",
-        "seed", "dtype", "shard_size",
-    ])]
+    // `GrowthSpec` is the group clap gives the flattened options.
+    #[arg(long, value_name = "FILE", conflicts_with = "GrowthSpec")]
     pub recipe: Option<PathBuf>,
-    /// Target number of attention heads [default: the source's x N]. head_dim is kept; another
-    /// count copies whole heads unevenly (the first H' mod H once more, with their kv heads;
-    /// a multiple of the GQA group size), for families whose config states head_dim.
-    #[arg(long, value_name = "H")]
-    pub num_attention_heads: Option<usize>,
-    /// How weights are tiled: symmetric = W/n in every block (the paper's recommendation);
-    /// noisy = symmetric plus noise that cancels over copies (breaks the copies' symmetry);
-    /// diagonal = W on the block diagonal, 0 elsewhere; noisy-diagonal = diagonal plus noise.
-    #[arg(long, value_name = "V", default_value = "symmetric",
-          value_parser = ["symmetric", "noisy", "diagonal", "noisy-diagonal"])]
-    pub variant: String,
-    /// Signal-to-noise ratio of the noisy variants, in dB, realised exactly per block; at
-    /// least 0 (below, the noise outweighs the weights and rounding no longer cancels).
-    #[arg(
-        long,
-        value_name = "DB",
-        default_value_t = 10.0,
-        allow_negative_numbers = true
-    )]
-    pub snr_db: f64,
-    /// Seed of the noise; the same source, flags and seed give byte-identical output.
-    #[arg(long, value_name = "S", default_value_t = 0)]
-    pub seed: u64,
-    /// Output dtype: keep each tensor's source dtype, or convert (arithmetic is f64 either way).
-    #[arg(long, value_name = "T", default_value = "keep", value_parser = ["keep", "f32", "bf16", "f16", "f64"])]
-    pub dtype: String,
-    /// Largest shard (data bytes), e.g. 5GB, 500MB, 2GiB; one `model.safetensors` when it fits.
-    #[arg(long, value_name = "SIZE", default_value = "5GB")]
-    pub shard_size: String,
+}
+
+impl GrowthArgs {
+    pub fn growth(&self) -> Growth {
+        match &self.recipe {
+            Some(path) => Growth::Recipe(path.clone()),
+            None => Growth::Spec(self.spec.clone()),
+        }
+    }
 }
 
 #[derive(Args)]

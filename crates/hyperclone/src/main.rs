@@ -15,7 +15,6 @@ macro_rules! out {
 mod args;
 mod demo;
 mod experiment_cmd;
-mod growth;
 mod infer;
 mod report;
 mod train_cmd;
@@ -106,8 +105,21 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 
 /// The error chain as one line (see [`hyperclone_core::error::one_line`]); the Python
 /// package raises the same line.
+/// Core errors are phrased for the command line: an option that would allow what was
+/// refused is its flag ("pass --force").
 fn one_line(e: &anyhow::Error) -> String {
-    hyperclone_core::error::one_line(e.chain())
+    hyperclone_core::error::one_line(e.chain().map(|c| {
+        let core = c.downcast_ref::<hyperclone_core::Error>().or_else(|| {
+            match c.downcast_ref::<hyperclone_nn::NnError>() {
+                Some(hyperclone_nn::NnError::Core(core)) => Some(core),
+                _ => None,
+            }
+        });
+        match core {
+            Some(core) => core.phrased(|option| format!("--{}", option.replace('_', "-"))),
+            None => c.to_string(),
+        }
+    }))
 }
 
 /// Notes on stderr, for commands without a progress bar.
@@ -163,7 +175,7 @@ fn clone(a: CloneArgs) -> Result<()> {
         check: if a.verify { Some(&check) } else { None },
         allow_nonfinite: a.allow_nonfinite,
     };
-    let cloned = clone_model(&a.src, &a.dst, &growth::request(&a.growth), a.force, &env);
+    let cloned = clone_model(&a.src, &a.dst, &a.growth.growth(), a.force, &env);
     bar.finish_and_clear();
     let cloned = cloned?;
     let verification = staged.into_report();
@@ -178,7 +190,7 @@ fn clone(a: CloneArgs) -> Result<()> {
 }
 
 fn plan(a: PlanArgs) -> Result<()> {
-    let (ckpt, plan, _) = open_and_plan(&a.src, &growth::request(&a.growth), &Notes)?;
+    let (ckpt, plan, _) = open_and_plan(&a.src, &a.growth.growth(), &Notes)?;
     report::plan(&ckpt, &plan, a.json);
     Ok(())
 }
@@ -204,5 +216,68 @@ mod tests {
         let bt = anyhow::anyhow!("shape mismatch in matmul\n   0: backtrace frame\n   1: more")
             .context("loading model");
         assert_eq!(one_line(&bt), "loading model: shape mismatch in matmul");
+    }
+
+    #[test]
+    fn an_existing_output_says_force_as_a_flag() {
+        let e = anyhow::Error::new(hyperclone_core::Error::NeedsForce {
+            path: "big".into(),
+            role: String::new(),
+        });
+        assert_eq!(
+            one_line(&e),
+            "big: already exists (pass --force to replace it)"
+        );
+        let nn = hyperclone_nn::NnError::Core(hyperclone_core::Error::NeedsForce {
+            path: "x.bin".into(),
+            role: "--out: ".into(),
+        });
+        assert_eq!(
+            one_line(&anyhow::Error::new(nn)),
+            "x.bin: --out: already exists (pass --force to replace it)"
+        );
+        let nan = hyperclone_core::Error::NonFinite {
+            path: "m.safetensors".into(),
+            tensor: "w".into(),
+            message: "1 of 4 values are NaN or infinite; refusing to clone them".into(),
+        };
+        assert_eq!(
+            one_line(&anyhow::Error::new(nan)),
+            "m.safetensors: tensor `w`: 1 of 4 values are NaN or infinite; refusing to clone them \
+             (pass --allow-nonfinite to clone them anyway)"
+        );
+    }
+
+    #[test]
+    fn growth_flags_default_to_the_specs_defaults() {
+        use hyperclone_core::grow::Growth;
+        use hyperclone_core::GrowthSpec;
+        let growth = |args: &[&str]| -> Result<Growth, String> {
+            let cli = Cli::try_parse_from(["hyperclone", "plan", "src"].iter().chain(args))
+                .map_err(|e| e.to_string())?;
+            match cli.command {
+                Command::Plan(a) => Ok(a.growth.growth()),
+                _ => unreachable!(),
+            }
+        };
+        // One set of defaults: the flags' are GrowthSpec::default()'s (a recipe's and
+        // Python's missing keys take the same).
+        match growth(&["--factor", "2"]).unwrap() {
+            Growth::Spec(spec) => assert_eq!(spec, GrowthSpec::factor(2)),
+            other => panic!("{other:?}"),
+        }
+        // A recipe conflicts with the flags given, not with their defaults.
+        assert!(matches!(
+            growth(&["--recipe", "r.yaml"]).unwrap(),
+            Growth::Recipe(_)
+        ));
+        let e = growth(&["--recipe", "r.yaml", "--seed", "1"]).unwrap_err();
+        assert!(e.contains("cannot be used with"), "{e}");
+        // A size is required.
+        let e = growth(&["--seed", "1"]).unwrap_err();
+        assert!(
+            e.contains("--factor <N>|--hidden-size <D>|--recipe <FILE>"),
+            "{e}"
+        );
     }
 }

@@ -178,28 +178,28 @@ fn shape_contradicting_config() {
 fn zero_fractional_and_non_dividing_factors() {
     let r = root();
     Tiny::default().write(&r.path().join("src"));
-    fails(r.path(), &["--factor", "0"], &["--factor 0", ">= 1"]);
+    fails(r.path(), &["--factor", "0"], &["factor 0", ">= 1"]);
     fails(
         r.path(),
         &["--factor", "1.5"],
-        &["--factor 1.5", "whole number"],
+        &["factor 1.5", "whole number"],
     );
     fails(
         r.path(),
         &["--factor", "2", "--ffn-factor", "0"],
-        &["--ffn-factor 0"],
+        &["ffn_factor 0"],
     );
     fails(
         r.path(),
         &["--hidden-size", "40"],
-        &["--hidden-size 40", "whole multiple", "16"],
+        &["hidden_size 40", "whole multiple", "16"],
     );
     fails(
         r.path(),
         // Any width >= the source's grows (Net2Net, tests/growth_cli.rs); a narrower one
         // would remove units.
         &["--factor", "2", "--intermediate-size", "5"],
-        &["--intermediate-size 5", "smaller"],
+        &["intermediate_size 5", "smaller"],
     );
 }
 
@@ -213,12 +213,12 @@ fn head_counts_that_cannot_load_are_refused() {
     fails(
         r.path(),
         &["--factor", "2", "--num-attention-heads", "3"],
-        &["--num-attention-heads 3", "fewer than the source's 4"],
+        &["num_attention_heads 3", "fewer than the source's 4"],
     );
     fails(
         r.path(),
         &["--factor", "2", "--num-attention-heads", "12"],
-        &["--num-attention-heads 12", "divides hidden_size (32"],
+        &["num_attention_heads 12", "divides hidden_size (32"],
     );
 }
 
@@ -692,7 +692,11 @@ fn huge_growth_factors_are_refused() {
         "18446744073709551615",
         "1099511627776",
     ] {
-        fails(r.path(), &["--factor", f], &["--factor", "elements"]);
+        fails(
+            r.path(),
+            &["--factor", f],
+            &[&format!("factor {f}"), "elements"],
+        );
     }
     fails(
         r.path(),
@@ -707,7 +711,7 @@ fn huge_growth_factors_are_refused() {
             "--num-attention-heads",
             "18446744073709551615",
         ],
-        &["--num-attention-heads"],
+        &["num_attention_heads 18446744073709551615"],
     );
     // `plan` refuses alike (it printed hidden 32 -> 0 and 0 parameters).
     let out = run(&["plan", "src", "--factor", "576460752303423488"], r.path());
@@ -1226,7 +1230,7 @@ fn force_refuses_up_front_when_the_old_dst_cannot_be_deleted() {
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        err.contains("--force cannot replace it") && err.contains("nothing was changed"),
+        err.contains("cannot be replaced: ") && err.contains("nothing was changed"),
         "{err}"
     );
     assert_eq!(listing(r.path()), ["dst", "src"], "nothing beside DST");
@@ -1338,7 +1342,7 @@ fn force_as_a_user_who_cannot_delete_the_old_dst() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(
-        err.contains("--force cannot replace it")
+        err.contains("cannot be replaced: ")
             && err.contains("sub")
             && err.contains("nothing was changed"),
         "{err}"
@@ -1610,15 +1614,18 @@ fn recipes_are_validated_exactly_as_flags() {
             "options.num_attention_heads",
         ),
         // Refused by the flags' own rules, now shared.
-        ("  snr_db: -10\n", "--snr-db -10"),
-        ("  snr_db: \"10\"\n", "`snr_db` must be a number"),
+        ("  snr_db: -10\n", "snr_db -10"),
+        (
+            "  snr_db: \"10\"\n",
+            "`snr_db`: invalid type: string \"10\", expected f64",
+        ),
         ("  seed: -1\n", "`seed`"),
         ("  seed: 1.5\n", "`seed`"),
-        ("  shard_size: 0\n", "--shard-size 0"),
-        ("  shard_size: 5 parsecs\n", "--shard-size 5 parsecs"),
-        ("  variant: bogus\n", "--variant `bogus`"),
-        ("  depth_mode: bogus\n", "--depth-mode `bogus`"),
-        ("  dtype: int8\n", "--dtype int8"),
+        ("  shard_size: 0\n", "shard_size 0"),
+        ("  shard_size: 5 parsecs\n", "shard_size 5 parsecs"),
+        ("  variant: bogus\n", "variant `bogus`"),
+        ("  depth_mode: bogus\n", "depth_mode `bogus`"),
+        ("  dtype: int8\n", "dtype int8"),
     ] {
         write_recipe(r.path(), "r.yaml", &yaml(opts));
         fails(r.path(), &["--recipe", "r.yaml"], &["r.yaml", expect]);
@@ -1732,7 +1739,7 @@ fn snr_below_the_floor_is_refused_for_flags_and_recipes() {
         fails(
             r.path(),
             &["--variant", "noisy", &format!("--snr-db={snr}")],
-            &["--snr-db", "below 0 dB"],
+            &["snr_db -", "below 0 dB"],
         );
     }
     write_recipe(

@@ -405,7 +405,8 @@ fn force_replaces_an_existing_destination() {
 #[test]
 fn growing_in_memory_equals_the_clone_on_disk() {
     use hyperclone_core::checkpoint::MemoryTensor;
-    use hyperclone_core::grow::{grow_in_memory, GrowthRequest};
+    use hyperclone_core::grow::grow_in_memory;
+    use hyperclone_core::GrowthSpec;
     let tmp = tempfile::tempdir().unwrap();
     let src = Tiny {
         tied: true,
@@ -429,12 +430,13 @@ fn growing_in_memory_equals_the_clone_on_disk() {
         })
         .collect();
     let config = std::fs::read_to_string(src.join("config.json")).unwrap();
-    let request = GrowthRequest {
+    let request = GrowthSpec {
         factor: Some("2".into()),
         variant: "noisy".into(),
         seed: 4,
         ..Default::default()
-    };
+    }
+    .into();
     let cancel = std::sync::atomic::AtomicBool::new(false);
     let grown = grow_in_memory(&config, &tensors, &request, false, &cancel).unwrap();
     let disk = Checkpoint::open(&tmp.path().join("dst")).unwrap();

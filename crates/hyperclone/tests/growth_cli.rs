@@ -103,12 +103,12 @@ fn recipes_replay_and_refuse_what_does_not_match() {
         ("{\"options\": {\"factor\": 2}}", "hyperclone_recipe"),
         (
             "hyperclone_recipe: 1\noptions: {factor: 2, layers: 8}\n",
-            "unknown key `layers`",
+            "unknown field `layers`",
         ),
         ("hyperclone_recipe: 9\noptions: {factor: 2}\n", "version 1"),
         (
             "hyperclone_recipe: 1\noptions: {factor: 2, depth_mode: deep}\n",
-            "unknown --depth-mode `deep`",
+            "unknown depth_mode `deep`",
         ),
         ("{{{{", "neither JSON"),
     ] {
@@ -139,7 +139,7 @@ fn growths_that_cannot_be_exact_are_refused_in_one_line() {
         ),
         (
             vec!["--factor", "2", "--depth-factor", "0"],
-            "--depth-factor 0",
+            "depth_factor 0",
         ),
         (
             vec!["--factor", "2", "--depth-factor", "18446744073709551615"],
