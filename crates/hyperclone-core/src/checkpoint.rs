@@ -334,7 +334,7 @@ fn classify(
     let mut dropped = Vec::new();
     for (fi, f) in files.iter().enumerate() {
         for t in &f.tensors {
-            let Some((rule, layer)) = family.match_name(&t.name) else {
+            let Some((rule, layer, expert)) = family.match_name_at(&t.name) else {
                 return Err(Error::tensor(
                     &f.path,
                     &t.name,
@@ -347,7 +347,7 @@ fn classify(
             if let Some(l) = layer {
                 // `layers.01` is read as layer 1 by a parser but is another key to
                 // transformers: beside `layers.1` it made a duplicate and a hole.
-                let canonical = crate::family::tensor_name(rule.pattern, Some(l));
+                let canonical = crate::family::tensor_name_at(rule.pattern, Some(l), expert);
                 if canonical != t.name {
                     return Err(Error::tensor(
                         &f.path,
@@ -360,6 +360,16 @@ fn classify(
                         &f.path,
                         &t.name,
                         format!("layer {l} does not exist: config.json has num_hidden_layers = {layers}"),
+                    ));
+                }
+                if let Some(e) = expert.filter(|&e| e >= config.num_experts) {
+                    return Err(Error::tensor(
+                        &f.path,
+                        &t.name,
+                        format!(
+                            "expert {e} does not exist: config.json has {} experts",
+                            config.num_experts
+                        ),
                     ));
                 }
             }

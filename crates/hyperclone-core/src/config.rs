@@ -31,6 +31,10 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     /// The dtype config.json declares (`dtype` or `torch_dtype`), if any.
     pub declared_dtype: Option<DType>,
+    /// Routed experts per Mixture-of-Experts layer (0 for a dense model).
+    pub num_experts: usize,
+    /// Experts each token is routed to (0 for a dense model).
+    pub experts_per_token: usize,
 }
 
 impl ModelConfig {
@@ -166,6 +170,19 @@ impl ModelConfig {
                 return Err(err(format!("`{key}` must be true or false, found {v}")));
             }
         }
+        let (num_experts, experts_per_token) = match family.moe {
+            None => (0, 0),
+            Some(moe) => {
+                let (e, k) = (req(moe.experts)?, req(moe.per_token)?);
+                if k > e {
+                    return Err(err(format!(
+                        "`{}` = {k} is more than the `{}` = {e} experts",
+                        moe.per_token, moe.experts
+                    )));
+                }
+                (e, k)
+            }
+        };
         let declared_dtype = ["dtype", "torch_dtype"]
             .iter()
             .find_map(|k| raw.get(*k).and_then(Value::as_str))
@@ -192,6 +209,8 @@ impl ModelConfig {
             },
             tie_word_embeddings,
             declared_dtype,
+            num_experts,
+            experts_per_token,
             raw,
         })
     }
@@ -263,6 +282,7 @@ impl ModelConfig {
             Space::Positions => self.positions,
             Space::EmbedProj => self.embed_proj_dim,
             Space::QkvPerHead => 3 * self.num_attention_heads * self.head_dim,
+            Space::Experts => self.num_experts,
         }
     }
 
@@ -275,7 +295,7 @@ impl ModelConfig {
     /// or untied-head ones) expanded over the layers. Used to check a checkpoint and to
     /// build a random one.
     pub fn required_tensors(&self) -> Vec<(String, &'static crate::family::TensorRule)> {
-        use crate::family::{tensor_name, Presence};
+        use crate::family::{tensor_name, tensor_name_at, Presence};
         let mut out = Vec::new();
         for rule in self.family.all_rules() {
             let required = match rule.presence {
@@ -287,7 +307,14 @@ impl ModelConfig {
             if !required {
                 continue;
             }
-            if rule.pattern.contains("{L}") {
+            if rule.pattern.contains("{E}") {
+                for l in 0..self.num_hidden_layers {
+                    out.extend(
+                        (0..self.num_experts)
+                            .map(|e| (tensor_name_at(rule.pattern, Some(l), Some(e)), rule)),
+                    );
+                }
+            } else if rule.pattern.contains("{L}") {
                 out.extend(
                     (0..self.num_hidden_layers).map(|l| (tensor_name(rule.pattern, Some(l)), rule)),
                 );
@@ -317,7 +344,13 @@ impl ModelConfig {
             "tie_word_embeddings": self.tie_word_embeddings,
         });
         match v {
-            Value::Object(m) => m,
+            Value::Object(mut m) => {
+                if self.num_experts > 0 {
+                    m.insert("num_experts".into(), self.num_experts.into());
+                    m.insert("num_experts_per_tok".into(), self.experts_per_token.into());
+                }
+                m
+            }
             _ => unreachable!("a json! object literal"),
         }
     }

@@ -30,10 +30,13 @@ pub enum Space {
     /// GPT-NeoX's fused QKV rows, laid out (heads, 3, head_dim): per head, so tiling the
     /// whole axis n times gives n*heads heads, head c*H + h a copy of head h.
     QkvPerHead,
+    /// Experts of a Mixture-of-Experts layer (rows of the router). Never grown: the expert
+    /// count and top-k are kept, every expert grows like an MLP.
+    Experts,
 }
 
 impl Space {
-    pub const ALL: [Space; 9] = [
+    pub const ALL: [Space; 10] = [
         Space::Vocab,
         Space::Hidden,
         Space::Heads,
@@ -43,6 +46,7 @@ impl Space {
         Space::Positions,
         Space::EmbedProj,
         Space::QkvPerHead,
+        Space::Experts,
     ];
 
     /// The name used in plans and recipes.
@@ -57,6 +61,7 @@ impl Space {
             Space::Positions => "positions",
             Space::EmbedProj => "embed_proj",
             Space::QkvPerHead => "qkv_per_head",
+            Space::Experts => "experts",
         }
     }
 }
@@ -183,7 +188,8 @@ pub enum Presence {
 
 #[derive(Debug, Clone, Copy)]
 pub struct TensorRule {
-    /// Full tensor name; `{L}` stands for a layer index `0..num_hidden_layers`.
+    /// Full tensor name; `{L}` stands for a layer index `0..num_hidden_layers`, and `{E}`
+    /// (after `{L}`) for an expert index `0..num_experts` of a Mixture-of-Experts layer.
     pub pattern: &'static str,
     pub axes: &'static [Axis],
     pub component: Component,
@@ -275,6 +281,21 @@ pub struct Family {
     /// `no_rope_layers`): depth growth moves each entry with its layer. When such a key is
     /// absent the model derives it from the layer index, so depth growth is refused.
     pub per_layer_keys: &'static [&'static str],
+    /// Mixture-of-Experts config keys, for families whose MLP is a routed set of experts.
+    pub moe: Option<MoeKeys>,
+}
+
+/// Where config.json keeps a Mixture-of-Experts layer's sizes. The expert count and top-k
+/// are never grown (each expert grows like an MLP, the router reads the hidden axis).
+#[derive(Debug, Clone, Copy)]
+pub struct MoeKeys {
+    /// The number of routed experts (`num_local_experts`, `num_experts`).
+    pub experts: &'static str,
+    /// Experts each token is routed to (`num_experts_per_tok`).
+    pub per_token: &'static str,
+    /// A shared expert's inner width (Qwen2-MoE's `shared_expert_intermediate_size`), if the
+    /// family has one.
+    pub shared_ffn: Option<&'static str>,
 }
 
 /// How a family chooses its sliding-attention layers (transformers 5.23), for growth and for
@@ -395,6 +416,27 @@ const LLAMA_CORE: &[&[TensorRule]] = &[
     POST_ATTN_NORM,
     MLP_GATED,
     FINAL_NORM_AND_HEAD,
+];
+
+/// The router of a Mixture-of-Experts layer: one row per expert (kept), reading the hidden
+/// axis (its columns tile / n like any reader of the residual, so the clone's router logits
+/// equal the source's and the same experts are picked with the same weights).
+const ROUTER: &[Axis] = &[Axis(&[Experts], W), Axis(&[Hidden], R)];
+/// Mixtral's sparse MoE block: every expert a gated MLP (w1 = gate, w3 = up, w2 = down).
+#[rustfmt::skip]
+const MIXTRAL_MOE: &[TensorRule] = &[
+    rule("model.layers.{L}.block_sparse_moe.gate.weight", ROUTER, C::Mlp, P::Required),
+    rule("model.layers.{L}.block_sparse_moe.experts.{E}.w1.weight", UP, C::Mlp, P::Required),
+    rule("model.layers.{L}.block_sparse_moe.experts.{E}.w3.weight", UP, C::Mlp, P::Required),
+    rule("model.layers.{L}.block_sparse_moe.experts.{E}.w2.weight", DOWN, C::Mlp, P::Required),
+];
+/// Qwen-MoE's and OLMoE's sparse block: `mlp.gate` routes to gated experts under `mlp.experts`.
+#[rustfmt::skip]
+const QWEN_MOE: &[TensorRule] = &[
+    rule("model.layers.{L}.mlp.gate.weight", ROUTER, C::Mlp, P::Required),
+    rule("model.layers.{L}.mlp.experts.{E}.gate_proj.weight", UP, C::Mlp, P::Required),
+    rule("model.layers.{L}.mlp.experts.{E}.up_proj.weight", UP, C::Mlp, P::Required),
+    rule("model.layers.{L}.mlp.experts.{E}.down_proj.weight", DOWN, C::Mlp, P::Required),
 ];
 
 /// Llama's optional biases (`attention_bias`, `mlp_bias` in config.json).
@@ -594,6 +636,7 @@ const fn family(
         layer_sliding: LayerSliding::Never,
         notes,
         per_layer_keys: &[],
+        moe: None,
     }
 }
 
@@ -697,6 +740,14 @@ const GEMMA3_RULES: [&[TensorRule]; 9] = concat(&[
     MLP_GATED,
     FINAL_NORM_AND_HEAD,
     QK_NORM_PER_HEAD,
+]);
+const MIXTRAL_RULES: [&[TensorRule]; 6] = concat(&[
+    EMBED_TOKENS,
+    INPUT_NORM,
+    ATTN_QKVO,
+    POST_ATTN_NORM,
+    MIXTRAL_MOE,
+    FINAL_NORM_AND_HEAD,
 ]);
 const STARCODER2_RULES: [&[TensorRule]; 9] = concat(&[
     EMBED_TOKENS,
@@ -876,6 +927,15 @@ pub static FAMILIES: &[Family] = &[
         layer_sliding: LayerSliding::Periodic { period_key: Some("sliding_window_pattern"), period: 6 },
         ..family("gemma3_text", true, &GEMMA3_RULES, "Gemma-2 layout plus per-head (1+w) q/k norms; local and global rope per layer type")
     },
+    Family {
+        layer_sliding: LayerSliding::Every,
+        moe: Some(MoeKeys {
+            experts: "num_local_experts",
+            per_token: "num_experts_per_tok",
+            shared_ffn: None,
+        }),
+        ..family("mixtral", false, &MIXTRAL_RULES, "Mixture of Experts: every expert grown like the MLP, the router's hidden columns tiled / n; expert count and top-k kept")
+    },
 ];
 
 impl Family {
@@ -905,6 +965,16 @@ impl Family {
         self.rules.iter().flat_map(|group| group.iter())
     }
 
+    /// Finds the rule a tensor name follows, with its layer (`{L}`) and expert (`{E}`) indices.
+    pub fn match_name_at(
+        &self,
+        name: &str,
+    ) -> Option<(&'static TensorRule, Option<usize>, Option<usize>)> {
+        self.all_rules().find_map(|r| {
+            match_indices(r.pattern, name).map(|(layer, expert)| (r, layer, expert))
+        })
+    }
+
     /// Finds the rule a tensor name follows, and its layer index where the rule has `{L}`.
     pub fn match_name(&self, name: &str) -> Option<(&'static TensorRule, Option<usize>)> {
         self.all_rules()
@@ -914,14 +984,30 @@ impl Family {
 
 /// `Some(None)` for an exact match, `Some(Some(i))` when `{L}` matched the integer `i`.
 fn match_pattern(pattern: &str, name: &str) -> Option<Option<usize>> {
-    match pattern.split_once("{L}") {
-        None => (pattern == name).then_some(None),
-        Some((prefix, suffix)) => {
-            let digits = name.strip_prefix(prefix)?.strip_suffix(suffix)?;
-            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-                return None;
-            }
-            digits.parse().ok().map(Some)
+    match_indices(pattern, name).map(|(layer, _)| layer)
+}
+
+/// The layer (`{L}`) and expert (`{E}`) indices a name fills into a pattern, if it follows it.
+pub fn match_indices(pattern: &str, name: &str) -> Option<(Option<usize>, Option<usize>)> {
+    let index = |digits: &str| -> Option<usize> {
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        digits.parse().ok()
+    };
+    let Some((prefix, rest)) = pattern.split_once("{L}") else {
+        return (pattern == name).then_some((None, None));
+    };
+    let tail = name.strip_prefix(prefix)?;
+    match rest.split_once("{E}") {
+        None => Some((Some(index(tail.strip_suffix(rest)?)?), None)),
+        Some((mid, suffix)) => {
+            let tail = tail.strip_suffix(suffix)?;
+            // The layer index is digits up to `mid`, which starts with a non-digit ('.').
+            let end = tail.find(|c: char| !c.is_ascii_digit())?;
+            let (l, after) = tail.split_at(end);
+            let e = after.strip_prefix(mid)?;
+            Some((Some(index(l)?), Some(index(e)?)))
         }
     }
 }
@@ -931,6 +1017,15 @@ pub fn tensor_name(pattern: &str, layer: Option<usize>) -> String {
     match layer {
         Some(l) => pattern.replace("{L}", &l.to_string()),
         None => pattern.to_string(),
+    }
+}
+
+/// Expands a pattern for one layer and, in a Mixture-of-Experts layer, one expert.
+pub fn tensor_name_at(pattern: &str, layer: Option<usize>, expert: Option<usize>) -> String {
+    let name = tensor_name(pattern, layer);
+    match expert {
+        Some(e) => name.replace("{E}", &e.to_string()),
+        None => name,
     }
 }
 

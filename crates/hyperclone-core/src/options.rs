@@ -98,7 +98,7 @@ impl GrowthOptions {
     /// Copies of each space in the destination.
     pub fn copies(&self, space: Space, cfg: &ModelConfig) -> usize {
         match space {
-            Space::Vocab | Space::HeadDim | Space::Positions => 1,
+            Space::Vocab | Space::HeadDim | Space::Positions | Space::Experts => 1,
             Space::Hidden | Space::Heads | Space::QkvPerHead => self.factor,
             // A single shared kv head (MQA) stays single: every query head may read it.
             Space::KvHeads if cfg.num_key_value_heads == 1 => 1,

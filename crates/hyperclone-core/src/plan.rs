@@ -4,7 +4,7 @@
 use crate::checkpoint::{Checkpoint, SINGLE_FILE};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::family::{tensor_name, Component, Space, TensorRule};
+use crate::family::{tensor_name_at, Component, Space, TensorRule};
 use crate::growth_map::{GrowthMap, GROWTH_MAP_KEY};
 use crate::kernel::{name_key, AxisGrowth};
 use crate::options::GrowthOptions;
@@ -97,8 +97,10 @@ impl Plan {
                 )?),
                 // Every destination layer grown from this source layer, in order.
                 Some(l) => {
+                    // The expert index (Mixture-of-Experts layers) is kept.
+                    let expert = family.match_name_at(&t.info.name).and_then(|m| m.2);
                     for (j, _) in map.layers.iter().enumerate().filter(|(_, d)| d.source == l) {
-                        let name = tensor_name(rule.pattern, Some(j));
+                        let name = tensor_name_at(rule.pattern, Some(j), expert);
                         tensors.push(dest_tensor(
                             ckpt,
                             options,
