@@ -64,6 +64,16 @@ pub enum MlpLayout {
         up: &'static str,
         down: &'static str,
     },
+    /// A Mixture of Experts: `{prefix}.{router}` [experts, hidden] routes each token to the
+    /// top-k of the gated experts `{prefix}.{experts}.{e}.{gate,up,down}`.
+    Moe {
+        prefix: &'static str,
+        router: &'static str,
+        experts: &'static str,
+        gate: &'static str,
+        up: &'static str,
+        down: &'static str,
+    },
 }
 
 /// How the residual stream flows through a layer. Norm names are relative to the layer.
@@ -329,6 +339,17 @@ pub fn arch(model_type: &str, config: &serde_json::Value) -> Option<Arch> {
             ..LLAMA
         },
         "smollm3" | "granite" => LLAMA,
+        "mixtral" => Arch {
+            mlp: MlpLayout::Moe {
+                prefix: "block_sparse_moe",
+                router: "gate",
+                experts: "experts",
+                gate: "w1",
+                up: "w3",
+                down: "w2",
+            },
+            ..LLAMA
+        },
         "olmo3" => Arch {
             block: BlockLayout::Sequential {
                 pre_attn: None,

@@ -98,6 +98,12 @@ enum Mlp {
         up: Linear,
         down: Linear,
     },
+    /// A Mixture of Experts ([`crate::spec::MoeSpec`] says how it routes).
+    Moe {
+        router: Linear,
+        /// (gate, up, down) of each expert.
+        experts: Vec<(Linear, Linear, Linear)>,
+    },
 }
 
 pub(crate) struct Layer {
@@ -466,6 +472,30 @@ pub(crate) fn build_layer(
                 down: conv(&join(&m, down))?,
             }
         }
+        MlpLayout::Moe {
+            prefix,
+            router,
+            experts,
+            gate,
+            up,
+            down,
+        } => {
+            let m = join(&p, prefix);
+            let n = spec.moe.map_or(0, |moe| moe.experts);
+            Mlp::Moe {
+                router: lin(&join(&m, router))?,
+                experts: (0..n)
+                    .map(|e| {
+                        let x = join(&m, &format!("{experts}.{e}"));
+                        Ok((
+                            lin(&join(&x, gate))?,
+                            lin(&join(&x, up))?,
+                            lin(&join(&x, down))?,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            }
+        }
     };
     let at = |n: Option<&str>| n.and_then(|n| norm(&join(&p, n)));
     let (pre_attn, post_attn, pre_mlp, post_mlp) = match arch.block {
@@ -526,6 +556,14 @@ impl Decoder {
         dtype: DType,
         device: &Device,
     ) -> Result<(Self, Vec<Param>)> {
+        if ckpt.config.num_experts > 0 {
+            return Err(NnError::Unsupported(format!(
+                "{}: training a Mixture-of-Experts model ({}) is not implemented (its load-balancing loss is not); \
+                 clone, verify, forward and generate work",
+                ckpt.dir.display(),
+                ckpt.config.family.model_type
+            )));
+        }
         Self::load_with(ckpt, dtype, device, true, None)
     }
 
@@ -929,6 +967,32 @@ impl Frame {
                 down.forward(&(act(g)? * u)?)
             }
             Mlp::Plain { up, down } => down.forward(&act(up.forward(h)?)?),
+            Mlp::Moe { router, experts } => {
+                let moe = self.spec.moe.ok_or_else(|| {
+                    NnError::Input("a Mixture-of-Experts layer without routing settings".into())
+                })?;
+                let weights = route(&router.forward(h)?, moe.top_k, moe.norm_topk_prob)?;
+                let (n, d) = h.dims2()?;
+                // Each expert runs on the tokens routed to it; outputs are added in expert
+                // order, as transformers' index_add_ loop over the experts does.
+                let picked: Vec<Vec<f64>> = weights.to_dtype(DType::F64)?.to_vec2()?;
+                let mut out = Tensor::zeros((n, d), h.dtype(), h.device())?;
+                for (e, (gate, up, down)) in experts.iter().enumerate() {
+                    let rows: Vec<u32> = (0..n)
+                        .filter(|&t| picked[t][e] != 0.0)
+                        .map(|t| t as u32)
+                        .collect();
+                    if rows.is_empty() {
+                        continue;
+                    }
+                    let idx = Tensor::from_vec(rows.clone(), rows.len(), h.device())?;
+                    let x = h.index_select(&idx, 0)?;
+                    let y = down.forward(&(act(gate.forward(&x)?)? * up.forward(&x)?)?)?;
+                    let w = weights.index_select(&idx, 0)?.narrow(1, e, 1)?;
+                    out = out.index_add(&idx, &y.broadcast_mul(&w)?, 0)?;
+                }
+                Ok(out)
+            }
         }
     }
 
@@ -1031,6 +1095,33 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     }
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
     Ok(x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)?)
+}
+
+/// A Mixture-of-Experts router's weights [N, E] from its logits [N, E], as transformers
+/// 5.23's TopKRouter computes them: p = softmax over all experts; the `top_k` largest p of
+/// each token (ties to the lower expert index) keep their p, the others 0; renormalised to
+/// sum 1 over the picked ones with `norm`. A clone's router logits equal its source's (same
+/// normed input, hidden columns tiled / n), so it picks the same experts with the same weights.
+pub(crate) fn route(logits: &Tensor, top_k: usize, norm: bool) -> Result<Tensor> {
+    let p = softmax_last_dim(logits)?;
+    let (n, e) = p.dims2()?;
+    let values: Vec<Vec<f64>> = p.to_dtype(DType::F64)?.to_vec2()?;
+    let mut mask = vec![0f64; n * e];
+    for (t, row) in values.iter().enumerate() {
+        let mut order: Vec<usize> = (0..e).collect();
+        // Stable: equal probabilities keep the lower index first.
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+        for &x in order.iter().take(top_k) {
+            mask[t * e + x] = 1.0;
+        }
+    }
+    let mask = Tensor::from_vec(mask, (n, e), p.device())?.to_dtype(p.dtype())?;
+    let w = (p * mask)?;
+    Ok(if norm {
+        w.broadcast_div(&w.sum_keepdim(D::Minus1)?)?
+    } else {
+        w
+    })
 }
 
 /// Numerically stable softmax from differentiable ops.

@@ -81,6 +81,18 @@ pub struct DecoderSpec {
     pub residual_multiplier: Option<f64>,
     /// Granite's `logits_scaling`: the logits are divided by it.
     pub logits_divisor: Option<f64>,
+    /// A Mixture-of-Experts MLP's routing (None for a dense MLP).
+    pub moe: Option<MoeSpec>,
+}
+
+/// How a Mixture-of-Experts layer routes a token, as transformers 5.23's TopKRouter does:
+/// p = softmax(router logits) over all experts, the `top_k` largest (torch.topk), their
+/// weights renormalised to sum 1 where `norm_topk_prob` (always for Mixtral).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MoeSpec {
+    pub experts: usize,
+    pub top_k: usize,
+    pub norm_topk_prob: bool,
 }
 
 /// How a family's transformers 5.23 modules read the config switches that change the
@@ -211,6 +223,10 @@ impl FamilyRules {
             },
             "granite" => FamilyRules {
                 granite_multipliers: true,
+                ..base
+            },
+            "mixtral" => FamilyRules {
+                default_theta: 1_000_000.0,
                 ..base
             },
             // configuration_olmo3 pops a legacy flat `rope_theta` for the full layers only;
@@ -679,6 +695,13 @@ impl DecoderSpec {
             linear_rope_factor,
             residual_multiplier,
             logits_divisor,
+            moe: (c.num_experts > 0).then(|| MoeSpec {
+                experts: c.num_experts,
+                top_k: c.experts_per_token,
+                // Mixtral always renormalises; the others read `norm_topk_prob` (default false).
+                norm_topk_prob: c.family.model_type == "mixtral"
+                    || raw.get("norm_topk_prob").and_then(Value::as_bool) == Some(true),
+            }),
         })
     }
 
