@@ -94,8 +94,12 @@ def kv_heads(cfg) -> int:
 def load_model(path: str | Path):
     from transformers import AutoModelForCausalLM
 
+    # A Mixture of Experts runs its experts' eager loop: the default grouped_mm takes no float64.
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    moe = any(k in cfg for k in ("num_local_experts", "num_experts"))
+    kw = {"experts_implementation": "eager"} if moe else {}
     return AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=torch.float64, attn_implementation="eager"
+        str(path), dtype=torch.float64, attn_implementation="eager", **kw
     ).eval()
 
 
