@@ -430,14 +430,6 @@ const MIXTRAL_MOE: &[TensorRule] = &[
     rule("model.layers.{L}.block_sparse_moe.experts.{E}.w3.weight", UP, C::Mlp, P::Required),
     rule("model.layers.{L}.block_sparse_moe.experts.{E}.w2.weight", DOWN, C::Mlp, P::Required),
 ];
-/// Qwen-MoE's and OLMoE's sparse block: `mlp.gate` routes to gated experts under `mlp.experts`.
-#[rustfmt::skip]
-const QWEN_MOE: &[TensorRule] = &[
-    rule("model.layers.{L}.mlp.gate.weight", ROUTER, C::Mlp, P::Required),
-    rule("model.layers.{L}.mlp.experts.{E}.gate_proj.weight", UP, C::Mlp, P::Required),
-    rule("model.layers.{L}.mlp.experts.{E}.up_proj.weight", UP, C::Mlp, P::Required),
-    rule("model.layers.{L}.mlp.experts.{E}.down_proj.weight", DOWN, C::Mlp, P::Required),
-];
 
 /// Llama's optional biases (`attention_bias`, `mlp_bias` in config.json).
 #[rustfmt::skip]
@@ -1047,6 +1039,39 @@ mod tests {
             .match_name("model.layers.1.self_attn.k_proj.weightx")
             .is_none());
         assert_eq!(f.match_name("lm_head.weight").unwrap().1, None);
+    }
+
+    #[test]
+    fn expert_patterns_match_layer_and_expert() {
+        let f = Family::lookup("mixtral").unwrap();
+        let (r, l, e) = f
+            .match_name_at("model.layers.12.block_sparse_moe.experts.7.w2.weight")
+            .unwrap();
+        assert_eq!((r.axes, l, e), (DOWN, Some(12), Some(7)));
+        assert_eq!(
+            tensor_name_at(r.pattern, Some(3), Some(7)),
+            "model.layers.3.block_sparse_moe.experts.7.w2.weight"
+        );
+        let (r, l, e) = f
+            .match_name_at("model.layers.0.block_sparse_moe.gate.weight")
+            .unwrap();
+        assert_eq!((r.axes, l, e), (ROUTER, Some(0), None));
+        for bad in [
+            "model.layers.0.block_sparse_moe.experts.x.w1.weight",
+            "model.layers.0.block_sparse_moe.experts..w1.weight",
+            "model.layers.0.block_sparse_moe.experts.1.w4.weight",
+            "model.layers.a.block_sparse_moe.experts.1.w1.weight",
+        ] {
+            assert!(f.match_name_at(bad).is_none(), "{bad}");
+        }
+        // A leading zero parses, so the checkpoint reader compares with the canonical name.
+        let (r, l, e) = f
+            .match_name_at("model.layers.0.block_sparse_moe.experts.01.w1.weight")
+            .unwrap();
+        assert_ne!(
+            tensor_name_at(r.pattern, l, e),
+            "model.layers.0.block_sparse_moe.experts.01.w1.weight"
+        );
     }
 
     #[test]
