@@ -962,9 +962,8 @@ impl Family {
         &self,
         name: &str,
     ) -> Option<(&'static TensorRule, Option<usize>, Option<usize>)> {
-        self.all_rules().find_map(|r| {
-            match_indices(r.pattern, name).map(|(layer, expert)| (r, layer, expert))
-        })
+        self.all_rules()
+            .find_map(|r| match_indices(r.pattern, name).map(|(layer, expert)| (r, layer, expert)))
     }
 
     /// Finds the rule a tensor name follows, and its layer index where the rule has `{L}`.
