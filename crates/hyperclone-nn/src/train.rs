@@ -231,7 +231,7 @@ impl AdamW {
         meta.insert("adamw.step".to_string(), self.t.to_string());
         let mut bytes = encode_header(&entries, &meta);
         bytes.extend_from_slice(&data);
-        write_atomically(path, &bytes)
+        Ok(hyperclone_core::staging::write_file(path, &bytes)?)
     }
 
     pub fn load(params: &[Param], path: &Path) -> Result<Self> {
@@ -376,12 +376,5 @@ pub fn save_params(params: &[Param], dtype: hyperclone_core::DType, path: &Path)
         dtype.encode(&v, &mut b);
         bytes.extend_from_slice(&b);
     }
-    write_atomically(path, &bytes)
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("partial");
-    std::fs::write(&tmp, bytes).map_err(|e| hyperclone_core::Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| hyperclone_core::Error::io(path, e))?;
-    Ok(())
+    Ok(hyperclone_core::staging::write_file(path, &bytes)?)
 }
