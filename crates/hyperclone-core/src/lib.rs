@@ -23,6 +23,7 @@ pub mod output_guard;
 pub mod plan;
 pub mod provenance;
 pub mod recipe;
+pub mod rng;
 pub mod safetensors;
 pub mod staging;
 pub mod symmetry;
