@@ -359,17 +359,11 @@ pub fn train_step(
 
 /// Writes the parameters as a safetensors file (in `dtype`), names as in the checkpoint.
 pub fn save_params(params: &[Param], dtype: hyperclone_core::DType, path: &Path) -> Result<()> {
-    let entries: Vec<HeaderEntry> = params
-        .iter()
-        .map(|p| HeaderEntry {
-            name: p.name.clone(),
-            dtype,
-            shape: p.var.dims().to_vec(),
-        })
-        .collect();
-    let mut meta = BTreeMap::new();
-    meta.insert("format".to_string(), "pt".to_string());
-    let mut bytes = encode_header(&entries, &meta);
+    let mut bytes = hyperclone_core::safetensors::pt_header(
+        params.iter().map(|p| (p.name.as_str(), p.var.dims())),
+        dtype,
+        &[],
+    );
     for p in params {
         let v: Vec<f64> = p.var.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
         let mut b = vec![0u8; v.len() * dtype.size()];
