@@ -661,12 +661,7 @@ fn split(ranges: &[std::ops::Range<usize>]) -> Vec<std::ops::Range<usize>> {
     out
 }
 
-/// SplitMix64's finaliser: a bijective, well-mixed hash of a 64-bit counter.
-fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
+use crate::rng::mix64;
 
 /// A stable 64-bit key for a string (FNV-1a then mixed), used to give each tensor its
 /// own noise stream independent of the order tensors are processed in.

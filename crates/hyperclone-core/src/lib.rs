@@ -5,8 +5,8 @@
 //! [`growth_spec::GrowthSpec`] (the options as given: flags, recipe, Python keywords)
 //! resolves into [`options::GrowthOptions`] and, through [`grow::plan_growth`], into the
 //! [`growth_map`] and the [`plan`], which derives every destination tensor, shard and
-//! header; [`kernel`] expands one tensor; and [`write`] streams the plan into a temporary
-//! folder renamed into place when complete.
+//! header; [`kernel`] expands one tensor; and [`write`] streams the plan into a [`staging`]
+//! folder renamed into place when complete (the one atomic replace every command uses).
 
 pub mod checkpoint;
 pub mod config;
@@ -23,7 +23,9 @@ pub mod output_guard;
 pub mod plan;
 pub mod provenance;
 pub mod recipe;
+pub mod rng;
 pub mod safetensors;
+pub mod staging;
 pub mod symmetry;
 pub mod write;
 

@@ -7,14 +7,11 @@
 //! 2. An output never replaces an existing file or folder the command did not create unless
 //!    the user says so (`--force`).
 //!
-//! Files are then written by [`write_file_atomically`]: a sibling temporary file renamed over
-//! the target, so a reader never sees half a file and a hard link to the old file keeps its
-//! old bytes.
+//! Outputs are then written through [`crate::staging`], the one atomic replace.
 
 use crate::error::{Error, Result};
 use std::collections::HashSet;
 use std::fs;
-use std::io::Write;
 use std::path::{Component, Path, PathBuf};
 
 /// Entries looked at when collecting the files of an input folder (hard-link identities):
@@ -145,30 +142,6 @@ pub fn refuse_existing(flag: &str, out: &Path, force: bool) -> Result<()> {
     Ok(())
 }
 
-/// Writes `bytes` to `path` through a temporary sibling renamed over it: all or nothing, and
-/// an existing file (or a link) at `path` is replaced, never written through.
-pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::format(path, "needs a file name"))?;
-    let tmp = path.with_file_name(format!(
-        ".{}.hyperclone-tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let written = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .and_then(|mut f| f.write_all(bytes).and_then(|_| f.sync_all()))
-        .and_then(|_| fs::rename(&tmp, path));
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
-    }
-    Ok(())
-}
-
 /// `path` absolute with links resolved as far as it exists; the part that does not exist yet
 /// is appended lexically (`.` dropped, `..` popped).
 fn resolve(path: &Path) -> Result<PathBuf> {
@@ -276,26 +249,12 @@ mod tests {
     }
 
     #[test]
-    fn existing_outputs_need_force_and_atomic_writes_replace_links() {
+    fn existing_outputs_need_force() {
         let d = tempfile::tempdir().unwrap();
         let out = d.path().join("out.bin");
         assert!(refuse_existing("--out", &out, false).is_ok());
-        write_file_atomically(&out, b"one").unwrap();
+        std::fs::write(&out, b"one").unwrap();
         assert!(refuse_existing("--out", &out, false).is_err());
         assert!(refuse_existing("--out", &out, true).is_ok());
-        let other = d.path().join("other.bin");
-        fs::hard_link(&out, &other).unwrap();
-        write_file_atomically(&out, b"two").unwrap();
-        assert_eq!(fs::read(&out).unwrap(), b"two");
-        assert_eq!(
-            fs::read(&other).unwrap(),
-            b"one",
-            "the other name keeps its bytes"
-        );
-        assert_eq!(
-            fs::read_dir(d.path()).unwrap().count(),
-            2,
-            "no temporary left"
-        );
     }
 }

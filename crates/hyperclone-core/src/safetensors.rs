@@ -340,6 +340,30 @@ impl HeaderEntry {
     }
 }
 
+/// The header of a small file whose tensors all have one `dtype`, with transformers'
+/// `format: pt` metadata plus `extra` entries: the one small safetensors writer's header
+/// (checkpoints saved by training, random inits, test files). The data follows in order.
+pub fn pt_header<'a>(
+    tensors: impl IntoIterator<Item = (&'a str, &'a [usize])>,
+    dtype: DType,
+    extra: &[(&str, String)],
+) -> Vec<u8> {
+    let entries: Vec<HeaderEntry> = tensors
+        .into_iter()
+        .map(|(name, shape)| HeaderEntry {
+            name: name.to_string(),
+            dtype,
+            shape: shape.to_vec(),
+        })
+        .collect();
+    let mut meta = BTreeMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    for (k, v) in extra {
+        meta.insert(k.to_string(), v.clone());
+    }
+    encode_header(&entries, &meta)
+}
+
 /// Serialises a safetensors header (length prefix included, padded with spaces to a
 /// multiple of 8 so the data section is aligned). Data of `entries` follows in order.
 pub fn encode_header(entries: &[HeaderEntry], metadata: &BTreeMap<String, String>) -> Vec<u8> {

@@ -9,6 +9,7 @@ use crate::checkpoint::{Checkpoint, INDEX_FILE};
 use crate::error::{Error, Result};
 use crate::kernel::{Expansion, ExpansionSpec};
 use crate::plan::{Plan, WRITE_CHUNK_BYTES};
+use crate::staging::{absolute_lexical, remove_stale_siblings, StagedDir};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -120,13 +121,13 @@ pub fn write_clone(
             dst.display()
         ));
     }
-    let staging = Staging::create(dst)?;
+    let staging = StagedDir::create(dst)?;
     let mut files = Vec::new();
     progress.begin(plan.output_bytes());
     let mut bytes_written = write_shards(
         ckpt,
         plan,
-        &staging.path,
+        staging.path(),
         progress,
         cancel,
         create,
@@ -134,7 +135,7 @@ pub fn write_clone(
     )?;
     files.extend(plan.shards.iter().map(|s| s.file_name.clone()));
     let mut small = |name: &str, bytes: Vec<u8>| -> Result<()> {
-        let path = staging.path.join(name);
+        let path = staging.path().join(name);
         let mut f = create(&path).map_err(|e| Error::io(&path, e))?;
         f.write_all(&bytes)
             .and_then(|_| f.flush())
@@ -161,7 +162,7 @@ pub fn write_clone(
         // file); special files were filtered out above (`is_file` follows links).
         crate::limits::ensure_regular_file(&p)?;
         let mut from = fs::File::open(&p).map_err(|e| Error::io(&p, e))?;
-        let path = staging.path.join(&name);
+        let path = staging.path().join(&name);
         let mut to = create(&path).map_err(|e| Error::io(&path, e))?;
         let n = std::io::copy(&mut from, &mut to)
             .and_then(|n| to.flush().map(|_| n))
@@ -171,7 +172,7 @@ pub fn write_clone(
     }
     stop_if_cancelled(cancel)?;
     if let Some(check) = check {
-        let checked = check(&staging.path);
+        let checked = check(staging.path());
         // Ctrl-C while verifying (minutes on a large model) stops the clone like any other.
         stop_if_cancelled(cancel)?;
         checked.map_err(Error::Verification)?;
@@ -308,151 +309,6 @@ fn check_removable(dst: &Path) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Removes `.DST.hyperclone-partial-PID` entries left beside DST by clones whose process
-/// no longer exists (killed by SIGKILL, a crash or a power cut); returns what it removed.
-/// Only names we create qualify (PID written as `process::id()` prints it: no sign, no
-/// leading zero), whatever the entry has become (a folder, or a file, FIFO or symlink put
-/// there since: each blocked every later clone with "Not a directory"); a symlink is
-/// removed itself, never followed. Entries of live processes, and `-replaced-` folders (a
-/// previous DST), are never touched.
-fn remove_stale_siblings(dst: &Path) -> Result<Vec<PathBuf>> {
-    let abs = absolute_lexical(dst)?;
-    let (Some(parent), Some(name)) = (abs.parent(), abs.file_name()) else {
-        return Ok(Vec::new());
-    };
-    let prefix = format!(".{}.hyperclone-partial-", name.to_string_lossy());
-    let mut removed = Vec::new();
-    let Ok(entries) = fs::read_dir(parent) else {
-        return Ok(removed);
-    };
-    for entry in entries.flatten() {
-        let file_name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = file_name
-            .strip_prefix(&prefix)
-            .and_then(|p| p.parse::<u32>().ok().filter(|pid| pid.to_string() == p))
-        else {
-            continue;
-        };
-        if pid == std::process::id() || process_alive(pid) {
-            continue;
-        }
-        let path = entry.path();
-        remove_entry(&path).map_err(|e| Error::io(&path, e))?;
-        removed.push(path);
-    }
-    Ok(removed)
-}
-
-/// Removes a folder with its contents, or any other entry (file, FIFO, socket, symlink)
-/// by itself; symlinks are never followed (neither at `path` nor inside a folder).
-fn remove_entry(path: &Path) -> std::io::Result<()> {
-    if fs::symlink_metadata(path)?.is_dir() {
-        fs::remove_dir_all(path)
-    } else {
-        fs::remove_file(path)
-    }
-}
-
-/// Whether a process exists; `true` where this cannot be told (nothing is removed then).
-fn process_alive(pid: u32) -> bool {
-    let proc = Path::new("/proc");
-    if !proc.join("self").exists() {
-        return true;
-    }
-    proc.join(pid.to_string()).exists()
-}
-
-/// An absolute path with its parent resolved through symlinks (DST itself need not exist).
-fn absolute_lexical(p: &Path) -> Result<PathBuf> {
-    let name = p
-        .file_name()
-        .ok_or_else(|| Error::format(p, "destination needs a folder name"))?;
-    let parent = match p.parent() {
-        Some(q) if !q.as_os_str().is_empty() => q.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let parent = fs::canonicalize(&parent).map_err(|e| Error::io(&parent, e))?;
-    Ok(parent.join(name))
-}
-
-/// The temporary folder beside DST; removed on drop unless committed.
-struct Staging {
-    path: PathBuf,
-    committed: bool,
-}
-
-impl Staging {
-    fn create(dst: &Path) -> Result<Staging> {
-        let path = sibling(dst, "partial")?;
-        // Our own name: left by an earlier process with this PID (PIDs are reused, in
-        // containers often), whatever kind of entry it is now.
-        if path.symlink_metadata().is_ok() {
-            remove_entry(&path).map_err(|e| Error::io(&path, e))?;
-        }
-        fs::create_dir(&path).map_err(|e| Error::io(&path, e))?;
-        Ok(Staging {
-            path,
-            committed: false,
-        })
-    }
-
-    fn commit(mut self, dst: &Path, force: bool) -> Result<()> {
-        let old = if force && dst.symlink_metadata().is_ok() {
-            let old = sibling(dst, "replaced")?;
-            fs::rename(dst, &old).map_err(|e| Error::io(dst, e))?;
-            Some(old)
-        } else {
-            None
-        };
-        if let Err(e) = fs::rename(&self.path, dst) {
-            if let Some(old) = &old {
-                let _ = fs::rename(old, dst); // put the previous DST back
-            }
-            return Err(Error::io(dst, e));
-        }
-        self.committed = true;
-        if let Some(old) = old {
-            let removed = if old.is_dir() {
-                fs::remove_dir_all(&old)
-            } else {
-                fs::remove_file(&old)
-            };
-            // Checked before writing (check_removable), so this fails only when the old
-            // DST changed meanwhile; say exactly where everything is.
-            removed.map_err(|e| {
-                Error::format(
-                    dst,
-                    format!(
-                        "now holds the new clone, but the previous {} (moved to {}) could not be fully deleted ({e}); \
-                         what is left of it is there: remove it yourself",
-                        dst.display(),
-                        old.display()
-                    ),
-                )
-            })?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = fs::remove_dir_all(&self.path);
-        }
-    }
-}
-
-fn sibling(dst: &Path, what: &str) -> Result<PathBuf> {
-    let abs = absolute_lexical(dst)?;
-    let name = abs
-        .file_name()
-        .expect("has a name")
-        .to_string_lossy()
-        .into_owned();
-    Ok(abs.with_file_name(format!(".{name}.hyperclone-{what}-{}", std::process::id())))
 }
 
 enum Msg {

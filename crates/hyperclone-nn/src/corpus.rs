@@ -12,7 +12,7 @@ use memmap2::Mmap;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 use std::fs::File;
-use std::io::{BufWriter, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
@@ -290,10 +290,7 @@ pub fn tokenize_to_cache(
     }
 
     std::fs::create_dir_all(cache_dir).map_err(|e| io_err(cache_dir, e))?;
-    let tmp = cache_dir.join(format!("{key}.u32.tmp{}", std::process::id()));
-    let result = (|| -> Result<()> {
-        let f = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
-        let mut w = BufWriter::with_capacity(1 << 20, f);
+    hyperclone_core::staging::write_file_with(&out, |w| -> Result<()> {
         let mut first = true;
         let mut i = 0;
         while i < files.len() {
@@ -327,26 +324,19 @@ pub fn tokenize_to_cache(
             for ids in encoded {
                 if let (Some(id), false) = (eos, first) {
                     w.write_all(&id.to_le_bytes())
-                        .map_err(|e| io_err(&tmp, e))?;
+                        .map_err(|e| io_err(&out, e))?;
                 }
                 first = false;
                 let mut buf = Vec::with_capacity(ids.len() * 4);
                 for id in ids {
                     buf.extend_from_slice(&id.to_le_bytes());
                 }
-                w.write_all(&buf).map_err(|e| io_err(&tmp, e))?;
+                w.write_all(&buf).map_err(|e| io_err(&out, e))?;
             }
             i = j;
         }
-        let f = w.into_inner().map_err(|e| io_err(&tmp, e.into_error()))?;
-        f.sync_all().map_err(|e| io_err(&tmp, e))?;
         Ok(())
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    std::fs::rename(&tmp, &out).map_err(|e| io_err(&out, e))?;
+    })?;
     Ok(out)
 }
 

@@ -6,9 +6,8 @@ use crate::error::{NnError, Result};
 use crate::spec::NormKind;
 use hyperclone_core::config::ModelConfig;
 use hyperclone_core::family::Component;
-use hyperclone_core::safetensors::{encode_header, HeaderEntry};
+use hyperclone_core::safetensors::pt_header;
 use hyperclone_core::DType;
-use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Writes `out/config.json` and `out/model.safetensors` (f32): matrices N(0, std), norm
@@ -42,21 +41,11 @@ pub fn write_random_checkpoint(config_path: &Path, out: &Path, std: f64, seed: u
         )));
     }
     std::fs::create_dir_all(out).map_err(|e| hyperclone_core::Error::io(out, e))?;
-    let entries: Vec<HeaderEntry> = tensors
-        .iter()
-        .map(|(n, s, _)| HeaderEntry {
-            name: n.clone(),
-            dtype: DType::F32,
-            shape: s.clone(),
-        })
-        .collect();
-    let mut meta = BTreeMap::new();
-    meta.insert("format".to_string(), "pt".to_string());
-    meta.insert(
-        "hyperclone.init".to_string(),
-        format!("normal std {std}, seed {seed}"),
+    let mut bytes = pt_header(
+        tensors.iter().map(|(n, s, _)| (n.as_str(), s.as_slice())),
+        DType::F32,
+        &[("hyperclone.init", format!("normal std {std}, seed {seed}"))],
     );
-    let mut bytes = encode_header(&entries, &meta);
     for (name, shape, component) in &tensors {
         let n: usize = shape.iter().product();
         let key = hyperclone_core::kernel::name_key(seed, name);

@@ -1,22 +1,2 @@
-//! Counter-based randomness: every draw is a pure function of (key, index), so any batch,
-//! mask or weight can be reproduced without replaying a stream.
-
-/// SplitMix64's finaliser: a bijective, well-mixed hash of a 64-bit counter.
-pub fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// Uniform in [0, 1) addressed by (key, index).
-pub fn uniform(key: u64, index: u64) -> f64 {
-    let h = mix64(key.wrapping_add(index.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15)));
-    (h >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-}
-
-/// Standard normal addressed by (key, index) (Box-Muller).
-pub fn normal(key: u64, index: u64) -> f64 {
-    let u1 = 1.0 - uniform(key, 2 * index);
-    let u2 = uniform(key, 2 * index + 1);
-    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-}
+//! Counter-based randomness: core's (see `hyperclone_core::rng`), re-exported for nn.
+pub use hyperclone_core::rng::{mix64, normal, uniform};

@@ -231,7 +231,7 @@ impl AdamW {
         meta.insert("adamw.step".to_string(), self.t.to_string());
         let mut bytes = encode_header(&entries, &meta);
         bytes.extend_from_slice(&data);
-        write_atomically(path, &bytes)
+        Ok(hyperclone_core::staging::write_file(path, &bytes)?)
     }
 
     pub fn load(params: &[Param], path: &Path) -> Result<Self> {
@@ -359,29 +359,16 @@ pub fn train_step(
 
 /// Writes the parameters as a safetensors file (in `dtype`), names as in the checkpoint.
 pub fn save_params(params: &[Param], dtype: hyperclone_core::DType, path: &Path) -> Result<()> {
-    let entries: Vec<HeaderEntry> = params
-        .iter()
-        .map(|p| HeaderEntry {
-            name: p.name.clone(),
-            dtype,
-            shape: p.var.dims().to_vec(),
-        })
-        .collect();
-    let mut meta = BTreeMap::new();
-    meta.insert("format".to_string(), "pt".to_string());
-    let mut bytes = encode_header(&entries, &meta);
+    let mut bytes = hyperclone_core::safetensors::pt_header(
+        params.iter().map(|p| (p.name.as_str(), p.var.dims())),
+        dtype,
+        &[],
+    );
     for p in params {
         let v: Vec<f64> = p.var.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
         let mut b = vec![0u8; v.len() * dtype.size()];
         dtype.encode(&v, &mut b);
         bytes.extend_from_slice(&b);
     }
-    write_atomically(path, &bytes)
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("partial");
-    std::fs::write(&tmp, bytes).map_err(|e| hyperclone_core::Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| hyperclone_core::Error::io(path, e))?;
-    Ok(())
+    Ok(hyperclone_core::staging::write_file(path, &bytes)?)
 }

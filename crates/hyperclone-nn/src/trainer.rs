@@ -22,7 +22,8 @@ use candle_core::{DType, Device};
 use hyperclone_core::family::Space;
 use hyperclone_core::growth_map::RecordedGrowth;
 use hyperclone_core::kernel::Segment;
-use hyperclone_core::output_guard::{refuse_existing, write_file_atomically, Inputs};
+use hyperclone_core::output_guard::{refuse_existing, Inputs};
+use hyperclone_core::staging;
 use hyperclone_core::symmetry::{mean_row_half_cosine_with, uniform_segments};
 use hyperclone_core::Checkpoint;
 use serde_json::json;
@@ -286,10 +287,11 @@ fn check_outputs(a: &TrainOptions) -> Result<()> {
         .token_cache
         .clone()
         .unwrap_or_else(|| a.out.join("tokens"));
+    let staged_last = staging::staging_paths(&a.out.join(LAST))?;
     for (flag, written) in [
         ("--out", a.out.join(LAST)),
-        ("--out", a.out.join(".last-partial")),
-        ("--out", a.out.join(".last-old")),
+        ("--out", staged_last[0].clone()),
+        ("--out", staged_last[1].clone()),
         ("--out", a.out.join("metrics.jsonl")),
         ("--out", a.out.join("init")),
         ("--token-cache", cache),
@@ -533,9 +535,11 @@ fn save_checkpoint(
     opt: &AdamW,
     step: u64,
 ) -> Result<()> {
-    let staging = out.join(".last-partial");
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir_all(&staging)?;
+    let last = out.join(LAST);
+    // A killed run's staging folder (same OUT, process gone) is garbage.
+    staging::remove_stale_siblings(&last)?;
+    let staged = staging::StagedDir::create(&last)?;
+    let dir = staged.path();
     for entry in std::fs::read_dir(source)? {
         let p = entry?.path();
         let name = p
@@ -546,31 +550,24 @@ fn save_checkpoint(
         if p.is_file()
             && (name == "config.json" || hyperclone_core::write::is_companion_file(&name))
         {
-            std::fs::copy(&p, staging.join(&name))?;
+            std::fs::copy(&p, dir.join(&name))?;
         }
     }
     // The checkpoint must be usable on its own: bring the tokenizer the run used.
-    if !staging.join("tokenizer.json").exists() {
-        std::fs::copy(tokenizer, staging.join("tokenizer.json"))?;
+    if !dir.join("tokenizer.json").exists() {
+        std::fs::copy(tokenizer, dir.join("tokenizer.json"))?;
     }
     save_params(
         params,
         hyperclone_core::DType::F32,
-        &staging.join("model.safetensors"),
+        &dir.join("model.safetensors"),
     )?;
-    opt.save(params, &staging.join("optimizer.safetensors"))?;
+    opt.save(params, &dir.join("optimizer.safetensors"))?;
     std::fs::write(
-        staging.join("trainer_state.json"),
+        dir.join("trainer_state.json"),
         json!({ "step": step, "adamw_step": opt.t }).to_string(),
     )?;
-    let last = out.join(LAST);
-    let old = out.join(".last-old");
-    let _ = std::fs::remove_dir_all(&old);
-    if last.exists() {
-        std::fs::rename(&last, &old)?;
-    }
-    std::fs::rename(&staging, &last)?;
-    let _ = std::fs::remove_dir_all(&old);
+    staged.commit(&last, true)?;
     Ok(())
 }
 
@@ -641,7 +638,7 @@ pub fn train_tokenizer(
     let json = tok
         .to_string(true)
         .map_err(|e| NnError::Input(format!("writing {}: {e}", out.display())))?;
-    write_file_atomically(out, json.as_bytes())?;
+    staging::write_file(out, json.as_bytes())?;
     Ok(TokenizerDone {
         vocab_size: tok.get_vocab_size(true),
         files: files.len(),

@@ -594,7 +594,7 @@ fn prepare_tokenizer(
         return Ok(());
     }
     if s.preset == "quick" {
-        std::fs::write(tokenizer, BUNDLED_TOKENIZER)?;
+        hyperclone_core::staging::write_file(tokenizer, BUNDLED_TOKENIZER)?;
         return Ok(());
     }
     if tokenizer.exists() {
@@ -603,11 +603,10 @@ fn prepare_tokenizer(
     let files = hyperclone_nn::corpus::text_files(data)?;
     let t0 = Instant::now();
     let tok = hyperclone_nn::corpus::train_bpe(&files, s.vocab_size, 2)?;
-    let partial = tokenizer.with_extension("partial");
-    tok.save(&partial, true).map_err(|e| {
-        hyperclone_nn::NnError::Input(format!("writing {}: {e}", partial.display()))
+    let json = tok.to_string(true).map_err(|e| {
+        hyperclone_nn::NnError::Input(format!("writing {}: {e}", tokenizer.display()))
     })?;
-    std::fs::rename(&partial, tokenizer)?;
+    hyperclone_core::staging::write_file(tokenizer, json.as_bytes())?;
     progress.line(&format!(
         "0. trained a {}-token BPE on the training split ({} files) in {:.0} s",
         s.vocab_size,

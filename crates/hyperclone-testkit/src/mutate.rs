@@ -2,7 +2,7 @@
 //! config.json fields, the shard index), shared by the library harness
 //! (hyperclone-core/tests/mutation.rs) and the CLI harness (hyperclone/tests/mutation_cli.rs).
 
-use hyperclone_core::safetensors::{encode_header, HeaderEntry};
+use hyperclone_core::safetensors::pt_header;
 use hyperclone_core::DType;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -61,17 +61,11 @@ pub fn tensors() -> Vec<(String, Vec<usize>)> {
 
 /// One safetensors file of `tensors` with small deterministic values.
 pub fn safetensors_bytes(tensors: &[(String, Vec<usize>)]) -> Vec<u8> {
-    let entries: Vec<HeaderEntry> = tensors
-        .iter()
-        .map(|(n, s)| HeaderEntry {
-            name: n.clone(),
-            dtype: DType::F32,
-            shape: s.clone(),
-        })
-        .collect();
-    let mut meta = BTreeMap::new();
-    meta.insert("format".to_string(), "pt".to_string());
-    let mut bytes = encode_header(&entries, &meta);
+    let mut bytes = pt_header(
+        tensors.iter().map(|(n, s)| (n.as_str(), s.as_slice())),
+        DType::F32,
+        &[],
+    );
     let mut k = 0u32;
     for (_, s) in tensors {
         for _ in 0..s.iter().product::<usize>() {

@@ -2,7 +2,8 @@
 
 use crate::args::{ForwardArgs, GenerateArgs, InputArgs, VerifyArgs};
 use anyhow::{bail, Result};
-use hyperclone_core::output_guard::{refuse_existing, write_file_atomically, Inputs};
+use hyperclone_core::output_guard::{refuse_existing, Inputs};
+use hyperclone_core::staging;
 use hyperclone_core::safetensors::{encode_header, HeaderEntry};
 use hyperclone_core::Checkpoint;
 use hyperclone_nn::check::Verification;
@@ -48,7 +49,7 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
         for x in rows.iter().flatten() {
             bytes.extend_from_slice(&x.to_le_bytes());
         }
-        write_file_atomically(out, &bytes)?;
+        staging::write_file(out, &bytes)?;
     }
     let last: Vec<f64> = rows[t - 1].iter().map(|&x| x as f64).collect();
     let mut order: Vec<usize> = (0..v).collect();
