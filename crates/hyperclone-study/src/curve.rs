@@ -76,6 +76,60 @@ impl Curve {
         Ok(curve)
     }
 
+    /// A curve from its compact CSV (write_compact: every evaluation, exact, and every
+    /// n-th step's training loss); `train_seconds` is not in the CSV and comes from the
+    /// record's state. The same checks as [`Curve::read`].
+    pub fn read_compact(name: &str, path: &Path, train_seconds: f64) -> Result<Curve> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("run {name}: reading {}", path.display()))?;
+        let mut curve = Curve {
+            name: name.to_string(),
+            evals: Vec::new(),
+            train: Vec::new(),
+            train_seconds,
+        };
+        for (i, line) in text.lines().enumerate().skip(1) {
+            let cells: Vec<&str> = line.split(',').collect();
+            let bad = || {
+                hyperclone_nn::NnError::Input(format!(
+                    "{} line {}: not a compact curve row",
+                    path.display(),
+                    i + 1
+                ))
+            };
+            if cells.len() != 6 {
+                return Err(bad());
+            }
+            let num = |c: &str| -> Result<Option<f64>> {
+                if c.is_empty() {
+                    Ok(None)
+                } else {
+                    c.parse::<f64>().map(Some).map_err(|_| bad())
+                }
+            };
+            let step: u64 = cells[0].parse().map_err(|_| bad())?;
+            let tokens = num(cells[1])?.unwrap_or(0.0);
+            if let Some(loss) = num(cells[4])? {
+                curve.evals.push(EvalPoint {
+                    step,
+                    tokens,
+                    val_loss: loss,
+                    symmetry: num(cells[5])?,
+                });
+            }
+            if let Some(loss) = num(cells[3])? {
+                curve.train.push((tokens, loss));
+            }
+        }
+        if curve.evals.first().map(|e| e.step) != Some(0) || curve.evals.len() < 2 {
+            bail!(
+                "run {name}: {} has no evaluation at step 0 and at the end",
+                path.display()
+            );
+        }
+        Ok(curve)
+    }
+
     pub fn final_loss(&self) -> f64 {
         self.evals.last().expect("checked in read").val_loss
     }
@@ -239,6 +293,14 @@ mod tests {
             std::fs::read_to_string(&out).unwrap(),
             "step,tokens,lr,train_loss,val_loss,symmetry\n0,0,,,8,\n2,20,0.002,7,,\n3,30,0.002,6.5,6.9,0.5\n"
         );
+        // Read back (a study continued from its record): every evaluation exactly.
+        let full = Curve::read("x", &m).unwrap();
+        let compact = Curve::read_compact("x", &out, 1.5).unwrap();
+        assert_eq!(compact.evals, full.evals);
+        assert_eq!(compact.train, vec![(20.0, 7.0), (30.0, 6.5)]);
+        assert_eq!(compact.train_seconds, 1.5);
+        std::fs::write(&out, "step,tokens,lr,train_loss,val_loss,symmetry\n0,x,,,8,\n").unwrap();
+        assert!(Curve::read_compact("x", &out, 0.0).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

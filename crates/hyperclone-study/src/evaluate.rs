@@ -15,7 +15,7 @@ use std::path::Path;
 /// Windows per forward pass.
 const CHUNK: usize = 32;
 
-const FILE: &str = "final_eval.json";
+pub const FILE: &str = "final_eval.json";
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct FinalEval {
@@ -48,7 +48,20 @@ pub fn final_eval(
     if let Some(e) = read(run, windows, seq, step) {
         return Ok(e);
     }
-    let ckpt = Checkpoint::open(&run.join("last"))?;
+    let e = evaluate(&run.join("last"), val, windows, seq)?;
+    let rows = e.tokens / seq.max(1);
+    let record = json!({
+        "step": step, "val_loss": e.val_loss, "tokens": e.tokens,
+        "windows": rows, "windows_asked": windows, "seq": seq,
+    });
+    std::fs::write(run.join(FILE), serde_json::to_string_pretty(&record)?)?;
+    Ok(e)
+}
+
+/// Evaluates the checkpoint CKPT on `windows` windows of `seq` tokens spread evenly over
+/// the validation split (what final_eval records; nothing is written).
+pub fn evaluate(ckpt: &Path, val: &TokenFile, windows: usize, seq: usize) -> Result<FinalEval> {
+    let ckpt = Checkpoint::open(ckpt)?;
     let model = Decoder::load(&ckpt, DType::F32, &Device::Cpu)?;
     let (inputs, targets) = eval_windows(val, windows, seq)?;
     let rows = inputs.len() / seq;
@@ -62,14 +75,8 @@ pub fn final_eval(
         // Every window has seq targets, so the chunks' means weigh by their window counts.
         sum += mean * n as f64;
     }
-    let e = FinalEval {
+    Ok(FinalEval {
         val_loss: sum / rows.max(1) as f64,
         tokens: rows * seq,
-    };
-    let record = json!({
-        "step": step, "val_loss": e.val_loss, "tokens": e.tokens,
-        "windows": rows, "windows_asked": windows, "seq": seq,
-    });
-    std::fs::write(run.join(FILE), serde_json::to_string_pretty(&record)?)?;
-    Ok(e)
+    })
 }

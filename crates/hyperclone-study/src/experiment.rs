@@ -24,7 +24,7 @@
 use crate::budget::{bracket, next_rung};
 use crate::report::{self, Report};
 use crate::runs::{base_dir, base_key, clone_dir, curve_file, ladder_dir, read_screen, screen_dir};
-use crate::runs::{models, read_corpus, read_runs};
+use crate::runs::{models, read_corpus, read_runs, read_state_at, recorded_step};
 use crate::settings::{Arm, Settings, BASE_SEED};
 use crate::Result;
 use hyperclone_core::grow::grow_quietly;
@@ -92,6 +92,10 @@ struct Common<'a> {
     progress: &'a dyn StudyProgress,
     /// The validation split, for the final evaluations.
     val: TokenFile,
+    /// OUT/base-config.json, the bases' architecture.
+    base_config: PathBuf,
+    /// The durable record every finished run is written to (record.rs).
+    record: Option<PathBuf>,
     /// When this slice ends (None: run to the end).
     deadline: Option<Instant>,
     /// Tokens per second of the last chunk trained, to size the next one to the deadline;
@@ -123,12 +127,15 @@ impl Common<'_> {
                     self.progress
                         .line(&format!("   {label}: finished earlier, reused"));
                 }
-                let every = (args.steps / 200).max(1);
-                crate::curve::write_compact(
-                    &args.out.join("metrics.jsonl"),
-                    &curve_file(&self.out, &args.out),
-                    every,
-                )?;
+                // A base restored from the record and retrained here keeps its recorded curve.
+                if recorded_step(&args.out).is_none() {
+                    let every = (args.steps / 200).max(1);
+                    crate::curve::write_compact(
+                        &args.out.join("metrics.jsonl"),
+                        &curve_file(&self.out, &args.out),
+                        every,
+                    )?;
+                }
                 return Ok(true);
             }
             let start = done.unwrap_or(0);
@@ -179,11 +186,31 @@ impl Common<'_> {
         (fits > 0).then(|| (start + fits.min(interval)).min(args.steps))
     }
 
-    /// Trains the base of `steps` steps, then evaluates it as every ladder run is.
-    fn base(&self, steps: u64, config: &Path) -> Result<bool> {
+    /// Writes every finished run into the record, if the study keeps one.
+    fn keep(&self) -> Result<()> {
+        if let Some(r) = &self.record {
+            crate::record::save(&self.out, r, &self.s)?;
+        }
+        Ok(())
+    }
+
+    /// Trains the base of `steps` steps, then evaluates it as every ladder run is. A base
+    /// restored from the record counts as finished unless `weights` asks for its checkpoint:
+    /// then it is retrained here from its seed (the same data order), and its new final
+    /// loss is compared with the record's (kept in retrained.json for the report); the
+    /// record's curve and final evaluation stay the study's.
+    fn base(&self, steps: u64, weights: bool) -> Result<bool> {
         let s = &self.s;
+        let dir = base_dir(&self.out, steps);
+        let recorded = recorded_step(&dir).is_some_and(|d| d >= steps);
+        if recorded && !weights {
+            self.progress
+                .line(&format!("   base-{steps}: finished in the record, reused"));
+            return Ok(true);
+        }
+        let retrain = recorded && read_state_at(&dir).is_none_or(|d| d < steps);
         let args = TrainOptions {
-            init_config: Some(config.to_path_buf()),
+            init_config: Some(self.base_config.clone()),
             out: base_dir(&self.out, steps),
             steps,
             lr: s.base_lr,
@@ -193,9 +220,46 @@ impl Common<'_> {
             eval_every: s.eval_every * 2,
             ..self.template.clone()
         };
+        if retrain {
+            self.progress.line(&format!(
+                "   base-{steps}: only in the record; retraining it from its seed for its weights"
+            ));
+        }
         go!(self.train(&args, &format!("base-{steps}")));
+        let recorded_eval =
+            crate::evaluate::read(&args.out, s.final_eval_windows, s.seq, steps);
+        if let (true, Some(old)) = (retrain, recorded_eval) {
+            let new = crate::evaluate::evaluate(
+                &args.out.join("last"),
+                &self.val,
+                s.final_eval_windows,
+                s.seq,
+            )?;
+            self.progress.line(&format!(
+                "   base-{steps} retrained on this machine: final val loss {:.6} vs the record's {:.6} (the retrained weights are grown; the record's curve and loss are reported)",
+                new.val_loss, old.val_loss
+            ));
+            let v = json!({
+                "step": steps, "val_loss": new.val_loss, "record_val_loss": old.val_loss,
+                "tokens": new.tokens,
+            });
+            std::fs::write(
+                args.out.join(RETRAINED),
+                serde_json::to_string_pretty(&v)?,
+            )?;
+        }
         crate::evaluate::final_eval(&args.out, &self.val, s.final_eval_windows, s.seq, steps)?;
+        self.keep()?;
         Ok(true)
+    }
+
+    /// The checkpoint of the base of `steps` steps, trained (again, for a base restored
+    /// from the record) if this machine has none. Ok(false) when the slice ended first.
+    fn base_weights(&self, steps: u64) -> Result<bool> {
+        if read_state_at(&base_dir(&self.out, steps)).is_some_and(|d| d >= steps) {
+            return Ok(true);
+        }
+        self.base(steps, true)
     }
 
     /// Trains `r.arm` from the base of `r.base_steps` steps into `dir`.
@@ -208,6 +272,12 @@ impl Common<'_> {
             seed,
         } = r;
         let s = &self.s;
+        // Finished in the record: nothing to grow or train.
+        if recorded_step(&dir).is_some_and(|d| d >= steps) {
+            self.progress
+                .line(&format!("   {label}: finished in the record, reused"));
+            return Ok(true);
+        }
         let mut run = TrainOptions {
             out: dir,
             steps,
@@ -219,6 +289,17 @@ impl Common<'_> {
             ..self.template.clone()
         };
         let base = base_dir(&self.out, base_steps);
+        // The base's weights: every clone (and the random init's shape) grows from them, the
+        // carried-moments arm reads its optimizer state.
+        let grown = clone_dir(
+            &self.out,
+            base_steps,
+            arm.variant().unwrap_or(Variant::Symmetric),
+            seed,
+        );
+        if !grown.join("config.json").exists() || arm.carries_moments() {
+            go!(self.base_weights(base_steps));
+        }
         match arm.variant() {
             Some(v) => {
                 let clone = clone_dir(&self.out, base_steps, v, seed);
@@ -269,6 +350,7 @@ impl Common<'_> {
             self.s.seq,
             steps,
         )?;
+        self.keep()?;
         Ok(true)
     }
 
@@ -357,6 +439,19 @@ pub fn experiment(a: &ExperimentOptions, progress: &dyn StudyProgress) -> Result
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     // An OUT with other settings is refused before anything in it is touched.
     check_same_settings(&out, &s)?;
+    if let Some(r) = &a.record {
+        // The same settings check between the record and the command.
+        check_same_settings(r, &s)?;
+        // The record's runs OUT lacks count as finished runs here.
+        let n = crate::record::restore(r, &out, &s)?;
+        if n > 0 {
+            progress.line(&format!(
+                "record {}: {n} finished runs not in {} are taken as finished (no weights; a base is retrained from its seed when a run grows from it)",
+                r.display(),
+                out.display()
+            ));
+        }
+    }
 
     let mut complete = true;
     if let Some((data, val)) = corpus {
@@ -418,12 +513,14 @@ pub fn experiment(a: &ExperimentOptions, progress: &dyn StudyProgress) -> Result
             s: s.clone(),
             progress,
             val: TokenFile::open(&val_tokens)?,
+            base_config,
+            record: a.record.clone(),
             deadline: a
                 .max_minutes
                 .map(|m| started + Duration::from_secs_f64(m * 60.0)),
             rate: Cell::new(None),
         };
-        complete = plan(&c, &base_config)?;
+        complete = plan(&c)?;
         if !complete {
             progress.line(&format!(
                 "   the slice's {} minutes are up: finished runs are kept and the interrupted one resumes from its checkpoint; rerun the same command to continue",
@@ -434,12 +531,38 @@ pub fn experiment(a: &ExperimentOptions, progress: &dyn StudyProgress) -> Result
 
     progress.line("report");
     let runs = read_runs(&out, &s)?;
-    let report = Report::new(&s, models(&out, &s)?, read_corpus(&out), runs, complete);
+    let mut report = Report::new(&s, models(&out, &s)?, read_corpus(&out), runs, complete);
+    report.notes = retrained_notes(&out, &s);
     report.write(&out)?;
     crate::plot::budget(&report, &out.join("budget.png"))?;
     crate::plot::val_loss(&report, &out.join("val_loss.png"))?;
     crate::plot::symmetry(&report, &out.join("symmetry.png"))?;
+    if let Some(r) = &a.record {
+        let n = crate::record::save(&out, r, &s)?;
+        crate::record::save_report(&out, r)?;
+        progress.line(&format!("record {}: {n} finished runs", r.display()));
+    }
     Ok(report)
+}
+
+/// In a base's folder: its final loss retrained here against the record's.
+const RETRAINED: &str = "retrained.json";
+
+/// "base retrained on this machine: x vs y" for every base restored from the record and
+/// retrained here.
+fn retrained_notes(out: &Path, s: &Settings) -> Vec<String> {
+    s.base_steps
+        .iter()
+        .filter_map(|&steps| {
+            let path = base_dir(out, steps).join(RETRAINED);
+            let v: Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+            Some(format!(
+                "base-{steps} retrained on this machine (its weights grow the clones trained here): final val loss {:.6} vs the record's {:.6}; the record's curve and loss are reported",
+                v["val_loss"].as_f64()?,
+                v["record_val_loss"].as_f64()?
+            ))
+        })
+        .collect()
 }
 
 /// The whole study in priority order, so a study cut short has the headline's runs first:
@@ -447,14 +570,14 @@ pub fn experiment(a: &ExperimentOptions, progress: &dyn StudyProgress) -> Result
 /// ladder; the random init on the other seeds and the headline arm's bracketing rungs; the
 /// other clone arms; the weaker bases' rows.
 /// Ok(false) when the slice ended before the plan did.
-fn plan(c: &Common, base_config: &Path) -> Result<bool> {
+fn plan(c: &Common) -> Result<bool> {
     let s = &c.s;
     let top = s.largest_base();
     let seed0 = s.seeds[0];
     c.progress
         .line(&format!("1. small bases ({:?} steps)", s.base_steps));
     for &steps in s.base_steps.iter().rev() {
-        go!(c.base(steps, base_config));
+        go!(c.base(steps, false));
     }
     c.progress.line(&format!(
         "2. random init: lr screen ({} steps, lr {:?}), ladder {:?} steps on seed {seed0}, then {} steps on seeds {:?}",
@@ -523,7 +646,9 @@ fn screen_arm(c: &Common, arm: Arm, base_steps: u64) -> Result<bool> {
             lr,
             seed: s.seeds[0],
         };
-        c.large_run(dir.join(format!("lr{lr:e}")), r, &label)
+        go!(c.large_run(dir.join(format!("lr{lr:e}")), r, &label));
+        c.keep()?;
+        Ok(true)
     };
     for &lr in &s.lrs {
         go!(screen(lr));
@@ -665,6 +790,24 @@ fn check_out_folder(
         inputs.add(p);
     }
     inputs.check_output("--out", &a.out)?;
+    if let Some(r) = &a.record {
+        inputs.check_output("--record", r)?;
+        let same = r == &a.out
+            || matches!((r.canonicalize(), a.out.canonicalize()), (Ok(x), Ok(y)) if x == y);
+        if same {
+            bail!("--record {}: the same folder as --out; the record is a separate, committable folder", r.display());
+        }
+        let foreign = std::fs::read_dir(r)
+            .map(|mut entries| entries.next().is_some())
+            .unwrap_or(false)
+            && !r.join("experiment.json").exists();
+        if foreign {
+            bail!(
+                "--record {}: holds files but no experiment.json (not an experiment record); choose another --record",
+                r.display()
+            );
+        }
+    }
     let foreign = std::fs::read_dir(&a.out)
         .map(|mut entries| entries.next().is_some())
         .unwrap_or(false)

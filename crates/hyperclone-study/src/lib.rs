@@ -10,7 +10,7 @@
 //! final loss against budget, and which rungs still bracket it), [`curve`] (one run's
 //! metrics), [`evaluate`] (a finished run's final evaluation), [`runs`] (the study folder's
 //! layout and its finished runs), [`report`] (the numbers, report.md and report.json),
-//! [`plot`] (the PNGs), and [`experiment`] (the orchestration that trains the runs in
+//! [`plot`] (the PNGs), [`record`] (the committable record a study continues from), and [`experiment`] (the orchestration that trains the runs in
 //! resumable slices, then reports).
 //!
 //! Errors are hyperclone-nn's: a study fails where training or a file does, and the
@@ -29,6 +29,7 @@ pub mod curve;
 pub mod evaluate;
 pub mod experiment;
 pub mod plot;
+pub mod record;
 pub mod report;
 pub mod runs;
 pub mod settings;

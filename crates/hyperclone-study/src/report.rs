@@ -109,6 +109,8 @@ pub struct Report {
     pub rows: Vec<Row>,
     /// Whether the whole plan has run (false: a slice ended first).
     pub complete: bool,
+    /// Notes on how runs were obtained (a base retrained from the record on this machine).
+    pub notes: Vec<String>,
 }
 
 impl Report {
@@ -138,6 +140,7 @@ impl Report {
             runs,
             rows: Vec::new(),
             complete,
+            notes: Vec::new(),
         };
         let top = s.largest_base();
         let mut rows: Vec<Row> = s
@@ -584,6 +587,7 @@ impl Report {
             "flops_per_token": self.flops.map(|(fs, fl)| json!({"small": fs.to_json(), "large": fl.to_json()})),
             "corpus": self.corpus,
             "complete": self.complete,
+            "notes": self.notes,
             "bases": self.runs.bases.iter().map(|(steps, r)| json!({
                 "steps": steps, "final_val_loss": r.final_loss(),
                 "final_eval_tokens": r.final_eval.map(|e| e.tokens),
@@ -723,7 +727,14 @@ impl Report {
     }
 
     pub fn write(&self, out: &Path) -> Result<()> {
-        std::fs::write(out.join("report.md"), self.markdown())?;
+        let mut md = self.markdown();
+        if !self.notes.is_empty() {
+            md.push_str("\n## Notes\n\n");
+            for n in &self.notes {
+                md.push_str(&format!("- {n}\n"));
+            }
+        }
+        std::fs::write(out.join("report.md"), md)?;
         std::fs::write(
             out.join("report.json"),
             serde_json::to_string_pretty(&self.to_json())?,

@@ -19,6 +19,7 @@ use crate::curve::Curve;
 use crate::evaluate::{self, FinalEval};
 use crate::settings::{Arm, Settings};
 use crate::Result;
+use hyperclone_nn::Context;
 use hyperclone_core::Variant;
 use hyperclone_nn::trainer::read_state;
 use serde_json::{json, Value};
@@ -93,7 +94,7 @@ pub fn clone_dir(out: &Path, base_steps: u64, variant: Variant, seed: u64) -> Pa
         .join(name)
 }
 
-fn row_dir(out: &Path, what: &str, base: BaseKey, arm: Arm) -> PathBuf {
+pub(crate) fn row_dir(out: &Path, what: &str, base: BaseKey, arm: Arm) -> PathBuf {
     match base {
         None => out.join(what).join(arm.name()),
         Some(b) => out.join(what).join(format!("base-{b}")).join(arm.name()),
@@ -120,8 +121,41 @@ pub fn curve_file(out: &Path, run: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// A run's curve when the run has finished (its last evaluation is at its saved step).
+/// In a run folder restored from the study's record (record.rs): the run's state, a JSON
+/// object with its finished `step` and `train_seconds`; the run has no weights there.
+pub const RECORDED: &str = "recorded.json";
+/// ... and its compact curve, as recorded.
+pub const RECORDED_CURVE: &str = "recorded-curve.csv";
+
+fn recorded_state(run: &Path) -> Option<Value> {
+    serde_json::from_str(&std::fs::read_to_string(run.join(RECORDED)).ok()?).ok()
+}
+
+/// The step of a run's own checkpoint (None: it has none).
+pub fn read_state_at(run: &Path) -> Option<u64> {
+    read_state(&run.join("last")).ok()
+}
+
+/// The step a run restored from the record finished at (None: not from the record).
+pub fn recorded_step(run: &Path) -> Option<u64> {
+    recorded_state(run)?["step"].as_u64()
+}
+
+/// The recorded curve of a run restored from the record.
+pub fn recorded_curve(name: &str, run: &Path) -> Option<Curve> {
+    let v = recorded_state(run)?;
+    let seconds = v["train_seconds"].as_f64().unwrap_or(0.0);
+    let curve = Curve::read_compact(name, &run.join(RECORDED_CURVE), seconds).ok()?;
+    (curve.evals.last()?.step == v["step"].as_u64()?).then_some(curve)
+}
+
+/// A run's curve when the run has finished (its last evaluation is at its saved step); a
+/// run restored from the record has finished, and keeps its recorded curve (even once a
+/// base is retrained here for its weights).
 pub fn finished_curve(name: &str, dir: &Path) -> Option<Curve> {
+    if dir.join(RECORDED).exists() {
+        return recorded_curve(name, dir);
+    }
     let done = read_state(&dir.join("last")).ok()?;
     let curve = Curve::read(name, &dir.join("metrics.jsonl")).ok()?;
     (curve.evals.last()?.step == done).then_some(curve)
@@ -137,7 +171,7 @@ fn finished_run(name: &str, dir: &Path, s: &Settings) -> Option<Run> {
 }
 
 /// Numbers after `prefix` in the names of `dir`'s entries (lr1e-3, steps-500, s0).
-fn numbered<T: std::str::FromStr>(dir: &Path, prefix: &str) -> Vec<(T, PathBuf)> {
+pub(crate) fn numbered<T: std::str::FromStr>(dir: &Path, prefix: &str) -> Vec<(T, PathBuf)> {
     std::fs::read_dir(dir)
         .into_iter()
         .flatten()
@@ -193,6 +227,9 @@ pub fn read_runs(out: &Path, s: &Settings) -> Result<StudyRuns> {
     Ok(runs)
 }
 
+/// OUT/models.json: the two shapes' configs and sizes (see [`models`]).
+pub const MODELS: &str = "models.json";
+
 pub fn read_corpus(out: &Path) -> Value {
     std::fs::read_to_string(out.join("corpus.json"))
         .ok()
@@ -215,8 +252,24 @@ pub fn models(
     let top = s.largest_base();
     let base = base_dir(out, top).join("last");
     let large = clone_dir(out, top, Variant::Symmetric, 0);
+    let kept = out.join(MODELS);
     if !base.join("config.json").exists() || !large.join("config.json").exists() {
-        return Ok(None);
+        // A study continued from its record: the shapes as recorded.
+        let Ok(text) = std::fs::read_to_string(&kept) else {
+            return Ok(None);
+        };
+        let v: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", kept.display()))?;
+        let config = |k: &str| -> Result<hyperclone_core::config::ModelConfig> {
+            let Some(map) = v[k].as_object() else {
+                bail!("{}: no `{k}` config", kept.display());
+            };
+            Ok(hyperclone_core::config::ModelConfig::from_map(
+                &kept,
+                map.clone(),
+            )?)
+        };
+        return Ok(Some((config("small")?, config("large")?, v["sizes"].clone())));
     }
     let describe = |dir: &Path| -> Result<(hyperclone_core::config::ModelConfig, Value)> {
         let ckpt = hyperclone_core::Checkpoint::open(dir)?;
@@ -229,6 +282,18 @@ pub fn models(
     };
     let (sc, sv) = describe(&base)?;
     let (lc, lv) = describe(&large)?;
+    // Kept for the record (record.rs), so a study continued elsewhere reports the shapes
+    // before (or without) regrowing them.
+    let raw = |dir: &Path| -> Result<Value> {
+        let path = dir.join("config.json");
+        Ok(serde_json::from_str(&std::fs::read_to_string(&path)?)
+            .with_context(|| format!("{} is not JSON", path.display()))?)
+    };
+    let keep = json!({
+        "small": raw(&base)?, "large": raw(&large)?,
+        "sizes": { "small": sv.clone(), "large": lv.clone() },
+    });
+    std::fs::write(&kept, serde_json::to_string_pretty(&keep)?)?;
     Ok(Some((sc, lc, json!({ "small": sv, "large": lv }))))
 }
 

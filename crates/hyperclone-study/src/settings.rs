@@ -51,6 +51,9 @@ pub struct ExperimentOptions {
     pub max_minutes: Option<f64>,
     /// Only rewrite the report and plots from the runs that have finished.
     pub report_only: bool,
+    /// The durable, committable record (record.rs): every finished run is written into it,
+    /// and the runs it holds count as finished in OUT.
+    pub record: Option<PathBuf>,
 }
 
 /// How the large model starts.

@@ -171,6 +171,13 @@ pub struct ExperimentArgs {
     /// Only rewrite the report and plots from the runs that have finished.
     #[arg(long)]
     pub report_only: bool,
+    /// A committable record of the study (e.g. docs/experiment/budget-matched): every
+    /// finished run's curve, final evaluation and step count, the settings and tokenizer,
+    /// the report; no weights. Its runs count as finished, so the study continues on a new
+    /// machine (a base is retrained from its seed when a clone grows from it). With
+    /// --report-only: writes the record of the runs finished in --out, training nothing.
+    #[arg(long)]
+    pub record: Option<PathBuf>,
 }
 
 #[derive(Args)]

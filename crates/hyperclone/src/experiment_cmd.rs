@@ -64,5 +64,6 @@ fn options(a: &ExperimentArgs) -> ExperimentOptions {
         final_eval_windows: a.final_eval_windows,
         max_minutes: a.max_minutes,
         report_only: a.report_only,
+        record: a.record.clone(),
     }
 }
