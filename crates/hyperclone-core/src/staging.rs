@@ -138,7 +138,10 @@ impl Drop for StagedDir {
 /// a replaced `dst` is moved to), as `dst` is written (its folder need not exist yet):
 /// commands check them against their inputs too.
 pub fn staging_paths(dst: &Path) -> Result<[PathBuf; 2]> {
-    Ok([temp_sibling(dst, "partial")?, temp_sibling(dst, "replaced")?])
+    Ok([
+        temp_sibling(dst, "partial")?,
+        temp_sibling(dst, "replaced")?,
+    ])
 }
 
 /// Removes `.DST.hyperclone-partial-PID` entries left beside DST by processes that no
@@ -282,7 +285,11 @@ mod tests {
         fs::hard_link(&out, &other).unwrap();
         write_file(&out, b"two").unwrap();
         assert_eq!(fs::read(&out).unwrap(), b"two");
-        assert_eq!(fs::read(&other).unwrap(), b"one", "the other name keeps its bytes");
+        assert_eq!(
+            fs::read(&other).unwrap(),
+            b"one",
+            "the other name keeps its bytes"
+        );
         // A failing writer leaves the target as it was and no temporary.
         let failed: Result<()> = write_file_with(&out, |w| {
             w.write_all(b"half").unwrap();
@@ -290,7 +297,11 @@ mod tests {
         });
         assert!(failed.unwrap_err().to_string().contains("stopped"));
         assert_eq!(fs::read(&out).unwrap(), b"two");
-        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 2, "no temporary left");
+        assert_eq!(
+            fs::read_dir(d.path()).unwrap().count(),
+            2,
+            "no temporary left"
+        );
     }
 
     #[test]

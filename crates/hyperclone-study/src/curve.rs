@@ -299,7 +299,11 @@ mod tests {
         assert_eq!(compact.evals, full.evals);
         assert_eq!(compact.train, vec![(20.0, 7.0), (30.0, 6.5)]);
         assert_eq!(compact.train_seconds, 1.5);
-        std::fs::write(&out, "step,tokens,lr,train_loss,val_loss,symmetry\n0,x,,,8,\n").unwrap();
+        std::fs::write(
+            &out,
+            "step,tokens,lr,train_loss,val_loss,symmetry\n0,x,,,8,\n",
+        )
+        .unwrap();
         assert!(Curve::read_compact("x", &out, 0.0).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }

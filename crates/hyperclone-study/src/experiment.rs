@@ -226,8 +226,7 @@ impl Common<'_> {
             ));
         }
         go!(self.train(&args, &format!("base-{steps}")));
-        let recorded_eval =
-            crate::evaluate::read(&args.out, s.final_eval_windows, s.seq, steps);
+        let recorded_eval = crate::evaluate::read(&args.out, s.final_eval_windows, s.seq, steps);
         if let (true, Some(old)) = (retrain, recorded_eval) {
             let new = crate::evaluate::evaluate(
                 &args.out.join("last"),
@@ -243,10 +242,7 @@ impl Common<'_> {
                 "step": steps, "val_loss": new.val_loss, "record_val_loss": old.val_loss,
                 "tokens": new.tokens,
             });
-            std::fs::write(
-                args.out.join(RETRAINED),
-                serde_json::to_string_pretty(&v)?,
-            )?;
+            std::fs::write(args.out.join(RETRAINED), serde_json::to_string_pretty(&v)?)?;
         }
         crate::evaluate::final_eval(&args.out, &self.val, s.final_eval_windows, s.seq, steps)?;
         self.keep()?;

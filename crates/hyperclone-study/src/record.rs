@@ -16,7 +16,7 @@
 
 use crate::evaluate;
 use crate::runs::{base_dir, base_key, curve_file, finished_curve, numbered, read_state_at};
-use crate::runs::{recorded_step, row_dir, screen_dir, RECORDED, RECORDED_CURVE, MODELS};
+use crate::runs::{recorded_step, row_dir, screen_dir, MODELS, RECORDED, RECORDED_CURVE};
 use crate::settings::Settings;
 use crate::Result;
 use hyperclone_nn::Context;
@@ -98,7 +98,8 @@ fn run_folders(root: &Path, s: &Settings) -> Vec<RunFolder> {
 
 fn copy(from: &Path, to: &Path) -> Result<()> {
     if let Some(parent) = to.parent() {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
     }
     std::fs::copy(from, to)
         .map(|_| ())

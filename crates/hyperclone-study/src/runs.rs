@@ -19,9 +19,9 @@ use crate::curve::Curve;
 use crate::evaluate::{self, FinalEval};
 use crate::settings::{Arm, Settings};
 use crate::Result;
-use hyperclone_nn::Context;
 use hyperclone_core::Variant;
 use hyperclone_nn::trainer::read_state;
+use hyperclone_nn::Context;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -269,7 +269,11 @@ pub fn models(
                 map.clone(),
             )?)
         };
-        return Ok(Some((config("small")?, config("large")?, v["sizes"].clone())));
+        return Ok(Some((
+            config("small")?,
+            config("large")?,
+            v["sizes"].clone(),
+        )));
     }
     let describe = |dir: &Path| -> Result<(hyperclone_core::config::ModelConfig, Value)> {
         let ckpt = hyperclone_core::Checkpoint::open(dir)?;

@@ -3,8 +3,8 @@
 use crate::args::{ForwardArgs, GenerateArgs, InputArgs, VerifyArgs};
 use anyhow::{bail, Result};
 use hyperclone_core::output_guard::{refuse_existing, Inputs};
-use hyperclone_core::staging;
 use hyperclone_core::safetensors::{encode_header, HeaderEntry};
+use hyperclone_core::staging;
 use hyperclone_core::Checkpoint;
 use hyperclone_nn::check::Verification;
 use hyperclone_nn::generate::{complete, forward_logits, load, tokenizer, Input};

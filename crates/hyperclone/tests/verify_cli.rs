@@ -313,7 +313,9 @@ fn dense_2026_index_derived_layouts_grow_wide_and_refuse_depth() {
         ("olmo3-window-by-index", "`layer_types`"),
         ("smollm3-nope-by-index", "`no_rope_layers`"),
     ] {
-        let src = hyperclone_testkit::fixtures::root().join("windows").join(fx);
+        let src = hyperclone_testkit::fixtures::root()
+            .join("windows")
+            .join(fx);
         let dst = tmp.path().join(fx);
         clone(&src, &dst, 2, "noisy", "f64");
         let (ok, v) = verify(&src, &dst);
