@@ -15,7 +15,7 @@
 //! study retrains a restored base from its seed only when a run grows from it.
 
 use crate::evaluate;
-use crate::runs::{base_dir, base_key, curve_file, finished_curve, numbered, read_state_at};
+use crate::runs::{base_dir, base_keys, curve_file, finished_curve, numbered, read_state_at};
 use crate::runs::{recorded_step, row_dir, screen_dir, MODELS, RECORDED, RECORDED_CURVE};
 use crate::settings::Settings;
 use crate::Result;
@@ -65,9 +65,7 @@ fn run_folders(root: &Path, s: &Settings) -> Vec<RunFolder> {
         .collect();
     let rungs = s.ladder_steps();
     for &arm in &s.arms {
-        let mut keys: Vec<_> = s.base_steps.iter().map(|&b| base_key(arm, b)).collect();
-        keys.dedup();
-        for base in keys {
+        for base in base_keys(s, arm) {
             for (_, dir) in numbered::<f64>(&screen_dir(root, base, arm), "lr") {
                 runs.push(RunFolder {
                     name: arm.name().to_string(),

@@ -77,6 +77,14 @@ pub fn base_key(arm: Arm, steps: u64) -> BaseKey {
     arm.variant().map(|_| steps)
 }
 
+/// The distinct base keys `arm` runs under: one per base for a clone arm, one (None) for
+/// the random init.
+pub fn base_keys(s: &Settings, arm: Arm) -> Vec<BaseKey> {
+    let mut keys: Vec<BaseKey> = s.base_steps.iter().map(|&b| base_key(arm, b)).collect();
+    keys.dedup();
+    keys
+}
+
 /// The small base trained for `steps` steps.
 pub fn base_dir(out: &Path, steps: u64) -> PathBuf {
     out.join("bases").join(format!("base-{steps}"))
@@ -200,9 +208,7 @@ pub fn read_runs(out: &Path, s: &Settings) -> Result<StudyRuns> {
     }
     let rungs = s.ladder_steps();
     for &arm in &s.arms {
-        let mut keys: Vec<BaseKey> = s.base_steps.iter().map(|&b| base_key(arm, b)).collect();
-        keys.dedup();
-        for base in keys {
+        for base in base_keys(s, arm) {
             for (lr, path) in numbered::<f64>(&screen_dir(out, base, arm), "lr") {
                 if let Some(c) = finished_curve(arm.name(), &path) {
                     runs.screen.insert((base, arm, lr.to_bits()), c);
