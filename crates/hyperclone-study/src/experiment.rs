@@ -10,6 +10,10 @@
 //! 4. phase 2: every other seed runs the random init at its full budget, and for each clone
 //!    arm the rungs that bracket seed 0's crossing, adding neighbouring rungs until its own
 //!    crossing is bracketed;
+//!    Before them, the full-budget learning-rate check: the screen's runs are as short as
+//!    the shortest rung, so seed 0 also runs the random init and the headline arm at the full
+//!    budget at half and twice their screened lr (and on past an edge, as the screen does);
+//!    the report shows whether the screen's pick is still the best at the full budget;
 //! 5. the headline arm again from every weaker base (its own screen, ladder and seeds).
 //!    The plan runs the headline arm's phases before the other clone arms' (see `plan`);
 //! 6. every finished run is evaluated on `final_eval_windows` held-out windows, and its
@@ -23,8 +27,9 @@
 
 use crate::budget::{bracket, next_rung};
 use crate::report::{self, Report};
-use crate::runs::{base_dir, base_key, clone_dir, curve_file, ladder_dir, read_screen, screen_dir};
+use crate::runs::{base_dir, base_key, clone_dir, curve_file, ladder_dir, lrcheck_dir};
 use crate::runs::{models, read_corpus, read_runs, read_state_at, recorded_step};
+use crate::runs::{read_screen, screen_dir};
 use crate::settings::{Arm, Settings, BASE_SEED};
 use crate::Result;
 use hyperclone_core::grow::grow_quietly;
@@ -399,6 +404,57 @@ impl Common<'_> {
         Ok(true)
     }
 
+    /// The full-budget lr check of one row on the first seed: complete runs of the full
+    /// budget at half and twice the screened lr, then 2x further past an edge where the
+    /// best sits (at most `lr_extensions` times, as the screen), each with its final
+    /// evaluation. The screened lr's own run is the ladder's top rung.
+    fn lr_check(&self, arm: Arm, base_steps: u64) -> Result<bool> {
+        let s = &self.s;
+        let key = base_key(arm, base_steps);
+        let (steps, seed) = (s.steps, s.seeds[0]);
+        let screened = self.lr(arm, base_steps)?;
+        if self.final_loss(arm, base_steps, steps, seed).is_none() {
+            go!(self.rung(arm, base_steps, steps, seed));
+        }
+        let run = |lr: f64| -> Result<bool> {
+            let dir = lrcheck_dir(&self.out, key, arm).join(format!("lr{lr:e}"));
+            let label = match key {
+                Some(b) => format!("lr check {} base-{b} @{lr:e} {steps} steps", arm.name()),
+                None => format!("lr check {} @{lr:e} {steps} steps", arm.name()),
+            };
+            let r = LargeRun {
+                arm,
+                base_steps,
+                steps,
+                lr,
+                seed,
+            };
+            go!(self.large_run(dir.clone(), r, &label));
+            crate::evaluate::final_eval(&dir, &self.val, s.final_eval_windows, s.seq, steps)?;
+            self.keep()?;
+            Ok(true)
+        };
+        for lr in [screened / 2.0, screened * 2.0] {
+            go!(run(lr));
+        }
+        loop {
+            let runs = read_runs(&self.out, s)?;
+            let results = runs.lr_check_results(s, key, arm, Some(screened));
+            if results.len() < 3 || results.len() - 3 >= s.lr_extensions as usize {
+                break;
+            }
+            let Some(next) = report::edge_extension(&results) else {
+                break;
+            };
+            self.progress.line(&format!(
+                "   {}: best lr at the full budget at the check's edge, running {next:e}",
+                arm.name()
+            ));
+            go!(run(next));
+        }
+        Ok(true)
+    }
+
     /// Phase 1 of a clone row: its screen, then every rung on the first seed.
     fn phase1(&self, arm: Arm, base_steps: u64) -> Result<bool> {
         go!(screen_arm(self, arm, base_steps));
@@ -594,7 +650,14 @@ fn plan(c: &Common) -> Result<bool> {
     ));
     go!(c.phase1(headline, top));
     c.progress.line(&format!(
-        "4. seeds {:?}: the random init at {} steps, then {}'s bracketing rungs",
+        "4. learning rate at the full budget ({} steps, seed {seed0}): the random init and {} at half and twice their screened lr",
+        s.steps,
+        headline.name()
+    ));
+    go!(c.lr_check(Arm::RANDOM, top));
+    go!(c.lr_check(headline, top));
+    c.progress.line(&format!(
+        "5. seeds {:?}: the random init at {} steps, then {}'s bracketing rungs",
         &s.seeds[1..],
         s.steps,
         headline.name()
@@ -605,7 +668,7 @@ fn plan(c: &Common) -> Result<bool> {
     go!(c.phase2(headline, top));
     for arm in s.clone_arms().into_iter().skip(1) {
         c.progress.line(&format!(
-            "5. {} from base-{top}: lr screen, ladder on seed {seed0}, bracketing rungs on seeds {:?}",
+            "6. {} from base-{top}: lr screen, ladder on seed {seed0}, bracketing rungs on seeds {:?}",
             arm.name(),
             &s.seeds[1..]
         ));
@@ -614,7 +677,7 @@ fn plan(c: &Common) -> Result<bool> {
     }
     for &steps in s.base_steps[..s.base_steps.len() - 1].iter().rev() {
         c.progress.line(&format!(
-            "6. second row: {} from the weaker base-{steps}",
+            "7. second row: {} from the weaker base-{steps}",
             s.headline_arm.name()
         ));
         go!(c.phase1(s.headline_arm, steps));

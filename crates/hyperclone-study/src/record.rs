@@ -15,7 +15,8 @@
 //! study retrains a restored base from its seed only when a run grows from it.
 
 use crate::evaluate;
-use crate::runs::{base_dir, base_keys, curve_file, finished_curve, numbered, read_state_at};
+use crate::runs::read_state_at;
+use crate::runs::{base_dir, base_keys, curve_file, finished_curve, lrcheck_dir, numbered};
 use crate::runs::{recorded_step, row_dir, screen_dir, MODELS, RECORDED, RECORDED_CURVE};
 use crate::settings::Settings;
 use crate::Result;
@@ -72,6 +73,14 @@ fn run_folders(root: &Path, s: &Settings) -> Vec<RunFolder> {
                     dir,
                     steps: s.screen_steps,
                     evaluated: false,
+                });
+            }
+            for (_, dir) in numbered::<f64>(&lrcheck_dir(root, base, arm), "lr") {
+                runs.push(RunFolder {
+                    name: arm.name().to_string(),
+                    dir,
+                    steps: s.steps,
+                    evaluated: true,
                 });
             }
             for (steps, rung) in numbered::<u64>(&row_dir(root, "ladder", base, arm), "steps-") {

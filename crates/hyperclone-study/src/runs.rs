@@ -8,6 +8,7 @@
 //! OUT/screen/base-N/ARM/lrLR/                        a clone arm's, from base-N
 //! OUT/ladder/random-init/steps-B/sSEED/              a complete run of B steps
 //! OUT/ladder/base-N/ARM/steps-B/sSEED/               ... of a clone arm from base-N
+//! OUT/lrcheck/random-init/lrLR/, lrcheck/base-N/ARM/lrLR/   the full-budget lr check (seed 0)
 //! OUT/curves/<the run's path>.csv                    every run's compact curve (committable)
 //! ```
 //!
@@ -50,6 +51,10 @@ pub struct StudyRuns {
     pub screen: BTreeMap<(BaseKey, Arm, u64), Curve>,
     /// (base, arm, steps, seed).
     pub ladder: BTreeMap<(BaseKey, Arm, u64, u64), Run>,
+    /// The full-budget learning-rate check: (base, arm, lr bits), seed 0's complete runs of
+    /// the full budget at the screened lr's neighbours (the screened lr itself is the ladder's
+    /// top rung).
+    pub lrcheck: BTreeMap<(BaseKey, Arm, u64), Run>,
 }
 
 impl StudyRuns {
@@ -60,6 +65,29 @@ impl StudyRuns {
             .filter(|((b, a, _, s), _)| *b == base && *a == arm && *s == seed)
             .filter_map(|((_, _, steps, _), r)| Some((*steps, r.final_loss()?)))
             .collect()
+    }
+
+    /// (lr, final loss) at the full budget on seed 0 of `arm` from `base`: the ladder's top
+    /// rung at the screened `lr` and the lr check's runs, in lr order.
+    pub fn lr_check_results(
+        &self,
+        s: &Settings,
+        base: BaseKey,
+        arm: Arm,
+        lr: Option<f64>,
+    ) -> Vec<(f64, f64)> {
+        let mut r: Vec<(f64, f64)> = self
+            .lrcheck
+            .iter()
+            .filter(|((b, a, _), _)| *b == base && *a == arm)
+            .filter_map(|((_, _, lr), run)| Some((f64::from_bits(*lr), run.final_loss()?)))
+            .collect();
+        let top = self.ladder.get(&(base, arm, s.steps, s.seeds[0]));
+        if let (Some(lr), Some(loss)) = (lr, top.and_then(Run::final_loss)) {
+            r.push((lr, loss));
+        }
+        r.sort_by(|a, b| a.0.total_cmp(&b.0));
+        r
     }
 
     /// (lr, final loss of its curve) of every finished screen run of `arm` from `base`.
@@ -112,6 +140,12 @@ pub(crate) fn row_dir(out: &Path, what: &str, base: BaseKey, arm: Arm) -> PathBu
 /// The screen runs of `arm` (from `base` for a clone arm) live in lrLR/ under this.
 pub fn screen_dir(out: &Path, base: BaseKey, arm: Arm) -> PathBuf {
     row_dir(out, "screen", base, arm)
+}
+
+/// The full-budget lr check's runs of `arm` (from `base` for a clone arm) live in lrLR/
+/// under this.
+pub fn lrcheck_dir(out: &Path, base: BaseKey, arm: Arm) -> PathBuf {
+    row_dir(out, "lrcheck", base, arm)
 }
 
 pub fn ladder_dir(out: &Path, base: BaseKey, arm: Arm, steps: u64, seed: u64) -> PathBuf {
@@ -212,6 +246,13 @@ pub fn read_runs(out: &Path, s: &Settings) -> Result<StudyRuns> {
             for (lr, path) in numbered::<f64>(&screen_dir(out, base, arm), "lr") {
                 if let Some(c) = finished_curve(arm.name(), &path) {
                     runs.screen.insert((base, arm, lr.to_bits()), c);
+                }
+            }
+            for (lr, path) in numbered::<f64>(&lrcheck_dir(out, base, arm), "lr") {
+                if let Some(r) = finished_run(arm.name(), &path, s) {
+                    if r.curve.evals.last().map(|e| e.step) == Some(s.steps) {
+                        runs.lrcheck.insert((base, arm, lr.to_bits()), r);
+                    }
                 }
             }
             let row = row_dir(out, "ladder", base, arm);

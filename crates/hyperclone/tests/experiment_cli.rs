@@ -255,9 +255,59 @@ fn quick_experiment_writes_a_complete_report_and_reruns_reuse_it() {
         2 * 4,
         "4 screens x 2 lrs"
     );
+    // The full-budget lr check: the random init and the headline arm, seed 0, at half and
+    // twice the screened lr (and on past an edge), beside the ladder's top rung.
+    let checks = r["lr_check"].as_array().unwrap();
+    let checked: Vec<(&str, Option<u64>)> = checks
+        .iter()
+        .map(|c| (c["arm"].as_str().unwrap(), c["base_steps"].as_u64()))
+        .collect();
+    assert_eq!(checked, [("random-init", None), ("noisy-fresh", Some(40))]);
+    let mut check_runs = 0;
+    for c in checks {
+        let lr = c["screened_lr"].as_f64().unwrap();
+        let lrs: Vec<f64> = c["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["lr"].as_f64().unwrap())
+            .collect();
+        assert!(
+            lrs.len() >= 3
+                && lrs.contains(&lr)
+                && lrs.contains(&(lr / 2.0))
+                && lrs.contains(&(lr * 2.0)),
+            "{c}"
+        );
+        let best = c["best_lr"].as_f64().unwrap();
+        assert!(lrs.contains(&best));
+        assert!(c["screened_minus_best"].as_f64().unwrap() >= 0.0, "{c}");
+        let top = c["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["lr"] == lr)
+            .unwrap();
+        let ladder_top = r["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| {
+                x["arm"] == c["arm"]
+                    && x["base_steps"] == c["base_steps"]
+                    && x["steps"] == 24
+                    && x["seed"] == 0
+            })
+            .unwrap();
+        assert_eq!(
+            top["final_val_loss"], ladder_top["final_val_loss"],
+            "the screened lr's run is the top rung"
+        );
+        check_runs += lrs.len() - 1;
+    }
     // Every run's compact curve is gathered under curves/.
     let csvs = walk(&d.join("exp/curves"));
-    let runs = 2 + 8 + r["runs"].as_array().unwrap().len();
+    let runs = 2 + 8 + r["runs"].as_array().unwrap().len() + check_runs;
     assert_eq!(csvs.len(), runs, "{csvs:?}");
     for f in &csvs {
         assert!(std::fs::read_to_string(f)
@@ -272,6 +322,7 @@ fn quick_experiment_writes_a_complete_report_and_reruns_reuse_it() {
         "## How the numbers are computed",
         "interpolated linearly in log-budget",
         "## Learning-rate screens",
+        "## Learning rate at the full budget",
         "## Secondary view",
         "## Checks",
         "budget.png",
@@ -422,5 +473,58 @@ fn without_a_corpus_it_says_how_to_get_one() {
             !tmp.path().join("exp").exists(),
             "nothing created before the corpus is found"
         );
+    }
+}
+
+/// The record (`--record`) holds what a study needs to continue on another machine: a fresh
+/// --out with the same record reuses every recorded run, trains nothing, and reports the
+/// same numbers; the record holds no weights.
+#[test]
+#[ignore = "slow lane: scripts/test-all.sh runs it (cargo test -- --include-ignored)"]
+fn a_study_continues_from_its_record_in_a_fresh_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    common::toy_corpus(d);
+    let o = experiment(d, &["--record", "rec"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let first = report(d);
+    let recorded = walk(&d.join("rec"));
+    for name in [
+        "experiment.json",
+        "tokenizer.json",
+        "report.json",
+        "report.md",
+    ] {
+        assert!(d.join("rec").join(name).is_file(), "rec/{name}");
+    }
+    assert!(
+        recorded
+            .iter()
+            .all(|f| f.extension().is_none_or(|e| e != "safetensors")),
+        "no weights in the record: {recorded:?}"
+    );
+    let evals = recorded
+        .iter()
+        .filter(|f| f.ends_with("final_eval.json"))
+        .count();
+    let ladder = first["runs"].as_array().unwrap().len();
+    assert!(
+        evals >= 2 + ladder,
+        "bases, ladder and lr check runs: {evals}"
+    );
+
+    // A new machine: the out folder is gone, the record remains.
+    std::fs::rename(d.join("exp"), d.join("exp-first")).unwrap();
+    let o = experiment(d, &["--record", "rec"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        !out.contains(" steps in "),
+        "nothing is trained again: {out}"
+    );
+    assert!(out.contains("finished in the record, reused"), "{out}");
+    let again = report(d);
+    for key in ["headline", "runs", "screen", "lr_check", "bases"] {
+        assert_eq!(again[key], first[key], "{key}");
     }
 }
