@@ -650,12 +650,14 @@ fn plan(c: &Common) -> Result<bool> {
     ));
     go!(c.phase1(headline, top));
     c.progress.line(&format!(
-        "4. learning rate at the full budget ({} steps, seed {seed0}): the random init and {} at half and twice their screened lr",
+        "4. learning rate at the full budget ({} steps, seed {seed0}): {} and the random init at half and twice their screened lr",
         s.steps,
         headline.name()
     ));
-    go!(c.lr_check(Arm::RANDOM, top));
+    // The headline arm first: its screen is the one most likely to mis-pick (a clone barely
+    // moves from its base in a short run, so a short screen favours small steps).
     go!(c.lr_check(headline, top));
+    go!(c.lr_check(Arm::RANDOM, top));
     c.progress.line(&format!(
         "5. seeds {:?}: the random init at {} steps, then {}'s bracketing rungs",
         &s.seeds[1..],
