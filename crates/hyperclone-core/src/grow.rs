@@ -198,6 +198,8 @@ pub fn plan_json(ckpt: &Checkpoint, plan: &Plan) -> Value {
         "config_changes": plan.changes.iter().map(|c| json!({"key": c.key, "before": c.before, "after": c.after})).collect::<Vec<_>>(),
         "params_before": by_component(&plan.params_before),
         "params_after": by_component(&plan.params_after),
+        // Parameters a token runs through (an upcycled MoE layer runs k of its E experts).
+        "params_active_per_token": plan.active_params(),
         "output_bytes": plan.output_bytes(),
         "shards": plan.shards.iter().map(|s| json!({"file": s.file_name, "tensors": s.tensors.len(), "bytes": s.header.len() as u64 + s.data_bytes})).collect::<Vec<_>>(),
         "expected_peak_memory_bytes": plan.peak_memory_bytes(threads()),

@@ -19,6 +19,7 @@ use crate::family::{HeadCounts, LayerSliding, Space, TensorRule, TiedGrowth};
 use crate::kernel::Segment;
 use crate::limits::MAX_LAYERS;
 use crate::options::GrowthOptions;
+use crate::upcycle::Upcycle;
 // DepthMode lives with the options it is one of; re-exported here, where it used to be.
 pub use crate::options::DepthMode;
 use serde_json::{json, Map, Value};
@@ -35,6 +36,9 @@ pub struct RecordedGrowth {
     /// The clone's residual stream is tile(h) * residual_scale.
     pub residual_scale: f64,
     pub preserves_function: bool,
+    /// Why an upcycled clone does not compute the source's function (Drop-Upcycling, a
+    /// drawn router), when it does not.
+    pub upcycle_not_exact: Option<String>,
 }
 
 impl RecordedGrowth {
@@ -71,6 +75,11 @@ impl RecordedGrowth {
             layers,
             residual_scale: v.get("residual_scale")?.as_f64()?,
             preserves_function: v.get("preserves_function")?.as_bool()?,
+            upcycle_not_exact: v
+                .get("upcycle")
+                .and_then(|u| u.get("not_exact_because"))
+                .and_then(Value::as_str)
+                .map(str::to_string),
         })
     }
 
@@ -115,6 +124,9 @@ pub struct GrowthMap {
     /// With a kept tie: the norms' eps is divided by this, and the stream is carried at
     /// 1/sqrt(it) ([`crate::family::Family::tied_eps_divisor`]); 1 otherwise.
     pub tied_eps_divisor: usize,
+    /// The dense source becomes its Mixture-of-Experts sibling: every MLP tensor is
+    /// written once per expert, and each layer gains a router.
+    pub upcycle: Option<Upcycle>,
 }
 
 impl GrowthMap {
@@ -147,6 +159,11 @@ impl GrowthMap {
             }
         }
         let keep_tied = o.keep_tied && o.factor > 1;
+        let upcycle = o
+            .upcycle
+            .as_ref()
+            .map(|u| Upcycle::new(cfg, u))
+            .transpose()?;
         Ok(GrowthMap {
             factor: o.factor,
             spaces,
@@ -158,6 +175,7 @@ impl GrowthMap {
             } else {
                 1
             },
+            upcycle,
         })
     }
 
@@ -192,10 +210,14 @@ impl GrowthMap {
             .any(|(j, l)| l.source != j || l.identity)
     }
 
-    /// Whether the clone computes the source's function (false only for `--depth-mode stack`
-    /// that actually adds layers).
+    /// Whether the clone computes the source's function (false for `--depth-mode stack`
+    /// that actually adds layers, and for an upcycle with Drop-Upcycling or a drawn router).
     pub fn preserves_function(&self) -> bool {
-        self.depth_mode == DepthMode::Identity || !self.grows_depth()
+        (self.depth_mode == DepthMode::Identity || !self.grows_depth())
+            && self
+                .upcycle
+                .as_ref()
+                .is_none_or(|u| u.not_exact_because().is_none())
     }
 
     /// The residual stream of the clone is `tile(h) * residual_scale()`: 1, or with a kept
@@ -278,7 +300,7 @@ impl GrowthMap {
                 json!({"source": seg.len, "dest": seg.dest_len(), "copies": seg.copies, "extra": seg.extra}),
             );
         }
-        json!({
+        let mut v = json!({
             "factor": self.factor,
             "spaces": spaces,
             "layers": self.layers.iter().enumerate().map(|(j, l)| json!({
@@ -288,7 +310,11 @@ impl GrowthMap {
             "keep_tied": self.keep_tied,
             "residual_scale": self.residual_scale(),
             "preserves_function": self.preserves_function(),
-        })
+        });
+        if let Some(u) = &self.upcycle {
+            v["upcycle"] = u.to_json();
+        }
+        v
     }
 }
 

@@ -14,6 +14,7 @@ use crate::family::Space;
 use crate::growth_map::GrowthMap;
 use crate::kernel::Variant;
 use crate::options::{factor_for, DepthMode, GrowthOptions};
+use crate::upcycle::{ExpertInit, RouterInit, UpcycleOptions};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
@@ -78,6 +79,40 @@ pub struct GrowthSpec {
     /// vocab x hidden x n parameters. Refused, with the reason, where it cannot be exact.
     #[cfg_attr(feature = "clap", arg(long))]
     pub keep_tied: bool,
+    /// Upcycle into a Mixture of Experts with E experts per layer (llama, mistral -> mixtral):
+    /// every expert a copy of the (grown) dense MLP and the router zero, so routing is uniform
+    /// and the model computes the dense model's function exactly. Combines with every other
+    /// growth; other families are refused with the reason.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "clap", arg(long, value_name = "E"))]
+    pub experts: Option<usize>,
+    /// Experts each token is routed to [default: 2]. With a zero router it must be a power
+    /// of two (the renormalised weights 1/K are computed in float32 by transformers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "clap", arg(long, value_name = "K", requires = "experts"))]
+    pub experts_per_token: Option<usize>,
+    /// How each expert starts: copy = the dense MLP (exact); drop = Drop-Upcycling: a seeded
+    /// drop_ratio of each expert's intermediate neurons re-drawn from the dense weights'
+    /// mean and std (NOT function-preserving; needs router_init normal) [default: copy].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "clap", arg(long, value_name = "INIT", requires = "experts",
+        value_parser = ["copy", "drop"]))]
+    pub expert_init: Option<String>,
+    /// Fraction of each expert's intermediate neurons expert_init drop re-draws, in (0, 1]
+    /// [default: 0.5, the paper's choice].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, value_name = "R", requires = "expert_init")
+    )]
+    pub drop_ratio: Option<f64>,
+    /// How the router starts: zero = uniform routing (exact); normal = seeded draws from
+    /// N(0, initializer_range^2), so experts are picked unevenly (NOT function-preserving)
+    /// [default: zero].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "clap", arg(long, value_name = "INIT", requires = "experts",
+        value_parser = ["zero", "normal"]))]
+    pub router_init: Option<String>,
     /// How weights are tiled: symmetric = W/n in every block (the paper's recommendation);
     /// noisy = symmetric plus noise that cancels over copies (breaks the copies' symmetry);
     /// diagonal = W on the block diagonal, 0 elsewhere; noisy-diagonal = diagonal plus noise.
@@ -120,6 +155,11 @@ impl Default for GrowthSpec {
             num_attention_heads: None,
             depth_mode: DepthMode::Identity.name().into(),
             keep_tied: false,
+            experts: None,
+            experts_per_token: None,
+            expert_init: None,
+            drop_ratio: None,
+            router_init: None,
             variant: Variant::Symmetric.name().into(),
             snr_db: 10.0,
             seed: 0,
@@ -177,6 +217,14 @@ impl GrowthSpec {
             num_attention_heads: Some(map.heads()),
             depth_mode: o.depth_mode.name().into(),
             keep_tied: o.keep_tied,
+            experts: map.upcycle.as_ref().map(|u| u.experts),
+            experts_per_token: map.upcycle.as_ref().map(|u| u.per_token),
+            expert_init: map.upcycle.as_ref().map(|u| u.expert_init.name().into()),
+            drop_ratio: map.upcycle.as_ref().and_then(|u| match u.expert_init {
+                ExpertInit::Drop { ratio } => Some(ratio),
+                ExpertInit::Copy => None,
+            }),
+            router_init: map.upcycle.as_ref().map(|u| u.router_init.name().into()),
             variant: o.variant.name().into(),
             snr_db: o.snr_db,
             seed: o.seed,
@@ -237,6 +285,7 @@ impl GrowthSpec {
                 self.depth_mode
             ))
         })?;
+        let upcycle = self.upcycle_options()?;
         Ok(GrowthOptions {
             factor,
             ffn_factor,
@@ -250,7 +299,54 @@ impl GrowthSpec {
             depth_mode,
             keep_tied: self.keep_tied,
             num_heads: self.num_attention_heads,
+            upcycle,
         })
+    }
+
+    /// The upcycling options, parsed; their ranges are checked against the source by the
+    /// map ([`crate::upcycle::Upcycle::new`]).
+    fn upcycle_options(&self) -> Result<Option<UpcycleOptions>> {
+        let Some(experts) = self.experts else {
+            let given = [
+                ("experts_per_token", self.experts_per_token.is_some()),
+                ("expert_init", self.expert_init.is_some()),
+                ("drop_ratio", self.drop_ratio.is_some()),
+                ("router_init", self.router_init.is_some()),
+            ];
+            return match given.iter().find(|g| g.1) {
+                Some((key, _)) => Err(opt(format!(
+                    "{key} applies to upcycling only: give experts E too"
+                ))),
+                None => Ok(None),
+            };
+        };
+        let expert_init = match (
+            self.expert_init.as_deref().unwrap_or("copy"),
+            self.drop_ratio,
+        ) {
+            ("copy", None) => ExpertInit::Copy,
+            ("copy", Some(_)) => return Err(opt("drop_ratio applies to expert_init drop only")),
+            ("drop", ratio) => ExpertInit::Drop {
+                ratio: ratio.unwrap_or(0.5),
+            },
+            (other, _) => {
+                return Err(opt(format!(
+                    "unknown expert_init `{other}` (use copy or drop)"
+                )))
+            }
+        };
+        let router = self.router_init.as_deref().unwrap_or("zero");
+        let router_init = RouterInit::parse(router).ok_or_else(|| {
+            opt(format!(
+                "unknown router_init `{router}` (use zero or normal)"
+            ))
+        })?;
+        Ok(Some(UpcycleOptions {
+            experts,
+            per_token: self.experts_per_token.unwrap_or(2),
+            expert_init,
+            router_init,
+        }))
     }
 }
 

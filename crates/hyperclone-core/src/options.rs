@@ -47,6 +47,8 @@ pub struct GrowthOptions {
     /// Destination query-head count (head_dim kept); `None`: the source's x `factor`.
     /// Other counts copy heads unevenly (Net2Net at head granularity, kv groups kept).
     pub num_heads: Option<usize>,
+    /// Upcycle the dense source into its Mixture-of-Experts sibling ([`crate::upcycle`]).
+    pub upcycle: Option<crate::upcycle::UpcycleOptions>,
 }
 
 impl Default for GrowthOptions {
@@ -65,6 +67,7 @@ impl Default for GrowthOptions {
             depth_mode: DepthMode::Identity,
             keep_tied: false,
             num_heads: None,
+            upcycle: None,
         }
     }
 }

@@ -4,11 +4,13 @@
 use crate::checkpoint::{Checkpoint, SINGLE_FILE};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::family::Role;
 use crate::family::{tensor_name_at, Component, Space, TensorRule};
 use crate::growth_map::{GrowthMap, GROWTH_MAP_KEY};
-use crate::kernel::{name_key, AxisGrowth};
+use crate::kernel::{name_key, AxisGrowth, Segment};
 use crate::options::GrowthOptions;
 use crate::safetensors::{encode_header, HeaderEntry};
+use crate::upcycle::{units_key, DropSpec, ExpertInit, Fill, RouterInit, Upcycle};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 
@@ -29,6 +31,11 @@ pub struct DestTensor {
     pub scale: f64,
     /// A constant added after the scale (0 except a kept tie's Gemma-2 post-norm gains).
     pub shift: f64,
+    /// How the values are made: grown from the source, or (upcycling) partly re-drawn or
+    /// not read from it at all.
+    pub fill: Fill,
+    /// One expert's tensor of an upcycled MoE layer (counted k/E in the active parameters).
+    pub expert: bool,
 }
 
 impl DestTensor {
@@ -95,6 +102,43 @@ impl Plan {
                     rule.component,
                     None,
                 )?),
+                // An upcycled MLP tensor: once per expert of every layer grown from it.
+                Some(l) if upcycled(&map, rule).is_some() => {
+                    let (u, pattern, first) = upcycled(&map, rule).expect("matched");
+                    for (j, _) in map.layers.iter().enumerate().filter(|(_, d)| d.source == l) {
+                        if first {
+                            tensors.push(router(ckpt, options, &map, u, i, j));
+                        }
+                        for e in 0..u.experts {
+                            let name = tensor_name_at(pattern, Some(j), Some(e));
+                            let mut t = dest_tensor(
+                                ckpt,
+                                options,
+                                &map,
+                                i,
+                                &name,
+                                rule,
+                                rule.component,
+                                Some(j),
+                            )?;
+                            t.expert = true;
+                            if let ExpertInit::Drop { ratio } = u.expert_init {
+                                let ffn_axis = rule
+                                    .axes
+                                    .iter()
+                                    .position(|a| a.0 == [Space::Ffn])
+                                    .expect("an expert's MLP tensor has an FFN axis");
+                                t.fill = Fill::Dropped(DropSpec {
+                                    units_key: units_key(options.seed, j, e),
+                                    ratio,
+                                    ffn_axis,
+                                    values_key: t.noise_key,
+                                });
+                            }
+                            tensors.push(t);
+                        }
+                    }
+                }
                 // Every destination layer grown from this source layer, in order.
                 Some(l) => {
                     // The expert index (Mixture-of-Experts layers) is kept.
@@ -204,6 +248,19 @@ impl Plan {
         2 * WRITE_CHUNK_BYTES as u64 + threads as u64 * widest_rows + headers + noise
     }
 
+    /// Parameters a token runs through: all of them, except that an upcycled MoE layer runs
+    /// k of its E experts (every expert has the same size).
+    pub fn active_params(&self) -> u64 {
+        let (experts, rest): (Vec<&DestTensor>, Vec<&DestTensor>) =
+            self.tensors.iter().partition(|t| t.expert);
+        let expert_total: u64 = experts.iter().map(|t| t.numel()).sum();
+        let rest_total: u64 = rest.iter().map(|t| t.numel()).sum();
+        match &self.map.upcycle {
+            Some(u) => rest_total + expert_total / u.experts as u64 * u.per_token as u64,
+            None => rest_total + expert_total,
+        }
+    }
+
     pub fn is_sharded(&self) -> bool {
         self.shards.len() > 1
     }
@@ -291,7 +348,65 @@ fn dest_tensor(
         noise_key: name_key(options.seed, name),
         scale,
         shift: map.tensor_shift(cfg, rule),
+        fill: Fill::Grown,
+        expert: false,
     })
+}
+
+/// The upcycle, the expert pattern and whether it is the first of the MLP's tensors (the
+/// layer's router is written before it) when `rule` is a dense MLP tensor being upcycled.
+fn upcycled<'m>(
+    map: &'m GrowthMap,
+    rule: &TensorRule,
+) -> Option<(&'m Upcycle, &'static str, bool)> {
+    let u = map.upcycle.as_ref()?;
+    let target = u.target();
+    let pattern = target.expert_pattern(rule.pattern)?;
+    Some((u, pattern, target.experts[0].0 == rule.pattern))
+}
+
+/// Destination layer `j`'s router: one row per expert over the grown hidden axis, zero (an
+/// exact upcycle) or drawn; not read from the source (`source` is the dense gate, whose
+/// dtype it takes).
+fn router(
+    ckpt: &Checkpoint,
+    options: &GrowthOptions,
+    map: &GrowthMap,
+    u: &Upcycle,
+    source: usize,
+    j: usize,
+) -> DestTensor {
+    let name = tensor_name_at(u.target().router, Some(j), None);
+    let hidden = map.segment(Space::Hidden);
+    let noise_key = name_key(options.seed, &name);
+    DestTensor {
+        shape: vec![u.experts, hidden.dest_len()],
+        axes: vec![
+            AxisGrowth {
+                segments: vec![Segment::tiled(u.experts, 1)],
+                role: Role::Write,
+            },
+            AxisGrowth {
+                segments: vec![hidden],
+                role: Role::Read,
+            },
+        ],
+        dtype: options.dtype.unwrap_or(ckpt.tensors[source].info.dtype),
+        source,
+        name,
+        component: Component::Mlp,
+        noise_key,
+        scale: 1.0,
+        shift: 0.0,
+        fill: match u.router_init {
+            RouterInit::Zero => Fill::Zeros,
+            RouterInit::Normal => Fill::Normal {
+                std: u.router_std,
+                key: noise_key,
+            },
+        },
+        expert: false,
+    }
 }
 
 /// The destination config.json: only the grown fields change, every other key is kept in
@@ -356,7 +471,9 @@ fn grown_config(
     // An absent key means "as many as the query heads"; write it when that stops holding
     // (a single-head model's one kv head stays single).
     if let Some(kv_key) = keys.kv_heads {
-        if cfg.raw.get(kv_key).is_some_and(|v| !v.is_null()) || kv != heads {
+        // (An MoE sibling's default may differ: Mixtral's is 8.)
+        if cfg.raw.get(kv_key).is_some_and(|v| !v.is_null()) || kv != heads || map.upcycle.is_some()
+        {
             set(kv_key, kv.into());
         }
     }
@@ -385,6 +502,16 @@ fn grown_config(
             "torch_dtype"
         };
         set(key, d.torch_name().into());
+    }
+    if let Some(u) = &map.upcycle {
+        let moe = u.target().moe_config(&mut out, u, map.dest_len(Space::Ffn));
+        for (key, before, after) in moe {
+            // A key the growth already changed keeps its original `before`.
+            match changes.iter_mut().find(|c| c.key == key) {
+                Some(c) => c.after = after,
+                None => changes.push(ConfigChange { key, before, after }),
+            }
+        }
     }
     Ok((out, changes))
 }

@@ -140,9 +140,29 @@ pub fn canonical_command(
     if o.keep_tied {
         s.push_str(" --keep-tied");
     }
+    if let Some(u) = &o.upcycle {
+        let _ = write!(
+            s,
+            " --experts {} --experts-per-token {} --expert-init {}",
+            u.experts,
+            u.per_token,
+            u.expert_init.name()
+        );
+        if let crate::upcycle::ExpertInit::Drop { ratio } = u.expert_init {
+            let _ = write!(s, " --drop-ratio {ratio}");
+        }
+        let _ = write!(s, " --router-init {}", u.router_init.name());
+    }
     let _ = write!(s, " --variant {}", o.variant.name());
+    // The seed also draws the upcycle's dropped neurons and router.
+    let seeded = o.upcycle.is_some_and(|u| {
+        u.expert_init != crate::upcycle::ExpertInit::Copy
+            || u.router_init != crate::upcycle::RouterInit::Zero
+    });
     if o.variant.is_noisy() {
         let _ = write!(s, " --snr-db {} --seed {}", o.snr_db, o.seed);
+    } else if seeded {
+        let _ = write!(s, " --seed {}", o.seed);
     }
     let dtype = match o.dtype {
         None => "keep",
@@ -366,6 +386,8 @@ pub fn model_card(ckpt: &Checkpoint, plan: &Plan, prov: &Provenance) -> String {
         cfg.family.model_type,
         if map.preserves_function() {
             "computes the same function"
+        } else if map.upcycle.as_ref().is_some_and(|u| u.not_exact_because().is_some()) {
+            "starts from the source's weights (its upcycled experts or router do not preserve the function)"
         } else {
             "starts from the source's weights (its repeated layers do not preserve the function)"
         }
@@ -381,7 +403,16 @@ pub fn model_card(ckpt: &Checkpoint, plan: &Plan, prov: &Provenance) -> String {
     }
     let before: u64 = plan.params_before.values().sum();
     let after: u64 = plan.params_after.values().sum();
-    let _ = writeln!(s, "| parameters: total | {before} | {after} |\n");
+    if map.upcycle.is_some() {
+        let _ = writeln!(s, "| parameters: total | {before} | {after} |");
+        let _ = writeln!(
+            s,
+            "| parameters: active per token | {before} | {} |\n",
+            plan.active_params()
+        );
+    } else {
+        let _ = writeln!(s, "| parameters: total | {before} | {after} |\n");
+    }
     let _ = writeln!(s, "## Recipe\n");
     let _ = writeln!(s, "- source: `{}`", prov.source);
     let heads = map.heads();
@@ -431,6 +462,9 @@ pub fn model_card(ckpt: &Checkpoint, plan: &Plan, prov: &Provenance) -> String {
             }
         );
     }
+    if let Some(u) = &map.upcycle {
+        let _ = writeln!(s, "- upcycled to {}: {}", u.target, upcycle_line(u));
+    }
     if map.keep_tied {
         let _ = writeln!(
             s,
@@ -456,6 +490,33 @@ pub fn model_card(ckpt: &Checkpoint, plan: &Plan, prov: &Provenance) -> String {
          safetensors file (keys `hyperclone.*`)."
     );
     s
+}
+
+/// The model card's line on an upcycle: what the experts and router are, and whether the
+/// function is kept.
+fn upcycle_line(u: &crate::upcycle::Upcycle) -> String {
+    use crate::upcycle::{ExpertInit, RouterInit};
+    let experts = match u.expert_init {
+        ExpertInit::Copy => "each a copy of the dense MLP".to_string(),
+        ExpertInit::Drop { ratio } => format!(
+            "each the dense MLP with a seeded {ratio} of its intermediate neurons re-drawn from the weights' \
+             mean and std (Drop-Upcycling)"
+        ),
+    };
+    let router = match u.router_init {
+        RouterInit::Zero => "a zero router (uniform routing)",
+        RouterInit::Normal => "a router drawn from N(0, initializer_range^2)",
+    };
+    let exact = match u.not_exact_because() {
+        None => "the top-k weights renormalised over identical experts sum to 1, so the dense function is kept \
+                 exactly"
+            .to_string(),
+        Some(why) => format!("NOT function-preserving: {why}"),
+    };
+    format!(
+        "{} experts per layer, {} per token, {experts}, with {router}; {exact}",
+        u.experts, u.per_token
+    )
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::kernel::{Expansion, ExpansionSpec};
 use crate::plan::{Plan, WRITE_CHUNK_BYTES};
 use crate::staging::{absolute_lexical, remove_stale_siblings, StagedDir};
+use crate::upcycle::{drawn, dropped_units, DropSpec, Fill};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -403,6 +404,101 @@ fn produce(
     Ok(())
 }
 
+/// A tensor not read from the source (an upcycled router): zeros, or N(0, std^2) drawn at
+/// (key, flat index), so any chunking gives the same bytes.
+fn drawn_tensor(
+    t: &crate::plan::DestTensor,
+    cancel: &AtomicBool,
+    buffer: &mut dyn FnMut() -> Result<Vec<u8>>,
+    emit: &mut dyn FnMut(Vec<u8>) -> Result<()>,
+) -> Result<()> {
+    let cols = t.shape.last().copied().unwrap_or(1).max(1);
+    let rows = t.numel() as usize / cols;
+    let row_bytes = cols * t.dtype.size();
+    let rows_per_chunk = (WRITE_CHUNK_BYTES / row_bytes.max(1)).max(1);
+    let mut values = vec![0f64; cols];
+    let mut row = 0;
+    while row < rows {
+        stop_if_cancelled(cancel)?;
+        let n = rows_per_chunk.min(rows - row);
+        let mut buf = buffer()?;
+        buf.resize(n * row_bytes, 0);
+        for (k, out) in buf.chunks_exact_mut(row_bytes).enumerate() {
+            let first = ((row + k) * cols) as u64;
+            for (c, v) in values.iter_mut().enumerate() {
+                *v = match t.fill {
+                    Fill::Normal { std, key } => drawn(key, first + c as u64, 0.0, std),
+                    _ => 0.0,
+                };
+            }
+            t.dtype.encode(&values, out);
+        }
+        emit(buf)?;
+        row += n;
+    }
+    Ok(())
+}
+
+/// Mean and standard deviation of a grown tensor as stored (the statistics Drop-Upcycling
+/// re-draws from), summed in row order so the result is the same on any thread count.
+fn grown_moments(exp: &Expansion, dtype: crate::DType, cancel: &AtomicBool) -> Result<(f64, f64)> {
+    let [rows, cols] = exp.dest_shape();
+    let row_bytes = exp.dest_row_bytes();
+    let rows_per_chunk = (WRITE_CHUNK_BYTES / row_bytes.max(1)).max(1);
+    let mut buf = Vec::new();
+    let mut values = vec![0f64; cols];
+    let (mut sum, mut sum_sq) = (0f64, 0f64);
+    let mut row = 0;
+    while row < rows {
+        stop_if_cancelled(cancel)?;
+        let n = rows_per_chunk.min(rows - row);
+        buf.resize(n * row_bytes, 0);
+        exp.fill_rows(row, &mut buf);
+        for r in buf.chunks_exact(row_bytes) {
+            dtype.decode(r, &mut values);
+            for v in &values {
+                sum += v;
+                sum_sq += v * v;
+            }
+        }
+        row += n;
+    }
+    let count = (rows * cols).max(1) as f64;
+    let mean = sum / count;
+    Ok((mean, (sum_sq / count - mean * mean).max(0.0).sqrt()))
+}
+
+/// Re-draws the dropped units' entries of the rows starting at `first_row` (rows of gate
+/// and up, columns of down): N(mean, std^2) at (the tensor's key, flat index). Every other
+/// entry keeps its bytes (decoding and encoding a stored value is exact).
+fn redraw_units(
+    buf: &mut [u8],
+    t: &crate::plan::DestTensor,
+    first_row: usize,
+    d: &DropSpec,
+    units: &[bool],
+    mean: f64,
+    std: f64,
+) {
+    let cols = t.shape.last().copied().unwrap_or(1).max(1);
+    let row_bytes = cols * t.dtype.size();
+    let mut values = vec![0f64; cols];
+    for (k, out) in buf.chunks_exact_mut(row_bytes).enumerate() {
+        let row = first_row + k;
+        let whole_row = d.ffn_axis == 0 && units[row];
+        if d.ffn_axis == 0 && !whole_row {
+            continue;
+        }
+        t.dtype.decode(out, &mut values);
+        for (c, v) in values.iter_mut().enumerate() {
+            if whole_row || (d.ffn_axis == 1 && units[c]) {
+                *v = drawn(d.values_key, (row * cols + c) as u64, mean, std);
+            }
+        }
+        t.dtype.encode(&values, out);
+    }
+}
+
 /// One grown tensor held in memory.
 pub struct GrownTensor {
     pub name: String,
@@ -489,6 +585,9 @@ fn expand_tensor(
     buffer: &mut dyn FnMut() -> Result<Vec<u8>>,
     emit: &mut dyn FnMut(Vec<u8>) -> Result<()>,
 ) -> Result<()> {
+    if let Fill::Zeros | Fill::Normal { .. } = t.fill {
+        return drawn_tensor(t, cancel, buffer, emit);
+    }
     let src = &ckpt.tensors[t.source];
     let file = &ckpt.files[src.file];
     file.advise_willneed(&src.info);
@@ -516,10 +615,21 @@ fn expand_tensor(
     };
     let exp = Expansion::new(data, src.info.dtype, &t.axes, spec)
         .map_err(|m| Error::tensor(&file.path, &src.info.name, m))?;
+    // Drop-Upcycling: the units re-drawn, and the grown tensor's mean and std they are
+    // drawn from (a first pass over the grown rows; nothing is kept but two sums).
+    let dropped = match &t.fill {
+        Fill::Dropped(d) => {
+            let units = dropped_units(d.units_key, t.shape[d.ffn_axis], d.ratio);
+            let (mean, std) = grown_moments(&exp, t.dtype, cancel)?;
+            Some((d, units, mean, std))
+        }
+        _ => None,
+    };
     // Finite sources stay finite under W/n in the same or a wider dtype; a narrower
     // dtype (f32 -> f16 past 65504) or noise can overflow, so check those outputs.
     let check_output = !allow_nonfinite
         && (plan.options.variant.is_noisy()
+            || dropped.is_some()
             || t.dtype.size() < src.info.dtype.size()
             || (t.dtype == crate::DType::F16 && src.info.dtype != crate::DType::F16));
     let rows = exp.dest_shape()[0];
@@ -532,6 +642,9 @@ fn expand_tensor(
         let mut buf = buffer()?;
         buf.resize(n * row_bytes, 0);
         exp.fill_rows(row, &mut buf);
+        if let Some((d, units, mean, std)) = &dropped {
+            redraw_units(&mut buf, t, row, d, units, *mean, *std);
+        }
         if check_output {
             let bad = t.dtype.count_nonfinite(&buf);
             if bad > 0 {

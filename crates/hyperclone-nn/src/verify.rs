@@ -185,6 +185,13 @@ impl Expectation {
                 big.dir.display()
             ))
         })?;
+        if let Some(why) = &r.upcycle_not_exact {
+            return Err(NnError::Input(format!(
+                "{} was upcycled with options that do not preserve the function ({why}): there is nothing to \
+                 verify (compare losses after training instead)",
+                big.dir.display()
+            )));
+        }
         if !r.preserves_function {
             return Err(NnError::Input(format!(
                 "{} was grown with --depth-mode stack, which does not preserve the function: there is nothing \
