@@ -11,7 +11,8 @@
 //! function-preserving: `expert_init: drop` (Drop-Upcycling, Nakamura et al., ICLR 2025)
 //! re-draws a seeded random fraction of each expert's intermediate neurons from the dense
 //! weights' statistics, and `router_init: normal` draws the router from N(0,
-//! initializer_range^2), seeded.
+//! initializer_range^2), seeded (with copied experts its unequal weights still sum to 1, but
+//! only to float32 rounding, ~1e-7; it matters with dropped experts and in training).
 //!
 //! Targets are table entries ([`TARGETS`]): a dense family, its MoE sibling, where the dense
 //! MLP's tensors go, and the config keys the sibling needs to compute the same function.
@@ -428,7 +429,13 @@ impl Upcycle {
             ));
         }
         if self.router_init == RouterInit::Normal {
-            why.push("router_init normal routes tokens unevenly to the experts".to_string());
+            // With copied experts the weights still sum to 1, but unequal weights are
+            // renormalised in float32 by transformers' router: kept to ~1e-7, not exactly.
+            why.push(
+                "router_init normal weights the experts unequally (renormalised in float32, so even copied \
+                 experts sum to the dense output only to ~1e-7)"
+                    .to_string(),
+            );
         }
         (!why.is_empty()).then(|| why.join("; "))
     }
