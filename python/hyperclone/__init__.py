@@ -66,7 +66,10 @@ def clone(
     flags with underscores (docs/growth.md): ``ffn_factor`` (default: ``factor``) or
     ``intermediate_size`` (any width >= the source's; Net2Net when not a multiple);
     ``depth_factor`` or ``num_hidden_layers`` add layers (``depth_mode`` identity or stack);
-    ``num_attention_heads``; ``keep_tied`` keeps a tied embedding tied; ``variant``:
+    ``num_attention_heads``; ``keep_tied`` keeps a tied embedding tied; ``experts`` upcycles
+    a llama or mistral into mixtral (``experts_per_token``, default 2; ``expert_init`` copy
+    or drop with ``drop_ratio``, ``router_init`` zero or normal: only the defaults are
+    exact); ``variant``:
     symmetric, noisy, diagonal or noisy-diagonal (noise of ``snr_db`` dB, seeded by
     ``seed``); ``dtype``: keep, f32, bf16, f16 or f64; ``shard_size``: bytes or a size like
     "5GB". ``force=True`` replaces an existing ``dst``; ``verify`` checks the finished clone

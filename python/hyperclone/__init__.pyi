@@ -29,6 +29,11 @@ class Growth(TypedDict, total=False):
     num_attention_heads: int
     depth_mode: Literal["identity", "stack"]
     keep_tied: bool
+    experts: int
+    experts_per_token: int
+    expert_init: Literal["copy", "drop"]
+    drop_ratio: float
+    router_init: Literal["zero", "normal"]
     variant: Literal["symmetric", "noisy", "diagonal", "noisy-diagonal"]
     snr_db: float
     seed: int

@@ -241,6 +241,8 @@ impl GrowthSpec {
             (Some(f), None) => parse_factor("factor", f)?,
             (None, Some(d)) => factor_for("hidden_size", cfg.hidden_size, d)?,
             (Some(_), Some(_)) => return Err(opt("give factor or hidden_size, not both")),
+            // Upcycling alone keeps the width.
+            (None, None) if self.experts.is_some() => 1,
             (None, None) => return Err(opt("give a size: factor N or hidden_size D")),
         };
         let ffn_factor = match (&self.ffn_factor, self.intermediate_size) {

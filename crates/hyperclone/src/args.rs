@@ -385,7 +385,8 @@ pub struct GenerateArgs {
 /// The growth flags: every option of core's [`GrowthSpec`] (its fields and their docs are
 /// the flags and their help), or a recipe holding them all.
 #[derive(Args, Clone)]
-#[command(group(ArgGroup::new("size").required(true).args(["factor", "hidden_size", "recipe"])))]
+#[command(group(ArgGroup::new("size").required(true).multiple(true)
+    .args(["factor", "hidden_size", "recipe", "experts"])))]
 pub struct GrowthArgs {
     #[command(flatten)]
     pub spec: GrowthSpec,
@@ -406,6 +407,16 @@ impl GrowthArgs {
 }
 
 #[derive(Args)]
+#[command(after_long_help = "Examples:\n  \
+    hyperclone clone SRC DST --factor 2                      # the paper: hidden, heads and FFN x2\n  \
+    hyperclone clone SRC DST --factor 2 --depth-factor 2 --keep-tied\n  \
+    hyperclone clone SRC DST --experts 8                     # upcycle: llama/mistral -> mixtral, 8 experts, 2 per token\n  \
+    hyperclone clone SRC DST --experts 8 --factor 2          # upcycle and grow the width in one clone\n  \
+    hyperclone clone SRC DST --experts 8 --expert-init drop --router-init normal   # Drop-Upcycling (not exact)\n\n\
+    Upcycling: every expert starts as the (grown) dense MLP and the router at zero, so routing is uniform \
+    and the k renormalised weights 1/k sum to 1: the MoE model computes the dense model's function \
+    exactly (`verify` checks it). --expert-init drop and --router-init normal break the experts' symmetry \
+    and are recorded as not function-preserving. Details: docs/growth.md, section Upcycling.")]
 pub struct CloneArgs {
     /// Source model folder (config.json + model.safetensors or an index and shards; with
     /// both, model.safetensors, as transformers loads it). SRC is memory-mapped: truncating
