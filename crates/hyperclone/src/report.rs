@@ -115,6 +115,21 @@ pub fn plan(ckpt: &Checkpoint, plan: &Plan, as_json: bool) {
         human_params(b),
         human_params(a)
     );
+    if let Some(u) = &plan.map.upcycle {
+        outln!(
+            "  {:<18} {:>10} -> {:>10}   ({} of {} experts per token)",
+            "active per token",
+            human_params(b),
+            human_params(plan.active_params()),
+            u.per_token,
+            u.experts
+        );
+        let exact = match u.not_exact_because() {
+            None => "exact (every expert the dense MLP, zero router)".to_string(),
+            Some(why) => format!("NOT function-preserving: {why}"),
+        };
+        outln!("\nupcycled to {}: {exact}", u.target);
+    }
     // Every file the clone writes, counted as `clone` counts them (not only the shards).
     let files = match hyperclone_core::write::output_file_names(ckpt, plan) {
         Ok(f) => {
