@@ -80,6 +80,9 @@ CLONE_CASES = [
      ["--factor", 2, "--keep-tied", "--num-hidden-layers", 3]),
     ("llama-mha-untied", dict(factor=2, intermediate_size=100, depth_factor=2, depth_mode="stack"),
      ["--factor", 2, "--intermediate-size", 100, "--depth-factor", 2, "--depth-mode", "stack"]),
+    ("mistral-gqa", dict(factor=2, experts=4, expert_init="drop", drop_ratio=0.25, router_init="normal", seed=3),
+     ["--factor", 2, "--experts", 4, "--expert-init", "drop", "--drop-ratio", 0.25, "--router-init", "normal",
+      "--seed", 3]),
 ]
 
 
@@ -194,6 +197,7 @@ GROW_CASES = [
     ("llama-gqa-sharded", dict(factor=2, dtype="bf16")),
     ("qwen3-mqa-tied", dict(factor=2, ffn_factor=4)),
     ("llama-gqa-tied", dict(factor=2, keep_tied=True, intermediate_size=70, depth_factor=2)),
+    ("llama-gqa-untied", dict(experts=4, experts_per_token=4, factor=2)),
 ]
 
 
