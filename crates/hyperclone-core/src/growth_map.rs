@@ -164,6 +164,17 @@ impl GrowthMap {
             .as_ref()
             .map(|u| Upcycle::new(cfg, u))
             .transpose()?;
+        if let Some(u) = &upcycle {
+            use crate::upcycle::MAX_EXPERTS_IN_MODEL;
+            if u.experts.saturating_mul(layers.len()) > MAX_EXPERTS_IN_MODEL {
+                return Err(opt(format!(
+                    "experts {}: {} experts in {} layers is more than the {MAX_EXPERTS_IN_MODEL} this tool plans",
+                    u.experts,
+                    u.experts.saturating_mul(layers.len()),
+                    layers.len()
+                )));
+            }
+        }
         Ok(GrowthMap {
             factor: o.factor,
             spaces,

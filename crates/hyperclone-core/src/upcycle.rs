@@ -27,6 +27,10 @@ use serde_json::{json, Map, Value};
 /// few hundred).
 pub const MAX_EXPERTS: usize = 4096;
 
+/// Most experts over all layers (experts x layers): each is three planned tensors with their
+/// header entries, so this bounds the plan's memory (DeepSeek-V3: 256 x 61 = 15,616).
+pub const MAX_EXPERTS_IN_MODEL: usize = 1 << 16;
+
 /// A dense family's exact Mixture-of-Experts sibling.
 #[derive(Debug)]
 pub struct UpcycleTarget {

@@ -342,6 +342,11 @@ fn what_cannot_be_upcycled_exactly_is_refused_in_one_line() {
             "experts_per_token 4",
         ),
         (&["--experts", "0"], "experts 0"),
+        (&["--experts", "5000"], "experts 5000"),
+        (
+            &["--experts", "4096", "--depth-factor", "20"],
+            "163840 experts in 40 layers",
+        ),
         (
             &["--experts", "4", "--expert-init", "drop"],
             "router_init normal",
