@@ -581,6 +581,9 @@ pub fn experiment(a: &ExperimentOptions, progress: &dyn StudyProgress) -> Result
             resume: false,
             force: false,
             stop_at: None,
+            adam_beta1: 0.9,
+            adam_beta2: 0.95,
+            adam_epsilon: 1e-8,
         };
         let c = Common {
             out: out.clone(),
