@@ -485,7 +485,6 @@ fn remove_empty_dirs(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::settings::ExperimentOptions;
 
     fn write(path: &Path, text: &str) {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -497,15 +496,7 @@ mod tests {
     /// and nothing else is touched; a second call moves nothing.
     #[test]
     fn the_older_layout_moves_without_losing_a_run() {
-        let s = Settings::resolve(&ExperimentOptions {
-            factor: 2,
-            snr_db: 10.0,
-            dropout: 0.1,
-            decay_frac: 0.2,
-            min_lr_frac: 0.1,
-            ..ExperimentOptions::default()
-        })
-        .unwrap();
+        let s = Settings::resolve(&crate::settings::tests::options()).unwrap();
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path();
         let header = "step,tokens,lr,train_loss,val_loss,symmetry\n";
