@@ -61,6 +61,16 @@ UNCHANGED_FIELDS = (
     "mlp_bias",
     "sliding_window",
     "use_sliding_window",
+    # Mixture of Experts: the expert count, top-k and routing are kept; so are OLMoE's clip
+    # and Qwen-MoE's layer layout and q/k/v bias switch.
+    "num_local_experts",
+    "num_experts",
+    "num_experts_per_tok",
+    "norm_topk_prob",
+    "decoder_sparse_step",
+    "mlp_only_layers",
+    "qkv_bias",
+    "clip_qkv",
     "bos_token_id",
     "eos_token_id",
 )
@@ -79,8 +89,9 @@ def head_dim(cfg) -> int:
 
 def ffn_size(cfg) -> int:
     # Families name the MLP width differently: intermediate_size, GPT-2's n_inner (None
-    # means 4 * hidden), OPT's ffn_dim.
-    for key in ("intermediate_size", "ffn_dim"):
+    # means 4 * hidden), OPT's ffn_dim; Qwen-MoE's experts are moe_intermediate_size wide
+    # (its intermediate_size is the width of dense layers, which it does not have here).
+    for key in ("moe_intermediate_size", "intermediate_size", "ffn_dim"):
         v = getattr(cfg, key, None)
         if v:
             return v
@@ -183,6 +194,10 @@ def check_config(cfg_s, cfg_d, n: int, m: int | None = None, growth: Growth | No
         want("intermediate_size", f_d, m * f_s)
     elif f_d % f_s or f_d < f_s:
         errs.append(f"intermediate_size: {f_d} is not a multiple of {f_s}")
+    shared = getattr(cfg_s, "shared_expert_intermediate_size", None)
+    if shared:
+        # Qwen2-MoE's shared expert: whole copies, the floor of the experts' FFN ratio.
+        want("shared_expert_intermediate_size", cfg_d.shared_expert_intermediate_size, (f_d // f_s) * shared)
     changed = set()
     if g.keep_tied:
         # The head stays the embedding; norms see tile(h) * s, exact with eps * s^2 (eps / n^2,

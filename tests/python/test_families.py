@@ -43,3 +43,4 @@ def test_every_family_is_covered():
     # The supported list the binary prints must include every fixture's model_type.
     types = {fx["model_type"] for fx in MANIFEST}
     assert {"gpt2", "gpt_neox", "opt", "gemma", "gemma2", "olmo2", "phi3", "stablelm", "starcoder2", "phi"} <= types
+    assert {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"} <= types  # Mixture of Experts

@@ -225,7 +225,7 @@ def test_everything_at_once_and_replayed_from_the_recipe(name, hyperclone_bin, t
 
 # transformers derives head_dim from hidden / heads (or olmo2: q/k norms over all heads).
 HEADS_REFUSED = {"gpt2", "gpt_neox", "opt", "stablelm", "olmo2"}
-HEADS_REFUSED |= {"olmo3"}  # OLMo-2's q/k norms over all heads
+HEADS_REFUSED |= {"olmo3", "olmoe"}  # OLMo-2's q/k norms over all heads
 # transformers' config validation wants the head count to divide the hidden size.
 HEADS_DIVIDING_HIDDEN = {"llama", "gemma2"}
 HEADS_DIVIDING_HIDDEN |= {"smollm3", "granite", "gemma3_text"}

@@ -218,3 +218,28 @@ def test_tiny_fixture_f64_matches_exact_golden(hyperclone_bin, name, t, tmp_path
     )
     assert summary["tokens"] == ids
     f64_check(f"{name} T={t}", got, gold[f"logits_T{t}"][0])
+
+
+# --------------------------------------------------------------------------- Mixture-of-Experts families
+
+FAMILIES = FIXTURES / "families"
+MOE_TYPES = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}
+
+
+def _moe_cases():
+    fixtures = json.loads((FAMILIES / "MANIFEST.json").read_text())["fixtures"]
+    return [(f["name"], t) for f in fixtures if f["model_type"] in MOE_TYPES for t in exact.LENGTHS]
+
+
+@pytest.mark.parametrize("name,t", _moe_cases())
+def test_moe_fixture_f64_matches_exact_golden(hyperclone_bin, name, t, tmp_path):
+    # Routing included: the router softmax, top-k and (per family) renormalisation, Qwen2-MoE's
+    # shared expert, OLMoE's clip_qkv, all through `hyperclone forward`.
+    gold = load_file(str(FAMILIES / name / "golden64.safetensors"))
+    ids = gold[f"input_ids_T{t}"][0].tolist()
+    got, summary = rust_forward(
+        hyperclone_bin, FAMILIES / name, tmp_path / "x.safetensors", "f64",
+        "--tokens", ",".join(map(str, ids)),
+    )
+    assert summary["tokens"] == ids
+    f64_check(f"{name} T={t}", got, gold[f"logits_T{t}"][0])

@@ -378,17 +378,20 @@ fn classify(
                 | Presence::Optional
                 | Presence::UntiedHead
                 | Presence::Dropped => true,
-                Presence::IfConfig(key) => config.flag(key),
+                Presence::IfConfig(_) | Presence::UnlessConfigFalse(_) => {
+                    config.switched_on(rule.presence)
+                }
             };
             if !allowed {
-                let key = match rule.presence {
-                    Presence::IfConfig(k) => k,
+                let why = match rule.presence {
+                    Presence::IfConfig(k) => format!("`{k}` false or absent"),
+                    Presence::UnlessConfigFalse(k) => format!("`{k}` false"),
                     _ => unreachable!(),
                 };
                 return Err(Error::tensor(
                     &f.path,
                     &t.name,
-                    format!("unexpected: config.json has `{key}` false or absent"),
+                    format!("unexpected: config.json has {why}"),
                 ));
             }
             if rule.presence == Presence::Dropped {

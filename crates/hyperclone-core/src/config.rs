@@ -6,7 +6,7 @@
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::family::{Family, Space};
+use crate::family::{Family, MoeKeys, Presence, Space};
 use crate::limits::{checked_numel, MAX_LAYERS, MAX_TENSOR_ELEMENTS};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
@@ -35,6 +35,8 @@ pub struct ModelConfig {
     pub num_experts: usize,
     /// Experts each token is routed to (0 for a dense model).
     pub experts_per_token: usize,
+    /// A shared expert's inner width (Qwen2-MoE; 0 without one).
+    pub shared_expert_intermediate_size: usize,
 }
 
 impl ModelConfig {
@@ -165,22 +167,42 @@ impl ModelConfig {
                 )))
             }
         };
-        for key in ["attention_bias", "mlp_bias"] {
+        // The switches that say which tensors exist: a string or a number there was read
+        // as "off" and then made the checkpoint's biases "unexpected".
+        let switches = family.all_rules().filter_map(|r| match r.presence {
+            Presence::IfConfig(k) | Presence::UnlessConfigFalse(k) => Some(k),
+            _ => None,
+        });
+        for key in ["attention_bias", "mlp_bias"].into_iter().chain(switches) {
             if let Some(v) = raw.get(key).filter(|v| !v.is_null() && !v.is_boolean()) {
                 return Err(err(format!("`{key}` must be true or false, found {v}")));
             }
         }
-        let (num_experts, experts_per_token) = match family.moe {
-            None => (0, 0),
+        let (num_experts, experts_per_token, shared_expert_intermediate_size) = match family.moe {
+            None => (0, 0, 0),
             Some(moe) => {
-                let (e, k) = (req(moe.experts)?, req(moe.per_token)?);
+                let alias = moe.experts_alias.filter(|a| raw.contains_key(*a));
+                let (key, e) = match (raw.contains_key(moe.experts), alias) {
+                    (false, Some(a)) => (a, req(a)?),
+                    (true, Some(a)) if req(a)? != req(moe.experts)? => {
+                        return Err(err(format!(
+                            "`{}` = {} and `{a}` = {} disagree (transformers reads both as the expert count)",
+                            moe.experts,
+                            req(moe.experts)?,
+                            req(a)?
+                        )))
+                    }
+                    _ => (moe.experts, req(moe.experts)?),
+                };
+                let k = req(moe.per_token)?;
                 if k > e {
                     return Err(err(format!(
-                        "`{}` = {k} is more than the `{}` = {e} experts",
-                        moe.per_token, moe.experts
+                        "`{}` = {k} is more than the `{key}` = {e} experts",
+                        moe.per_token
                     )));
                 }
-                (e, k)
+                every_layer_sparse(&raw, moe).map_err(err)?;
+                (e, k, moe.shared_ffn.map(req).transpose()?.unwrap_or(0))
             }
         };
         let declared_dtype = ["dtype", "torch_dtype"]
@@ -211,6 +233,7 @@ impl ModelConfig {
             declared_dtype,
             num_experts,
             experts_per_token,
+            shared_expert_intermediate_size,
             raw,
         })
     }
@@ -283,6 +306,8 @@ impl ModelConfig {
             Space::EmbedProj => self.embed_proj_dim,
             Space::QkvPerHead => 3 * self.num_attention_heads * self.head_dim,
             Space::Experts => self.num_experts,
+            Space::SharedFfn => self.shared_expert_intermediate_size,
+            Space::SharedGate => usize::from(self.shared_expert_intermediate_size > 0),
         }
     }
 
@@ -300,7 +325,9 @@ impl ModelConfig {
         for rule in self.family.all_rules() {
             let required = match rule.presence {
                 Presence::Required => true,
-                Presence::IfConfig(key) => self.flag(key),
+                Presence::IfConfig(_) | Presence::UnlessConfigFalse(_) => {
+                    self.switched_on(rule.presence)
+                }
                 Presence::UntiedHead => !self.tie_word_embeddings,
                 Presence::Dropped | Presence::Optional => false,
             };
@@ -330,6 +357,19 @@ impl ModelConfig {
         self.raw.get(key).and_then(Value::as_bool).unwrap_or(false)
     }
 
+    /// Whether a switched tensor ([`Presence::IfConfig`], [`Presence::UnlessConfigFalse`])
+    /// exists under this config; true for the unswitched ones.
+    pub fn switched_on(&self, presence: crate::family::Presence) -> bool {
+        use crate::family::Presence;
+        match presence {
+            Presence::IfConfig(key) => self.flag(key),
+            Presence::UnlessConfigFalse(key) => {
+                self.raw.get(key).and_then(Value::as_bool) != Some(false)
+            }
+            _ => true,
+        }
+    }
+
     /// The model's sizes as a JSON object (keys as in config.json), for reports that
     /// describe a model (`inspect --json`, the study's report).
     pub fn sizes_json(&self) -> Map<String, Value> {
@@ -349,11 +389,44 @@ impl ModelConfig {
                     m.insert("num_experts".into(), self.num_experts.into());
                     m.insert("num_experts_per_tok".into(), self.experts_per_token.into());
                 }
+                if self.shared_expert_intermediate_size > 0 {
+                    m.insert(
+                        "shared_expert_intermediate_size".into(),
+                        self.shared_expert_intermediate_size.into(),
+                    );
+                }
                 m
             }
             _ => unreachable!("a json! object literal"),
         }
     }
+}
+
+/// Refuses Qwen-MoE configs with dense MLP layers among the sparse ones (`decoder_sparse_step`
+/// other than 1, a non-empty `mlp_only_layers`): those layers hold tensors the family's rules
+/// do not describe, and the decoder has no dense layer in a Mixture of Experts.
+fn every_layer_sparse(raw: &Map<String, Value>, moe: MoeKeys) -> std::result::Result<(), String> {
+    if let Some((key, v)) = moe
+        .sparse_step
+        .and_then(|k| raw.get(k).map(|v| (k, v)))
+        .filter(|(_, v)| !v.is_null() && v.as_u64() != Some(1))
+    {
+        return Err(format!(
+            "`{key}` = {v}: only 1 (every layer a Mixture of Experts) is supported; other values make some layers \
+             dense MLPs"
+        ));
+    }
+    if let Some((key, v)) = moe
+        .dense_layers
+        .and_then(|k| raw.get(k).map(|v| (k, v)))
+        .filter(|(_, v)| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
+    {
+        return Err(format!(
+            "`{key}` = {v}: dense MLP layers inside a Mixture-of-Experts model are not supported (only an empty \
+             list is)"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -404,5 +477,66 @@ mod tests {
         let mut v = llama();
         v["hidden_size"] = json!(30);
         assert!(cfg(v).unwrap_err().to_string().contains("head_dim"));
+    }
+
+    fn qwen2_moe() -> Value {
+        json!({"model_type": "qwen2_moe", "hidden_size": 32, "intermediate_size": 48,
+               "moe_intermediate_size": 16, "shared_expert_intermediate_size": 24,
+               "num_experts": 4, "num_experts_per_tok": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 96})
+    }
+
+    #[test]
+    fn qwen_moe_sizes_and_refusals() {
+        let c = cfg(qwen2_moe()).unwrap();
+        // The experts' width is moe_intermediate_size; intermediate_size (dense layers) is not read.
+        assert_eq!(c.intermediate_size, 16);
+        assert_eq!((c.num_experts, c.experts_per_token), (4, 2));
+        assert_eq!(c.space_len(Space::SharedFfn), 24);
+        assert_eq!(c.space_len(Space::SharedGate), 1);
+        // qkv_bias defaults to true: the biases are expected unless it is false.
+        let biases = |c: &ModelConfig| {
+            c.required_tensors()
+                .iter()
+                .filter(|(n, _)| n.ends_with("q_proj.bias"))
+                .count()
+        };
+        assert_eq!(biases(&c), 2);
+        let mut v = qwen2_moe();
+        v["qkv_bias"] = json!(false);
+        assert_eq!(biases(&cfg(v).unwrap()), 0);
+        for (key, value, expect) in [
+            ("decoder_sparse_step", json!(2), "decoder_sparse_step"),
+            ("mlp_only_layers", json!([1]), "mlp_only_layers"),
+            ("qkv_bias", json!("yes"), "qkv_bias"),
+            (
+                "shared_expert_intermediate_size",
+                json!(0),
+                "shared_expert_intermediate_size",
+            ),
+        ] {
+            let mut v = qwen2_moe();
+            v[key] = value;
+            let msg = cfg(v).unwrap_err().to_string();
+            assert!(msg.contains(expect), "{key}: {msg}");
+        }
+        for (key, value) in [
+            ("decoder_sparse_step", json!(1)),
+            ("mlp_only_layers", json!([])),
+        ] {
+            let mut v = qwen2_moe();
+            v[key] = value;
+            assert!(cfg(v).is_ok(), "{key}");
+        }
+        // Qwen3-MoE saves num_local_experts; released configs say num_experts.
+        let mut v = qwen2_moe();
+        v["model_type"] = json!("qwen3_moe");
+        assert_eq!(cfg(v.clone()).unwrap().num_experts, 4);
+        v.as_object_mut().unwrap().remove("num_experts");
+        v["num_local_experts"] = json!(6);
+        let c = cfg(v.clone()).unwrap();
+        assert_eq!((c.num_experts, c.space_len(Space::SharedFfn)), (6, 0));
+        v["num_experts"] = json!(8);
+        assert!(cfg(v).unwrap_err().to_string().contains("disagree"));
     }
 }

@@ -33,10 +33,17 @@ pub enum Space {
     /// Experts of a Mixture-of-Experts layer (rows of the router). Never grown: the expert
     /// count and top-k are kept, every expert grows like an MLP.
     Experts,
+    /// A shared expert's inner width (Qwen2-MoE's `shared_expert_intermediate_size`): grown
+    /// by whole copies, as many as the experts' FFN axis gets (the floor of its ratio when
+    /// `intermediate_size` asks for a width that is not a multiple).
+    SharedFfn,
+    /// The one output of Qwen2-MoE's `shared_expert_gate` (1 for a family with a shared
+    /// expert, 0 otherwise). Never grown.
+    SharedGate,
 }
 
 impl Space {
-    pub const ALL: [Space; 10] = [
+    pub const ALL: [Space; 12] = [
         Space::Vocab,
         Space::Hidden,
         Space::Heads,
@@ -47,6 +54,8 @@ impl Space {
         Space::EmbedProj,
         Space::QkvPerHead,
         Space::Experts,
+        Space::SharedFfn,
+        Space::SharedGate,
     ];
 
     /// The name used in plans and recipes.
@@ -62,6 +71,8 @@ impl Space {
             Space::EmbedProj => "embed_proj",
             Space::QkvPerHead => "qkv_per_head",
             Space::Experts => "experts",
+            Space::SharedFfn => "shared_ffn",
+            Space::SharedGate => "shared_gate",
         }
     }
 }
@@ -178,6 +189,9 @@ pub enum Presence {
     Required,
     /// Required when this boolean config key is true, unexpected otherwise.
     IfConfig(&'static str),
+    /// Required unless this boolean config key is false (transformers' default is true:
+    /// Qwen2-MoE's `qkv_bias`), unexpected when it is.
+    UnlessConfigFalse(&'static str),
     /// Present in some configurations only (OPT's project_in/out, its final norm).
     Optional,
     /// The output head: required when the head is untied; tolerated when tied.
@@ -289,13 +303,20 @@ pub struct Family {
 /// are never grown (each expert grows like an MLP, the router reads the hidden axis).
 #[derive(Debug, Clone, Copy)]
 pub struct MoeKeys {
-    /// The number of routed experts (`num_local_experts`, `num_experts`).
+    /// The number of routed experts (`num_local_experts`, `num_experts`): the key
+    /// transformers writes, and the other name its `attribute_map` also reads.
     pub experts: &'static str,
+    pub experts_alias: Option<&'static str>,
     /// Experts each token is routed to (`num_experts_per_tok`).
     pub per_token: &'static str,
     /// A shared expert's inner width (Qwen2-MoE's `shared_expert_intermediate_size`), if the
     /// family has one.
     pub shared_ffn: Option<&'static str>,
+    /// Keys that make some layers dense MLPs instead (Qwen-MoE's `decoder_sparse_step`, only
+    /// 1 accepted, and `mlp_only_layers`, only empty): such layers have other tensors, which
+    /// the rules do not describe, so the config is refused.
+    pub sparse_step: Option<&'static str>,
+    pub dense_layers: Option<&'static str>,
 }
 
 /// How a family chooses its sliding-attention layers (transformers 5.23), for growth and for
@@ -323,6 +344,12 @@ pub enum LayerSliding {
     /// Only with `use_sliding_window` and a window; then `layer_types` if given, else the
     /// NoPE layers (SmolLM3: `no_rope_layers[l] == 0`).
     NoRopeLayersIfEnabled,
+    /// Every layer, only with `use_sliding_window` (Qwen3-MoE: the configuration drops the
+    /// window otherwise; `layer_types` is not read).
+    EveryIfEnabled,
+    /// Only with `use_sliding_window`; then `layer_types` if given, else the even layers below
+    /// `max_window_layers` (default 28) (Qwen2-MoE).
+    EvenBelowMaxWindowLayers,
 }
 
 use Component as C;
@@ -430,6 +457,24 @@ const MIXTRAL_MOE: &[TensorRule] = &[
     rule("model.layers.{L}.block_sparse_moe.experts.{E}.w3.weight", UP, C::Mlp, P::Required),
     rule("model.layers.{L}.block_sparse_moe.experts.{E}.w2.weight", DOWN, C::Mlp, P::Required),
 ];
+/// Qwen-MoE's and OLMoE's sparse block: `mlp.gate` routes to gated experts under `mlp.experts`.
+#[rustfmt::skip]
+const QWEN_MOE: &[TensorRule] = &[
+    rule("model.layers.{L}.mlp.gate.weight", ROUTER, C::Mlp, P::Required),
+    rule("model.layers.{L}.mlp.experts.{E}.gate_proj.weight", UP, C::Mlp, P::Required),
+    rule("model.layers.{L}.mlp.experts.{E}.up_proj.weight", UP, C::Mlp, P::Required),
+    rule("model.layers.{L}.mlp.experts.{E}.down_proj.weight", DOWN, C::Mlp, P::Required),
+];
+/// Qwen2-MoE's shared expert, a gated MLP on its own inner width that every token runs,
+/// scaled by sigmoid(shared_expert_gate(x)): the gate [1, hidden] reads the hidden axis
+/// (columns tile / n, so the clone's gate value equals the source's).
+#[rustfmt::skip]
+const SHARED_EXPERT: &[TensorRule] = &[
+    rule("model.layers.{L}.mlp.shared_expert.gate_proj.weight", &[Axis(&[SharedFfn], W), Axis(&[Hidden], R)], C::Mlp, P::Required),
+    rule("model.layers.{L}.mlp.shared_expert.up_proj.weight", &[Axis(&[SharedFfn], W), Axis(&[Hidden], R)], C::Mlp, P::Required),
+    rule("model.layers.{L}.mlp.shared_expert.down_proj.weight", &[Axis(&[Hidden], W), Axis(&[SharedFfn], R)], C::Mlp, P::Required),
+    rule("model.layers.{L}.mlp.shared_expert_gate.weight", &[Axis(&[SharedGate], W), Axis(&[Hidden], R)], C::Mlp, P::Required),
+];
 
 /// Llama's optional biases (`attention_bias`, `mlp_bias` in config.json).
 #[rustfmt::skip]
@@ -449,6 +494,13 @@ const QKV_BIASES: &[TensorRule] = &[
     rule("model.layers.{L}.self_attn.q_proj.bias", Q_BIAS, C::Attention, P::Required),
     rule("model.layers.{L}.self_attn.k_proj.bias", KV_BIAS, C::Attention, P::Required),
     rule("model.layers.{L}.self_attn.v_proj.bias", KV_BIAS, C::Attention, P::Required),
+];
+/// Qwen2-MoE's q/k/v biases: on unless `qkv_bias` is false (o_proj has none).
+#[rustfmt::skip]
+const QWEN2_MOE_QKV_BIASES: &[TensorRule] = &[
+    rule("model.layers.{L}.self_attn.q_proj.bias", Q_BIAS, C::Attention, P::UnlessConfigFalse("qkv_bias")),
+    rule("model.layers.{L}.self_attn.k_proj.bias", KV_BIAS, C::Attention, P::UnlessConfigFalse("qkv_bias")),
+    rule("model.layers.{L}.self_attn.v_proj.bias", KV_BIAS, C::Attention, P::UnlessConfigFalse("qkv_bias")),
 ];
 #[rustfmt::skip]
 const STABLELM_QKV_BIASES: &[TensorRule] = &[
@@ -741,6 +793,38 @@ const MIXTRAL_RULES: [&[TensorRule]; 6] = concat(&[
     MIXTRAL_MOE,
     FINAL_NORM_AND_HEAD,
 ]);
+const QWEN2_MOE_RULES: [&[TensorRule]; 8] = concat(&[
+    EMBED_TOKENS,
+    INPUT_NORM,
+    ATTN_QKVO,
+    QWEN2_MOE_QKV_BIASES,
+    POST_ATTN_NORM,
+    QWEN_MOE,
+    SHARED_EXPERT,
+    FINAL_NORM_AND_HEAD,
+]);
+/// Qwen3-MoE: Qwen3's attention (per-head q/k norms, `attention_bias`) with the sparse block.
+const QWEN3_MOE_RULES: [&[TensorRule]; 8] = concat(&[
+    EMBED_TOKENS,
+    INPUT_NORM,
+    ATTN_QKVO,
+    QK_NORM_PER_HEAD,
+    QWEN3_BIASES,
+    POST_ATTN_NORM,
+    QWEN_MOE,
+    FINAL_NORM_AND_HEAD,
+]);
+/// OLMoE: pre-norm blocks (unlike OLMo-2) with q/k norms over the whole projection.
+const OLMOE_RULES: [&[TensorRule]; 8] = concat(&[
+    EMBED_TOKENS,
+    INPUT_NORM,
+    ATTN_QKVO,
+    QK_NORM_WHOLE,
+    QWEN3_BIASES,
+    POST_ATTN_NORM,
+    QWEN_MOE,
+    FINAL_NORM_AND_HEAD,
+]);
 const STARCODER2_RULES: [&[TensorRule]; 9] = concat(&[
     EMBED_TOKENS,
     INPUT_NORM,
@@ -923,12 +1007,80 @@ pub static FAMILIES: &[Family] = &[
         layer_sliding: LayerSliding::Every,
         moe: Some(MoeKeys {
             experts: "num_local_experts",
+            experts_alias: Some("num_experts"),
             per_token: "num_experts_per_tok",
             shared_ffn: None,
+            sparse_step: None,
+            dense_layers: None,
         }),
         ..family("mixtral", false, &MIXTRAL_RULES, "Mixture of Experts: every expert grown like the MLP, the router's hidden columns tiled / n; expert count and top-k kept")
     },
+    Family {
+        keys: MOE_KEYS,
+        layer_sliding: LayerSliding::EvenBelowMaxWindowLayers,
+        moe: Some(MoeKeys {
+            shared_ffn: Some("shared_expert_intermediate_size"),
+            ..QWEN_MOE_KEYS
+        }),
+        ..family("qwen2_moe", false, &QWEN2_MOE_RULES, "Mixture of Experts plus a shared expert (grown like an MLP on its own width) and its sigmoid gate (hidden columns tiled / n); q/k/v biases (qkv_bias)")
+    },
+    Family {
+        keys: MOE_KEYS,
+        layer_sliding: LayerSliding::EveryIfEnabled,
+        tied_growth: QK_NORMED_TIE,
+        // Qwen3MoeConfig saves `num_local_experts` (its attribute_map reads `num_experts`, as
+        // the released configs say).
+        moe: Some(MoeKeys {
+            experts: "num_local_experts",
+            experts_alias: Some("num_experts"),
+            ..QWEN_MOE_KEYS
+        }),
+        ..family("qwen3_moe", false, &QWEN3_MOE_RULES, "Mixture of Experts with Qwen3's per-head q_norm/k_norm (kept); norm_topk_prob read")
+    },
+    Family {
+        tied_growth: QK_NORMED_TIE,
+        head_counts: HeadCounts::Refused(
+            "its q/k norms normalise over all heads at once (and are sized hidden_size), so the head count is fixed \
+             by the width",
+        ),
+        moe: Some(MoeKeys {
+            experts: "num_experts",
+            experts_alias: Some("num_local_experts"),
+            per_token: "num_experts_per_tok",
+            shared_ffn: None,
+            sparse_step: None,
+            dense_layers: None,
+        }),
+        ..family("olmoe", false, &OLMOE_RULES, "Mixture of Experts with q/k norms over the whole projection (tiled like the heads) and clip_qkv kept")
+    },
 ];
+
+/// Qwen-MoE's sizes: the experts' inner width is `moe_intermediate_size` (`intermediate_size`
+/// is the width of dense `mlp_only_layers`, which are refused, so it is left as it is).
+const MOE_KEYS: ConfigKeys = ConfigKeys {
+    ffn: "moe_intermediate_size",
+    ..HF_KEYS
+};
+const QWEN_MOE_KEYS: MoeKeys = MoeKeys {
+    experts: "num_experts",
+    experts_alias: None,
+    per_token: "num_experts_per_tok",
+    shared_ffn: None,
+    sparse_step: Some("decoder_sparse_step"),
+    dense_layers: Some("mlp_only_layers"),
+};
+/// A kept tie where q and k pass through norms that share `rms_norm_eps` but read the
+/// projections (Qwen3's per-head, OLMoE's whole-projection q/k norms): q_proj/k_proj carry s
+/// so those norms see their input scaled like their eps.
+const QK_NORMED_TIE: TiedGrowth = TiedGrowth::Exact {
+    eps_key: "rms_norm_eps",
+    also_scaled: &[
+        "model.layers.{L}.self_attn.q_proj.weight",
+        "model.layers.{L}.self_attn.q_proj.bias",
+        "model.layers.{L}.self_attn.k_proj.weight",
+        "model.layers.{L}.self_attn.k_proj.bias",
+    ],
+};
 
 impl Family {
     pub fn lookup(model_type: &str) -> Option<&'static Family> {
@@ -1071,6 +1223,35 @@ mod tests {
             tensor_name_at(r.pattern, l, e),
             "model.layers.0.block_sparse_moe.experts.01.w1.weight"
         );
+    }
+
+    #[test]
+    fn qwen_moe_patterns_keep_router_experts_and_shared_expert_apart() {
+        let f = Family::lookup("qwen2_moe").unwrap();
+        let axes = |name: &str| f.match_name_at(name).map(|(r, l, e)| (r.axes, l, e));
+        assert_eq!(
+            axes("model.layers.1.mlp.gate.weight"),
+            Some((ROUTER, Some(1), None))
+        );
+        assert_eq!(
+            axes("model.layers.1.mlp.experts.3.gate_proj.weight"),
+            Some((UP, Some(1), Some(3)))
+        );
+        let (r, _, e) = f
+            .match_name_at("model.layers.0.mlp.shared_expert.down_proj.weight")
+            .unwrap();
+        assert_eq!((r.axes[1], e), (Axis(&[SharedFfn], R), None));
+        let (r, _, _) = f
+            .match_name_at("model.layers.0.mlp.shared_expert_gate.weight")
+            .unwrap();
+        assert_eq!(r.axes[0], Axis(&[SharedGate], W));
+        // Qwen3-MoE and OLMoE have no shared expert.
+        for t in ["qwen3_moe", "olmoe"] {
+            let f = Family::lookup(t).unwrap();
+            assert!(f
+                .match_name("model.layers.0.mlp.shared_expert_gate.weight")
+                .is_none());
+        }
     }
 
     #[test]

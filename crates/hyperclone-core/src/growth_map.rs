@@ -347,6 +347,12 @@ fn space_segment(cfg: &ModelConfig, o: &GrowthOptions, space: Space) -> Result<S
             extra: (target % units) * per_unit,
         });
     }
+    if space == Space::SharedFfn {
+        // Whole copies only: as many as the experts' FFN axis has (its floor with an uneven
+        // intermediate_size), so the shared expert stays an exact tile.
+        let ffn = space_segment(cfg, o, Space::Ffn)?;
+        return Ok(Segment::tiled(len, ffn.copies));
+    }
     if space != Space::Ffn {
         return Ok(Segment::tiled(len, o.copies(space, cfg)));
     }
@@ -512,7 +518,7 @@ fn depth_is_expressible(cfg: &ModelConfig) -> Result<()> {
             "the model alternates sliding and global attention by layer index and config.json has no `layer_types`",
         ),
         // max_window_layers defaults to 28 when absent: still chosen by index.
-        LayerSliding::FromMaxWindowLayers
+        LayerSliding::FromMaxWindowLayers | LayerSliding::EvenBelowMaxWindowLayers
             if cfg.flag("use_sliding_window")
                 && !cfg.raw.get("sliding_window").is_some_and(Value::is_null) =>
         {
@@ -897,5 +903,30 @@ mod tests {
             err.to_string().contains("fewer than the source's 4"),
             "{err}"
         );
+    }
+
+    /// Qwen2-MoE's shared expert grows by whole copies: the experts' FFN factor, or its
+    /// floor when intermediate_size is not a multiple.
+    #[test]
+    fn shared_expert_grows_by_whole_copies() {
+        let c = cfg(
+            json!({"model_type": "qwen2_moe", "moe_intermediate_size": 16,
+            "shared_expert_intermediate_size": 24, "num_experts": 4, "num_experts_per_tok": 2}),
+        );
+        let map = |o: GrowthOptions| GrowthMap::new(&c, &o).unwrap();
+        let m = map(GrowthOptions {
+            ffn_factor: 3,
+            ..options()
+        });
+        assert_eq!(m.segment(Space::SharedFfn), Segment::tiled(24, 3));
+        assert_eq!(m.dest_len(Space::Ffn), 48);
+        let m = map(GrowthOptions {
+            intermediate_size: Some(40),
+            ..options()
+        });
+        assert_eq!(m.dest_len(Space::Ffn), 40);
+        assert_eq!(m.segment(Space::SharedFfn), Segment::tiled(24, 2));
+        assert_eq!(m.segment(Space::SharedGate), Segment::tiled(1, 1));
+        assert_eq!(m.segment(Space::Experts), Segment::tiled(4, 1));
     }
 }

@@ -101,12 +101,16 @@ impl GrowthOptions {
     /// Copies of each space in the destination.
     pub fn copies(&self, space: Space, cfg: &ModelConfig) -> usize {
         match space {
-            Space::Vocab | Space::HeadDim | Space::Positions | Space::Experts => 1,
+            Space::Vocab
+            | Space::HeadDim
+            | Space::Positions
+            | Space::Experts
+            | Space::SharedGate => 1,
             Space::Hidden | Space::Heads | Space::QkvPerHead => self.factor,
             // A single shared kv head (MQA) stays single: every query head may read it.
             Space::KvHeads if cfg.num_key_value_heads == 1 => 1,
             Space::KvHeads => self.factor,
-            Space::Ffn => self.ffn_factor,
+            Space::Ffn | Space::SharedFfn => self.ffn_factor,
             // OPT's embedding width: a space of its own behind project_in/out (never grown),
             // but the hidden space itself when the two are equal and there is no projection.
             Space::EmbedProj if cfg.embed_proj_dim == cfg.hidden_size => self.factor,

@@ -434,6 +434,9 @@ fn grown_config(
     let keys = cfg.family.keys;
     set(keys.hidden, (cfg.hidden_size * n).into());
     set(keys.ffn, map.dest_len(Space::Ffn).into());
+    if let Some(key) = cfg.family.moe.and_then(|m| m.shared_ffn) {
+        set(key, map.dest_len(Space::SharedFfn).into());
+    }
     if map.layers.len() != cfg.num_hidden_layers {
         set(keys.layers, map.layers.len().into());
         // Per-layer lists follow each layer to its new index.

@@ -65,7 +65,9 @@ pub enum MlpLayout {
         down: &'static str,
     },
     /// A Mixture of Experts: `{prefix}.{router}` [experts, hidden] routes each token to the
-    /// top-k of the gated experts `{prefix}.{experts}.{e}.{gate,up,down}`.
+    /// top-k of the gated experts `{prefix}.{experts}.{e}.{gate,up,down}`; with `shared`
+    /// (Qwen2-MoE) = (expert, gate), every token also runs the gated MLP
+    /// `{prefix}.{expert}.{gate,up,down}`, scaled by sigmoid(`{prefix}.{gate}`(x)).
     Moe {
         prefix: &'static str,
         router: &'static str,
@@ -73,6 +75,7 @@ pub enum MlpLayout {
         gate: &'static str,
         up: &'static str,
         down: &'static str,
+        shared: Option<(&'static str, &'static str)>,
     },
 }
 
@@ -138,6 +141,16 @@ const LLAMA_MLP: MlpLayout = MlpLayout::Gated {
     gate: "gate_proj",
     up: "up_proj",
     down: "down_proj",
+};
+/// Qwen-MoE's and OLMoE's sparse block under `mlp`.
+const QWEN_MOE_MLP: MlpLayout = MlpLayout::Moe {
+    prefix: "mlp",
+    router: "gate",
+    experts: "experts",
+    gate: "gate_proj",
+    up: "up_proj",
+    down: "down_proj",
+    shared: None,
 };
 const LLAMA: Arch = Arch {
     layers: "model.layers",
@@ -347,7 +360,27 @@ pub fn arch(model_type: &str, config: &serde_json::Value) -> Option<Arch> {
                 gate: "w1",
                 up: "w3",
                 down: "w2",
+                shared: None,
             },
+            ..LLAMA
+        },
+        "qwen2_moe" => Arch {
+            mlp: MlpLayout::Moe {
+                prefix: "mlp",
+                router: "gate",
+                experts: "experts",
+                gate: "gate_proj",
+                up: "up_proj",
+                down: "down_proj",
+                shared: Some(("shared_expert", "shared_expert_gate")),
+            },
+            ..LLAMA
+        },
+        // Per-head q/k norms (Qwen3) or whole-projection ones (OLMoE): the decoder tells them
+        // apart by the norm's width.
+        "qwen3_moe" | "olmoe" => Arch {
+            mlp: QWEN_MOE_MLP,
+            qk_norm: Some(("q_norm", "k_norm")),
             ..LLAMA
         },
         "olmo3" => Arch {

@@ -103,6 +103,8 @@ enum Mlp {
         router: Linear,
         /// (gate, up, down) of each expert.
         experts: Vec<(Linear, Linear, Linear)>,
+        /// Qwen2-MoE's shared expert (gate, up, down) and its gate [1, hidden].
+        shared: Option<((Linear, Linear, Linear), Linear)>,
     },
 }
 
@@ -479,10 +481,22 @@ pub(crate) fn build_layer(
             gate,
             up,
             down,
+            shared,
         } => {
             let m = join(&p, prefix);
             let n = spec.moe.map_or(0, |moe| moe.experts);
+            let gated = |x: &str| -> Result<(Linear, Linear, Linear)> {
+                Ok((
+                    lin(&join(x, gate))?,
+                    lin(&join(x, up))?,
+                    lin(&join(x, down))?,
+                ))
+            };
             Mlp::Moe {
+                shared: match shared {
+                    Some((expert, g)) => Some((gated(&join(&m, expert))?, lin(&join(&m, g))?)),
+                    None => None,
+                },
                 router: lin(&join(&m, router))?,
                 experts: (0..n)
                     .map(|e| {
@@ -898,9 +912,16 @@ impl Frame {
         let heads = |x: Tensor, n: usize| -> Result<Tensor> {
             Ok(x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
+        let mut v = l.v.forward(h)?;
+        // OLMoE clamps q and k after their (whole-projection) norms, and v.
+        if let Some(c) = s.clip_qkv {
+            q = q.clamp(-c, c)?;
+            k = k.clamp(-c, c)?;
+            v = v.clamp(-c, c)?;
+        }
         let mut q = heads(q, nh)?;
         let mut k = heads(k, nk)?;
-        let mut v = heads(l.v.forward(h)?, nk)?;
+        let mut v = heads(v, nk)?;
         if !whole(&l.q_norm) {
             if let Some(n) = &l.q_norm {
                 q = n.forward(&q, eps)?;
@@ -967,7 +988,11 @@ impl Frame {
                 down.forward(&(act(g)? * u)?)
             }
             Mlp::Plain { up, down } => down.forward(&act(up.forward(h)?)?),
-            Mlp::Moe { router, experts } => {
+            Mlp::Moe {
+                router,
+                experts,
+                shared,
+            } => {
                 let moe = self.spec.moe.ok_or_else(|| {
                     NnError::Input("a Mixture-of-Experts layer without routing settings".into())
                 })?;
@@ -990,6 +1015,12 @@ impl Frame {
                     let y = down.forward(&(act(gate.forward(&x)?)? * up.forward(&x)?)?)?;
                     let w = weights.index_select(&idx, 0)?.narrow(1, e, 1)?;
                     out = out.index_add(&idx, &y.broadcast_mul(&w)?, 0)?;
+                }
+                // Qwen2-MoE: experts' sum + sigmoid(gate(x)) * shared_expert(x), every token.
+                if let Some(((gate, up, down), g)) = shared {
+                    let y = down.forward(&(act(gate.forward(h)?)? * up.forward(h)?)?)?;
+                    let s = candle_nn::ops::sigmoid(&g.forward(h)?)?;
+                    out = (out + y.broadcast_mul(&s)?)?;
                 }
                 Ok(out)
             }

@@ -83,16 +83,21 @@ pub struct DecoderSpec {
     pub logits_divisor: Option<f64>,
     /// A Mixture-of-Experts MLP's routing (None for a dense MLP).
     pub moe: Option<MoeSpec>,
+    /// OLMoE's `clip_qkv`: q and k (after their norms) and v clamped to [-c, c].
+    pub clip_qkv: Option<f64>,
 }
 
 /// How a Mixture-of-Experts layer routes a token, as transformers 5.23's TopKRouter does:
 /// p = softmax(router logits) over all experts, the `top_k` largest (torch.topk), their
-/// weights renormalised to sum 1 where `norm_topk_prob` (always for Mixtral).
+/// weights renormalised to sum 1 where `norm_topk_prob` (always for Mixtral). With a shared
+/// expert (Qwen2-MoE) every token also gets sigmoid(shared_expert_gate(x)) * shared_expert(x).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MoeSpec {
     pub experts: usize,
     pub top_k: usize,
     pub norm_topk_prob: bool,
+    /// The shared expert's inner width (0: none).
+    pub shared_ffn: usize,
 }
 
 /// How a family's transformers 5.23 modules read the config switches that change the
@@ -133,6 +138,14 @@ struct FamilyRules {
     granite_multipliers: bool,
     /// SmolLM3: `no_rope_layers` (default: every `no_rope_layer_interval`-th layer, 4, is NoPE).
     no_rope_layers: bool,
+    /// `layer_types` entries `sliding_attention` are refused (Qwen2-MoE, whose sliding
+    /// attention the decoder does not implement; transformers then builds a zero window).
+    refuse_sliding_layer_types: bool,
+    /// OLMoE: `clip_qkv` clamps q, k (after their norms) and v to [-clip_qkv, clip_qkv].
+    clip_qkv: bool,
+    /// Mixtral always renormalises the top-k routing weights; the others read
+    /// `norm_topk_prob` (default false in qwen2_moe, qwen3_moe and olmoe).
+    always_norm_topk: bool,
 }
 
 impl FamilyRules {
@@ -152,7 +165,14 @@ impl FamilyRules {
             reads_softcaps: false,
             granite_multipliers: false,
             no_rope_layers: false,
+            refuse_sliding_layer_types: false,
+            clip_qkv: false,
+            always_norm_topk: false,
         };
+        // Qwen-MoE's sliding attention (every layer for Qwen3-MoE, even layers below
+        // max_window_layers for Qwen2-MoE) is not implemented.
+        const QWEN_MOE_SLIDING: &[(&str, &str)] =
+            &[("use_sliding_window", "sliding-window attention")];
         // Attention over the whole sequence, not causal.
         const BIDIRECTIONAL: &[(&str, &str)] =
             &[("use_bidirectional_attention", "non-causal attention")];
@@ -227,6 +247,20 @@ impl FamilyRules {
             },
             "mixtral" => FamilyRules {
                 default_theta: 1_000_000.0,
+                always_norm_topk: true,
+                ..base
+            },
+            "qwen2_moe" => FamilyRules {
+                refused_when_true: QWEN_MOE_SLIDING,
+                refuse_sliding_layer_types: true,
+                ..base
+            },
+            "qwen3_moe" => FamilyRules {
+                refused_when_true: QWEN_MOE_SLIDING,
+                ..base
+            },
+            "olmoe" => FamilyRules {
+                clip_qkv: true,
                 ..base
             },
             // configuration_olmo3 pops a legacy flat `rope_theta` for the full layers only;
@@ -273,6 +307,16 @@ fn refuse_unimplemented(
                 "{path}: `{key}: true` ({what}) is not implemented in the Rust decoder (clone works; verify in transformers)"
             )));
         }
+    }
+    let sliding_listed = raw
+        .get("layer_types")
+        .and_then(Value::as_array)
+        .is_some_and(|t| t.iter().any(|v| v.as_str() == Some("sliding_attention")));
+    if rules.refuse_sliding_layer_types && sliding_listed {
+        return Err(NnError::Unsupported(format!(
+            "{path}: `layer_types` lists sliding_attention layers (sliding-window attention), which the Rust decoder \
+             does not implement for {model_type}"
+        )));
     }
     Ok(())
 }
@@ -339,6 +383,17 @@ fn sliding_windows(
                 let p = period(period_key, p);
                 p == 0 || !(l + 1).is_multiple_of(p)
             }),
+            LayerSliding::EveryIfEnabled => {
+                raw.get("use_sliding_window").and_then(Value::as_bool) == Some(true)
+            }
+            LayerSliding::EvenBelowMaxWindowLayers => {
+                let on = raw.get("use_sliding_window").and_then(Value::as_bool) == Some(true);
+                let below = raw
+                    .get("max_window_layers")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(28);
+                on && listed(l).unwrap_or(l.is_multiple_of(2) && (l as u64) < below)
+            }
             LayerSliding::NoRopeLayersIfEnabled => {
                 let on = raw.get("use_sliding_window").and_then(Value::as_bool) == Some(true);
                 on && window.is_some() && listed(l).unwrap_or(ropes.get(l).is_some_and(|r| !r))
@@ -655,6 +710,34 @@ impl DecoderSpec {
                 ));
             }
         }
+        let moe = match c.num_experts {
+            0 => None,
+            experts => Some(MoeSpec {
+                experts,
+                top_k: c.experts_per_token,
+                norm_topk_prob: rules.always_norm_topk
+                    || match raw.get("norm_topk_prob") {
+                        None | Some(Value::Null) => false,
+                        Some(Value::Bool(b)) => *b,
+                        Some(v) => {
+                            return Err(NnError::Unsupported(format!(
+                                "{path}: `norm_topk_prob` must be true or false, found {v}"
+                            )))
+                        }
+                    },
+                shared_ffn: c.shared_expert_intermediate_size,
+            }),
+        };
+        // transformers clamps with min = -c, max = c: a negative c (min > max) or a NaN is
+        // no clip range; zero would zero every q, k and v.
+        let clip_qkv = match raw.get("clip_qkv").filter(|_| rules.clip_qkv) {
+            None | Some(Value::Null) => None,
+            Some(v) => {
+                let c = v.as_f64().unwrap_or(f64::NAN);
+                positive("clip_qkv", c)?;
+                Some(c)
+            }
+        };
         if let Some(w) = sliding_window.iter().flatten().next() {
             if *w == 0 {
                 return Err(bad("sliding_window", 0.0));
@@ -695,13 +778,8 @@ impl DecoderSpec {
             linear_rope_factor,
             residual_multiplier,
             logits_divisor,
-            moe: (c.num_experts > 0).then(|| MoeSpec {
-                experts: c.num_experts,
-                top_k: c.experts_per_token,
-                // Mixtral always renormalises; the others read `norm_topk_prob` (default false).
-                norm_topk_prob: c.family.model_type == "mixtral"
-                    || raw.get("norm_topk_prob").and_then(Value::as_bool) == Some(true),
-            }),
+            moe,
+            clip_qkv,
         })
     }
 
@@ -904,5 +982,29 @@ mod tests {
             activation_name("gemma3_text", &map(json!({"hidden_act": "relu"}))),
             "gelu_pytorch_tanh"
         );
+    }
+
+    /// Qwen-MoE's sliding layers (transformers 5.23), though the decoder refuses them: every
+    /// layer for Qwen3-MoE, even layers below max_window_layers for Qwen2-MoE, only with
+    /// use_sliding_window.
+    #[test]
+    fn qwen_moe_sliding_layers_are_computed_and_refused() {
+        let w = Some(4);
+        let on =
+            map(json!({"use_sliding_window": true, "sliding_window": 4, "max_window_layers": 3}));
+        assert_eq!(sliding_windows("qwen3_moe", &on, 3), vec![w, w, w]);
+        assert_eq!(sliding_windows("qwen2_moe", &on, 4), vec![w, None, w, None]);
+        let off = map(json!({"sliding_window": 4}));
+        assert_eq!(sliding_windows("qwen3_moe", &off, 2), vec![None, None]);
+        assert_eq!(sliding_windows("qwen2_moe", &off, 2), vec![None, None]);
+        for t in ["qwen2_moe", "qwen3_moe"] {
+            let e = refuse_unimplemented(t, &on, "c.json").unwrap_err();
+            assert!(e.to_string().contains("use_sliding_window"), "{e}");
+        }
+        let listed = map(json!({"layer_types": ["full_attention", "sliding_attention"]}));
+        let e = refuse_unimplemented("qwen2_moe", &listed, "c.json").unwrap_err();
+        assert!(e.to_string().contains("layer_types"), "{e}");
+        // Qwen3-MoE does not read layer_types.
+        assert!(refuse_unimplemented("qwen3_moe", &listed, "c.json").is_ok());
     }
 }

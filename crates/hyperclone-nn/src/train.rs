@@ -12,7 +12,7 @@ use candle_core::{DType, Tensor, D};
 use hyperclone_core::safetensors::{encode_header, HeaderEntry, SafetensorsFile};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The learning-rate shape after the linear warmup.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -37,32 +37,101 @@ impl Schedule {
     }
 }
 
-#[derive(Debug, Clone)]
-pub struct TrainConfig {
+/// What to train, how long and how; `hyperclone train`'s flags without the parsing (the
+/// field names are the flags').
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    /// Model folder to start from (e.g. a clone).
+    pub model: Option<PathBuf>,
+    /// Start from a random init of this config.json instead (weights N(0, 0.02), seeded).
+    pub init_config: Option<PathBuf>,
+    /// Training text: .txt files or folders of them.
+    pub data: Vec<PathBuf>,
+    /// Validation text; empty: the last `data` file is held out.
+    pub val: Vec<PathBuf>,
+    /// tokenizer.json; none: the model's.
+    pub tokenizer: Option<PathBuf>,
+    pub out: PathBuf,
     pub steps: u64,
+    pub batch: usize,
+    pub seq: usize,
     pub lr: f64,
     pub warmup: u64,
     pub schedule: Schedule,
-    /// Where the decay ends (cosine and WSD).
-    pub min_lr: f64,
+    /// Where the decay ends; none: 10% of `lr`.
+    pub min_lr: Option<f64>,
+    /// With `model` a clone: carry AdamW moments from this folder (the base's OUT/last).
+    pub optimizer_from: Option<PathBuf>,
     pub weight_decay: f64,
     /// Global-norm clipping threshold (0 = off).
     pub grad_clip: f64,
     pub grad_accum: u64,
     pub dropout: f64,
+    pub eval_every: u64,
+    /// Validation windows per evaluation; none: max(batch, 8).
+    pub eval_windows: Option<usize>,
+    /// Where tokenized text is cached; none: OUT/tokens.
+    pub token_cache: Option<PathBuf>,
+    pub save_every: u64,
     pub seed: u64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
+    /// Continue from OUT/last, reproducing the uninterrupted run exactly.
+    pub resume: bool,
+    /// Start over in an OUT that holds an earlier run (refused otherwise).
+    pub force: bool,
+    /// Stop after this step with a checkpoint, as if interrupted.
+    pub stop_at: Option<u64>,
+    /// AdamW's first-moment decay.
+    pub adam_beta1: f64,
+    /// AdamW's second-moment decay.
+    pub adam_beta2: f64,
+    /// AdamW's epsilon, added to the root of the second moment.
+    pub adam_epsilon: f64,
 }
 
-impl TrainConfig {
+impl Default for TrainOptions {
+    /// `hyperclone train`'s defaults (a CLI test checks that its flags' defaults are these).
+    fn default() -> TrainOptions {
+        TrainOptions {
+            model: None,
+            init_config: None,
+            data: Vec::new(),
+            val: Vec::new(),
+            tokenizer: None,
+            out: PathBuf::new(),
+            steps: 200,
+            batch: 8,
+            seq: 128,
+            lr: 1e-3,
+            warmup: 20,
+            schedule: Schedule::Cosine,
+            min_lr: None,
+            optimizer_from: None,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+            grad_accum: 1,
+            dropout: 0.0,
+            eval_every: 50,
+            eval_windows: None,
+            token_cache: None,
+            save_every: 100,
+            seed: 0,
+            resume: false,
+            force: false,
+            stop_at: None,
+            adam_beta1: 0.9,
+            adam_beta2: 0.95,
+            adam_epsilon: 1e-8,
+        }
+    }
+}
+
+impl TrainOptions {
     /// Linear warmup to `lr`, then the schedule's shape down to `min_lr`.
     pub fn lr_at(&self, step: u64) -> f64 {
         if self.warmup > 0 && step < self.warmup {
             return self.lr * (step + 1) as f64 / self.warmup as f64;
         }
-        let floor = self.min_lr;
+        let floor = self.min_lr.unwrap_or(0.1 * self.lr);
         match self.schedule {
             Schedule::Constant => self.lr,
             Schedule::Cosine => {
@@ -159,7 +228,7 @@ impl AdamW {
         &mut self,
         params: &[Param],
         grads: &[Vec<G>],
-        cfg: &TrainConfig,
+        cfg: &TrainOptions,
         lr: f64,
     ) -> Result<f64>
     where
@@ -180,7 +249,7 @@ impl AdamW {
             1.0
         };
         self.t += 1;
-        let (b1, b2) = (cfg.beta1, cfg.beta2);
+        let (b1, b2) = (cfg.adam_beta1, cfg.adam_beta2);
         let c1 = 1.0 - b1.powi(self.t as i32);
         let c2 = 1.0 - b2.powi(self.t as i32);
         const CHUNK: usize = 1 << 14;
@@ -199,7 +268,7 @@ impl AdamW {
                         let vk = b2 * v[k] as f64 + (1.0 - b2) * gk * gk;
                         m[k] = mk as f32;
                         v[k] = vk as f32;
-                        let update = (mk / c1) / ((vk / c2).sqrt() + cfg.eps);
+                        let update = (mk / c1) / ((vk / c2).sqrt() + cfg.adam_epsilon);
                         let wk = w[k] as f64;
                         w[k] = (wk - lr * (update + decay * wk)) as f32;
                     }
@@ -288,7 +357,7 @@ pub fn train_step(
     model: &Decoder,
     params: &[Param],
     opt: &mut AdamW,
-    cfg: &TrainConfig,
+    cfg: &TrainOptions,
     step: u64,
     batch: usize,
     mut batch_for: impl FnMut(u64) -> Result<(Vec<u32>, Vec<u32>)>,

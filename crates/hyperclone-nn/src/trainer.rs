@@ -16,7 +16,8 @@
 
 use crate::corpus::{batch, eval_windows, text_files, tokenize_to_cache, TokenFile};
 use crate::error::Context;
-use crate::train::{batch_loss, save_params, train_step, AdamW, Schedule, TrainConfig};
+pub use crate::train::TrainOptions;
+use crate::train::{batch_loss, save_params, train_step, AdamW, Schedule};
 use crate::{Decoder, NnError, Param, Result};
 use candle_core::{DType, Device};
 use hyperclone_core::family::Space;
@@ -32,50 +33,6 @@ use std::path::{Path, PathBuf};
 
 /// The checkpoint a run writes and `--resume` reads.
 pub const LAST: &str = "last";
-
-/// What to train, how long and how; `hyperclone train`'s flags without the parsing (the
-/// field names are the flags').
-#[derive(Clone, Debug)]
-pub struct TrainOptions {
-    /// Model folder to start from (e.g. a clone).
-    pub model: Option<PathBuf>,
-    /// Start from a random init of this config.json instead (weights N(0, 0.02), seeded).
-    pub init_config: Option<PathBuf>,
-    /// Training text: .txt files or folders of them.
-    pub data: Vec<PathBuf>,
-    /// Validation text; empty: the last `data` file is held out.
-    pub val: Vec<PathBuf>,
-    /// tokenizer.json; none: the model's.
-    pub tokenizer: Option<PathBuf>,
-    pub out: PathBuf,
-    pub steps: u64,
-    pub batch: usize,
-    pub seq: usize,
-    pub lr: f64,
-    pub warmup: u64,
-    pub schedule: Schedule,
-    /// Where the decay ends; none: 10% of `lr`.
-    pub min_lr: Option<f64>,
-    /// With `model` a clone: carry AdamW moments from this folder (the base's OUT/last).
-    pub optimizer_from: Option<PathBuf>,
-    pub weight_decay: f64,
-    pub grad_clip: f64,
-    pub grad_accum: u64,
-    pub dropout: f64,
-    pub eval_every: u64,
-    /// Validation windows per evaluation; none: max(batch, 8).
-    pub eval_windows: Option<usize>,
-    /// Where tokenized text is cached; none: OUT/tokens.
-    pub token_cache: Option<PathBuf>,
-    pub save_every: u64,
-    pub seed: u64,
-    /// Continue from OUT/last, reproducing the uninterrupted run exactly.
-    pub resume: bool,
-    /// Start over in an OUT that holds an earlier run (refused otherwise).
-    pub force: bool,
-    /// Stop after this step with a checkpoint, as if interrupted.
-    pub stop_at: Option<u64>,
-}
 
 /// What a run reports while it trains. Every method has a do-nothing default.
 pub trait TrainProgress {
@@ -184,21 +141,6 @@ pub fn run(a: &TrainOptions, progress: &dyn TrainProgress) -> Result<RunDone> {
     } else {
         AdamW::new(&params)
     };
-    let cfg = TrainConfig {
-        steps: a.steps,
-        lr: a.lr,
-        warmup: a.warmup,
-        schedule: a.schedule,
-        min_lr: a.min_lr.unwrap_or(0.1 * a.lr),
-        weight_decay: a.weight_decay,
-        grad_clip: a.grad_clip,
-        grad_accum: a.grad_accum,
-        dropout: a.dropout,
-        seed: a.seed,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-    };
     let metrics_path = a.out.join("metrics.jsonl");
     let mut metrics = open_metrics(&metrics_path, start_step)?;
     let eval_count = a.eval_windows.unwrap_or(a.batch.max(8));
@@ -218,12 +160,12 @@ pub fn run(a: &TrainOptions, progress: &dyn TrainProgress) -> Result<RunDone> {
         evaluate(&mut record)?;
         writeln!(metrics, "{record}")?;
     }
-    let tokens_per_step = (a.batch * a.seq) as u64 * cfg.grad_accum.max(1);
+    let tokens_per_step = (a.batch * a.seq) as u64 * a.grad_accum.max(1);
     let started = std::time::Instant::now();
     let end = a.stop_at.unwrap_or(a.steps).min(a.steps);
     for step in start_step..end {
         let t0 = std::time::Instant::now();
-        let stats = train_step(&model, &params, &mut opt, &cfg, step, a.batch, |micro| {
+        let stats = train_step(&model, &params, &mut opt, a, step, a.batch, |micro| {
             batch(&train_tokens, a.seed, step, micro, a.batch, a.seq)
         })?;
         if !stats.loss.is_finite() || !stats.grad_norm.is_finite() {
@@ -409,6 +351,20 @@ fn validate(a: &TrainOptions) -> Result<()> {
         if !v.is_finite() || v < 0.0 {
             bail!("{flag} {v}: must be a finite number >= 0");
         }
+    }
+    for (flag, v) in [
+        ("--adam-beta1", a.adam_beta1),
+        ("--adam-beta2", a.adam_beta2),
+    ] {
+        if !(0.0..1.0).contains(&v) {
+            bail!("{flag} {v}: must be in [0, 1)");
+        }
+    }
+    if !(a.adam_epsilon.is_finite() && a.adam_epsilon > 0.0) {
+        bail!(
+            "--adam-epsilon {}: must be a finite number > 0",
+            a.adam_epsilon
+        );
     }
     if a.dropout >= 1.0 {
         bail!("--dropout {}: must be below 1", a.dropout);

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device};
 use hyperclone_core::Checkpoint;
-use hyperclone_nn::train::{batch_loss, save_params, train_step, AdamW, Schedule, TrainConfig};
+use hyperclone_nn::train::{batch_loss, save_params, train_step, AdamW, Schedule, TrainOptions};
 use hyperclone_nn::Decoder;
 use hyperclone_testkit::fixtures::{self, families};
 use std::path::{Path, PathBuf};
@@ -17,21 +17,19 @@ fn fixture(name: &str) -> PathBuf {
     }
 }
 
-fn config(steps: u64) -> TrainConfig {
-    TrainConfig {
+fn config(steps: u64) -> TrainOptions {
+    TrainOptions {
         steps,
         lr: 3e-3,
         warmup: 2,
         schedule: Schedule::Cosine,
-        min_lr: 3e-4,
+        min_lr: Some(3e-4),
         weight_decay: 0.1,
         grad_clip: 1.0,
         grad_accum: 2,
         dropout: 0.1,
         seed: 7,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
+        ..TrainOptions::default()
     }
 }
 
@@ -136,7 +134,7 @@ fn run(
     dir: &Path,
     from: u64,
     to: u64,
-    cfg: &TrainConfig,
+    cfg: &TrainOptions,
     resume: Option<&Path>,
 ) -> (Vec<f64>, Vec<Vec<f64>>) {
     let src = resume
@@ -205,7 +203,7 @@ fn loss_decreases_and_resume_is_bit_identical() {
 
 #[test]
 fn schedule_warms_up_then_decays_to_a_tenth() {
-    let cfg = TrainConfig {
+    let cfg = TrainOptions {
         steps: 100,
         warmup: 10,
         ..config(100)
@@ -219,11 +217,11 @@ fn schedule_warms_up_then_decays_to_a_tenth() {
 
 #[test]
 fn wsd_holds_the_peak_then_decays_linearly_to_min_lr_at_the_last_step() {
-    let cfg = TrainConfig {
+    let cfg = TrainOptions {
         steps: 100,
         warmup: 10,
         schedule: Schedule::Wsd { decay_frac: 0.2 },
-        min_lr: 1e-4,
+        min_lr: Some(1e-4),
         ..config(100)
     };
     assert!((cfg.lr_at(0) - 3e-4).abs() < 1e-12, "warmup");
@@ -237,13 +235,13 @@ fn wsd_holds_the_peak_then_decays_linearly_to_min_lr_at_the_last_step() {
         (80..99).all(|s| cfg.lr_at(s + 1) < cfg.lr_at(s)),
         "monotone decay"
     );
-    let constant = TrainConfig {
+    let constant = TrainOptions {
         schedule: Schedule::Constant,
         ..cfg.clone()
     };
     assert_eq!(constant.lr_at(99), 3e-3);
     // A decay longer than what follows the warmup is cut to fit.
-    let long = TrainConfig {
+    let long = TrainOptions {
         schedule: Schedule::Wsd { decay_frac: 1.0 },
         ..cfg
     };

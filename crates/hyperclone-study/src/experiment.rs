@@ -5,17 +5,16 @@
 //! 2. per arm (random init; noisy clone with fresh AdamW moments, the paper's protocol;
 //!    noisy clone with carried moments, ours) a learning-rate screen on the same grid, each
 //!    run a complete schedule of the final runs' shape at the shortest rung's length;
-//! 3. phase 1: seed 0 runs every rung of the ladder (complete runs of 1/8, 1/4, 1/2 and 1 of
-//!    the random init's budget by default) for every arm;
-//! 4. phase 2: every other seed runs the random init at its full budget, and for each clone
+//! 3. the full-budget lr check, every arm alike: seed 0 runs the full budget at the
+//!    screened lr, half and twice it (on past an edge, as the screen). A short screen
+//!    favours small steps for a clone (it barely leaves its base in 500 steps), so the
+//!    arm's ladder and seeds run at the lr that is best at the full budget;
+//! 4. phase 1: seed 0 runs every rung of the ladder (complete runs of 1/8, 1/4, 1/2 and 1 of
+//!    the random init's budget by default) at that lr;
+//! 5. phase 2: every other seed runs the random init at its full budget, and for each clone
 //!    arm the rungs that bracket seed 0's crossing, adding neighbouring rungs until its own
-//!    crossing is bracketed;
-//!    Before them, the full-budget learning-rate check: the screen's runs are as short as
-//!    the shortest rung, so seed 0 also runs the random init and the headline arm at the full
-//!    budget at half and twice their screened lr (and on past an edge, as the screen does);
-//!    the report shows whether the screen's pick is still the best at the full budget;
-//! 5. the headline arm again from every weaker base (its own screen, ladder and seeds).
-//!    The plan runs the headline arm's phases before the other clone arms' (see `plan`);
+//!    crossing is bracketed; then the headline arm again from every weaker base. The plan
+//!    runs the headline's runs first (see `plan`);
 //! 6. every finished run is evaluated on `final_eval_windows` held-out windows, and its
 //!    curve is gathered as a compact CSV under OUT/curves;
 //! 7. report.md / report.json / PNG plots (report.rs, plot.rs).
@@ -27,7 +26,7 @@
 
 use crate::budget::{bracket, next_rung};
 use crate::report::{self, Report};
-use crate::runs::{base_dir, base_key, clone_dir, curve_file, ladder_dir, lrcheck_dir};
+use crate::runs::{base_dir, base_key, clone_dir, curve_file, ladder_dir};
 use crate::runs::{models, read_corpus, read_runs, read_state_at, recorded_step};
 use crate::runs::{read_screen, screen_dir};
 use crate::settings::{Arm, Settings, BASE_SEED};
@@ -321,26 +320,47 @@ impl Common<'_> {
     }
 
     /// The peak lr `arm` screened best at from `base_steps` (the random init: its one screen).
-    fn lr(&self, arm: Arm, base_steps: u64) -> Result<f64> {
+    fn screened_lr(&self, arm: Arm, base_steps: u64) -> Result<f64> {
         match report::best_of(&read_screen(&self.out, base_key(arm, base_steps), arm)) {
             Some((lr, _)) => Ok(lr),
             None => bail!("{}: no learning rate from the screen", arm.name()),
         }
     }
 
-    /// One complete run of `steps` steps (a rung of the ladder), then its final evaluation.
-    fn rung(&self, arm: Arm, base_steps: u64, steps: u64, seed: u64) -> Result<bool> {
+    /// The peak lr the row's ladder and seeds run at: the best at the full budget (the lr
+    /// check), which runs before them.
+    fn ladder_lr(&self, arm: Arm, base_steps: u64) -> Result<f64> {
+        let runs = read_runs(&self.out, &self.s)?;
+        match runs.ladder_lr(&self.s, base_key(arm, base_steps), arm) {
+            Some(lr) => Ok(lr),
+            None => bail!("{}: the full-budget lr check has not finished", arm.name()),
+        }
+    }
+
+    /// One complete run of `steps` steps at peak `lr`, then its final evaluation.
+    fn complete_run(
+        &self,
+        arm: Arm,
+        base_steps: u64,
+        lr: f64,
+        steps: u64,
+        seed: u64,
+        what: &str,
+    ) -> Result<bool> {
         let key = base_key(arm, base_steps);
-        let dir = ladder_dir(&self.out, key, arm, steps, seed);
+        let dir = ladder_dir(&self.out, key, arm, lr, steps, seed);
         let label = match key {
-            Some(b) => format!("{} base-{b} {steps} steps s{seed}", arm.name()),
-            None => format!("{} {steps} steps s{seed}", arm.name()),
+            Some(b) => format!(
+                "{what}{} base-{b} @{lr:e} {steps} steps s{seed}",
+                arm.name()
+            ),
+            None => format!("{what}{} @{lr:e} {steps} steps s{seed}", arm.name()),
         };
         let r = LargeRun {
             arm,
             base_steps,
             steps,
-            lr: self.lr(arm, base_steps)?,
+            lr,
             seed,
         };
         go!(self.large_run(dir.clone(), r, &label));
@@ -355,32 +375,35 @@ impl Common<'_> {
         Ok(true)
     }
 
-    /// The final loss of a finished rung (its final evaluation).
-    fn final_loss(&self, arm: Arm, base_steps: u64, steps: u64, seed: u64) -> Option<f64> {
-        let dir = ladder_dir(&self.out, base_key(arm, base_steps), arm, steps, seed);
-        crate::evaluate::read(&dir, self.s.final_eval_windows, self.s.seq, steps)
-            .map(|e| e.val_loss)
+    /// One rung of the ladder: a complete run at the row's ladder lr.
+    fn rung(&self, arm: Arm, base_steps: u64, steps: u64, seed: u64) -> Result<bool> {
+        let lr = self.ladder_lr(arm, base_steps)?;
+        self.complete_run(arm, base_steps, lr, steps, seed, "")
     }
 
-    /// (rung, final loss) of one seed's finished rungs.
-    fn points(&self, arm: Arm, base_steps: u64, seed: u64) -> Vec<(u64, f64)> {
-        self.s
-            .ladder_steps()
-            .into_iter()
-            .filter_map(|r| Some((r, self.final_loss(arm, base_steps, r, seed)?)))
-            .collect()
+    /// (rung, final loss) of one seed's finished rungs at the row's ladder lr.
+    fn points(&self, arm: Arm, base_steps: u64, seed: u64) -> Result<Vec<(u64, f64)>> {
+        let lr = self.ladder_lr(arm, base_steps)?;
+        let runs = read_runs(&self.out, &self.s)?;
+        Ok(runs.points(base_key(arm, base_steps), arm, lr, seed))
     }
 
-    /// The random init's final loss at its full budget on `seed`: that seed's target.
+    /// The random init's final loss at its full budget on `seed` (at its ladder lr): that
+    /// seed's target.
     fn target(&self, seed: u64) -> Result<f64> {
         let top = self.s.largest_base();
-        match self.final_loss(Arm::RANDOM, top, self.s.steps, seed) {
+        let lr = self.ladder_lr(Arm::RANDOM, top)?;
+        let runs = read_runs(&self.out, &self.s)?;
+        match runs
+            .run(None, Arm::RANDOM, lr, self.s.steps, seed)
+            .and_then(|r| r.final_loss())
+        {
             Some(t) => Ok(t),
             None => bail!("random-init s{seed}: its full-budget run has no final evaluation"),
         }
     }
 
-    /// Phase 1 for one row: every rung on the first seed.
+    /// Every rung on the first seed.
     fn ladder(&self, arm: Arm, base_steps: u64) -> Result<bool> {
         for steps in self.s.ladder_steps() {
             go!(self.rung(arm, base_steps, steps, self.s.seeds[0]));
@@ -392,55 +415,35 @@ impl Common<'_> {
     /// until this seed's own crossing is bracketed (or the ladder ends).
     fn bracket_seed(&self, arm: Arm, base_steps: u64, seed: u64) -> Result<bool> {
         let first = self.s.seeds[0];
-        let planned = bracket(&self.points(arm, base_steps, first), self.target(first)?);
+        let planned = bracket(&self.points(arm, base_steps, first)?, self.target(first)?);
         for steps in planned {
             go!(self.rung(arm, base_steps, steps, seed));
         }
         let target = self.target(seed)?;
         let ladder = self.s.ladder_steps();
-        while let Some(steps) = next_rung(&ladder, &self.points(arm, base_steps, seed), target) {
+        while let Some(steps) = next_rung(&ladder, &self.points(arm, base_steps, seed)?, target) {
             go!(self.rung(arm, base_steps, steps, seed));
         }
         Ok(true)
     }
 
     /// The full-budget lr check of one row on the first seed: complete runs of the full
-    /// budget at half and twice the screened lr, then 2x further past an edge where the
+    /// budget at the screened lr, half and twice it, then 2x further past an edge where the
     /// best sits (at most `lr_extensions` times, as the screen), each with its final
-    /// evaluation. The screened lr's own run is the ladder's top rung.
+    /// evaluation. The screens are as short as the shortest rung, and a short run favours
+    /// small steps for a clone (it barely moves from its base), so the ladder runs at the
+    /// best lr of this check, every arm alike.
     fn lr_check(&self, arm: Arm, base_steps: u64) -> Result<bool> {
         let s = &self.s;
         let key = base_key(arm, base_steps);
         let (steps, seed) = (s.steps, s.seeds[0]);
-        let screened = self.lr(arm, base_steps)?;
-        if self.final_loss(arm, base_steps, steps, seed).is_none() {
-            go!(self.rung(arm, base_steps, steps, seed));
-        }
-        let run = |lr: f64| -> Result<bool> {
-            let dir = lrcheck_dir(&self.out, key, arm).join(format!("lr{lr:e}"));
-            let label = match key {
-                Some(b) => format!("lr check {} base-{b} @{lr:e} {steps} steps", arm.name()),
-                None => format!("lr check {} @{lr:e} {steps} steps", arm.name()),
-            };
-            let r = LargeRun {
-                arm,
-                base_steps,
-                steps,
-                lr,
-                seed,
-            };
-            go!(self.large_run(dir.clone(), r, &label));
-            crate::evaluate::final_eval(&dir, &self.val, s.final_eval_windows, s.seq, steps)?;
-            self.keep()?;
-            Ok(true)
-        };
-        for lr in [screened / 2.0, screened * 2.0] {
-            go!(run(lr));
+        let screened = self.screened_lr(arm, base_steps)?;
+        for lr in [screened, screened / 2.0, screened * 2.0] {
+            go!(self.complete_run(arm, base_steps, lr, steps, seed, "lr check "));
         }
         loop {
-            let runs = read_runs(&self.out, s)?;
-            let results = runs.lr_check_results(s, key, arm, Some(screened));
-            if results.len() < 3 || results.len() - 3 >= s.lr_extensions as usize {
+            let results = read_runs(&self.out, s)?.lr_check_results(s, key, arm);
+            if crate::runs::lr_check_done(s, screened, &results) {
                 break;
             }
             let Some(next) = report::edge_extension(&results) else {
@@ -450,14 +453,22 @@ impl Common<'_> {
                 "   {}: best lr at the full budget at the check's edge, running {next:e}",
                 arm.name()
             ));
-            go!(run(next));
+            go!(self.complete_run(arm, base_steps, next, steps, seed, "lr check "));
+        }
+        if let Some(lr) = read_runs(&self.out, s)?.ladder_lr(s, key, arm) {
+            self.progress.line(&format!(
+                "   {}: the ladder runs at lr {lr:e} (the screen picked {screened:e})",
+                arm.name()
+            ));
         }
         Ok(true)
     }
 
-    /// Phase 1 of a clone row: its screen, then every rung on the first seed.
+    /// Phase 1 of a row: its screen, its full-budget lr check, then every rung on the first
+    /// seed at the lr the check found.
     fn phase1(&self, arm: Arm, base_steps: u64) -> Result<bool> {
         go!(screen_arm(self, arm, base_steps));
+        go!(self.lr_check(arm, base_steps));
         self.ladder(arm, base_steps)
     }
 
@@ -491,9 +502,21 @@ pub fn experiment(a: &ExperimentOptions, progress: &dyn StudyProgress) -> Result
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     // An OUT with other settings is refused before anything in it is touched.
     check_same_settings(&out, &s)?;
+    let migrate = |root: &Path| -> Result<()> {
+        let n = crate::runs::migrate_layout(root, &s)?;
+        if n > 0 {
+            progress.line(&format!(
+                "{}: {n} run folders moved to the layout with the lr in every complete run's path",
+                root.display()
+            ));
+        }
+        Ok(())
+    };
+    migrate(&out)?;
     if let Some(r) = &a.record {
         // The same settings check between the record and the command.
         check_same_settings(r, &s)?;
+        migrate(r)?;
         // The record's runs OUT lacks count as finished runs here.
         let n = crate::record::restore(r, &out, &s)?;
         if n > 0 {
@@ -558,6 +581,9 @@ pub fn experiment(a: &ExperimentOptions, progress: &dyn StudyProgress) -> Result
             resume: false,
             force: false,
             stop_at: None,
+            adam_beta1: 0.9,
+            adam_beta2: 0.95,
+            adam_epsilon: 1e-8,
         };
         let c = Common {
             out: out.clone(),
@@ -632,34 +658,22 @@ fn plan(c: &Common) -> Result<bool> {
         go!(c.base(steps, false));
     }
     c.progress.line(&format!(
-        "2. random init: lr screen ({} steps, lr {:?}), ladder {:?} steps on seed {seed0}, then {} steps on seeds {:?}",
-        s.screen_steps,
-        s.lrs,
-        s.ladder_steps(),
-        s.steps,
-        &s.seeds[1..]
+        "2. random init: lr screen ({} steps, lr {:?}), then the full-budget lr check ({} steps, seed {seed0})",
+        s.screen_steps, s.lrs, s.steps
     ));
     go!(screen_arm(c, Arm::RANDOM, top));
-    go!(c.ladder(Arm::RANDOM, top));
+    go!(c.lr_check(Arm::RANDOM, top));
     // Seed 0's headline (the headline arm's ladder) before the other seeds: a study cut
     // short then has a first, one-seed answer.
     let headline = s.headline_arm;
     c.progress.line(&format!(
-        "3. {} from base-{top} (the headline): lr screen, ladder on seed {seed0}",
-        headline.name()
+        "3. {} from base-{top} (the headline): lr screen, full-budget lr check, ladder {:?} steps on seed {seed0}",
+        headline.name(),
+        s.ladder_steps()
     ));
     go!(c.phase1(headline, top));
     c.progress.line(&format!(
-        "4. learning rate at the full budget ({} steps, seed {seed0}): {} and the random init at half and twice their screened lr",
-        s.steps,
-        headline.name()
-    ));
-    // The headline arm first: its screen is the one most likely to mis-pick (a clone barely
-    // moves from its base in a short run, so a short screen favours small steps).
-    go!(c.lr_check(headline, top));
-    go!(c.lr_check(Arm::RANDOM, top));
-    c.progress.line(&format!(
-        "5. seeds {:?}: the random init at {} steps, then {}'s bracketing rungs",
+        "4. seeds {:?}: the random init at {} steps, then {}'s bracketing rungs",
         &s.seeds[1..],
         s.steps,
         headline.name()
@@ -668,9 +682,15 @@ fn plan(c: &Common) -> Result<bool> {
         go!(c.rung(Arm::RANDOM, top, s.steps, seed));
     }
     go!(c.phase2(headline, top));
+    // The random init's shorter rungs draw its budget curve; the speedup needs only its
+    // full-budget runs.
+    c.progress.line(&format!(
+        "5. random init: the shorter rungs of its ladder on seed {seed0}"
+    ));
+    go!(c.ladder(Arm::RANDOM, top));
     for arm in s.clone_arms().into_iter().skip(1) {
         c.progress.line(&format!(
-            "6. {} from base-{top}: lr screen, ladder on seed {seed0}, bracketing rungs on seeds {:?}",
+            "6. {} from base-{top}: lr screen, full-budget lr check, ladder on seed {seed0}, bracketing rungs on seeds {:?}",
             arm.name(),
             &s.seeds[1..]
         ));

@@ -115,9 +115,10 @@ fn stats(vals: &[f64]) -> (f64, f64, f64) {
 fn full_budget_curves(report: &Report) -> Vec<(String, RunRole, Vec<&Curve>)> {
     let s = &report.settings;
     let curves = |base: Option<u64>, arm: Arm| -> Vec<&Curve> {
+        let lr = report.ladder_lr(base, arm);
         s.seeds
             .iter()
-            .filter_map(|&seed| report.runs.ladder.get(&(base, arm, s.steps, seed)))
+            .filter_map(|&seed| report.runs.run(base, arm, lr?, s.steps, seed))
             .map(|r| &r.curve)
             .collect()
     };
@@ -289,19 +290,14 @@ type Ladder = Vec<(f64, f64, f64, f64, Vec<f64>)>;
 
 fn ladder_of(report: &Report, base: Option<u64>, arm: Arm) -> Ladder {
     let s = &report.settings;
+    let lr = report.ladder_lr(base, arm);
     s.ladder_steps()
         .into_iter()
         .filter_map(|steps| {
             let vals: Vec<f64> = s
                 .seeds
                 .iter()
-                .filter_map(|&seed| {
-                    report
-                        .runs
-                        .ladder
-                        .get(&(base, arm, steps, seed))?
-                        .final_loss()
-                })
+                .filter_map(|&seed| report.runs.run(base, arm, lr?, steps, seed)?.final_loss())
                 .collect();
             if vals.is_empty() {
                 return None;

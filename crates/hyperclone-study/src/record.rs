@@ -16,8 +16,8 @@
 
 use crate::evaluate;
 use crate::runs::read_state_at;
-use crate::runs::{base_dir, base_keys, curve_file, finished_curve, lrcheck_dir, numbered};
-use crate::runs::{recorded_step, row_dir, screen_dir, MODELS, RECORDED, RECORDED_CURVE};
+use crate::runs::{base_dir, base_keys, curve_file, finished_curve, ladder_folders, numbered};
+use crate::runs::{recorded_step, screen_dir, MODELS, RECORDED, RECORDED_CURVE};
 use crate::settings::Settings;
 use crate::Result;
 use hyperclone_nn::Context;
@@ -64,7 +64,6 @@ fn run_folders(root: &Path, s: &Settings) -> Vec<RunFolder> {
             evaluated: true,
         })
         .collect();
-    let rungs = s.ladder_steps();
     for &arm in &s.arms {
         for base in base_keys(s, arm) {
             for (_, dir) in numbered::<f64>(&screen_dir(root, base, arm), "lr") {
@@ -75,28 +74,13 @@ fn run_folders(root: &Path, s: &Settings) -> Vec<RunFolder> {
                     evaluated: false,
                 });
             }
-            for (_, dir) in numbered::<f64>(&lrcheck_dir(root, base, arm), "lr") {
+            for (_, steps, _, dir) in ladder_folders(root, s, base, arm) {
                 runs.push(RunFolder {
                     name: arm.name().to_string(),
                     dir,
-                    steps: s.steps,
+                    steps,
                     evaluated: true,
                 });
-            }
-            for (steps, rung) in numbered::<u64>(&row_dir(root, "ladder", base, arm), "steps-") {
-                if !rungs.contains(&steps) {
-                    continue;
-                }
-                for (seed, dir) in numbered::<u64>(&rung, "s") {
-                    if s.seeds.contains(&seed) {
-                        runs.push(RunFolder {
-                            name: arm.name().to_string(),
-                            dir,
-                            steps,
-                            evaluated: true,
-                        });
-                    }
-                }
             }
         }
     }

@@ -59,6 +59,23 @@ fn sd(xs: &[f64]) -> f64 {
     (xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (xs.len() - 1) as f64).sqrt()
 }
 
+/// "target T; the clone's runs ...; speedup X (charging the base Y)" of one seed.
+fn speedup_words(r: &SeedResult) -> String {
+    let runs: Vec<String> = r
+        .points
+        .iter()
+        .map(|(tk, l)| format!("{}: {l:.4}", mega(*tk)))
+        .collect();
+    format!(
+        "the random init's final loss {}, the clone's runs {}, {}: speedup {}, charging the base {}",
+        r.target.map_or("pending".into(), |l| format!("{l:.4}")),
+        runs.join(", "),
+        r.crossing.map_or("pending", |c| c.status()),
+        r.speedup.map_or("-".into(), |x| x.text()),
+        r.charged.map_or("-".into(), |x| x.text()),
+    )
+}
+
 fn lr_text(lr: Option<f64>) -> String {
     lr.map_or("-".into(), |l| format!("{l:e}"))
 }
@@ -159,11 +176,72 @@ impl Report {
         (steps * self.settings.tokens_per_step()) as f64
     }
 
-    /// The random init's full-budget run of `seed`.
+    /// The lr a row's ladder runs at (the best of its full-budget lr check; None until the
+    /// check has finished).
+    pub fn ladder_lr(&self, base: Option<u64>, arm: Arm) -> Option<f64> {
+        self.runs.ladder_lr(&self.settings, base, arm)
+    }
+
+    /// The random init's full-budget run of `seed` at its ladder lr.
     fn random_full(&self, seed: u64) -> Option<&Run> {
+        let lr = self.ladder_lr(None, Arm::RANDOM)?;
         self.runs
-            .ladder
-            .get(&(None, Arm::RANDOM, self.settings.steps, seed))
+            .run(None, Arm::RANDOM, lr, self.settings.steps, seed)
+    }
+
+    /// One seed of a clone arm at peak lr `clone_lr` against the random init's full-budget
+    /// run at `random_lr`: its points, crossing and speedups.
+    fn seed_result(
+        &self,
+        base_steps: u64,
+        arm: Arm,
+        clone_lr: Option<f64>,
+        random_lr: Option<f64>,
+        seed: u64,
+    ) -> SeedResult {
+        let s = &self.settings;
+        let base_tokens = self.rung_tokens(base_steps);
+        let r_tokens = s.budget_tokens() as f64;
+        let target = random_lr
+            .and_then(|lr| self.runs.run(None, Arm::RANDOM, lr, s.steps, seed))
+            .and_then(Run::final_loss);
+        let points: Vec<(f64, f64)> = clone_lr
+            .map(|lr| self.runs.points(Some(base_steps), arm, lr, seed))
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(steps, loss)| (self.rung_tokens(steps), loss))
+            .collect();
+        let crossing = target.and_then(|t| crossing(&points, t));
+        SeedResult {
+            seed,
+            target,
+            crossing,
+            speedup: crossing.map(|c| c.speedup(|b| r_tokens / b)),
+            charged: crossing.zip(self.flops).map(|(c, (fs, fl))| {
+                c.speedup(|b| charged_speedup(r_tokens, b, base_tokens, &fs, &fl))
+            }),
+            points,
+        }
+    }
+
+    /// The headline row's seed 0 at both arms' screened lrs (the protocol before the
+    /// full-budget lr check), when those runs exist and either lr differs from the ladder's.
+    pub fn at_screened_lrs(&self) -> Option<(f64, f64, SeedResult)> {
+        let row = self.headline_row()?;
+        let base = Some(row.base_steps);
+        let clone = self.runs.screened_lr(base, row.arm)?;
+        let random = self.runs.screened_lr(None, Arm::RANDOM)?;
+        if Some(clone) == row.lr && Some(random) == self.ladder_lr(None, Arm::RANDOM) {
+            return None;
+        }
+        let r = self.seed_result(
+            row.base_steps,
+            row.arm,
+            Some(clone),
+            Some(random),
+            self.settings.seeds[0],
+        );
+        (r.target.is_some() && !r.points.is_empty()).then_some((clone, random, r))
     }
 
     /// (seed, final loss) of the random init's full-budget runs.
@@ -176,40 +254,20 @@ impl Report {
     }
 
     fn row(&self, base_steps: u64, arm: Arm) -> Row {
-        let s = &self.settings;
-        let base = Some(base_steps);
-        let base_tokens = self.rung_tokens(base_steps);
-        let r_tokens = s.budget_tokens() as f64;
-        let seeds = s
+        let lr = self.ladder_lr(Some(base_steps), arm);
+        let random_lr = self.ladder_lr(None, Arm::RANDOM);
+        let seeds = self
+            .settings
             .seeds
             .iter()
-            .map(|&seed| {
-                let target = self.random_full(seed).and_then(Run::final_loss);
-                let points: Vec<(f64, f64)> = self
-                    .runs
-                    .points(base, arm, seed)
-                    .into_iter()
-                    .map(|(steps, loss)| (self.rung_tokens(steps), loss))
-                    .collect();
-                let crossing = target.and_then(|t| crossing(&points, t));
-                SeedResult {
-                    seed,
-                    target,
-                    crossing,
-                    speedup: crossing.map(|c| c.speedup(|b| r_tokens / b)),
-                    charged: crossing.zip(self.flops).map(|(c, (fs, fl))| {
-                        c.speedup(|b| charged_speedup(r_tokens, b, base_tokens, &fs, &fl))
-                    }),
-                    points,
-                }
-            })
+            .map(|&seed| self.seed_result(base_steps, arm, lr, random_lr, seed))
             .collect();
         Row {
             base_steps,
-            base_tokens,
+            base_tokens: self.rung_tokens(base_steps),
             base_loss: self.runs.bases.get(&base_steps).and_then(Run::final_loss),
             arm,
-            lr: best_of(&self.runs.screen_results(base, arm)).map(|b| b.0),
+            lr,
             seeds,
         }
     }
@@ -396,16 +454,11 @@ impl Report {
             let _ = write!(t, " {} |", mega(self.rung_tokens(*r)));
         }
         let _ = writeln!(t, "\n|---|---|{}", "---|".repeat(rungs.len()));
-        let cell = |base: Option<u64>, arm: Arm, steps: u64| -> String {
+        let cell = |base: Option<u64>, arm: Arm, lr: Option<f64>, steps: u64| -> String {
             let losses: Vec<f64> = s
                 .seeds
                 .iter()
-                .filter_map(|&seed| {
-                    self.runs
-                        .ladder
-                        .get(&(base, arm, steps, seed))?
-                        .final_loss()
-                })
+                .filter_map(|&seed| self.runs.run(base, arm, lr?, steps, seed)?.final_loss())
                 .collect();
             match losses.len() {
                 0 => "-".into(),
@@ -413,18 +466,38 @@ impl Report {
                 n => format!("{:.4} ± {:.4} (n={n})", mean(&losses), sd(&losses)),
             }
         };
-        let random_lr = best_of(&self.runs.screen_results(None, Arm::RANDOM)).map(|b| b.0);
-        let _ = write!(t, "| random-init | {} |", lr_text(random_lr));
-        for r in &rungs {
-            let _ = write!(t, " {} |", cell(None, Arm::RANDOM, *r));
-        }
-        t.push('\n');
-        for row in &self.rows {
-            let _ = write!(t, "| {} | {} |", row.label(), lr_text(row.lr));
+        let mut line = |label: String, base: Option<u64>, arm: Arm, lr: Option<f64>| {
+            let _ = write!(t, "| {label} | {} |", lr_text(lr));
             for r in &rungs {
-                let _ = write!(t, " {} |", cell(Some(row.base_steps), row.arm, *r));
+                let _ = write!(t, " {} |", cell(base, arm, lr, *r));
             }
             t.push('\n');
+        };
+        let mut rows: Vec<(String, Option<u64>, Arm)> =
+            vec![("random-init".into(), None, Arm::RANDOM)];
+        rows.extend(
+            self.rows
+                .iter()
+                .map(|r| (r.label(), Some(r.base_steps), r.arm)),
+        );
+        for (label, base, arm) in &rows {
+            line(label.clone(), *base, *arm, self.ladder_lr(*base, *arm));
+        }
+        // Runs of the shorter rungs at a screened lr the lr check replaced: kept and shown,
+        // marked as such.
+        for (label, base, arm) in &rows {
+            let screened = self.runs.screened_lr(*base, *arm);
+            let Some(lr) = screened.filter(|l| Some(*l) != self.ladder_lr(*base, *arm)) else {
+                continue;
+            };
+            if self.runs.points(*base, *arm, lr, s.seeds[0]).len() > 1 {
+                line(
+                    format!("{label}, at the screened lr"),
+                    *base,
+                    *arm,
+                    Some(lr),
+                );
+            }
         }
         t
     }
@@ -505,17 +578,13 @@ impl Report {
 
     /// The rows of the full-budget lr check: (base, arm, screened lr) for every row with
     /// check runs, the random init first.
+    /// (base, arm, screened lr) of every row with full-budget runs at more than one lr.
     fn lr_check_keys(&self) -> Vec<(Option<u64>, Arm, Option<f64>)> {
         let mut keys: Vec<(Option<u64>, Arm)> = vec![(None, Arm::RANDOM)];
         keys.extend(self.rows.iter().map(|r| (Some(r.base_steps), r.arm)));
         keys.into_iter()
-            .filter(|(b, a)| {
-                self.runs
-                    .lrcheck
-                    .keys()
-                    .any(|(b2, a2, _)| b2 == b && a2 == a)
-            })
-            .map(|(b, a)| (b, a, best_of(&self.runs.screen_results(b, a)).map(|x| x.0)))
+            .filter(|(b, a)| self.runs.lr_check_results(&self.settings, *b, *a).len() > 1)
+            .map(|(b, a)| (b, a, self.runs.screened_lr(b, a)))
             .collect()
     }
 
@@ -526,7 +595,7 @@ impl Report {
         arm: Arm,
         lr: Option<f64>,
     ) -> Option<(f64, f64, f64)> {
-        let results = self.runs.lr_check_results(&self.settings, base, arm, lr);
+        let results = self.runs.lr_check_results(&self.settings, base, arm);
         let screened = results.iter().find(|r| Some(r.0) == lr)?.1;
         let (best, loss) = best_of(&results)?;
         Some((best, loss, screened))
@@ -540,14 +609,15 @@ impl Report {
             "\n## Learning rate at the full budget ({} steps, seed {})\n",
             s.steps, s.seeds[0]
         );
-        let _ = writeln!(t, "The screens run {} steps; here the random init and the headline arm run the whole budget at half and twice their screened lr (further past an edge, as the screen). Final loss of complete runs; the screened lr's run is the ladder's top rung. The headline keeps the screened lr (the protocol fixed before the runs); this table says whether that choice holds at the full budget.\n", s.screen_steps);
+        let _ = writeln!(t, "The screens run {} steps; a short run favours small steps for a clone (it barely leaves its base), so every arm alike also runs the whole budget at its screened lr, half and twice it (further past an edge, as the screen), and its ladder and seeds run at the best of these (the ladder's lr). Final loss of complete runs.\n", s.screen_steps);
         let _ = writeln!(t, "| arm (base) | lr | final loss | |\n|---|---|---|---|");
         for (base, arm, lr) in self.lr_check_keys() {
             let label = base.map_or(arm.name().to_string(), |b| {
                 format!("{} (base-{b})", arm.name())
             });
             let best = self.lr_check_verdict(base, arm, lr).map(|v| v.0);
-            for (l, loss) in self.runs.lr_check_results(s, base, arm, lr) {
+            let ladder = self.ladder_lr(base, arm);
+            for (l, loss) in self.runs.lr_check_results(s, base, arm) {
                 let mut mark = Vec::new();
                 if Some(l) == lr {
                     mark.push("screened");
@@ -555,8 +625,20 @@ impl Report {
                 if Some(l) == best {
                     mark.push("best");
                 }
+                if Some(l) == ladder {
+                    mark.push("the ladder's lr");
+                }
                 let _ = writeln!(t, "| {label} | {l:e} | {loss:.4} | {} |", mark.join(", "));
             }
+        }
+        if let Some((clone, random, r)) = self.at_screened_lrs() {
+            let _ = writeln!(
+                t,
+                "\nAt the screened lrs (the protocol before this check: {} at {clone:e}, the random init at {random:e}), seed {}: {}.",
+                self.headline_row().map_or(String::new(), Row::label),
+                r.seed,
+                speedup_words(&r)
+            );
         }
         t
     }
@@ -570,7 +652,8 @@ impl Report {
                     json!({
                         "arm": arm.name(), "base_steps": base, "steps": self.settings.steps,
                         "seed": self.settings.seeds[0], "screened_lr": lr,
-                        "runs": self.runs.lr_check_results(&self.settings, base, arm, lr).iter()
+                        "ladder_lr": self.ladder_lr(base, arm),
+                        "runs": self.runs.lr_check_results(&self.settings, base, arm).iter()
                             .map(|(l, loss)| json!({"lr": l, "final_val_loss": loss})).collect::<Vec<_>>(),
                         "best_lr": v.map(|v| v.0),
                         "screened_minus_best": v.map(|v| v.2 - v.1),
@@ -612,9 +695,11 @@ impl Report {
         );
         for row in &self.rows {
             for &seed in &s.seeds {
-                let key = (Some(row.base_steps), row.arm, s.steps, seed);
-                let (Some(c), Some(r)) = (self.runs.ladder.get(&key), self.random_full(seed))
-                else {
+                let c = row.lr.and_then(|lr| {
+                    self.runs
+                        .run(Some(row.base_steps), row.arm, lr, s.steps, seed)
+                });
+                let (Some(c), Some(r)) = (c, self.random_full(seed)) else {
                     continue;
                 };
                 let target = r.curve.final_loss();
@@ -670,19 +755,26 @@ impl Report {
                 "final_eval_tokens": r.final_eval.map(|e| e.tokens),
             })).collect::<Vec<_>>(),
             "lr_check": self.lr_check_json(),
+            "headline_at_screened_lrs": self.at_screened_lrs().map(|(clone, random, r)| json!({
+                "clone_lr": clone, "random_lr": random, "seed": r.seed, "target_val_loss": r.target,
+                "runs": r.points.iter().map(|(t, l)| json!({"tokens": t, "final_val_loss": l})).collect::<Vec<_>>(),
+                "crossing": r.crossing.map(|c| c.status()),
+                "speedup": r.speedup.map_or(Value::Null, |x| x.to_json()),
+                "speedup_charging_base": r.charged.map_or(Value::Null, |x| x.to_json()),
+            })),
             "screen": self.runs.screen.iter().map(|((base, arm, lr), c)| json!({
                 "arm": arm.name(), "base_steps": base, "lr": f64::from_bits(*lr), "final_val_loss_in_run": c.final_loss(),
             })).collect::<Vec<_>>(),
-            "runs": self.runs.ladder.iter().map(|((base, arm, steps, seed), r)| json!({
-                "arm": arm.name(), "base_steps": base, "steps": steps,
+            "runs": self.runs.ladder.iter().map(|((base, arm, lr, steps, seed), r)| json!({
+                "arm": arm.name(), "base_steps": base, "lr": f64::from_bits(*lr), "steps": steps,
                 "tokens": self.rung_tokens(*steps), "seed": seed,
                 "final_val_loss": r.final_loss(),
                 "final_eval_tokens": r.final_eval.map(|e| e.tokens),
             })).collect::<Vec<_>>(),
             "within_run_curves_full_budget": self.runs.ladder.iter()
-                .filter(|((_, _, steps, _), _)| *steps == self.settings.steps)
-                .map(|((base, arm, _, seed), r)| json!({
-                    "arm": arm.name(), "base_steps": base, "seed": seed, "curve": curve(&r.curve),
+                .filter(|((_, _, _, steps, _), _)| *steps == self.settings.steps)
+                .map(|((base, arm, lr, _, seed), r)| json!({
+                    "arm": arm.name(), "base_steps": base, "lr": f64::from_bits(*lr), "seed": seed, "curve": curve(&r.curve),
                 })).collect::<Vec<_>>(),
         })
     }
@@ -741,7 +833,7 @@ impl Report {
             s.screen_steps, s.seeds[0]
         );
         m.push_str(&self.screen_markdown());
-        if !self.runs.lrcheck.is_empty() {
+        if !self.lr_check_keys().is_empty() {
             m.push_str(&self.lr_check_markdown());
         }
         let _ = writeln!(m, "\n## Secondary view: within-run curves of the full-budget runs\n\nInside one run a point is not a shorter run's final loss: the random init reaches its own final loss only in its decay, so a within-run ratio is capped by the schedule. Shown for the curves only; the headline is the budget-matched table above.\n");
@@ -789,7 +881,7 @@ impl Report {
             if Some(best) == lr {
                 let _ = writeln!(f, "- {label}: at the full budget its screened lr {best:e} is still the best of those checked ({loss:.4}).");
             } else {
-                let _ = writeln!(f, "- {label}: at the full budget lr {best:e} ends {:.4} nats below its screened lr {} ({loss:.4} against {screened:.4}): the short screen mis-picks this arm's lr.", screened - loss, lr_text(lr));
+                let _ = writeln!(f, "- {label}: at the full budget lr {best:e} ends {:.4} nats below its screened lr {} ({loss:.4} against {screened:.4}): the short screen mis-picks this arm's lr{}.", screened - loss, lr_text(lr), if self.ladder_lr(base, arm) == Some(best) { "; its ladder runs at the better one" } else { "" });
             }
         }
         match self.final_eval_tokens() {

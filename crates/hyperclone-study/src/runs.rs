@@ -6,9 +6,8 @@
 //! OUT/clones/base-N/VARIANT[-sSEED]/                 its clones (noisy ones per seed)
 //! OUT/screen/random-init/lrLR/                       the random init's lr screen
 //! OUT/screen/base-N/ARM/lrLR/                        a clone arm's, from base-N
-//! OUT/ladder/random-init/steps-B/sSEED/              a complete run of B steps
-//! OUT/ladder/base-N/ARM/steps-B/sSEED/               ... of a clone arm from base-N
-//! OUT/lrcheck/random-init/lrLR/, lrcheck/base-N/ARM/lrLR/   the full-budget lr check (seed 0)
+//! OUT/ladder/random-init/lrLR/steps-B/sSEED/         a complete run of B steps at peak lr LR
+//! OUT/ladder/base-N/ARM/lrLR/steps-B/sSEED/          ... of a clone arm from base-N
 //! OUT/curves/<the run's path>.csv                    every run's compact curve (committable)
 //! ```
 //!
@@ -49,45 +48,54 @@ pub type BaseKey = Option<u64>;
 pub struct StudyRuns {
     pub bases: BTreeMap<u64, Run>,
     pub screen: BTreeMap<(BaseKey, Arm, u64), Curve>,
-    /// (base, arm, steps, seed).
-    pub ladder: BTreeMap<(BaseKey, Arm, u64, u64), Run>,
-    /// The full-budget learning-rate check: (base, arm, lr bits), seed 0's complete runs of
-    /// the full budget at the screened lr's neighbours (the screened lr itself is the ladder's
-    /// top rung).
-    pub lrcheck: BTreeMap<(BaseKey, Arm, u64), Run>,
+    /// Complete runs: (base, arm, lr bits, steps, seed). The full-budget lr check's runs are
+    /// the full-budget rungs of seed 0 at several lrs.
+    pub ladder: BTreeMap<(BaseKey, Arm, u64, u64, u64), Run>,
 }
 
 impl StudyRuns {
-    /// (steps, final loss) of one seed's finished and evaluated ladder runs, in step order.
-    pub fn points(&self, base: BaseKey, arm: Arm, seed: u64) -> Vec<(u64, f64)> {
+    /// (steps, final loss) of one seed's finished and evaluated runs at `lr`, in step order.
+    pub fn points(&self, base: BaseKey, arm: Arm, lr: f64, seed: u64) -> Vec<(u64, f64)> {
         self.ladder
             .iter()
-            .filter(|((b, a, _, s), _)| *b == base && *a == arm && *s == seed)
-            .filter_map(|((_, _, steps, _), r)| Some((*steps, r.final_loss()?)))
+            .filter(|((b, a, l, _, s), _)| {
+                *b == base && *a == arm && *l == lr.to_bits() && *s == seed
+            })
+            .filter_map(|((_, _, _, steps, _), r)| Some((*steps, r.final_loss()?)))
             .collect()
     }
 
-    /// (lr, final loss) at the full budget on seed 0 of `arm` from `base`: the ladder's top
-    /// rung at the screened `lr` and the lr check's runs, in lr order.
-    pub fn lr_check_results(
-        &self,
-        s: &Settings,
-        base: BaseKey,
-        arm: Arm,
-        lr: Option<f64>,
-    ) -> Vec<(f64, f64)> {
-        let mut r: Vec<(f64, f64)> = self
-            .lrcheck
+    /// The complete run of `steps` steps at `lr` on `seed`.
+    pub fn run(&self, base: BaseKey, arm: Arm, lr: f64, steps: u64, seed: u64) -> Option<&Run> {
+        self.ladder.get(&(base, arm, lr.to_bits(), steps, seed))
+    }
+
+    /// (lr, final loss) of the full-budget runs of `arm` from `base` on seed 0 (the
+    /// screened lr's and the lr check's), in lr order.
+    pub fn lr_check_results(&self, s: &Settings, base: BaseKey, arm: Arm) -> Vec<(f64, f64)> {
+        // BTreeMap order is by lr bits, which for positive lrs is lr order.
+        self.ladder
             .iter()
-            .filter(|((b, a, _), _)| *b == base && *a == arm)
-            .filter_map(|((_, _, lr), run)| Some((f64::from_bits(*lr), run.final_loss()?)))
-            .collect();
-        let top = self.ladder.get(&(base, arm, s.steps, s.seeds[0]));
-        if let (Some(lr), Some(loss)) = (lr, top.and_then(Run::final_loss)) {
-            r.push((lr, loss));
-        }
-        r.sort_by(|a, b| a.0.total_cmp(&b.0));
-        r
+            .filter(|((b, a, _, steps, seed), _)| {
+                *b == base && *a == arm && *steps == s.steps && *seed == s.seeds[0]
+            })
+            .filter_map(|((_, _, lr, _, _), run)| Some((f64::from_bits(*lr), run.final_loss()?)))
+            .collect()
+    }
+
+    /// The lr the row's screen picked (None until it has run).
+    pub fn screened_lr(&self, base: BaseKey, arm: Arm) -> Option<f64> {
+        crate::report::best_of(&self.screen_results(base, arm)).map(|b| b.0)
+    }
+
+    /// The lr the row's ladder and seeds run at: the best at the full budget once the lr
+    /// check has finished (see [`lr_check_done`]); None before.
+    pub fn ladder_lr(&self, s: &Settings, base: BaseKey, arm: Arm) -> Option<f64> {
+        let screened = self.screened_lr(base, arm)?;
+        let results = self.lr_check_results(s, base, arm);
+        lr_check_done(s, screened, &results)
+            .then(|| crate::report::best_of(&results).map(|b| b.0))
+            .flatten()
     }
 
     /// (lr, final loss of its curve) of every finished screen run of `arm` from `base`.
@@ -142,14 +150,21 @@ pub fn screen_dir(out: &Path, base: BaseKey, arm: Arm) -> PathBuf {
     row_dir(out, "screen", base, arm)
 }
 
-/// The full-budget lr check's runs of `arm` (from `base` for a clone arm) live in lrLR/
-/// under this.
-pub fn lrcheck_dir(out: &Path, base: BaseKey, arm: Arm) -> PathBuf {
-    row_dir(out, "lrcheck", base, arm)
+/// The lr check has finished when the screened lr and its half and double have run at the
+/// full budget, and the best is inside them or the check has extended `lr_extensions`
+/// times past an edge (the screen's rule).
+pub fn lr_check_done(s: &Settings, screened: f64, results: &[(f64, f64)]) -> bool {
+    let has = |lr: f64| results.iter().any(|r| r.0 == lr);
+    if !(has(screened) && has(screened / 2.0) && has(screened * 2.0)) {
+        return false;
+    }
+    results.len() - 3 >= s.lr_extensions as usize
+        || crate::report::edge_extension(results).is_none()
 }
 
-pub fn ladder_dir(out: &Path, base: BaseKey, arm: Arm, steps: u64, seed: u64) -> PathBuf {
+pub fn ladder_dir(out: &Path, base: BaseKey, arm: Arm, lr: f64, steps: u64, seed: u64) -> PathBuf {
     row_dir(out, "ladder", base, arm)
+        .join(format!("lr{lr:e}"))
         .join(format!("steps-{steps}"))
         .join(format!("s{seed}"))
 }
@@ -231,6 +246,31 @@ pub(crate) fn numbered<T: std::str::FromStr>(dir: &Path, prefix: &str) -> Vec<(T
         .collect()
 }
 
+/// (lr, steps, seed, folder) of every complete-run folder of one row whose rung and seed
+/// the settings know.
+pub(crate) fn ladder_folders(
+    root: &Path,
+    s: &Settings,
+    base: BaseKey,
+    arm: Arm,
+) -> Vec<(f64, u64, u64, PathBuf)> {
+    let rungs = s.ladder_steps();
+    let mut found = Vec::new();
+    for (lr, lr_dir) in numbered::<f64>(&row_dir(root, "ladder", base, arm), "lr") {
+        for (steps, rung) in numbered::<u64>(&lr_dir, "steps-") {
+            if !rungs.contains(&steps) {
+                continue;
+            }
+            for (seed, path) in numbered::<u64>(&rung, "s") {
+                if s.seeds.contains(&seed) {
+                    found.push((lr, steps, seed, path));
+                }
+            }
+        }
+    }
+    found
+}
+
 /// Every finished run (missing ones are simply absent: the report says pending). Ladder
 /// rungs and seeds outside the settings are ignored.
 pub fn read_runs(out: &Path, s: &Settings) -> Result<StudyRuns> {
@@ -240,7 +280,6 @@ pub fn read_runs(out: &Path, s: &Settings) -> Result<StudyRuns> {
             runs.bases.insert(steps, r);
         }
     }
-    let rungs = s.ladder_steps();
     for &arm in &s.arms {
         for base in base_keys(s, arm) {
             for (lr, path) in numbered::<f64>(&screen_dir(out, base, arm), "lr") {
@@ -248,25 +287,10 @@ pub fn read_runs(out: &Path, s: &Settings) -> Result<StudyRuns> {
                     runs.screen.insert((base, arm, lr.to_bits()), c);
                 }
             }
-            for (lr, path) in numbered::<f64>(&lrcheck_dir(out, base, arm), "lr") {
+            for (lr, steps, seed, path) in ladder_folders(out, s, base, arm) {
                 if let Some(r) = finished_run(arm.name(), &path, s) {
-                    if r.curve.evals.last().map(|e| e.step) == Some(s.steps) {
-                        runs.lrcheck.insert((base, arm, lr.to_bits()), r);
-                    }
-                }
-            }
-            let row = row_dir(out, "ladder", base, arm);
-            for (steps, dir) in numbered::<u64>(&row, "steps-") {
-                if !rungs.contains(&steps) {
-                    continue;
-                }
-                for (seed, path) in numbered::<u64>(&dir, "s") {
-                    if !s.seeds.contains(&seed) {
-                        continue;
-                    }
-                    if let Some(r) = finished_run(arm.name(), &path, s) {
-                        runs.ladder.insert((base, arm, steps, seed), r);
-                    }
+                    runs.ladder
+                        .insert((base, arm, lr.to_bits(), steps, seed), r);
                 }
             }
         }
@@ -357,4 +381,170 @@ pub fn read_screen(out: &Path, base: BaseKey, arm: Arm) -> Vec<(f64, f64)> {
         .collect();
     r.sort_by(|a, b| a.0.total_cmp(&b.0));
     r
+}
+
+/// Moves a study folder (OUT or a record) written before complete runs were tagged with
+/// their lr into today's layout, so no finished run is lost: `ladder/ROW/steps-B/` (runs at
+/// the screened lr) becomes `ladder/ROW/lrLR/steps-B/`, and the full-budget lr check's
+/// `lrcheck/ROW/lrLR/` (seed 0) becomes `ladder/ROW/lrLR/steps-R/sSEED0/`; their curves
+/// under curves/ move alike. Returns how many folders moved; refuses to overwrite.
+pub fn migrate_layout(root: &Path, s: &Settings) -> Result<usize> {
+    let mut moved = 0;
+    let mut mv = |from: PathBuf, to: PathBuf| -> Result<()> {
+        if !from.exists() {
+            return Ok(());
+        }
+        if to.exists() {
+            bail!(
+                "{}: an older layout's run and {} both exist; move one away by hand",
+                from.display(),
+                to.display()
+            );
+        }
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        std::fs::rename(&from, &to)
+            .with_context(|| format!("moving {} to {}", from.display(), to.display()))?;
+        moved += 1;
+        Ok(())
+    };
+    let curves = root.join("curves");
+    let with_csv = |p: &Path| {
+        let mut name = p.as_os_str().to_owned();
+        name.push(".csv");
+        PathBuf::from(name)
+    };
+    for &arm in &s.arms {
+        for base in base_keys(s, arm) {
+            let row = row_dir(root, "ladder", base, arm);
+            let rel_row = row.strip_prefix(root).unwrap_or(&row).to_path_buf();
+            let old_rungs = numbered::<u64>(&row, "steps-");
+            if !old_rungs.is_empty() {
+                // In a record the screen's curves live under curves/, not in the run folders.
+                let screened: Vec<(f64, f64)> = numbered::<f64>(&screen_dir(root, base, arm), "lr")
+                    .into_iter()
+                    .filter_map(|(lr, dir)| {
+                        let curve = finished_curve(arm.name(), &dir).or_else(|| {
+                            Curve::read_compact(arm.name(), &curve_file(root, &dir), 0.0).ok()
+                        })?;
+                        Some((lr, curve.final_loss()))
+                    })
+                    .collect();
+                let Some((lr, _)) = crate::report::best_of(&screened) else {
+                    bail!(
+                        "{}: runs of the older layout without the screen that chose their lr; move them away by hand",
+                        row.display()
+                    );
+                };
+                let tag = format!("lr{lr:e}");
+                for (steps, dir) in old_rungs {
+                    let name = format!("steps-{steps}");
+                    mv(dir, row.join(&tag).join(&name))?;
+                    mv(
+                        curves.join(&rel_row).join(&name),
+                        curves.join(&rel_row).join(&tag).join(&name),
+                    )?;
+                }
+            }
+            let check = row_dir(root, "lrcheck", base, arm);
+            let rel_check = check.strip_prefix(root).unwrap_or(&check).to_path_buf();
+            for (lr, dir) in numbered::<f64>(&check, "lr") {
+                let to = row
+                    .join(format!("lr{lr:e}"))
+                    .join(format!("steps-{}", s.steps))
+                    .join(format!("s{}", s.seeds[0]));
+                let to_rel = to.strip_prefix(root).unwrap_or(&to).to_path_buf();
+                mv(dir, to.clone())?;
+                mv(
+                    with_csv(&curves.join(&rel_check).join(format!("lr{lr:e}"))),
+                    with_csv(&curves.join(to_rel)),
+                )?;
+            }
+        }
+    }
+    for old in [root.join("lrcheck"), curves.join("lrcheck")] {
+        // Only empty folders are left; remove_dir refuses anything else, which is kept.
+        remove_empty_dirs(&old);
+    }
+    Ok(moved)
+}
+
+fn remove_empty_dirs(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.path().is_dir() {
+                remove_empty_dirs(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(path: &Path, text: &str) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    /// A record of the layout before lr-tagged runs (as the study wrote it until
+    /// 2026-12): its ladder at the screened lr and its lr check move, files and curves,
+    /// and nothing else is touched; a second call moves nothing.
+    #[test]
+    fn the_older_layout_moves_without_losing_a_run() {
+        let s = Settings::resolve(&crate::settings::tests::options()).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let header = "step,tokens,lr,train_loss,val_loss,symmetry\n";
+        // The random init screened 4e-3 best (the lower loss), 2e-3 worse.
+        for (lr, loss) in [("4e-3", 5.0), ("2e-3", 5.2)] {
+            write(
+                &root.join(format!("screen/random-init/lr{lr}/{RECORDED}")),
+                "{\"step\": 500}",
+            );
+            write(
+                &root.join(format!("curves/screen/random-init/lr{lr}.csv")),
+                &format!("{header}0,0,0,,10.4,\n500,1024000,0.0004,5.0,{loss},\n"),
+            );
+        }
+        write(
+            &root.join("ladder/random-init/steps-500/s0/final_eval.json"),
+            "{}",
+        );
+        write(
+            &root.join("curves/ladder/random-init/steps-500/s0.csv"),
+            header,
+        );
+        write(
+            &root.join("lrcheck/random-init/lr1e-3/final_eval.json"),
+            "{}",
+        );
+        write(&root.join("curves/lrcheck/random-init/lr1e-3.csv"), header);
+
+        assert_eq!(migrate_layout(root, &s).unwrap(), 4);
+        for moved in [
+            "ladder/random-init/lr4e-3/steps-500/s0/final_eval.json",
+            "curves/ladder/random-init/lr4e-3/steps-500/s0.csv",
+            "ladder/random-init/lr1e-3/steps-4000/s0/final_eval.json",
+            "curves/ladder/random-init/lr1e-3/steps-4000/s0.csv",
+            "screen/random-init/lr4e-3/recorded.json",
+        ] {
+            assert!(root.join(moved).is_file(), "{moved}");
+        }
+        assert!(!root.join("lrcheck").exists() && !root.join("curves/lrcheck").exists());
+        assert!(!root.join("ladder/random-init/steps-500").exists());
+        assert_eq!(migrate_layout(root, &s).unwrap(), 0);
+
+        // A run in both layouts is never overwritten.
+        write(
+            &root.join("lrcheck/random-init/lr1e-3/final_eval.json"),
+            "{}",
+        );
+        let err = migrate_layout(root, &s).unwrap_err().to_string();
+        assert!(err.contains("both exist"), "{err}");
+    }
 }

@@ -474,10 +474,11 @@ impl Settings {
 pub const BASE_SEED: u64 = 1000;
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn options() -> ExperimentOptions {
+    /// The paper-regime options as the CLI fills them (tests of other modules use them too).
+    pub(crate) fn options() -> ExperimentOptions {
         ExperimentOptions {
             factor: 2,
             snr_db: 10.0,

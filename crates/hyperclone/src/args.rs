@@ -302,6 +302,15 @@ pub struct TrainArgs {
     /// the schedule still spans --steps; continue with --resume).
     #[arg(long, value_name = "STEP")]
     pub stop_at: Option<u64>,
+    /// AdamW's first-moment decay (beta1).
+    #[arg(long, default_value_t = 0.9, value_name = "B1")]
+    pub adam_beta1: f64,
+    /// AdamW's second-moment decay (beta2); 0.95 as in most LLM pretraining recipes.
+    #[arg(long, default_value_t = 0.95, value_name = "B2")]
+    pub adam_beta2: f64,
+    /// AdamW's epsilon.
+    #[arg(long, default_value_t = 1e-8, value_name = "EPS")]
+    pub adam_epsilon: f64,
 }
 
 /// Token input for forward and verify.

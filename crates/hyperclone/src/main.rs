@@ -280,4 +280,24 @@ mod tests {
             "{e}"
         );
     }
+
+    #[test]
+    fn train_flags_default_to_the_trainers_defaults() {
+        use hyperclone_nn::train::TrainOptions;
+        let cli =
+            Cli::try_parse_from(["hyperclone", "train", "--data", "d", "--out", "o"]).unwrap();
+        let Command::Train(a) = cli.command else {
+            unreachable!()
+        };
+        let from_flags = format!("{:?}", crate::train_cmd::options(&a).unwrap());
+        let defaults = format!(
+            "{:?}",
+            TrainOptions {
+                data: vec!["d".into()],
+                out: "o".into(),
+                ..TrainOptions::default()
+            }
+        );
+        assert_eq!(from_flags, defaults, "one set of defaults");
+    }
 }

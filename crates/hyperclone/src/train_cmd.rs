@@ -20,8 +20,9 @@ pub fn train(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// The flags as the trainer's options.
-fn options(a: &TrainArgs) -> Result<TrainOptions> {
+/// The flags as the trainer's options (one field each; the defaults are
+/// `TrainOptions::default()`'s, checked in a test below).
+pub(crate) fn options(a: &TrainArgs) -> Result<TrainOptions> {
     // Checked whatever the schedule, as the flag always was (the trainer checks it for WSD).
     trainer::check_decay_frac(a.decay_frac)?;
     Ok(TrainOptions {
@@ -57,6 +58,9 @@ fn options(a: &TrainArgs) -> Result<TrainOptions> {
         resume: a.resume,
         force: a.force,
         stop_at: a.stop_at,
+        adam_beta1: a.adam_beta1,
+        adam_beta2: a.adam_beta2,
+        adam_epsilon: a.adam_epsilon,
     })
 }
 

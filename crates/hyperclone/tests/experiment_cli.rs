@@ -52,12 +52,18 @@ fn is_png(path: &Path) -> bool {
 }
 
 /// (tokens, final loss) of the finished rungs of `arm` from `base` on `seed`, ascending.
-fn points(r: &Value, arm: &str, base: Option<u64>, seed: u64) -> Vec<(f64, f64)> {
+/// (tokens, final loss) of one seed's complete runs at peak lr `lr`.
+fn points(r: &Value, arm: &str, base: Option<u64>, seed: u64, lr: f64) -> Vec<(f64, f64)> {
     let mut p: Vec<(f64, f64)> = r["runs"]
         .as_array()
         .unwrap()
         .iter()
-        .filter(|x| x["arm"] == arm && x["base_steps"].as_u64() == base && x["seed"] == seed)
+        .filter(|x| {
+            x["arm"] == arm
+                && x["base_steps"].as_u64() == base
+                && x["seed"] == seed
+                && x["lr"].as_f64() == Some(lr)
+        })
         .map(|x| {
             (
                 x["tokens"].as_f64().unwrap(),
@@ -86,10 +92,27 @@ fn flops(m: &Value, seq: f64) -> f64 {
     6.0 * matmuls + 6.0 * d * v + 12.0 * l * seq * h * hd
 }
 
-/// The headline's speedups recomputed from the runs: the first rung at or below the seed's
-/// target, interpolated in log-budget with the rung before; bounds at the ladder's ends.
+/// The lr a row's ladder ran at, as the report's lr check states it.
+fn ladder_lr(r: &Value, arm: &str, base: Option<u64>) -> f64 {
+    r["lr_check"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["arm"] == arm && c["base_steps"].as_u64() == base)
+        .and_then(|c| c["ladder_lr"].as_f64())
+        .unwrap_or_else(|| panic!("no ladder lr for {arm} {base:?}"))
+}
+
+/// The headline's speedups recomputed from the runs at both arms' ladder lrs: the first
+/// rung at or below the seed's target, interpolated in log-budget with the rung before;
+/// bounds at the ladder's ends.
 fn check_headline_against_runs(r: &Value) {
     let h = &r["headline"];
+    let (random_lr, clone_lr) = (
+        ladder_lr(r, "random-init", None),
+        ladder_lr(r, "noisy-fresh", Some(40)),
+    );
+    assert_eq!(h["lr"].as_f64(), Some(clone_lr));
     let big_r = h["random_budget_tokens"].as_f64().unwrap();
     let base_tokens = h["base_tokens"].as_f64().unwrap();
     let (fs, fl) = (
@@ -101,11 +124,11 @@ fn check_headline_against_runs(r: &Value) {
     assert!(!seeds.is_empty(), "{h}");
     for (i, seed) in seeds.iter().enumerate() {
         let seed = seed.as_u64().unwrap();
-        let target = points(r, "random-init", None, seed)
+        let target = points(r, "random-init", None, seed, random_lr)
             .last()
             .map(|p| p.1)
             .unwrap();
-        let pts = points(r, "noisy-fresh", Some(40), seed);
+        let pts = points(r, "noisy-fresh", Some(40), seed, clone_lr);
         let first = pts.iter().position(|p| p.1 <= target);
         let (speedup, charged) = (&h["speedups"][i], &h["speedups_charging_base"][i]);
         let charge = |b: f64| big_r * fl / (b * fl + base_tokens * fs);
@@ -237,9 +260,10 @@ fn quick_experiment_writes_a_complete_report_and_reruns_reuse_it() {
         ("noisy-carried", Some(40)),
         ("noisy-fresh", Some(15)),
     ] {
-        let p0: Vec<f64> = points(&r, arm, base, 0).iter().map(|p| p.0).collect();
+        let lr = ladder_lr(&r, arm, base);
+        let p0: Vec<f64> = points(&r, arm, base, 0, lr).iter().map(|p| p.0).collect();
         assert_eq!(p0, rung_tokens, "{arm} {base:?} seed 0");
-        let p1 = points(&r, arm, base, 1);
+        let p1 = points(&r, arm, base, 1, lr);
         if arm == "random-init" {
             assert_eq!(p1.iter().map(|p| p.0).collect::<Vec<_>>(), [rung_tokens[3]]);
         } else {
@@ -255,15 +279,22 @@ fn quick_experiment_writes_a_complete_report_and_reruns_reuse_it() {
         2 * 4,
         "4 screens x 2 lrs"
     );
-    // The full-budget lr check: the random init and the headline arm, seed 0, at half and
-    // twice the screened lr (and on past an edge), beside the ladder's top rung.
+    // The full-budget lr check, every row alike: seed 0 at the screened lr, half and twice
+    // it (and on past an edge); the ladder runs at the best of them.
     let checks = r["lr_check"].as_array().unwrap();
     let checked: Vec<(&str, Option<u64>)> = checks
         .iter()
         .map(|c| (c["arm"].as_str().unwrap(), c["base_steps"].as_u64()))
         .collect();
-    assert_eq!(checked, [("random-init", None), ("noisy-fresh", Some(40))]);
-    let mut check_runs = 0;
+    assert_eq!(
+        checked,
+        [
+            ("random-init", None),
+            ("noisy-fresh", Some(40)),
+            ("noisy-carried", Some(40)),
+            ("noisy-fresh", Some(15))
+        ]
+    );
     for c in checks {
         let lr = c["screened_lr"].as_f64().unwrap();
         let lrs: Vec<f64> = c["runs"]
@@ -281,33 +312,19 @@ fn quick_experiment_writes_a_complete_report_and_reruns_reuse_it() {
         );
         let best = c["best_lr"].as_f64().unwrap();
         assert!(lrs.contains(&best));
+        assert_eq!(c["ladder_lr"].as_f64(), Some(best), "{c}");
         assert!(c["screened_minus_best"].as_f64().unwrap() >= 0.0, "{c}");
-        let top = c["runs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|x| x["lr"] == lr)
-            .unwrap();
-        let ladder_top = r["runs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|x| {
-                x["arm"] == c["arm"]
-                    && x["base_steps"] == c["base_steps"]
-                    && x["steps"] == 24
-                    && x["seed"] == 0
-            })
-            .unwrap();
-        assert_eq!(
-            top["final_val_loss"], ladder_top["final_val_loss"],
-            "the screened lr's run is the top rung"
-        );
-        check_runs += lrs.len() - 1;
+        // Each check run is the full-budget rung of seed 0 at its lr.
+        for x in c["runs"].as_array().unwrap() {
+            let l = x["lr"].as_f64().unwrap();
+            let base = c["base_steps"].as_u64();
+            let p = points(&r, c["arm"].as_str().unwrap(), base, 0, l);
+            assert_eq!(p.last().map(|p| p.1), x["final_val_loss"].as_f64(), "{c}");
+        }
     }
     // Every run's compact curve is gathered under curves/.
     let csvs = walk(&d.join("exp/curves"));
-    let runs = 2 + 8 + r["runs"].as_array().unwrap().len() + check_runs;
+    let runs = 2 + 8 + r["runs"].as_array().unwrap().len();
     assert_eq!(csvs.len(), runs, "{csvs:?}");
     for f in &csvs {
         assert!(std::fs::read_to_string(f)
@@ -338,22 +355,32 @@ fn quick_experiment_writes_a_complete_report_and_reruns_reuse_it() {
     let o = experiment(d, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(
-        out.matches("finished earlier, reused").count(),
-        runs,
+    // (A check run that is also the ladder's top rung is reported under both names.)
+    assert!(
+        !out.contains(" steps in "),
+        "nothing is trained again: {out}"
+    );
+    assert!(
+        out.matches("finished earlier, reused").count() >= runs,
         "{out}"
     );
     assert_eq!(report(d), r);
 
     // A run that is lost is retrained, to the same numbers (batches and noise are seeded).
-    std::fs::remove_dir_all(d.join("exp/ladder/base-40/noisy-fresh/steps-24/s0")).unwrap();
+    let lr = ladder_lr(&r, "noisy-fresh", Some(40));
+    std::fs::remove_dir_all(d.join(format!(
+        "exp/ladder/base-40/noisy-fresh/lr{lr:e}/steps-24/s0"
+    )))
+    .unwrap();
     let o = experiment(d, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(report(d)["headline"], r["headline"]);
 
     // --report-only rewrites the report without training; a missing run is pending.
     std::fs::remove_file(d.join("exp/report.md")).unwrap();
-    std::fs::remove_dir_all(d.join("exp/ladder/random-init/steps-24/s1")).unwrap();
+    let lr = ladder_lr(&r, "random-init", None);
+    std::fs::remove_dir_all(d.join(format!("exp/ladder/random-init/lr{lr:e}/steps-24/s1")))
+        .unwrap();
     let o = experiment(d, &["--report-only"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let partial = report(d);
