@@ -67,7 +67,7 @@ def clone(
     ``intermediate_size`` (any width >= the source's; Net2Net when not a multiple);
     ``depth_factor`` or ``num_hidden_layers`` add layers (``depth_mode`` identity or stack);
     ``num_attention_heads``; ``keep_tied`` keeps a tied embedding tied; ``experts`` upcycles
-    a llama or mistral into mixtral (``experts_per_token``, default 2; ``expert_init`` copy
+    a llama or mistral into mixtral, a qwen3 or qwen2 into qwen3_moe or qwen2_moe (``experts_per_token``, default 2; ``expert_init`` copy
     or drop with ``drop_ratio``, ``router_init`` zero or normal: only the defaults are
     exact); ``variant``:
     symmetric, noisy, diagonal or noisy-diagonal (noise of ``snr_db`` dB, seeded by

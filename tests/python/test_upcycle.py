@@ -1,5 +1,6 @@
 """Upcycling checked in transformers: `hyperclone clone SRC DST --experts E` turns a dense
-llama or mistral into a MixtralForCausalLM that computes the dense model's function.
+llama or mistral into a MixtralForCausalLM, a qwen3 into a Qwen3MoeForCausalLM and a qwen2
+into a Qwen2MoeForCausalLM (its shared expert silent) that compute the dense model's function.
 
 Each upcycled clone is loaded by `from_pretrained` in float64 (eager attention and eager
 experts) and compared twice:
@@ -37,7 +38,14 @@ CASES = [
     ("llama-mqa-untied", ["--factor", "3"]),
     ("mistral-gqa", ["--factor", "1"]),
     ("mistral-gqa", ["--factor", "2"]),
+    ("qwen3-gqa", ["--factor", "1"]),
+    ("qwen3-gqa", ["--factor", "2"]),
+    ("qwen3-mqa-tied", ["--factor", "2", "--keep-tied", "--num-hidden-layers", "3"]),
+    ("qwen2-gqa", ["--factor", "1"]),
+    ("qwen2-gqa", ["--factor", "2", "--intermediate-size", "72"]),
 ]
+SIBLING = {"llama": ("mixtral", "MixtralForCausalLM"), "mistral": ("mixtral", "MixtralForCausalLM"),
+           "qwen3": ("qwen3_moe", "Qwen3MoeForCausalLM"), "qwen2": ("qwen2_moe", "Qwen2MoeForCausalLM")}
 
 
 def growth_of(flags, layers):
@@ -56,9 +64,10 @@ def test_upcycled_clone_computes_the_dense_function(fixture, flags, hyperclone_b
                    if not (f == "--experts-per-token" or (i and flags[i - 1] == "--experts-per-token"))]
     run_clone(hyperclone_bin, src, dense, *dense_flags)
     cfg = json.loads((moe / "config.json").read_text())
-    assert cfg["model_type"] == "mixtral" and cfg["num_local_experts"] == 4
+    model_type, arch = SIBLING[json.loads((src / "config.json").read_text())["model_type"]]
+    assert cfg["model_type"] == model_type
     model_s, model_m, model_d = cc.load_model(src), cc.load_model(moe), cc.load_model(dense)
-    assert type(model_m).__name__ == "MixtralForCausalLM"
+    assert type(model_m).__name__ == arch and model_m.config.num_experts == 4
     ids = cc.default_ids(model_s.config.vocab_size)
     out_s, out_m, out_d = (cc.forward(m, ids) for m in (model_s, model_m, model_d))
     n = model_m.config.hidden_size // model_s.config.hidden_size

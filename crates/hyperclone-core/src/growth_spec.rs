@@ -79,7 +79,8 @@ pub struct GrowthSpec {
     /// vocab x hidden x n parameters. Refused, with the reason, where it cannot be exact.
     #[cfg_attr(feature = "clap", arg(long))]
     pub keep_tied: bool,
-    /// Upcycle into a Mixture of Experts with E experts per layer (llama, mistral -> mixtral):
+    /// Upcycle into a Mixture of Experts with E experts per layer (llama, mistral -> mixtral;
+    /// qwen3 -> qwen3_moe; qwen2 -> qwen2_moe, its shared expert silent):
     /// every expert a copy of the (grown) dense MLP and the router zero, so routing is uniform
     /// and the model computes the dense model's function exactly. Combines with every other
     /// growth; other families are refused with the reason.

@@ -10,7 +10,7 @@ use crate::growth_map::{GrowthMap, GROWTH_MAP_KEY};
 use crate::kernel::{name_key, AxisGrowth, Segment};
 use crate::options::GrowthOptions;
 use crate::safetensors::{encode_header, HeaderEntry};
-use crate::upcycle::{units_key, DropSpec, ExpertInit, Fill, RouterInit, Upcycle};
+use crate::upcycle::{units_key, DropSpec, ExpertInit, Fill, RouterInit, SharedInit, Upcycle};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 
@@ -106,8 +106,56 @@ impl Plan {
                 Some(l) if upcycled(&map, rule).is_some() => {
                     let (u, pattern, first) = upcycled(&map, rule).expect("matched");
                     for (j, _) in map.layers.iter().enumerate().filter(|(_, d)| d.source == l) {
+                        let target = u.target();
                         if first {
-                            tensors.push(router(ckpt, options, &map, u, i, j));
+                            let fill = match u.router_init {
+                                RouterInit::Zero => Fill::Zeros,
+                                RouterInit::Normal => Fill::Normal {
+                                    std: u.router_std,
+                                    key: 0, // set from the name
+                                },
+                            };
+                            tensors.push(unread(
+                                ckpt,
+                                options,
+                                &map,
+                                i,
+                                target.router,
+                                j,
+                                u.experts,
+                                fill,
+                            ));
+                            if let Some(gate) = target.shared_gate {
+                                tensors.push(unread(
+                                    ckpt,
+                                    options,
+                                    &map,
+                                    i,
+                                    gate,
+                                    j,
+                                    1,
+                                    Fill::Zeros,
+                                ));
+                            }
+                        }
+                        if let Some((_, pattern, init)) =
+                            target.shared.iter().find(|s| s.0 == rule.pattern)
+                        {
+                            let name = tensor_name_at(pattern, Some(j), None);
+                            let mut t = dest_tensor(
+                                ckpt,
+                                options,
+                                &map,
+                                i,
+                                &name,
+                                rule,
+                                rule.component,
+                                Some(j),
+                            )?;
+                            if *init == SharedInit::Zero {
+                                t.fill = Fill::Zeros;
+                            }
+                            tensors.push(t);
                         }
                         for e in 0..u.experts {
                             let name = tensor_name_at(pattern, Some(j), Some(e));
@@ -365,25 +413,28 @@ fn upcycled<'m>(
     Some((u, pattern, target.experts[0].0 == rule.pattern))
 }
 
-/// Destination layer `j`'s router: one row per expert over the grown hidden axis, zero (an
-/// exact upcycle) or drawn; not read from the source (`source` is the dense gate, whose
-/// dtype it takes).
-fn router(
+/// A tensor of destination layer `j` that is not read from the source (an upcycle's router,
+/// `rows` = experts, or a shared expert's gate, 1 row) over the grown hidden axis: zero (exact)
+/// or drawn. `source` is the dense gate, whose dtype it takes.
+#[allow(clippy::too_many_arguments)]
+fn unread(
     ckpt: &Checkpoint,
     options: &GrowthOptions,
     map: &GrowthMap,
-    u: &Upcycle,
     source: usize,
+    pattern: &str,
     j: usize,
+    rows: usize,
+    fill: Fill,
 ) -> DestTensor {
-    let name = tensor_name_at(u.target().router, Some(j), None);
+    let name = tensor_name_at(pattern, Some(j), None);
     let hidden = map.segment(Space::Hidden);
     let noise_key = name_key(options.seed, &name);
     DestTensor {
-        shape: vec![u.experts, hidden.dest_len()],
+        shape: vec![rows, hidden.dest_len()],
         axes: vec![
             AxisGrowth {
-                segments: vec![Segment::tiled(u.experts, 1)],
+                segments: vec![Segment::tiled(rows, 1)],
                 role: Role::Write,
             },
             AxisGrowth {
@@ -398,12 +449,13 @@ fn router(
         noise_key,
         scale: 1.0,
         shift: 0.0,
-        fill: match u.router_init {
-            RouterInit::Zero => Fill::Zeros,
-            RouterInit::Normal => Fill::Normal {
-                std: u.router_std,
+        // Drawn at the tensor's own key.
+        fill: match fill {
+            Fill::Normal { std, .. } => Fill::Normal {
+                std,
                 key: noise_key,
             },
+            other => other,
         },
         expert: false,
     }
@@ -462,7 +514,8 @@ fn grown_config(
     let heads = map.heads();
     set(keys.heads, heads.into());
     // head_dim is kept: write it where hidden / heads no longer gives it.
-    if heads * cfg.head_dim != cfg.hidden_size * n {
+    // (An MoE sibling may default it otherwise: stated whenever upcycling.)
+    if heads * cfg.head_dim != cfg.hidden_size * n || map.upcycle.is_some() {
         set("head_dim", cfg.head_dim.into());
     }
     for key in keys.hidden_mirrors {

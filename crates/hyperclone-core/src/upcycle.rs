@@ -56,14 +56,44 @@ pub struct UpcycleTarget {
     pub fixed: &'static [(&'static str, DefaultValue)],
     /// The sibling's key for the experts' inner width, when it is not the dense FFN key.
     pub expert_ffn_key: Option<&'static str>,
+    /// A shared expert (Qwen2-MoE): dense MLP tensor -> shared expert tensor and how it
+    /// starts. Its output is zero (down_proj zero), so the routed experts carry the function.
+    pub shared: &'static [(&'static str, &'static str, SharedInit)],
+    /// The shared expert's gate ([1, hidden], written zero: sigmoid(0) = 1/2 times zero).
+    pub shared_gate: Option<&'static str>,
+    /// The config key of the shared expert's inner width (the grown dense FFN width).
+    pub shared_ffn_key: Option<&'static str>,
 }
 
-/// A dense-only config key, dropped from the MoE config: the value that means "off" and
-/// why any other value cannot be upcycled, or `None` when the dense model does not read it.
+/// A config key of the dense family that the sibling lacks: dropped from the MoE config
+/// when `accepts` its value (off, or a value the dense model does not read), refused with
+/// `why` otherwise.
 #[derive(Debug)]
 pub struct DenseOnly {
     pub key: &'static str,
-    pub off: Option<(DefaultValue, &'static str)>,
+    pub accepts: fn(&Value) -> bool,
+    pub why: &'static str,
+}
+
+fn is_false(v: &Value) -> bool {
+    v.is_null() || *v == Value::Bool(false)
+}
+fn any_value(_: &Value) -> bool {
+    true
+}
+fn all_full_attention(v: &Value) -> bool {
+    v.is_null()
+        || v.as_array()
+            .is_some_and(|a| a.iter().all(|t| t == "full_attention"))
+}
+
+/// What a shared expert (always run, no routing) starts as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharedInit {
+    /// A copy of the grown dense tensor (gate and up: a trained start).
+    Copy,
+    /// Zero (down: the shared expert adds nothing, so the function is kept).
+    Zero,
 }
 
 /// A constant JSON value (statics cannot hold `serde_json::Value`).
@@ -74,6 +104,7 @@ pub enum DefaultValue {
     Int(u64),
     Str(&'static str),
     Null,
+    EmptyList,
 }
 
 impl DefaultValue {
@@ -84,15 +115,7 @@ impl DefaultValue {
             DefaultValue::Int(i) => json!(i),
             DefaultValue::Str(s) => json!(s),
             DefaultValue::Null => Value::Null,
-        }
-    }
-
-    /// Whether a config value means this one (1 and 1.0 alike).
-    fn matches(self, v: &Value) -> bool {
-        match self {
-            DefaultValue::Num(x) => v.as_f64() == Some(x),
-            DefaultValue::Int(i) => v.as_f64() == Some(i as f64),
-            _ => self.json() == *v,
+            DefaultValue::EmptyList => json!([]),
         }
     }
 }
@@ -119,6 +142,38 @@ const MIXTRAL_FIXED: &[(&str, DefaultValue)] = &[
     ("output_router_logits", DefaultValue::Bool(false)),
 ];
 
+const QWEN_MLP_TO_EXPERTS: &[(&str, &str)] = &[
+    (
+        "model.layers.{L}.mlp.gate_proj.weight",
+        "model.layers.{L}.mlp.experts.{E}.gate_proj.weight",
+    ),
+    (
+        "model.layers.{L}.mlp.up_proj.weight",
+        "model.layers.{L}.mlp.experts.{E}.up_proj.weight",
+    ),
+    (
+        "model.layers.{L}.mlp.down_proj.weight",
+        "model.layers.{L}.mlp.experts.{E}.down_proj.weight",
+    ),
+];
+const QWEN_ROUTER: &str = "model.layers.{L}.mlp.gate.weight";
+/// Qwen-MoE renormalises the top-k weights only with `norm_topk_prob` (default false: the k
+/// weights 1/E would sum to k/E); every layer sparse.
+const QWEN_MOE_FIXED: &[(&str, DefaultValue)] = &[
+    ("norm_topk_prob", DefaultValue::Bool(true)),
+    ("decoder_sparse_step", DefaultValue::Int(1)),
+    ("mlp_only_layers", DefaultValue::EmptyList),
+    ("output_router_logits", DefaultValue::Bool(false)),
+];
+/// Qwen2's q/k/v biases are always there; Qwen2-MoE's behind `qkv_bias` (default true).
+const QWEN2_MOE_FIXED: &[(&str, DefaultValue)] = &[
+    ("norm_topk_prob", DefaultValue::Bool(true)),
+    ("decoder_sparse_step", DefaultValue::Int(1)),
+    ("mlp_only_layers", DefaultValue::EmptyList),
+    ("output_router_logits", DefaultValue::Bool(false)),
+    ("qkv_bias", DefaultValue::Bool(true)),
+];
+
 /// Every dense family with an exact MoE sibling.
 pub static TARGETS: &[UpcycleTarget] = &[
     UpcycleTarget {
@@ -130,22 +185,19 @@ pub static TARGETS: &[UpcycleTarget] = &[
         dense_only: &[
             DenseOnly {
                 key: "attention_bias",
-                off: Some((
-                    DefaultValue::Bool(false),
-                    "Mixtral's attention projections have no biases",
-                )),
+                accepts: is_false,
+                why: "Mixtral's attention projections have no biases",
             },
             DenseOnly {
                 key: "mlp_bias",
-                off: Some((
-                    DefaultValue::Bool(false),
-                    "Mixtral's experts have no biases",
-                )),
+                accepts: is_false,
+                why: "Mixtral's experts have no biases",
             },
             // transformers 5 no longer reads it: the dense model is the same whatever it says.
             DenseOnly {
                 key: "pretraining_tp",
-                off: None,
+                accepts: any_value,
+                why: "",
             },
         ],
         dense_defaults: &[
@@ -157,6 +209,9 @@ pub static TARGETS: &[UpcycleTarget] = &[
         dense_rope_theta: 10_000.0,
         fixed: MIXTRAL_FIXED,
         expert_ffn_key: None,
+        shared: &[],
+        shared_gate: None,
+        shared_ffn_key: None,
     },
     UpcycleTarget {
         source: "mistral",
@@ -174,6 +229,82 @@ pub static TARGETS: &[UpcycleTarget] = &[
         dense_rope_theta: 10_000.0,
         fixed: MIXTRAL_FIXED,
         expert_ffn_key: None,
+        shared: &[],
+        shared_gate: None,
+        shared_ffn_key: None,
+    },
+    UpcycleTarget {
+        source: "qwen3",
+        target: "qwen3_moe",
+        architecture: "Qwen3MoeForCausalLM",
+        experts: QWEN_MLP_TO_EXPERTS,
+        router: QWEN_ROUTER,
+        dense_only: &[
+            DenseOnly {
+                key: "use_sliding_window",
+                accepts: is_false,
+                why: "Qwen3-MoE has no `layer_types` or `max_window_layers`, so it would slide on other layers than \
+                      the dense model",
+            },
+            DenseOnly {
+                key: "layer_types",
+                accepts: all_full_attention,
+                why: "Qwen3-MoE has no per-layer attention types",
+            },
+            // Read only with use_sliding_window (refused above).
+            DenseOnly {
+                key: "max_window_layers",
+                accepts: any_value,
+                why: "",
+            },
+        ],
+        dense_defaults: &[
+            ("rms_norm_eps", DefaultValue::Num(1e-6)),
+            ("hidden_act", DefaultValue::Str("silu")),
+            ("tie_word_embeddings", DefaultValue::Bool(false)),
+        ],
+        dense_rope_theta: 10_000.0,
+        fixed: QWEN_MOE_FIXED,
+        expert_ffn_key: Some("moe_intermediate_size"),
+        shared: &[],
+        shared_gate: None,
+        shared_ffn_key: None,
+    },
+    UpcycleTarget {
+        source: "qwen2",
+        target: "qwen2_moe",
+        architecture: "Qwen2MoeForCausalLM",
+        experts: QWEN_MLP_TO_EXPERTS,
+        router: QWEN_ROUTER,
+        // Qwen2-MoE has every Qwen2 key (sliding window, max_window_layers, layer_types).
+        dense_only: &[],
+        dense_defaults: &[
+            ("rms_norm_eps", DefaultValue::Num(1e-6)),
+            ("hidden_act", DefaultValue::Str("silu")),
+            ("tie_word_embeddings", DefaultValue::Bool(false)),
+        ],
+        dense_rope_theta: 10_000.0,
+        fixed: QWEN2_MOE_FIXED,
+        expert_ffn_key: Some("moe_intermediate_size"),
+        shared: &[
+            (
+                "model.layers.{L}.mlp.gate_proj.weight",
+                "model.layers.{L}.mlp.shared_expert.gate_proj.weight",
+                SharedInit::Copy,
+            ),
+            (
+                "model.layers.{L}.mlp.up_proj.weight",
+                "model.layers.{L}.mlp.shared_expert.up_proj.weight",
+                SharedInit::Copy,
+            ),
+            (
+                "model.layers.{L}.mlp.down_proj.weight",
+                "model.layers.{L}.mlp.shared_expert.down_proj.weight",
+                SharedInit::Zero,
+            ),
+        ],
+        shared_gate: Some("model.layers.{L}.mlp.shared_expert_gate.weight"),
+        shared_ffn_key: Some("shared_expert_intermediate_size"),
     },
 ];
 
@@ -223,14 +354,14 @@ impl UpcycleTarget {
     /// Refuses a dense config that uses a switch the sibling cannot express.
     fn check_config(&self, cfg: &ModelConfig) -> Result<()> {
         for d in self.dense_only {
-            let (Some(v), Some((off, why))) = (cfg.raw.get(d.key), d.off) else {
-                continue;
-            };
-            if !v.is_null() && !off.matches(v) {
-                return Err(Error::Options(format!(
-                    "experts: cannot upcycle this {} into {}: `{}` is {v}, and {why}",
-                    self.source, self.target, d.key
-                )));
+            match cfg.raw.get(d.key) {
+                Some(v) if !(d.accepts)(v) => {
+                    return Err(Error::Options(format!(
+                        "experts: cannot upcycle this {} into {}: `{}` is {v}, and {}",
+                        self.source, self.target, d.key, d.why
+                    )))
+                }
+                _ => {}
             }
         }
         Ok(())
@@ -286,7 +417,10 @@ impl UpcycleTarget {
         let keys = self.moe_keys();
         set(out, keys.experts, Some(json!(upcycle.experts)));
         set(out, keys.per_token, Some(json!(upcycle.per_token)));
-        if let Some(k) = self.expert_ffn_key {
+        for k in [self.expert_ffn_key, self.shared_ffn_key]
+            .into_iter()
+            .flatten()
+        {
             set(out, k, Some(json!(expert_ffn)));
         }
         for (key, value) in self.fixed {
@@ -551,7 +685,71 @@ mod tests {
                 assert_eq!(d.axes, e.axes, "{dense} -> {expert}");
             }
             assert!(dst.all_rules().any(|r| r.pattern == t.router));
+            // A shared expert has the MLP's layout on its own width.
+            for (dense, shared, _) in t.shared {
+                let d = src.all_rules().find(|r| r.pattern == *dense).unwrap();
+                let e = dst.all_rules().find(|r| r.pattern == *shared).unwrap();
+                let on_shared = |a: &crate::family::Axis| {
+                    a.0.iter()
+                        .map(|&s| {
+                            if s == crate::family::Space::Ffn {
+                                crate::family::Space::SharedFfn
+                            } else {
+                                s
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                };
+                assert_eq!(
+                    d.axes.iter().map(on_shared).collect::<Vec<_>>(),
+                    e.axes.iter().map(|a| a.0.to_vec()).collect::<Vec<_>>(),
+                    "{dense} -> {shared}"
+                );
+            }
+            if let Some(g) = t.shared_gate {
+                assert!(dst.all_rules().any(|r| r.pattern == g));
+            }
+            // Every rule of the sibling is written: the dense family's other tensors, the
+            // experts, the router and the shared expert.
+            for r in dst.all_rules() {
+                let from_dense = src.all_rules().any(|d| d.pattern == r.pattern);
+                let upcycled = t.experts.iter().any(|e| e.1 == r.pattern)
+                    || t.shared.iter().any(|e| e.1 == r.pattern)
+                    || r.pattern == t.router
+                    || Some(r.pattern) == t.shared_gate;
+                assert!(
+                    from_dense || upcycled,
+                    "{} -> {}: nothing writes {}",
+                    t.source,
+                    t.target,
+                    r.pattern
+                );
+            }
         }
+    }
+
+    #[test]
+    fn qwen3_layouts_the_sibling_cannot_express_are_refused() {
+        let mut v = llama();
+        v["model_type"] = json!("qwen3");
+        v["head_dim"] = json!(8);
+        assert!(Upcycle::new(&cfg(v.clone()).unwrap(), &opts(4, 2)).is_ok());
+        v["layer_types"] = json!(["full_attention", "full_attention"]);
+        assert!(Upcycle::new(&cfg(v.clone()).unwrap(), &opts(4, 2)).is_ok());
+        v["layer_types"] = json!(["sliding_attention", "full_attention"]);
+        let err = Upcycle::new(&cfg(v.clone()).unwrap(), &opts(4, 2))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`layer_types`") && err.contains("qwen3_moe"),
+            "{err}"
+        );
+        v["layer_types"] = json!(null);
+        v["use_sliding_window"] = json!(true);
+        let err = Upcycle::new(&cfg(v).unwrap(), &opts(4, 2))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`use_sliding_window` is true"), "{err}");
     }
 
     #[test]

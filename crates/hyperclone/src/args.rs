@@ -419,7 +419,7 @@ impl GrowthArgs {
 #[command(after_long_help = "Examples:\n  \
     hyperclone clone SRC DST --factor 2                      # the paper: hidden, heads and FFN x2\n  \
     hyperclone clone SRC DST --factor 2 --depth-factor 2 --keep-tied\n  \
-    hyperclone clone SRC DST --experts 8                     # upcycle: llama/mistral -> mixtral, 8 experts, 2 per token\n  \
+    hyperclone clone SRC DST --experts 8                     # upcycle (llama/mistral -> mixtral, qwen3/qwen2 -> qwen3_moe/qwen2_moe)\n  \
     hyperclone clone SRC DST --experts 8 --factor 2          # upcycle and grow the width in one clone\n  \
     hyperclone clone SRC DST --experts 8 --expert-init drop --router-init normal   # Drop-Upcycling (not exact)\n\n\
     Upcycling: every expert starts as the (grown) dense MLP and the router at zero, so routing is uniform \

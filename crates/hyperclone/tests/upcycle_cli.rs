@@ -402,3 +402,96 @@ fn what_cannot_be_upcycled_exactly_is_refused_in_one_line() {
         assert!(e.contains(want), "{e}");
     }
 }
+
+#[test]
+fn qwen_sources_become_their_moe_siblings_with_a_silent_shared_expert() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    for (fixture, target, shared) in [
+        ("qwen3-gqa", "qwen3_moe", false),
+        ("qwen2-gqa", "qwen2_moe", true),
+    ] {
+        let src = hyperclone_testkit::fixtures::tiny(fixture);
+        let src = src.to_str().unwrap();
+        let (moe, dense) = (
+            dir.join(format!("{fixture}-moe")),
+            dir.join(format!("{fixture}-dense")),
+        );
+        let out = run(
+            &[
+                "clone",
+                src,
+                moe.to_str().unwrap(),
+                "--factor",
+                "2",
+                "--experts",
+                "4",
+            ],
+            dir,
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(run(
+            &["clone", src, dense.to_str().unwrap(), "--factor", "2"],
+            dir
+        )
+        .status
+        .success());
+        let cfg: Value =
+            serde_json::from_slice(&std::fs::read(moe.join("config.json")).unwrap()).unwrap();
+        assert_eq!(cfg["model_type"], target);
+        // Without it the k weights 1/E would sum to k/E.
+        assert_eq!(cfg["norm_topk_prob"], true);
+        assert_eq!(cfg["moe_intermediate_size"], cfg["intermediate_size"]);
+        for l in 0..2 {
+            let (router, _) = values(&moe, &format!("model.layers.{l}.mlp.gate.weight"));
+            assert!(router.iter().all(|&x| x == 0.0));
+            for p in ["gate_proj", "up_proj", "down_proj"] {
+                let (want, _) = values(&dense, &format!("model.layers.{l}.mlp.{p}.weight"));
+                for e in 0..4 {
+                    let (got, _) = values(
+                        &moe,
+                        &format!("model.layers.{l}.mlp.experts.{e}.{p}.weight"),
+                    );
+                    assert!(
+                        got.iter()
+                            .zip(&want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{fixture} expert {e} {p}"
+                    );
+                }
+                if shared {
+                    let (got, _) = values(
+                        &moe,
+                        &format!("model.layers.{l}.mlp.shared_expert.{p}.weight"),
+                    );
+                    if p == "down_proj" {
+                        assert!(
+                            got.iter().all(|&x| x == 0.0),
+                            "the shared expert adds nothing"
+                        );
+                    } else {
+                        assert_eq!(got, want, "the shared expert starts from the dense {p}");
+                    }
+                }
+            }
+            if shared {
+                let (gate, shape) = values(
+                    &moe,
+                    &format!("model.layers.{l}.mlp.shared_expert_gate.weight"),
+                );
+                assert_eq!(shape[0], 1);
+                assert!(gate.iter().all(|&x| x == 0.0));
+            }
+        }
+        let out = run(
+            &["verify", src, moe.to_str().unwrap(), "--dtype", "f64"],
+            dir,
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("PASS"),
+            "{fixture}: {text}{}",
+            stderr(&out)
+        );
+    }
+}
