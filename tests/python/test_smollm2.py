@@ -63,3 +63,26 @@ def test_smollm2_keep_tied_depth_and_uneven_ffn(hyperclone_bin):
         shutil.rmtree(dst, ignore_errors=True)
     assert report["pass"], cc.format_report(report)
     assert report["top1_agreement"] == 1.0
+
+
+@pytest.mark.slow
+def test_smollm2_upcycled_to_8_experts_x2_verifies_in_f64(hyperclone_bin):
+    # The real checkpoint upcycled to mixtral (8 experts, 2 per token) and widened x2 in one
+    # clone (2.77B parameters, ~10 GB), checked by the Rust verify in f64 (a layer at a time;
+    # transformers would need ~22 GB to hold it in float64).
+    import subprocess
+
+    src = smollm2_folder()
+    with tempfile.TemporaryDirectory(prefix="hyperclone-smollm2-") as tmp:
+        dst = Path(tmp) / "dst"
+        run_clone(hyperclone_bin, src, dst, "--factor", 2, "--experts", 8)
+        proc = subprocess.run([str(hyperclone_bin), "verify", str(src), str(dst), "--dtype", "f64", "--json"],
+                              capture_output=True, text=True, timeout=1200)
+        shutil.rmtree(dst, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    report = json.loads(proc.stdout)
+    print(report)
+    assert report["passed"], report
+    assert report["max_rel_logit_diff"] <= 1e-9
