@@ -10,19 +10,21 @@
 //! wrong for the head and the embedding.) The step count is carried too, so the bias
 //! correction continues where the small run's stopped.
 //!
-//! The tiling itself is the growth kernel's: the moments are written as a checkpoint of the
-//! small model's shape, grown symmetrically (tile / r_i), and rescaled by r_i / r_o (r_o^2);
+//! The tiling itself is the growth kernel's: the moments, as tensors of the small model's
+//! shape, are grown in memory symmetrically (tile / r_i; `grow_in_memory`), and rescaled by r_i / r_o (r_o^2);
 //! r_i comes from growing ones (each element becomes 1 / r_i) and r_o * r_i is the element
 //! ratio of the two shapes.
 
 use crate::error::Context;
 use crate::train::AdamW;
 use crate::{Param, Result};
-use hyperclone_core::grow::grow_quietly;
-use hyperclone_core::safetensors::{encode_header, HeaderEntry, SafetensorsFile};
-use hyperclone_core::{Checkpoint, GrowthOptions, Variant};
+use hyperclone_core::checkpoint::MemoryTensor;
+use hyperclone_core::grow::{grow_in_memory, Growth};
+use hyperclone_core::safetensors::SafetensorsFile;
+use hyperclone_core::{Checkpoint, DType, GrowthSpec};
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
 
 /// What [`carry`] did, for the log.
 pub struct Carried {
@@ -51,15 +53,16 @@ pub fn carry(
     let small = Checkpoint::open(base)?;
     let tied = small.config.tie_word_embeddings;
 
-    let work = tempfile::tempdir().context("creating a temporary folder")?;
+    let config_text = std::fs::read_to_string(base.join("config.json"))
+        .with_context(|| format!("{}: reading config.json", base.display()))?;
+    let spec = GrowthSpec {
+        ffn_factor: Some(ffn_factor.to_string()),
+        ..GrowthSpec::factor(factor)
+    };
+    // Each tensor of the small model's shape (ones, or the m / v moments), grown in memory
+    // by the symmetric kernel in f64: the clone's own tiling.
     let grow = |prefix: &str| -> Result<BTreeMap<String, Vec<f64>>> {
-        let src = work
-            .path()
-            .join(format!("small-{}", prefix.trim_end_matches('.')));
-        std::fs::create_dir_all(&src)?;
-        std::fs::copy(base.join("config.json"), src.join("config.json"))?;
-        let mut entries = Vec::new();
-        let mut data = Vec::new();
+        let mut data: Vec<Vec<u8>> = Vec::with_capacity(small.tensors.len());
         for t in &small.tensors {
             let values: Vec<f64> = if prefix.is_empty() {
                 vec![1.0; t.info.numel()]
@@ -82,45 +85,35 @@ pub fn carry(
                 info.dtype.decode(opt_file.data(info), &mut v);
                 v
             };
-            entries.push(HeaderEntry {
-                name: t.info.name.clone(),
-                dtype: hyperclone_core::DType::F64,
-                shape: t.info.shape.clone(),
-            });
-            for x in values {
-                data.extend_from_slice(&x.to_le_bytes());
-            }
+            data.push(values.iter().flat_map(|x| x.to_le_bytes()).collect());
         }
-        let mut meta = BTreeMap::new();
-        meta.insert("format".to_string(), "pt".to_string());
-        let mut bytes = encode_header(&entries, &meta);
-        bytes.extend_from_slice(&data);
-        std::fs::write(src.join("model.safetensors"), bytes)?;
-        let dst = work
-            .path()
-            .join(format!("grown-{}", prefix.trim_end_matches('.')));
-        let options = GrowthOptions {
-            factor,
-            ffn_factor,
-            variant: Variant::Symmetric,
-            snr_db: 0.0,
-            seed: 0,
-            dtype: None,
-            shard_size: u64::MAX,
-            ..GrowthOptions::default()
-        };
-        grow_quietly(&src, &dst, &options)?;
-        let grown = Checkpoint::open(&dst)?;
-        grown
+        let tensors: Vec<MemoryTensor> = small
             .tensors
             .iter()
-            .map(|t| {
-                let file = &grown.files[t.file];
-                let mut v = vec![0f64; t.info.numel()];
-                t.info.dtype.decode(file.data(&t.info), &mut v);
-                Ok((t.info.name.clone(), v))
+            .zip(&data)
+            .map(|(t, d)| MemoryTensor {
+                name: &t.info.name,
+                dtype: DType::F64,
+                shape: t.info.shape.clone(),
+                data: d,
             })
-            .collect()
+            .collect();
+        let grown = grow_in_memory(
+            &config_text,
+            &tensors,
+            &Growth::Spec(spec.clone()),
+            false,
+            &AtomicBool::new(false),
+        )?;
+        Ok(grown
+            .tensors
+            .into_iter()
+            .map(|t| {
+                let mut v = vec![0f64; t.data.len() / t.dtype.size()];
+                t.dtype.decode(&t.data, &mut v);
+                (t.name, v)
+            })
+            .collect())
     };
     let inv_read = grow("")?;
     let m_grown = grow("m.")?;
@@ -190,6 +183,8 @@ mod tests {
     use crate::train::batch_loss;
     use crate::Decoder;
     use candle_core::{DType, Device};
+    use hyperclone_core::grow::grow_quietly;
+    use hyperclone_core::{GrowthOptions, Variant};
     use serde_json::json;
 
     /// A tiny Llama (GQA, 2 layers) with random weights of std 0.3, as the invariants ask.
