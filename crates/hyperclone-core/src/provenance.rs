@@ -228,130 +228,64 @@ fn front_matter(readme: &str) -> Option<String> {
 const NOT_INHERITED: &[&str] = &["base_model", "base_model_relation", "model-index"];
 
 /// The clone's front matter: the source's top-level keys in their order (license, language,
-/// datasets, ...), text kept verbatim, with `tags` extended by `hyperclone` and
-/// `hypercloning`, `library_name` defaulting to transformers, and `base_model` /
-/// `base_model_relation` naming the source.
+/// datasets, ...), with `tags` extended by `hyperclone` and `hypercloning`, `library_name`
+/// defaulting to transformers, and `base_model` / `base_model_relation` naming the source.
+/// The source's front matter is read and written by serde_yaml_ng: values are kept, their
+/// spelling is the serializer's (flow lists become block lists, comments go). A source
+/// front matter that is not a YAML mapping is not inherited.
 pub fn card_front_matter(prov: &Provenance) -> String {
-    let blocks = prov
+    use serde_yaml_ng::{Mapping, Value as Y};
+    let source: Mapping = prov
         .source_front_matter
         .as_deref()
-        .map(top_level_blocks)
+        .and_then(|text| serde_yaml_ng::from_str::<Y>(text).ok())
+        .and_then(|v| match v {
+            Y::Mapping(m) => Some(m),
+            _ => None,
+        })
         .unwrap_or_default();
-    let mut out = String::new();
-    let mut have_library = false;
-    let mut tags: Option<Vec<String>> = None;
-    for (key, block) in &blocks {
-        match key.as_str() {
-            k if NOT_INHERITED.contains(&k) => {}
-            "tags" => {
-                // Placed where the source had it.
-                tags = Some(list_items(block));
-                out.push_str("\u{0}tags\n");
-            }
-            k => {
-                have_library |= k == "library_name";
-                out.push_str(block);
-            }
-        }
+    let key = |k: &str| Y::String(k.to_string());
+    let mut card = Mapping::new();
+    if !source.contains_key(key("library_name")) {
+        card.insert(key("library_name"), key("transformers"));
     }
-    let mut tag_list = tags.clone().unwrap_or_default();
-    for t in ["hyperclone", "hypercloning"] {
-        if !tag_list.iter().any(|x| unquote(x) == t) {
-            tag_list.push(t.to_string());
-        }
-    }
-    let mut tag_block = String::from("tags:\n");
-    for t in &tag_list {
-        let _ = writeln!(tag_block, "- {t}");
-    }
-    if tags.is_some() {
-        out = out.replacen("\u{0}tags\n", &tag_block, 1);
-    } else {
-        out.push_str(&tag_block);
-    }
-    let mut head = String::from("---\n");
-    if !have_library {
-        head.push_str("library_name: transformers\n");
-    }
-    head.push_str(&out);
-    let _ = writeln!(head, "base_model: {}", yaml_scalar(&prov.source));
-    let _ = writeln!(head, "base_model_relation: {BASE_MODEL_RELATION}");
-    head.push_str("---\n");
-    head
-}
-
-/// (key, text) of every top-level entry: a line starting a key at column 0 and the indented
-/// or list lines under it. Comments and blank lines stay with the entry before them.
-fn top_level_blocks(yaml: &str) -> Vec<(String, String)> {
-    let mut blocks: Vec<(String, String)> = Vec::new();
-    for line in yaml.lines() {
-        let starts_key = !line.starts_with([' ', '\t', '-', '#'])
-            && !line.trim().is_empty()
-            && line.contains(':');
-        if starts_key {
-            let key = line[..line.find(':').expect("contains ':'")].trim();
-            let key = unquote(key).to_string();
-            blocks.push((key, String::new()));
-        } else if blocks.is_empty() {
-            // Comments before the first key belong to none; dropped.
+    let mut has_tags = false;
+    for (k, v) in source {
+        if k.as_str().is_some_and(|k| NOT_INHERITED.contains(&k)) {
             continue;
         }
-        let last = blocks.last_mut().expect("pushed above");
-        last.1.push_str(line);
-        last.1.push('\n');
+        let v = if k.as_str() == Some("tags") {
+            has_tags = true;
+            with_our_tags(v)
+        } else {
+            v
+        };
+        card.insert(k, v);
     }
-    blocks
+    if !has_tags {
+        card.insert(key("tags"), with_our_tags(Y::Null));
+    }
+    card.insert(key("base_model"), key(&prov.source));
+    card.insert(key("base_model_relation"), key(BASE_MODEL_RELATION));
+    let body =
+        serde_yaml_ng::to_string(&Y::Mapping(card)).expect("a mapping of YAML values serializes");
+    format!("---\n{body}---\n")
 }
 
-/// The items of a `key:` block: `key: [a, b]`, `key: a`, or `- a` lines.
-fn list_items(block: &str) -> Vec<String> {
-    let mut lines = block.lines();
-    let first = lines.next().unwrap_or("");
-    let inline = first.split_once(':').map(|x| x.1.trim()).unwrap_or("");
-    let mut items = Vec::new();
-    if let Some(flow) = inline.strip_prefix('[').and_then(|f| f.strip_suffix(']')) {
-        items.extend(
-            flow.split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(String::from),
-        );
-    } else if !inline.is_empty() && !inline.starts_with('#') {
-        items.push(inline.to_string());
-    }
-    for l in lines {
-        if let Some(item) = l.trim_start().strip_prefix('-') {
-            let item = item.trim();
-            if !item.is_empty() {
-                items.push(item.to_string());
-            }
+/// The source's `tags` (a list, one tag, or none) as a list ending with ours.
+fn with_our_tags(tags: serde_yaml_ng::Value) -> serde_yaml_ng::Value {
+    use serde_yaml_ng::Value as Y;
+    let mut list = match tags {
+        Y::Sequence(s) => s,
+        Y::Null => Vec::new(),
+        one => vec![one],
+    };
+    for t in ["hyperclone", "hypercloning"] {
+        if !list.iter().any(|x| x.as_str() == Some(t)) {
+            list.push(Y::String(t.to_string()));
         }
     }
-    items
-}
-
-fn unquote(s: &str) -> &str {
-    let s = s.trim();
-    for q in ['"', '\''] {
-        if let Some(inner) = s.strip_prefix(q).and_then(|x| x.strip_suffix(q)) {
-            return inner;
-        }
-    }
-    s
-}
-
-/// A plain YAML scalar when it is safe as one (Hub ids are), else a double-quoted string
-/// (JSON string syntax is valid YAML).
-fn yaml_scalar(s: &str) -> String {
-    let plain = !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._/-".contains(c))
-        && s.starts_with(|c: char| c.is_ascii_alphanumeric());
-    if plain {
-        s.to_string()
-    } else {
-        serde_json::Value::String(s.to_string()).to_string()
-    }
+    Y::Sequence(list)
 }
 
 /// The README.md model card of a clone.
@@ -554,7 +488,7 @@ mod tests {
         assert_eq!(
             fm,
             "---\nlibrary_name: transformers\nlicense: apache-2.0\nlanguage:\n- en\n- fr\ntags:\n- text-generation\n\
-             - hyperclone\n- hypercloning\ndatasets: [a, b]\nbase_model: HuggingFaceTB/SmolLM2-135M\n\
+             - hyperclone\n- hypercloning\ndatasets:\n- a\n- b\nbase_model: HuggingFaceTB/SmolLM2-135M\n\
              base_model_relation: finetune\n---\n"
         );
     }
@@ -565,17 +499,37 @@ mod tests {
         assert_eq!(
             fm,
             "---\nlibrary_name: transformers\ntags:\n- hyperclone\n- hypercloning\n\
-             base_model: \"my model: v2\"\nbase_model_relation: finetune\n---\n"
+             base_model: 'my model: v2'\nbase_model_relation: finetune\n---\n"
         );
+        // Whatever the name, the card parses back to it.
+        for name in ["my model: v2", "- x", "'q'", "a\nb", "yes", "1e3"] {
+            let fm = card_front_matter(&prov(None, name));
+            let body = fm
+                .strip_prefix("---\n")
+                .unwrap()
+                .strip_suffix("---\n")
+                .unwrap();
+            let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(body).unwrap();
+            assert_eq!(v["base_model"].as_str(), Some(name), "{fm}");
+        }
         let fm = card_front_matter(&prov(
             Some("library_name: mlx\ntags: [\"a\", hyperclone]\n"),
             "x",
         ));
         assert_eq!(
             fm,
-            "---\nlibrary_name: mlx\ntags:\n- \"a\"\n- hyperclone\n- hypercloning\nbase_model: x\n\
+            "---\nlibrary_name: mlx\ntags:\n- a\n- hyperclone\n- hypercloning\nbase_model: x\n\
              base_model_relation: finetune\n---\n"
         );
+        // One tag as a scalar becomes a list; a front matter that is not a mapping is not
+        // inherited.
+        let fm = card_front_matter(&prov(Some("tags: chat\n"), "x"));
+        assert!(
+            fm.contains("tags:\n- chat\n- hyperclone\n- hypercloning\n"),
+            "{fm}"
+        );
+        let fm = card_front_matter(&prov(Some("- just\n- a list\n"), "x"));
+        assert_eq!(fm, card_front_matter(&prov(None, "x")));
     }
 
     #[test]
