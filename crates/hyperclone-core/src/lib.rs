@@ -27,6 +27,7 @@ pub mod rng;
 pub mod safetensors;
 pub mod staging;
 pub mod symmetry;
+pub mod wiring;
 pub mod write;
 
 pub use checkpoint::Checkpoint;
