@@ -292,7 +292,7 @@ pub struct Family {
     /// How the family picks sliding-attention layers when config.json has no `layer_types`:
     /// by layer index, in which case layers cannot move to new indices.
     pub layer_sliding: LayerSliding,
-    /// Shown in the support table.
+    /// Shown in README.md's compact family table (`family_table.rs`).
     pub notes: &'static str,
     /// Config keys other than `layer_types` that hold one entry per layer (SmolLM3's
     /// `no_rope_layers`): depth growth moves each entry with its layer. When such a key is
