@@ -72,9 +72,10 @@ fn growth(f: &Family) -> String {
         LayerSliding::Never | LayerSliding::Every | LayerSliding::EveryIfEnabled => vec![],
     };
     lists.extend(f.per_layer_keys.iter().map(|k| format!("`{k}`")));
-    let depth = match lists.is_empty() {
-        true => "depth".to_string(),
-        false => format!("depth (with {})", lists.join(", ")),
+    let depth = if lists.is_empty() {
+        "depth".to_string()
+    } else {
+        format!("depth (with {})", lists.join(", "))
     };
     let heads = match f.head_counts {
         HeadCounts::Any => "heads: any count",

@@ -340,9 +340,7 @@ mod tests {
             out.extend(norms.into_iter().map(|n| layer(&[n])));
         }
         let (prefix, names): (&str, Vec<&str>) = match w.attn {
-            AttnLayout::Separate {
-                prefix, q, k, v, o, ..
-            } => (prefix, vec![q, k, v, o]),
+            AttnLayout::Separate { prefix, q, k, v, o } => (prefix, vec![q, k, v, o]),
             AttnLayout::Concat { prefix, qkv, o }
             | AttnLayout::PerHead { prefix, qkv, o }
             | AttnLayout::Conv1d { prefix, qkv, o } => (prefix, vec![qkv, o]),
