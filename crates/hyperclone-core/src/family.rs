@@ -4,7 +4,10 @@
 //! which space (hidden, heads x head_dim, ffn, ...) each axis of the tensor belongs to and
 //! whether the tensor writes that space (rows of q_proj, norm weights, the embedding's
 //! columns) or reads it (columns of q_proj, the head's columns). The generic kernel in
-//! `kernel.rs` derives everything else. Adding a family is adding a `Family` value below.
+//! `kernel.rs` derives everything else. The same record carries what the Rust decoder reads
+//! (`wiring`: tensor names by role and block wiring; `decoder`: config switches and their
+//! defaults, see `wiring.rs`) and what the docs' family tables show (`family_table.rs`).
+//! Adding a family is adding a `Family` value below (and its fixtures).
 
 /// The index spaces of a decoder. Source sizes come from config.json, copies from the plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -289,7 +292,7 @@ pub struct Family {
     /// How the family picks sliding-attention layers when config.json has no `layer_types`:
     /// by layer index, in which case layers cannot move to new indices.
     pub layer_sliding: LayerSliding,
-    /// Shown in the support table.
+    /// Shown in README.md's compact family table (`family_table.rs`).
     pub notes: &'static str,
     /// Config keys other than `layer_types` that hold one entry per layer (SmolLM3's
     /// `no_rope_layers`): depth growth moves each entry with its layer. When such a key is
@@ -297,6 +300,14 @@ pub struct Family {
     pub per_layer_keys: &'static [&'static str],
     /// Mixture-of-Experts config keys, for families whose MLP is a routed set of experts.
     pub moe: Option<MoeKeys>,
+    /// The transformers class config.json's `architectures` names (the family table).
+    pub architecture: &'static str,
+    /// Where the Rust decoder finds each tensor by role, and how a block is wired.
+    pub wiring: Wiring,
+    /// The config switches the family's transformers module reads, and their defaults.
+    pub decoder: DecoderSwitches,
+    /// The long notes of docs/families.md's table (markdown).
+    pub details: &'static str,
 }
 
 /// Where config.json keeps a Mixture-of-Experts layer's sizes. The expert count and top-k
@@ -352,6 +363,7 @@ pub enum LayerSliding {
     EvenBelowMaxWindowLayers,
 }
 
+use crate::wiring::*;
 use Component as C;
 use Presence as P;
 use Role::{Read as R, Write as W};
@@ -681,8 +693,19 @@ const fn family(
         notes,
         per_layer_keys: &[],
         moe: None,
+        architecture: "",
+        wiring: LLAMA_WIRING,
+        decoder: DecoderSwitches::BASE,
+        details: "",
     }
 }
+
+/// OPT's `do_layer_norm_before` (default true): false makes the blocks post-LN and drops the
+/// final norm.
+const OPT_PRE_NORM: Flag = Flag {
+    key: "do_layer_norm_before",
+    default: true,
+};
 
 const HEAD_DIM_DERIVED: HeadCounts = HeadCounts::Refused(
     "transformers derives its head_dim as hidden_size / num_attention_heads, so the head count is fixed by the width",
@@ -840,14 +863,22 @@ const STARCODER2_RULES: [&[TensorRule]; 9] = concat(&[
 pub static FAMILIES: &[Family] = &[
     Family {
         head_counts: HeadCounts::DividingHidden,
+        architecture: "LlamaForCausalLM",
+        details: "MHA, GQA, MQA; tied or untied; `attention_bias`/`mlp_bias`; explicit head_dim; rope scaling (llama3, yarn, ...) kept",
         ..family("llama", false, &LLAMA_RULES, "MHA, GQA, MQA; tied or untied head; attention_bias / mlp_bias")
     },
     Family {
         layer_sliding: LayerSliding::Every,
+        architecture: "MistralForCausalLM",
+        decoder: DecoderSwitches { default_window: Some(4096), ..DecoderSwitches::BASE },
+        details: "GQA; `sliding_window` kept",
         ..family("mistral", false, LLAMA_CORE, "GQA; sliding_window kept")
     },
     Family {
         layer_sliding: LayerSliding::FromMaxWindowLayers,
+        architecture: "Qwen2ForCausalLM",
+        decoder: DecoderSwitches { default_window: Some(4096), ..DecoderSwitches::BASE },
+        details: "q/k/v biases tiled per head",
         ..family("qwen2", false, &QWEN2_RULES, "q/k/v biases tiled per head")
     },
     Family {
@@ -861,10 +892,23 @@ pub static FAMILIES: &[Family] = &[
                 "model.layers.{L}.self_attn.k_proj.bias",
             ],
         },
+        architecture: "Qwen3ForCausalLM",
+        wiring: Wiring { qk_norm: QK_NORM, ..LLAMA_WIRING },
+        decoder: DecoderSwitches { default_window: Some(4096), ..DecoderSwitches::BASE },
+        details: "per-head `q_norm`/`k_norm` kept; explicit `head_dim`",
         ..family("qwen3", false, &QWEN3_RULES, "per-head q_norm/k_norm kept; explicit head_dim")
     },
     Family {
         embedding_scaled_by_sqrt_hidden: true,
+        architecture: "GemmaForCausalLM",
+        wiring: Wiring { norm: NormKind::RmsOnePlus, ..LLAMA_WIRING },
+        decoder: DecoderSwitches {
+            default_activation: "gelu_pytorch_tanh",
+            legacy_gelu_is_tanh: true,
+            refused_when_true: BIDIRECTIONAL,
+            ..DecoderSwitches::BASE
+        },
+        details: "embedding stored as tile/sqrt(n) (the model multiplies it by sqrt(hidden)); (1+w) norms tiled",
         ..family("gemma", true, LLAMA_CORE, "embedding stored as tile/sqrt(n) (the model scales it by sqrt(hidden)); (1+w) norms tiled")
     },
     Family {
@@ -876,6 +920,18 @@ pub static FAMILIES: &[Family] = &[
         },
         head_counts: HeadCounts::DividingHidden,
         layer_sliding: LayerSliding::Alternating,
+        architecture: "Gemma2ForCausalLM",
+        wiring: Wiring { norm: NormKind::RmsOnePlus, block: SANDWICH_BLOCK, ..LLAMA_WIRING },
+        decoder: DecoderSwitches {
+            activation_key: "hidden_activation",
+            default_activation: "gelu_pytorch_tanh",
+            default_window: Some(4096),
+            refused_when_true: BIDIRECTIONAL,
+            softcap_defaults: Some((50.0, 30.0)),
+            query_pre_attn_scalar: Some(256.0),
+            ..DecoderSwitches::BASE
+        },
+        details: "pre/post norms; soft-capping, `query_pre_attn_scalar`, sliding window, `layer_types` kept",
         ..family("gemma2", true, &GEMMA2_RULES, "pre/post norms; soft-capping, query_pre_attn_scalar, sliding window kept")
     },
     Family {
@@ -896,15 +952,35 @@ pub static FAMILIES: &[Family] = &[
             "its q/k norms normalise over all heads at once, so copying some heads more often than others changes \
              their statistics",
         ),
+        architecture: "Olmo2ForCausalLM",
+        wiring: Wiring { block: POST_NORM_BLOCK, qk_norm: QK_NORM, ..LLAMA_WIRING },
+        details: "post-norms; q/k norms over the whole projection, tiled like the heads",
         ..family("olmo2", false, &OLMO2_RULES, "post-norms; q/k norms over the whole projection tiled like the heads")
     },
     Family {
         layer_sliding: LayerSliding::Every,
+        architecture: "Phi3ForCausalLM",
+        wiring: Wiring {
+            attn: AttnLayout::Concat { prefix: "self_attn", qkv: "qkv_proj", o: "o_proj" },
+            mlp: MlpLayout::GatedFused { prefix: "mlp", gate_up: "gate_up_proj", down: "down_proj" },
+            ..LLAMA_WIRING
+        },
+        details: "fused `qkv_proj` = [q | k | v] and `gate_up_proj` = [gate | up], grown segment by segment",
         ..family("phi3", false, &PHI3_RULES, "fused qkv_proj and gate_up_proj grown segment by segment")
     },
     Family {
         tied_growth: LAYERNORM_TIE,
         head_counts: HEAD_DIM_DERIVED,
+        architecture: "StableLmForCausalLM",
+        wiring: Wiring { norm: NormKind::Layer, ..LLAMA_WIRING },
+        decoder: DecoderSwitches {
+            refused_when_true: &[
+                ("use_parallel_residual", "the parallel residual block"),
+                ("qk_layernorm", "per-head q/k LayerNorms"),
+            ],
+            ..DecoderSwitches::BASE
+        },
+        details: "LayerNorm; partial rotary; optional qkv bias",
         ..family("stablelm", false, &STABLELM_RULES, "LayerNorm; partial rotary; optional qkv bias")
     },
     Family {
@@ -913,10 +989,29 @@ pub static FAMILIES: &[Family] = &[
             eps_key: "norm_epsilon",
             also_scaled: &[],
         },
+        architecture: "Starcoder2ForCausalLM",
+        wiring: Wiring { norm: NormKind::Layer, mlp: MlpLayout::Plain { prefix: "mlp", up: "c_fc", down: "c_proj" }, ..LLAMA_WIRING },
+        decoder: DecoderSwitches { default_activation: "gelu_pytorch_tanh", ..DecoderSwitches::BASE },
+        details: "LayerNorm; biases; plain MLP",
         ..family("starcoder2", true, &STARCODER2_RULES, "LayerNorm; biases; plain MLP")
     },
     Family {
         tied_growth: LAYERNORM_TIE,
+        architecture: "PhiForCausalLM",
+        wiring: Wiring {
+            final_norm: "model.final_layernorm",
+            norm: NormKind::Layer,
+            block: BlockLayout::Parallel { attn_norm: "input_layernorm", mlp_norm: "input_layernorm" },
+            attn: AttnLayout::Separate { prefix: "self_attn", q: "q_proj", k: "k_proj", v: "v_proj", o: "dense" },
+            mlp: MlpLayout::Plain { prefix: "mlp", up: "fc1", down: "fc2" },
+            ..LLAMA_WIRING
+        },
+        decoder: DecoderSwitches {
+            default_activation: "gelu_new",
+            refused_when_true: &[("qk_layernorm", "q/k LayerNorms")],
+            ..DecoderSwitches::BASE
+        },
+        details: "parallel block; partial rotary; dense and head biases",
         ..family("phi", false, &[PHI], "parallel block; partial rotary; dense biases; head bias")
     },
     Family {
@@ -937,6 +1032,24 @@ pub static FAMILIES: &[Family] = &[
             also_scaled: &[],
         },
         head_counts: HEAD_DIM_DERIVED,
+        architecture: "GPT2LMHeadModel",
+        wiring: Wiring {
+            layers: "transformer.h",
+            positions: Some("transformer.wpe"),
+            final_norm: "transformer.ln_f",
+            norm: NormKind::Layer,
+            block: BlockLayout::Sequential { pre_attn: Some("ln_1"), post_attn: None, pre_mlp: Some("ln_2"), post_mlp: None },
+            attn: AttnLayout::Conv1d { prefix: "attn", qkv: "c_attn", o: "c_proj" },
+            mlp: MlpLayout::PlainConv1d { prefix: "mlp", up: "c_fc", down: "c_proj" },
+            ..LLAMA_WIRING
+        },
+        decoder: DecoderSwitches {
+            activation_key: "activation_function",
+            default_activation: "gelu_new",
+            gpt2_scaling: true,
+            ..DecoderSwitches::BASE
+        },
+        details: "Conv1D `[in, out]` weights; fused `c_attn` columns [q | k | v]; learned positions",
         ..family("gpt2", true, &[GPT2], "Conv1D [in, out] weights; fused c_attn [q | k | v]; learned positions")
     },
     Family {
@@ -945,6 +1058,19 @@ pub static FAMILIES: &[Family] = &[
         head: "embed_out.weight",
         tied_growth: LAYERNORM_TIE,
         head_counts: HEAD_DIM_DERIVED,
+        architecture: "GPTNeoXForCausalLM",
+        wiring: Wiring {
+            layers: "gpt_neox.layers",
+            final_norm: "gpt_neox.final_layer_norm",
+            norm: NormKind::Layer,
+            block: BlockLayout::Parallel { attn_norm: "input_layernorm", mlp_norm: "post_attention_layernorm" },
+            block_switch: Some((Flag { key: "use_parallel_residual", default: true }, LLAMA_BLOCK)),
+            attn: AttnLayout::PerHead { prefix: "attention", qkv: "query_key_value", o: "dense" },
+            mlp: MlpLayout::Plain { prefix: "mlp", up: "dense_h_to_4h", down: "dense_4h_to_h" },
+            ..LLAMA_WIRING
+        },
+        decoder: DecoderSwitches { default_activation: "gelu", ..DecoderSwitches::BASE },
+        details: "fused QKV laid out per head (a plain tile keeps heads whole); parallel residual",
         ..family("gpt_neox", false, &[GPT_NEOX], "fused QKV laid out per head; parallel residual; partial rotary")
     },
     Family {
@@ -956,16 +1082,54 @@ pub static FAMILIES: &[Family] = &[
              divided by n^2 to keep the norms scale-invariant",
         ),
         head_counts: HEAD_DIM_DERIVED,
+        architecture: "OPTForCausalLM",
+        wiring: Wiring {
+            layers: "model.decoder.layers",
+            positions: Some("model.decoder.embed_positions"),
+            project_in: Some("model.decoder.project_in"),
+            project_out: Some("model.decoder.project_out"),
+            // modeling_opt builds the final LayerNorm only for pre-norm models without
+            // `_remove_final_layer_norm`; otherwise stored weights for it are ignored.
+            final_norm: "model.decoder.final_layer_norm",
+            final_norm_unless: &[OPT_PRE_NORM, Flag { key: "_remove_final_layer_norm", default: false }],
+            norm: NormKind::Layer,
+            block: BlockLayout::Sequential {
+                pre_attn: Some("self_attn_layer_norm"),
+                post_attn: None,
+                pre_mlp: Some("final_layer_norm"),
+                post_mlp: None,
+            },
+            block_switch: Some((
+                OPT_PRE_NORM,
+                BlockLayout::PostNorm { attn_norm: "self_attn_layer_norm", mlp_norm: "final_layer_norm" },
+            )),
+            attn: AttnLayout::Separate { prefix: "self_attn", q: "q_proj", k: "k_proj", v: "v_proj", o: "out_proj" },
+            mlp: MlpLayout::Plain { prefix: "", up: "fc1", down: "fc2" },
+            ..LLAMA_WIRING
+        },
+        decoder: DecoderSwitches {
+            activation_key: "activation_function",
+            default_activation: "relu",
+            refused_when_false: &[("layer_norm_elementwise_affine", "LayerNorms without weights")],
+            ..DecoderSwitches::BASE
+        },
+        details: "learned positions (offset 2); pre- and post-LayerNorm; `project_in/out` stay ungrown when `word_embed_proj_dim` != hidden (no 1/n logit bug)",
         ..family("opt", true, &[OPT], "learned positions (offset 2); project_in/out kept ungrown when word_embed_proj_dim != hidden")
     },
     Family {
         head_counts: HeadCounts::DividingHidden,
         layer_sliding: LayerSliding::NoRopeLayersIfEnabled,
         per_layer_keys: &["no_rope_layers"],
+        architecture: "SmolLM3ForCausalLM",
+        decoder: DecoderSwitches { default_theta: 2_000_000.0, no_rope_layers: true, ..DecoderSwitches::BASE },
+        details: "Llama layout; NoPE layers (`no_rope_layers`, 0 = no rotary) and `layer_types` follow each layer through depth growth (depth growth refused while `no_rope_layers` is implicit); optional sliding window (`use_sliding_window`)",
         ..family("smollm3", true, &LLAMA_RULES, "NoPE layers (no_rope_layers) kept layer by layer; optional sliding window")
     },
     Family {
         head_counts: HeadCounts::DividingHidden,
+        architecture: "GraniteForCausalLM",
+        decoder: DecoderSwitches { granite_multipliers: true, ..DecoderSwitches::BASE },
+        details: "Llama layout; `embedding_multiplier`, `residual_multiplier`, `attention_multiplier` (the score scale, replacing hd^-0.5; head_dim is kept) and `logits_scaling` (logits divided) are scalars that no width changes, so they are kept as they are",
         ..family("granite", false, &LLAMA_RULES, "embedding/residual/attention multipliers and logits_scaling kept (none depends on the width)")
     },
     Family {
@@ -978,6 +1142,17 @@ pub static FAMILIES: &[Family] = &[
              their statistics",
         ),
         layer_sliding: LayerSliding::Periodic { period_key: None, period: 4 },
+        architecture: "Olmo3ForCausalLM",
+        wiring: Wiring { block: POST_NORM_BLOCK, qk_norm: QK_NORM, ..LLAMA_WIRING },
+        decoder: DecoderSwitches {
+            // configuration_olmo3 pops a legacy flat `rope_theta` for the full layers only;
+            // the sliding ones then get the class default.
+            default_window: Some(4096),
+            default_theta: 500_000.0,
+            local_rope: Some((None, 500_000.0)),
+            ..DecoderSwitches::BASE
+        },
+        details: "OLMo-2 layout (post-norms, whole-projection q/k norms); sliding/full `layer_types` (default: every 4th layer full), one rope per layer type (`rope_parameters.{sliding,full}_attention`)",
         ..family("olmo3", false, &OLMO2_RULES, "OLMo-2 layout; sliding/full layer_types, one rope per layer type")
     },
     Family {
@@ -1001,6 +1176,20 @@ pub static FAMILIES: &[Family] = &[
         },
         head_counts: HeadCounts::DividingHidden,
         layer_sliding: LayerSliding::Periodic { period_key: Some("sliding_window_pattern"), period: 6 },
+        architecture: "Gemma3ForCausalLM",
+        wiring: Wiring { norm: NormKind::RmsOnePlus, block: SANDWICH_BLOCK, qk_norm: QK_NORM, ..LLAMA_WIRING },
+        decoder: DecoderSwitches {
+            activation_key: "hidden_activation",
+            default_activation: "gelu_pytorch_tanh",
+            default_window: Some(4096),
+            refused_when_true: BIDIRECTIONAL,
+            query_pre_attn_scalar: Some(256.0),
+            default_theta: 1_000_000.0,
+            local_rope: Some((Some("rope_local_base_freq"), 10_000.0)),
+            reads_softcaps: true,
+            ..DecoderSwitches::BASE
+        },
+        details: "Gemma-2 layout (pre/post norms, (1+w) norms, sqrt(hidden) embedding scale, `query_pre_attn_scalar`, optional soft-caps) plus per-head (1+w) `q_norm`/`k_norm` (kept, never grown); sliding layers use their own rope (`rope_local_base_freq` / `rope_parameters.sliding_attention`), full ones the global rope, linear scaling included (Gemma 3 from 4B); `use_bidirectional_attention` clones but the Rust decoder refuses it",
         ..family("gemma3_text", true, &GEMMA3_RULES, "Gemma-2 layout plus per-head (1+w) q/k norms; local and global rope per layer type")
     },
     Family {
@@ -1013,6 +1202,21 @@ pub static FAMILIES: &[Family] = &[
             sparse_step: None,
             dense_layers: None,
         }),
+        architecture: "MixtralForCausalLM",
+        wiring: Wiring {
+            mlp: MlpLayout::Moe {
+                prefix: "block_sparse_moe",
+                router: "gate",
+                experts: "experts",
+                gate: "w1",
+                up: "w3",
+                down: "w2",
+                shared: None,
+            },
+            ..LLAMA_WIRING
+        },
+        decoder: DecoderSwitches { default_theta: 1_000_000.0, always_norm_topk: true, ..DecoderSwitches::BASE },
+        details: "Mixture of Experts (`num_local_experts`, `num_experts_per_tok` kept): every expert `block_sparse_moe.experts.N.{w1,w3,w2}` grows like a gated MLP (w1/w3 rows and w2 columns on the FFN axis, hidden axes tiled), the router `block_sparse_moe.gate` [experts, hidden] keeps its rows and reads the hidden axis (columns tile / n), so the clone's router logits equal the source's and the same top-k experts are picked with the same weights (up to rounding of the logits: only an exact tie between two experts' probabilities could pick differently); sliding window on every layer. The Rust decoder routes as transformers 5.23 does (softmax over all experts, top-k, renormalised; the other MoE families renormalise only with `norm_topk_prob`). `train` refuses every MoE family in one line (no load-balancing loss). Also the upcycling target of llama and mistral (`clone --experts E`, docs/growth.md)",
         ..family("mixtral", false, &MIXTRAL_RULES, "Mixture of Experts: every expert grown like the MLP, the router's hidden columns tiled / n; expert count and top-k kept")
     },
     Family {
@@ -1022,6 +1226,25 @@ pub static FAMILIES: &[Family] = &[
             shared_ffn: Some("shared_expert_intermediate_size"),
             ..QWEN_MOE_KEYS
         }),
+        architecture: "Qwen2MoeForCausalLM",
+        wiring: Wiring {
+            mlp: MlpLayout::Moe {
+                prefix: "mlp",
+                router: "gate",
+                experts: "experts",
+                gate: "gate_proj",
+                up: "up_proj",
+                down: "down_proj",
+                shared: Some(("shared_expert", "shared_expert_gate")),
+            },
+            ..LLAMA_WIRING
+        },
+        decoder: DecoderSwitches {
+            refused_when_true: QWEN_MOE_SLIDING,
+            refuse_sliding_layer_types: true,
+            ..DecoderSwitches::BASE
+        },
+        details: "Mixtral's growth on `mlp.gate` (router) and `mlp.experts.N.{gate,up,down}_proj` (width `moe_intermediate_size`), plus a shared expert `mlp.shared_expert.{gate,up,down}_proj` on its own width `shared_expert_intermediate_size`, grown like an MLP by whole copies: x m, or floor(F / f) copies when `--intermediate-size F` is not a multiple (exact either way, see [growth.md](growth.md)), and its gate `mlp.shared_expert_gate` [1, hidden] (columns tiled / n, so sigmoid(gate) is unchanged); q/k/v biases unless `qkv_bias: false`; `num_experts`, `num_experts_per_tok`, `norm_topk_prob` (default false) kept. `intermediate_size` (the width of dense `mlp_only_layers`) is not read and kept. Refused: `decoder_sparse_step` != 1 and a non-empty `mlp_only_layers` (dense layers among the experts); the Rust decoder refuses `use_sliding_window: true` and sliding `layer_types`. Upcycling target of qwen2 (`clone --experts E`: shared expert written silent, docs/growth.md)",
         ..family("qwen2_moe", false, &QWEN2_MOE_RULES, "Mixture of Experts plus a shared expert (grown like an MLP on its own width) and its sigmoid gate (hidden columns tiled / n); q/k/v biases (qkv_bias)")
     },
     Family {
@@ -1035,6 +1258,10 @@ pub static FAMILIES: &[Family] = &[
             experts_alias: Some("num_experts"),
             ..QWEN_MOE_KEYS
         }),
+        architecture: "Qwen3MoeForCausalLM",
+        wiring: Wiring { mlp: QWEN_MOE_MLP, qk_norm: QK_NORM, ..LLAMA_WIRING },
+        decoder: DecoderSwitches { refused_when_true: QWEN_MOE_SLIDING, ..DecoderSwitches::BASE },
+        details: "Qwen3's attention (per-head `q_norm`/`k_norm` kept, `attention_bias`) with the Qwen-MoE sparse block (no shared expert); `norm_topk_prob` read (default false; the released models set true); the expert count is read from `num_local_experts` (what transformers saves) or `num_experts` (released configs). `--keep-tied` scales q_proj/k_proj like Qwen3's. Refused as qwen2_moe: dense layers; `use_sliding_window: true` in the Rust decoder. Upcycling target of qwen3 (`clone --experts E`, docs/growth.md)",
         ..family("qwen3_moe", false, &QWEN3_MOE_RULES, "Mixture of Experts with Qwen3's per-head q_norm/k_norm (kept); norm_topk_prob read")
     },
     Family {
@@ -1051,6 +1278,10 @@ pub static FAMILIES: &[Family] = &[
             sparse_step: None,
             dense_layers: None,
         }),
+        architecture: "OlmoeForCausalLM",
+        wiring: Wiring { mlp: QWEN_MOE_MLP, qk_norm: QK_NORM, ..LLAMA_WIRING },
+        decoder: DecoderSwitches { clip_qkv: true, ..DecoderSwitches::BASE },
+        details: "Pre-norm blocks with OLMo-2's q/k norms over the whole projection (tiled like the heads; other head counts refused, the norms are sized by hidden_size), the Qwen-MoE sparse block (experts `intermediate_size` wide), `norm_topk_prob` (default false) and `clip_qkv` kept: q and k after their norms and v are clamped to [-clip_qkv, clip_qkv], and a clone's q, k, v are copies of the source's, so the clamp stays exact (the Rust decoder implements it; checked by the fixture, where clip 1.5 moves the logits)",
         ..family("olmoe", false, &OLMOE_RULES, "Mixture of Experts with q/k norms over the whole projection (tiled like the heads) and clip_qkv kept")
     },
 ];

@@ -13,6 +13,7 @@ pub mod config;
 pub mod dtype;
 pub mod error;
 pub mod family;
+pub mod family_table;
 pub mod grow;
 pub mod growth_map;
 pub mod growth_spec;
@@ -28,6 +29,7 @@ pub mod safetensors;
 pub mod staging;
 pub mod symmetry;
 pub mod upcycle;
+pub mod wiring;
 pub mod write;
 
 pub use checkpoint::Checkpoint;

@@ -15,11 +15,8 @@ use std::path::Path;
 pub fn write_random_checkpoint(config_path: &Path, out: &Path, std: f64, seed: u64) -> Result<()> {
     let cfg = ModelConfig::load(config_path)?;
     let family = cfg.family;
-    let norm_identity = match arch(
-        family.model_type,
-        &serde_json::Value::Object(cfg.raw.clone()),
-    ) {
-        Some(a) if a.norm == NormKind::RmsOnePlus => 0.0,
+    let norm_identity = match arch(family, &serde_json::Value::Object(cfg.raw.clone())).norm {
+        NormKind::RmsOnePlus => 0.0,
         _ => 1.0,
     };
     let tensors: Vec<(String, Vec<usize>, Component)> = cfg

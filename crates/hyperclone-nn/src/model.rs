@@ -240,12 +240,10 @@ pub type Perturb<'a> = dyn Fn(&mut [f64]) + 'a;
 /// The family's layout and the numeric switches of a checkpoint, with the norm epsilon
 /// settled (its default depends on the norm kind).
 pub(crate) fn resolve(ckpt: &Checkpoint) -> Result<(Arch, DecoderSpec)> {
-    let model_type = ckpt.config.family.model_type;
-    let arch = arch(model_type, &serde_json::Value::Object(ckpt.config.raw.clone())).ok_or_else(|| {
-        NnError::Unsupported(format!(
-            "the Rust decoder does not cover model_type `{model_type}` yet (cloning does; check the clone in transformers)"
-        ))
-    })?;
+    let arch = arch(
+        ckpt.config.family,
+        &serde_json::Value::Object(ckpt.config.raw.clone()),
+    );
     let mut spec = DecoderSpec::from_checkpoint(ckpt)?;
     if spec.norm_eps.is_nan() {
         spec.norm_eps = if arch.norm == NormKind::Layer {

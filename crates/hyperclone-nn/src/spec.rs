@@ -1,9 +1,11 @@
-//! The decoder's numeric switches, read from config.json. Which tensors exist and how a
-//! block is wired come from `arch.rs`; optional pieces stored as tensors (biases) are
-//! switched on by their presence.
+//! The decoder's numeric switches, read from config.json. Which keys a family reads and
+//! their defaults are constants of its record (`Family::decoder`, in core), never a branch on
+//! `model_type` here; which tensors exist and how a block is wired come from `arch.rs`;
+//! optional pieces stored as tensors (biases) are switched on by their presence.
 
 use crate::error::{NnError, Result};
 use hyperclone_core::family::{Family, LayerSliding};
+use hyperclone_core::wiring::DecoderSwitches;
 use hyperclone_core::Checkpoint;
 use serde_json::Value;
 
@@ -15,15 +17,7 @@ pub enum Activation {
     Relu,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum NormKind {
-    /// x / rms(x) * w
-    Rms,
-    /// x / rms(x) * (1 + w) (Gemma)
-    RmsOnePlus,
-    /// (x - mean) / std * w + b
-    Layer,
-}
+pub use hyperclone_core::wiring::NormKind;
 
 /// Llama-3 style frequency rescaling of the rotary embedding.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -100,199 +94,12 @@ pub struct MoeSpec {
     pub shared_ffn: usize,
 }
 
-/// How a family's transformers 5.23 modules read the config switches that change the
-/// function: one record per family, read by the generic code below (no family branches).
-struct FamilyRules {
-    /// The config key the activation is read from, and its default.
-    activation_key: &'static str,
-    default_activation: &'static str,
-    /// configuration_gemma.py turns the official releases' `gelu` into the tanh form.
-    legacy_gelu_is_tanh: bool,
-    /// The configuration class's `sliding_window` when the key is absent (which layers slide
-    /// is growth's family data too: core's `Family::layer_sliding`).
-    default_window: Option<usize>,
-    /// Boolean switches the Rust decoder does not implement: (key, what it does) refused
-    /// when true.
-    refused_when_true: &'static [(&'static str, &'static str)],
-    /// Switches refused when false (modeling_opt then applies LayerNorms without weights,
-    /// which the decoder, reading a norm from its stored weight, would skip).
-    refused_when_false: &'static [(&'static str, &'static str)],
-    /// Soft-caps on scores and logits with their configuration defaults (Gemma-2).
-    softcap_defaults: Option<(f64, f64)>,
-    /// Scores scaled by query_pre_attn_scalar^-0.5, with its configuration default, instead
-    /// of head_dim^-0.5 (Gemma-2).
-    query_pre_attn_scalar: Option<f64>,
-    /// modeling_gpt2's `scale_attn_weights` / `scale_attn_by_inverse_layer_idx`.
-    gpt2_scaling: bool,
-    /// rope_theta when config.json has none (the configuration class's `default_theta`).
-    default_theta: f64,
-    /// One rope per layer type (`rope_parameters` keyed by `full_attention` and
-    /// `sliding_attention`; Gemma-3, OLMo-3): the legacy flat key of the sliding layers' theta
-    /// and its default.
-    local_rope: Option<(Option<&'static str>, f64)>,
-    /// Soft-cap keys read although they default to none (Gemma-3).
-    reads_softcaps: bool,
-    /// Granite: `attention_multiplier` is the score scale, `embedding_multiplier`,
-    /// `residual_multiplier` and `logits_scaling` scale the embedding, the sublayer outputs
-    /// and (dividing) the logits.
-    granite_multipliers: bool,
-    /// SmolLM3: `no_rope_layers` (default: every `no_rope_layer_interval`-th layer, 4, is NoPE).
-    no_rope_layers: bool,
-    /// `layer_types` entries `sliding_attention` are refused (Qwen2-MoE, whose sliding
-    /// attention the decoder does not implement; transformers then builds a zero window).
-    refuse_sliding_layer_types: bool,
-    /// OLMoE: `clip_qkv` clamps q, k (after their norms) and v to [-clip_qkv, clip_qkv].
-    clip_qkv: bool,
-    /// Mixtral always renormalises the top-k routing weights; the others read
-    /// `norm_topk_prob` (default false in qwen2_moe, qwen3_moe and olmoe).
-    always_norm_topk: bool,
-}
-
-impl FamilyRules {
-    fn of(model_type: &str) -> FamilyRules {
-        let base = FamilyRules {
-            activation_key: "hidden_act",
-            default_activation: "silu",
-            legacy_gelu_is_tanh: false,
-            default_window: None,
-            refused_when_true: &[],
-            refused_when_false: &[],
-            softcap_defaults: None,
-            query_pre_attn_scalar: None,
-            gpt2_scaling: false,
-            default_theta: 10_000.0,
-            local_rope: None,
-            reads_softcaps: false,
-            granite_multipliers: false,
-            no_rope_layers: false,
-            refuse_sliding_layer_types: false,
-            clip_qkv: false,
-            always_norm_topk: false,
-        };
-        // Qwen-MoE's sliding attention (every layer for Qwen3-MoE, even layers below
-        // max_window_layers for Qwen2-MoE) is not implemented.
-        const QWEN_MOE_SLIDING: &[(&str, &str)] =
-            &[("use_sliding_window", "sliding-window attention")];
-        // Attention over the whole sequence, not causal.
-        const BIDIRECTIONAL: &[(&str, &str)] =
-            &[("use_bidirectional_attention", "non-causal attention")];
-        match model_type {
-            "mistral" => FamilyRules {
-                default_window: Some(4096),
-                ..base
-            },
-            "starcoder2" => FamilyRules {
-                default_activation: "gelu_pytorch_tanh",
-                ..base
-            },
-            "phi3" => FamilyRules { ..base },
-            "qwen2" | "qwen3" => FamilyRules {
-                default_window: Some(4096),
-                ..base
-            },
-            "gemma" => FamilyRules {
-                default_activation: "gelu_pytorch_tanh",
-                legacy_gelu_is_tanh: true,
-                refused_when_true: BIDIRECTIONAL,
-                ..base
-            },
-            "gemma2" => FamilyRules {
-                activation_key: "hidden_activation",
-                default_activation: "gelu_pytorch_tanh",
-                default_window: Some(4096),
-                refused_when_true: BIDIRECTIONAL,
-                softcap_defaults: Some((50.0, 30.0)),
-                query_pre_attn_scalar: Some(256.0),
-                ..base
-            },
-            "stablelm" => FamilyRules {
-                refused_when_true: &[
-                    ("use_parallel_residual", "the parallel residual block"),
-                    ("qk_layernorm", "per-head q/k LayerNorms"),
-                ],
-                ..base
-            },
-            "phi" => FamilyRules {
-                default_activation: "gelu_new",
-                refused_when_true: &[("qk_layernorm", "q/k LayerNorms")],
-                ..base
-            },
-            "gpt2" => FamilyRules {
-                activation_key: "activation_function",
-                default_activation: "gelu_new",
-                gpt2_scaling: true,
-                ..base
-            },
-            "gpt_neox" => FamilyRules {
-                default_activation: "gelu",
-                ..base
-            },
-            "opt" => FamilyRules {
-                activation_key: "activation_function",
-                default_activation: "relu",
-                refused_when_false: &[(
-                    "layer_norm_elementwise_affine",
-                    "LayerNorms without weights",
-                )],
-                ..base
-            },
-            "smollm3" => FamilyRules {
-                default_theta: 2_000_000.0,
-                no_rope_layers: true,
-                ..base
-            },
-            "granite" => FamilyRules {
-                granite_multipliers: true,
-                ..base
-            },
-            "mixtral" => FamilyRules {
-                default_theta: 1_000_000.0,
-                always_norm_topk: true,
-                ..base
-            },
-            "qwen2_moe" => FamilyRules {
-                refused_when_true: QWEN_MOE_SLIDING,
-                refuse_sliding_layer_types: true,
-                ..base
-            },
-            "qwen3_moe" => FamilyRules {
-                refused_when_true: QWEN_MOE_SLIDING,
-                ..base
-            },
-            "olmoe" => FamilyRules {
-                clip_qkv: true,
-                ..base
-            },
-            // configuration_olmo3 pops a legacy flat `rope_theta` for the full layers only;
-            // the sliding ones then get the class default.
-            "olmo3" => FamilyRules {
-                default_window: Some(4096),
-                default_theta: 500_000.0,
-                local_rope: Some((None, 500_000.0)),
-                ..base
-            },
-            "gemma3_text" => FamilyRules {
-                activation_key: "hidden_activation",
-                default_activation: "gelu_pytorch_tanh",
-                default_window: Some(4096),
-                refused_when_true: BIDIRECTIONAL,
-                query_pre_attn_scalar: Some(256.0),
-                default_theta: 1_000_000.0,
-                local_rope: Some((Some("rope_local_base_freq"), 10_000.0)),
-                reads_softcaps: true,
-                ..base
-            },
-            _ => base,
-        }
-    }
-}
-
 fn refuse_unimplemented(
-    model_type: &str,
+    family: &Family,
     raw: &serde_json::Map<String, Value>,
     path: &str,
 ) -> Result<()> {
-    let rules = FamilyRules::of(model_type);
+    let rules = &family.decoder;
     let flag = |k: &str| raw.get(k).and_then(Value::as_bool);
     for (key, what) in rules.refused_when_false {
         if flag(key) == Some(false) {
@@ -315,7 +122,8 @@ fn refuse_unimplemented(
     if rules.refuse_sliding_layer_types && sliding_listed {
         return Err(NnError::Unsupported(format!(
             "{path}: `layer_types` lists sliding_attention layers (sliding-window attention), which the Rust decoder \
-             does not implement for {model_type}"
+             does not implement for {}",
+            family.model_type
         )));
     }
     Ok(())
@@ -323,8 +131,10 @@ fn refuse_unimplemented(
 
 /// The activation's name as the family's transformers module reads it (a config may carry
 /// several keys; only one is used).
-fn activation_name<'a>(model_type: &str, raw: &'a serde_json::Map<String, Value>) -> &'a str {
-    let rules = FamilyRules::of(model_type);
+fn activation_name<'a>(
+    rules: &DecoderSwitches,
+    raw: &'a serde_json::Map<String, Value>,
+) -> &'a str {
     let name = raw
         .get(rules.activation_key)
         .and_then(Value::as_str)
@@ -338,12 +148,12 @@ fn activation_name<'a>(model_type: &str, raw: &'a serde_json::Map<String, Value>
 /// Which layers slide, and over how many positions, as transformers 5.23 decides it (see
 /// [`LayerSliding`]).
 fn sliding_windows(
-    model_type: &str,
+    family: &Family,
     raw: &serde_json::Map<String, Value>,
     layers: usize,
 ) -> Vec<Option<usize>> {
-    let rules = FamilyRules::of(model_type);
-    let sliding = Family::lookup(model_type).map_or(LayerSliding::Never, |f| f.layer_sliding);
+    let rules = &family.decoder;
+    let sliding = family.layer_sliding;
     // An absent key takes the configuration class's default; an explicit null is no window.
     let window = match raw.get("sliding_window") {
         Some(v) => v.as_u64().map(|w| w as usize),
@@ -361,7 +171,7 @@ fn sliding_windows(
             .and_then(Value::as_u64)
             .map_or(default, |p| p as usize)
     };
-    let ropes = no_rope_layers(model_type, raw, layers);
+    let ropes = no_rope_layers(rules, raw, layers);
     let slides = |l: usize| -> bool {
         match sliding {
             LayerSliding::Never => false,
@@ -409,11 +219,11 @@ fn sliding_windows(
 /// default every `no_rope_layer_interval`-th layer); every layer for other families. A list
 /// entry that is not 0 or 1, or a list shorter than the model, reads as None (refused).
 fn no_rope_layers(
-    model_type: &str,
+    rules: &DecoderSwitches,
     raw: &serde_json::Map<String, Value>,
     layers: usize,
 ) -> Vec<bool> {
-    if !FamilyRules::of(model_type).no_rope_layers {
+    if !rules.no_rope_layers {
         return vec![true; layers];
     }
     match raw.get("no_rope_layers").filter(|v| !v.is_null()) {
@@ -443,16 +253,16 @@ fn no_rope_layers(
 /// The rotary table of each layer: NoPE layers, the sliding layers' own rope where the
 /// family has one per layer type (by `layer_types`, or the family's index rule when absent).
 fn layer_ropes(
-    model_type: &str,
+    family: &Family,
     raw: &serde_json::Map<String, Value>,
     layers: usize,
 ) -> Vec<LayerRope> {
-    let rules = FamilyRules::of(model_type);
-    let ropes = no_rope_layers(model_type, raw, layers);
+    let rules = &family.decoder;
+    let ropes = no_rope_layers(rules, raw, layers);
     // The layer *type*, whatever the window: a sliding layer keeps its rope with a null window.
     let mut typed = raw.clone();
     typed.insert("sliding_window".into(), Value::from(1u64));
-    let types = sliding_windows(model_type, &typed, layers);
+    let types = sliding_windows(family, &typed, layers);
     (0..layers)
         .map(|l| {
             if !ropes.get(l).copied().unwrap_or(false) {
@@ -469,12 +279,11 @@ fn layer_ropes(
 /// Each layer's attention score scale (modeling_gpt2's `scaling`; query_pre_attn_scalar
 /// for Gemma-2; head_dim^-0.5 elsewhere).
 fn attention_scales(
-    model_type: &str,
+    rules: &DecoderSwitches,
     raw: &serde_json::Map<String, Value>,
     head_dim: usize,
     layers: usize,
 ) -> Vec<f64> {
-    let rules = FamilyRules::of(model_type);
     let flag = |k: &str, default: bool| raw.get(k).and_then(Value::as_bool).unwrap_or(default);
     // A null query_pre_attn_scalar leaves NaN, refused by the caller.
     let base = match (
@@ -514,7 +323,8 @@ impl DecoderSpec {
         let raw = &c.raw;
         let path = c.path.display().to_string();
         let num = |v: Option<&Value>| v.and_then(Value::as_f64);
-        let rules = FamilyRules::of(c.family.model_type);
+        let family = c.family;
+        let rules = &family.decoder;
         // One rope per layer type: the full-attention layers' is the global one read below.
         let per_type = raw
             .get("rope_parameters")
@@ -587,8 +397,8 @@ impl DecoderSpec {
             .or_else(|| num(rope.and_then(|r| r.get("partial_rotary_factor"))))
             .or_else(|| num(raw.get("rotary_pct")))
             .unwrap_or(1.0);
-        refuse_unimplemented(c.family.model_type, raw, &path)?;
-        let act_name = activation_name(c.family.model_type, raw);
+        refuse_unimplemented(family, raw, &path)?;
+        let act_name = activation_name(rules, raw);
         let activation = match act_name {
             "silu" | "swish" => Activation::Silu,
             "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Activation::GeluTanh,
@@ -600,7 +410,7 @@ impl DecoderSpec {
                 )))
             }
         };
-        let sliding_window = sliding_windows(c.family.model_type, raw, c.num_hidden_layers);
+        let sliding_window = sliding_windows(family, raw, c.num_hidden_layers);
         let norm_eps = [
             "rms_norm_eps",
             "layer_norm_eps",
@@ -610,11 +420,10 @@ impl DecoderSpec {
         ]
         .iter()
         .find_map(|k| num(raw.get(*k)));
-        let attn_scale =
-            attention_scales(c.family.model_type, raw, c.head_dim, c.num_hidden_layers);
+        let attn_scale = attention_scales(rules, raw, c.head_dim, c.num_hidden_layers);
         // Soft-caps only where the family has them: its configuration default when the key
         // is absent, none when it is null.
-        let softcap_defaults = FamilyRules::of(c.family.model_type).softcap_defaults;
+        let softcap_defaults = rules.softcap_defaults;
         let softcap = |k: &str, default: Option<f64>| match (default, raw.get(k)) {
             (Some(d), None) => Some(d),
             (Some(_), Some(v)) => v.as_f64().filter(|&v| v > 0.0),
@@ -638,10 +447,8 @@ impl DecoderSpec {
             positive("rope_scaling.factor", f)?;
         }
         positive("rope_local_base_freq", local_rope_theta)?;
-        let layer_rope = layer_ropes(c.family.model_type, raw, c.num_hidden_layers);
-        if no_rope_layers(c.family.model_type, raw, c.num_hidden_layers).len()
-            != c.num_hidden_layers
-        {
+        let layer_rope = layer_ropes(family, raw, c.num_hidden_layers);
+        if no_rope_layers(rules, raw, c.num_hidden_layers).len() != c.num_hidden_layers {
             return Err(NnError::Unsupported(format!(
                 "{path}: `no_rope_layers` must list 0 or 1 for each of the {} layers",
                 c.num_hidden_layers
@@ -688,7 +495,7 @@ impl DecoderSpec {
             return Err(bad("query_pre_attn_scalar", a.powi(-2)));
         }
         // transformers divides by a soft-cap: zero or a negative one is not a model.
-        if c.family.model_type == "gemma2" || rules.reads_softcaps {
+        if rules.softcap_defaults.is_some() || rules.reads_softcaps {
             for k in ["attn_logit_softcapping", "final_logit_softcapping"] {
                 if let Some(v) = raw.get(k).and_then(Value::as_f64) {
                     positive(k, v)?;
@@ -828,6 +635,10 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn fam(model_type: &str) -> &'static Family {
+        Family::lookup(model_type).unwrap()
+    }
+
     fn map(v: Value) -> serde_json::Map<String, Value> {
         v.as_object().unwrap().clone()
     }
@@ -838,33 +649,33 @@ mod tests {
         let w = Some(4);
         let qwen =
             map(json!({"use_sliding_window": true, "sliding_window": 4, "max_window_layers": 1}));
-        assert_eq!(sliding_windows("qwen2", &qwen, 3), vec![None, w, w]);
-        assert_eq!(sliding_windows("qwen3", &qwen, 3), vec![None, w, w]);
+        assert_eq!(sliding_windows(fam("qwen2"), &qwen, 3), vec![None, w, w]);
+        assert_eq!(sliding_windows(fam("qwen3"), &qwen, 3), vec![None, w, w]);
         // max_window_layers defaults to 28; without use_sliding_window nothing slides, even
         // with layer_types saying so (the config drops the window).
         let qwen = map(json!({"use_sliding_window": true, "sliding_window": 4}));
-        assert_eq!(sliding_windows("qwen2", &qwen, 30)[27..], [None, w, w]);
+        assert_eq!(sliding_windows(fam("qwen2"), &qwen, 30)[27..], [None, w, w]);
         let off = map(json!({"sliding_window": 4, "layer_types": ["sliding_attention"]}));
-        assert_eq!(sliding_windows("qwen2", &off, 1), vec![None]);
+        assert_eq!(sliding_windows(fam("qwen2"), &off, 1), vec![None]);
         let gemma2 = map(json!({"sliding_window": 4}));
-        assert_eq!(sliding_windows("gemma2", &gemma2, 3), vec![w, None, w]);
+        assert_eq!(sliding_windows(fam("gemma2"), &gemma2, 3), vec![w, None, w]);
         let listed = map(
             json!({"sliding_window": 4, "layer_types": ["full_attention", "sliding_attention"]}),
         );
-        assert_eq!(sliding_windows("gemma2", &listed, 2), vec![None, w]);
+        assert_eq!(sliding_windows(fam("gemma2"), &listed, 2), vec![None, w]);
         // Every layer, layer_types not read; null is no window; absent is the class default.
         for t in ["mistral", "starcoder2", "phi3"] {
-            assert_eq!(sliding_windows(t, &listed, 2), vec![w, w], "{t}");
+            assert_eq!(sliding_windows(fam(t), &listed, 2), vec![w, w], "{t}");
             assert_eq!(
-                sliding_windows(t, &map(json!({"sliding_window": null})), 2),
+                sliding_windows(fam(t), &map(json!({"sliding_window": null})), 2),
                 vec![None, None]
             );
         }
         assert_eq!(
-            sliding_windows("mistral", &map(json!({})), 1),
+            sliding_windows(fam("mistral"), &map(json!({})), 1),
             vec![Some(4096)]
         );
-        assert_eq!(sliding_windows("llama", &qwen, 2), vec![None, None]);
+        assert_eq!(sliding_windows(fam("llama"), &qwen, 2), vec![None, None]);
     }
 
     #[test]
@@ -872,27 +683,42 @@ mod tests {
         let gpt2 =
             map(json!({"scale_attn_weights": false, "scale_attn_by_inverse_layer_idx": true}));
         assert_eq!(
-            attention_scales("gpt2", &gpt2, 16, 3),
+            attention_scales(&fam("gpt2").decoder, &gpt2, 16, 3),
             vec![1.0, 0.5, 1.0 / 3.0]
         );
         let both = map(json!({"scale_attn_by_inverse_layer_idx": true}));
-        assert_eq!(attention_scales("gpt2", &both, 16, 2), vec![0.25, 0.125]);
+        assert_eq!(
+            attention_scales(&fam("gpt2").decoder, &both, 16, 2),
+            vec![0.25, 0.125]
+        );
         // Only Gemma-2 reads query_pre_attn_scalar (default 256).
         let q = map(json!({"query_pre_attn_scalar": 64}));
-        assert_eq!(attention_scales("gemma2", &q, 16, 1), vec![0.125]);
-        assert_eq!(attention_scales("llama", &q, 16, 1), vec![0.25]);
         assert_eq!(
-            attention_scales("gemma2", &map(json!({})), 16, 1),
+            attention_scales(&fam("gemma2").decoder, &q, 16, 1),
+            vec![0.125]
+        );
+        assert_eq!(
+            attention_scales(&fam("llama").decoder, &q, 16, 1),
+            vec![0.25]
+        );
+        assert_eq!(
+            attention_scales(&fam("gemma2").decoder, &map(json!({})), 16, 1),
             vec![1.0 / 16.0]
         );
         let acts = map(
             json!({"hidden_act": "gelu", "hidden_activation": "relu", "activation_function": "silu"}),
         );
-        assert_eq!(activation_name("gemma", &acts), "gelu_pytorch_tanh");
-        assert_eq!(activation_name("gemma2", &acts), "relu");
-        assert_eq!(activation_name("gpt2", &acts), "silu");
-        assert_eq!(activation_name("llama", &acts), "gelu");
-        assert_eq!(activation_name("opt", &map(json!({}))), "relu");
+        assert_eq!(
+            activation_name(&fam("gemma").decoder, &acts),
+            "gelu_pytorch_tanh"
+        );
+        assert_eq!(activation_name(&fam("gemma2").decoder, &acts), "relu");
+        assert_eq!(activation_name(&fam("gpt2").decoder, &acts), "silu");
+        assert_eq!(activation_name(&fam("llama").decoder, &acts), "gelu");
+        assert_eq!(
+            activation_name(&fam("opt").decoder, &map(json!({}))),
+            "relu"
+        );
     }
 
     #[test]
@@ -904,12 +730,12 @@ mod tests {
             ("stablelm", "qk_layernorm"),
             ("phi", "qk_layernorm"),
         ] {
-            let e = refuse_unimplemented(t, &map(json!({key: true})), "c.json").unwrap_err();
+            let e = refuse_unimplemented(fam(t), &map(json!({key: true})), "c.json").unwrap_err();
             assert!(e.to_string().contains(key), "{e}");
-            assert!(refuse_unimplemented(t, &map(json!({key: false})), "c.json").is_ok());
+            assert!(refuse_unimplemented(fam(t), &map(json!({key: false})), "c.json").is_ok());
         }
         let opt = map(json!({"layer_norm_elementwise_affine": false}));
-        assert!(refuse_unimplemented("opt", &opt, "c.json").is_err());
+        assert!(refuse_unimplemented(fam("opt"), &opt, "c.json").is_err());
     }
 
     /// transformers 5.23's rules for the 2026 dense families: which layers slide and which
@@ -924,62 +750,87 @@ mod tests {
         );
         // Gemma-3: every sliding_window_pattern-th layer (default 6) is global.
         let gemma3 = map(json!({"sliding_window": 4, "sliding_window_pattern": 2}));
-        assert_eq!(sliding_windows("gemma3_text", &gemma3, 3), vec![w, None, w]);
-        assert_eq!(layer_ropes("gemma3_text", &gemma3, 3), vec![loc, g, loc]);
-        let six = sliding_windows("gemma3_text", &map(json!({"sliding_window": 4})), 7);
+        assert_eq!(
+            sliding_windows(fam("gemma3_text"), &gemma3, 3),
+            vec![w, None, w]
+        );
+        assert_eq!(
+            layer_ropes(fam("gemma3_text"), &gemma3, 3),
+            vec![loc, g, loc]
+        );
+        let six = sliding_windows(fam("gemma3_text"), &map(json!({"sliding_window": 4})), 7);
         assert_eq!(six, vec![w, w, w, w, w, None, w]);
         // A null window still leaves the sliding layers their own rope.
         let nulled = map(
             json!({"sliding_window": null, "layer_types": ["full_attention", "sliding_attention"]}),
         );
-        assert_eq!(sliding_windows("gemma3_text", &nulled, 2), vec![None, None]);
-        assert_eq!(layer_ropes("gemma3_text", &nulled, 2), vec![g, loc]);
+        assert_eq!(
+            sliding_windows(fam("gemma3_text"), &nulled, 2),
+            vec![None, None]
+        );
+        assert_eq!(layer_ropes(fam("gemma3_text"), &nulled, 2), vec![g, loc]);
         // OLMo-3: every 4th layer global; layer_types wins when given.
         let olmo3 = map(json!({"sliding_window": 4}));
-        assert_eq!(sliding_windows("olmo3", &olmo3, 4), vec![w, w, w, None]);
-        assert_eq!(layer_ropes("olmo3", &olmo3, 4), vec![loc, loc, loc, g]);
+        assert_eq!(
+            sliding_windows(fam("olmo3"), &olmo3, 4),
+            vec![w, w, w, None]
+        );
+        assert_eq!(layer_ropes(fam("olmo3"), &olmo3, 4), vec![loc, loc, loc, g]);
         // OLMo-2 has one rope and no window.
-        assert_eq!(layer_ropes("olmo2", &olmo3, 2), vec![g, g]);
+        assert_eq!(layer_ropes(fam("olmo2"), &olmo3, 2), vec![g, g]);
         // SmolLM3: no_rope_layers (default every 4th layer NoPE); NoPE layers slide only with
         // use_sliding_window and a window.
         let smol = map(
             json!({"no_rope_layer_interval": 2, "use_sliding_window": true, "sliding_window": 4}),
         );
-        assert_eq!(layer_ropes("smollm3", &smol, 3), vec![g, no, g]);
-        assert_eq!(sliding_windows("smollm3", &smol, 3), vec![None, w, None]);
+        assert_eq!(layer_ropes(fam("smollm3"), &smol, 3), vec![g, no, g]);
+        assert_eq!(
+            sliding_windows(fam("smollm3"), &smol, 3),
+            vec![None, w, None]
+        );
         let listed = map(
             json!({"no_rope_layers": [0, 1], "use_sliding_window": false, "sliding_window": 4}),
         );
-        assert_eq!(layer_ropes("smollm3", &listed, 2), vec![no, g]);
-        assert_eq!(sliding_windows("smollm3", &listed, 2), vec![None, None]);
+        assert_eq!(layer_ropes(fam("smollm3"), &listed, 2), vec![no, g]);
         assert_eq!(
-            layer_ropes("smollm3", &map(json!({})), 5),
+            sliding_windows(fam("smollm3"), &listed, 2),
+            vec![None, None]
+        );
+        assert_eq!(
+            layer_ropes(fam("smollm3"), &map(json!({})), 5),
             vec![g, g, g, no, g]
         );
         // Entries other than 0 and 1 end the list (refused by the caller).
         assert_eq!(
-            no_rope_layers("smollm3", &map(json!({"no_rope_layers": [1, 2]})), 2),
+            no_rope_layers(
+                &fam("smollm3").decoder,
+                &map(json!({"no_rope_layers": [1, 2]})),
+                2
+            ),
             vec![true]
         );
         // Granite: attention_multiplier (default 1) replaces head_dim^-0.5.
         let granite = map(json!({"attention_multiplier": 0.0625}));
         assert_eq!(
-            attention_scales("granite", &granite, 16, 2),
+            attention_scales(&fam("granite").decoder, &granite, 16, 2),
             vec![0.0625, 0.0625]
         );
         assert_eq!(
-            attention_scales("granite", &map(json!({})), 16, 1),
+            attention_scales(&fam("granite").decoder, &map(json!({})), 16, 1),
             vec![1.0]
         );
         // Gemma-3 reads query_pre_attn_scalar (default 256) and refuses bidirectional attention.
         assert_eq!(
-            attention_scales("gemma3_text", &map(json!({})), 16, 1),
+            attention_scales(&fam("gemma3_text").decoder, &map(json!({})), 16, 1),
             vec![1.0 / 16.0]
         );
         let bi = map(json!({"use_bidirectional_attention": true}));
-        assert!(refuse_unimplemented("gemma3_text", &bi, "c.json").is_err());
+        assert!(refuse_unimplemented(fam("gemma3_text"), &bi, "c.json").is_err());
         assert_eq!(
-            activation_name("gemma3_text", &map(json!({"hidden_act": "relu"}))),
+            activation_name(
+                &fam("gemma3_text").decoder,
+                &map(json!({"hidden_act": "relu"}))
+            ),
             "gelu_pytorch_tanh"
         );
     }
@@ -992,19 +843,22 @@ mod tests {
         let w = Some(4);
         let on =
             map(json!({"use_sliding_window": true, "sliding_window": 4, "max_window_layers": 3}));
-        assert_eq!(sliding_windows("qwen3_moe", &on, 3), vec![w, w, w]);
-        assert_eq!(sliding_windows("qwen2_moe", &on, 4), vec![w, None, w, None]);
+        assert_eq!(sliding_windows(fam("qwen3_moe"), &on, 3), vec![w, w, w]);
+        assert_eq!(
+            sliding_windows(fam("qwen2_moe"), &on, 4),
+            vec![w, None, w, None]
+        );
         let off = map(json!({"sliding_window": 4}));
-        assert_eq!(sliding_windows("qwen3_moe", &off, 2), vec![None, None]);
-        assert_eq!(sliding_windows("qwen2_moe", &off, 2), vec![None, None]);
+        assert_eq!(sliding_windows(fam("qwen3_moe"), &off, 2), vec![None, None]);
+        assert_eq!(sliding_windows(fam("qwen2_moe"), &off, 2), vec![None, None]);
         for t in ["qwen2_moe", "qwen3_moe"] {
-            let e = refuse_unimplemented(t, &on, "c.json").unwrap_err();
+            let e = refuse_unimplemented(fam(t), &on, "c.json").unwrap_err();
             assert!(e.to_string().contains("use_sliding_window"), "{e}");
         }
         let listed = map(json!({"layer_types": ["full_attention", "sliding_attention"]}));
-        let e = refuse_unimplemented("qwen2_moe", &listed, "c.json").unwrap_err();
+        let e = refuse_unimplemented(fam("qwen2_moe"), &listed, "c.json").unwrap_err();
         assert!(e.to_string().contains("layer_types"), "{e}");
         // Qwen3-MoE does not read layer_types.
-        assert!(refuse_unimplemented("qwen3_moe", &listed, "c.json").is_ok());
+        assert!(refuse_unimplemented(fam("qwen3_moe"), &listed, "c.json").is_ok());
     }
 }
