@@ -45,8 +45,17 @@ def experiment(hyperclone_bin, corpus, tmp_path_factory) -> Path:
     return out
 
 
+def _ladder_lr(report, arm, base):
+    """The lr a row's ladder ran at: the best of its full-budget lr check."""
+    check = next(c for c in report["lr_check"] if c["arm"] == arm and c["base_steps"] == base)
+    assert check["ladder_lr"] == check["best_lr"]
+    return check["ladder_lr"]
+
+
 def _points(report, arm, base, seed):
-    runs = [r for r in report["runs"] if r["arm"] == arm and r["base_steps"] == base and r["seed"] == seed]
+    lr = _ladder_lr(report, arm, base)
+    runs = [r for r in report["runs"]
+            if r["arm"] == arm and r["base_steps"] == base and r["seed"] == seed and r["lr"] == lr]
     return sorted((r["tokens"], r["final_val_loss"]) for r in runs)
 
 
@@ -87,14 +96,20 @@ def test_quick_report_is_complete(experiment):
         assert needle in md, needle
     for png in ["budget.png", "val_loss.png", "symmetry.png"]:
         assert (experiment / png).read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), png
-    assert (experiment / "curves" / "ladder" / "random-init" / "steps-24" / "s0.csv").read_text().startswith("step,")
+    curves = sorted((experiment / "curves" / "ladder" / "random-init").glob("lr*/steps-24/s0.csv"))
+    assert len(curves) >= 3, "the lr check's full-budget runs"
+    assert all(c.read_text().startswith("step,") for c in curves)
 
 
-@pytest.mark.parametrize("run", ["bases/base-40", "ladder/base-40/noisy-carried/steps-24/s0", "ladder/random-init/steps-24/s1"])
+@pytest.mark.parametrize("run", ["bases/base-40", "ladder/base-40/noisy-carried/lr*/steps-24/s0",
+                                 "ladder/random-init/lr*/steps-24/s1"])
 def test_trained_checkpoints_load_in_transformers(hyperclone_bin, experiment, run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = experiment / run / "last"
+    # Complete runs live under their peak lr (ladder/ROW/lrLR/...): any one of them.
+    found = sorted(experiment.glob(run))
+    assert found, run
+    folder = found[0] / "last"
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32, attn_implementation="eager")
     model.eval()
