@@ -552,13 +552,12 @@ pub fn experiment(a: &ExperimentOptions, progress: &dyn StudyProgress) -> Result
                 ))?,
             )?,
         }
+        // The study's choices; everything else (the AdamW betas and epsilon included) is
+        // `hyperclone train`'s default.
         let template = TrainOptions {
-            model: None,
-            init_config: None,
             data,
             val,
             tokenizer: Some(tokenizer),
-            out: PathBuf::new(),
             steps: s.steps,
             batch: s.batch,
             seq: s.seq,
@@ -567,23 +566,12 @@ pub fn experiment(a: &ExperimentOptions, progress: &dyn StudyProgress) -> Result
             schedule: Schedule::Wsd {
                 decay_frac: s.decay_frac,
             },
-            min_lr: None,
-            optimizer_from: None,
             weight_decay: 0.1,
             grad_clip: 1.0,
-            grad_accum: 1,
-            dropout: 0.0,
             eval_every: s.eval_every,
             eval_windows: Some(s.eval_windows),
             token_cache: Some(out.join("tokens")),
-            save_every: 100,
-            seed: 0,
-            resume: false,
-            force: false,
-            stop_at: None,
-            adam_beta1: 0.9,
-            adam_beta2: 0.95,
-            adam_epsilon: 1e-8,
+            ..TrainOptions::default()
         };
         let c = Common {
             out: out.clone(),
