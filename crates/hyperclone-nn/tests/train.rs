@@ -70,63 +70,7 @@ fn every_parameter_gets_the_finite_difference_gradient() {
             }
             continue;
         }
-        let (model, params) = Decoder::load_trainable(&ckpt, DType::F64, &Device::Cpu).unwrap();
-        let (inputs, targets) = batch_for(0, 0);
-        let loss = batch_loss(&model, &inputs, &targets, 2, None).unwrap();
-        let grads = loss.backward().unwrap();
-        for p in &params {
-            let g: Vec<f64> = grads
-                .get(p.var.as_tensor())
-                .unwrap_or_else(|| panic!("{name}: no gradient for {}", p.name))
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            assert!(
-                g.iter().any(|x| *x != 0.0),
-                "{name}: zero gradient for {}",
-                p.name
-            );
-            // Central differences on the element with the largest gradient.
-            let k = (0..g.len())
-                .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
-                .unwrap();
-            let w: Vec<f64> = p.var.flatten_all().unwrap().to_vec1().unwrap();
-            // h = 1e-5: the loss is ~10, so one unit in its last place over 2h is ~1e-10
-            // (at h = 1e-6 two such units made 1.8e-5 of the 1e-4 floor, when the largest
-            // "gradient" picked is rounding noise); the central difference's truncation
-            // error, h^2 f'''/6, stays ~1e-10.
-            let h = 1e-5;
-            let at = |delta: f64| {
-                let mut w2 = w.clone();
-                w2[k] += delta;
-                p.var
-                    .set(&candle_core::Tensor::from_vec(w2, p.var.shape(), &Device::Cpu).unwrap())
-                    .unwrap();
-                let l = batch_loss(&model, &inputs, &targets, 2, None)
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap();
-                p.var
-                    .set(
-                        &candle_core::Tensor::from_vec(w.clone(), p.var.shape(), &Device::Cpu)
-                            .unwrap(),
-                    )
-                    .unwrap();
-                l
-            };
-            let fd = (at(h) - at(-h)) / (2.0 * h);
-            // Relative, with a floor of 1e-4 for gradients that are analytically zero (a
-            // k-projection bias shifts every score of a query alike; softmax ignores it): the
-            // difference quotient's own noise is ~1e-16 * loss / h = 1e-10.
-            let err = (fd - g[k]).abs() / g[k].abs().max(1e-4);
-            assert!(
-                err < 1e-5,
-                "{name}: {}: autograd {} vs finite difference {fd}",
-                p.name,
-                g[k]
-            );
-        }
+        finite_difference_gradients(name);
     }
 }
 
