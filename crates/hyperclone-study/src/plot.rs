@@ -104,6 +104,23 @@ fn seed_band(curves: &[&Curve], value: impl Fn(&EvalPoint) -> Option<f64>) -> Ba
         .collect()
 }
 
+/// (largest token count, lowest band floor, highest band top) over seed bands; the token
+/// count at least 0.1 so an empty plot still has an axis.
+fn extent<'a>(bands: impl Iterator<Item = &'a Band> + Clone) -> (f64, f64, f64) {
+    let max_tokens = bands
+        .clone()
+        .flat_map(|b| b.last().map(|p| p.0))
+        .fold(0.1, f64::max);
+    let lo = bands
+        .clone()
+        .flat_map(|b| b.iter().map(|p| p.2))
+        .fold(f64::INFINITY, f64::min);
+    let hi = bands
+        .flat_map(|b| b.iter().map(|p| p.3))
+        .fold(f64::NEG_INFINITY, f64::max);
+    (max_tokens, lo, hi)
+}
+
 fn stats(vals: &[f64]) -> (f64, f64, f64) {
     let mean = vals.iter().sum::<f64>() / vals.len() as f64;
     let lo = vals.iter().cloned().fold(f64::INFINITY, f64::min);
@@ -175,18 +192,7 @@ pub fn val_loss(report: &Report, path: &Path) -> Result<()> {
         .map(|(label, role, curves)| (label, role, seed_band(&curves, |e| Some(e.val_loss))))
         .filter(|(_, _, b)| !b.is_empty())
         .collect();
-    let max_tokens = bands
-        .iter()
-        .flat_map(|(_, _, b)| b.last().map(|p| p.0))
-        .fold(0.1, f64::max);
-    let lo = bands
-        .iter()
-        .flat_map(|(_, _, b)| b.iter().map(|p| p.2))
-        .fold(f64::INFINITY, f64::min);
-    let hi = bands
-        .iter()
-        .flat_map(|(_, _, b)| b.iter().map(|p| p.3))
-        .fold(f64::NEG_INFINITY, f64::max);
+    let (max_tokens, lo, hi) = extent(bands.iter().map(|(_, _, b)| b));
     let (lo, hi) = if lo.is_finite() { (lo, hi) } else { (0.0, 1.0) };
     let base = report
         .runs
@@ -253,14 +259,8 @@ pub fn symmetry(report: &Report, path: &Path) -> Result<()> {
         .map(|(i, (label, _, curves))| (i, label, seed_band(&curves, |e| e.symmetry)))
         .filter(|(_, _, b)| !b.is_empty())
         .collect();
-    let max_tokens = bands
-        .iter()
-        .flat_map(|(_, _, b)| b.last().map(|p| p.0))
-        .fold(0.1, f64::max);
-    let lo = bands
-        .iter()
-        .flat_map(|(_, _, b)| b.iter().map(|p| p.2))
-        .fold(1.0, f64::min);
+    let (max_tokens, lo, _) = extent(bands.iter().map(|(_, _, b)| b));
+    let lo = lo.min(1.0);
     let y0 = (lo - 0.05 * (1.0 - lo).max(0.01)).max(-1.0);
     let y1 = 1.0 + 0.02 * (1.0 - y0);
     let mut chart = frame(
