@@ -546,7 +546,6 @@ fn depth_is_expressible(cfg: &ModelConfig) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernel::Variant;
     use std::path::Path;
 
     fn cfg(extra: Value) -> ModelConfig {
@@ -560,17 +559,9 @@ mod tests {
         ModelConfig::from_map(Path::new("config.json"), m).unwrap()
     }
 
+    /// The default x2 symmetric growth (the shard size plays no part in a map).
     fn options() -> GrowthOptions {
-        GrowthOptions {
-            factor: 2,
-            ffn_factor: 2,
-            variant: Variant::Symmetric,
-            snr_db: 10.0,
-            seed: 0,
-            dtype: None,
-            shard_size: 1 << 30,
-            ..GrowthOptions::default()
-        }
+        GrowthOptions::default()
     }
 
     #[test]

@@ -454,12 +454,6 @@ fn failed_verification_keeps_nothing() {
     let src = Tiny::default().write(&r.path().join("src"));
     let ckpt = Checkpoint::open(&src).unwrap();
     let options = GrowthOptions {
-        factor: 2,
-        ffn_factor: 2,
-        variant: Variant::Symmetric,
-        snr_db: 10.0,
-        seed: 0,
-        dtype: None,
         shard_size: 1 << 30,
         ..GrowthOptions::default()
     };
