@@ -53,3 +53,29 @@ pub fn clone_src_dst(cwd: &Path, flags: &[&str]) -> Output {
     args.extend_from_slice(flags);
     run(&args, cwd)
 }
+
+/// `hyperclone plan src ARGS... --json` in `cwd`: the plan's JSON (the command must succeed).
+pub fn plan_json(cwd: &Path, args: &[&str]) -> serde_json::Value {
+    let mut a = vec!["plan", "src"];
+    a.extend_from_slice(args);
+    a.push("--json");
+    let out = run(&a, cwd);
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `hyperclone verify SMALL BIG EXTRA... --json`: (passed, the report), with the exit status
+/// checked against the report's verdict.
+pub fn verify_json(small: &Path, big: &Path, extra: &[&str]) -> (bool, serde_json::Value) {
+    let mut a = vec!["verify", small.to_str().unwrap(), big.to_str().unwrap()];
+    a.extend_from_slice(extra);
+    a.push("--json");
+    let o = Command::new(bin())
+        .args(&a)
+        .output()
+        .expect("hyperclone runs");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|_| panic!("no JSON; stderr: {}", stderr(&o)));
+    assert_eq!(Some(o.status.success()), v["passed"].as_bool(), "{v}");
+    (o.status.success(), v)
+}

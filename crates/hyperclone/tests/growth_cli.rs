@@ -6,16 +6,6 @@ use hyperclone_testkit::prelude as common;
 
 use common::*;
 use serde_json::Value;
-use std::path::Path;
-
-fn plan_json(dir: &Path, args: &[&str]) -> Value {
-    let mut a = vec!["plan", "src"];
-    a.extend_from_slice(args);
-    a.push("--json");
-    let out = run(&a, dir);
-    assert!(out.status.success(), "{}", stderr(&out));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
 
 #[test]
 fn plan_json_prints_the_growth_map() {

@@ -2,7 +2,7 @@
 //! every clone verifies exactly in the Rust decoder (routing, Qwen2-MoE's shared expert and
 //! OLMoE's clip_qkv included), and what is not implemented is refused in one line by name.
 
-use hyperclone_testkit::cli::bin;
+use hyperclone_testkit::cli::{bin, verify_json};
 use hyperclone_testkit::fixtures::family;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -28,20 +28,8 @@ fn clone(src: &Path, dst: &Path, extra: &[&str]) {
 
 /// `verify --dtype f64`: passed, and the max relative logit difference.
 fn verify(small: &Path, big: &Path) -> (bool, f64) {
-    let o = hc(&[
-        "verify",
-        small.to_str().unwrap(),
-        big.to_str().unwrap(),
-        "--dtype",
-        "f64",
-        "--json",
-    ]);
-    let v: Value = serde_json::from_slice(&o.stdout)
-        .unwrap_or_else(|_| panic!("no JSON; stderr: {}", String::from_utf8_lossy(&o.stderr)));
-    (
-        v["passed"].as_bool().unwrap(),
-        v["max_rel_logit_diff"].as_f64().unwrap(),
-    )
+    let (ok, v) = verify_json(small, big, &["--dtype", "f64"]);
+    (ok, v["max_rel_logit_diff"].as_f64().unwrap())
 }
 
 fn config(dir: &Path) -> Value {

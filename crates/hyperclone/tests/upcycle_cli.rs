@@ -25,15 +25,6 @@ fn values(dir: &Path, name: &str) -> (Vec<f64>, Vec<usize>) {
     (v, t.info.shape.clone())
 }
 
-fn plan_json(dir: &Path, args: &[&str]) -> Value {
-    let mut a = vec!["plan", "src"];
-    a.extend_from_slice(args);
-    a.push("--json");
-    let out = run(&a, dir);
-    assert!(out.status.success(), "{}", stderr(&out));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 const GROWTH: [&str; 6] = [
     "--factor",
     "2",

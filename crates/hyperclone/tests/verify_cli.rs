@@ -2,7 +2,7 @@
 //! including ones an argmax check misses.
 
 use hyperclone_core::Checkpoint;
-use hyperclone_testkit::cli::bin;
+use hyperclone_testkit::cli::{bin, verify_json};
 use hyperclone_testkit::files::edit_tensor;
 use hyperclone_testkit::fixtures::{families, family, tiny as fixture};
 use serde_json::Value;
@@ -29,16 +29,7 @@ fn clone(src: &Path, dst: &Path, n: usize, variant: &str, dtype: &str) {
 }
 
 fn verify(small: &Path, big: &Path) -> (bool, Value) {
-    let o = hc(&[
-        "verify",
-        small.to_str().unwrap(),
-        big.to_str().unwrap(),
-        "--json",
-    ]);
-    let v: Value = serde_json::from_slice(&o.stdout)
-        .unwrap_or_else(|_| panic!("no JSON; stderr: {}", String::from_utf8_lossy(&o.stderr)));
-    assert_eq!(o.status.success(), v["passed"].as_bool().unwrap());
-    (o.status.success(), v)
+    verify_json(small, big, &[])
 }
 
 #[test]
