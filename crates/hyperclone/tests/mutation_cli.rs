@@ -5,10 +5,9 @@
 
 use hyperclone_testkit::prelude as common;
 
-use common::{bin, listing, snapshot};
+use common::{listing, run, snapshot};
 use hyperclone_testkit::mutate::*;
 use std::collections::BTreeMap;
-use std::process::Command;
 
 #[test]
 #[ignore = "slow lane: scripts/test-all.sh runs it (cargo test -- --include-ignored)"]
@@ -29,11 +28,7 @@ fn mutated_folders_through_the_binary() {
         let dir = src.parent().unwrap().to_path_buf();
         let before = snapshot(&src);
         for args in commands {
-            let out = Command::new(bin())
-                .args(args)
-                .current_dir(&dir)
-                .output()
-                .unwrap();
+            let out = run(args, &dir);
             let err = String::from_utf8_lossy(&out.stderr);
             let code = out.status.code();
             match code {
@@ -83,11 +78,7 @@ fn round_two_folders_end_alike_in_every_command() {
         let before = snapshot(&src);
         let mut errors = Vec::new();
         for args in commands {
-            let out = Command::new(bin())
-                .args(args)
-                .current_dir(&dir)
-                .output()
-                .unwrap();
+            let out = run(args, &dir);
             let err = String::from_utf8_lossy(&out.stderr).trim_end().to_string();
             match (expect, out.status.code()) {
                 (Expect::Refused(needle), Some(1)) => {
