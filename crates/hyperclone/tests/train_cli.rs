@@ -152,3 +152,33 @@ fn a_diverging_run_stops_and_keeps_the_last_good_checkpoint() {
         "checkpoint of the step before the failure"
     );
 }
+
+/// The AdamW settings are options, checked before anything is written, and a changed one
+/// changes the run (the flag reaches the optimizer).
+#[test]
+fn adam_settings_are_checked_and_used() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    setup(d);
+    for (flag, arg) in [
+        ("--adam-beta1", "--adam-beta1=1"),
+        ("--adam-beta2", "--adam-beta2=-0.1"),
+        ("--adam-epsilon", "--adam-epsilon=0"),
+        ("--adam-epsilon", "--adam-epsilon=nan"),
+    ] {
+        let o = train(d, "bad", &["--init-config", "config.json", arg]);
+        let line = common::one_error_line(&o);
+        assert!(line.contains(flag), "{line}");
+        assert!(!d.join("bad").exists(), "{arg}: nothing written");
+    }
+    let losses = |out: &str, extra: &[&str]| -> Vec<Value> {
+        let mut args = vec!["--init-config", "config.json", "--steps", "6"];
+        args.extend_from_slice(extra);
+        let o = train(d, out, &args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        metrics(&d.join(out).join("metrics.jsonl"))
+    };
+    let default = losses("default", &[]);
+    assert_eq!(default, losses("same", &["--adam-beta2", "0.95"]));
+    assert_ne!(default, losses("other", &["--adam-beta2", "0.999"]));
+}
