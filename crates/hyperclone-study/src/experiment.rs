@@ -528,7 +528,17 @@ pub fn experiment(a: &ExperimentOptions, progress: &dyn StudyProgress) -> Result
         }
     }
 
-    let mut complete = true;
+    // --report-only runs no plan, so it cannot tell whether the plan is done: it keeps the
+    // verdict of the report already in OUT (none: not complete), and a run missing since
+    // then makes it incomplete.
+    let before: Option<Value> = std::fs::read_to_string(out.join("report.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    let mut complete = !a.report_only
+        || before
+            .as_ref()
+            .and_then(|v| v["complete"].as_bool())
+            .unwrap_or(false);
     if let Some((data, val)) = corpus {
         let tokenizer = out.join("tokenizer.json");
         prepare_tokenizer(a, &s, &data, &tokenizer, progress)?;
@@ -597,6 +607,13 @@ pub fn experiment(a: &ExperimentOptions, progress: &dyn StudyProgress) -> Result
 
     progress.line("report");
     let runs = read_runs(&out, &s)?;
+    if a.report_only {
+        let had = before
+            .as_ref()
+            .and_then(|v| v["runs"].as_array().map(Vec::len))
+            .unwrap_or(0);
+        complete &= runs.ladder.len() >= had;
+    }
     let mut report = Report::new(&s, models(&out, &s)?, read_corpus(&out), runs, complete);
     report.notes = retrained_notes(&out, &s);
     report.write(&out)?;

@@ -396,6 +396,10 @@ fn quick_experiment_writes_a_complete_report_and_reruns_reuse_it() {
         Value::Null,
         "pending, not guessed"
     );
+    assert_eq!(
+        partial["complete"], false,
+        "a run is missing since the last report"
+    );
     assert!(d.join("exp/report.md").exists());
 
     // Other settings in the same folder would mix two experiments: refused, nothing touched.
