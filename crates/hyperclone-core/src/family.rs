@@ -1228,15 +1228,7 @@ pub static FAMILIES: &[Family] = &[
         }),
         architecture: "Qwen2MoeForCausalLM",
         wiring: Wiring {
-            mlp: MlpLayout::Moe {
-                prefix: "mlp",
-                router: "gate",
-                experts: "experts",
-                gate: "gate_proj",
-                up: "up_proj",
-                down: "down_proj",
-                shared: Some(("shared_expert", "shared_expert_gate")),
-            },
+            mlp: crate::wiring::qwen_moe_mlp(Some(("shared_expert", "shared_expert_gate"))),
             ..LLAMA_WIRING
         },
         decoder: DecoderSwitches {

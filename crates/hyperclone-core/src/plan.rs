@@ -138,37 +138,22 @@ impl Plan {
                                 ));
                             }
                         }
+                        // The dense tensor grown under another name (a shared expert's, an
+                        // expert's) in destination layer j.
+                        let grown = |name: &str| {
+                            dest_tensor(ckpt, options, &map, i, name, rule, rule.component, Some(j))
+                        };
                         if let Some((_, pattern, init)) =
                             target.shared.iter().find(|s| s.0 == rule.pattern)
                         {
-                            let name = tensor_name_at(pattern, Some(j), None);
-                            let mut t = dest_tensor(
-                                ckpt,
-                                options,
-                                &map,
-                                i,
-                                &name,
-                                rule,
-                                rule.component,
-                                Some(j),
-                            )?;
+                            let mut t = grown(&tensor_name_at(pattern, Some(j), None))?;
                             if *init == SharedInit::Zero {
                                 t.fill = Fill::Zeros;
                             }
                             tensors.push(t);
                         }
                         for e in 0..u.experts {
-                            let name = tensor_name_at(pattern, Some(j), Some(e));
-                            let mut t = dest_tensor(
-                                ckpt,
-                                options,
-                                &map,
-                                i,
-                                &name,
-                                rule,
-                                rule.component,
-                                Some(j),
-                            )?;
+                            let mut t = grown(&tensor_name_at(pattern, Some(j), Some(e)))?;
                             t.expert = true;
                             if let ExpertInit::Drop { ratio } = u.expert_init {
                                 let ffn_axis = rule

@@ -193,16 +193,21 @@ pub const LLAMA_MLP: MlpLayout = MlpLayout::Gated {
     up: "up_proj",
     down: "down_proj",
 };
-/// Qwen-MoE's and OLMoE's sparse block under `mlp`.
-pub const QWEN_MOE_MLP: MlpLayout = MlpLayout::Moe {
-    prefix: "mlp",
-    router: "gate",
-    experts: "experts",
-    gate: "gate_proj",
-    up: "up_proj",
-    down: "down_proj",
-    shared: None,
-};
+/// Qwen-MoE's and OLMoE's sparse block under `mlp`, with Qwen2-MoE's shared expert and its
+/// gate where `shared` names them.
+pub const fn qwen_moe_mlp(shared: Option<(&'static str, &'static str)>) -> MlpLayout {
+    MlpLayout::Moe {
+        prefix: "mlp",
+        router: "gate",
+        experts: "experts",
+        gate: "gate_proj",
+        up: "up_proj",
+        down: "down_proj",
+        shared,
+    }
+}
+/// The Qwen-MoE sparse block without a shared expert (Qwen3-MoE, OLMoE).
+pub const QWEN_MOE_MLP: MlpLayout = qwen_moe_mlp(None);
 pub const QK_NORM: Option<(&str, &str)> = Some(("q_norm", "k_norm"));
 
 /// Llama's layout, the default of a family record.
