@@ -186,21 +186,27 @@ pub struct Param {
 
 /// Deterministic (inverted) dropout: the mask of each site is a pure function of
 /// (key, site, element), so a resumed run draws exactly the masks of an uninterrupted one.
+/// Elements are numbered in the whole micro-batch: a shard of it (`first_row` its first
+/// row) draws the same masks as the unsharded batch.
 #[derive(Debug, Clone, Copy)]
 pub struct Dropout {
     pub p: f64,
     pub key: u64,
+    pub first_row: u64,
 }
 
 impl Dropout {
-    fn apply(&self, x: &Tensor, site: u64) -> Result<Tensor> {
+    /// `x` holds `rows` rows of the shard (whatever its shape: [rows, t, h] or [rows * t, h]).
+    fn apply(&self, x: &Tensor, site: u64, rows: usize) -> Result<Tensor> {
         if self.p <= 0.0 {
             return Ok(x.clone());
         }
         let keep = 1.0 / (1.0 - self.p);
         let n = x.elem_count();
         let key = crate::rng::mix64(self.key ^ crate::rng::mix64(site.wrapping_add(0x5151)));
-        let mask: Vec<f64> = (0..n as u64)
+        let per_row = (n / rows.max(1)) as u64;
+        let first = self.first_row * per_row;
+        let mask: Vec<f64> = (first..first + n as u64)
             .map(|i| {
                 if crate::rng::uniform(key, i) < self.p {
                     0.0
@@ -789,7 +795,7 @@ impl Frame {
         };
         let dropped = |x: Tensor, site: u64| -> Result<Tensor> {
             match dropout {
-                Some(d) => d.apply(&x, site),
+                Some(d) => d.apply(&x, site, b),
                 None => Ok(x),
             }
         };

@@ -351,8 +351,78 @@ impl AdamW {
     }
 }
 
-/// Runs `micro` micro-batches (each from `batch_for(micro)`), averages their gradients and
+/// The row ranges a micro-batch of `batch` rows of `seq` tokens is cut into, each run
+/// forward (and backward) on its own thread: shards of at least [`SHARD_TOKENS`] tokens,
+/// at most [`MAX_SHARDS`], of equal size (the first ones one row longer where the batch
+/// does not divide). The cut depends on the batch's shape alone, never on the thread
+/// count, so a run's numbers are the same on every machine.
+pub fn shards(batch: usize, seq: usize) -> Vec<std::ops::Range<usize>> {
+    let n = (batch.saturating_mul(seq) / SHARD_TOKENS).clamp(1, batch.clamp(1, MAX_SHARDS));
+    let (base, extra) = (batch / n, batch % n);
+    let mut start = 0;
+    (0..n)
+        .map(|i| {
+            let len = base + usize::from(i < extra);
+            let r = start..start + len;
+            start += len;
+            r
+        })
+        .collect()
+}
+
+/// Fewest tokens in a shard: below this, candle's per-op costs outweigh a second thread
+/// (measured: 2 shards of 1024 tokens cost nothing on one thread, 8 of 256 cost 17%).
+pub const SHARD_TOKENS: usize = 512;
+/// Most shards of one micro-batch (threads beyond this share each shard's matmuls).
+pub const MAX_SHARDS: usize = 8;
+
+/// The mean per-token loss of `rows` rows (inputs and targets row-major), forward only,
+/// the [`shards`] run in parallel and their means weighed by their rows in f64.
+pub fn mean_loss(model: &Decoder, inputs: &[u32], targets: &[u32], rows: usize) -> Result<f64> {
+    let seq = inputs.len() / rows.max(1);
+    let cut = shards(rows, seq);
+    let one = |r: &std::ops::Range<usize>| -> Result<f64> {
+        let span = r.start * seq..r.end * seq;
+        Ok(
+            batch_loss(model, &inputs[span.clone()], &targets[span], r.len(), None)?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?,
+        )
+    };
+    let mut sum = 0.0;
+    for wave in cut.chunks(rayon::current_num_threads().max(1)) {
+        let means = wave.par_iter().map(one).collect::<Result<Vec<_>>>()?;
+        for (r, m) in wave.iter().zip(means) {
+            sum += m * r.len() as f64;
+        }
+    }
+    Ok(sum / rows.max(1) as f64)
+}
+
+/// candle's CPU kernels run element-wise ops on a pool of their own, one op at a time
+/// (a lock): shards running side by side would queue on it. Training runs its shards in
+/// parallel instead, so it turns that pool off; call before the first candle op.
+pub fn prefer_shard_parallelism() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // Call it at the start of a command, before any other thread exists.
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
+
+/// One forward and backward pass: a shard of a micro-batch.
+struct Piece {
+    micro: u64,
+    rows: std::ops::Range<usize>,
+}
+
+/// Runs `k` micro-batches (each from `batch_for(micro)`), averages their gradients and
 /// takes one AdamW step at `step`'s learning rate.
+///
+/// Each micro-batch is cut into [`shards`] that run forward and backward in parallel, one
+/// per thread (candle's kernels on these small matrices scale poorly across threads; whole
+/// shards scale almost linearly). The step's loss is the token-weighted mean of the
+/// shards' losses and its gradient the same mean of their gradients, summed in f64 in a
+/// fixed order (micro-batch, then shard), whatever the thread count.
 pub fn train_step(
     model: &Decoder,
     params: &[Param],
@@ -363,26 +433,56 @@ pub fn train_step(
     mut batch_for: impl FnMut(u64) -> Result<(Vec<u32>, Vec<u32>)>,
 ) -> Result<StepStats> {
     let k = cfg.grad_accum.max(1);
-    let micro_loss = |micro: u64, inputs: &[u32], targets: &[u32]| -> Result<Tensor> {
+    let data = (0..k).map(&mut batch_for).collect::<Result<Vec<_>>>()?;
+    let seq = data[0].0.len() / batch.max(1);
+    let cut = shards(batch, seq);
+    train_step_cut(model, params, opt, cfg, step, batch, &cut, data)
+}
+
+/// [`train_step`] with the micro-batches given and cut at `cut` (row ranges covering
+/// `0..batch` in order).
+#[allow(clippy::too_many_arguments)]
+pub fn train_step_cut(
+    model: &Decoder,
+    params: &[Param],
+    opt: &mut AdamW,
+    cfg: &TrainOptions,
+    step: u64,
+    batch: usize,
+    cut: &[std::ops::Range<usize>],
+    data: Vec<(Vec<u32>, Vec<u32>)>,
+) -> Result<StepStats> {
+    let k = data.len() as u64;
+    let lr = cfg.lr_at(step);
+    let seq = data[0].0.len() / batch.max(1);
+    let piece_loss = |p: &Piece| -> Result<Tensor> {
         let dropout = Dropout {
             p: cfg.dropout,
-            key: crate::rng::mix64(cfg.seed ^ crate::rng::mix64(step * 1024 + micro)),
+            key: crate::rng::mix64(cfg.seed ^ crate::rng::mix64(step * 1024 + p.micro)),
+            first_row: p.rows.start as u64,
         };
-        let loss = batch_loss(
+        let (inputs, targets) = &data[p.micro as usize];
+        let cols = p.rows.start * seq..p.rows.end * seq;
+        batch_loss(
             model,
-            inputs,
-            targets,
-            batch,
+            &inputs[cols.clone()],
+            &targets[cols],
+            p.rows.len(),
             (cfg.dropout > 0.0).then_some(&dropout),
-        )?;
-        Ok(loss)
+        )
     };
-    let lr = cfg.lr_at(step);
-    if k == 1 {
-        // One micro-batch: the f32 gradients go to the optimizer as they are (converting
-        // them to f64 first gives the same numbers and cost 10% of a step in copies).
-        let (inputs, targets) = batch_for(0)?;
-        let loss = micro_loss(0, &inputs, &targets)?;
+    let pieces: Vec<Piece> = (0..k)
+        .flat_map(|micro| {
+            cut.iter().map(move |rows| Piece {
+                micro,
+                rows: rows.clone(),
+            })
+        })
+        .collect();
+    if pieces.len() == 1 {
+        // One piece: the f32 gradients go to the optimizer as they are (converting them to
+        // f64 first gives the same numbers and cost 10% of a step in copies).
+        let loss = piece_loss(&pieces[0])?;
         let store = loss.backward()?;
         let grads = params
             .iter()
@@ -398,29 +498,50 @@ pub fn train_step(
             lr,
         });
     }
-    // Several micro-batches: their gradients are summed in f64.
+    // A piece's weight is its share of the step's tokens (every row has `seq` tokens).
+    let total_rows = (batch * k as usize) as f64;
+    let run = |p: &Piece| -> Result<(f64, Vec<Option<Vec<f32>>>)> {
+        let loss = piece_loss(p)?;
+        let store = loss.backward()?;
+        let grads = params
+            .iter()
+            .map(|q| {
+                store
+                    .get(q.var.as_tensor())
+                    .map(|g| g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>())
+                    .transpose()
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, grads))
+    };
     let mut grads: Vec<Vec<f64>> = params
         .iter()
         .map(|p| vec![0.0; p.var.elem_count()])
         .collect();
-    let mut loss_sum = 0.0;
-    for micro in 0..k {
-        let (inputs, targets) = batch_for(micro)?;
-        let loss = micro_loss(micro, &inputs, &targets)?;
-        loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let store = (loss / k as f64)?.backward()?;
-        for (g, p) in grads.iter_mut().zip(params) {
-            if let Some(grad) = store.get(p.var.as_tensor()) {
-                let v: Vec<f64> = grad.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
-                for (a, b) in g.iter_mut().zip(v) {
-                    *a += b;
-                }
-            }
+    let mut loss = 0.0;
+    // Waves of one piece per thread bound memory to that many pieces' activations and
+    // gradients; the sums run in piece order.
+    let wave = rayon::current_num_threads().max(1);
+    for chunk in pieces.chunks(wave) {
+        let results = chunk.par_iter().map(&run).collect::<Result<Vec<_>>>()?;
+        for (p, (piece_loss, piece_grads)) in chunk.iter().zip(results) {
+            let w = p.rows.len() as f64 / total_rows;
+            loss += w * piece_loss;
+            grads
+                .par_iter_mut()
+                .zip(piece_grads.par_iter())
+                .for_each(|(acc, g)| {
+                    if let Some(g) = g {
+                        for (a, &b) in acc.iter_mut().zip(g) {
+                            *a += w * b as f64;
+                        }
+                    }
+                });
         }
     }
     let grad_norm = opt.step(params, &grads, cfg, lr)?;
     Ok(StepStats {
-        loss: loss_sum / k as f64,
+        loss,
         grad_norm,
         lr,
     })
@@ -440,4 +561,38 @@ pub fn save_params(params: &[Param], dtype: hyperclone_core::DType, path: &Path)
         bytes.extend_from_slice(&b);
     }
     Ok(hyperclone_core::staging::write_file(path, &bytes)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_cover_the_batch_in_order_with_enough_tokens_each() {
+        for batch in 0..40 {
+            for seq in [1, 8, 64, 128, 512, 4096] {
+                let cut = shards(batch, seq);
+                assert!(!cut.is_empty() && cut.len() <= MAX_SHARDS);
+                assert_eq!(cut[0].start, 0);
+                assert_eq!(cut.last().unwrap().end, batch);
+                for w in cut.windows(2) {
+                    assert_eq!(w[0].end, w[1].start);
+                    assert!(w[0].len() >= w[1].len() && w[0].len() <= w[1].len() + 1);
+                }
+                if cut.len() > 1 {
+                    assert!(cut
+                        .iter()
+                        .all(|r| !r.is_empty() && r.len() * seq >= SHARD_TOKENS));
+                }
+            }
+        }
+        assert_eq!(shards(16, 128), vec![0..4, 4..8, 8..12, 12..16]);
+        assert_eq!(shards(8, 128), vec![0..4, 4..8]);
+        assert_eq!(shards(3, 512), vec![0..1, 1..2, 2..3]);
+        assert_eq!(
+            shards(64, 4096),
+            (0..8).map(|i| i * 8..i * 8 + 8).collect::<Vec<_>>()
+        );
+        assert_eq!(shards(2, 8), vec![0..2]);
+    }
 }

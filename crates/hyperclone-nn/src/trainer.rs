@@ -17,7 +17,7 @@
 use crate::corpus::{batch, eval_windows, text_files, tokenize_to_cache, TokenFile};
 use crate::error::Context;
 pub use crate::train::TrainOptions;
-use crate::train::{batch_loss, save_params, train_step, AdamW, Schedule};
+use crate::train::{mean_loss, save_params, train_step, AdamW, Schedule};
 use crate::{Decoder, NnError, Param, Result};
 use candle_core::{DType, Device};
 use hyperclone_core::family::Space;
@@ -407,10 +407,7 @@ fn split_files(data: &[PathBuf], val: &[PathBuf]) -> Result<(Vec<PathBuf>, Vec<P
 
 fn eval_loss(model: &Decoder, tokens: &TokenFile, seq: usize, count: usize) -> Result<f64> {
     let (inputs, targets) = eval_windows(tokens, count, seq)?;
-    let rows = inputs.len() / seq;
-    Ok(batch_loss(model, &inputs, &targets, rows, None)?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?)
+    mean_loss(model, &inputs, &targets, inputs.len() / seq)
 }
 
 /// How a hyperclone clone grew (from its safetensors metadata).

@@ -3,7 +3,9 @@
 
 use candle_core::{DType, Device};
 use hyperclone_core::Checkpoint;
-use hyperclone_nn::train::{batch_loss, save_params, train_step, AdamW, Schedule, TrainOptions};
+use hyperclone_nn::train::{
+    batch_loss, save_params, train_step, train_step_cut, AdamW, Schedule, TrainOptions,
+};
 use hyperclone_nn::Decoder;
 use hyperclone_testkit::fixtures::{self, families};
 use std::path::{Path, PathBuf};
@@ -299,4 +301,70 @@ fn finite_difference_gradients(name: &str) {
             g[k]
         );
     }
+}
+
+/// One step of `cfg` from the fixture's weights on rows cut at `cut`, inside a rayon pool
+/// of `threads` threads: (loss, gradient norm, every weight after the step).
+fn one_cut_step(
+    cfg: &TrainOptions,
+    cut: &[std::ops::Range<usize>],
+    threads: usize,
+) -> (f64, f64, Vec<Vec<f32>>) {
+    let ckpt = Checkpoint::open(&fixture("llama-gqa-untied")).unwrap();
+    let (model, params) = Decoder::load_trainable(&ckpt, DType::F32, &Device::Cpu).unwrap();
+    let mut opt = AdamW::new(&params);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    let data = (0..cfg.grad_accum.max(1))
+        .map(|micro| batch_for(3, micro))
+        .collect();
+    let s = pool
+        .install(|| train_step_cut(&model, &params, &mut opt, cfg, 3, 2, cut, data))
+        .unwrap();
+    let weights = params
+        .iter()
+        .map(|p| p.var.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect();
+    (s.loss, s.grad_norm, weights)
+}
+
+#[test]
+fn a_sharded_step_is_the_whole_batch_step_and_does_not_depend_on_threads() {
+    let cfg = TrainOptions {
+        grad_accum: 1,
+        ..config(12)
+    };
+    let whole = [0..2];
+    let halves = [0..1, 1..2];
+    let (loss, norm, _) = one_cut_step(&cfg, &whole, 1);
+    let (loss_s, norm_s, w1) = one_cut_step(&cfg, &halves, 1);
+    // f32 forward and backward; the halves differ from the whole batch only in rounding.
+    assert!(
+        (loss - loss_s).abs() <= 1e-6 * loss.abs(),
+        "{loss} vs {loss_s}"
+    );
+    assert!((norm - norm_s).abs() <= 1e-5 * norm, "{norm} vs {norm_s}");
+    // Each shard draws the whole batch's dropout masks: without dropout the loss moves by
+    // far more than the tolerance above, so a shard drawing other masks would fail it.
+    let (loss_nodrop, _, _) = one_cut_step(
+        &TrainOptions {
+            dropout: 0.0,
+            ..cfg.clone()
+        },
+        &halves,
+        1,
+    );
+    assert!(
+        (loss_nodrop - loss_s).abs() > 1e-3,
+        "{loss_nodrop} vs {loss_s}"
+    );
+    // The shards' sums run in a fixed order: the same bits on 1 and 3 threads.
+    let (loss_3, norm_3, w3) = one_cut_step(&cfg, &halves, 3);
+    assert_eq!(
+        (loss_s.to_bits(), norm_s.to_bits()),
+        (loss_3.to_bits(), norm_3.to_bits())
+    );
+    assert!(w1 == w3, "weights differ between 1 and 3 threads");
 }

@@ -7,7 +7,7 @@ use crate::Result;
 use candle_core::Device;
 use hyperclone_core::Checkpoint;
 use hyperclone_nn::corpus::{eval_windows, TokenFile};
-use hyperclone_nn::train::batch_loss;
+use hyperclone_nn::train::mean_loss;
 use hyperclone_nn::{DType, Decoder};
 use serde_json::{json, Value};
 use std::path::Path;
@@ -69,9 +69,7 @@ pub fn evaluate(ckpt: &Path, val: &TokenFile, windows: usize, seq: usize) -> Res
     for start in (0..rows).step_by(CHUNK) {
         let n = CHUNK.min(rows - start);
         let span = start * seq..(start + n) * seq;
-        let mean = batch_loss(&model, &inputs[span.clone()], &targets[span], n, None)?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
+        let mean = mean_loss(&model, &inputs[span.clone()], &targets[span], n)?;
         // Every window has seq targets, so the chunks' means weigh by their window counts.
         sum += mean * n as f64;
     }

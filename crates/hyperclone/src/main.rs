@@ -59,6 +59,9 @@ fn main() {
     tune_allocator();
     tune_thread_pool();
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Train(_) | Command::Experiment(_)) {
+        hyperclone_nn::train::prefer_shard_parallelism();
+    }
     let result = match cli.command {
         Command::Clone(a) => clone(a),
         Command::Plan(a) => plan(a),
