@@ -44,6 +44,15 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 fn tune_allocator() {
     // SAFETY: sets a process-wide mimalloc option; no other thread exists yet.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    // No transparent huge pages for this process: where the kernel backs fresh memory with
+    // 2 MiB pages ("always"), each first touch zeroes (and may compact for) a whole huge
+    // page. A 4x512 SmolLM2 forward spent 17 s of system time on it (wall 26.8 s; 2.9 s and
+    // 16.2 s with 4 KiB pages); training's steady state is unchanged (it reuses its memory).
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl with PR_SET_THP_DISABLE only sets a flag of this process.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
 }
 
 /// candle's CPU thread pool spins between ops by default; on a 2-core machine the spinning
