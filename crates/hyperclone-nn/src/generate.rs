@@ -2,6 +2,7 @@
 //! what `hyperclone forward` and `hyperclone generate` (and the demo) compute.
 
 use crate::error::Context;
+use crate::shard::{in_waves, shards};
 use crate::tokenizer_guard::guarded;
 use crate::verify::argmax;
 use crate::{Decoder, NnError, Result};
@@ -130,12 +131,14 @@ pub fn forward_logits(model: &Decoder, ids: &[u32], batch: usize, repeat: usize)
         .take(ids.len() * batch)
         .collect();
     let input = Tensor::from_vec(all, (batch, ids.len()), &Device::Cpu)?;
-    let logits = model.forward(&input)?.logits.get(0)?.to_dtype(DType::F32)?;
+    let logits = sharded_logits(model, &input)?
+        .get(0)?
+        .to_dtype(DType::F32)?;
     let mut seconds_per_forward = None;
     if repeat > 0 {
         let start = std::time::Instant::now();
         for _ in 0..repeat {
-            model.forward(&input)?;
+            sharded_logits(model, &input)?;
         }
         seconds_per_forward = Some(start.elapsed().as_secs_f64() / repeat as f64);
     }
@@ -143,6 +146,27 @@ pub fn forward_logits(model: &Decoder, ids: &[u32], batch: usize, repeat: usize)
         rows: logits.to_vec2()?,
         seconds_per_forward,
     })
+}
+
+/// The logits of every row of `input` ([batch, positions]): the rows' [`shards`] run
+/// forward side by side, one per thread (rows are independent, so each row's logits are
+/// those of the whole batch's forward).
+pub fn sharded_logits(model: &Decoder, input: &Tensor) -> Result<Tensor> {
+    let (batch, positions) = input.dims2()?;
+    let cut = shards(batch, positions);
+    if cut.len() == 1 {
+        return Ok(model.forward(input)?.logits);
+    }
+    let mut parts = Vec::with_capacity(cut.len());
+    in_waves(
+        &cut,
+        |r| Ok(model.forward(&input.narrow(0, r.start, r.len())?)?.logits),
+        |_, logits| {
+            parts.push(logits);
+            Ok(())
+        },
+    )?;
+    Ok(Tensor::cat(&parts, 0)?)
 }
 
 /// Continues `prompt` for at most `max_tokens` (greedy at temperature 0, else seeded

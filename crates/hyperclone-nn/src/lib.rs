@@ -20,6 +20,7 @@ pub mod init;
 pub mod model;
 pub mod optimizer_carry;
 pub mod rng;
+pub mod shard;
 pub mod softmax;
 pub mod spec;
 pub mod stream;

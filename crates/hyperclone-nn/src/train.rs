@@ -8,6 +8,7 @@
 
 use crate::error::{NnError, Result};
 use crate::model::{Decoder, Dropout, Param};
+use crate::shard::{in_waves, shards};
 use candle_core::{DType, Tensor, D};
 use hyperclone_core::safetensors::{encode_header, HeaderEntry, SafetensorsFile};
 use rayon::prelude::*;
@@ -351,31 +352,6 @@ impl AdamW {
     }
 }
 
-/// The row ranges a micro-batch of `batch` rows of `seq` tokens is cut into, each run
-/// forward (and backward) on its own thread: shards of at least [`SHARD_TOKENS`] tokens,
-/// at most [`MAX_SHARDS`], of equal size (the first ones one row longer where the batch
-/// does not divide). The cut depends on the batch's shape alone, never on the thread
-/// count, so a run's numbers are the same on every machine.
-pub fn shards(batch: usize, seq: usize) -> Vec<std::ops::Range<usize>> {
-    let n = (batch.saturating_mul(seq) / SHARD_TOKENS).clamp(1, batch.clamp(1, MAX_SHARDS));
-    let (base, extra) = (batch / n, batch % n);
-    let mut start = 0;
-    (0..n)
-        .map(|i| {
-            let len = base + usize::from(i < extra);
-            let r = start..start + len;
-            start += len;
-            r
-        })
-        .collect()
-}
-
-/// Fewest tokens in a shard: below this, candle's per-op costs outweigh a second thread
-/// (measured: 2 shards of 1024 tokens cost nothing on one thread, 8 of 256 cost 17%).
-pub const SHARD_TOKENS: usize = 512;
-/// Most shards of one micro-batch (threads beyond this share each shard's matmuls).
-pub const MAX_SHARDS: usize = 8;
-
 /// The mean per-token loss of `rows` rows (inputs and targets row-major), forward only,
 /// the [`shards`] run in parallel and their means weighed by their rows in f64.
 pub fn mean_loss(model: &Decoder, inputs: &[u32], targets: &[u32], rows: usize) -> Result<f64> {
@@ -390,23 +366,11 @@ pub fn mean_loss(model: &Decoder, inputs: &[u32], targets: &[u32], rows: usize) 
         )
     };
     let mut sum = 0.0;
-    for wave in cut.chunks(rayon::current_num_threads().max(1)) {
-        let means = wave.par_iter().map(one).collect::<Result<Vec<_>>>()?;
-        for (r, m) in wave.iter().zip(means) {
-            sum += m * r.len() as f64;
-        }
-    }
+    in_waves(&cut, one, |r, mean| {
+        sum += mean * r.len() as f64;
+        Ok(())
+    })?;
     Ok(sum / rows.max(1) as f64)
-}
-
-/// candle's CPU kernels run element-wise ops on a pool of their own, one op at a time
-/// (a lock): shards running side by side would queue on it. Training runs its shards in
-/// parallel instead, so it turns that pool off; call before the first candle op.
-pub fn prefer_shard_parallelism() {
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        // Call it at the start of a command, before any other thread exists.
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
 }
 
 /// One forward and backward pass: a shard of a micro-batch.
@@ -519,26 +483,21 @@ pub fn train_step_cut(
         .map(|p| vec![0.0; p.var.elem_count()])
         .collect();
     let mut loss = 0.0;
-    // Waves of one piece per thread bound memory to that many pieces' activations and
-    // gradients; the sums run in piece order.
-    let wave = rayon::current_num_threads().max(1);
-    for chunk in pieces.chunks(wave) {
-        let results = chunk.par_iter().map(&run).collect::<Result<Vec<_>>>()?;
-        for (p, (piece_loss, piece_grads)) in chunk.iter().zip(results) {
-            let w = p.rows.len() as f64 / total_rows;
-            loss += w * piece_loss;
-            grads
-                .par_iter_mut()
-                .zip(piece_grads.par_iter())
-                .for_each(|(acc, g)| {
-                    if let Some(g) = g {
-                        for (a, &b) in acc.iter_mut().zip(g) {
-                            *a += w * b as f64;
-                        }
+    in_waves(&pieces, run, |p, (piece_loss, piece_grads)| {
+        let w = p.rows.len() as f64 / total_rows;
+        loss += w * piece_loss;
+        grads
+            .par_iter_mut()
+            .zip(piece_grads.par_iter())
+            .for_each(|(acc, g)| {
+                if let Some(g) = g {
+                    for (a, &b) in acc.iter_mut().zip(g) {
+                        *a += w * b as f64;
                     }
-                });
-        }
-    }
+                }
+            });
+        Ok(())
+    })?;
     let grad_norm = opt.step(params, &grads, cfg, lr)?;
     Ok(StepStats {
         loss,
@@ -561,38 +520,4 @@ pub fn save_params(params: &[Param], dtype: hyperclone_core::DType, path: &Path)
         bytes.extend_from_slice(&b);
     }
     Ok(hyperclone_core::staging::write_file(path, &bytes)?)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn shards_cover_the_batch_in_order_with_enough_tokens_each() {
-        for batch in 0..40 {
-            for seq in [1, 8, 64, 128, 512, 4096] {
-                let cut = shards(batch, seq);
-                assert!(!cut.is_empty() && cut.len() <= MAX_SHARDS);
-                assert_eq!(cut[0].start, 0);
-                assert_eq!(cut.last().unwrap().end, batch);
-                for w in cut.windows(2) {
-                    assert_eq!(w[0].end, w[1].start);
-                    assert!(w[0].len() >= w[1].len() && w[0].len() <= w[1].len() + 1);
-                }
-                if cut.len() > 1 {
-                    assert!(cut
-                        .iter()
-                        .all(|r| !r.is_empty() && r.len() * seq >= SHARD_TOKENS));
-                }
-            }
-        }
-        assert_eq!(shards(16, 128), vec![0..4, 4..8, 8..12, 12..16]);
-        assert_eq!(shards(8, 128), vec![0..4, 4..8]);
-        assert_eq!(shards(3, 512), vec![0..1, 1..2, 2..3]);
-        assert_eq!(
-            shards(64, 4096),
-            (0..8).map(|i| i * 8..i * 8 + 8).collect::<Vec<_>>()
-        );
-        assert_eq!(shards(2, 8), vec![0..2]);
-    }
 }

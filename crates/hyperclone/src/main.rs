@@ -67,9 +67,12 @@ fn tune_thread_pool() {
 fn main() {
     tune_allocator();
     tune_thread_pool();
+    // Before any candle op: training, evaluation and batched forwards run row shards side
+    // by side (see hyperclone_nn::shard).
+    hyperclone_nn::shard::prefer_shard_parallelism();
     let cli = Cli::parse();
     if matches!(cli.command, Command::Train(_) | Command::Experiment(_)) {
-        hyperclone_nn::train::prefer_shard_parallelism();
+        hyperclone_nn::shard::prefer_shard_parallelism();
     }
     let result = match cli.command {
         Command::Clone(a) => clone(a),
