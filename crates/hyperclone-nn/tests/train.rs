@@ -336,7 +336,7 @@ fn a_sharded_step_is_the_whole_batch_step_and_does_not_depend_on_threads() {
         grad_accum: 1,
         ..config(12)
     };
-    let whole: &[std::ops::Range<usize>] = &[0..2];
+    let whole = std::slice::from_ref(&(0..2));
     let halves = [0..1, 1..2];
     let (loss, norm, _) = one_cut_step(&cfg, whole, 1);
     let (loss_s, norm_s, w1) = one_cut_step(&cfg, &halves, 1);
