@@ -328,6 +328,11 @@ pub(crate) struct Weights<'a> {
     pub map: HashMap<String, Tensor>,
     pub dir: &'a std::path::Path,
     pub norm: NormKind,
+    /// Store each Linear's [out, in] weight as a view of its contiguous transpose, so the
+    /// matmul `x @ w.t()` reads a row-major right-hand side (gemm's fast case: a down
+    /// projection 1536 -> 576 over 128 tokens took 1.90 ms strided, 1.01 ms so, 2 threads).
+    /// Not for trainable weights (the optimizer updates the tensors as stored).
+    pub gemm_layout: bool,
 }
 
 impl Weights<'_> {
@@ -342,10 +347,35 @@ impl Weights<'_> {
     }
 
     fn lin(&self, p: &str) -> Result<Linear> {
-        Ok(Linear::new(
-            self.take(&format!("{p}.weight"))?,
-            self.opt(&format!("{p}.bias")),
-        ))
+        let w = self.gemm_ready(self.take(&format!("{p}.weight"))?)?;
+        Ok(Linear::new(w, self.opt(&format!("{p}.bias"))))
+    }
+
+    /// See `gemm_layout`.
+    fn gemm_ready(&self, w: Tensor) -> Result<Tensor> {
+        Ok(if self.gemm_layout && w.rank() == 2 {
+            w.t()?.contiguous()?.t()?
+        } else {
+            w
+        })
+    }
+
+    /// Rows `rows` of the Linear `p`: gathered once here for inference, at each forward
+    /// for training (so the gradient reaches the stored tensor).
+    fn lin_rows(&self, p: &str, rows: Vec<u32>, device: &Device) -> Result<Linear> {
+        let n = rows.len();
+        let idx = Tensor::from_vec(rows, n, device)?;
+        if self.gemm_layout {
+            let w = self.take(&format!("{p}.weight"))?.index_select(&idx, 0)?;
+            let b = self
+                .opt(&format!("{p}.bias"))
+                .map(|b| b.index_select(&idx, 0))
+                .transpose()?;
+            return Ok(Linear::new(self.gemm_ready(w)?, b));
+        }
+        let mut l = self.lin(p)?;
+        l.select = Some(idx);
+        Ok(l)
     }
 
     /// GPT-2's Conv1D keeps [in, out]: a transposed view (the matmul reads it as stored).
@@ -430,9 +460,7 @@ pub(crate) fn build_layer(
                 let rows: Vec<u32> = (0..nh)
                     .flat_map(|h| (0..hd).map(move |d| ((h * 3 + s) * hd + d) as u32))
                     .collect();
-                let mut l = lin(&join(&a, qkv))?;
-                l.select = Some(Tensor::from_vec(rows, nh * hd, device)?);
-                Ok(l)
+                w.lin_rows(&join(&a, qkv), rows, device)
             };
             (pick(0)?, pick(1)?, pick(2)?, lin(&join(&a, o))?, a)
         }
@@ -597,6 +625,7 @@ impl Decoder {
             map: HashMap::new(),
             dir: &ckpt.dir,
             norm: arch.norm,
+            gemm_layout: !trainable,
         };
         let mut params = Vec::new();
         for t in &ckpt.tensors {
@@ -612,9 +641,16 @@ impl Decoder {
             }
             weights.map.insert(t.info.name.clone(), tensor);
         }
-        let layers = (0..spec.layers)
-            .map(|l| build_layer(&arch, &spec, device, l, &weights))
-            .collect::<Result<Vec<_>>>()?;
+        let mut layers = Vec::with_capacity(spec.layers);
+        for l in 0..spec.layers {
+            layers.push(build_layer(&arch, &spec, device, l, &weights)?);
+            if weights.gemm_layout {
+                // The layer holds its own (transposed) copies now: drop the stored ones, so
+                // the load peaks at the weights plus one layer, not twice the weights.
+                let prefix = format!("{}.", layer_prefix(&arch, l));
+                weights.map.retain(|name, _| !name.starts_with(&prefix));
+            }
+        }
         let embed = weights.take(&format!("{}.weight", arch.embed))?;
         let head = Linear::new(
             weights
