@@ -103,10 +103,11 @@ pub fn input_ids(input: &Input, model: &Path, vocab: usize) -> Result<Vec<u32>> 
     Ok(probe_tokens(vocab))
 }
 
-/// Opens MODEL and loads its decoder on the CPU in `dtype`.
+/// Opens MODEL and loads its decoder on the CPU in `dtype`, laid out for fast forwards
+/// ([`Decoder::load_for_inference`]).
 pub fn load(model: &Path, dtype: DType) -> Result<(Checkpoint, Decoder)> {
     let ckpt = Checkpoint::open(model)?;
-    let dec = Decoder::load(&ckpt, dtype, &Device::Cpu)?;
+    let dec = Decoder::load_for_inference(&ckpt, dtype, &Device::Cpu)?;
     Ok((ckpt, dec))
 }
 
