@@ -23,6 +23,8 @@ pub mod rng;
 pub mod softmax;
 pub mod spec;
 pub mod stream;
+#[cfg(test)]
+mod test_util;
 pub mod tokenizer_guard;
 pub mod train;
 pub mod trainer;
