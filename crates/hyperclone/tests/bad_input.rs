@@ -51,18 +51,7 @@ fn with_config(root: &Path, edit: impl FnOnce(&mut Value)) {
 fn edit_header(root: &Path, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) {
     let path = root.join("src/model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let mut header: serde_json::Map<String, Value> =
-        serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    edit(&mut header);
-    let mut json = serde_json::to_vec(&header).unwrap();
-    while !json.len().is_multiple_of(8) {
-        json.push(b' ');
-    }
-    let mut out = (json.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(&json);
-    out.extend_from_slice(&bytes[8 + n..]);
-    std::fs::write(path, out).unwrap();
+    std::fs::write(path, hyperclone_testkit::mutate::with_header(&bytes, edit)).unwrap();
 }
 
 fn root() -> tempfile::TempDir {
@@ -1262,18 +1251,7 @@ fn bf16_tolerance_is_measured_not_assumed() {
     }
     // A bf16 clone that is actually wrong (its final norm off by 5%) still fails.
     let dst = r.path().join("qwen2-gqa-x2");
-    let p = dst.join("model.safetensors");
-    let f = SafetensorsFile::open(&p).unwrap();
-    let t = f.get("model.norm.weight").unwrap().clone();
-    let mut v = vec![0f64; t.numel()];
-    t.dtype.decode(f.data(&t), &mut v);
-    drop(f);
-    for x in &mut v {
-        *x *= 1.05;
-    }
-    let mut bytes = std::fs::read(&p).unwrap();
-    t.dtype.encode(&v, &mut bytes[t.start..t.start + t.len]);
-    std::fs::write(&p, bytes).unwrap();
+    scale_tensor(&dst, "model.norm.weight", 1.05);
     let out = run(
         &[
             "verify",
