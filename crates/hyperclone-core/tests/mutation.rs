@@ -282,34 +282,29 @@ fn recipe_options_end_exactly_as_the_flags_do() {
         let yaml = format!("factor: 2\nvariant: noisy\nsnr_db: {text}");
         agree(&yaml, &spec, |o| format!("{:?}", o.snr_db));
     }
-    for (text, flag_text) in [
-        ("5GB", "5GB"),
-        ("2KiB", "2KiB"),
-        ("1", "1"),
-        ("0", "0"),
-        ("0.4", "0.4"),
-        ("1.5", "1.5"),
-        ("\"5 parsecs\"", "5 parsecs"),
-        ("-1", "-1"),
-        ("\"\"", ""),
+    // The flag's text is the YAML spelling unquoted.
+    for text in [
+        "5GB",
+        "2KiB",
+        "1",
+        "0",
+        "0.4",
+        "1.5",
+        "\"5 parsecs\"",
+        "-1",
+        "\"\"",
     ] {
         let spec = GrowthSpec {
             factor: Some("2".into()),
-            shard_size: flag_text.into(),
+            shard_size: text.trim_matches('"').into(),
             ..GrowthSpec::default()
         };
         let yaml = format!("factor: 2\nshard_size: {text}");
         agree(&yaml, &spec, |o| format!("{:?}", o.shard_size));
     }
-    for (text, flag) in [
-        ("2", "2"),
-        ("0", "0"),
-        ("1.5", "1.5"),
-        ("3", "3"),
-        ("\"2\"", "2"),
-    ] {
+    for text in ["2", "0", "1.5", "3", "\"2\""] {
         let spec = GrowthSpec {
-            factor: Some(flag.into()),
+            factor: Some(text.trim_matches('"').into()),
             ..GrowthSpec::default()
         };
         agree(&format!("factor: {text}"), &spec, |o| {
