@@ -206,18 +206,24 @@ def _fixture_cases():
     return [(n, exact.LENGTHS[i % len(exact.LENGTHS)]) for i, n in enumerate(names)]
 
 
-@pytest.mark.parametrize("name,t", _fixture_cases())
-def test_tiny_fixture_f64_matches_exact_golden(hyperclone_bin, name, t, tmp_path):
-    golden_path = TINY / name / "golden64.safetensors"
+def golden_f64_check(hyperclone_bin, folder, t, tmp_path):
+    """`hyperclone forward --dtype f64` of FOLDER's golden input of length T against its
+    exact f64 golden logits (golden64.safetensors, written by exact_goldens.py)."""
+    golden_path = folder / "golden64.safetensors"
     assert golden_path.exists(), f"{golden_path} missing: run tests/fixtures/exact_goldens.py"
     gold = load_file(str(golden_path))
     ids = gold[f"input_ids_T{t}"][0].tolist()
     got, summary = rust_forward(
-        hyperclone_bin, TINY / name, tmp_path / "x.safetensors", "f64",
+        hyperclone_bin, folder, tmp_path / "x.safetensors", "f64",
         "--tokens", ",".join(map(str, ids)),
     )
     assert summary["tokens"] == ids
-    f64_check(f"{name} T={t}", got, gold[f"logits_T{t}"][0])
+    f64_check(f"{folder.name} T={t}", got, gold[f"logits_T{t}"][0])
+
+
+@pytest.mark.parametrize("name,t", _fixture_cases())
+def test_tiny_fixture_f64_matches_exact_golden(hyperclone_bin, name, t, tmp_path):
+    golden_f64_check(hyperclone_bin, TINY / name, t, tmp_path)
 
 
 # --------------------------------------------------------------------------- Mixture-of-Experts families
@@ -235,11 +241,4 @@ def _moe_cases():
 def test_moe_fixture_f64_matches_exact_golden(hyperclone_bin, name, t, tmp_path):
     # Routing included: the router softmax, top-k and (per family) renormalisation, Qwen2-MoE's
     # shared expert, OLMoE's clip_qkv, all through `hyperclone forward`.
-    gold = load_file(str(FAMILIES / name / "golden64.safetensors"))
-    ids = gold[f"input_ids_T{t}"][0].tolist()
-    got, summary = rust_forward(
-        hyperclone_bin, FAMILIES / name, tmp_path / "x.safetensors", "f64",
-        "--tokens", ",".join(map(str, ids)),
-    )
-    assert summary["tokens"] == ids
-    f64_check(f"{name} T={t}", got, gold[f"logits_T{t}"][0])
+    golden_f64_check(hyperclone_bin, FAMILIES / name, t, tmp_path)

@@ -31,18 +31,24 @@ def smollm2_folder() -> Path:
     return mod.convert(mod.DEFAULT_OUT)
 
 
-@pytest.mark.slow
-def test_smollm2_clone_x2(hyperclone_bin):
+def clone_and_check(hyperclone_bin, flags, **check_args) -> dict:
+    """Clones SmolLM2 with FLAGS and checks the clone in transformers on TEXT
+    (check_clone.check with CHECK_ARGS); the check must pass. Returns its report."""
     src = smollm2_folder()
-    # Not tmp_path: pytest keeps old tmp dirs around, and this clone is ~2 GB.
+    # Not tmp_path: pytest keeps old tmp dirs around, and a clone is ~2 GB.
     with tempfile.TemporaryDirectory(prefix="hyperclone-smollm2-") as tmp:
         dst = Path(tmp) / "dst"
-        run_clone(hyperclone_bin, src, dst, "--factor", 2)
-        ids = cc.text_ids(src, TEXT)
-        report = cc.check(src, dst, n=2, m=2, ids=ids)
+        run_clone(hyperclone_bin, src, dst, *flags)
+        report = cc.check(src, dst, ids=cc.text_ids(src, TEXT), **check_args)
         print(cc.format_report(report))
         shutil.rmtree(dst, ignore_errors=True)
     assert report["pass"], cc.format_report(report)
+    return report
+
+
+@pytest.mark.slow
+def test_smollm2_clone_x2(hyperclone_bin):
+    report = clone_and_check(hyperclone_bin, ["--factor", 2], n=2, m=2)
     assert report["n_tokens"] >= 16
     assert report["top1_agreement"] == 1.0
 
@@ -51,17 +57,10 @@ def test_smollm2_clone_x2(hyperclone_bin):
 def test_smollm2_keep_tied_depth_and_uneven_ffn(hyperclone_bin):
     # Every growth beyond the paper at once, on the real checkpoint: width x2, 30 -> 45
     # layers (identity blocks), FFN 1536 -> 2304 (x1.5, Net2Net), the tie kept.
-    src = smollm2_folder()
-    with tempfile.TemporaryDirectory(prefix="hyperclone-smollm2-") as tmp:
-        dst = Path(tmp) / "dst"
-        run_clone(hyperclone_bin, src, dst, "--factor", 2, "--num-hidden-layers", 45,
-                  "--intermediate-size", 2304, "--keep-tied", "--variant", "noisy")
-        ids = cc.text_ids(src, TEXT)
-        growth = cc.Growth(ffn=2304, layer_of=cc.identity_layer_map(30, 45), keep_tied=True)
-        report = cc.check(src, dst, n=2, ids=ids, growth=growth)
-        print(cc.format_report(report))
-        shutil.rmtree(dst, ignore_errors=True)
-    assert report["pass"], cc.format_report(report)
+    flags = ["--factor", 2, "--num-hidden-layers", 45, "--intermediate-size", 2304,
+             "--keep-tied", "--variant", "noisy"]
+    growth = cc.Growth(ffn=2304, layer_of=cc.identity_layer_map(30, 45), keep_tied=True)
+    report = clone_and_check(hyperclone_bin, flags, n=2, growth=growth)
     assert report["top1_agreement"] == 1.0
 
 

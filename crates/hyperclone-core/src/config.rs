@@ -429,21 +429,31 @@ fn every_layer_sparse(raw: &Map<String, Value>, moe: MoeKeys) -> std::result::Re
     Ok(())
 }
 
+/// Config builders for the crate's unit tests: a config.json given as JSON, read as from disk.
 #[cfg(test)]
-mod tests {
+pub(crate) mod test_support {
     use super::*;
     use serde_json::json;
 
-    fn cfg(v: Value) -> Result<ModelConfig> {
+    /// Reads `v` (a JSON object) as config.json.
+    pub(crate) fn cfg(v: Value) -> Result<ModelConfig> {
         let Value::Object(m) = v else { unreachable!() };
         ModelConfig::from_map(Path::new("config.json"), m)
     }
 
-    fn llama() -> Value {
+    /// A tiny Llama: 4 heads of 8 in 2 kv groups, FFN 48, 2 layers, vocabulary 96.
+    pub(crate) fn llama() -> Value {
         json!({"model_type": "llama", "hidden_size": 32, "intermediate_size": 48,
                "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
                "vocab_size": 96, "torch_dtype": "bfloat16", "rope_theta": 10000.0})
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::{cfg, llama};
+    use super::*;
+    use serde_json::json;
 
     #[test]
     fn reads_4x_and_5x_styles() {

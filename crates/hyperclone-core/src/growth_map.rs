@@ -546,7 +546,6 @@ fn depth_is_expressible(cfg: &ModelConfig) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
 
     fn cfg(extra: Value) -> ModelConfig {
         let mut v = json!({"model_type": "llama", "hidden_size": 32, "intermediate_size": 48,
@@ -555,8 +554,7 @@ mod tests {
         for (k, x) in extra.as_object().unwrap() {
             v[k] = x.clone();
         }
-        let Value::Object(m) = v else { unreachable!() };
-        ModelConfig::from_map(Path::new("config.json"), m).unwrap()
+        crate::config::test_support::cfg(v).unwrap()
     }
 
     /// The default x2 symmetric growth (the shard size plays no part in a map).
@@ -564,17 +562,23 @@ mod tests {
         GrowthOptions::default()
     }
 
+    /// A space's segment as (len, copies, extra).
+    fn seg(m: &GrowthMap, space: Space) -> (usize, usize, usize) {
+        let s = m.segment(space);
+        (s.len, s.copies, s.extra)
+    }
+
+    /// The map of `c` under the default growth with `edit` applied to its options.
+    fn grown(c: &ModelConfig, edit: impl FnOnce(&mut GrowthOptions)) -> Result<GrowthMap> {
+        let mut o = options();
+        edit(&mut o);
+        GrowthMap::new(c, &o)
+    }
+
     #[test]
     fn identity_blocks_are_spread_evenly_after_their_source() {
         let c = cfg(json!({}));
-        let m = GrowthMap::new(
-            &c,
-            &GrowthOptions {
-                num_layers: Some(6),
-                ..options()
-            },
-        )
-        .unwrap();
+        let m = grown(&c, |o| o.num_layers = Some(6)).unwrap();
         let got: Vec<(usize, bool)> = m.layers.iter().map(|l| (l.source, l.identity)).collect();
         assert_eq!(
             got,
@@ -588,14 +592,7 @@ mod tests {
             ]
         );
         assert_eq!(m.matching_layers(), [(0, 0), (1, 2), (2, 3), (3, 5)]);
-        let m = GrowthMap::new(
-            &c,
-            &GrowthOptions {
-                num_layers: Some(8),
-                ..options()
-            },
-        )
-        .unwrap();
+        let m = grown(&c, |o| o.num_layers = Some(8)).unwrap();
         assert!(m.layers.chunks(2).enumerate().all(|(i, p)| p[0]
             == LayerSource {
                 source: i,
@@ -606,14 +603,10 @@ mod tests {
                     source: i,
                     identity: true
                 }));
-        let m = GrowthMap::new(
-            &c,
-            &GrowthOptions {
-                num_layers: Some(6),
-                depth_mode: DepthMode::Stack,
-                ..options()
-            },
-        )
+        let m = grown(&c, |o| {
+            o.num_layers = Some(6);
+            o.depth_mode = DepthMode::Stack;
+        })
         .unwrap();
         assert_eq!(
             m.layers.iter().map(|l| l.source).collect::<Vec<_>>(),
@@ -625,31 +618,10 @@ mod tests {
     #[test]
     fn uneven_ffn_is_copies_plus_extra() {
         let c = cfg(json!({}));
-        let m = GrowthMap::new(
-            &c,
-            &GrowthOptions {
-                intermediate_size: Some(120),
-                ..options()
-            },
-        )
-        .unwrap();
-        assert_eq!(
-            m.segment(Space::Ffn),
-            Segment {
-                len: 48,
-                copies: 2,
-                extra: 24
-            }
-        );
+        let m = grown(&c, |o| o.intermediate_size = Some(120)).unwrap();
+        assert_eq!(seg(&m, Space::Ffn), (48, 2, 24));
         assert_eq!(m.dest_len(Space::Ffn), 120);
-        let err = GrowthMap::new(
-            &c,
-            &GrowthOptions {
-                intermediate_size: Some(40),
-                ..options()
-            },
-        )
-        .unwrap_err();
+        let err = grown(&c, |o| o.intermediate_size = Some(40)).unwrap_err();
         assert!(
             err.to_string().contains("smaller than the source's 48"),
             "{err}"
@@ -658,33 +630,15 @@ mod tests {
 
     #[test]
     fn keep_tied_needs_a_tie_and_a_family_where_it_is_exact() {
-        let m = GrowthMap::new(
-            &cfg(json!({})),
-            &GrowthOptions {
-                keep_tied: true,
-                ..options()
-            },
-        )
-        .unwrap();
+        let m = grown(&cfg(json!({})), |o| o.keep_tied = true).unwrap();
         assert_eq!(m.residual_scale(), 0.5);
-        let err = GrowthMap::new(
-            &cfg(json!({"tie_word_embeddings": false})),
-            &GrowthOptions {
-                keep_tied: true,
-                ..options()
-            },
-        )
+        let err = grown(&cfg(json!({"tie_word_embeddings": false})), |o| {
+            o.keep_tied = true
+        })
         .unwrap_err();
         assert!(err.to_string().contains("no tie to keep"), "{err}");
         let opt = cfg(json!({"model_type": "opt", "ffn_dim": 48}));
-        let err = GrowthMap::new(
-            &opt,
-            &GrowthOptions {
-                keep_tied: true,
-                ..options()
-            },
-        )
-        .unwrap_err();
+        let err = grown(&opt, |o| o.keep_tied = true).unwrap_err();
         assert!(err.to_string().contains("eps is fixed"), "{err}");
     }
 
@@ -695,14 +649,10 @@ mod tests {
         for n in [2usize, 3] {
             for model_type in ["gemma", "gemma2"] {
                 let c = cfg(json!({"model_type": model_type, "head_dim": 8}));
-                let m = GrowthMap::new(
-                    &c,
-                    &GrowthOptions {
-                        factor: n,
-                        keep_tied: true,
-                        ..options()
-                    },
-                )
+                let m = grown(&c, |o| {
+                    o.factor = n;
+                    o.keep_tied = true;
+                })
                 .unwrap();
                 assert_eq!(m.tied_eps_divisor, n);
                 let s = m.residual_scale();
@@ -729,14 +679,10 @@ mod tests {
     #[test]
     fn a_kept_tie_in_olmo2_scales_post_norms_and_absorbs_into_the_gate() {
         let c = cfg(json!({"model_type": "olmo2"}));
-        let m = GrowthMap::new(
-            &c,
-            &GrowthOptions {
-                factor: 3,
-                keep_tied: true,
-                ..options()
-            },
-        )
+        let m = grown(&c, |o| {
+            o.factor = 3;
+            o.keep_tied = true;
+        })
         .unwrap();
         assert_eq!(m.residual_scale(), 1.0 / 3.0);
         let rule = |p: &str| c.family.all_rules().find(|r| r.pattern == p).unwrap();
@@ -759,83 +705,20 @@ mod tests {
         // 4 heads of 8 in 2 kv groups, qwen2 (any count): 6 heads = heads 0, 1 once more,
         // with kv head 0 (their group) once more.
         let c = cfg(json!({"model_type": "qwen2"}));
-        let m = GrowthMap::new(
-            &c,
-            &GrowthOptions {
-                num_heads: Some(6),
-                ..options()
-            },
-        )
-        .unwrap();
-        assert_eq!(
-            m.segment(Space::Heads),
-            Segment {
-                len: 32,
-                copies: 1,
-                extra: 16
-            }
-        );
-        assert_eq!(
-            m.segment(Space::KvHeads),
-            Segment {
-                len: 16,
-                copies: 1,
-                extra: 8
-            }
-        );
-        let e = GrowthMap::new(
-            &c,
-            &GrowthOptions {
-                num_heads: Some(5),
-                ..options()
-            },
-        )
-        .unwrap_err();
+        let m = grown(&c, |o| o.num_heads = Some(6)).unwrap();
+        assert_eq!(seg(&m, Space::Heads), (32, 1, 16));
+        assert_eq!(seg(&m, Space::KvHeads), (16, 1, 8));
+        let e = grown(&c, |o| o.num_heads = Some(5)).unwrap_err();
         assert!(e.to_string().contains("multiple of 2"), "{e}");
-        let e = GrowthMap::new(
-            &c,
-            &GrowthOptions {
-                num_heads: Some(2),
-                ..options()
-            },
-        )
-        .unwrap_err();
+        let e = grown(&c, |o| o.num_heads = Some(2)).unwrap_err();
         assert!(e.to_string().contains("never removes heads"), "{e}");
         // llama: the count must divide the grown hidden size (64).
-        let e = GrowthMap::new(
-            &cfg(json!({})),
-            &GrowthOptions {
-                num_heads: Some(6),
-                ..options()
-            },
-        )
-        .unwrap_err();
+        let e = grown(&cfg(json!({})), |o| o.num_heads = Some(6)).unwrap_err();
         assert!(e.to_string().contains("divides hidden_size"), "{e}");
-        let m = GrowthMap::new(
-            &cfg(json!({})),
-            &GrowthOptions {
-                num_heads: Some(16),
-                ..options()
-            },
-        )
-        .unwrap();
-        assert_eq!(
-            m.segment(Space::Heads),
-            Segment {
-                len: 32,
-                copies: 4,
-                extra: 0
-            }
-        );
+        let m = grown(&cfg(json!({})), |o| o.num_heads = Some(16)).unwrap();
+        assert_eq!(seg(&m, Space::Heads), (32, 4, 0));
         // The factor's own count is the paper's growth.
-        let m = GrowthMap::new(
-            &c,
-            &GrowthOptions {
-                num_heads: Some(8),
-                ..options()
-            },
-        )
-        .unwrap();
+        let m = grown(&c, |o| o.num_heads = Some(8)).unwrap();
         assert_eq!(m.segment(Space::Heads), Segment::tiled(32, 2));
     }
 
@@ -874,22 +757,8 @@ mod tests {
             json!({"model_type": "qwen2", "use_sliding_window": true, "max_window_layers": 2, "sliding_window": 16,
             "layer_types": ["full_attention", "full_attention", "sliding_attention", "sliding_attention"]}),
         );
-        assert!(GrowthMap::new(
-            &c,
-            &GrowthOptions {
-                num_layers: Some(8),
-                ..options()
-            }
-        )
-        .is_ok());
-        let err = GrowthMap::new(
-            &cfg(json!({})),
-            &GrowthOptions {
-                num_layers: Some(3),
-                ..options()
-            },
-        )
-        .unwrap_err();
+        assert!(grown(&c, |o| o.num_layers = Some(8)).is_ok());
+        let err = grown(&cfg(json!({})), |o| o.num_layers = Some(3)).unwrap_err();
         assert!(
             err.to_string().contains("fewer than the source's 4"),
             "{err}"

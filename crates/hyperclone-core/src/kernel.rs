@@ -838,6 +838,23 @@ mod tests {
         v
     }
 
+    /// An expansion spec with no extra scale or shift.
+    pub(super) fn unscaled(
+        variant: Variant,
+        snr_db: f64,
+        noise_key: u64,
+        out_dtype: DType,
+    ) -> ExpansionSpec {
+        ExpansionSpec {
+            variant,
+            snr_db,
+            noise_key,
+            out_dtype,
+            scale: 1.0,
+            shift: 0.0,
+        }
+    }
+
     /// A deterministic "weight" matrix with std around 0.5.
     fn weights(n: usize) -> Vec<f64> {
         (0..n).map(|i| gaussian(12345, i as u64) * 0.5).collect()
@@ -851,14 +868,7 @@ mod tests {
         snr_db: f64,
     ) -> (Vec<f64>, [usize; 2]) {
         let src = encode(w, dtype);
-        let spec = ExpansionSpec {
-            variant,
-            snr_db,
-            noise_key: 7,
-            out_dtype: dtype,
-            scale: 1.0,
-            shift: 0.0,
-        };
+        let spec = unscaled(variant, snr_db, 7, dtype);
         let e = Expansion::new(&src, dtype, axes, spec).unwrap();
         let shape = e.dest_shape();
         let mut out = vec![0u8; shape[0] * e.dest_row_bytes()];
@@ -1051,14 +1061,7 @@ mod tests {
     fn same_inputs_same_bytes_and_rows_in_any_order() {
         let w = weights(40 * 8);
         let src = encode(&w, DType::BF16);
-        let spec = ExpansionSpec {
-            variant: Variant::Noisy,
-            snr_db: 10.0,
-            noise_key: 3,
-            out_dtype: DType::BF16,
-            scale: 1.0,
-            shift: 0.0,
-        };
+        let spec = unscaled(Variant::Noisy, 10.0, 3, DType::BF16);
         let axes = [ax(40, 2, Role::Write), ax(8, 2, Role::Read)];
         let e = Expansion::new(&src, DType::BF16, &axes, spec).unwrap();
         let rb = e.dest_row_bytes();
@@ -1169,12 +1172,8 @@ mod tests {
         let w = weights(4 * 3);
         let src = encode(&w, DType::F64);
         let spec = ExpansionSpec {
-            variant: Variant::Symmetric,
-            snr_db: 10.0,
-            noise_key: 1,
-            out_dtype: DType::F64,
             scale: 0.5,
-            shift: 0.0,
+            ..unscaled(Variant::Symmetric, 10.0, 1, DType::F64)
         };
         let e = Expansion::new(
             &src,
@@ -1200,12 +1199,9 @@ mod tests {
         let src = encode(&w, DType::F64);
         let s = 0.5f64.sqrt();
         let spec = ExpansionSpec {
-            variant: Variant::Noisy,
-            snr_db: 10.0,
-            noise_key: 1,
-            out_dtype: DType::F64,
             scale: s,
             shift: s - 1.0,
+            ..unscaled(Variant::Noisy, 10.0, 1, DType::F64)
         };
         let e = Expansion::new(&src, DType::F64, &[ax(3, 2, Role::Write)], spec).unwrap();
         let mut out = vec![0u8; e.dest_row_bytes()];
@@ -1395,14 +1391,7 @@ mod tests {
         // A 7B MLP matrix at x2 (720 MB of draws) is drawn twice instead of kept.
         let big = [ax(11008, 2, Role::Write), ax(4096, 2, Role::Read)];
         assert_eq!(noise_cache_bytes(&big, Variant::Noisy), 0);
-        let spec = ExpansionSpec {
-            variant: Variant::Noisy,
-            snr_db: 10.0,
-            noise_key: 1,
-            out_dtype: DType::BF16,
-            scale: 1.0,
-            shift: 0.0,
-        };
+        let spec = unscaled(Variant::Noisy, 10.0, 1, DType::BF16);
         let small = encode(&weights(24), DType::BF16);
         let e = Expansion::new(
             &small,
@@ -1604,14 +1593,7 @@ mod pinned_bytes {
             .collect();
         let mut src = vec![0u8; n * DType::F32.size()];
         DType::F32.encode(&w, &mut src);
-        let spec = ExpansionSpec {
-            variant,
-            snr_db: 10.0,
-            noise_key,
-            out_dtype,
-            scale: 1.0,
-            shift: 0.0,
-        };
+        let spec = super::tests::unscaled(variant, 10.0, noise_key, out_dtype);
         let axes = [rows, cols];
         let digests = [0, usize::MAX].map(|cache_limit| {
             let e =

@@ -120,17 +120,23 @@ impl DefaultValue {
     }
 }
 
+/// The dense MLP's tensors that every sibling's experts copy (Llama's names, which Mistral and
+/// the Qwens share).
+const DENSE_GATE: &str = "model.layers.{L}.mlp.gate_proj.weight";
+const DENSE_UP: &str = "model.layers.{L}.mlp.up_proj.weight";
+const DENSE_DOWN: &str = "model.layers.{L}.mlp.down_proj.weight";
+
 const LLAMA_MLP_TO_MIXTRAL: &[(&str, &str)] = &[
     (
-        "model.layers.{L}.mlp.gate_proj.weight",
+        DENSE_GATE,
         "model.layers.{L}.block_sparse_moe.experts.{E}.w1.weight",
     ),
     (
-        "model.layers.{L}.mlp.up_proj.weight",
+        DENSE_UP,
         "model.layers.{L}.block_sparse_moe.experts.{E}.w3.weight",
     ),
     (
-        "model.layers.{L}.mlp.down_proj.weight",
+        DENSE_DOWN,
         "model.layers.{L}.block_sparse_moe.experts.{E}.w2.weight",
     ),
 ];
@@ -144,15 +150,12 @@ const MIXTRAL_FIXED: &[(&str, DefaultValue)] = &[
 
 const QWEN_MLP_TO_EXPERTS: &[(&str, &str)] = &[
     (
-        "model.layers.{L}.mlp.gate_proj.weight",
+        DENSE_GATE,
         "model.layers.{L}.mlp.experts.{E}.gate_proj.weight",
     ),
+    (DENSE_UP, "model.layers.{L}.mlp.experts.{E}.up_proj.weight"),
     (
-        "model.layers.{L}.mlp.up_proj.weight",
-        "model.layers.{L}.mlp.experts.{E}.up_proj.weight",
-    ),
-    (
-        "model.layers.{L}.mlp.down_proj.weight",
+        DENSE_DOWN,
         "model.layers.{L}.mlp.experts.{E}.down_proj.weight",
     ),
 ];
@@ -174,51 +177,90 @@ const QWEN2_MOE_FIXED: &[(&str, DefaultValue)] = &[
     ("qkv_bias", DefaultValue::Bool(true)),
 ];
 
+/// Llama -> Mixtral; Mistral's record differs only in the keys it refuses and states.
+const LLAMA_TO_MIXTRAL: UpcycleTarget = UpcycleTarget {
+    source: "llama",
+    target: "mixtral",
+    architecture: "MixtralForCausalLM",
+    experts: LLAMA_MLP_TO_MIXTRAL,
+    router: MIXTRAL_ROUTER,
+    dense_only: &[
+        DenseOnly {
+            key: "attention_bias",
+            accepts: is_false,
+            why: "Mixtral's attention projections have no biases",
+        },
+        DenseOnly {
+            key: "mlp_bias",
+            accepts: is_false,
+            why: "Mixtral's experts have no biases",
+        },
+        // transformers 5 no longer reads it: the dense model is the same whatever it says.
+        DenseOnly {
+            key: "pretraining_tp",
+            accepts: any_value,
+            why: "",
+        },
+    ],
+    dense_defaults: &[
+        ("rms_norm_eps", DefaultValue::Num(1e-6)),
+        ("hidden_act", DefaultValue::Str("silu")),
+        ("sliding_window", DefaultValue::Null),
+        ("tie_word_embeddings", DefaultValue::Bool(false)),
+    ],
+    dense_rope_theta: 10_000.0,
+    fixed: MIXTRAL_FIXED,
+    expert_ffn_key: None,
+    shared: &[],
+    shared_gate: None,
+    shared_ffn_key: None,
+};
+
+/// Qwen3 -> Qwen3-MoE; Qwen2 -> Qwen2-MoE differs in the keys it refuses, the fixed
+/// switches and the shared expert.
+const QWEN3_TO_QWEN3_MOE: UpcycleTarget = UpcycleTarget {
+    source: "qwen3",
+    target: "qwen3_moe",
+    architecture: "Qwen3MoeForCausalLM",
+    experts: QWEN_MLP_TO_EXPERTS,
+    router: QWEN_ROUTER,
+    dense_only: &[
+        DenseOnly {
+            key: "use_sliding_window",
+            accepts: is_false,
+            why: "Qwen3-MoE has no `layer_types` or `max_window_layers`, so it would slide on other layers than \
+                  the dense model",
+        },
+        DenseOnly {
+            key: "layer_types",
+            accepts: all_full_attention,
+            why: "Qwen3-MoE has no per-layer attention types",
+        },
+        // Read only with use_sliding_window (refused above).
+        DenseOnly {
+            key: "max_window_layers",
+            accepts: any_value,
+            why: "",
+        },
+    ],
+    dense_defaults: &[
+        ("rms_norm_eps", DefaultValue::Num(1e-6)),
+        ("hidden_act", DefaultValue::Str("silu")),
+        ("tie_word_embeddings", DefaultValue::Bool(false)),
+    ],
+    dense_rope_theta: 10_000.0,
+    fixed: QWEN_MOE_FIXED,
+    expert_ffn_key: Some("moe_intermediate_size"),
+    shared: &[],
+    shared_gate: None,
+    shared_ffn_key: None,
+};
+
 /// Every dense family with an exact MoE sibling.
 pub static TARGETS: &[UpcycleTarget] = &[
-    UpcycleTarget {
-        source: "llama",
-        target: "mixtral",
-        architecture: "MixtralForCausalLM",
-        experts: LLAMA_MLP_TO_MIXTRAL,
-        router: MIXTRAL_ROUTER,
-        dense_only: &[
-            DenseOnly {
-                key: "attention_bias",
-                accepts: is_false,
-                why: "Mixtral's attention projections have no biases",
-            },
-            DenseOnly {
-                key: "mlp_bias",
-                accepts: is_false,
-                why: "Mixtral's experts have no biases",
-            },
-            // transformers 5 no longer reads it: the dense model is the same whatever it says.
-            DenseOnly {
-                key: "pretraining_tp",
-                accepts: any_value,
-                why: "",
-            },
-        ],
-        dense_defaults: &[
-            ("rms_norm_eps", DefaultValue::Num(1e-6)),
-            ("hidden_act", DefaultValue::Str("silu")),
-            ("sliding_window", DefaultValue::Null),
-            ("tie_word_embeddings", DefaultValue::Bool(false)),
-        ],
-        dense_rope_theta: 10_000.0,
-        fixed: MIXTRAL_FIXED,
-        expert_ffn_key: None,
-        shared: &[],
-        shared_gate: None,
-        shared_ffn_key: None,
-    },
+    LLAMA_TO_MIXTRAL,
     UpcycleTarget {
         source: "mistral",
-        target: "mixtral",
-        architecture: "MixtralForCausalLM",
-        experts: LLAMA_MLP_TO_MIXTRAL,
-        router: MIXTRAL_ROUTER,
         dense_only: &[],
         dense_defaults: &[
             ("rms_norm_eps", DefaultValue::Num(1e-6)),
@@ -226,85 +268,36 @@ pub static TARGETS: &[UpcycleTarget] = &[
             ("sliding_window", DefaultValue::Int(4096)),
             ("tie_word_embeddings", DefaultValue::Bool(false)),
         ],
-        dense_rope_theta: 10_000.0,
-        fixed: MIXTRAL_FIXED,
-        expert_ffn_key: None,
-        shared: &[],
-        shared_gate: None,
-        shared_ffn_key: None,
+        ..LLAMA_TO_MIXTRAL
     },
-    UpcycleTarget {
-        source: "qwen3",
-        target: "qwen3_moe",
-        architecture: "Qwen3MoeForCausalLM",
-        experts: QWEN_MLP_TO_EXPERTS,
-        router: QWEN_ROUTER,
-        dense_only: &[
-            DenseOnly {
-                key: "use_sliding_window",
-                accepts: is_false,
-                why: "Qwen3-MoE has no `layer_types` or `max_window_layers`, so it would slide on other layers than \
-                      the dense model",
-            },
-            DenseOnly {
-                key: "layer_types",
-                accepts: all_full_attention,
-                why: "Qwen3-MoE has no per-layer attention types",
-            },
-            // Read only with use_sliding_window (refused above).
-            DenseOnly {
-                key: "max_window_layers",
-                accepts: any_value,
-                why: "",
-            },
-        ],
-        dense_defaults: &[
-            ("rms_norm_eps", DefaultValue::Num(1e-6)),
-            ("hidden_act", DefaultValue::Str("silu")),
-            ("tie_word_embeddings", DefaultValue::Bool(false)),
-        ],
-        dense_rope_theta: 10_000.0,
-        fixed: QWEN_MOE_FIXED,
-        expert_ffn_key: Some("moe_intermediate_size"),
-        shared: &[],
-        shared_gate: None,
-        shared_ffn_key: None,
-    },
+    QWEN3_TO_QWEN3_MOE,
     UpcycleTarget {
         source: "qwen2",
         target: "qwen2_moe",
         architecture: "Qwen2MoeForCausalLM",
-        experts: QWEN_MLP_TO_EXPERTS,
-        router: QWEN_ROUTER,
         // Qwen2-MoE has every Qwen2 key (sliding window, max_window_layers, layer_types).
         dense_only: &[],
-        dense_defaults: &[
-            ("rms_norm_eps", DefaultValue::Num(1e-6)),
-            ("hidden_act", DefaultValue::Str("silu")),
-            ("tie_word_embeddings", DefaultValue::Bool(false)),
-        ],
-        dense_rope_theta: 10_000.0,
         fixed: QWEN2_MOE_FIXED,
-        expert_ffn_key: Some("moe_intermediate_size"),
         shared: &[
             (
-                "model.layers.{L}.mlp.gate_proj.weight",
+                DENSE_GATE,
                 "model.layers.{L}.mlp.shared_expert.gate_proj.weight",
                 SharedInit::Copy,
             ),
             (
-                "model.layers.{L}.mlp.up_proj.weight",
+                DENSE_UP,
                 "model.layers.{L}.mlp.shared_expert.up_proj.weight",
                 SharedInit::Copy,
             ),
             (
-                "model.layers.{L}.mlp.down_proj.weight",
+                DENSE_DOWN,
                 "model.layers.{L}.mlp.shared_expert.down_proj.weight",
                 SharedInit::Zero,
             ),
         ],
         shared_gate: Some("model.layers.{L}.mlp.shared_expert_gate.weight"),
         shared_ffn_key: Some("shared_expert_intermediate_size"),
+        ..QWEN3_TO_QWEN3_MOE
     },
 ];
 
@@ -651,18 +644,7 @@ pub fn drawn(key: u64, index: u64, mean: f64, std: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
-
-    fn cfg(v: Value) -> Result<ModelConfig> {
-        let Value::Object(m) = v else { unreachable!() };
-        ModelConfig::from_map(Path::new("config.json"), m)
-    }
-
-    fn llama() -> Value {
-        json!({"model_type": "llama", "hidden_size": 32, "intermediate_size": 48,
-               "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
-               "vocab_size": 96})
-    }
+    use crate::config::test_support::{cfg, llama};
 
     fn opts(e: usize, k: usize) -> UpcycleOptions {
         UpcycleOptions {
@@ -825,7 +807,10 @@ mod tests {
 
     #[test]
     fn the_config_states_the_dense_defaults() {
-        let c = cfg(llama()).unwrap();
+        // A source that leaves rope_theta to Llama's default (10000).
+        let mut v = llama();
+        v.as_object_mut().unwrap().remove("rope_theta");
+        let c = cfg(v).unwrap();
         let u = Upcycle::new(&c, &opts(8, 2)).unwrap();
         let mut out = c.raw.clone();
         out.insert("mlp_bias".into(), json!(false));

@@ -415,12 +415,8 @@ fn drawn_tensor(
     let cols = t.shape.last().copied().unwrap_or(1).max(1);
     let rows = t.numel() as usize / cols;
     let row_bytes = cols * t.dtype.size();
-    let rows_per_chunk = (WRITE_CHUNK_BYTES / row_bytes.max(1)).max(1);
     let mut values = vec![0f64; cols];
-    let mut row = 0;
-    while row < rows {
-        stop_if_cancelled(cancel)?;
-        let n = rows_per_chunk.min(rows - row);
+    row_chunks(rows, row_bytes, cancel, |row, n| {
         let mut buf = buffer()?;
         buf.resize(n * row_bytes, 0);
         for (k, out) in buf.chunks_exact_mut(row_bytes).enumerate() {
@@ -433,7 +429,26 @@ fn drawn_tensor(
             }
             t.dtype.encode(&values, out);
         }
-        emit(buf)?;
+        emit(buf)
+    })
+}
+
+/// Walks `rows` rows of `row_bytes` bytes in chunks of whole rows (at most
+/// [`WRITE_CHUNK_BYTES`], at least one row), calling `each(first_row, rows_in_chunk)` in row
+/// order; a cancel stops it before the next chunk. Every pass over a grown tensor (writing
+/// it, drawing it, Drop-Upcycling's moments) goes through here, so they chunk alike.
+fn row_chunks(
+    rows: usize,
+    row_bytes: usize,
+    cancel: &AtomicBool,
+    mut each: impl FnMut(usize, usize) -> Result<()>,
+) -> Result<()> {
+    let rows_per_chunk = (WRITE_CHUNK_BYTES / row_bytes.max(1)).max(1);
+    let mut row = 0;
+    while row < rows {
+        stop_if_cancelled(cancel)?;
+        let n = rows_per_chunk.min(rows - row);
+        each(row, n)?;
         row += n;
     }
     Ok(())
@@ -444,14 +459,10 @@ fn drawn_tensor(
 fn grown_moments(exp: &Expansion, dtype: crate::DType, cancel: &AtomicBool) -> Result<(f64, f64)> {
     let [rows, cols] = exp.dest_shape();
     let row_bytes = exp.dest_row_bytes();
-    let rows_per_chunk = (WRITE_CHUNK_BYTES / row_bytes.max(1)).max(1);
     let mut buf = Vec::new();
     let mut values = vec![0f64; cols];
     let (mut sum, mut sum_sq) = (0f64, 0f64);
-    let mut row = 0;
-    while row < rows {
-        stop_if_cancelled(cancel)?;
-        let n = rows_per_chunk.min(rows - row);
+    row_chunks(rows, row_bytes, cancel, |row, n| {
         buf.resize(n * row_bytes, 0);
         exp.fill_rows(row, &mut buf);
         for r in buf.chunks_exact(row_bytes) {
@@ -461,8 +472,8 @@ fn grown_moments(exp: &Expansion, dtype: crate::DType, cancel: &AtomicBool) -> R
                 sum_sq += v * v;
             }
         }
-        row += n;
-    }
+        Ok(())
+    })?;
     let count = (rows * cols).max(1) as f64;
     let mean = sum / count;
     Ok((mean, (sum_sq / count - mean * mean).max(0.0).sqrt()))
@@ -634,11 +645,7 @@ fn expand_tensor(
             || (t.dtype == crate::DType::F16 && src.info.dtype != crate::DType::F16));
     let rows = exp.dest_shape()[0];
     let row_bytes = exp.dest_row_bytes();
-    let rows_per_chunk = (WRITE_CHUNK_BYTES / row_bytes.max(1)).max(1);
-    let mut row = 0;
-    while row < rows {
-        stop_if_cancelled(cancel)?;
-        let n = rows_per_chunk.min(rows - row);
+    row_chunks(rows, row_bytes, cancel, |row, n| {
         let mut buf = buffer()?;
         buf.resize(n * row_bytes, 0);
         exp.fill_rows(row, &mut buf);
@@ -660,9 +667,8 @@ fn expand_tensor(
                 ));
             }
         }
-        emit(buf)?;
-        row += n;
-    }
+        emit(buf)
+    })?;
     file.advise_done(&src.info);
     Ok(())
 }

@@ -234,6 +234,27 @@ fn recipe_options_end_exactly_as_the_flags_do() {
         o.validate()?;
         Ok(o)
     };
+    // The same, from a recipe whose `options:` block is OPTIONS (YAML, one key a line).
+    let by_recipe = |options: &str| {
+        let text = format!(
+            "hyperclone_recipe: 1\noptions:\n  {}\n",
+            options.replace('\n', "\n  ")
+        );
+        std::fs::write(&recipe, text).unwrap();
+        hyperclone_core::recipe::Recipe::load(&recipe).and_then(|r| resolved(&r.spec))
+    };
+    // The recipe's YAML and the flags' spec both refuse, or both give the same FIELD.
+    let agree = |yaml: &str, spec: &GrowthSpec, field: fn(&GrowthOptions) -> String| {
+        let (r, f) = (
+            by_recipe(yaml).map(|o| field(&o)),
+            resolved(spec).map(|o| field(&o)),
+        );
+        assert_eq!(
+            r.as_ref().ok(),
+            f.as_ref().ok(),
+            "{yaml}: recipe {r:?}, flag {f:?}"
+        );
+    };
     // (YAML spelling, the flag's value); None: clap refuses the text before any rule.
     let snrs: [(&str, Option<f64>); 14] = [
         ("10", Some(10.0)),
@@ -252,84 +273,43 @@ fn recipe_options_end_exactly_as_the_flags_do() {
         ("-1.7976931348623157e308", Some(f64::MIN)),
     ];
     for (text, flag) in snrs {
-        std::fs::write(
-            &recipe,
-            format!(
-                "hyperclone_recipe: 1\noptions:\n  factor: 2\n  variant: noisy\n  snr_db: {text}\n"
-            ),
-        )
-        .unwrap();
-        let by_recipe = hyperclone_core::recipe::Recipe::load(&recipe)
-            .and_then(|r| resolved(&r.spec))
-            .is_ok();
-        let by_flag = resolved(&GrowthSpec {
+        let spec = GrowthSpec {
             factor: Some("2".into()),
             variant: "noisy".into(),
             snr_db: flag.unwrap(),
             ..GrowthSpec::default()
-        })
-        .is_ok();
-        assert_eq!(
-            by_recipe, by_flag,
-            "snr_db {text}: recipe {by_recipe}, flag {by_flag}"
-        );
+        };
+        let yaml = format!("factor: 2\nvariant: noisy\nsnr_db: {text}");
+        agree(&yaml, &spec, |o| format!("{:?}", o.snr_db));
     }
-    for (text, flag_text) in [
-        ("5GB", "5GB"),
-        ("2KiB", "2KiB"),
-        ("1", "1"),
-        ("0", "0"),
-        ("0.4", "0.4"),
-        ("1.5", "1.5"),
-        ("\"5 parsecs\"", "5 parsecs"),
-        ("-1", "-1"),
-        ("\"\"", ""),
+    // The flag's text is the YAML spelling unquoted.
+    for text in [
+        "5GB",
+        "2KiB",
+        "1",
+        "0",
+        "0.4",
+        "1.5",
+        "\"5 parsecs\"",
+        "-1",
+        "\"\"",
     ] {
-        std::fs::write(
-            &recipe,
-            format!("hyperclone_recipe: 1\noptions:\n  factor: 2\n  shard_size: {text}\n"),
-        )
-        .unwrap();
-        let by_recipe = hyperclone_core::recipe::Recipe::load(&recipe)
-            .and_then(|r| resolved(&r.spec))
-            .map(|o| o.shard_size);
-        let by_flag = resolved(&GrowthSpec {
+        let spec = GrowthSpec {
             factor: Some("2".into()),
-            shard_size: flag_text.into(),
+            shard_size: text.trim_matches('"').into(),
             ..GrowthSpec::default()
-        })
-        .map(|o| o.shard_size);
-        assert_eq!(
-            by_recipe.as_ref().ok(),
-            by_flag.as_ref().ok(),
-            "shard_size {text}: recipe {by_recipe:?}, flag {by_flag:?}"
-        );
+        };
+        let yaml = format!("factor: 2\nshard_size: {text}");
+        agree(&yaml, &spec, |o| format!("{:?}", o.shard_size));
     }
-    for (text, flag) in [
-        ("2", "2"),
-        ("0", "0"),
-        ("1.5", "1.5"),
-        ("3", "3"),
-        ("\"2\"", "2"),
-    ] {
-        std::fs::write(
-            &recipe,
-            format!("hyperclone_recipe: 1\noptions:\n  factor: {text}\n"),
-        )
-        .unwrap();
-        let by_recipe = hyperclone_core::recipe::Recipe::load(&recipe)
-            .and_then(|r| resolved(&r.spec))
-            .map(|o| o.factor);
-        let by_flag = resolved(&GrowthSpec {
-            factor: Some(flag.into()),
+    for text in ["2", "0", "1.5", "3", "\"2\""] {
+        let spec = GrowthSpec {
+            factor: Some(text.trim_matches('"').into()),
             ..GrowthSpec::default()
-        })
-        .map(|o| o.factor);
-        assert_eq!(
-            by_recipe.as_ref().ok(),
-            by_flag.as_ref().ok(),
-            "factor {text}"
-        );
+        };
+        agree(&format!("factor: {text}"), &spec, |o| {
+            format!("{:?}", o.factor)
+        });
     }
 }
 

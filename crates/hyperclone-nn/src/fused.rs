@@ -553,20 +553,8 @@ impl CustomOp3 for Rope {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::{max_abs_diff, weighted_grad};
     use candle_core::{Device, Var, D};
-
-    fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
 
     /// The unfused cross-entropy the trainer used before (per-row losses).
     fn reference_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
@@ -589,7 +577,7 @@ mod tests {
         let fused = x.as_tensor().apply_op2(&t, CrossEntropyRows)?;
         let plain = reference_rows(x.as_tensor(), &t)?;
         let loss = fused.narrow(1, 0, 1)?.squeeze(1)?;
-        assert!(max_abs(&loss, &plain) < 1e-13);
+        assert!(max_abs_diff(&loss, &plain) < 1e-13);
         // A weighted sum of both columns exercises both gradient coefficients.
         let lse = fused.narrow(1, 1, 1)?.squeeze(1)?;
         let g1 = ((loss * &w)?.sum_all()? + lse.sum_all()?)?
@@ -608,7 +596,7 @@ mod tests {
             .get(x.as_tensor())
             .unwrap()
             .clone();
-        assert!(max_abs(&g1, &g2) < 1e-13, "{}", max_abs(&g1, &g2));
+        assert!(max_abs_diff(&g1, &g2) < 1e-13, "{}", max_abs_diff(&g1, &g2));
         // f32 agrees with f64 to f32 rounding.
         let f32_loss = x
             .as_tensor()
@@ -617,26 +605,21 @@ mod tests {
             .to_dtype(DType::F64)?
             .narrow(1, 0, 1)?
             .squeeze(1)?;
-        let rel = max_abs(&f32_loss, &reference_rows(x.as_tensor(), &t)?);
+        let rel = max_abs_diff(&f32_loss, &reference_rows(x.as_tensor(), &t)?);
         assert!(rel < 1e-4, "{rel}");
         // The f32 path (vectorized exponentials) has the f64 gradient to f32 rounding.
         let x32 = Var::from_tensor(&x.as_tensor().to_dtype(DType::F32)?)?;
         let l32 = x32.as_tensor().apply_op2(&t, CrossEntropyRows)?;
         let l32 = l32.narrow(1, 0, 1)?.squeeze(1)?;
-        let g32 = (l32 * w.to_dtype(DType::F32)?)?
-            .sum_all()?
-            .backward()?
-            .get(x32.as_tensor())
-            .unwrap()
-            .to_dtype(DType::F64)?;
+        let g32 =
+            weighted_grad(&l32, &w.to_dtype(DType::F32)?, x32.as_tensor())?.to_dtype(DType::F64)?;
         let plain = reference_rows(x.as_tensor(), &t)?;
-        let g64 = (plain * &w)?
-            .sum_all()?
-            .backward()?
-            .get(x.as_tensor())
-            .unwrap()
-            .clone();
-        assert!(max_abs(&g32, &g64) < 1e-5, "{}", max_abs(&g32, &g64));
+        let g64 = weighted_grad(&plain, &w, x.as_tensor())?;
+        assert!(
+            max_abs_diff(&g32, &g64) < 1e-5,
+            "{}",
+            max_abs_diff(&g32, &g64)
+        );
         Ok(())
     }
 
@@ -663,9 +646,9 @@ mod tests {
         let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let (a, b) = (fused(&ts)?, plain(&ts)?);
         assert!(
-            max_abs(&a, &b) < 1e-14,
+            max_abs_diff(&a, &b) < 1e-14,
             "value differs by {}",
-            max_abs(&a, &b)
+            max_abs_diff(&a, &b)
         );
         let w = Tensor::randn(0f64, 1.0, a.shape(), &dev)?;
         let ga = (a * &w)?.sum_all()?.backward()?;
@@ -673,9 +656,9 @@ mod tests {
         for t in &ts {
             let (x, y) = (ga.get(t).unwrap(), gb.get(t).unwrap());
             assert!(
-                max_abs(x, y) < 1e-13,
+                max_abs_diff(x, y) < 1e-13,
                 "gradient differs by {}",
-                max_abs(x, y)
+                max_abs_diff(x, y)
             );
         }
         Ok(())

@@ -24,6 +24,8 @@ pub mod shard;
 pub mod softmax;
 pub mod spec;
 pub mod stream;
+#[cfg(test)]
+mod test_util;
 pub mod tokenizer_guard;
 pub mod train;
 pub mod trainer;

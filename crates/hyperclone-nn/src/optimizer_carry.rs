@@ -186,6 +186,7 @@ mod tests {
     use hyperclone_core::grow::grow_quietly;
     use hyperclone_core::{GrowthOptions, Variant};
     use serde_json::json;
+    use std::path::PathBuf;
 
     /// A tiny Llama (GQA, 2 layers) with random weights of std 0.3, as the invariants ask.
     fn small(dir: &Path, tied: bool) {
@@ -237,7 +238,12 @@ mod tests {
             .unwrap();
     }
 
-    fn grow_symmetric(base: &Path, dst: &Path) {
+    /// The small model at DIR/small with the moments of its gradient, and its x2 symmetric
+    /// clone (FFN x3) at DIR/clone: (base, clone).
+    fn base_and_clone(dir: &Path, tied: bool) -> (PathBuf, PathBuf) {
+        small(dir, tied);
+        let (base, clone) = (dir.join("small"), dir.join("clone"));
+        state_from_gradients(&base);
         let options = GrowthOptions {
             factor: 2,
             ffn_factor: 3,
@@ -248,7 +254,8 @@ mod tests {
             shard_size: u64::MAX,
             ..GrowthOptions::default()
         };
-        grow_quietly(base, dst, &options).unwrap();
+        grow_quietly(&base, &clone, &options).unwrap();
+        (base, clone)
     }
 
     /// The carried moments of the small model's gradient are the clone's own gradient on the
@@ -258,11 +265,7 @@ mod tests {
     #[test]
     fn carried_moments_are_the_clones_gradient_moments() {
         let tmp = tempfile::tempdir().unwrap();
-        small(tmp.path(), false);
-        let base = tmp.path().join("small");
-        state_from_gradients(&base);
-        let clone = tmp.path().join("clone");
-        grow_symmetric(&base, &clone);
+        let (base, clone) = base_and_clone(tmp.path(), false);
 
         let (params, g_clone) = gradients(&clone);
         let (opt, carried) = carry(&base, 2, 3, &params).unwrap();
@@ -298,11 +301,7 @@ mod tests {
     #[test]
     fn tied_embedding_moments_start_from_zero() {
         let tmp = tempfile::tempdir().unwrap();
-        small(tmp.path(), true);
-        let base = tmp.path().join("small");
-        state_from_gradients(&base);
-        let clone = tmp.path().join("clone");
-        grow_symmetric(&base, &clone);
+        let (base, clone) = base_and_clone(tmp.path(), true);
         let ckpt = Checkpoint::open(&clone).unwrap();
         let (_, params) = Decoder::load_trainable(&ckpt, DType::F32, &Device::Cpu).unwrap();
         let (opt, carried) = carry(&base, 2, 3, &params).unwrap();

@@ -160,6 +160,7 @@ pub(crate) mod num_like {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::{max_abs_diff, weighted_grad};
     use candle_core::{DType, Device, Var};
 
     /// The decomposed reference: mask, then softmax from plain ops.
@@ -191,29 +192,11 @@ mod tests {
                 .as_tensor()
                 .apply_op1(CausalSoftmax { window, offset: 0 })?;
             let plain = reference(x.as_tensor(), t, window)?;
-            let diff = (&fused - &plain)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f64>()?;
+            let diff = max_abs_diff(&fused, &plain);
             assert!(diff < 1e-15, "forward differs by {diff}");
-            let g_fused = (fused * &w)?
-                .sum_all()?
-                .backward()?
-                .get(x.as_tensor())
-                .unwrap()
-                .clone();
-            let g_plain = (plain * &w)?
-                .sum_all()?
-                .backward()?
-                .get(x.as_tensor())
-                .unwrap()
-                .clone();
-            let gdiff = (g_fused - g_plain)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f64>()?;
+            let g_fused = weighted_grad(&fused, &w, x.as_tensor())?;
+            let g_plain = weighted_grad(&plain, &w, x.as_tensor())?;
+            let gdiff = max_abs_diff(&g_fused, &g_plain);
             assert!(gdiff < 1e-14, "gradient differs by {gdiff}");
         }
         // f32 (vectorized exponentials) agrees with f64 to f32 rounding.
@@ -227,11 +210,7 @@ mod tests {
             .to_dtype(DType::F32)?
             .apply_op1(op())?
             .to_dtype(DType::F64)?;
-        let d = (got - want)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f64>()?;
+        let d = max_abs_diff(&got, &want);
         assert!(d < 1e-6, "f32 softmax differs by {d}");
         let f32_out =
             Tensor::ones((1, 3, 3), DType::F32, &Device::Cpu)?.apply_op1(CausalSoftmax {

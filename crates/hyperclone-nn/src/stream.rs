@@ -32,21 +32,16 @@ pub fn forward_streamed(
     perturb: Option<&Perturb<'_>>,
     ids: &Tensor,
 ) -> Result<ForwardOutput> {
-    forward_streamed_in_chunks(ckpt, dtype, device, perturb, ids, HEAD_CHUNK_ELEMENTS)
-}
-
-/// [`forward_streamed`] with the head decoded `head_chunk` elements (whole rows, at least
-/// one) at a time: tests split a tiny vocabulary into several uneven chunks.
-pub fn forward_streamed_in_chunks(
-    ckpt: &Checkpoint,
-    dtype: DType,
-    device: &Device,
-    perturb: Option<&Perturb<'_>>,
-    ids: &Tensor,
-    head_chunk: usize,
-) -> Result<ForwardOutput> {
     let never = AtomicBool::new(false);
-    streamed(ckpt, dtype, device, perturb, ids, head_chunk, &never)
+    forward_streamed_in_chunks(
+        ckpt,
+        dtype,
+        device,
+        perturb,
+        ids,
+        HEAD_CHUNK_ELEMENTS,
+        &never,
+    )
 }
 
 /// [`forward_streamed`] that stops with "interrupted" before the next layer once `cancel`
@@ -58,10 +53,13 @@ pub fn forward_streamed_cancellable(
     ids: &Tensor,
     cancel: &AtomicBool,
 ) -> Result<ForwardOutput> {
-    streamed(ckpt, dtype, device, None, ids, HEAD_CHUNK_ELEMENTS, cancel)
+    forward_streamed_in_chunks(ckpt, dtype, device, None, ids, HEAD_CHUNK_ELEMENTS, cancel)
 }
 
-fn streamed(
+/// The streamed forward pass itself: [`forward_streamed`] with the head decoded `head_chunk`
+/// elements (whole rows, at least one) at a time (tests split a tiny vocabulary into several
+/// uneven chunks), stopping before the next layer once `cancel` is set.
+pub fn forward_streamed_in_chunks(
     ckpt: &Checkpoint,
     dtype: DType,
     device: &Device,

@@ -12,6 +12,7 @@ use hyperclone_nn::{Decoder, ForwardOutput};
 use hyperclone_testkit::files::scale_tensor;
 use hyperclone_testkit::fixtures::dirs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 
 /// Every committed fixture folder (the tiny Llama-likes and one per other family).
 fn fixtures() -> Vec<PathBuf> {
@@ -291,6 +292,7 @@ fn a_head_read_in_chunks_gives_the_resident_logits_bit_for_bit() {
                     None,
                     &input,
                     rows * width,
+                    &AtomicBool::new(false),
                 )
                 .unwrap();
                 assert_same(

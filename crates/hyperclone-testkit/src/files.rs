@@ -32,21 +32,32 @@ pub fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
-/// Rewrites one tensor of a checkpoint folder in place (decoded to f64, edited, encoded back
-/// in its own dtype): how tests plant a known bug in a correct clone.
-pub fn edit_tensor(dir: &Path, name: &str, edit: impl FnOnce(&mut Vec<f64>, &[usize])) {
-    let ckpt = hyperclone_core::Checkpoint::open(dir).unwrap();
+/// One tensor of an open checkpoint decoded to f64, with its shape.
+pub fn decoded(ckpt: &hyperclone_core::Checkpoint, name: &str) -> (Vec<f64>, Vec<usize>) {
     let t = ckpt
         .find(name)
-        .unwrap_or_else(|| panic!("{}: no {name}", dir.display()))
-        .clone();
-    let path = ckpt.files[t.file].path.clone();
+        .unwrap_or_else(|| panic!("{}: no {name}", ckpt.dir.display()));
     let mut v = vec![0.0; t.info.numel()];
     t.info
         .dtype
         .decode(ckpt.files[t.file].data(&t.info), &mut v);
+    (v, t.info.shape.clone())
+}
+
+/// [`decoded`] from a checkpoint folder.
+pub fn tensor_values(dir: &Path, name: &str) -> (Vec<f64>, Vec<usize>) {
+    decoded(&hyperclone_core::Checkpoint::open(dir).unwrap(), name)
+}
+
+/// Rewrites one tensor of a checkpoint folder in place (decoded to f64, edited, encoded back
+/// in its own dtype): how tests plant a known bug in a correct clone.
+pub fn edit_tensor(dir: &Path, name: &str, edit: impl FnOnce(&mut Vec<f64>, &[usize])) {
+    let ckpt = hyperclone_core::Checkpoint::open(dir).unwrap();
+    let (mut v, shape) = decoded(&ckpt, name);
+    let t = ckpt.find(name).unwrap().clone();
+    let path = ckpt.files[t.file].path.clone();
     drop(ckpt);
-    edit(&mut v, &t.info.shape);
+    edit(&mut v, &shape);
     let mut bytes = std::fs::read(&path).unwrap();
     t.info
         .dtype

@@ -47,35 +47,42 @@ fn with_config(root: &Path, edit: impl FnOnce(&mut Value)) {
     t.write_with(&root.join("src"), &cfg, &t.tensors());
 }
 
+/// A tiny source whose tensor list `edit` changed is refused, naming each of `expect`.
+fn refused_with_tensors(edit: impl FnOnce(&mut Vec<(String, Vec<usize>)>), expect: &[&str]) {
+    let r = root();
+    with_tensors(r.path(), edit);
+    fails(r.path(), &[], expect);
+}
+
+/// A tiny source whose config.json `edit` changed is refused, naming each of `expect`.
+fn refused_with_config(edit: impl FnOnce(&mut Value), expect: &[&str]) {
+    let r = root();
+    with_config(r.path(), edit);
+    fails(r.path(), &[], expect);
+}
+
 /// Rewrites the JSON header of src/model.safetensors, keeping the data section.
 fn edit_header(root: &Path, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) {
     let path = root.join("src/model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let mut header: serde_json::Map<String, Value> =
-        serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    edit(&mut header);
-    let mut json = serde_json::to_vec(&header).unwrap();
-    while !json.len().is_multiple_of(8) {
-        json.push(b' ');
-    }
-    let mut out = (json.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(&json);
-    out.extend_from_slice(&bytes[8 + n..]);
-    std::fs::write(path, out).unwrap();
+    std::fs::write(path, hyperclone_testkit::mutate::with_header(&bytes, edit)).unwrap();
 }
 
 fn root() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
 }
 
+/// A fresh folder with the default tiny source at src/.
+fn tiny_root() -> tempfile::TempDir {
+    let r = root();
+    Tiny::default().write(&r.path().join("src"));
+    r
+}
+
 #[test]
 fn unknown_model_type_lists_supported_families() {
-    let r = root();
-    with_config(r.path(), |c| c["model_type"] = json!("mamba"));
-    fails(
-        r.path(),
-        &[],
+    refused_with_config(
+        |c| c["model_type"] = json!("mamba"),
         &[
             "config.json",
             "mamba",
@@ -86,13 +93,8 @@ fn unknown_model_type_lists_supported_families() {
 
 #[test]
 fn missing_tensor() {
-    let r = root();
-    with_tensors(r.path(), |t| {
-        t.retain(|(n, _)| n != "model.layers.1.mlp.up_proj.weight")
-    });
-    fails(
-        r.path(),
-        &[],
+    refused_with_tensors(
+        |t| t.retain(|(n, _)| n != "model.layers.1.mlp.up_proj.weight"),
         &[
             "model.safetensors",
             "`model.layers.1.mlp.up_proj.weight`",
@@ -103,24 +105,16 @@ fn missing_tensor() {
 
 #[test]
 fn missing_untied_head() {
-    let r = root();
-    with_tensors(r.path(), |t| t.retain(|(n, _)| n != "lm_head.weight"));
-    fails(
-        r.path(),
-        &[],
+    refused_with_tensors(
+        |t| t.retain(|(n, _)| n != "lm_head.weight"),
         &["`lm_head.weight`", "tie_word_embeddings = false"],
     );
 }
 
 #[test]
 fn unexpected_tensor() {
-    let r = root();
-    with_tensors(r.path(), |t| {
-        t.push(("model.layers.0.mlp.extra.weight".into(), vec![HIDDEN]))
-    });
-    fails(
-        r.path(),
-        &[],
+    refused_with_tensors(
+        |t| t.push(("model.layers.0.mlp.extra.weight".into(), vec![HIDDEN])),
         &[
             "model.safetensors",
             "`model.layers.0.mlp.extra.weight`",
@@ -131,13 +125,8 @@ fn unexpected_tensor() {
 
 #[test]
 fn layer_beyond_config() {
-    let r = root();
-    with_tensors(r.path(), |t| {
-        t.push(("model.layers.5.input_layernorm.weight".into(), vec![HIDDEN]))
-    });
-    fails(
-        r.path(),
-        &[],
+    refused_with_tensors(
+        |t| t.push(("model.layers.5.input_layernorm.weight".into(), vec![HIDDEN])),
         &[
             "`model.layers.5.input_layernorm.weight`",
             "num_hidden_layers = 2",
@@ -147,24 +136,16 @@ fn layer_beyond_config() {
 
 #[test]
 fn bias_without_config_switch() {
-    let r = root();
-    with_tensors(r.path(), |t| {
-        t.push(("model.layers.0.self_attn.q_proj.bias".into(), vec![HIDDEN]))
-    });
-    fails(
-        r.path(),
-        &[],
+    refused_with_tensors(
+        |t| t.push(("model.layers.0.self_attn.q_proj.bias".into(), vec![HIDDEN])),
         &["`model.layers.0.self_attn.q_proj.bias`", "attention_bias"],
     );
 }
 
 #[test]
 fn shape_contradicting_config() {
-    let r = root();
-    with_config(r.path(), |c| c["intermediate_size"] = json!(20));
-    fails(
-        r.path(),
-        &[],
+    refused_with_config(
+        |c| c["intermediate_size"] = json!(20),
         &[
             "model.safetensors",
             "mlp.",
@@ -176,8 +157,7 @@ fn shape_contradicting_config() {
 
 #[test]
 fn zero_fractional_and_non_dividing_factors() {
-    let r = root();
-    Tiny::default().write(&r.path().join("src"));
+    let r = tiny_root();
     fails(r.path(), &["--factor", "0"], &["factor 0", ">= 1"]);
     fails(
         r.path(),
@@ -208,8 +188,7 @@ fn head_counts_that_cannot_load_are_refused() {
     // head_dim is always kept; a head count other than 2 x 4 is a growth of its own
     // (tests/python/test_growth.py), but never fewer heads, and for llama only counts that
     // divide the grown hidden size (transformers validates it).
-    let r = root();
-    Tiny::default().write(&r.path().join("src"));
+    let r = tiny_root();
     fails(
         r.path(),
         &["--factor", "2", "--num-attention-heads", "3"],
@@ -224,8 +203,7 @@ fn head_counts_that_cannot_load_are_refused() {
 
 #[test]
 fn truncated_file() {
-    let r = root();
-    Tiny::default().write(&r.path().join("src"));
+    let r = tiny_root();
     let p = r.path().join("src/model.safetensors");
     let bytes = std::fs::read(&p).unwrap();
     std::fs::write(&p, &bytes[..bytes.len() - 4]).unwrap();
@@ -245,8 +223,7 @@ fn truncated_file() {
 
 #[test]
 fn header_length_past_the_file() {
-    let r = root();
-    Tiny::default().write(&r.path().join("src"));
+    let r = tiny_root();
     let p = r.path().join("src/model.safetensors");
     let mut bytes = std::fs::read(&p).unwrap();
     let len = bytes.len() as u64;
@@ -261,8 +238,7 @@ fn header_length_past_the_file() {
 
 #[test]
 fn offsets_past_the_file() {
-    let r = root();
-    Tiny::default().write(&r.path().join("src"));
+    let r = tiny_root();
     edit_header(r.path(), |h| {
         h["model.norm.weight"]["data_offsets"] = json!([1_000_000, 1_000_064]);
     });
@@ -271,8 +247,7 @@ fn offsets_past_the_file() {
 
 #[test]
 fn overlapping_tensors() {
-    let r = root();
-    Tiny::default().write(&r.path().join("src"));
+    let r = tiny_root();
     edit_header(r.path(), |h| {
         let a = h["model.layers.0.input_layernorm.weight"]["data_offsets"].clone();
         h["model.norm.weight"]["data_offsets"] = a;
@@ -282,16 +257,14 @@ fn overlapping_tensors() {
 
 #[test]
 fn bytes_disagreeing_with_dtype_and_shape() {
-    let r = root();
-    Tiny::default().write(&r.path().join("src"));
+    let r = tiny_root();
     edit_header(r.path(), |h| h["model.norm.weight"]["shape"] = json!([15]));
     fails(
         r.path(),
         &[],
         &["`model.norm.weight`", "F32 x [15] needs 60"],
     );
-    let r = root();
-    Tiny::default().write(&r.path().join("src"));
+    let r = tiny_root();
     edit_header(r.path(), |h| {
         h["model.norm.weight"]["dtype"] = json!("BF16")
     });
@@ -328,8 +301,7 @@ fn not_a_model_folder() {
 
 #[test]
 fn destination_exists_without_force() {
-    let r = root();
-    Tiny::default().write(&r.path().join("src"));
+    let r = tiny_root();
     std::fs::create_dir(r.path().join("dst")).unwrap();
     std::fs::write(r.path().join("dst/keep.txt"), b"mine").unwrap();
     let out = run(&["clone", "src", "dst", "--factor", "2"], r.path());
@@ -345,8 +317,7 @@ fn destination_exists_without_force() {
 
 #[test]
 fn destination_inside_source_is_refused() {
-    let r = root();
-    Tiny::default().write(&r.path().join("src"));
+    let r = tiny_root();
     let out = run(&["clone", "src", "src/grown", "--factor", "2"], r.path());
     assert_eq!(out.status.code(), Some(1));
     assert!(
@@ -614,8 +585,7 @@ fn header_length_moved_into_the_padding_is_refused() {
 
 #[test]
 fn trailing_bytes_and_holes_are_refused() {
-    let r = root();
-    Tiny::default().write(&r.path().join("src"));
+    let r = tiny_root();
     let p = r.path().join("src/model.safetensors");
     let mut bytes = std::fs::read(&p).unwrap();
     bytes.extend_from_slice(&[0u8; 8]);
@@ -679,8 +649,7 @@ fn non_integer_config_values_are_refused() {
 
 #[test]
 fn huge_growth_factors_are_refused() {
-    let r = root();
-    Tiny::default().write(&r.path().join("src"));
+    let r = tiny_root();
     for f in [
         "576460752303423488",
         "18446744073709551615",
@@ -741,8 +710,7 @@ fn fails_within(root: &Path, seconds: u64, expect: &[&str]) {
 #[test]
 fn special_files_are_refused_without_hanging() {
     // config.json as a FIFO.
-    let r = root();
-    Tiny::default().write(&r.path().join("src"));
+    let r = tiny_root();
     let cfg = r.path().join("src/config.json");
     std::fs::remove_file(&cfg).unwrap();
     if !mkfifo(&cfg) {
@@ -766,8 +734,7 @@ fn special_files_are_refused_without_hanging() {
         &["model.safetensors.index.json", "not a regular file"],
     );
     // The weights as a symlink to /dev/zero.
-    let r = root();
-    Tiny::default().write(&r.path().join("src"));
+    let r = tiny_root();
     let w = r.path().join("src/model.safetensors");
     std::fs::remove_file(&w).unwrap();
     std::os::unix::fs::symlink("/dev/zero", &w).unwrap();
@@ -777,16 +744,14 @@ fn special_files_are_refused_without_hanging() {
         &["model.safetensors", "not a regular file", "device"],
     );
     // config.json as a symlink to /dev/zero.
-    let r = root();
-    Tiny::default().write(&r.path().join("src"));
+    let r = tiny_root();
     let cfg = r.path().join("src/config.json");
     std::fs::remove_file(&cfg).unwrap();
     std::os::unix::fs::symlink("/dev/zero", &cfg).unwrap();
     fails_within(r.path(), 20, &["config.json", "not a regular file"]);
     // tokenizer.json and generation_config.json as FIFOs: forward must not wait on them
     // (the tokenizer is optional there; an unreadable one is skipped).
-    let r = root();
-    Tiny::default().write(&r.path().join("src"));
+    let r = tiny_root();
     for f in ["tokenizer.json", "generation_config.json"] {
         std::fs::remove_file(r.path().join("src").join(f)).unwrap();
         assert!(mkfifo(&r.path().join("src").join(f)));
@@ -814,8 +779,7 @@ fn special_files_are_refused_without_hanging() {
 
 #[test]
 fn oversized_config_is_refused() {
-    let r = root();
-    Tiny::default().write(&r.path().join("src"));
+    let r = tiny_root();
     let f = std::fs::File::create(r.path().join("src/config.json")).unwrap();
     f.set_len(65 << 20).unwrap(); // sparse: 65 MiB of zeros
     fails(r.path(), &[], &["config.json", "limit"]);
@@ -836,8 +800,7 @@ fn poison(root: &Path, tensor: &str, values: &[f32]) {
 
 #[test]
 fn nonfinite_source_weights_are_refused_unless_allowed() {
-    let r = root();
-    Tiny::default().write(&r.path().join("src"));
+    let r = tiny_root();
     poison(
         r.path(),
         "model.layers.1.mlp.up_proj.weight",
@@ -859,8 +822,7 @@ fn nonfinite_source_weights_are_refused_unless_allowed() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
     // forward prints NaN as NaN, never as 0.
-    let r = root();
-    Tiny::default().write(&r.path().join("src"));
+    let r = tiny_root();
     poison(r.path(), "model.norm.weight", &[f32::NAN; HIDDEN]);
     let out = run(&["forward", "src"], r.path());
     let text = String::from_utf8_lossy(&out.stdout);
@@ -903,8 +865,7 @@ fn run_into_closed_pipe(args: &[&str], cwd: &Path) -> std::process::Output {
 
 #[test]
 fn broken_pipe_is_a_normal_end() {
-    let r = root();
-    Tiny::default().write(&r.path().join("src"));
+    let r = tiny_root();
     for args in [
         &["plan", "src", "--factor", "2"][..],
         &["inspect", "src"],
@@ -929,8 +890,7 @@ fn one_error_line(args: &[&str], cwd: &Path, expect: &[&str]) -> String {
 
 #[test]
 fn flags_that_used_to_panic_give_one_error_line() {
-    let r = root();
-    Tiny::default().write(&r.path().join("src"));
+    let r = tiny_root();
     one_error_line(
         &["forward", "src", "--random-tokens", "0"],
         r.path(),
@@ -963,8 +923,7 @@ fn flags_that_used_to_panic_give_one_error_line() {
 
 #[test]
 fn causes_are_printed_once_even_with_backtraces() {
-    let r = root();
-    Tiny::default().write(&r.path().join("src"));
+    let r = tiny_root();
     std::fs::remove_file(r.path().join("src/config.json")).unwrap();
     let err = one_error_line(&["inspect", "src"], r.path(), &["config.json"]);
     assert_eq!(err.matches("os error 2").count(), 1, "{err}");
@@ -1130,8 +1089,7 @@ fn opt_from_good(good: &[u8], dir: &Path) -> std::path::PathBuf {
 
 #[test]
 fn stale_partial_folders_of_dead_clones_are_removed() {
-    let r = root();
-    Tiny::default().write(&r.path().join("src"));
+    let r = tiny_root();
     // PID 4294967 is above Linux's pid_max limit (2^22): never a live process.
     let stale = r.path().join(".dst.hyperclone-partial-4294967");
     std::fs::create_dir(&stale).unwrap();
@@ -1188,8 +1146,7 @@ fn sigterm_and_sighup_remove_the_partial_folder() {
 
 #[test]
 fn force_refuses_up_front_when_the_old_dst_cannot_be_deleted() {
-    let r = root();
-    Tiny::default().write(&r.path().join("src"));
+    let r = tiny_root();
     let dst = r.path().join("dst");
     std::fs::create_dir_all(dst.join("sub")).unwrap();
     std::fs::write(dst.join("a.txt"), b"old").unwrap();
@@ -1262,18 +1219,7 @@ fn bf16_tolerance_is_measured_not_assumed() {
     }
     // A bf16 clone that is actually wrong (its final norm off by 5%) still fails.
     let dst = r.path().join("qwen2-gqa-x2");
-    let p = dst.join("model.safetensors");
-    let f = SafetensorsFile::open(&p).unwrap();
-    let t = f.get("model.norm.weight").unwrap().clone();
-    let mut v = vec![0f64; t.numel()];
-    t.dtype.decode(f.data(&t), &mut v);
-    drop(f);
-    for x in &mut v {
-        *x *= 1.05;
-    }
-    let mut bytes = std::fs::read(&p).unwrap();
-    t.dtype.encode(&v, &mut bytes[t.start..t.start + t.len]);
-    std::fs::write(&p, bytes).unwrap();
+    scale_tensor(&dst, "model.norm.weight", 1.05);
     let out = run(
         &[
             "verify",
@@ -1290,8 +1236,7 @@ fn bf16_tolerance_is_measured_not_assumed() {
 #[test]
 fn growth_that_overflows_the_output_dtype_is_refused() {
     // 1e5 does not fit in f16 (max 65504): converting would silently write inf.
-    let r = root();
-    Tiny::default().write(&r.path().join("src"));
+    let r = tiny_root();
     poison(r.path(), "model.norm.weight", &[1e5]);
     fails(
         r.path(),
@@ -1305,8 +1250,7 @@ fn force_as_a_user_who_cannot_delete_the_old_dst() {
     // Needs root to set up (a folder of root's inside a DST of nobody's) and setpriv to
     // run as nobody; CI runs as root.
     use std::os::unix::fs::{chown, PermissionsExt};
-    let r = root();
-    Tiny::default().write(&r.path().join("src"));
+    let r = tiny_root();
     let dst = r.path().join("dst");
     std::fs::create_dir_all(dst.join("sub")).unwrap();
     std::fs::write(dst.join("sub/old.txt"), b"old").unwrap();
@@ -1589,8 +1533,7 @@ fn write_recipe(root: &Path, name: &str, text: &str) {
 #[test]
 fn recipes_are_validated_exactly_as_flags() {
     // Class 8: `.inf`, `.nan`, `-.inf` became `null`, i.e. the default, in YAML recipes.
-    let r = root();
-    Tiny::default().write(&r.path().join("src"));
+    let r = tiny_root();
     let yaml = |opts: &str| format!("hyperclone_recipe: 1\noptions:\n  factor: 2\n{opts}");
     for (opts, expect) in [
         ("  snr_db: .inf\n", "options.snr_db"),
@@ -1649,8 +1592,7 @@ fn recipes_are_validated_exactly_as_flags() {
 fn clone_never_replaces_its_own_recipe() {
     // The recipe is an input of clone as much as SRC: `--force` names DST for replacement,
     // never the recipe (DST the recipe itself, or a folder holding it).
-    let r = root();
-    Tiny::default().write(&r.path().join("src"));
+    let r = tiny_root();
     let recipe = "hyperclone_recipe: 1\noptions:\n  factor: 2\n";
     write_recipe(r.path(), "r.yaml", recipe);
     std::fs::create_dir(r.path().join("holder")).unwrap();
@@ -1675,8 +1617,7 @@ fn clone_never_replaces_its_own_recipe() {
 fn deeply_nested_recipes_are_refused_before_parsing() {
     // Class 13: YAML parsing is quadratic in the depth; 100k levels took minutes and
     // ignored Ctrl-C. The depth is bounded by a linear pre-scan (64 levels).
-    let r = root();
-    Tiny::default().write(&r.path().join("src"));
+    let r = tiny_root();
     let n = 500_000;
     let cases = [
         ("flow.yaml", format!("{}{}", "[".repeat(n), "]".repeat(n))),
@@ -1727,8 +1668,7 @@ fn deeply_nested_recipes_are_refused_before_parsing() {
 fn snr_below_the_floor_is_refused_for_flags_and_recipes() {
     // Class 9: below 0 dB rounding in the storage dtype is amplified layer after layer
     // (-10 dB failed verify on the tiny fixtures, -20 dB was off by 5x): refused.
-    let r = root();
-    Tiny::default().write(&r.path().join("src"));
+    let r = tiny_root();
     for snr in ["-0.5", "-10", "-20", "-1000", "-1e308"] {
         fails(
             r.path(),
@@ -1766,8 +1706,7 @@ fn stale_partials_of_any_kind_are_removed_and_others_kept() {
     // Class 15: a stale `.DST.hyperclone-partial-PID` file or FIFO blocked every clone
     // into DST with "Not a directory".
     use std::os::unix::fs::symlink;
-    let r = root();
-    Tiny::default().write(&r.path().join("src"));
+    let r = tiny_root();
     let dead = 4294967u32; // above Linux's pid_max: never a live process
     let name = |suffix: &str| r.path().join(format!(".dst.hyperclone-partial-{suffix}"));
     // A file, a FIFO, a dangling symlink and a symlink to a folder that must survive.
@@ -1810,8 +1749,7 @@ fn a_clone_killed_by_sigbus_is_cleaned_up_by_the_next() {
     // truncation race on a test-sized model finishes before the signal lands; it was run
     // by hand on SmolLM2-135M, see the notes.) The next clone removes it.
     use std::os::unix::process::ExitStatusExt;
-    let r = root();
-    Tiny::default().write(&r.path().join("src"));
+    let r = tiny_root();
     let mut victim = std::process::Command::new("sleep")
         .arg("60")
         .spawn()
@@ -1837,8 +1775,7 @@ fn a_signal_during_reading_stops_the_clone_before_anything_is_written() {
     // Class 13 (signals in every phase): the handler is installed before SRC, the config
     // and a recipe are read, so a signal then only sets the flag; the write checks it
     // first and creates nothing.
-    let r = root();
-    Tiny::default().write(&r.path().join("src"));
+    let r = tiny_root();
     let ckpt = Checkpoint::open(&r.path().join("src")).unwrap();
     let plan = Plan::new(&ckpt, &GrowthOptions::default(), &BTreeMap::new()).unwrap();
     let cancel = AtomicBool::new(true);

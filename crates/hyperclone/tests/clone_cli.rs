@@ -12,14 +12,6 @@ fn read_json(p: &Path) -> Value {
     serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
 }
 
-fn decode(ckpt: &Checkpoint, name: &str) -> (Vec<f64>, Vec<usize>) {
-    let t = ckpt.find(name).unwrap_or_else(|| panic!("{name} missing"));
-    let f = &ckpt.files[t.file];
-    let mut v = vec![0.0; t.info.numel()];
-    t.info.dtype.decode(f.data(&t.info), &mut v);
-    (v, t.info.shape.clone())
-}
-
 #[test]
 fn clone_writes_a_complete_loadable_folder() {
     let tmp = tempfile::tempdir().unwrap();
@@ -98,8 +90,8 @@ fn clone_writes_a_complete_loadable_folder() {
     );
 
     // o_proj: [hidden x2 (write), heads x2 (read)] = 1/2 [[W, W], [W, W]].
-    let (w, _) = decode(&small, "model.layers.1.self_attn.o_proj.weight");
-    let (d, shape) = decode(&grown, "model.layers.1.self_attn.o_proj.weight");
+    let (w, _) = decoded(&small, "model.layers.1.self_attn.o_proj.weight");
+    let (d, shape) = decoded(&grown, "model.layers.1.self_attn.o_proj.weight");
     assert_eq!(shape, [2 * HIDDEN, 2 * HIDDEN]);
     for r in 0..2 * HIDDEN {
         for c in 0..2 * HIDDEN {
@@ -122,9 +114,9 @@ fn tied_head_is_untied_with_one_over_n_columns() {
     assert!(out.status.success(), "{}", stderr(&out));
     let small = Checkpoint::open(&src).unwrap();
     let grown = Checkpoint::open(&tmp.path().join("dst")).unwrap();
-    let (e, _) = decode(&small, "model.embed_tokens.weight");
-    let (ge, _) = decode(&grown, "model.embed_tokens.weight");
-    let (gh, shape) = decode(&grown, "lm_head.weight");
+    let (e, _) = decoded(&small, "model.embed_tokens.weight");
+    let (ge, _) = decoded(&grown, "model.embed_tokens.weight");
+    let (gh, shape) = decoded(&grown, "lm_head.weight");
     assert_eq!(shape, [VOCAB, 3 * HIDDEN]);
     for v in 0..VOCAB {
         for c in 0..3 * HIDDEN {
@@ -141,7 +133,7 @@ fn tied_head_is_untied_with_one_over_n_columns() {
     let cfg = read_json(&tmp.path().join("dst/config.json"));
     assert_eq!(cfg["num_key_value_heads"], 1);
     assert_eq!(
-        decode(&grown, "model.layers.0.self_attn.k_proj.weight").1,
+        decoded(&grown, "model.layers.0.self_attn.k_proj.weight").1,
         [HIDDEN / 4, 3 * HIDDEN]
     );
 }
@@ -149,17 +141,13 @@ fn tied_head_is_untied_with_one_over_n_columns() {
 #[test]
 fn sharded_in_sharded_out_with_index() {
     let tmp = tempfile::tempdir().unwrap();
-    Tiny {
+    let tiny = Tiny {
         shards: 3,
         dtype: DType::BF16,
         ..Default::default()
-    }
-    .write(&tmp.path().join("src"));
-    let out = clone_src_dst(
-        tmp.path(),
-        &["--factor", "2", "--shard-size", "8KB", "--dtype", "f32"],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
+    };
+    let flags = ["--factor", "2", "--shard-size", "8KB", "--dtype", "f32"];
+    tiny_cloned(&tiny, tmp.path(), &flags);
     let dst = tmp.path().join("dst");
     let index = read_json(&dst.join("model.safetensors.index.json"));
     let grown = Checkpoint::open(&dst).unwrap();
@@ -186,9 +174,8 @@ fn same_source_flags_and_seed_give_identical_bytes() {
     let tmp = tempfile::tempdir().unwrap();
     for run_dir in ["a", "b"] {
         let d = tmp.path().join(run_dir);
-        Tiny::default().write(&d.join("src"));
-        let out = clone_src_dst(&d, &["--factor", "2", "--variant", "noisy", "--seed", "7"]);
-        assert!(out.status.success(), "{}", stderr(&out));
+        let flags = ["--factor", "2", "--variant", "noisy", "--seed", "7"];
+        tiny_cloned(&Tiny::default(), &d, &flags);
     }
     let files = listing(&tmp.path().join("a/dst"));
     assert_eq!(files, listing(&tmp.path().join("b/dst")));
@@ -408,16 +395,12 @@ fn growing_in_memory_equals_the_clone_on_disk() {
     use hyperclone_core::grow::grow_in_memory;
     use hyperclone_core::GrowthSpec;
     let tmp = tempfile::tempdir().unwrap();
-    let src = Tiny {
+    let tied = Tiny {
         tied: true,
         ..Default::default()
-    }
-    .write(&tmp.path().join("src"));
-    let out = clone_src_dst(
-        tmp.path(),
-        &["--factor", "2", "--variant", "noisy", "--seed", "4"],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
+    };
+    let flags = ["--factor", "2", "--variant", "noisy", "--seed", "4"];
+    let src = tiny_cloned(&tied, tmp.path(), &flags);
     let small = Checkpoint::open(&src).unwrap();
     let tensors: Vec<MemoryTensor> = small
         .tensors

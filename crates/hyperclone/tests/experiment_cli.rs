@@ -23,6 +23,16 @@ fn experiment(dir: &Path, extra: &[&str]) -> Output {
     experiment_on_toy_corpus(dir, &args)
 }
 
+/// A quick study with FLAGS on the toy corpus in a fresh folder, which must succeed: the
+/// folder and the run's output.
+fn quick_study(flags: &[&str]) -> (tempfile::TempDir, Output) {
+    let tmp = tempfile::tempdir().unwrap();
+    common::toy_corpus(tmp.path());
+    let o = experiment(tmp.path(), flags);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    (tmp, o)
+}
+
 /// `experiment FLAGS...` on toy_corpus's files, written to exp/.
 fn experiment_on_toy_corpus(dir: &Path, flags: &[&str]) -> Output {
     let mut args = vec![
@@ -167,11 +177,8 @@ fn check_headline_against_runs(r: &Value) {
 #[test]
 #[ignore = "slow lane: scripts/test-all.sh runs it (cargo test -- --include-ignored)"]
 fn quick_experiment_writes_a_complete_report_and_reruns_reuse_it() {
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, o) = quick_study(&[]);
     let d = tmp.path();
-    common::toy_corpus(d);
-    let o = experiment(d, &[]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(
         stdout.contains("warning: the longest run"),
@@ -191,11 +198,8 @@ fn quick_experiment_writes_a_complete_report_and_reruns_reuse_it() {
     assert_eq!(h["base_tokens"], 40.0 * TOKENS_PER_STEP);
     assert!(h["base_val_loss"].as_f64().unwrap().is_finite());
     assert_eq!(h["random_budget_tokens"], 24.0 * TOKENS_PER_STEP);
-    let finals: Vec<f64> = h["random_final_losses"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x["loss"].as_f64().unwrap())
+    let finals: Vec<f64> = common::field_of_each(&h["random_final_losses"], "loss")
+        .map(|x| x.as_f64().unwrap())
         .collect();
     assert_eq!(
         finals.len(),
@@ -297,11 +301,8 @@ fn quick_experiment_writes_a_complete_report_and_reruns_reuse_it() {
     );
     for c in checks {
         let lr = c["screened_lr"].as_f64().unwrap();
-        let lrs: Vec<f64> = c["runs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x["lr"].as_f64().unwrap())
+        let lrs: Vec<f64> = common::field_of_each(&c["runs"], "lr")
+            .map(|x| x.as_f64().unwrap())
             .collect();
         assert!(
             lrs.len() >= 3
@@ -513,11 +514,8 @@ fn without_a_corpus_it_says_how_to_get_one() {
 #[test]
 #[ignore = "slow lane: scripts/test-all.sh runs it (cargo test -- --include-ignored)"]
 fn a_study_continues_from_its_record_in_a_fresh_folder() {
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, _) = quick_study(&["--record", "rec"]);
     let d = tmp.path();
-    common::toy_corpus(d);
-    let o = experiment(d, &["--record", "rec"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let first = report(d);
     let recorded = walk(&d.join("rec"));
     for name in [

@@ -148,19 +148,15 @@ fn growths_that_cannot_be_exact_are_refused_in_one_line() {
 fn stack_depth_is_not_verified_as_if_it_were_exact() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    Tiny::default().write(&dir.join("src"));
-    let out = clone_src_dst(
-        dir,
-        &[
-            "--factor",
-            "2",
-            "--depth-factor",
-            "2",
-            "--depth-mode",
-            "stack",
-        ],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
+    let stack = [
+        "--factor",
+        "2",
+        "--depth-factor",
+        "2",
+        "--depth-mode",
+        "stack",
+    ];
+    tiny_cloned(&Tiny::default(), dir, &stack);
     let e = one_error_line(&run(&["verify", "src", "dst"], dir));
     assert!(e.contains("does not preserve the function"), "{e}");
 }

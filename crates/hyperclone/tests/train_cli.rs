@@ -99,20 +99,14 @@ fn a_diverging_run_stops_and_keeps_the_last_good_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     setup(d);
-    let o = train(
-        d,
-        "boom",
-        &[
-            "--init-config",
-            "config.json",
-            "--lr",
-            "1e30",
-            "--grad-clip",
-            "0",
-            "--warmup",
-            "0",
-        ],
-    );
+    // A random init at learning rate LR with nothing to tame it (no clipping, no warmup).
+    let unclipped = |out: &str, lr: &str, extra: &[&str]| {
+        let mut flags = vec!["--init-config", "config.json", "--lr", lr];
+        flags.extend(["--grad-clip", "0", "--warmup", "0"]);
+        flags.extend_from_slice(extra);
+        train(d, out, &flags)
+    };
+    let o = unclipped("boom", "1e30", &[]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -121,22 +115,7 @@ fn a_diverging_run_stops_and_keeps_the_last_good_checkpoint() {
     );
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     // With a checkpoint saved every step, the last finite one survives the failure.
-    let o = train(
-        d,
-        "kept",
-        &[
-            "--init-config",
-            "config.json",
-            "--lr",
-            "3e3",
-            "--grad-clip",
-            "0",
-            "--warmup",
-            "0",
-            "--save-every",
-            "1",
-        ],
-    );
+    let o = unclipped("kept", "3e3", &["--save-every", "1"]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("the last good checkpoint is"), "{err}");

@@ -4,26 +4,11 @@
 //! byte for byte) and the card; Drop-Upcycling's seeded neurons; the one-line refusals.
 //! Exactness in transformers is in tests/python/test_upcycle.py.
 
-use hyperclone_core::Checkpoint;
 use hyperclone_testkit::fixtures::family;
 use hyperclone_testkit::prelude as common;
 
 use common::*;
 use serde_json::Value;
-use std::path::Path;
-
-/// A tensor's values as f64.
-fn values(dir: &Path, name: &str) -> (Vec<f64>, Vec<usize>) {
-    let ckpt = Checkpoint::open(dir).unwrap();
-    let t = ckpt
-        .find(name)
-        .unwrap_or_else(|| panic!("{}: no {name}", dir.display()));
-    let mut v = vec![0.0; t.info.numel()];
-    t.info
-        .dtype
-        .decode(ckpt.files[t.file].data(&t.info), &mut v);
-    (v, t.info.shape.clone())
-}
 
 const GROWTH: [&str; 6] = [
     "--factor",
@@ -63,20 +48,20 @@ fn every_expert_is_the_grown_dense_mlp_and_verify_passes() {
     assert_eq!(cfg["num_hidden_layers"], 3);
     // Layer 1 is the identity block inserted after source layer 0: its experts' w2 are zero.
     for l in 0..3 {
-        let (router, shape) = values(
+        let (router, shape) = tensor_values(
             &dir.join("moe"),
             &format!("model.layers.{l}.block_sparse_moe.gate.weight"),
         );
         assert_eq!(shape, [4, 32]);
         assert!(router.iter().all(|&x| x == 0.0), "the router is zero");
         for (dense_name, w) in MLP {
-            let (want, want_shape) = values(
+            let (want, want_shape) = tensor_values(
                 &dir.join("dense"),
                 &format!("model.layers.{l}.mlp.{dense_name}.weight"),
             );
             for e in 0..4 {
                 let name = format!("model.layers.{l}.block_sparse_moe.experts.{e}.{w}.weight");
-                let (got, shape) = values(&dir.join("moe"), &name);
+                let (got, shape) = tensor_values(&dir.join("moe"), &name);
                 assert_eq!(shape, want_shape, "{name}");
                 assert!(
                     got.iter()
@@ -158,11 +143,8 @@ fn plan_counts_total_and_active_parameters_and_the_recipe_replays() {
         dense["recipe"]["options"].get("experts").is_none(),
         "dense recipes are unchanged"
     );
-    let changes: Vec<&str> = p["config_changes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["key"].as_str().unwrap())
+    let changes: Vec<&str> = field_of_each(&p["config_changes"], "key")
+        .map(|k| k.as_str().unwrap())
         .collect();
     assert!(
         changes.contains(&"model_type") && changes.contains(&"num_local_experts"),
@@ -245,11 +227,11 @@ fn drop_upcycling_redraws_the_same_seeded_neurons_of_each_expert() {
         // Units (rows of w1 and w3, columns of w2) that differ from the dense MLP.
         let mut per_tensor = Vec::new();
         for (dense_name, w) in MLP {
-            let (want, shape) = values(
+            let (want, shape) = tensor_values(
                 &dir.join("dense"),
                 &format!("model.layers.0.mlp.{dense_name}.weight"),
             );
-            let (got, _) = values(
+            let (got, _) = tensor_values(
                 &dir.join("moe"),
                 &format!("model.layers.0.block_sparse_moe.experts.{e}.{w}.weight"),
             );
@@ -296,7 +278,7 @@ fn drop_upcycling_redraws_the_same_seeded_neurons_of_each_expert() {
         sets.push(per_tensor[0].clone());
     }
     assert!(sets.windows(2).any(|w| w[0] != w[1]), "experts differ");
-    let (router, _) = values(
+    let (router, _) = tensor_values(
         &dir.join("moe"),
         "model.layers.0.block_sparse_moe.gate.weight",
     );
@@ -434,12 +416,12 @@ fn qwen_sources_become_their_moe_siblings_with_a_silent_shared_expert() {
         assert_eq!(cfg["norm_topk_prob"], true);
         assert_eq!(cfg["moe_intermediate_size"], cfg["intermediate_size"]);
         for l in 0..2 {
-            let (router, _) = values(&moe, &format!("model.layers.{l}.mlp.gate.weight"));
+            let (router, _) = tensor_values(&moe, &format!("model.layers.{l}.mlp.gate.weight"));
             assert!(router.iter().all(|&x| x == 0.0));
             for p in ["gate_proj", "up_proj", "down_proj"] {
-                let (want, _) = values(&dense, &format!("model.layers.{l}.mlp.{p}.weight"));
+                let (want, _) = tensor_values(&dense, &format!("model.layers.{l}.mlp.{p}.weight"));
                 for e in 0..4 {
-                    let (got, _) = values(
+                    let (got, _) = tensor_values(
                         &moe,
                         &format!("model.layers.{l}.mlp.experts.{e}.{p}.weight"),
                     );
@@ -451,7 +433,7 @@ fn qwen_sources_become_their_moe_siblings_with_a_silent_shared_expert() {
                     );
                 }
                 if shared {
-                    let (got, _) = values(
+                    let (got, _) = tensor_values(
                         &moe,
                         &format!("model.layers.{l}.mlp.shared_expert.{p}.weight"),
                     );
@@ -466,7 +448,7 @@ fn qwen_sources_become_their_moe_siblings_with_a_silent_shared_expert() {
                 }
             }
             if shared {
-                let (gate, shape) = values(
+                let (gate, shape) = tensor_values(
                     &moe,
                     &format!("model.layers.{l}.mlp.shared_expert_gate.weight"),
                 );

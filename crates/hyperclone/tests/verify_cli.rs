@@ -1,9 +1,11 @@
 //! `hyperclone verify` passes every correct clone and catches the bugs that matter,
 //! including ones an argmax check misses.
 
-use hyperclone_core::Checkpoint;
-use hyperclone_testkit::cli::{bin, verify_json};
-use hyperclone_testkit::files::edit_tensor;
+use hyperclone_testkit::cli::{
+    bin, every_variant_verifies_exactly, one_error_line, refused_after_config_edit, verify_exact,
+    verify_json, wide_ffn_deep_verifies_exactly,
+};
+use hyperclone_testkit::files::{edit_tensor, tensor_values};
 use hyperclone_testkit::fixtures::{families, family, tiny as fixture};
 use serde_json::Value;
 use std::path::Path;
@@ -44,16 +46,9 @@ fn every_correct_clone_passes() {
         "qwen3-gqa",
         "mistral-gqa",
     ] {
-        for n in [2, 3] {
-            for variant in ["symmetric", "noisy", "diagonal", "noisy-diagonal"] {
-                // f64 storage: the clone is exact, so verify holds it to 1e-9.
-                let dst = tmp.path().join(format!("{fx}-{n}-{variant}"));
-                clone(&fixture(fx), &dst, n, variant, "f64");
-                let (ok, v) = verify(&fixture(fx), &dst);
-                assert!(ok, "{fx} x{n} {variant}: {v}");
-                assert!(v["max_rel_logit_diff"].as_f64().unwrap() <= 1e-9);
-                assert_eq!(v["tolerance"].as_f64().unwrap(), 1e-9);
-            }
+        // f64 storage: the clone is exact, so verify holds it to 1e-9.
+        for (_, v) in every_variant_verifies_exactly(&fixture(fx), &tmp.path().join(fx), &[]) {
+            assert_eq!(v["tolerance"].as_f64().unwrap(), 1e-9, "{fx}: {v}");
         }
     }
     // Stored in the source's f32, n = 3 rounds W/3: still within the f32 storage bound.
@@ -112,51 +107,61 @@ fn an_exact_clone_of_a_model_with_constant_logits_passes() {
     assert!(!ok, "{v}");
 }
 
+/// A x2 f64 clone of SRC at DST passes verify untouched; once `plant` has planted a bug in
+/// it, verify fails with the first divergence at `layer`.
+fn planted_bug_fails_at(src: &Path, dst: &Path, variant: &str, layer: &str, plant: impl FnOnce()) {
+    clone(src, dst, 2, variant, "f64");
+    assert!(
+        verify(src, dst).0,
+        "{}: the untouched clone passes",
+        dst.display()
+    );
+    plant();
+    let (ok, v) = verify(src, dst);
+    assert!(!ok, "{}: the planted bug must fail: {v}", dst.display());
+    assert_eq!(v["first_divergence"], layer, "{}: {v}", dst.display());
+}
+
 #[test]
 fn swapped_heads_in_q_proj_fail_at_that_layer() {
     let tmp = tempfile::tempdir().unwrap();
     let dst = tmp.path().join("big");
-    clone(&fixture("llama-mha-untied"), &dst, 2, "symmetric", "f64");
-    edit_tensor(
-        &dst,
-        "model.layers.1.self_attn.q_proj.weight",
-        |w, shape| {
-            let (cols, hd) = (shape[1], 8);
-            // Swap query heads 0 and 1 (rows 0..8 and 8..16).
-            for r in 0..hd {
-                for c in 0..cols {
-                    w.swap(r * cols + c, (r + hd) * cols + c);
+    let swap_heads = || {
+        edit_tensor(
+            &dst,
+            "model.layers.1.self_attn.q_proj.weight",
+            |w, shape| {
+                let (cols, hd) = (shape[1], 8);
+                // Swap query heads 0 and 1 (rows 0..8 and 8..16).
+                for r in 0..hd {
+                    for c in 0..cols {
+                        w.swap(r * cols + c, (r + hd) * cols + c);
+                    }
                 }
-            }
-        },
-    );
-    let (ok, v) = verify(&fixture("llama-mha-untied"), &dst);
-    assert!(!ok);
-    assert_eq!(v["first_divergence"], "layer 1", "{v}");
+            },
+        )
+    };
+    let src = fixture("llama-mha-untied");
+    planted_bug_fails_at(&src, &dst, "symmetric", "layer 1", swap_heads);
 }
 
 #[test]
 fn a_tensor_from_another_layer_fails() {
     let tmp = tempfile::tempdir().unwrap();
     let dst = tmp.path().join("big");
-    clone(&fixture("qwen2-gqa"), &dst, 2, "noisy", "f64");
-    let ckpt = Checkpoint::open(&dst).unwrap();
-    let other = ckpt
-        .find("model.layers.0.mlp.down_proj.weight")
-        .unwrap()
-        .clone();
-    let mut donor = vec![0.0; other.info.numel()];
-    other
-        .info
-        .dtype
-        .decode(ckpt.files[other.file].data(&other.info), &mut donor);
-    drop(ckpt);
-    edit_tensor(&dst, "model.layers.1.mlp.down_proj.weight", |w, _| {
-        w.copy_from_slice(&donor)
-    });
-    let (ok, v) = verify(&fixture("qwen2-gqa"), &dst);
-    assert!(!ok);
-    assert_eq!(v["first_divergence"], "layer 1", "{v}");
+    let copy_layer_0 = || {
+        let (donor, _) = tensor_values(&dst, "model.layers.0.mlp.down_proj.weight");
+        edit_tensor(&dst, "model.layers.1.mlp.down_proj.weight", |w, _| {
+            w.copy_from_slice(&donor)
+        })
+    };
+    planted_bug_fails_at(
+        &fixture("qwen2-gqa"),
+        &dst,
+        "noisy",
+        "layer 1",
+        copy_layer_0,
+    );
 }
 
 #[test]
@@ -181,32 +186,15 @@ fn clone_verify_keeps_a_correct_clone() {
 fn every_family_clone_verifies_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     for (fx, _) in families() {
-        let fx = fx.as_str();
-        for n in [2, 3] {
-            for variant in ["symmetric", "noisy", "diagonal", "noisy-diagonal"] {
-                let dst = tmp.path().join(format!("{fx}-{n}-{variant}"));
-                clone(&family(fx), &dst, n, variant, "f64");
-                let (ok, v) = verify(&family(fx), &dst);
-                assert!(ok, "{fx} x{n} {variant}: {v}");
-                assert!(
-                    v["max_rel_logit_diff"].as_f64().unwrap() <= 1e-9,
-                    "{fx} x{n} {variant}: {v}"
-                );
-            }
-        }
+        every_variant_verifies_exactly(&family(&fx), &tmp.path().join(&fx), &[]);
     }
 }
 
 /// Replaces a fused tensor of a x2 symmetric clone by the naive flat tile of the source's
 /// (tiling the whole fused axis as one block, the mistake HYPERCLONING.md warns about).
 fn flat_tile_fused(src: &Path, dst: &Path, name: &str) {
-    let small = Checkpoint::open(src).unwrap();
-    let t = small.find(name).unwrap().clone();
-    let mut w = vec![0.0; t.info.numel()];
-    t.info
-        .dtype
-        .decode(small.files[t.file].data(&t.info), &mut w);
-    let (rows, cols) = (t.info.shape[0], t.info.shape[1]);
+    let (w, shape) = tensor_values(src, name);
+    let (rows, cols) = (shape[0], shape[1]);
     edit_tensor(dst, name, |d, shape| {
         assert_eq!(shape, [2 * rows, 2 * cols]);
         for r in 0..2 * rows {
@@ -227,15 +215,8 @@ fn a_fused_layout_tiled_as_one_block_fails() {
         ("gpt2-mha", "transformer.h.0.attn.c_attn.weight"),
     ] {
         let dst = tmp.path().join(format!("{fx}-{}", name.replace('.', "-")));
-        clone(&family(fx), &dst, 2, "symmetric", "f64");
-        assert!(
-            verify(&family(fx), &dst).0,
-            "{fx}: the untouched clone passes"
-        );
-        flat_tile_fused(&family(fx), &dst, name);
-        let (ok, v) = verify(&family(fx), &dst);
-        assert!(!ok, "{fx} {name}: a flat tile must fail: {v}");
-        assert_eq!(v["first_divergence"], "layer 0", "{fx} {name}: {v}");
+        let flat_tile = || flat_tile_fused(&family(fx), &dst, name);
+        planted_bug_fails_at(&family(fx), &dst, "symmetric", "layer 0", flat_tile);
     }
 }
 
@@ -253,43 +234,11 @@ const DENSE_2026: [&str; 5] = [
 fn dense_2026_family_clones_verify_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     for fx in DENSE_2026 {
-        for n in [2, 3] {
-            for variant in ["symmetric", "noisy", "diagonal", "noisy-diagonal"] {
-                let dst = tmp.path().join(format!("{fx}-{n}-{variant}"));
-                clone(&family(fx), &dst, n, variant, "f64");
-                let (ok, v) = verify(&family(fx), &dst);
-                assert!(ok, "{fx} x{n} {variant}: {v}");
-                assert!(
-                    v["max_rel_logit_diff"].as_f64().unwrap() <= 1e-9,
-                    "{fx} x{n} {variant}: {v}"
-                );
-            }
-        }
+        every_variant_verifies_exactly(&family(fx), &tmp.path().join(fx), &[]);
         // Width, FFN and depth at once: per-layer lists (layer_types, no_rope_layers) follow
         // each source layer to its new index.
         let dst = tmp.path().join(format!("{fx}-grown"));
-        let o = hc(&[
-            "clone",
-            family(fx).to_str().unwrap(),
-            dst.to_str().unwrap(),
-            "--factor",
-            "2",
-            "--ffn-factor",
-            "3",
-            "--depth-factor",
-            "2",
-            "--variant",
-            "noisy",
-            "--dtype",
-            "f64",
-        ]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let (ok, v) = verify(&family(fx), &dst);
-        assert!(ok, "{fx} x2 ffn x3 depth x2: {v}");
-        assert!(
-            v["max_rel_logit_diff"].as_f64().unwrap() <= 1e-9,
-            "{fx}: {v}"
-        );
+        wide_ffn_deep_verifies_exactly(&family(fx), &dst, &["--ffn-factor", "3"], &[]);
     }
 }
 
@@ -309,12 +258,7 @@ fn dense_2026_index_derived_layouts_grow_wide_and_refuse_depth() {
             .join(fx);
         let dst = tmp.path().join(fx);
         clone(&src, &dst, 2, "noisy", "f64");
-        let (ok, v) = verify(&src, &dst);
-        assert!(ok, "{fx}: {v}");
-        assert!(
-            v["max_rel_logit_diff"].as_f64().unwrap() <= 1e-9,
-            "{fx}: {v}"
-        );
+        verify_exact(&src, &dst, &[], fx);
         let deep = tmp.path().join(format!("{fx}-deep"));
         let o = hc(&[
             "clone",
@@ -325,10 +269,11 @@ fn dense_2026_index_derived_layouts_grow_wide_and_refuse_depth() {
             "--depth-factor",
             "2",
         ]);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success(), "{fx}: depth growth must be refused");
-        assert!(err.contains(key), "{fx}: {err}");
-        assert_eq!(err.trim().lines().count(), 1, "{fx}: one error line: {err}");
+        let err = one_error_line(&o);
+        assert!(
+            err.contains(key),
+            "{fx}: depth growth must be refused: {err}"
+        );
         assert!(!deep.exists(), "{fx}: nothing written");
     }
 }
@@ -397,25 +342,8 @@ fn dense_2026_unimplemented_switches_are_refused_by_name() {
         ),
     ];
     for (i, (fx, key, value, expect)) in cases.into_iter().enumerate() {
-        let dir = tmp.path().join(format!("{i}-{fx}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        for f in ["config.json", "model.safetensors"] {
-            std::fs::copy(family(fx).join(f), dir.join(f)).unwrap();
-        }
-        let ok = hc(&["forward", dir.to_str().unwrap(), "--tokens", "1,2,3"]);
-        assert!(
-            ok.status.success(),
-            "{fx}: {}",
-            String::from_utf8_lossy(&ok.stderr)
-        );
-        let path = dir.join("config.json");
-        let mut cfg: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-        cfg[key] = value;
-        std::fs::write(&path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
-        let o = hc(&["forward", dir.to_str().unwrap(), "--tokens", "1,2,3"]);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success(), "{fx} {key}: must be refused");
-        assert!(err.contains(expect), "{fx} {key}: {err}");
-        assert_eq!(err.trim().lines().count(), 1, "{fx} {key}: one line: {err}");
+        let work = tmp.path().join(format!("{i}-{fx}"));
+        let forward = ["forward", "SRC", "--tokens", "1,2,3"];
+        refused_after_config_edit(&family(fx), &work, &forward, key, value, expect);
     }
 }
