@@ -728,7 +728,10 @@ impl GradStore {
         self.0.insert(id, grad)
     }
 
-    /// Adds `grad` to the gradient of `tensor` (stores it as is where there is none yet).
+    /// Adds `grad` to the gradient of `tensor`, storing it as is where there is none yet.
+    /// (hyperclone's patch: upstream starts every gradient from `zeros_like` and adds into
+    /// it, a memset and an extra pass over every gradient of a step; 0 + g == g exactly,
+    /// so the sums are bit for bit upstream's.)
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
