@@ -131,4 +131,7 @@ for n in "${factors[@]}"; do
 done
 echo "source: $model ($src_bytes bytes); threads: ${RAYON_NUM_THREADS:-all $(nproc)}; $(nproc) cores"
 echo "cpu: $(lscpu | sed -n 's/^Model name: *//p'); avx512f: $(grep -qw avx512f /proc/cpuinfo && echo yes || echo no)"
+if [ -d /sys/module/page_reporting ]; then
+  echo "free page reporting: on (a VM balloon): slower writers pay more system time per byte; see benches/write_pace.py"
+fi
 [ -z "$base" ] || echo "baseline: $base (ratio = its clone time / the same repetitions' cp time)"
