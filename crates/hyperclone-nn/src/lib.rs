@@ -11,6 +11,7 @@ macro_rules! bail {
 }
 
 pub mod arch;
+pub mod attention;
 pub mod check;
 pub mod corpus;
 pub mod error;

@@ -133,6 +133,10 @@ pub struct Frame {
     block: BlockLayout,
     /// Learned position embeddings (GPT-2, OPT) instead of rotary ones.
     learned_positions: bool,
+    /// Attention through the fused inference kernel (attention.rs): set for a decoder
+    /// loaded for inference (no gradients; forward and generate), never for training or
+    /// verification.
+    fused_attention: bool,
 }
 
 /// A decoder with every weight resident in the working dtype (training, generation).
@@ -673,11 +677,13 @@ impl Decoder {
             Some((name, offset)) => Some((weights.take(&format!("{name}.weight"))?, offset)),
             None => None,
         };
+        let mut frame = Frame::new(spec, dtype, device, &arch);
+        frame.fused_attention = weights.gemm_layout;
         let decoder = Decoder {
             project_in: weights.projection(arch.project_in),
             project_out: weights.projection(arch.project_out),
             norm: weights.norm(arch.final_norm),
-            frame: Frame::new(spec, dtype, device, &arch),
+            frame,
             embed,
             positions,
             layers,
@@ -764,6 +770,7 @@ impl Frame {
             device: device.clone(),
             block: arch.block,
             learned_positions: arch.positions.is_some(),
+            fused_attention: false,
         }
     }
 
@@ -1002,11 +1009,19 @@ impl Frame {
         // kv head serves group*T query rows (query position = row % T).
         let group = nh / nk;
         let q = q.reshape((b, nk, group * t, hd))?;
+        let cpu_float = self.device.is_cpu() && matches!(self.dtype, DType::F32 | DType::F64);
+        if self.fused_attention && cpu_float && s.attn_softcap.is_none() {
+            let out = crate::attention::causal_attention(&q, &k, &v, scale, window, offset)?
+                .reshape((b, nh, t, hd))?
+                .transpose(1, 2)?
+                .reshape((b * t, nh * hd))?;
+            return l.o.forward(&out);
+        }
         let mut scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
         if let Some(c) = s.attn_softcap {
             scores = ((scores / c)?.tanh()? * c)?;
         }
-        let probs = if self.device.is_cpu() && matches!(self.dtype, DType::F32 | DType::F64) {
+        let probs = if cpu_float {
             scores.apply_op1(CausalSoftmax { window, offset })?
         } else {
             let mask = self.mask(offset, t, window)?.repeat((group, 1))?;

@@ -37,7 +37,7 @@ impl CausalSoftmax {
         out
     }
 
-    fn row<T: num_like::Float>(o: &mut [T], seen: &[T]) {
+    pub(crate) fn row<T: num_like::Float>(o: &mut [T], seen: &[T]) {
         let max = seen.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
         let mut sum = T::zero();
         for (d, &v) in o.iter_mut().zip(seen) {
@@ -53,7 +53,7 @@ impl CausalSoftmax {
 
     /// f32 rows with the vectorized exponential (the softmax of a 4x512 SmolLM2 forward
     /// takes 140M of them), the sum in f64.
-    fn row_f32(o: &mut [f32], seen: &[f32]) {
+    pub(crate) fn row_f32(o: &mut [f32], seen: &[f32]) {
         let max = crate::vexp::max(seen);
         let inv = (1.0 / crate::vexp::exp_store_sum(o, seen, max)) as f32;
         for d in o {
