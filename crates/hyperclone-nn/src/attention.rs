@@ -36,7 +36,8 @@ pub fn causal_attention(
 ) -> Result<Tensor> {
     let (b, nk, rows, d) = q.dims4()?;
     let keys = k.dim(2)?;
-    if k.dims4()? != (b, nk, keys, d) || v.dims4()? != (b, nk, keys, d) || keys <= offset {
+    let same = |x: &Tensor| x.dims4().is_ok_and(|s| s == (b, nk, keys, d));
+    if !same(k) || !same(v) || keys <= offset || d == 0 {
         candle_core::bail!(
             "causal attention: q {:?}, k {:?}, v {:?} (offset {offset})",
             q.dims(),
@@ -51,7 +52,7 @@ pub fn causal_attention(
     let shape = Shape::from((b, nk, rows, d));
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let geometry = Geometry {
-        heads: b * nk,
+        kv_heads: b * nk,
         rows,
         keys,
         t,
@@ -127,7 +128,7 @@ fn with_slices<T: Element, R>(
 #[derive(Clone, Copy)]
 struct Geometry {
     /// B * K: (batch row, kv head) pairs, each with its own keys and values.
-    heads: usize,
+    kv_heads: usize,
     /// G * T query rows per kv head.
     rows: usize,
     /// offset + T keys.
@@ -149,13 +150,13 @@ impl Geometry {
         row: impl Fn(&mut [T], &[T]) + Sync,
     ) -> Vec<T> {
         let (t, d) = (self.t, self.d);
-        let mut out = vec![<T as Float>::zero(); self.heads * self.rows * d];
+        let mut out = vec![<T as Float>::zero(); self.kv_heads * self.rows * d];
         out.par_chunks_mut(t * d)
             .zip(q.par_chunks(t * d))
             .enumerate()
             .for_each(|(task, (out, q))| {
-                let head = task / (self.rows / t);
-                let kv = head * self.keys * d..(head + 1) * self.keys * d;
+                let kv_head = task / (self.rows / t);
+                let kv = kv_head * self.keys * d..(kv_head + 1) * self.keys * d;
                 self.group_rows(q, &k[kv.clone()], &v[kv], out, &row);
             });
         out
