@@ -13,7 +13,7 @@
 //! resident and streamed forwards agree bit for bit).
 
 use crate::softmax::{num_like::Float, CausalSoftmax};
-use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
+use candle_core::{DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 /// Query rows per block: 64 rows of scores over 512 keys are 128 KiB in f32, so a block's
@@ -61,67 +61,60 @@ pub fn causal_attention(
         window,
         scale,
     };
-    let device = q.device().clone();
     match q.dtype() {
-        DType::F32 => {
-            let out = with_slices(&q, &k, &v, |q, k, v| {
-                geometry.run(q, k, v, CausalSoftmax::row_f32)
-            })?;
-            Tensor::from_vec(out, shape, &device)
-        }
-        DType::F64 => {
-            let out = with_slices(&q, &k, &v, |q, k, v| {
-                geometry.run(q, k, v, CausalSoftmax::row::<f64>)
-            })?;
-            Tensor::from_vec(out, shape, &device)
-        }
+        DType::F32 => geometry.attend(&q, &k, &v, shape, CausalSoftmax::row_f32),
+        DType::F64 => geometry.attend(&q, &k, &v, shape, CausalSoftmax::row::<f64>),
         other => candle_core::bail!("causal attention: only f32 and f64, not {other:?}"),
     }
 }
 
-/// The element types the kernel runs in.
-trait Element: Float + candle_core::WithDType {
-    fn slice(storage: &CpuStorage) -> Option<&[Self]>;
+/// The contiguous CPU data of a tensor.
+fn cpu_data<'a, T: WithDType>(s: &'a candle_core::Storage, l: &Layout) -> Result<&'a [T]> {
+    let candle_core::Storage::Cpu(cpu) = s else {
+        candle_core::bail!("causal attention: CPU tensors only");
+    };
+    let Some((a, z)) = l.contiguous_offsets() else {
+        candle_core::bail!("causal attention: contiguous tensors only");
+    };
+    Ok(&cpu.as_slice::<T>()?[a..z])
 }
 
-impl Element for f32 {
-    fn slice(storage: &CpuStorage) -> Option<&[f32]> {
-        match storage {
-            CpuStorage::F32(x) => Some(x),
-            _ => None,
-        }
+/// dst (m x n, row-major) = lhs (m x k) rhs (k x n), each operand given by its
+/// (row stride, column stride), on the calling thread.
+fn matmul<T: Float + WithDType>(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [T],
+    lhs: &[T],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[T],
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    debug_assert!(dst.len() >= m * n);
+    // SAFETY: gemm reads lhs and rhs and writes dst only at the strides given, which stay
+    // inside the slices the callers pass (their lengths cover every strided element).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            <T as Float>::zero(),
+            <T as Float>::one(),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
     }
-}
-
-impl Element for f64 {
-    fn slice(storage: &CpuStorage) -> Option<&[f64]> {
-        match storage {
-            CpuStorage::F64(x) => Some(x),
-            _ => None,
-        }
-    }
-}
-
-/// Calls `f` with the contiguous CPU data of q, k and v.
-fn with_slices<T: Element, R>(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    f: impl FnOnce(&[T], &[T], &[T]) -> R,
-) -> Result<R> {
-    let (qs, ql) = q.storage_and_layout();
-    let (ks, kl) = k.storage_and_layout();
-    let (vs, vl) = v.storage_and_layout();
-    fn data<'a, T: Element>(s: &'a candle_core::Storage, l: &Layout) -> Result<&'a [T]> {
-        let candle_core::Storage::Cpu(cpu) = s else {
-            candle_core::bail!("causal attention: CPU tensors only");
-        };
-        let (Some(x), Some((a, z))) = (T::slice(cpu), l.contiguous_offsets()) else {
-            candle_core::bail!("causal attention: contiguous tensors of one dtype only");
-        };
-        Ok(&x[a..z])
-    }
-    Ok(f(data(&qs, ql)?, data(&ks, kl)?, data(&vs, vl)?))
 }
 
 /// The shapes of one call.
@@ -141,8 +134,29 @@ struct Geometry {
 }
 
 impl Geometry {
+    /// The kernel on q, k and v's data, as a tensor of `shape`.
+    fn attend<T: Float + WithDType>(
+        self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        shape: Shape,
+        row: impl Fn(&mut [T], &[T]) + Sync,
+    ) -> Result<Tensor> {
+        let out = {
+            let ((qs, ql), (ks, kl), (vs, vl)) = (
+                q.storage_and_layout(),
+                k.storage_and_layout(),
+                v.storage_and_layout(),
+            );
+            let (q, k, v) = (cpu_data(&qs, ql)?, cpu_data(&ks, kl)?, cpu_data(&vs, vl)?);
+            self.run(q, k, v, row)
+        };
+        Tensor::from_vec(out, shape, q.device())
+    }
+
     /// Every (kv head, query head in its group) pair's T rows as one task, in parallel.
-    fn run<T: Element>(
+    fn run<T: Float + WithDType>(
         self,
         q: &[T],
         k: &[T],
@@ -163,7 +177,7 @@ impl Geometry {
     }
 
     /// One query head's T rows against its kv head's keys, a block of rows at a time.
-    fn group_rows<T: Element>(
+    fn group_rows<T: Float + WithDType>(
         &self,
         q: &[T],
         k: &[T],
@@ -181,30 +195,7 @@ impl Geometry {
             let seen = self.offset + q0 + n;
             let (s, p) = (&mut scores[..n * seen], &mut probs[..n * seen]);
             // scores = q_block kᵀ (n x seen), as the unfused matmul computes each element.
-            // SAFETY: the pointers and strides describe the slices' own elements.
-            unsafe {
-                gemm::gemm(
-                    n,
-                    seen,
-                    d,
-                    s.as_mut_ptr(),
-                    1,
-                    seen as isize,
-                    false,
-                    q[q0 * d..].as_ptr(),
-                    1,
-                    d as isize,
-                    k.as_ptr(),
-                    d as isize,
-                    1,
-                    <T as Float>::zero(),
-                    <T as Float>::one(),
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                )
-            };
+            matmul((n, seen, d), s, &q[q0 * d..], (d, 1), k, (1, d));
             for (r, (s, p)) in s
                 .chunks_exact_mut(seen)
                 .zip(p.chunks_exact_mut(seen))
@@ -221,30 +212,7 @@ impl Geometry {
                 row(&mut p[lo..=i], &s[lo..=i]);
             }
             // out_block = probs (n x seen) v[..seen] (seen x d).
-            // SAFETY: as above.
-            unsafe {
-                gemm::gemm(
-                    n,
-                    d,
-                    seen,
-                    out[q0 * d..].as_mut_ptr(),
-                    1,
-                    d as isize,
-                    false,
-                    p.as_ptr(),
-                    1,
-                    seen as isize,
-                    v.as_ptr(),
-                    1,
-                    d as isize,
-                    <T as Float>::zero(),
-                    <T as Float>::one(),
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                )
-            };
+            matmul((n, d, seen), &mut out[q0 * d..], p, (seen, 1), v, (d, 1));
         }
     }
 }
