@@ -1010,25 +1010,23 @@ impl Frame {
         let group = nh / nk;
         let q = q.reshape((b, nk, group * t, hd))?;
         let cpu_float = self.device.is_cpu() && matches!(self.dtype, DType::F32 | DType::F64);
-        if self.fused_attention && cpu_float && s.attn_softcap.is_none() {
-            let out = crate::attention::causal_attention(&q, &k, &v, scale, window, offset)?
-                .reshape((b, nh, t, hd))?
-                .transpose(1, 2)?
-                .reshape((b * t, nh * hd))?;
-            return l.o.forward(&out);
-        }
-        let mut scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
-        if let Some(c) = s.attn_softcap {
-            scores = ((scores / c)?.tanh()? * c)?;
-        }
-        let probs = if cpu_float {
-            scores.apply_op1(CausalSoftmax { window, offset })?
+        // [B, K, G*T, hd]: each query row's weighted sum of the values.
+        let attended = if self.fused_attention && cpu_float && s.attn_softcap.is_none() {
+            crate::attention::causal_attention(&q, &k, &v, scale, window, offset)?
         } else {
-            let mask = self.mask(offset, t, window)?.repeat((group, 1))?;
-            softmax_last_dim(&scores.broadcast_add(&mask)?)?
+            let mut scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+            if let Some(c) = s.attn_softcap {
+                scores = ((scores / c)?.tanh()? * c)?;
+            }
+            let probs = if cpu_float {
+                scores.apply_op1(CausalSoftmax { window, offset })?
+            } else {
+                let mask = self.mask(offset, t, window)?.repeat((group, 1))?;
+                softmax_last_dim(&scores.broadcast_add(&mask)?)?
+            };
+            probs.matmul(&v)?
         };
-        let out = probs
-            .matmul(&v)?
+        let out = attended
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b * t, nh * hd))?;
