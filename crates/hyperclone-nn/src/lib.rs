@@ -20,6 +20,7 @@ pub mod generate;
 pub mod init;
 pub mod model;
 pub mod optimizer_carry;
+pub(crate) mod packed_linear;
 pub mod rng;
 pub mod shard;
 pub mod softmax;

@@ -6,6 +6,7 @@
 
 use crate::arch::{arch, Arch, AttnLayout, BlockLayout, MlpLayout};
 use crate::error::{NnError, Result};
+use crate::packed_linear::{packable, PackedWeight};
 use crate::softmax::CausalSoftmax;
 use crate::spec::{Activation, DecoderSpec, LayerRope, NormKind};
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -23,15 +24,40 @@ pub(crate) struct Linear {
     b: Option<Tensor>,
     /// Rows of `w` (and `b`) to use, gathered at forward time.
     select: Option<Tensor>,
+    /// Inference only: the weight in the packed kernel's layout (packed_linear.rs); `w`
+    /// is then an empty placeholder, so the weights are held once.
+    packed: Option<PackedWeight>,
 }
 
 impl Linear {
     pub(crate) fn new(w: Tensor, b: Option<Tensor>) -> Linear {
-        Linear { w, b, select: None }
+        Linear {
+            w,
+            b,
+            select: None,
+            packed: None,
+        }
+    }
+
+    /// For inference: packs the weight once for the packed kernel where this CPU and the
+    /// weight allow it (f32 on x86-64 with AVX-512F or AVX2+FMA); otherwise keeps it.
+    fn pack_for_inference(&mut self) -> Result<()> {
+        if self.packed.is_none() && self.select.is_none() && packable(&self.w) {
+            self.packed = Some(PackedWeight::new(&self.w)?);
+            self.w = Tensor::zeros(0, self.w.dtype(), self.w.device())?;
+        }
+        Ok(())
     }
 
     /// x: [N, in] -> [N, out]
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(p) = &self.packed {
+            let y = p.matmul(x)?;
+            return Ok(match &self.b {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            });
+        }
         let (w, b) = match &self.select {
             Some(idx) => (
                 self.w.index_select(idx, 0)?,
@@ -49,8 +75,11 @@ impl Linear {
         })
     }
 
-    /// Rows [start, start + len) of a fused Linear (a view).
+    /// Rows [start, start + len) of a fused Linear (a view); before packing only.
     fn rows(&self, start: usize, len: usize) -> Result<Linear> {
+        if self.packed.is_some() {
+            return Err(NnError::Input("rows of a packed Linear".into()));
+        }
         Ok(Linear::new(
             self.w.narrow(0, start, len)?,
             self.b
@@ -120,6 +149,30 @@ pub(crate) struct Layer {
     q_norm: Option<Norm>,
     k_norm: Option<Norm>,
     mlp: Mlp,
+}
+
+impl Layer {
+    /// Packs every projection for the inference kernel (see [`Linear::pack_for_inference`]).
+    /// A Mixture of Experts' router stays as it is: its logits pick experts, and the
+    /// packed kernel's last-bit differences could flip a near-tie.
+    fn pack_for_inference(&mut self) -> Result<()> {
+        let mut linears = vec![&mut self.q, &mut self.k, &mut self.v, &mut self.o];
+        match &mut self.mlp {
+            Mlp::Gated { gate, up, down } => linears.extend([gate, up, down]),
+            Mlp::Plain { up, down } => linears.extend([up, down]),
+            Mlp::Moe {
+                experts, shared, ..
+            } => {
+                for (g, u, d) in experts.iter_mut() {
+                    linears.extend([g, u, d]);
+                }
+                if let Some(((g, u, d), _)) = shared {
+                    linears.extend([g, u, d]);
+                }
+            }
+        }
+        linears.into_iter().try_for_each(Linear::pack_for_inference)
+    }
 }
 
 /// What a forward pass needs besides the weights: the numeric switches, the working
@@ -358,7 +411,8 @@ impl Weights<'_> {
 
     /// See `gemm_layout`.
     fn gemm_ready(&self, w: Tensor) -> Result<Tensor> {
-        Ok(if self.gemm_layout && w.rank() == 2 {
+        // A weight the packed kernel takes is packed from the stored layout later.
+        Ok(if self.gemm_layout && w.rank() == 2 && !packable(&w) {
             w.t()?.contiguous()?.t()?
         } else {
             w
@@ -658,7 +712,11 @@ impl Decoder {
         }
         let mut layers = Vec::with_capacity(spec.layers);
         for l in 0..spec.layers {
-            layers.push(build_layer(&arch, &spec, device, l, &weights)?);
+            let mut layer = build_layer(&arch, &spec, device, l, &weights)?;
+            if weights.gemm_layout {
+                layer.pack_for_inference()?;
+            }
+            layers.push(layer);
             if weights.gemm_layout {
                 // The layer holds its own (transposed) copies now: drop the stored ones, so
                 // the load peaks at the weights plus one layer, not twice the weights.
@@ -679,9 +737,22 @@ impl Decoder {
         };
         let mut frame = Frame::new(spec, dtype, device, &arch);
         frame.fused_attention = weights.gemm_layout;
+        let (mut head, mut project_in, mut project_out) = (
+            head,
+            weights.projection(arch.project_in),
+            weights.projection(arch.project_out),
+        );
+        if weights.gemm_layout {
+            // A tied head gets its own packed copy of the embedding (the lookup keeps the
+            // rows): gemm would otherwise repack all of it on every forward.
+            head.pack_for_inference()?;
+            for p in [&mut project_in, &mut project_out].into_iter().flatten() {
+                p.pack_for_inference()?;
+            }
+        }
         let decoder = Decoder {
-            project_in: weights.projection(arch.project_in),
-            project_out: weights.projection(arch.project_out),
+            project_in,
+            project_out,
             norm: weights.norm(arch.final_norm),
             frame,
             embed,
