@@ -48,35 +48,42 @@ struct Kernels {
 /// The best kernels this CPU runs, found once (None: not x86-64, or neither AVX-512F nor
 /// AVX2+FMA; callers keep candle's matmul).
 fn kernels() -> Option<&'static Kernels> {
-    static KERNELS: std::sync::OnceLock<Option<Kernels>> = std::sync::OnceLock::new();
-    KERNELS.get_or_init(detect).as_ref()
+    static BEST: std::sync::OnceLock<Option<&'static Kernels>> = std::sync::OnceLock::new();
+    *BEST.get_or_init(|| supported().into_iter().next())
 }
 
 #[cfg(target_arch = "x86_64")]
-fn detect() -> Option<Kernels> {
+mod x86 {
+    use super::Kernels;
     use gemm_f32::microkernel as uk;
-    if std::is_x86_feature_detected!("avx512f") {
-        // 4 vectors of 16 lanes x 6 columns.
-        let table = &uk::avx512f::f32::UKR;
-        return Some(Kernels {
-            mr: uk::avx512f::f32::MR_DIV_N * 16,
-            by_cols: &table[table.len() - 1],
-        });
-    }
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // 2 vectors of 8 lanes x 6 columns.
-        let table = &uk::fma::f32::UKR;
-        return Some(Kernels {
-            mr: uk::fma::f32::MR_DIV_N * 8,
-            by_cols: &table[table.len() - 1],
-        });
-    }
-    None
+    const AVX512_ROWS: &[[super::MicroKernel; 6]] = &uk::avx512f::f32::UKR;
+    const FMA_ROWS: &[[super::MicroKernel; 6]] = &uk::fma::f32::UKR;
+    /// 4 vectors of 16 lanes x up to 6 columns.
+    pub(super) static AVX512: Kernels = Kernels {
+        mr: uk::avx512f::f32::MR_DIV_N * 16,
+        by_cols: &AVX512_ROWS[AVX512_ROWS.len() - 1],
+    };
+    /// 2 vectors of 8 lanes x up to 6 columns.
+    pub(super) static FMA: Kernels = Kernels {
+        mr: uk::fma::f32::MR_DIV_N * 8,
+        by_cols: &FMA_ROWS[FMA_ROWS.len() - 1],
+    };
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-fn detect() -> Option<Kernels> {
-    None
+/// Every kernel set this CPU runs, best first.
+fn supported() -> Vec<&'static Kernels> {
+    #[allow(unused_mut)]
+    let mut out: Vec<&'static Kernels> = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            out.push(&x86::AVX512);
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            out.push(&x86::FMA);
+        }
+    }
+    out
 }
 
 /// Whether `w` ([out, in], f32, CPU) can be packed on this machine.
@@ -95,7 +102,7 @@ const TASKS_PER_THREAD: usize = 8;
 pub(crate) struct PackedWeight {
     out: usize,
     inp: usize,
-    mr: usize,
+    kernels: &'static Kernels,
     panels: Vec<f32>,
 }
 
@@ -105,6 +112,10 @@ impl PackedWeight {
         let Some(kernels) = kernels() else {
             candle_core::bail!("packed linear: no AVX-512F or AVX2+FMA on this CPU");
         };
+        Self::with_kernels(w, kernels)
+    }
+
+    fn with_kernels(w: &Tensor, kernels: &'static Kernels) -> Result<PackedWeight> {
         let (out, inp) = w.dims2()?;
         let mr = kernels.mr;
         let rows: Vec<f32> = w.contiguous()?.flatten_all()?.to_vec1()?;
@@ -126,7 +137,7 @@ impl PackedWeight {
         Ok(PackedWeight {
             out,
             inp,
-            mr,
+            kernels,
             panels,
         })
     }
@@ -165,12 +176,12 @@ impl PackedWeight {
 
     /// y [tokens, out] (row-major) for x [tokens, in] (row-major).
     fn run(&self, x: &[f32], tokens: usize) -> Vec<f32> {
-        let (out, inp, mr) = (self.out, self.inp, self.mr);
+        let (out, inp, kernels) = (self.out, self.inp, self.kernels);
+        let mr = kernels.mr;
         let mut y = vec![0f32; tokens * out];
         if tokens == 0 || out == 0 {
             return y;
         }
-        let kernels = kernels().expect("PackedWeight exists only where kernels do");
         let nr = kernels.by_cols.len();
         // Each task is one panel over a group of NR-token chunks: groups small enough
         // for every thread to get several tasks, and whose rows fit TASK_BYTES.
@@ -193,7 +204,7 @@ impl PackedWeight {
                     // SAFETY: the kernel reads the panel (mr x inp, column stride mr)
                     // and x rows t0..t0+cols (column stride inp), all in bounds, and
                     // writes y[t0..t0+cols][p*mr..p*mr+rows]: this task's block, which
-                    // no other task writes. The CPU features were checked in detect().
+                    // no other task writes. The kernels are from supported(): this CPU runs them.
                     unsafe {
                         (kernels.by_cols[cols - 1])(
                             rows,
@@ -244,47 +255,50 @@ mod tests {
     /// over shapes that leave partial panels and partial token blocks.
     #[test]
     fn matches_exact_product_within_the_f32_bound() {
-        if kernels().is_none() {
+        if supported().is_empty() {
             eprintln!("no AVX-512F or AVX2+FMA: packed linear unused on this CPU");
-            return;
         }
         let u = 2f64.powi(-24);
-        for &(tokens, inp, out) in &[
-            (1, 1, 1),
-            (5, 3, 7),
-            (7, 64, 65),
-            (13, 130, 200),
-            (128, 576, 192),
-            (300, 40, 129),
-            (2, 1536, 64),
-        ] {
-            let val = |i: usize, salt: usize| {
-                let h = hyperclone_core::rng::uniform(salt as u64, i as u64);
-                (h * 2.0 - 1.0) as f32
-            };
-            let xs: Vec<f32> = (0..tokens * inp).map(|i| val(i, 1)).collect();
-            let ws: Vec<f32> = (0..out * inp).map(|i| val(i, 2)).collect();
-            let x = Tensor::from_vec(xs.clone(), (tokens, inp), &Device::Cpu).unwrap();
-            let w = Tensor::from_vec(ws.clone(), (out, inp), &Device::Cpu).unwrap();
-            let y: Vec<f32> = PackedWeight::new(&w)
-                .unwrap()
-                .matmul(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let gamma = inp as f64 * u / (1.0 - inp as f64 * u);
-            for t in 0..tokens {
-                for o in 0..out {
-                    let terms = (0..inp).map(|i| xs[t * inp + i] as f64 * ws[o * inp + i] as f64);
-                    let exact: f64 = terms.clone().sum();
-                    let bound: f64 = gamma * terms.map(f64::abs).sum::<f64>();
-                    let got = y[t * out + o] as f64;
-                    assert!(
+        for kernels in supported() {
+            for &(tokens, inp, out) in &[
+                (1, 1, 1),
+                (5, 3, 7),
+                (7, 64, 65),
+                (13, 130, 200),
+                (128, 576, 192),
+                (300, 40, 129),
+                (2, 1536, 64),
+            ] {
+                let val = |i: usize, salt: usize| {
+                    let h = hyperclone_core::rng::uniform(salt as u64, i as u64);
+                    (h * 2.0 - 1.0) as f32
+                };
+                let xs: Vec<f32> = (0..tokens * inp).map(|i| val(i, 1)).collect();
+                let ws: Vec<f32> = (0..out * inp).map(|i| val(i, 2)).collect();
+                let x = Tensor::from_vec(xs.clone(), (tokens, inp), &Device::Cpu).unwrap();
+                let w = Tensor::from_vec(ws.clone(), (out, inp), &Device::Cpu).unwrap();
+                let y: Vec<f32> = PackedWeight::with_kernels(&w, kernels)
+                    .unwrap()
+                    .matmul(&x)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let gamma = inp as f64 * u / (1.0 - inp as f64 * u);
+                for t in 0..tokens {
+                    for o in 0..out {
+                        let terms =
+                            (0..inp).map(|i| xs[t * inp + i] as f64 * ws[o * inp + i] as f64);
+                        let exact: f64 = terms.clone().sum();
+                        let bound: f64 = gamma * terms.map(f64::abs).sum::<f64>();
+                        let got = y[t * out + o] as f64;
+                        assert!(
                         (got - exact).abs() <= bound,
-                        "{tokens}x{inp}x{out} [{t},{o}]: {got} vs {exact} (bound {bound})"
+                        "mr {}: {tokens}x{inp}x{out} [{t},{o}]: {got} vs {exact} (bound {bound})",
+                        kernels.mr
                     );
+                    }
                 }
             }
         }
