@@ -118,7 +118,9 @@ impl PackedWeight {
     fn with_kernels(w: &Tensor, kernels: &'static Kernels) -> Result<PackedWeight> {
         let (out, inp) = w.dims2()?;
         let mr = kernels.mr;
-        let rows: Vec<f32> = w.contiguous()?.flatten_all()?.to_vec1()?;
+        let w = w.contiguous()?;
+        let (storage, layout) = w.storage_and_layout();
+        let rows = cpu_f32(&storage, layout)?;
         let panel_len = mr
             .checked_mul(inp)
             .ok_or_else(|| candle_core::Error::Msg("packed linear: weight too large".into()))?;
@@ -161,13 +163,7 @@ impl PackedWeight {
         let x = x.contiguous()?;
         let y = {
             let (storage, layout) = x.storage_and_layout();
-            let candle_core::Storage::Cpu(cpu) = &*storage else {
-                candle_core::bail!("packed linear: CPU tensors only");
-            };
-            let Some((a, z)) = layout.contiguous_offsets() else {
-                candle_core::bail!("packed linear: contiguous input only");
-            };
-            self.run(&cpu.as_slice::<f32>()?[a..z], tokens)
+            self.run(cpu_f32(&storage, layout)?, tokens)
         };
         let mut shape = lead.to_vec();
         shape.push(self.out);
@@ -232,6 +228,20 @@ impl PackedWeight {
         });
         y
     }
+}
+
+/// A contiguous CPU f32 tensor's data, read in place.
+fn cpu_f32<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &candle_core::Layout,
+) -> Result<&'a [f32]> {
+    let candle_core::Storage::Cpu(cpu) = storage else {
+        candle_core::bail!("packed linear: CPU tensors only");
+    };
+    let Some((a, z)) = layout.contiguous_offsets() else {
+        candle_core::bail!("packed linear: contiguous tensors only");
+    };
+    Ok(&cpu.as_slice::<f32>()?[a..z])
 }
 
 /// The output buffer's pointer, shared by tasks that write disjoint blocks of it.
