@@ -12,7 +12,7 @@ pub use utils::{
     Map1, Map1Any, Map2, Map2InPlace, Map2U8,
 };
 mod conv2d;
-use conv2d::Conv2D;
+use conv2d::{alloc_uninit_vec, Conv2D};
 
 const USE_IM2COL_CONV1D: bool = true;
 const USE_COL2IM_CONV1D_TR: bool = true;
@@ -1478,7 +1478,13 @@ impl Map2 for MatMul {
         let dst_rs = dst_strides[0];
         let dst_cs = dst_strides[1];
 
-        let mut dst = vec![T::zero(); b * m * n];
+        // hyperclone: gemm writes every element (read_dst is false), so the destination is
+        // not zero-filled first, except for k == 0 (an empty sum writes nothing).
+        let mut dst = if k > 0 {
+            alloc_uninit_vec(b * m * n)
+        } else {
+            vec![T::zero(); b * m * n]
+        };
         let num_threads = crate::utils::get_num_threads();
         let parallelism = if num_threads > 1 {
             Parallelism::Rayon(num_threads)
