@@ -643,11 +643,13 @@ impl Decoder {
         Ok(Self::load_with(ckpt, dtype, device, false, None, false)?.0)
     }
 
-    /// As [`Decoder::load`], with each Linear weight held as a view of its contiguous
-    /// transpose (gemm's fast case): faster forwards (1x128 SmolLM2: 0.30 -> 0.23 s on 2
-    /// threads) for a costlier load; the logits may differ from `load`'s in the last bits
-    /// (the matmuls sum in another order), so verification uses `load` and the streamed
-    /// forward, which agree bit for bit.
+    /// As [`Decoder::load`], with each Linear weight packed once for gemm's microkernels
+    /// (f32 on x86-64 with AVX2+FMA or AVX-512F: packed_linear.rs; elsewhere a view of its
+    /// contiguous transpose, gemm's fast case) and the fused causal attention: faster
+    /// forwards (1x128 SmolLM2 on 2 threads of a Zen 4: 0.30 -> 0.21-0.24 s) for a costlier
+    /// load; the logits may differ from `load`'s in the last bits (the matmuls sum in
+    /// another order), so verification uses `load` and the streamed forward, which agree
+    /// bit for bit.
     pub fn load_for_inference(ckpt: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
         Ok(Self::load_with(ckpt, dtype, device, false, None, true)?.0)
     }
