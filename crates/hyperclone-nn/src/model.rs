@@ -195,7 +195,9 @@ pub struct Frame {
 /// A decoder with every weight resident in the working dtype (training, generation).
 pub struct Decoder {
     frame: Frame,
-    embed: Tensor,
+    /// The token embedding [vocab, d]; None when a tied head is packed for inference and
+    /// the lookup reads its rows from the packed panels.
+    embed: Option<Tensor>,
     positions: Option<(Tensor, usize)>,
     project_in: Option<Linear>,
     project_out: Option<Linear>,
@@ -744,12 +746,17 @@ impl Decoder {
             weights.projection(arch.project_in),
             weights.projection(arch.project_out),
         );
+        let tied = weights.opt(&format!("{}.weight", arch.head)).is_none();
+        let mut embed = Some(embed);
         if weights.gemm_layout {
-            // A tied head gets its own packed copy of the embedding (the lookup keeps the
-            // rows): gemm would otherwise repack all of it on every forward.
             head.pack_for_inference()?;
             for p in [&mut project_in, &mut project_out].into_iter().flatten() {
                 p.pack_for_inference()?;
+            }
+            // A tied head's packed panels hold the embedding's rows: the lookup reads them
+            // there, so the embedding is held once (a 262k-token vocabulary is GBs).
+            if tied && head.packed.is_some() {
+                embed = None;
             }
         }
         let decoder = Decoder {
@@ -811,7 +818,12 @@ impl Decoder {
         let (b, t) = ids.dims2()?;
         let past = cache.as_ref().map_or(0, |c| c.len);
         self.check_ids(ids)?;
-        let rows = self.embed.index_select(&ids.flatten_all()?, 0)?;
+        let ids_flat = ids.flatten_all()?;
+        let rows = match (&self.embed, &self.head.packed) {
+            (Some(embed), _) => embed.index_select(&ids_flat, 0)?,
+            (None, Some(packed)) => packed.rows(&ids_flat.to_vec1::<u32>()?)?,
+            (None, None) => return Err(NnError::Input("a decoder without embeddings".into())),
+        };
         let positions = match &self.positions {
             Some((table, offset)) => {
                 Some(table.index_select(&self.position_ids(b, t, past + *offset)?, 0)?)

@@ -144,6 +144,22 @@ impl PackedWeight {
         })
     }
 
+    /// Rows `ids` of W as a [ids.len(), in] tensor: a tied head's weight is the token
+    /// embedding, so the lookup can read it here instead of from a second copy.
+    pub(crate) fn rows(&self, ids: &[u32]) -> Result<Tensor> {
+        let (inp, mr) = (self.inp, self.kernels.mr);
+        let mut out: Vec<f32> = Vec::with_capacity(ids.len() * inp);
+        for &id in ids {
+            let r = id as usize;
+            if r >= self.out {
+                candle_core::bail!("packed linear: row {r} of {}", self.out);
+            }
+            let panel = &self.panels[(r / mr) * mr * inp..(r / mr + 1) * mr * inp];
+            out.extend(panel.iter().skip(r % mr).step_by(mr));
+        }
+        Tensor::from_vec(out, (ids.len(), inp), &Device::Cpu)
+    }
+
     /// x [.., in] (f32) -> x · Wᵀ [.., out].
     pub(crate) fn matmul(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
@@ -311,6 +327,22 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// rows() returns the weight's rows exactly, for every kernel set.
+    #[test]
+    fn rows_are_the_weight_rows() {
+        let w = Tensor::rand(-1f32, 1f32, (130, 7), &Device::Cpu).unwrap();
+        for kernels in supported() {
+            let p = PackedWeight::with_kernels(&w, kernels).unwrap();
+            let ids = [0u32, 129, 64, 5, 5, 127];
+            let got: Vec<Vec<f32>> = p.rows(&ids).unwrap().to_vec2().unwrap();
+            let all: Vec<Vec<f32>> = w.to_vec2().unwrap();
+            for (g, &id) in got.iter().zip(&ids) {
+                assert_eq!(g, &all[id as usize]);
+            }
+            assert!(p.rows(&[130]).is_err());
         }
     }
 
