@@ -12,8 +12,9 @@
 //! Training and verification keep the unfused path (it has a backward; verification's
 //! resident and streamed forwards agree bit for bit).
 
+use crate::fused::cpu_slice;
 use crate::softmax::{num_like::Float, CausalSoftmax};
-use candle_core::{DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{DType, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 /// Query rows per block: 64 rows of scores over 512 keys are 128 KiB in f32, so a block's
@@ -66,17 +67,6 @@ pub fn causal_attention(
         DType::F64 => geometry.attend(&q, &k, &v, shape, CausalSoftmax::row::<f64>),
         other => candle_core::bail!("causal attention: only f32 and f64, not {other:?}"),
     }
-}
-
-/// The contiguous CPU data of a tensor.
-fn cpu_data<'a, T: WithDType>(s: &'a candle_core::Storage, l: &Layout) -> Result<&'a [T]> {
-    let candle_core::Storage::Cpu(cpu) = s else {
-        candle_core::bail!("causal attention: CPU tensors only");
-    };
-    let Some((a, z)) = l.contiguous_offsets() else {
-        candle_core::bail!("causal attention: contiguous tensors only");
-    };
-    Ok(&cpu.as_slice::<T>()?[a..z])
 }
 
 /// dst (m x n, row-major) = lhs (m x k) rhs (k x n), each operand given by its
@@ -149,7 +139,8 @@ impl Geometry {
                 k.storage_and_layout(),
                 v.storage_and_layout(),
             );
-            let (q, k, v) = (cpu_data(&qs, ql)?, cpu_data(&ks, kl)?, cpu_data(&vs, vl)?);
+            let data = |s, l| cpu_slice::<T>(s, l, "causal attention");
+            let (q, k, v) = (data(&qs, ql)?, data(&ks, kl)?, data(&vs, vl)?);
             self.run(q, k, v, row)
         };
         Tensor::from_vec(out, shape, q.device())

@@ -22,6 +22,18 @@ fn contiguous<'a, T>(x: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
     }
 }
 
+/// A contiguous CPU tensor's data as &[T], read in place (the fused inference kernels).
+pub(crate) fn cpu_slice<'a, T: candle_core::WithDType>(
+    storage: &'a candle_core::Storage,
+    l: &Layout,
+    what: &str,
+) -> Result<&'a [T]> {
+    let candle_core::Storage::Cpu(cpu) = storage else {
+        candle_core::bail!("{what}: CPU tensors only");
+    };
+    contiguous(cpu.as_slice::<T>()?, l, what)
+}
+
 /// The float storages of an op, as contiguous slices of one type bound to the given names:
 /// `float_args!(what, [(s1, l1, x), (s2, l2, w)], body)` evaluates `body` with x, w as
 /// &[f32] or &[f64] and wraps its Vec in the matching storage; the `f32: .., f64: ..` form

@@ -51,24 +51,17 @@ impl Linear {
 
     /// x: [N, in] -> [N, out]
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(p) = &self.packed {
-            let y = p.matmul(x)?;
-            return Ok(match &self.b {
-                Some(b) => y.broadcast_add(b)?,
-                None => y,
-            });
-        }
-        let (w, b) = match &self.select {
-            Some(idx) => (
-                self.w.index_select(idx, 0)?,
+        let (y, b) = match (&self.packed, &self.select) {
+            (Some(p), _) => (p.matmul(x)?, self.b.clone()),
+            (None, Some(idx)) => (
+                x.matmul(&self.w.index_select(idx, 0)?.t()?)?,
                 self.b
                     .as_ref()
                     .map(|b| b.index_select(idx, 0))
                     .transpose()?,
             ),
-            None => (self.w.clone(), self.b.clone()),
+            (None, None) => (x.matmul(&self.w.t()?)?, self.b.clone()),
         };
-        let y = x.matmul(&w.t()?)?;
         Ok(match b {
             Some(b) => y.broadcast_add(&b)?,
             None => y,
@@ -729,10 +722,10 @@ impl Decoder {
             }
         }
         let embed = weights.take(&format!("{}.weight", arch.embed))?;
+        let head_weight = weights.opt(&format!("{}.weight", arch.head));
+        let tied = head_weight.is_none();
         let head = Linear::new(
-            weights
-                .opt(&format!("{}.weight", arch.head))
-                .unwrap_or_else(|| embed.clone()),
+            head_weight.unwrap_or_else(|| embed.clone()),
             weights.opt(&format!("{}.bias", arch.head)),
         );
         let positions = match arch.positions {
@@ -746,7 +739,6 @@ impl Decoder {
             weights.projection(arch.project_in),
             weights.projection(arch.project_out),
         );
-        let tied = weights.opt(&format!("{}.weight", arch.head)).is_none();
         let mut embed = Some(embed);
         if weights.gemm_layout {
             head.pack_for_inference()?;

@@ -13,6 +13,7 @@
 //! matmul in the last bits (gemm splits long sums into blocks); training and verification
 //! keep candle's path.
 
+use crate::fused::cpu_slice;
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
@@ -120,7 +121,7 @@ impl PackedWeight {
         let mr = kernels.mr;
         let w = w.contiguous()?;
         let (storage, layout) = w.storage_and_layout();
-        let rows = cpu_f32(&storage, layout)?;
+        let rows = cpu_slice::<f32>(&storage, layout, "packed linear")?;
         let panel_len = mr
             .checked_mul(inp)
             .ok_or_else(|| candle_core::Error::Msg("packed linear: weight too large".into()))?;
@@ -179,7 +180,7 @@ impl PackedWeight {
         let x = x.contiguous()?;
         let y = {
             let (storage, layout) = x.storage_and_layout();
-            self.run(cpu_f32(&storage, layout)?, tokens)
+            self.run(cpu_slice(&storage, layout, "packed linear")?, tokens)
         };
         let mut shape = lead.to_vec();
         shape.push(self.out);
@@ -244,20 +245,6 @@ impl PackedWeight {
         });
         y
     }
-}
-
-/// A contiguous CPU f32 tensor's data, read in place.
-fn cpu_f32<'a>(
-    storage: &'a candle_core::Storage,
-    layout: &candle_core::Layout,
-) -> Result<&'a [f32]> {
-    let candle_core::Storage::Cpu(cpu) = storage else {
-        candle_core::bail!("packed linear: CPU tensors only");
-    };
-    let Some((a, z)) = layout.contiguous_offsets() else {
-        candle_core::bail!("packed linear: contiguous tensors only");
-    };
-    Ok(&cpu.as_slice::<f32>()?[a..z])
 }
 
 /// The output buffer's pointer, shared by tasks that write disjoint blocks of it.
