@@ -27,6 +27,10 @@ pub(crate) struct Linear {
     /// Inference only: the weight in the packed kernel's layout (packed_linear.rs); `w`
     /// is then an empty placeholder, so the weights are held once.
     packed: Option<PackedWeight>,
+    /// Inference only: the weight is packed with others of the same input (q|k|v,
+    /// gate|up; see [`Linear::pack_group`]) and runs through [`forward_packed_group`];
+    /// `w` is an empty placeholder.
+    in_group: bool,
 }
 
 impl Linear {
@@ -36,21 +40,49 @@ impl Linear {
             b,
             select: None,
             packed: None,
+            in_group: false,
         }
+    }
+
+    /// Whether the weight can be packed: a plain f32 weight this CPU's kernel takes,
+    /// not already packed, no rows selected at forward time.
+    fn packable(&self) -> bool {
+        self.packed.is_none() && !self.in_group && self.select.is_none() && packable(&self.w)
     }
 
     /// For inference: packs the weight once for the packed kernel where this CPU and the
     /// weight allow it (f32 on x86-64 with AVX-512F or AVX2+FMA); otherwise keeps it.
     fn pack_for_inference(&mut self) -> Result<()> {
-        if self.packed.is_none() && self.select.is_none() && packable(&self.w) {
+        if self.packable() {
             self.packed = Some(PackedWeight::new(&self.w)?);
             self.w = Tensor::zeros(0, self.w.dtype(), self.w.device())?;
         }
         Ok(())
     }
 
+    /// For inference: packs Linears that read the same input as one weight, so they run
+    /// as one parallel call (bit for bit what each would give packed alone). None, with
+    /// nothing changed, unless every one can be packed; each is then packed on its own.
+    fn pack_group(linears: &mut [&mut Linear]) -> Result<Option<PackedWeight>> {
+        if linears.len() < 2 || !linears.iter().all(|l| l.packable()) {
+            return Ok(None);
+        }
+        let ws: Vec<&Tensor> = linears.iter().map(|l| &l.w).collect();
+        let packed = PackedWeight::new_parts(&ws)?;
+        for l in linears.iter_mut() {
+            l.w = Tensor::zeros(0, l.w.dtype(), l.w.device())?;
+            l.in_group = true;
+        }
+        Ok(Some(packed))
+    }
+
     /// x: [N, in] -> [N, out]
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.in_group {
+            return Err(NnError::Input(
+                "a Linear packed in a group runs through its group".into(),
+            ));
+        }
         let (y, b) = match (&self.packed, &self.select) {
             (Some(p), _) => (p.matmul(x)?, self.b.clone()),
             (None, Some(idx)) => (
@@ -62,10 +94,13 @@ impl Linear {
             ),
             (None, None) => (x.matmul(&self.w.t()?)?, self.b.clone()),
         };
-        Ok(match b {
-            Some(b) => y.broadcast_add(&b)?,
-            None => y,
-        })
+        with_bias(y, b.as_ref())
+    }
+
+    /// y + the bias, for a product x·Wᵀ made by this Linear's packed group (a grouped
+    /// Linear has no selected rows: its bias is the whole one).
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
+        with_bias(y, self.b.as_ref())
     }
 
     /// Rows [start, start + len) of a fused Linear (a view); before packing only.
@@ -110,6 +145,8 @@ impl Norm {
     }
 }
 
+// One per layer: the size difference between variants costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 enum Mlp {
     Gated {
         gate: Linear,
@@ -142,13 +179,53 @@ pub(crate) struct Layer {
     q_norm: Option<Norm>,
     k_norm: Option<Norm>,
     mlp: Mlp,
+    /// Inference only: q|k|v packed as one weight (see [`Linear::pack_group`]).
+    qkv: Option<PackedWeight>,
+    /// Inference only: a gated MLP's gate|up packed as one weight.
+    gate_up: Option<PackedWeight>,
+}
+
+/// y + b broadcast over the rows (y itself without a bias).
+fn with_bias(y: Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    Ok(match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
+}
+
+/// Linears of one input, through their packed group when [`Linear::pack_group`] made one
+/// (one parallel call), else one at a time.
+fn forward_packed_group<const N: usize>(
+    linears: [&Linear; N],
+    group: Option<&PackedWeight>,
+    x: &Tensor,
+) -> Result<[Tensor; N]> {
+    let ys: Vec<Tensor> = match group {
+        Some(packed) => packed
+            .matmul_parts(x)?
+            .into_iter()
+            .zip(linears)
+            .map(|(y, l)| l.add_bias(y))
+            .collect::<Result<_>>()?,
+        None => linears
+            .into_iter()
+            .map(|l| l.forward(x))
+            .collect::<Result<_>>()?,
+    };
+    ys.try_into()
+        .map_err(|ys: Vec<Tensor>| NnError::Input(format!("{} outputs for {N} Linears", ys.len())))
 }
 
 impl Layer {
-    /// Packs every projection for the inference kernel (see [`Linear::pack_for_inference`]).
+    /// Packs every projection for the inference kernel (see [`Linear::pack_for_inference`]):
+    /// q|k|v as one group and a gated MLP's gate|up as another (each reads one input).
     /// A Mixture of Experts' router stays as it is: its logits pick experts, and the
     /// packed kernel's last-bit differences could flip a near-tie.
     fn pack_for_inference(&mut self) -> Result<()> {
+        self.qkv = Linear::pack_group(&mut [&mut self.q, &mut self.k, &mut self.v])?;
+        if let Mlp::Gated { gate, up, .. } = &mut self.mlp {
+            self.gate_up = Linear::pack_group(&mut [gate, up])?;
+        }
         let mut linears = vec![&mut self.q, &mut self.k, &mut self.v, &mut self.o];
         match &mut self.mlp {
             Mlp::Gated { gate, up, down } => linears.extend([gate, up, down]),
@@ -630,6 +707,8 @@ pub(crate) fn build_layer(
         q_norm,
         k_norm,
         mlp,
+        qkv: None,
+        gate_up: None,
     })
 }
 
@@ -1033,8 +1112,7 @@ impl Frame {
         let s = &self.spec;
         let (nh, nk, hd) = (s.heads, s.kv_heads, s.head_dim);
         let eps = s.norm_eps;
-        let mut q = l.q.forward(h)?;
-        let mut k = l.k.forward(h)?;
+        let [mut q, mut k, mut v] = forward_packed_group([&l.q, &l.k, &l.v], l.qkv.as_ref(), h)?;
         // A q/k norm as wide as the projection (OLMo-2) runs before the head split; a
         // per-head one (Qwen3) after it.
         let whole = |n: &Option<Norm>| n.as_ref().is_some_and(|n| n.w.dims1().ok() != Some(hd));
@@ -1047,7 +1125,6 @@ impl Frame {
         let heads = |x: Tensor, n: usize| -> Result<Tensor> {
             Ok(x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let mut v = l.v.forward(h)?;
         // OLMoE clamps q and k after their (whole-projection) norms, and v.
         if let Some(c) = s.clip_qkv {
             q = q.clamp(-c, c)?;
@@ -1121,7 +1198,7 @@ impl Frame {
         };
         match &l.mlp {
             Mlp::Gated { gate, up, down } => {
-                let (g, u) = (gate.forward(h)?, up.forward(h)?);
+                let [g, u] = forward_packed_group([gate, up], l.gate_up.as_ref(), h)?;
                 if self.spec.activation == Activation::Silu && crate::fused::fusable(&g) {
                     // SwiGLU in one pass: silu(g) * u without the sigmoid and product temporaries.
                     return down.forward(&g.apply_op2(&u, crate::fused::SiluMul)?);

@@ -98,132 +98,215 @@ const TASK_BYTES: usize = 512 << 10;
 /// 128 tokens) still keeps both threads busy to the end.
 const TASKS_PER_THREAD: usize = 8;
 
-/// W [out, in] as ceil(out / MR) panels, each `in` columns of MR consecutive output rows
-/// (zero rows pad the last panel).
+/// One or more weights [out_i, in] of the same input, each as ceil(out_i / MR) panels of
+/// `in` columns of MR consecutive output rows (zero rows pad each weight's last panel, so a
+/// panel never mixes two weights). Weights packed together (a layer's q|k|v, gate|up) run
+/// as one parallel call: one fork-join instead of several, and a narrow weight's few
+/// panels (k, v) share the threads with the wide ones instead of leaving one idle.
 pub(crate) struct PackedWeight {
-    out: usize,
     inp: usize,
     kernels: &'static Kernels,
+    parts: Vec<Part>,
     panels: Vec<f32>,
+}
+
+/// One weight of a [`PackedWeight`]: its output width and its first panel.
+#[derive(Clone, Copy)]
+struct Part {
+    out: usize,
+    first_panel: usize,
 }
 
 impl PackedWeight {
     /// Packs `w` ([out, in], any strides); call only when [`packable`].
     pub(crate) fn new(w: &Tensor) -> Result<PackedWeight> {
+        Self::new_parts(&[w])
+    }
+
+    /// Packs weights that read the same input ([out_i, in] each, one `in`); call only
+    /// when each is [`packable`]. [`PackedWeight::matmul_parts`] returns one output each.
+    pub(crate) fn new_parts(ws: &[&Tensor]) -> Result<PackedWeight> {
         let Some(kernels) = kernels() else {
             candle_core::bail!("packed linear: no AVX-512F or AVX2+FMA on this CPU");
         };
-        Self::with_kernels(w, kernels)
+        Self::with_kernels(ws, kernels)
     }
 
-    fn with_kernels(w: &Tensor, kernels: &'static Kernels) -> Result<PackedWeight> {
-        let (out, inp) = w.dims2()?;
+    fn with_kernels(ws: &[&Tensor], kernels: &'static Kernels) -> Result<PackedWeight> {
+        let too_large = || candle_core::Error::Msg("packed linear: weight too large".into());
         let mr = kernels.mr;
-        let w = w.contiguous()?;
-        let (storage, layout) = w.storage_and_layout();
-        let rows = cpu_slice::<f32>(&storage, layout, "packed linear")?;
-        let panel_len = mr
-            .checked_mul(inp)
-            .ok_or_else(|| candle_core::Error::Msg("packed linear: weight too large".into()))?;
-        let mut panels = vec![0f32; out.div_ceil(mr) * panel_len];
-        panels
-            .par_chunks_mut(panel_len.max(1))
-            .enumerate()
-            .for_each(|(p, panel)| {
-                for i in 0..mr.min(out - p * mr) {
-                    let row = &rows[(p * mr + i) * inp..(p * mr + i + 1) * inp];
-                    for (kk, &x) in row.iter().enumerate() {
-                        panel[kk * mr + i] = x;
-                    }
-                }
+        let Some(first) = ws.first() else {
+            candle_core::bail!("packed linear: no weights to pack");
+        };
+        let inp = first.dims2()?.1;
+        let mut parts = Vec::with_capacity(ws.len());
+        let mut total_panels = 0usize;
+        for w in ws {
+            let (out, w_inp) = w.dims2()?;
+            if w_inp != inp {
+                candle_core::bail!(
+                    "packed linear: weights of {inp} and {w_inp} inputs packed together"
+                );
+            }
+            parts.push(Part {
+                out,
+                first_panel: total_panels,
             });
+            total_panels = total_panels
+                .checked_add(out.div_ceil(mr))
+                .ok_or_else(too_large)?;
+        }
+        let panel_len = mr.checked_mul(inp).ok_or_else(too_large)?;
+        let len = total_panels.checked_mul(panel_len).ok_or_else(too_large)?;
+        let mut panels = vec![0f32; len];
+        for (w, part) in ws.iter().zip(&parts) {
+            let w = w.contiguous()?;
+            let (storage, layout) = w.storage_and_layout();
+            let rows = cpu_slice::<f32>(&storage, layout, "packed linear")?;
+            let out = part.out;
+            let region =
+                &mut panels[part.first_panel * panel_len..][..out.div_ceil(mr) * panel_len];
+            region
+                .par_chunks_mut(panel_len.max(1))
+                .enumerate()
+                .for_each(|(p, panel)| {
+                    for i in 0..mr.min(out - p * mr) {
+                        let row = &rows[(p * mr + i) * inp..(p * mr + i + 1) * inp];
+                        for (kk, &x) in row.iter().enumerate() {
+                            panel[kk * mr + i] = x;
+                        }
+                    }
+                });
+        }
         Ok(PackedWeight {
-            out,
             inp,
             kernels,
+            parts,
             panels,
         })
+    }
+
+    /// The single weight's output width (the first weight's, for a group).
+    fn out(&self) -> usize {
+        self.parts[0].out
     }
 
     /// Rows `ids` of W as a [ids.len(), in] tensor: a tied head's weight is the token
     /// embedding, so the lookup can read it here instead of from a second copy.
     pub(crate) fn rows(&self, ids: &[u32]) -> Result<Tensor> {
-        let (inp, mr) = (self.inp, self.kernels.mr);
-        let mut out: Vec<f32> = Vec::with_capacity(ids.len() * inp);
+        if self.parts.len() != 1 {
+            candle_core::bail!(
+                "packed linear: rows of a group of {} weights",
+                self.parts.len()
+            );
+        }
+        let (inp, mr, out) = (self.inp, self.kernels.mr, self.out());
+        let mut rows: Vec<f32> = Vec::with_capacity(ids.len() * inp);
         for &id in ids {
             let r = id as usize;
-            if r >= self.out {
-                candle_core::bail!("packed linear: row {r} of {}", self.out);
+            if r >= out {
+                candle_core::bail!("packed linear: row {r} of {out}");
             }
             let panel = &self.panels[(r / mr) * mr * inp..(r / mr + 1) * mr * inp];
-            out.extend(panel.iter().skip(r % mr).step_by(mr));
+            rows.extend(panel.iter().skip(r % mr).step_by(mr));
         }
-        Tensor::from_vec(out, (ids.len(), inp), &Device::Cpu)
+        Tensor::from_vec(rows, (ids.len(), inp), &Device::Cpu)
     }
 
-    /// x [.., in] (f32) -> x · Wᵀ [.., out].
+    /// x [.., in] (f32) -> x · Wᵀ [.., out], for a single packed weight.
     pub(crate) fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        if self.parts.len() != 1 {
+            candle_core::bail!(
+                "packed linear: matmul of a group of {} weights",
+                self.parts.len()
+            );
+        }
+        let mut ys = self.matmul_parts(x)?;
+        Ok(ys.remove(0))
+    }
+
+    /// x [.., in] (f32) -> x · W_iᵀ [.., out_i] for each packed weight, in packing order;
+    /// each output's bits are those of the weight packed alone.
+    pub(crate) fn matmul_parts(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         let dims = x.dims().to_vec();
         let (&inp, lead) = dims
             .split_last()
             .ok_or_else(|| candle_core::Error::Msg("packed linear: a scalar input".into()))?;
         if inp != self.inp || x.dtype() != DType::F32 {
+            let outs: Vec<usize> = self.parts.iter().map(|p| p.out).collect();
             candle_core::bail!(
-                "packed linear: input {:?} {:?} for a weight [{}, {}] (f32)",
+                "packed linear: input {:?} {:?} for weights of {} inputs (outputs {outs:?}, f32)",
                 dims,
                 x.dtype(),
-                self.out,
                 self.inp
             );
         }
         let tokens: usize = lead.iter().product();
         let x = x.contiguous()?;
-        let y = {
+        let ys = {
             let (storage, layout) = x.storage_and_layout();
             self.run(cpu_slice(&storage, layout, "packed linear")?, tokens)
         };
-        let mut shape = lead.to_vec();
-        shape.push(self.out);
-        Tensor::from_vec(y, shape, &Device::Cpu)
+        ys.into_iter()
+            .zip(&self.parts)
+            .map(|(y, part)| {
+                let mut shape = lead.to_vec();
+                shape.push(part.out);
+                Tensor::from_vec(y, shape, &Device::Cpu)
+            })
+            .collect()
     }
 
-    /// y [tokens, out] (row-major) for x [tokens, in] (row-major).
-    fn run(&self, x: &[f32], tokens: usize) -> Vec<f32> {
-        let (out, inp, kernels) = (self.out, self.inp, self.kernels);
+    /// y_i [tokens, out_i] (row-major) for x [tokens, in] (row-major).
+    fn run(&self, x: &[f32], tokens: usize) -> Vec<Vec<f32>> {
+        let (inp, kernels) = (self.inp, self.kernels);
         let mr = kernels.mr;
-        let mut y = vec![0f32; tokens * out];
-        if tokens == 0 || out == 0 {
-            return y;
-        }
-        let nr = kernels.by_cols.len();
-        // Each task is one panel over a group of NR-token chunks: groups small enough
-        // for every thread to get several tasks, and whose rows fit TASK_BYTES.
-        let chunks = tokens.div_ceil(nr);
-        let panels = out.div_ceil(mr);
-        let fit_l2 = (TASK_BYTES / (4 * nr * inp.max(1))).max(1);
-        let per_panel = (TASKS_PER_THREAD * rayon::current_num_threads()).div_ceil(panels);
-        let group = chunks.div_ceil(per_panel).clamp(1, fit_l2) * nr;
-        let token_groups = tokens.div_ceil(group);
-        let y_ptr = SendPtr(y.as_mut_ptr());
-        // Task order: consecutive tasks share a token group (its rows stay cached).
-        (0..token_groups * panels).into_par_iter().for_each(|task| {
-            let (tg, p) = (task / panels, task % panels);
-            let t_end = ((tg + 1) * group).min(tokens);
-            {
-                let rows = mr.min(out - p * mr);
+        // Not zero-filled: the kernel writes every element (alpha_status 0 below: dst is
+        // overwritten, never read), and each element belongs to exactly one task.
+        let mut ys: Vec<Vec<f32>> = self
+            .parts
+            .iter()
+            .map(|p| Vec::with_capacity(tokens * p.out))
+            .collect();
+        // Panel index -> (its weight, its first output row there).
+        let panel_rows: Vec<(usize, usize)> = self
+            .parts
+            .iter()
+            .enumerate()
+            .flat_map(|(i, p)| (0..p.out.div_ceil(mr)).map(move |j| (i, j * mr)))
+            .collect();
+        let panels = panel_rows.len();
+        if tokens > 0 && panels > 0 {
+            let nr = kernels.by_cols.len();
+            // Each task is one panel over a group of NR-token chunks: groups small enough
+            // for every thread to get several tasks, and whose rows fit TASK_BYTES.
+            let chunks = tokens.div_ceil(nr);
+            let fit_l2 = (TASK_BYTES / (4 * nr * inp.max(1))).max(1);
+            let per_panel = (TASKS_PER_THREAD * rayon::current_num_threads()).div_ceil(panels);
+            let group = chunks.div_ceil(per_panel).clamp(1, fit_l2) * nr;
+            let token_groups = tokens.div_ceil(group);
+            let y_ptrs: Vec<SendPtr> = ys.iter_mut().map(|y| SendPtr(y.as_mut_ptr())).collect();
+            // Task order: consecutive tasks share a token group (its rows stay cached).
+            (0..token_groups * panels).into_par_iter().for_each(|task| {
+                let (tg, p) = (task / panels, task % panels);
+                let (part, row0) = panel_rows[p];
+                let out = self.parts[part].out;
+                let t_end = ((tg + 1) * group).min(tokens);
+                let rows = mr.min(out - row0);
                 let panel = &self.panels[p * mr * inp..(p + 1) * mr * inp];
                 for t0 in (tg * group..t_end).step_by(nr) {
                     let cols = nr.min(t_end - t0);
                     // SAFETY: the kernel reads the panel (mr x inp, column stride mr)
                     // and x rows t0..t0+cols (column stride inp), all in bounds, and
-                    // writes y[t0..t0+cols][p*mr..p*mr+rows]: this task's block, which
-                    // no other task writes. The kernels are from supported(): this CPU runs them.
+                    // writes y_part[t0..t0+cols][row0..row0+rows], inside its capacity
+                    // (tokens x out): this task's block, which no other task writes. The
+                    // kernels are from supported(): this CPU runs them.
                     unsafe {
                         (kernels.by_cols[cols - 1])(
                             rows,
                             cols,
                             inp,
-                            y_ptr.get().add(t0 * out + p * mr),
+                            y_ptrs[part].get().add(t0 * out + row0),
                             panel.as_ptr(),
                             x.as_ptr().add(t0 * inp),
                             out as isize,
@@ -241,9 +324,14 @@ impl PackedWeight {
                         );
                     }
                 }
-            }
-        });
-        y
+            });
+        }
+        for (y, part) in ys.iter_mut().zip(&self.parts) {
+            // SAFETY: the tasks above wrote every one of the tokens x out elements (every
+            // (token, row) lies in one task's block), or there are none (tokens or out 0).
+            unsafe { y.set_len(tokens * part.out) };
+        }
+        ys
     }
 }
 
@@ -290,7 +378,7 @@ mod tests {
                 let ws: Vec<f32> = (0..out * inp).map(|i| val(i, 2)).collect();
                 let x = Tensor::from_vec(xs.clone(), (tokens, inp), &Device::Cpu).unwrap();
                 let w = Tensor::from_vec(ws.clone(), (out, inp), &Device::Cpu).unwrap();
-                let y: Vec<f32> = PackedWeight::with_kernels(&w, kernels)
+                let y: Vec<f32> = PackedWeight::with_kernels(&[&w], kernels)
                     .unwrap()
                     .matmul(&x)
                     .unwrap()
@@ -322,7 +410,7 @@ mod tests {
     fn rows_are_the_weight_rows() {
         let w = Tensor::rand(-1f32, 1f32, (130, 7), &Device::Cpu).unwrap();
         for kernels in supported() {
-            let p = PackedWeight::with_kernels(&w, kernels).unwrap();
+            let p = PackedWeight::with_kernels(&[&w], kernels).unwrap();
             let ids = [0u32, 129, 64, 5, 5, 127];
             let got: Vec<Vec<f32>> = p.rows(&ids).unwrap().to_vec2().unwrap();
             let all: Vec<Vec<f32>> = w.to_vec2().unwrap();
@@ -330,6 +418,42 @@ mod tests {
                 assert_eq!(g, &all[id as usize]);
             }
             assert!(p.rows(&[130]).is_err());
+        }
+    }
+
+    /// Weights packed as one group give each weight's bits packed alone, for every kernel
+    /// set, with widths that leave partial panels (so padding rows sit between weights).
+    #[test]
+    fn a_group_gives_each_weights_own_bits() {
+        let x = Tensor::rand(-1f32, 1f32, (23, 40), &Device::Cpu).unwrap();
+        let ws: Vec<Tensor> = [70, 3, 130, 64]
+            .iter()
+            .map(|&out| Tensor::rand(-1f32, 1f32, (out, 40), &Device::Cpu).unwrap())
+            .collect();
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            v.iter().map(|f| f.to_bits()).collect()
+        };
+        for kernels in supported() {
+            let refs: Vec<&Tensor> = ws.iter().collect();
+            let group = PackedWeight::with_kernels(&refs, kernels).unwrap();
+            let ys = group.matmul_parts(&x).unwrap();
+            assert_eq!(ys.len(), ws.len());
+            for (w, y) in ws.iter().zip(&ys) {
+                let alone = PackedWeight::with_kernels(&[w], kernels).unwrap();
+                assert_eq!(y.dims(), &[23, w.dim(0).unwrap()]);
+                assert_eq!(
+                    bits(y),
+                    bits(&alone.matmul(&x).unwrap()),
+                    "mr {}",
+                    kernels.mr
+                );
+            }
+            // A group has no single product or row lookup; mismatched inputs are refused.
+            assert!(group.matmul(&x).is_err());
+            assert!(group.rows(&[0]).is_err());
+            let other = Tensor::rand(-1f32, 1f32, (5, 41), &Device::Cpu).unwrap();
+            assert!(PackedWeight::with_kernels(&[&ws[0], &other], kernels).is_err());
         }
     }
 
