@@ -389,23 +389,41 @@ fn sigmoid<T: Float>(g: T) -> T {
     T::one() / (T::one() + (T::zero() - g).exp())
 }
 
+/// The sigmoid of each element of a chunk, f64 through libm's exp.
+fn sigmoid_rows_f64(out: &mut [f64], g: &[f64]) {
+    for (o, &g) in out.iter_mut().zip(g) {
+        *o = sigmoid(g);
+    }
+}
+
+/// silu(g) * u over a chunk, f64 through libm's exp.
+fn silu_mul_rows_f64(out: &mut [f64], g: &[f64], u: &[f64]) {
+    for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+        *o = g * sigmoid(g) * u;
+    }
+}
+
+// f32 takes its exponentials from vexp (vectorized; within 2 ulps of libm's), f64 from libm
+// (the exact paths keep their exp).
 impl SiluMul {
-    fn forward<T: Float>(g: &[T], u: &[T]) -> Vec<T> {
+    fn forward<T: Float>(g: &[T], u: &[T], rows: impl Fn(&mut [T], &[T], &[T]) + Sync) -> Vec<T> {
         const CHUNK: usize = 1 << 14;
         let mut out = vec![T::zero(); g.len()];
         out.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK))
             .zip(u.par_chunks(CHUNK))
-            .for_each(|((o, g), u)| {
-                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    *o = g * sigmoid(g) * u;
-                }
-            });
+            .for_each(|((o, g), u)| rows(o, g, u));
         out
     }
 
-    /// [d gate | d up]: d gate = dy u s (1 + g (1 - s)), d up = dy g s, s = sigmoid(g).
-    fn backward<T: Float>(g: &[T], u: &[T], dy: &[T]) -> Vec<T> {
+    /// [d gate | d up]: d gate = dy u s (1 + g (1 - s)), d up = dy g s, s = sigmoid(g)
+    /// (computed by `sigmoid_rows`).
+    fn backward<T: Float>(
+        g: &[T],
+        u: &[T],
+        dy: &[T],
+        sigmoid_rows: impl Fn(&mut [T], &[T]) + Sync,
+    ) -> Vec<T> {
         const CHUNK: usize = 1 << 14;
         let n = g.len();
         let mut out = vec![T::zero(); 2 * n];
@@ -415,8 +433,9 @@ impl SiluMul {
             .zip(g.par_chunks(CHUNK))
             .zip(u.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
             .for_each(|(((dg, du), g), (u, dy))| {
+                sigmoid_rows(dg, g);
                 for k in 0..g.len() {
-                    let s = sigmoid(g[k]);
+                    let s = dg[k];
                     dg[k] = dy[k] * u[k] * s * (T::one() + g[k] * (T::one() - s));
                     du[k] = dy[k] * g[k] * s;
                 }
@@ -440,7 +459,12 @@ impl CustomOp2 for SiluMul {
         if l1.shape() != l2.shape() {
             candle_core::bail!("silu-mul: shapes {:?} and {:?}", l1.dims(), l2.dims());
         }
-        let out = float_args!("silu-mul", [(s1, l1, g), (s2, l2, u)], Self::forward(g, u));
+        let out = float_args!(
+            "silu-mul",
+            [(s1, l1, g), (s2, l2, u)],
+            f32: Self::forward(g, u, crate::vexp::silu_mul),
+            f64: Self::forward(g, u, silu_mul_rows_f64)
+        );
         Ok((out, l1.shape().clone()))
     }
 
@@ -481,7 +505,8 @@ impl CustomOp3 for SiluMulGrad {
         let out = float_args!(
             "silu-mul grad",
             [(s1, l1, g), (s2, l2, u), (s3, l3, dy)],
-            SiluMul::backward(g, u, dy)
+            f32: SiluMul::backward(g, u, dy, crate::vexp::sigmoid),
+            f64: SiluMul::backward(g, u, dy, sigmoid_rows_f64)
         );
         Ok((out, Shape::from(2 * n)))
     }
