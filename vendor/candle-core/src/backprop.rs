@@ -170,9 +170,12 @@ impl Tensor {
             if node.is_variable() {
                 continue;
             }
-            let grad = grads
-                .remove(node)
-                .expect("candle internal error - grad not populated");
+            // hyperclone: a node can be left without a gradient when its consumer sent the
+            // gradient past it (a matmul's transposed right-hand side, below): it has
+            // nothing to pass on.
+            let Some(grad) = grads.remove(node) else {
+                continue;
+            };
             // https://github.com/huggingface/candle/issues/1241
             // Ideally, we would make these operations in place where possible to ensure that we
             // do not have to allocate too often. Here we just call `.detach` to avoid computing
@@ -445,8 +448,23 @@ impl Tensor {
                         let lhs_grad = grad.matmul(&rhs.t()?)?;
                         grads.accumulate(lhs, &lhs_grad)?;
 
-                        let rhs_grad = lhs.t()?.matmul(&grad)?;
-                        grads.accumulate(rhs, &rhs_grad)?;
+                        match rhs.op() {
+                            // hyperclone: rhs = w.t() of a 2-D w (every Linear's weight): w's
+                            // gradient is gradᵀ lhs, contiguous in w's own layout. Sent to w
+                            // directly it skips the copy that (lhsᵀ grad)ᵀ, a strided view,
+                            // needs on its way through the transpose; rhs is left without a
+                            // gradient of its own from this consumer.
+                            Some(Op::Transpose(w, 0, 1)) | Some(Op::Transpose(w, 1, 0))
+                                if w.rank() == 2 && lhs.rank() == 2 =>
+                            {
+                                let w_grad = grad.t()?.matmul(lhs)?;
+                                grads.accumulate(w, &w_grad)?;
+                            }
+                            _ => {
+                                let rhs_grad = lhs.t()?.matmul(&grad)?;
+                                grads.accumulate(rhs, &rhs_grad)?;
+                            }
+                        }
                     }
                     Op::Cat(args, dim) => {
                         let mut start_idx = 0;
