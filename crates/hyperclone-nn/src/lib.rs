@@ -12,6 +12,7 @@ macro_rules! bail {
 
 pub mod arch;
 pub mod attention;
+pub(crate) mod bf16_kernel;
 pub mod check;
 pub mod corpus;
 pub mod error;

@@ -1,5 +1,6 @@
 //! A Linear layer's weight packed once, at load, for inference (forward and generate; no
-//! gradients): y = x · Wᵀ for W [out, in] in f32 on x86-64 CPUs with AVX-512F or AVX2+FMA.
+//! gradients): y = x · Wᵀ for W [out, in] in f32 on x86-64 CPUs with AVX-512F or AVX2+FMA,
+//! and in bf16 on CPUs with AVX512-BF16 (bf16_kernel.rs).
 //!
 //! candle's matmul hands gemm the weight as stored, and gemm copies it into its panel
 //! layout on every call: in a 1x128 SmolLM2 forward that repacking was ~19% of the time
@@ -13,8 +14,10 @@
 //! matmul in the last bits (gemm splits long sums into blocks); training and verification
 //! keep candle's path.
 
+use crate::bf16_kernel;
 use crate::fused::cpu_slice;
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor, WithDType};
+use half::bf16;
 use rayon::prelude::*;
 
 /// gemm's microkernel signature (gemm_common::microkernel::MicroKernelFn<f32>).
@@ -87,9 +90,18 @@ fn supported() -> Vec<&'static Kernels> {
     out
 }
 
-/// Whether `w` ([out, in], f32, CPU) can be packed on this machine.
+/// Whether `w` ([out, in], CPU) can be packed on this machine: f32 where AVX-512F or
+/// AVX2+FMA runs gemm's kernels, bf16 with an even `in` where AVX512-BF16 runs
+/// bf16_kernel's.
 pub(crate) fn packable(w: &Tensor) -> bool {
-    kernels().is_some() && w.rank() == 2 && w.dtype() == DType::F32 && w.device().is_cpu()
+    if w.rank() != 2 || !w.device().is_cpu() {
+        return false;
+    }
+    match w.dtype() {
+        DType::F32 => kernels().is_some(),
+        DType::BF16 => bf16_kernel::kernels().is_some() && w.dim(1).is_ok_and(|k| k % 2 == 0),
+        _ => false,
+    }
 }
 
 /// A task's activation rows stay in L2 (512 KiB) while its panel passes over them.
@@ -99,15 +111,47 @@ const TASK_BYTES: usize = 512 << 10;
 const TASKS_PER_THREAD: usize = 8;
 
 /// One or more weights [out_i, in] of the same input, each as ceil(out_i / MR) panels of
-/// `in` columns of MR consecutive output rows (zero rows pad each weight's last panel, so a
-/// panel never mixes two weights). Weights packed together (a layer's q|k|v, gate|up) run
-/// as one parallel call: one fork-join instead of several, and a narrow weight's few
-/// panels (k, v) share the threads with the wide ones instead of leaving one idle.
+/// MR consecutive output rows (zero rows pad each weight's last panel, so a panel never
+/// mixes two weights). Weights packed together (a layer's q|k|v, gate|up) run as one
+/// parallel call: one fork-join instead of several, and a narrow weight's few panels (k,
+/// v) share the threads with the wide ones instead of leaving one idle.
 pub(crate) struct PackedWeight {
     inp: usize,
-    kernels: &'static Kernels,
     parts: Vec<Part>,
-    panels: Vec<f32>,
+    panels: Panels,
+}
+
+/// The panels in their kernel's element type and layout.
+enum Panels {
+    /// gemm's layout: for each input column, MR rows side by side.
+    F32 {
+        kernels: &'static Kernels,
+        panels: Vec<f32>,
+    },
+    /// bf16_kernel's layout: for each pair of input columns, MR rows' pairs side by side.
+    Bf16 {
+        kernels: &'static [bf16_kernel::Kernel; bf16_kernel::NR],
+        panels: Vec<bf16>,
+    },
+}
+
+impl Panels {
+    fn mr(&self) -> usize {
+        match self {
+            Panels::F32 { kernels, .. } => kernels.mr,
+            Panels::Bf16 { .. } => bf16_kernel::MR,
+        }
+    }
+}
+
+/// Where element (row i of a panel, input column kk) sits in the panel.
+fn f32_slot(mr: usize) -> impl Fn(usize, usize) -> usize + Sync {
+    move |i, kk| kk * mr + i
+}
+
+/// bf16_kernel's layout: pair kk / 2, row i, then kk's place in its pair.
+fn bf16_slot(mr: usize) -> impl Fn(usize, usize) -> usize + Sync {
+    move |i, kk| (kk & !1) * mr + 2 * i + (kk & 1)
 }
 
 /// One weight of a [`PackedWeight`]: its output width and its first panel.
@@ -117,78 +161,59 @@ struct Part {
     first_panel: usize,
 }
 
+/// One block of outputs a kernel call computes: `rows` output rows of weight `part` from
+/// `row0`, in global panel `panel`, for tokens t0..t0 + cols.
+#[derive(Clone, Copy)]
+struct Block {
+    part: usize,
+    row0: usize,
+    rows: usize,
+    panel: usize,
+    t0: usize,
+    cols: usize,
+}
+
 impl PackedWeight {
     /// Packs `w` ([out, in], any strides); call only when [`packable`].
     pub(crate) fn new(w: &Tensor) -> Result<PackedWeight> {
         Self::new_parts(&[w])
     }
 
-    /// Packs weights that read the same input ([out_i, in] each, one `in`); call only
-    /// when each is [`packable`]. [`PackedWeight::matmul_parts`] returns one output each.
+    /// Packs weights that read the same input ([out_i, in] each, one `in`, one dtype); call
+    /// only when each is [`packable`]. [`PackedWeight::matmul_parts`] returns one output each.
     pub(crate) fn new_parts(ws: &[&Tensor]) -> Result<PackedWeight> {
-        let Some(kernels) = kernels() else {
-            candle_core::bail!("packed linear: no AVX-512F or AVX2+FMA on this CPU");
-        };
-        Self::with_kernels(ws, kernels)
+        match ws.first().map(|w| w.dtype()) {
+            Some(DType::BF16) => {
+                let Some(kernels) = bf16_kernel::kernels() else {
+                    candle_core::bail!("packed linear: no AVX512-BF16 on this CPU");
+                };
+                let (inp, parts, panels) = pack::<bf16, _>(ws, bf16_kernel::MR, bf16_slot)?;
+                if inp % 2 != 0 {
+                    candle_core::bail!("packed linear: bf16 weights of an odd width {inp}");
+                }
+                Ok(PackedWeight {
+                    inp,
+                    parts,
+                    panels: Panels::Bf16 { kernels, panels },
+                })
+            }
+            _ => {
+                let Some(kernels) = kernels() else {
+                    candle_core::bail!("packed linear: no AVX-512F or AVX2+FMA on this CPU");
+                };
+                Self::with_kernels(ws, kernels)
+            }
+        }
     }
 
+    /// f32 weights packed for one of gemm's kernel sets.
     fn with_kernels(ws: &[&Tensor], kernels: &'static Kernels) -> Result<PackedWeight> {
-        let too_large = || candle_core::Error::Msg("packed linear: weight too large".into());
-        let mr = kernels.mr;
-        let Some(first) = ws.first() else {
-            candle_core::bail!("packed linear: no weights to pack");
-        };
-        let inp = first.dims2()?.1;
-        let mut parts = Vec::with_capacity(ws.len());
-        let mut total_panels = 0usize;
-        for w in ws {
-            let (out, w_inp) = w.dims2()?;
-            if w_inp != inp {
-                candle_core::bail!(
-                    "packed linear: weights of {inp} and {w_inp} inputs packed together"
-                );
-            }
-            parts.push(Part {
-                out,
-                first_panel: total_panels,
-            });
-            total_panels = total_panels
-                .checked_add(out.div_ceil(mr))
-                .ok_or_else(too_large)?;
-        }
-        let panel_len = mr.checked_mul(inp).ok_or_else(too_large)?;
-        let len = total_panels.checked_mul(panel_len).ok_or_else(too_large)?;
-        let mut panels = vec![0f32; len];
-        for (w, part) in ws.iter().zip(&parts) {
-            let w = w.contiguous()?;
-            let (storage, layout) = w.storage_and_layout();
-            let rows = cpu_slice::<f32>(&storage, layout, "packed linear")?;
-            let out = part.out;
-            let region =
-                &mut panels[part.first_panel * panel_len..][..out.div_ceil(mr) * panel_len];
-            region
-                .par_chunks_mut(panel_len.max(1))
-                .enumerate()
-                .for_each(|(p, panel)| {
-                    for i in 0..mr.min(out - p * mr) {
-                        let row = &rows[(p * mr + i) * inp..(p * mr + i + 1) * inp];
-                        for (kk, &x) in row.iter().enumerate() {
-                            panel[kk * mr + i] = x;
-                        }
-                    }
-                });
-        }
+        let (inp, parts, panels) = pack::<f32, _>(ws, kernels.mr, f32_slot)?;
         Ok(PackedWeight {
             inp,
-            kernels,
             parts,
-            panels,
+            panels: Panels::F32 { kernels, panels },
         })
-    }
-
-    /// The single weight's output width (the first weight's, for a group).
-    fn out(&self) -> usize {
-        self.parts[0].out
     }
 
     /// Rows `ids` of W as a [ids.len(), in] tensor: a tied head's weight is the token
@@ -200,20 +225,33 @@ impl PackedWeight {
                 self.parts.len()
             );
         }
-        let (inp, mr, out) = (self.inp, self.kernels.mr, self.out());
-        let mut rows: Vec<f32> = Vec::with_capacity(ids.len() * inp);
+        let mr = self.panels.mr();
+        match &self.panels {
+            Panels::F32 { panels, .. } => self.gather(ids, panels, f32_slot(mr)),
+            Panels::Bf16 { panels, .. } => self.gather(ids, panels, bf16_slot(mr)),
+        }
+    }
+
+    fn gather<T: WithDType>(
+        &self,
+        ids: &[u32],
+        panels: &[T],
+        slot: impl Fn(usize, usize) -> usize,
+    ) -> Result<Tensor> {
+        let (inp, mr, out) = (self.inp, self.panels.mr(), self.parts[0].out);
+        let mut rows: Vec<T> = Vec::with_capacity(ids.len() * inp);
         for &id in ids {
             let r = id as usize;
             if r >= out {
                 candle_core::bail!("packed linear: row {r} of {out}");
             }
-            let panel = &self.panels[(r / mr) * mr * inp..(r / mr + 1) * mr * inp];
-            rows.extend(panel.iter().skip(r % mr).step_by(mr));
+            let panel = &panels[(r / mr) * mr * inp..(r / mr + 1) * mr * inp];
+            rows.extend((0..inp).map(|kk| panel[slot(r % mr, kk)]));
         }
         Tensor::from_vec(rows, (ids.len(), inp), &Device::Cpu)
     }
 
-    /// x [.., in] (f32) -> x · Wᵀ [.., out], for a single packed weight.
+    /// x [.., in] -> x · Wᵀ [.., out], for a single packed weight (x in its dtype).
     pub(crate) fn matmul(&self, x: &Tensor) -> Result<Tensor> {
         if self.parts.len() != 1 {
             candle_core::bail!(
@@ -225,17 +263,21 @@ impl PackedWeight {
         Ok(ys.remove(0))
     }
 
-    /// x [.., in] (f32) -> x · W_iᵀ [.., out_i] for each packed weight, in packing order;
-    /// each output's bits are those of the weight packed alone.
+    /// x [.., in] -> x · W_iᵀ [.., out_i] for each packed weight, in packing order; each
+    /// output's bits are those of the weight packed alone.
     pub(crate) fn matmul_parts(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        let dtype = match self.panels {
+            Panels::F32 { .. } => DType::F32,
+            Panels::Bf16 { .. } => DType::BF16,
+        };
         let dims = x.dims().to_vec();
         let (&inp, lead) = dims
             .split_last()
             .ok_or_else(|| candle_core::Error::Msg("packed linear: a scalar input".into()))?;
-        if inp != self.inp || x.dtype() != DType::F32 {
+        if inp != self.inp || x.dtype() != dtype {
             let outs: Vec<usize> = self.parts.iter().map(|p| p.out).collect();
             candle_core::bail!(
-                "packed linear: input {:?} {:?} for weights of {} inputs (outputs {outs:?}, f32)",
+                "packed linear: input {:?} {:?} for weights of {} inputs (outputs {outs:?}, {dtype:?})",
                 dims,
                 x.dtype(),
                 self.inp
@@ -243,31 +285,37 @@ impl PackedWeight {
         }
         let tokens: usize = lead.iter().product();
         let x = x.contiguous()?;
-        let ys = {
-            let (storage, layout) = x.storage_and_layout();
-            self.run(cpu_slice(&storage, layout, "packed linear")?, tokens)
+        let (storage, layout) = x.storage_and_layout();
+        let shape = |part: &Part| {
+            let mut shape = lead.to_vec();
+            shape.push(part.out);
+            shape
         };
-        ys.into_iter()
-            .zip(&self.parts)
-            .map(|(y, part)| {
-                let mut shape = lead.to_vec();
-                shape.push(part.out);
-                Tensor::from_vec(y, shape, &Device::Cpu)
-            })
-            .collect()
+        match &self.panels {
+            Panels::F32 { kernels, panels } => {
+                let x = cpu_slice::<f32>(&storage, layout, "packed linear")?;
+                let ys = self.run_f32(kernels, panels, x, tokens);
+                ys.into_iter()
+                    .zip(&self.parts)
+                    .map(|(y, part)| Tensor::from_vec(y, shape(part), &Device::Cpu))
+                    .collect()
+            }
+            Panels::Bf16 { kernels, panels } => {
+                let x = cpu_slice::<bf16>(&storage, layout, "packed linear")?;
+                let ys = self.run_bf16(kernels, panels, x, tokens);
+                ys.into_iter()
+                    .zip(&self.parts)
+                    .map(|(y, part)| Tensor::from_vec(y, shape(part), &Device::Cpu))
+                    .collect()
+            }
+        }
     }
 
-    /// y_i [tokens, out_i] (row-major) for x [tokens, in] (row-major).
-    fn run(&self, x: &[f32], tokens: usize) -> Vec<Vec<f32>> {
-        let (inp, kernels) = (self.inp, self.kernels);
-        let mr = kernels.mr;
-        // Not zero-filled: the kernel writes every element (alpha_status 0 below: dst is
-        // overwritten, never read), and each element belongs to exactly one task.
-        let mut ys: Vec<Vec<f32>> = self
-            .parts
-            .iter()
-            .map(|p| Vec::with_capacity(tokens * p.out))
-            .collect();
+    /// Calls `block` for every (panel, chunk of at most `nr` tokens) of the outputs, in
+    /// parallel tasks of one panel over a group of chunks; every (token, output row) of
+    /// every weight lies in exactly one block.
+    fn for_each_block(&self, tokens: usize, nr: usize, block: impl Fn(Block) + Sync) {
+        let mr = self.panels.mr();
         // Panel index -> (its weight, its first output row there).
         let panel_rows: Vec<(usize, usize)> = self
             .parts
@@ -276,73 +324,203 @@ impl PackedWeight {
             .flat_map(|(i, p)| (0..p.out.div_ceil(mr)).map(move |j| (i, j * mr)))
             .collect();
         let panels = panel_rows.len();
-        if tokens > 0 && panels > 0 {
-            let nr = kernels.by_cols.len();
-            // Each task is one panel over a group of NR-token chunks: groups small enough
-            // for every thread to get several tasks, and whose rows fit TASK_BYTES.
-            let chunks = tokens.div_ceil(nr);
-            let fit_l2 = (TASK_BYTES / (4 * nr * inp.max(1))).max(1);
-            let per_panel = (TASKS_PER_THREAD * rayon::current_num_threads()).div_ceil(panels);
-            let group = chunks.div_ceil(per_panel).clamp(1, fit_l2) * nr;
-            let token_groups = tokens.div_ceil(group);
-            let y_ptrs: Vec<SendPtr> = ys.iter_mut().map(|y| SendPtr(y.as_mut_ptr())).collect();
-            // Task order: consecutive tasks share a token group (its rows stay cached).
-            (0..token_groups * panels).into_par_iter().for_each(|task| {
-                let (tg, p) = (task / panels, task % panels);
-                let (part, row0) = panel_rows[p];
-                let out = self.parts[part].out;
-                let t_end = ((tg + 1) * group).min(tokens);
-                let rows = mr.min(out - row0);
-                let panel = &self.panels[p * mr * inp..(p + 1) * mr * inp];
-                for t0 in (tg * group..t_end).step_by(nr) {
-                    let cols = nr.min(t_end - t0);
-                    // SAFETY: the kernel reads the panel (mr x inp, column stride mr)
-                    // and x rows t0..t0+cols (column stride inp), all in bounds, and
-                    // writes y_part[t0..t0+cols][row0..row0+rows], inside its capacity
-                    // (tokens x out): this task's block, which no other task writes. The
-                    // kernels are from supported(): this CPU runs them.
-                    unsafe {
-                        (kernels.by_cols[cols - 1])(
-                            rows,
-                            cols,
-                            inp,
-                            y_ptrs[part].get().add(t0 * out + row0),
-                            panel.as_ptr(),
-                            x.as_ptr().add(t0 * inp),
-                            out as isize,
-                            1,
-                            mr as isize,
-                            1,
-                            inp as isize,
-                            0.0,
-                            1.0,
-                            0,
-                            false,
-                            false,
-                            false,
-                            panel.as_ptr(),
-                        );
-                    }
-                }
-            });
+        if tokens == 0 || panels == 0 {
+            return;
         }
+        // Each task is one panel over a group of NR-token chunks: groups small enough
+        // for every thread to get several tasks, and whose rows fit TASK_BYTES.
+        let chunks = tokens.div_ceil(nr);
+        let fit_l2 = (TASK_BYTES / (4 * nr * self.inp.max(1))).max(1);
+        let per_panel = (TASKS_PER_THREAD * rayon::current_num_threads()).div_ceil(panels);
+        let group = chunks.div_ceil(per_panel).clamp(1, fit_l2) * nr;
+        let token_groups = tokens.div_ceil(group);
+        // Task order: consecutive tasks share a token group (its rows stay cached).
+        (0..token_groups * panels).into_par_iter().for_each(|task| {
+            let (tg, panel) = (task / panels, task % panels);
+            let (part, row0) = panel_rows[panel];
+            let rows = mr.min(self.parts[part].out - row0);
+            let t_end = ((tg + 1) * group).min(tokens);
+            for t0 in (tg * group..t_end).step_by(nr) {
+                let cols = nr.min(t_end - t0);
+                block(Block {
+                    part,
+                    row0,
+                    rows,
+                    panel,
+                    t0,
+                    cols,
+                });
+            }
+        });
+    }
+
+    /// Output buffers of tokens x out_i elements each, not zero-filled: the kernels write
+    /// every element of every block, and [`Self::for_each_block`] covers each element once.
+    fn outputs<T>(&self, tokens: usize) -> (Vec<Vec<T>>, Vec<SendPtr<T>>) {
+        let mut ys: Vec<Vec<T>> = self
+            .parts
+            .iter()
+            .map(|p| Vec::with_capacity(tokens * p.out))
+            .collect();
+        let ptrs = ys.iter_mut().map(|y| SendPtr(y.as_mut_ptr())).collect();
+        (ys, ptrs)
+    }
+
+    /// Marks the buffers written, after every block ran.
+    fn written<T>(&self, mut ys: Vec<Vec<T>>, tokens: usize) -> Vec<Vec<T>> {
         for (y, part) in ys.iter_mut().zip(&self.parts) {
-            // SAFETY: the tasks above wrote every one of the tokens x out elements (every
-            // (token, row) lies in one task's block), or there are none (tokens or out 0).
+            // SAFETY: for_each_block ran a kernel on every (token, row) of this output
+            // (or there are none: tokens or out 0), and each kernel wrote its whole block.
             unsafe { y.set_len(tokens * part.out) };
         }
         ys
     }
+
+    /// y_i [tokens, out_i] (row-major) for x [tokens, in] (row-major), f32.
+    fn run_f32(
+        &self,
+        kernels: &Kernels,
+        panels: &[f32],
+        x: &[f32],
+        tokens: usize,
+    ) -> Vec<Vec<f32>> {
+        let (inp, mr) = (self.inp, kernels.mr);
+        let (ys, y_ptrs) = self.outputs::<f32>(tokens);
+        self.for_each_block(tokens, kernels.by_cols.len(), |b| {
+            let out = self.parts[b.part].out;
+            let panel = &panels[b.panel * mr * inp..(b.panel + 1) * mr * inp];
+            // SAFETY: the kernel reads the panel (mr x inp, column stride mr) and x rows
+            // t0..t0+cols (column stride inp), all in bounds, and writes
+            // y_part[t0..t0+cols][row0..row0+rows] inside its capacity (tokens x out),
+            // overwriting without reading (alpha_status 0): this block, which no other
+            // writes. The kernels are from supported(): this CPU runs them.
+            unsafe {
+                (kernels.by_cols[b.cols - 1])(
+                    b.rows,
+                    b.cols,
+                    inp,
+                    y_ptrs[b.part].get().add(b.t0 * out + b.row0),
+                    panel.as_ptr(),
+                    x.as_ptr().add(b.t0 * inp),
+                    out as isize,
+                    1,
+                    mr as isize,
+                    1,
+                    inp as isize,
+                    0.0,
+                    1.0,
+                    0,
+                    false,
+                    false,
+                    false,
+                    panel.as_ptr(),
+                );
+            }
+        });
+        self.written(ys, tokens)
+    }
+
+    /// As [`Self::run_f32`] in bf16 (f32 sums, each output rounded once).
+    fn run_bf16(
+        &self,
+        kernels: &[bf16_kernel::Kernel; bf16_kernel::NR],
+        panels: &[bf16],
+        x: &[bf16],
+        tokens: usize,
+    ) -> Vec<Vec<bf16>> {
+        let (inp, mr) = (self.inp, bf16_kernel::MR);
+        let (ys, y_ptrs) = self.outputs::<bf16>(tokens);
+        self.for_each_block(tokens, bf16_kernel::NR, |b| {
+            let out = self.parts[b.part].out;
+            let panel = &panels[b.panel * mr * inp..(b.panel + 1) * mr * inp];
+            // SAFETY: as in run_f32: the panel holds inp / 2 pairs of mr rows, x rows
+            // t0..t0+cols hold inp values each, the block lies inside y_part's capacity and
+            // no other block writes it; bf16 is a u16; kernels() checked the CPU.
+            unsafe {
+                (kernels[b.cols - 1])(
+                    b.rows,
+                    inp / 2,
+                    y_ptrs[b.part].get().add(b.t0 * out + b.row0) as *mut u16,
+                    out,
+                    panel.as_ptr() as *const u16,
+                    x.as_ptr().add(b.t0 * inp) as *const u16,
+                    inp,
+                );
+            }
+        });
+        self.written(ys, tokens)
+    }
 }
 
-/// The output buffer's pointer, shared by tasks that write disjoint blocks of it.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint elements (see `run`).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    fn get(self) -> *mut f32 {
+/// Packs `ws` ([out_i, in] each, one `in`) into panels of `mr` rows, element (row i of a
+/// panel, input column kk) at `slot(mr)(i, kk)`; returns (in, the parts, the panels).
+fn pack<T: WithDType, S: Fn(usize, usize) -> usize + Sync>(
+    ws: &[&Tensor],
+    mr: usize,
+    slot: impl Fn(usize) -> S,
+) -> Result<(usize, Vec<Part>, Vec<T>)> {
+    let too_large = || candle_core::Error::Msg("packed linear: weight too large".into());
+    let Some(first) = ws.first() else {
+        candle_core::bail!("packed linear: no weights to pack");
+    };
+    let inp = first.dims2()?.1;
+    let mut parts = Vec::with_capacity(ws.len());
+    let mut total_panels = 0usize;
+    for w in ws {
+        let (out, w_inp) = w.dims2()?;
+        if w_inp != inp || w.dtype() != first.dtype() {
+            candle_core::bail!(
+                "packed linear: weights [{out}, {w_inp}] {:?} and [_, {inp}] {:?} packed together",
+                w.dtype(),
+                first.dtype()
+            );
+        }
+        parts.push(Part {
+            out,
+            first_panel: total_panels,
+        });
+        total_panels = total_panels
+            .checked_add(out.div_ceil(mr))
+            .ok_or_else(too_large)?;
+    }
+    let panel_len = mr.checked_mul(inp).ok_or_else(too_large)?;
+    let len = total_panels.checked_mul(panel_len).ok_or_else(too_large)?;
+    let mut panels = vec![T::zero(); len];
+    let slot = slot(mr);
+    for (w, part) in ws.iter().zip(&parts) {
+        let w = w.contiguous()?;
+        let (storage, layout) = w.storage_and_layout();
+        let rows = cpu_slice::<T>(&storage, layout, "packed linear")?;
+        let out = part.out;
+        let region = &mut panels[part.first_panel * panel_len..][..out.div_ceil(mr) * panel_len];
+        region
+            .par_chunks_mut(panel_len.max(1))
+            .enumerate()
+            .for_each(|(p, panel)| {
+                for i in 0..mr.min(out - p * mr) {
+                    let row = &rows[(p * mr + i) * inp..(p * mr + i + 1) * inp];
+                    for (kk, &x) in row.iter().enumerate() {
+                        panel[slot(i, kk)] = x;
+                    }
+                }
+            });
+    }
+    Ok((inp, parts, panels))
+}
+
+/// An output buffer's pointer, shared by tasks that write disjoint blocks of it.
+struct SendPtr<T>(*mut T);
+impl<T> Clone for SendPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SendPtr<T> {}
+// SAFETY: tasks write disjoint elements (see `for_each_block`).
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+impl<T> SendPtr<T> {
+    fn get(self) -> *mut T {
         self.0
     }
 }
@@ -403,6 +581,114 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// bf16 (where this CPU has AVX512-BF16): against the exact product of the
+    /// bf16-rounded inputs, within the f32 bound of its sum plus the output's one rounding
+    /// to bf16 (unit roundoff 2^-8: 8 significant bits), over shapes with partial panels
+    /// and token blocks.
+    #[test]
+    fn bf16_matches_exact_product_within_its_bound() {
+        if bf16_kernel::kernels().is_none() {
+            eprintln!("no AVX512-BF16: bf16 weights keep candle's matmul on this CPU");
+            return;
+        }
+        let u = 2f64.powi(-24);
+        for &(tokens, inp, out) in &[
+            (1, 2, 1),
+            (5, 4, 7),
+            (7, 64, 65),
+            (13, 130, 200),
+            (128, 576, 192),
+            (300, 40, 129),
+            (2, 1536, 64),
+        ] {
+            let val = |i: usize, salt: usize| {
+                let h = hyperclone_core::rng::uniform(salt as u64, i as u64);
+                bf16::from_f64(h * 2.0 - 1.0)
+            };
+            let xs: Vec<bf16> = (0..tokens * inp).map(|i| val(i, 3)).collect();
+            let ws: Vec<bf16> = (0..out * inp).map(|i| val(i, 4)).collect();
+            let x = Tensor::from_vec(xs.clone(), (tokens, inp), &Device::Cpu).unwrap();
+            let w = Tensor::from_vec(ws.clone(), (out, inp), &Device::Cpu).unwrap();
+            let p = PackedWeight::new(&w).unwrap();
+            assert!(matches!(p.panels, Panels::Bf16 { .. }));
+            let y: Vec<bf16> = p
+                .matmul(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let gamma = inp as f64 * u / (1.0 - inp as f64 * u);
+            for t in 0..tokens {
+                for o in 0..out {
+                    let terms =
+                        (0..inp).map(|i| xs[t * inp + i].to_f64() * ws[o * inp + i].to_f64());
+                    let exact: f64 = terms.clone().sum();
+                    let sum_bound = gamma * terms.map(f64::abs).sum::<f64>();
+                    let bound = sum_bound + 2f64.powi(-8) * (exact.abs() + sum_bound);
+                    let got = y[t * out + o].to_f64();
+                    assert!(
+                        (got - exact).abs() <= bound,
+                        "bf16 {tokens}x{inp}x{out} [{t},{o}]: {got} vs {exact} (bound {bound})"
+                    );
+                }
+            }
+        }
+        // Odd widths and mixed dtypes are refused.
+        let odd = Tensor::zeros((4, 3), DType::BF16, &Device::Cpu).unwrap();
+        assert!(!packable(&odd) && PackedWeight::new(&odd).is_err());
+        let w32 = Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap();
+        let w16 = Tensor::zeros((4, 4), DType::BF16, &Device::Cpu).unwrap();
+        assert!(PackedWeight::new_parts(&[&w16, &w32]).is_err());
+        let p = PackedWeight::new(&w16).unwrap();
+        assert!(p
+            .matmul(&Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap())
+            .is_err());
+    }
+
+    /// bf16 groups give each weight's own bits, rows are exact, threads change nothing.
+    #[test]
+    fn bf16_groups_rows_and_threads() {
+        if bf16_kernel::kernels().is_none() {
+            return;
+        }
+        let r = |shape: (usize, usize)| {
+            Tensor::rand(-1f32, 1f32, shape, &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap()
+        };
+        let x = r((23, 40));
+        let ws: Vec<Tensor> = [70, 3, 130, 64].iter().map(|&o| r((o, 40))).collect();
+        let refs: Vec<&Tensor> = ws.iter().collect();
+        let group = PackedWeight::new_parts(&refs).unwrap();
+        let bits = |t: &Tensor| -> Vec<u16> {
+            let v: Vec<bf16> = t.flatten_all().unwrap().to_vec1().unwrap();
+            v.iter().map(|f| f.to_bits()).collect()
+        };
+        for (w, y) in ws.iter().zip(group.matmul_parts(&x).unwrap()) {
+            assert_eq!(
+                bits(&y),
+                bits(&PackedWeight::new(w).unwrap().matmul(&x).unwrap())
+            );
+        }
+        let p = PackedWeight::new(&ws[2]).unwrap();
+        let ids = [0u32, 129, 64, 5, 5, 127];
+        let got: Vec<Vec<bf16>> = p.rows(&ids).unwrap().to_vec2().unwrap();
+        let all: Vec<Vec<bf16>> = ws[2].to_vec2().unwrap();
+        for (g, &id) in got.iter().zip(&ids) {
+            assert_eq!(g, &all[id as usize]);
+        }
+        let on = |threads: usize| -> Vec<u16> {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| bits(&p.matmul(&x).unwrap()))
+        };
+        assert_eq!(on(1), on(3));
     }
 
     /// rows() returns the weight's rows exactly, for every kernel set.
