@@ -51,7 +51,8 @@ impl Linear {
     }
 
     /// For inference: packs the weight once for the packed kernel where this CPU and the
-    /// weight allow it (f32 on x86-64 with AVX-512F or AVX2+FMA); otherwise keeps it.
+    /// weight allow it ([`packable`]: f32 with AVX-512F or AVX2+FMA, bf16 with
+    /// AVX512-BF16); otherwise keeps it.
     fn pack_for_inference(&mut self) -> Result<()> {
         if self.packable() {
             self.packed = Some(PackedWeight::new(&self.w)?);
@@ -126,6 +127,18 @@ pub(crate) struct Norm {
 
 impl Norm {
     fn forward(&self, x: &Tensor, eps: f64) -> Result<Tensor> {
+        if x.dtype() == DType::BF16 && x.device().is_cpu() {
+            // As transformers does: a bf16 row is normalized in f32 and the result rounded
+            // to bf16. In bf16 throughout (the mean square summed in bf16), SmolLM2's bf16
+            // logits were 16x further from the f64 ones than transformers' bf16 logits.
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+            let norm = Norm {
+                w: f32(&self.w)?,
+                b: self.b.as_ref().map(f32).transpose()?,
+                kind: self.kind,
+            };
+            return Ok(norm.forward(&f32(x)?, eps)?.to_dtype(DType::BF16)?);
+        }
         match self.kind {
             NormKind::Rms => rms_norm(x, &self.w, eps),
             NormKind::RmsOnePlus => rms_norm(x, &(self.w.affine(1.0, 1.0))?, eps),
@@ -717,11 +730,11 @@ impl Decoder {
         Ok(Self::load_with(ckpt, dtype, device, false, None, false)?.0)
     }
 
-    /// As [`Decoder::load`], with each Linear weight packed once for gemm's microkernels
-    /// (f32 on x86-64 with AVX2+FMA or AVX-512F: packed_linear.rs; elsewhere a view of its
-    /// contiguous transpose, gemm's fast case) and the fused causal attention: faster
-    /// forwards (1x128 SmolLM2 on 2 threads of a Zen 4: 0.30 -> 0.21-0.24 s) for a costlier
-    /// load; the logits may differ from `load`'s in the last bits (the matmuls sum in
+    /// As [`Decoder::load`], with each Linear weight packed once for the packed kernels
+    /// (f32 on x86-64 with AVX2+FMA or AVX-512F, bf16 with AVX512-BF16: packed_linear.rs;
+    /// elsewhere a view of its contiguous transpose, gemm's fast case) and the fused causal
+    /// attention (in f32 for a bf16 model): faster forwards (1x128 SmolLM2 on 2 threads of
+    /// a Zen 4: 0.30 -> 0.20 s in f32, 0.56-0.64 -> 0.25-0.26 s in bf16) for a costlier load; the logits may differ from `load`'s in the last bits (the matmuls sum in
     /// another order), so verification uses `load` and the streamed forward, which agree
     /// bit for bit.
     pub fn load_for_inference(ckpt: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
@@ -1165,8 +1178,22 @@ impl Frame {
         let q = q.reshape((b, nk, group * t, hd))?;
         let cpu_float = self.device.is_cpu() && matches!(self.dtype, DType::F32 | DType::F64);
         // [B, K, G*T, hd]: each query row's weighted sum of the values.
+        let cpu_bf16 = self.device.is_cpu() && self.dtype == DType::BF16;
         let attended = if self.fused_attention && cpu_float && s.attn_softcap.is_none() {
             crate::attention::causal_attention(&q, &k, &v, scale, window, offset)?
+        } else if self.fused_attention && cpu_bf16 && s.attn_softcap.is_none() {
+            // bf16 inference attends in f32 (scores, softmax and the sum over values), the
+            // result rounded to bf16, as torch's bf16 attention kernels accumulate in f32.
+            let f32 = |x: &Tensor| x.to_dtype(DType::F32);
+            crate::attention::causal_attention(
+                &f32(&q)?,
+                &f32(&k)?,
+                &f32(&v)?,
+                scale,
+                window,
+                offset,
+            )?
+            .to_dtype(DType::BF16)?
         } else {
             let mut scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
             if let Some(c) = s.attn_softcap {
