@@ -416,6 +416,26 @@ impl SiluMul {
         out
     }
 
+    /// A bf16 model's SwiGLU (inference): each element computed in f32 from the bf16
+    /// inputs and rounded once (transformers rounds silu(g) and the product: twice).
+    fn forward_bf16(g: &[half::bf16], u: &[half::bf16]) -> Vec<half::bf16> {
+        const CHUNK: usize = 1 << 12;
+        let mut out = vec![half::bf16::ZERO; g.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .zip(u.par_chunks(CHUNK))
+            .for_each(|((o, g), u)| {
+                let g32: Vec<f32> = g.iter().map(|v| v.to_f32()).collect();
+                let u32: Vec<f32> = u.iter().map(|v| v.to_f32()).collect();
+                let mut y = vec![0f32; g.len()];
+                crate::vexp::silu_mul(&mut y, &g32, &u32);
+                for (o, y) in o.iter_mut().zip(y) {
+                    *o = half::bf16::from_f32(y);
+                }
+            });
+        out
+    }
+
     /// [d gate | d up]: d gate = dy u s (1 + g (1 - s)), d up = dy g s, s = sigmoid(g)
     /// (computed by `sigmoid_rows`).
     fn backward<T: Float>(
@@ -458,6 +478,17 @@ impl CustomOp2 for SiluMul {
     ) -> Result<(CpuStorage, Shape)> {
         if l1.shape() != l2.shape() {
             candle_core::bail!("silu-mul: shapes {:?} and {:?}", l1.dims(), l2.dims());
+        }
+        // bf16 for inference only: its backward (SiluMulGrad) takes f32 or f64.
+        if let (CpuStorage::BF16(g), CpuStorage::BF16(u)) = (s1, s2) {
+            let (g, u) = (
+                contiguous(g, l1, "silu-mul")?,
+                contiguous(u, l2, "silu-mul")?,
+            );
+            return Ok((
+                CpuStorage::BF16(Self::forward_bf16(g, u)),
+                l1.shape().clone(),
+            ));
         }
         let out = float_args!(
             "silu-mul",
@@ -722,6 +753,34 @@ mod tests {
             |t| t[0].apply_op2(&t[1], SiluMul),
             |t| (&t[0] * candle_nn::ops::sigmoid(&t[0])?)? * &t[1],
         )
+    }
+
+    /// bf16 SwiGLU (inference) is the f32 computation on the bf16 inputs, rounded once,
+    /// and within one bf16 rounding (2^-8 relative) of the exact f64 value.
+    #[test]
+    fn silu_mul_in_bf16_rounds_once() -> Result<()> {
+        let n = 10_007; // several chunks and a ragged last one
+        let g = Tensor::randn(0f32, 3.0, n, &Device::Cpu)?.to_dtype(DType::BF16)?;
+        let u = Tensor::randn(0f32, 1.0, n, &Device::Cpu)?.to_dtype(DType::BF16)?;
+        let got: Vec<half::bf16> = g.apply_op2(&u, SiluMul)?.to_vec1()?;
+        let (g32, u32): (Vec<f32>, Vec<f32>) = (
+            g.to_dtype(DType::F32)?.to_vec1()?,
+            u.to_dtype(DType::F32)?.to_vec1()?,
+        );
+        let mut want = vec![0f32; n];
+        crate::vexp::silu_mul(&mut want, &g32, &u32);
+        for k in 0..n {
+            assert_eq!(got[k], half::bf16::from_f32(want[k]), "element {k}");
+            let (gk, uk) = (g32[k] as f64, u32[k] as f64);
+            let exact = gk / (1.0 + (-gk).exp()) * uk;
+            let err = (got[k].to_f64() - exact).abs();
+            assert!(
+                err <= 2f64.powi(-8) * exact.abs() * 1.001 + 1e-30,
+                "{k}: {} vs {exact}",
+                got[k]
+            );
+        }
+        Ok(())
     }
 
     #[test]

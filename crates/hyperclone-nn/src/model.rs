@@ -1226,7 +1226,12 @@ impl Frame {
         match &l.mlp {
             Mlp::Gated { gate, up, down } => {
                 let [g, u] = forward_packed_group([gate, up], l.gate_up.as_ref(), h)?;
-                if self.spec.activation == Activation::Silu && crate::fused::fusable(&g) {
+                // A bf16 model takes the fused op too, for inference (its backward is f32/f64).
+                let bf16_inference =
+                    self.fused_attention && g.dtype() == DType::BF16 && g.device().is_cpu();
+                if self.spec.activation == Activation::Silu
+                    && (crate::fused::fusable(&g) || bf16_inference)
+                {
                     // SwiGLU in one pass: silu(g) * u without the sigmoid and product temporaries.
                     return down.forward(&g.apply_op2(&u, crate::fused::SiluMul)?);
                 }
