@@ -1384,6 +1384,12 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 /// sum 1 over the picked ones with `norm`. A clone's router logits equal its source's (same
 /// normed input, hidden columns tiled / n), so it picks the same experts with the same weights.
 pub(crate) fn route(logits: &Tensor, top_k: usize, norm: bool) -> Result<Tensor> {
+    if matches!(logits.dtype(), DType::BF16 | DType::F16) {
+        // transformers routes a half-precision model in f32 (softmax, top-k, renormalising)
+        // and casts the weights back; in bf16 the probabilities tie far more often.
+        let w = route(&logits.to_dtype(DType::F32)?, top_k, norm)?;
+        return Ok(w.to_dtype(logits.dtype())?);
+    }
     let p = softmax_last_dim(logits)?;
     let (n, e) = p.dims2()?;
     let values: Vec<Vec<f64>> = p.to_dtype(DType::F64)?.to_vec2()?;
