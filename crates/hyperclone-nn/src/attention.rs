@@ -21,7 +21,9 @@ use rayon::prelude::*;
 /// scores and probabilities stay in L2.
 const BLOCK: usize = 64;
 
-/// softmax(q kᵀ · scale, causal) v on the CPU, for f32 or f64.
+/// softmax(q kᵀ · scale, causal) v on the CPU, for f32 or f64; bf16 attends in f32
+/// (scores, softmax and the sum over values) and rounds the result to bf16, as torch's bf16
+/// attention kernels accumulate in f32.
 ///
 /// q: [B, K, G*T, D] (grouped-query layout: row r of kv head k is query head k*G + r / T at
 /// position `offset + r % T`); k, v: [B, K, offset + T, D]. Query position i sees keys
@@ -50,6 +52,11 @@ pub fn causal_attention(
     if !rows.is_multiple_of(t) {
         candle_core::bail!("causal attention: {rows} query rows are not a multiple of {t}");
     }
+    if q.dtype() == DType::BF16 {
+        let f32 = |x: &Tensor| x.to_dtype(DType::F32);
+        return causal_attention(&f32(q)?, &f32(k)?, &f32(v)?, scale, window, offset)?
+            .to_dtype(DType::BF16);
+    }
     let shape = Shape::from((b, nk, rows, d));
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let geometry = Geometry {
@@ -65,7 +72,7 @@ pub fn causal_attention(
     match q.dtype() {
         DType::F32 => geometry.attend(&q, &k, &v, shape, CausalSoftmax::row_f32),
         DType::F64 => geometry.attend(&q, &k, &v, shape, CausalSoftmax::row::<f64>),
-        other => candle_core::bail!("causal attention: only f32 and f64, not {other:?}"),
+        other => candle_core::bail!("causal attention: only f32, f64 and bf16, not {other:?}"),
     }
 }
 
@@ -263,7 +270,7 @@ mod tests {
             );
             let want = unfused(&q, &k, &v, scale, window, offset)?;
             let got = causal_attention(&q, &k, &v, scale, window, offset)?;
-            let diff = (got - &want)?
+            let diff = (&got - &want)?
                 .abs()?
                 .flatten_all()?
                 .max(0)?
@@ -272,6 +279,19 @@ mod tests {
                 diff < 1e-5,
                 "f32 {b}x{nk}x{g}x{t}+{offset}: differs by {diff}"
             );
+            // bf16 attends in f32 and rounds once: the f32 kernel on the bf16 inputs.
+            let bf = |x: &Tensor| x.to_dtype(DType::BF16);
+            let (qb, kb, vb) = (bf(&q)?, bf(&k)?, bf(&v)?);
+            let got: Vec<half::bf16> = causal_attention(&qb, &kb, &vb, scale, window, offset)?
+                .flatten_all()?
+                .to_vec1()?;
+            let f32 = |x: &Tensor| x.to_dtype(DType::F32);
+            let want: Vec<half::bf16> =
+                causal_attention(&f32(&qb)?, &f32(&kb)?, &f32(&vb)?, scale, window, offset)?
+                    .to_dtype(DType::BF16)?
+                    .flatten_all()?
+                    .to_vec1()?;
+            assert_eq!(got, want, "bf16 {b}x{nk}x{g}x{t}+{offset}");
         }
         Ok(())
     }

@@ -269,10 +269,10 @@ pub struct Frame {
     block: BlockLayout,
     /// Learned position embeddings (GPT-2, OPT) instead of rotary ones.
     learned_positions: bool,
-    /// Attention through the fused inference kernel (attention.rs): set for a decoder
-    /// loaded for inference (no gradients; forward and generate), never for training or
-    /// verification.
-    fused_attention: bool,
+    /// A decoder loaded for inference (no gradients; forward and generate), never for
+    /// training or verification: attention through the fused kernel (attention.rs) and a
+    /// bf16 model's SwiGLU through the fused op (whose backward takes f32/f64 only).
+    inference: bool,
 }
 
 /// A decoder with every weight resident in the working dtype (training, generation).
@@ -825,7 +825,7 @@ impl Decoder {
             None => None,
         };
         let mut frame = Frame::new(spec, dtype, device, &arch);
-        frame.fused_attention = weights.gemm_layout;
+        frame.inference = weights.gemm_layout;
         let (mut head, mut project_in, mut project_out) = (
             head,
             weights.projection(arch.project_in),
@@ -939,7 +939,7 @@ impl Frame {
             device: device.clone(),
             block: arch.block,
             learned_positions: arch.positions.is_some(),
-            fused_attention: false,
+            inference: false,
         }
     }
 
@@ -1177,23 +1177,12 @@ impl Frame {
         let group = nh / nk;
         let q = q.reshape((b, nk, group * t, hd))?;
         let cpu_float = self.device.is_cpu() && matches!(self.dtype, DType::F32 | DType::F64);
+        let fused = self.inference
+            && s.attn_softcap.is_none()
+            && (cpu_float || (self.device.is_cpu() && self.dtype == DType::BF16));
         // [B, K, G*T, hd]: each query row's weighted sum of the values.
-        let cpu_bf16 = self.device.is_cpu() && self.dtype == DType::BF16;
-        let attended = if self.fused_attention && cpu_float && s.attn_softcap.is_none() {
+        let attended = if fused {
             crate::attention::causal_attention(&q, &k, &v, scale, window, offset)?
-        } else if self.fused_attention && cpu_bf16 && s.attn_softcap.is_none() {
-            // bf16 inference attends in f32 (scores, softmax and the sum over values), the
-            // result rounded to bf16, as torch's bf16 attention kernels accumulate in f32.
-            let f32 = |x: &Tensor| x.to_dtype(DType::F32);
-            crate::attention::causal_attention(
-                &f32(&q)?,
-                &f32(&k)?,
-                &f32(&v)?,
-                scale,
-                window,
-                offset,
-            )?
-            .to_dtype(DType::BF16)?
         } else {
             let mut scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
             if let Some(c) = s.attn_softcap {
@@ -1228,7 +1217,7 @@ impl Frame {
                 let [g, u] = forward_packed_group([gate, up], l.gate_up.as_ref(), h)?;
                 // A bf16 model takes the fused op too, for inference (its backward is f32/f64).
                 let bf16_inference =
-                    self.fused_attention && g.dtype() == DType::BF16 && g.device().is_cpu();
+                    self.inference && g.dtype() == DType::BF16 && g.device().is_cpu();
                 if self.spec.activation == Activation::Silu
                     && (crate::fused::fusable(&g) || bf16_inference)
                 {

@@ -529,15 +529,46 @@ impl<T> SendPtr<T> {
 mod tests {
     use super::*;
 
-    /// Against the exact product (f64) within the f32 dot-product error bound
-    /// |err| <= gamma_k * sum |x_i w_i|, gamma_k = k u / (1 - k u), u = 2^-24 (Higham 3.1),
-    /// over shapes that leave partial panels and partial token blocks.
+    /// n values uniform in [-1, 1), seeded by `salt`.
+    fn uniform_values(n: usize, salt: u64) -> Vec<f64> {
+        (0..n)
+            .map(|i| hyperclone_core::rng::uniform(salt, i as u64) * 2.0 - 1.0)
+            .collect()
+    }
+
+    /// y (tokens x out) against the exact product of x (tokens x inp) and wᵀ (w: out x inp),
+    /// all given as f64: within the f32 dot-product error bound gamma_k * sum |x_i w_i|,
+    /// gamma_k = k u / (1 - k u), u = 2^-24 (Higham 3.1), widened by one final rounding
+    /// of unit roundoff `out_u` (0 for an f32 output).
+    fn assert_within_dot_bound(
+        (x, w, y): (&[f64], &[f64], &[f64]),
+        (tokens, inp, out): (usize, usize, usize),
+        out_u: f64,
+        what: &str,
+    ) {
+        let u = 2f64.powi(-24);
+        let gamma = inp as f64 * u / (1.0 - inp as f64 * u);
+        for t in 0..tokens {
+            for o in 0..out {
+                let terms = (0..inp).map(|i| x[t * inp + i] * w[o * inp + i]);
+                let exact: f64 = terms.clone().sum();
+                let sum_bound = gamma * terms.map(f64::abs).sum::<f64>();
+                let bound = sum_bound + out_u * (exact.abs() + sum_bound);
+                let got = y[t * out + o];
+                assert!(
+                    (got - exact).abs() <= bound,
+                    "{what} {tokens}x{inp}x{out} [{t},{o}]: {got} vs {exact} (bound {bound})"
+                );
+            }
+        }
+    }
+
+    /// f32, every kernel set, over shapes that leave partial panels and token blocks.
     #[test]
     fn matches_exact_product_within_the_f32_bound() {
         if supported().is_empty() {
             eprintln!("no AVX-512F or AVX2+FMA: packed linear unused on this CPU");
         }
-        let u = 2f64.powi(-24);
         for kernels in supported() {
             for &(tokens, inp, out) in &[
                 (1, 1, 1),
@@ -548,12 +579,9 @@ mod tests {
                 (300, 40, 129),
                 (2, 1536, 64),
             ] {
-                let val = |i: usize, salt: usize| {
-                    let h = hyperclone_core::rng::uniform(salt as u64, i as u64);
-                    (h * 2.0 - 1.0) as f32
-                };
-                let xs: Vec<f32> = (0..tokens * inp).map(|i| val(i, 1)).collect();
-                let ws: Vec<f32> = (0..out * inp).map(|i| val(i, 2)).collect();
+                let f32s = |v: Vec<f64>| -> Vec<f32> { v.into_iter().map(|a| a as f32).collect() };
+                let xs = f32s(uniform_values(tokens * inp, 1));
+                let ws = f32s(uniform_values(out * inp, 2));
                 let x = Tensor::from_vec(xs.clone(), (tokens, inp), &Device::Cpu).unwrap();
                 let w = Tensor::from_vec(ws.clone(), (out, inp), &Device::Cpu).unwrap();
                 let y: Vec<f32> = PackedWeight::with_kernels(&[&w], kernels)
@@ -564,21 +592,13 @@ mod tests {
                     .unwrap()
                     .to_vec1()
                     .unwrap();
-                let gamma = inp as f64 * u / (1.0 - inp as f64 * u);
-                for t in 0..tokens {
-                    for o in 0..out {
-                        let terms =
-                            (0..inp).map(|i| xs[t * inp + i] as f64 * ws[o * inp + i] as f64);
-                        let exact: f64 = terms.clone().sum();
-                        let bound: f64 = gamma * terms.map(f64::abs).sum::<f64>();
-                        let got = y[t * out + o] as f64;
-                        assert!(
-                        (got - exact).abs() <= bound,
-                        "mr {}: {tokens}x{inp}x{out} [{t},{o}]: {got} vs {exact} (bound {bound})",
-                        kernels.mr
-                    );
-                    }
-                }
+                let f64s = |v: &[f32]| -> Vec<f64> { v.iter().map(|&a| a as f64).collect() };
+                assert_within_dot_bound(
+                    (&f64s(&xs), &f64s(&ws), &f64s(&y)),
+                    (tokens, inp, out),
+                    0.0,
+                    &format!("f32 mr {}", kernels.mr),
+                );
             }
         }
     }
@@ -593,7 +613,6 @@ mod tests {
             eprintln!("no AVX512-BF16: bf16 weights keep candle's matmul on this CPU");
             return;
         }
-        let u = 2f64.powi(-24);
         for &(tokens, inp, out) in &[
             (1, 2, 1),
             (5, 4, 7),
@@ -603,12 +622,9 @@ mod tests {
             (300, 40, 129),
             (2, 1536, 64),
         ] {
-            let val = |i: usize, salt: usize| {
-                let h = hyperclone_core::rng::uniform(salt as u64, i as u64);
-                bf16::from_f64(h * 2.0 - 1.0)
-            };
-            let xs: Vec<bf16> = (0..tokens * inp).map(|i| val(i, 3)).collect();
-            let ws: Vec<bf16> = (0..out * inp).map(|i| val(i, 4)).collect();
+            let bf16s = |v: Vec<f64>| -> Vec<bf16> { v.into_iter().map(bf16::from_f64).collect() };
+            let xs = bf16s(uniform_values(tokens * inp, 3));
+            let ws = bf16s(uniform_values(out * inp, 4));
             let x = Tensor::from_vec(xs.clone(), (tokens, inp), &Device::Cpu).unwrap();
             let w = Tensor::from_vec(ws.clone(), (out, inp), &Device::Cpu).unwrap();
             let p = PackedWeight::new(&w).unwrap();
@@ -620,21 +636,13 @@ mod tests {
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-            let gamma = inp as f64 * u / (1.0 - inp as f64 * u);
-            for t in 0..tokens {
-                for o in 0..out {
-                    let terms =
-                        (0..inp).map(|i| xs[t * inp + i].to_f64() * ws[o * inp + i].to_f64());
-                    let exact: f64 = terms.clone().sum();
-                    let sum_bound = gamma * terms.map(f64::abs).sum::<f64>();
-                    let bound = sum_bound + 2f64.powi(-8) * (exact.abs() + sum_bound);
-                    let got = y[t * out + o].to_f64();
-                    assert!(
-                        (got - exact).abs() <= bound,
-                        "bf16 {tokens}x{inp}x{out} [{t},{o}]: {got} vs {exact} (bound {bound})"
-                    );
-                }
-            }
+            let f64s = |v: &[bf16]| -> Vec<f64> { v.iter().map(|a| a.to_f64()).collect() };
+            assert_within_dot_bound(
+                (&f64s(&xs), &f64s(&ws), &f64s(&y)),
+                (tokens, inp, out),
+                2f64.powi(-8),
+                "bf16",
+            );
         }
         // Odd widths and mixed dtypes are refused.
         let odd = Tensor::zeros((4, 3), DType::BF16, &Device::Cpu).unwrap();
