@@ -8,6 +8,7 @@
 use crate::softmax::num_like::Float;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::sync::Mutex;
 
 /// Rows handed to one rayon task: large enough to amortize the task, small enough to
 /// balance a few threads. Per-chunk partial sums are added in chunk order, so results do
@@ -89,9 +90,27 @@ fn targets<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
 /// Per-row cross-entropy of logits [N, V] against targets [N] (u32): out [N, 2] holds
 /// (lse - x[target], lse) for each row, lse = log sum exp(x). The second column is kept for
 /// the backward (the softmax is exp(x - lse)), so no row is reduced twice.
-pub struct CrossEntropyRows;
+///
+/// [`CrossEntropyRows::keeping_softmax`] (the trainer's loss, whose logits track gradients)
+/// also keeps each row's softmax, exp(x - max) / sum, from the exponentials the sum is made
+/// of: the backward then scales it in place instead of computing every exponential of the
+/// logits again (the two passes of exponentials were 8% of a training step). The losses are
+/// the same bits either way. Without a kept softmax (a plain instance, or a second backward
+/// of the same graph) the backward computes p = exp(x - lse) from the logits.
+#[derive(Default)]
+pub struct CrossEntropyRows {
+    softmax: Option<Mutex<Option<CpuStorage>>>,
+}
 
 impl CrossEntropyRows {
+    /// An instance whose forward keeps the softmax for its backward: a logits-sized buffer
+    /// held from the forward until the backward takes it (or the graph is dropped).
+    pub fn keeping_softmax() -> Self {
+        CrossEntropyRows {
+            softmax: Some(Mutex::new(None)),
+        }
+    }
+
     /// One (loss, lse) pair per row of `x` [N, v], from `row(logits, target)`.
     fn rows<T: Float>(
         x: &[T],
@@ -111,22 +130,100 @@ impl CrossEntropyRows {
         out
     }
 
-    fn row<T: Float>(row: &[T], target: usize) -> (T, T) {
-        let max = row.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
-        let sum = compensated_sum(row.iter().map(|&x| (x - max).exp()));
+    /// As [`Self::rows`], with each row's softmax written by `row(softmax, logits, target)`
+    /// into the second result [N, v].
+    fn rows_keeping<T: Float>(
+        x: &[T],
+        t: &[u32],
+        v: usize,
+        row: impl Fn(&mut [T], &[T], usize) -> (T, T) + Sync,
+    ) -> (Vec<T>, Vec<T>) {
+        let mut out = vec![T::zero(); t.len() * 2];
+        let mut p = vec![T::zero(); x.len()];
+        out.par_chunks_mut(2 * ROWS_PER_TASK)
+            .zip(p.par_chunks_mut(v * ROWS_PER_TASK))
+            .zip(x.par_chunks(v * ROWS_PER_TASK))
+            .zip(t.par_chunks(ROWS_PER_TASK))
+            .for_each(|(((o, ps), xs), ts)| {
+                for (((o, p), xs), &target) in o
+                    .chunks_mut(2)
+                    .zip(ps.chunks_mut(v))
+                    .zip(xs.chunks(v))
+                    .zip(ts)
+                {
+                    (o[0], o[1]) = row(p, xs, target as usize);
+                }
+            });
+        (out, p)
+    }
+
+    /// (loss, lse) from the row's max and its sum of exponentials.
+    fn loss_lse<T: Float>(row: &[T], target: usize, max: T, sum: T) -> (T, T) {
         // The loss as log(sum) - (x_t - max): x_t - max is exact for nearby
         // values, so no rounding at the scale of |max| enters the loss.
         (sum.ln() - (row[target] - max), max + sum.ln())
     }
 
-    /// f32: vectorized max and exponentials, the sum and its log in f64.
-    fn row_f32(row: &[f32], target: usize) -> (f32, f32) {
-        let max = crate::vexp::max(row);
-        let log_sum = crate::vexp::exp_sum(row, max).ln();
+    fn row<T: Float>(row: &[T], target: usize) -> (T, T) {
+        let max = row.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
+        let sum = compensated_sum(row.iter().map(|&x| (x - max).exp()));
+        Self::loss_lse(row, target, max, sum)
+    }
+
+    fn row_keeping<T: Float>(p: &mut [T], row: &[T], target: usize) -> (T, T) {
+        let max = row.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
+        for (p, &x) in p.iter_mut().zip(row) {
+            *p = (x - max).exp();
+        }
+        let sum = compensated_sum(p.iter().copied());
+        for p in p.iter_mut() {
+            *p = *p / sum;
+        }
+        Self::loss_lse(row, target, max, sum)
+    }
+
+    /// (loss, lse) in f32 from the row's max and sum (in f64).
+    fn loss_lse_f32(row: &[f32], target: usize, max: f32, sum: f64) -> (f32, f32) {
+        let log_sum = sum.ln();
         (
             (log_sum - (row[target] - max) as f64) as f32,
             (max as f64 + log_sum) as f32,
         )
+    }
+
+    /// f32: vectorized max and exponentials, the sum and its log in f64.
+    fn row_f32(row: &[f32], target: usize) -> (f32, f32) {
+        let max = crate::vexp::max(row);
+        Self::loss_lse_f32(row, target, max, crate::vexp::exp_sum(row, max))
+    }
+
+    /// As [`Self::row_f32`] (the same exponentials and sum), keeping e^(x - max) / sum, the
+    /// quotient in f64 and rounded once.
+    fn row_f32_keeping(p: &mut [f32], row: &[f32], target: usize) -> (f32, f32) {
+        let max = crate::vexp::max(row);
+        let sum = crate::vexp::exp_store_sum(p, row, max);
+        crate::vexp::scale_f64(p, 1.0 / sum);
+        Self::loss_lse_f32(row, target, max, sum)
+    }
+
+    /// The gradient g_loss (p - onehot) + g_lse p from the kept softmax `p` [N, v], scaled
+    /// in place.
+    fn grad_from_softmax<T: Float>(
+        p: &mut [T],
+        t: &[u32],
+        coef: &[T],
+        v: usize,
+        scale: impl Fn(&mut [T], T) + Sync,
+    ) {
+        p.par_chunks_mut(v * ROWS_PER_TASK)
+            .zip(t.par_chunks(ROWS_PER_TASK))
+            .zip(coef.par_chunks(2 * ROWS_PER_TASK))
+            .for_each(|((ps, ts), cs)| {
+                for ((p, &target), c) in ps.chunks_mut(v).zip(ts).zip(cs.chunks(2)) {
+                    scale(p, c[0] + c[1]);
+                    p[target as usize] = p[target as usize] - c[0];
+                }
+            });
     }
 }
 
@@ -150,9 +247,30 @@ impl CustomOp2 for CrossEntropyRows {
         if let Some(bad) = t.iter().find(|&&i| i as usize >= v) {
             candle_core::bail!("cross-entropy: target {bad} outside the {v} classes");
         }
-        let out = float_args!("cross-entropy logits", [(s1, l1, x)],
-            f32: Self::rows(x, t, v, Self::row_f32),
-            f64: Self::rows(x, t, v, Self::row));
+        let out = match &self.softmax {
+            None => float_args!("cross-entropy logits", [(s1, l1, x)],
+                f32: Self::rows(x, t, v, Self::row_f32),
+                f64: Self::rows(x, t, v, Self::row)),
+            Some(kept) => {
+                let (out, p) = match s1 {
+                    CpuStorage::F32(x) => {
+                        let x = contiguous(x, l1, "cross-entropy logits")?;
+                        let (out, p) = Self::rows_keeping(x, t, v, Self::row_f32_keeping);
+                        (CpuStorage::F32(out), CpuStorage::F32(p))
+                    }
+                    CpuStorage::F64(x) => {
+                        let x = contiguous(x, l1, "cross-entropy logits")?;
+                        let (out, p) = Self::rows_keeping(x, t, v, Self::row_keeping);
+                        (CpuStorage::F64(out), CpuStorage::F64(p))
+                    }
+                    _ => candle_core::bail!("cross-entropy logits: only f32 or f64"),
+                };
+                if let Ok(mut slot) = kept.lock() {
+                    *slot = Some(p);
+                }
+                out
+            }
+        };
         Ok((out, Shape::from((n, 2))))
     }
 
@@ -164,6 +282,28 @@ impl CustomOp2 for CrossEntropyRows {
         res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let kept =
+            (self.softmax.as_ref()).and_then(|m| m.lock().ok().and_then(|mut slot| slot.take()));
+        if let Some(p) = kept {
+            let v = logits.dim(1)?;
+            let t = targets.to_vec1::<u32>()?;
+            let g = match p {
+                CpuStorage::F32(mut p) => {
+                    let coef = grad_res.flatten_all()?.to_vec1::<f32>()?;
+                    Self::grad_from_softmax(&mut p, &t, &coef, v, |p, g| crate::vexp::scale(p, g));
+                    Tensor::from_vec(p, logits.shape(), logits.device())?
+                }
+                CpuStorage::F64(mut p) => {
+                    let coef = grad_res.flatten_all()?.to_vec1::<f64>()?;
+                    Self::grad_from_softmax(&mut p, &t, &coef, v, |p, g| {
+                        p.iter_mut().for_each(|p| *p *= g)
+                    });
+                    Tensor::from_vec(p, logits.shape(), logits.device())?
+                }
+                _ => candle_core::bail!("cross-entropy: kept softmax is f32 or f64"),
+            };
+            return Ok((Some(g), None));
+        }
         // Per row: lse, the gradient of the loss column, the gradient of the lse column.
         let coef = Tensor::cat(&[&res.narrow(1, 1, 1)?, grad_res], 1)?.contiguous()?;
         let g = logits.contiguous()?.apply_op3_no_bwd(
@@ -633,6 +773,14 @@ mod tests {
         logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()
     }
 
+    /// The fused op with and without a kept softmax: both instances.
+    fn both_kinds() -> [(&'static str, fn() -> CrossEntropyRows); 2] {
+        [
+            ("recomputing", CrossEntropyRows::default),
+            ("keeping", CrossEntropyRows::keeping_softmax),
+        ]
+    }
+
     #[test]
     fn cross_entropy_matches_the_unfused_chain_in_value_and_gradient() -> Result<()> {
         let dev = Device::Cpu;
@@ -642,52 +790,70 @@ mod tests {
         let t: Vec<u32> = (0..n as u32).map(|i| (i * 7) % v as u32).collect();
         let t = Tensor::from_vec(t, n, &dev)?;
         let w = Tensor::randn(0f64, 1.0, n, &dev)?;
-        let fused = x.as_tensor().apply_op2(&t, CrossEntropyRows)?;
-        let plain = reference_rows(x.as_tensor(), &t)?;
-        let loss = fused.narrow(1, 0, 1)?.squeeze(1)?;
-        assert!(max_abs_diff(&loss, &plain) < 1e-13);
-        // A weighted sum of both columns exercises both gradient coefficients.
-        let lse = fused.narrow(1, 1, 1)?.squeeze(1)?;
-        let g1 = ((loss * &w)?.sum_all()? + lse.sum_all()?)?
-            .backward()?
-            .get(x.as_tensor())
-            .unwrap()
-            .clone();
-        let plain_lse = x
-            .as_tensor()
-            .exp()?
-            .sum_keepdim(D::Minus1)?
-            .log()?
-            .squeeze(1)?;
-        let g2 = ((plain * &w)?.sum_all()? + plain_lse.sum_all()?)?
-            .backward()?
-            .get(x.as_tensor())
-            .unwrap()
-            .clone();
-        assert!(max_abs_diff(&g1, &g2) < 1e-13, "{}", max_abs_diff(&g1, &g2));
-        // f32 agrees with f64 to f32 rounding.
-        let f32_loss = x
-            .as_tensor()
-            .to_dtype(DType::F32)?
-            .apply_op2(&t, CrossEntropyRows)?
-            .to_dtype(DType::F64)?
-            .narrow(1, 0, 1)?
-            .squeeze(1)?;
-        let rel = max_abs_diff(&f32_loss, &reference_rows(x.as_tensor(), &t)?);
-        assert!(rel < 1e-4, "{rel}");
-        // The f32 path (vectorized exponentials) has the f64 gradient to f32 rounding.
-        let x32 = Var::from_tensor(&x.as_tensor().to_dtype(DType::F32)?)?;
-        let l32 = x32.as_tensor().apply_op2(&t, CrossEntropyRows)?;
-        let l32 = l32.narrow(1, 0, 1)?.squeeze(1)?;
-        let g32 =
-            weighted_grad(&l32, &w.to_dtype(DType::F32)?, x32.as_tensor())?.to_dtype(DType::F64)?;
-        let plain = reference_rows(x.as_tensor(), &t)?;
-        let g64 = weighted_grad(&plain, &w, x.as_tensor())?;
-        assert!(
-            max_abs_diff(&g32, &g64) < 1e-5,
-            "{}",
-            max_abs_diff(&g32, &g64)
-        );
+        for (kind, op) in both_kinds() {
+            let fused = x.as_tensor().apply_op2(&t, op())?;
+            let plain = reference_rows(x.as_tensor(), &t)?;
+            let loss = fused.narrow(1, 0, 1)?.squeeze(1)?;
+            assert!(max_abs_diff(&loss, &plain) < 1e-13, "{kind}");
+            // A weighted sum of both columns exercises both gradient coefficients.
+            let lse = fused.narrow(1, 1, 1)?.squeeze(1)?;
+            let total = ((loss * &w)?.sum_all()? + lse.sum_all()?)?;
+            let g1 = total.backward()?.get(x.as_tensor()).unwrap().clone();
+            let plain_lse = x
+                .as_tensor()
+                .exp()?
+                .sum_keepdim(D::Minus1)?
+                .log()?
+                .squeeze(1)?;
+            let g2 = ((plain * &w)?.sum_all()? + plain_lse.sum_all()?)?
+                .backward()?
+                .get(x.as_tensor())
+                .unwrap()
+                .clone();
+            let err = max_abs_diff(&g1, &g2);
+            assert!(err < 1e-13, "{kind}: {err}");
+            // A second backward of the same graph (the kept softmax is spent) recomputes.
+            let again = total.backward()?.get(x.as_tensor()).unwrap().clone();
+            assert!(max_abs_diff(&again, &g2) < 1e-13, "{kind}, second backward");
+            // f32 agrees with f64 to f32 rounding.
+            let x32 = Var::from_tensor(&x.as_tensor().to_dtype(DType::F32)?)?;
+            let l32 = x32.as_tensor().apply_op2(&t, op())?;
+            let f32_loss = l32.narrow(1, 0, 1)?.squeeze(1)?;
+            let rel = max_abs_diff(
+                &f32_loss.to_dtype(DType::F64)?,
+                &reference_rows(x.as_tensor(), &t)?,
+            );
+            assert!(rel < 1e-4, "{kind}: {rel}");
+            // The f32 path (vectorized exponentials) has the f64 gradient to f32 rounding.
+            let g32 = weighted_grad(&f32_loss, &w.to_dtype(DType::F32)?, x32.as_tensor())?
+                .to_dtype(DType::F64)?;
+            let plain = reference_rows(x.as_tensor(), &t)?;
+            let g64 = weighted_grad(&plain, &w, x.as_tensor())?;
+            let err = max_abs_diff(&g32, &g64);
+            assert!(err < 1e-5, "{kind}: {err}");
+        }
+        Ok(())
+    }
+
+    /// Keeping the softmax changes no loss bit, f32 or f64.
+    #[test]
+    fn keeping_the_softmax_gives_the_same_losses() -> Result<()> {
+        let dev = Device::Cpu;
+        // 4100 columns: whole 16-lane chunks and a tail.
+        let (n, v) = (19, 4100);
+        let x = (Tensor::randn(0f64, 4.0, (n, v), &dev)? - 7.0)?;
+        let t: Vec<u32> = (0..n as u32).map(|i| (i * 977) % v as u32).collect();
+        let t = Tensor::from_vec(t, n, &dev)?;
+        for x in [x.clone(), x.to_dtype(DType::F32)?] {
+            let a = x.apply_op2(&t, CrossEntropyRows::default())?;
+            let b = x.apply_op2(&t, CrossEntropyRows::keeping_softmax())?;
+            let (a, b) = (a.to_dtype(DType::F64)?, b.to_dtype(DType::F64)?);
+            let (a, b) = (
+                a.flatten_all()?.to_vec1::<f64>()?,
+                b.flatten_all()?.to_vec1::<f64>()?,
+            );
+            assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
         Ok(())
     }
 
@@ -695,7 +861,10 @@ mod tests {
     fn cross_entropy_refuses_targets_outside_the_vocabulary() -> Result<()> {
         let x = Tensor::zeros((2, 3), DType::F32, &Device::Cpu)?;
         let t = Tensor::from_vec(vec![0u32, 3], 2, &Device::Cpu)?;
-        let e = x.apply_op2(&t, CrossEntropyRows).unwrap_err().to_string();
+        let e = x
+            .apply_op2(&t, CrossEntropyRows::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("target 3 outside the 3 classes"), "{e}");
         Ok(())
     }

@@ -159,10 +159,14 @@ impl TrainOptions {
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     if crate::fused::fusable(logits) {
         // One pass over the [N, V] logits forward and one backward, instead of seven of
-        // each (the logits are the largest tensor of a step: 200 MB at vocab 49152).
-        let rows = logits
-            .contiguous()?
-            .apply_op2(&targets.contiguous()?, crate::fused::CrossEntropyRows)?;
+        // each (the logits are the largest tensor of a step: 200 MB at vocab 49152). A loss
+        // that will be differentiated keeps its softmax for the backward.
+        let op = if logits.track_op() {
+            crate::fused::CrossEntropyRows::keeping_softmax()
+        } else {
+            crate::fused::CrossEntropyRows::default()
+        };
+        let rows = logits.contiguous()?.apply_op2(&targets.contiguous()?, op)?;
         return Ok(rows.narrow(1, 0, 1)?.mean_all()?);
     }
     let max = logits.max_keepdim(D::Minus1)?.detach();

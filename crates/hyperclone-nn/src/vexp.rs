@@ -128,6 +128,22 @@ macro_rules! kernels {
                 }
             }
 
+            /// out_j = out_j s, the product in f64 and rounded once.
+            $(#[target_feature(enable = $feature)])*
+            pub unsafe fn scale_f64(out: &mut [f32], s: f64) {
+                for o in out.iter_mut() {
+                    *o = (*o as f64 * s) as f32;
+                }
+            }
+
+            /// out_j = g out_j.
+            $(#[target_feature(enable = $feature)])*
+            pub unsafe fn scale(out: &mut [f32], g: f32) {
+                for o in out.iter_mut() {
+                    *o *= g;
+                }
+            }
+
             /// out_j = g_j sigmoid(g_j) u_j with sigmoid(g) = 1 / (1 + e^-g): SwiGLU's product.
             $(#[target_feature(enable = $feature)])*
             pub unsafe fn silu_mul(out: &mut [f32], g: &[f32], u: &[f32]) {
@@ -224,6 +240,16 @@ pub fn exp_store_sum(out: &mut [f32], x: &[f32], shift: f32) -> f64 {
 /// out_j = g e^(x_j - shift).
 pub fn scaled_exp(out: &mut [f32], x: &[f32], shift: f32, g: f32) {
     dispatch!(scaled_exp(out, x, shift, g))
+}
+
+/// out_j = out_j s, computed in f64 and rounded once (a softmax's normalization).
+pub fn scale_f64(out: &mut [f32], s: f64) {
+    dispatch!(scale_f64(out, s))
+}
+
+/// out_j = g out_j.
+pub fn scale(out: &mut [f32], g: f32) {
+    dispatch!(scale(out, g))
 }
 
 /// out_j = g_j sigmoid(g_j) u_j (SwiGLU), over the shortest of the three.
