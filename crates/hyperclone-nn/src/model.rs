@@ -1304,13 +1304,14 @@ impl Frame {
         let mut cos = Vec::with_capacity(t * rot);
         let mut sin = Vec::with_capacity(t * rot);
         for p in past..past + t {
-            for _ in 0..2 {
-                for f in inv {
-                    let a = p as f64 * f;
-                    cos.push(a.cos());
-                    sin.push(a.sin());
-                }
+            for f in inv {
+                let a = p as f64 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
             }
+            // Both halves of a row hold the same angles: computed once, copied.
+            cos.extend_from_within(cos.len() - inv.len()..);
+            sin.extend_from_within(sin.len() - inv.len()..);
         }
         let mk = |v: Vec<f64>| -> Result<Tensor> {
             Ok(Tensor::from_vec(v, (t, rot), &self.device)?.to_dtype(self.dtype)?)
