@@ -8,10 +8,11 @@
 #   2. forward time / torch sdpa's, 1x128 and 4x512 (goal <= 1.0)
 #   3. clone x2 time / `cp -r` of its output, noisy and symmetric (goal <= 1.3)
 #   4. `verify --dtype f64` of the x2 clone: verdict, seconds, peak RSS (goal < 2 GiB)
+#   5. `generate` of 64 tokens on the x2 clone: time, time per token and peak RSS / transformers'
 #
 # It starts with the machine: lscpu's model, family/model numbers and SIMD flags, and
 # PyTorch's version and CPU capability, so the figures can be stated with their machine.
-# PARTS picks sections (default "1 2 3 4"). THREADS (default 2) is the thread count of both sides; PY the Python with torch and
+# PARTS picks sections (default "1 2 3 4 5"). THREADS (default 2) is the thread count of both sides; PY the Python with torch and
 # transformers (default: scripts/pyenv.sh's). Nothing else should run meanwhile.
 # A full run takes about 10 minutes on 2 cores. Output: stdout and $OUT_DIR/acceptance.txt
 # (OUT_DIR defaults to a fresh temporary folder, which also holds the clone).
@@ -27,7 +28,7 @@ model=${1:-$("$PY" tests/fixtures/smollm2.py | tail -1)}
 out=${OUT_DIR:-$(mktemp -d)}
 mkdir -p "$out"
 report=$out/acceptance.txt
-parts=" ${PARTS:-1 2 3 4} "
+parts=" ${PARTS:-1 2 3 4 5} "
 want() { [[ $parts == *" $1 "* ]]; }
 
 {
@@ -56,13 +57,19 @@ want() { [[ $parts == *" $1 "* ]]; }
       benches/clone_vs_cp.sh --variant noisy --variant symmetric "$model" 2
   fi
 
-  if want 4; then
-    echo "== 4. verify --dtype f64, x2 noisy clone (peak RSS < 2 GiB)"
+  if want 4 || want 5; then
     rm -rf "$out/x2"
     "$bin" clone "$model" "$out/x2" --factor 2 --variant noisy >/dev/null
+  fi
+  if want 4; then
+    echo "== 4. verify --dtype f64, x2 noisy clone (peak RSS < 2 GiB)"
     RAYON_NUM_THREADS=$threads /usr/bin/time -f "peak RSS %M KiB, %e s" \
       "$bin" verify "$model" "$out/x2" --dtype f64 2>&1 | tail -3
-    rm -rf "$out/x2"
   fi
+  if want 5; then
+    echo "== 5. generate 64 tokens on the x2 clone, against transformers' generate"
+    HYPERCLONE_BIN=$bin "$PY" benches/generate_vs_torch.py "$out/x2" --threads "$threads" --tokens 64
+  fi
+  rm -rf "$out/x2"
 } 2>&1 | tee "$report"
 echo "report: $report"
