@@ -2,17 +2,19 @@
 """Generation: `hyperclone generate` against transformers' generate, greedy, KV cache on both.
 
     PY=$(scripts/pyenv.sh | tail -1)
-    "$PY" benches/generate_vs_torch.py [MODEL_DIR] [--threads 2] [--tokens 64] [--prompt TEXT]
+    "$PY" benches/generate_vs_torch.py [MODEL_DIR] [--threads 2] [--tokens 64] [--repeat 3] [--prompt TEXT]
 
 MODEL_DIR defaults to the SmolLM2-135M folder made by tests/fixtures/smollm2.py (any folder
 with tokenizer.json works, e.g. a clone). Both sides in float32 on the same number of
 threads, each in its own process so that its peak RSS is its own (os.wait4's ru_maxrss):
-  * rust:  `hyperclone generate MODEL --prompt P --max-tokens N`, RAYON_NUM_THREADS=T; the
-           process's wall time (load included), and the same with --max-tokens 1 (load and
-           prompt): the difference over N - 1 tokens is the time per decoded token.
-  * torch: AutoModelForCausalLM (sdpa) and its tokenizer, torch.set_num_threads(T), then
-           model.generate(do_sample=False, max_new_tokens=N), timed after loading; also with
-           max_new_tokens=1; the process's wall time, load included.
+  * rust:  `hyperclone generate MODEL --prompt P --max-tokens N`, RAYON_NUM_THREADS=T: the
+           process's wall time with --max-tokens 1 (load and prompt: the first token) and
+           with N; their difference over N - 1 tokens is the time per decoded token.
+  * torch: AutoModelForCausalLM (sdpa) and its tokenizer, torch.set_num_threads(T): the load,
+           then model.generate(do_sample=False, max_new_tokens=1 and N) timed in process; the
+           first token is load + generate(1), the time per token as above.
+Each side runs once untimed first (the first run pays for reading the files), then --repeat
+times (default 3); the figures are medians, the peak RSS the largest.
 Both stop early at the model's end-of-sequence token. The report gives both continuations'
 agreement (greedy decoding of the same function agrees until an argmax near-tie). The binary
 is ${HYPERCLONE_BIN:-target/release/hyperclone}.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -53,8 +56,8 @@ def default_model() -> Path:
     return smollm2.convert(smollm2.DEFAULT_OUT)
 
 
-def torch_side(model_dir: str, prompt: str, tokens: int, threads: int) -> None:
-    """Runs in the child: prints one JSON line (load s, generate-1 s, generate-N s, text)."""
+def torch_side(model_dir: str, prompt: str, tokens: int, threads: int, repeat: int) -> None:
+    """Runs in the child: prints one JSON line (load s, median generate-1 and generate-N s, text)."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -76,10 +79,15 @@ def torch_side(model_dir: str, prompt: str, tokens: int, threads: int) -> None:
                                  pad_token_id=eos if isinstance(eos, int) else None, use_cache=True)
         return time.perf_counter() - start, out[0, ids["input_ids"].shape[1]:].tolist()
 
-    one, _ = gen(1)
-    full, new = gen(tokens)
+    gen(1)  # warm-up
+    ones, fulls = [], []
+    for _ in range(repeat):
+        ones.append(gen(1)[0])
+        t, new = gen(tokens)
+        fulls.append(t)
     text = tok.decode(new, skip_special_tokens=True)
-    print(json.dumps({"load": load, "one": one, "full": full, "new_tokens": len(new), "text": text,
+    print(json.dumps({"load": load, "one": statistics.median(ones), "full": statistics.median(fulls),
+                      "new_tokens": len(new), "text": text,
                       "torch": torch.__version__, "transformers": transformers.__version__}))
 
 
@@ -89,13 +97,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="threads for both sides (default 2)")
     ap.add_argument("--tokens", type=int, default=64, help="tokens to generate (default 64)")
     ap.add_argument("--prompt", default=PROMPT, help=f"prompt (default {PROMPT!r})")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs of each length, median (default 3)")
     ap.add_argument("--torch-side", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.tokens < 2:
         sys.exit("--tokens must be at least 2 (the time per token is the difference to 1)")
     model_dir = str((args.model or default_model()).resolve())
     if args.torch_side:
-        torch_side(model_dir, args.prompt, args.tokens, args.threads)
+        torch_side(model_dir, args.prompt, args.tokens, args.threads, args.repeat)
         return
 
     binary = Path(os.environ.get("HYPERCLONE_BIN", REPO / "target" / "release" / "hyperclone"))
@@ -104,12 +113,18 @@ def main() -> None:
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
 
     rust_cmd = [str(binary), "generate", model_dir, "--prompt", args.prompt, "--max-tokens"]
-    _, rust_one, _ = child(rust_cmd + ["1"], env)
-    rust_out, rust_full, rust_rss = child(rust_cmd + [str(args.tokens)], env)
+    child(rust_cmd + ["1"], env)  # warm-up: the first run pays for reading the files
+    ones, fulls, rss = [], [], 0
+    for _ in range(args.repeat):
+        ones.append(child(rust_cmd + ["1"], env)[1])
+        rust_out, wall, peak = child(rust_cmd + [str(args.tokens)], env)
+        fulls.append(wall)
+        rss = max(rss, peak)
+    rust_one, rust_full, rust_rss = statistics.median(ones), statistics.median(fulls), rss
     rust_text = rust_out.rstrip("\n")[len(args.prompt):]
-    torch_out, torch_wall, torch_rss = child(
+    torch_out, _, torch_rss = child(
         [sys.executable, __file__, model_dir, "--torch-side", "--threads", str(args.threads),
-         "--tokens", str(args.tokens), "--prompt", args.prompt], env)
+         "--tokens", str(args.tokens), "--prompt", args.prompt, "--repeat", str(args.repeat)], env)
     t = json.loads(torch_out.strip().splitlines()[-1])
 
     # Tokens rust generated: its continuation re-tokenized would be ambiguous, so count the
@@ -120,14 +135,15 @@ def main() -> None:
     n = t["new_tokens"] if same else args.tokens
     rust_per_token = (rust_full - rust_one) / max(n - 1, 1)
     torch_per_token = (t["full"] - t["one"]) / max(t["new_tokens"] - 1, 1)
+    torch_first = t["load"] + t["one"]
     print(f"model {model_dir}")
-    print(f"float32, {args.threads} threads each, greedy, {args.tokens} new tokens at most; "
-          f"torch {t['torch']}, transformers {t['transformers']} (sdpa)")
-    print(f"{'':8} {'process s':>10} {'ms/token':>9} {'peak RSS MiB':>13}")
-    print(f"{'rust':8} {rust_full:>10.2f} {rust_per_token * 1e3:>9.1f} {rust_rss:>13}")
-    print(f"{'torch':8} {torch_wall:>10.2f} {torch_per_token * 1e3:>9.1f} {torch_rss:>13}"
-          f"   (load {t['load']:.2f} s, generate {t['full']:.2f} s)")
-    print(f"rust / torch: process time {rust_full / torch_wall:.2f}, per token {rust_per_token / torch_per_token:.2f}, "
+    print(f"float32, {args.threads} threads each, greedy, {args.tokens} new tokens at most, median of "
+          f"{args.repeat} after a warm-up; torch {t['torch']}, transformers {t['transformers']} (sdpa)")
+    print(f"{'':8} {'first token s':>14} {'ms/token':>9} {'peak RSS MiB':>13}")
+    print(f"{'rust':8} {rust_one:>14.2f} {rust_per_token * 1e3:>9.1f} {rust_rss:>13}   (whole process)")
+    print(f"{'torch':8} {torch_first:>14.2f} {torch_per_token * 1e3:>9.1f} {torch_rss:>13}   "
+          f"(load {t['load']:.2f} s + generate 1, in process)")
+    print(f"rust / torch: first token {rust_one / torch_first:.2f}, per token {rust_per_token / torch_per_token:.2f}, "
           f"peak RSS {rust_rss / torch_rss:.2f}")
     if same:
         print(f"same continuation ({t['new_tokens']} tokens)")
