@@ -855,6 +855,36 @@ impl Decoder {
             }
             weights.map.insert(t.info.name.clone(), tensor);
         }
+        // The head first: a tied head's embedding is dropped once packed, before the layers
+        // take their memory, so the load peaks at the weights plus one layer.
+        let embed = weights.take(&format!("{}.weight", arch.embed))?;
+        let head_weight = weights.opt(&format!("{}.weight", arch.head));
+        let tied = head_weight.is_none();
+        let head = Linear::new(
+            head_weight.unwrap_or_else(|| embed.clone()),
+            weights.opt(&format!("{}.bias", arch.head)),
+        );
+        let positions = match arch.positions {
+            Some((name, offset)) => Some((weights.take(&format!("{name}.weight"))?, offset)),
+            None => None,
+        };
+        let (mut head, mut project_in, mut project_out) = (
+            head,
+            weights.projection(arch.project_in),
+            weights.projection(arch.project_out),
+        );
+        let mut embed = Some(embed);
+        if weights.gemm_layout {
+            head.pack_for_inference()?;
+            for p in [&mut project_in, &mut project_out].into_iter().flatten() {
+                p.pack_for_inference()?;
+            }
+            // A tied head's packed panels hold the embedding's rows: the lookup reads them
+            // there, so the embedding is held once (a 262k-token vocabulary is GBs).
+            if tied && head.packed.is_some() {
+                embed = None;
+            }
+        }
         let mut layers = Vec::with_capacity(spec.layers);
         for (l, deferred) in by_layer.iter().enumerate() {
             for t in deferred {
@@ -873,36 +903,8 @@ impl Decoder {
                 weights.map.retain(|name, _| !name.starts_with(&prefix));
             }
         }
-        let embed = weights.take(&format!("{}.weight", arch.embed))?;
-        let head_weight = weights.opt(&format!("{}.weight", arch.head));
-        let tied = head_weight.is_none();
-        let head = Linear::new(
-            head_weight.unwrap_or_else(|| embed.clone()),
-            weights.opt(&format!("{}.bias", arch.head)),
-        );
-        let positions = match arch.positions {
-            Some((name, offset)) => Some((weights.take(&format!("{name}.weight"))?, offset)),
-            None => None,
-        };
         let mut frame = Frame::new(spec, dtype, device, &arch);
         frame.inference = weights.gemm_layout;
-        let (mut head, mut project_in, mut project_out) = (
-            head,
-            weights.projection(arch.project_in),
-            weights.projection(arch.project_out),
-        );
-        let mut embed = Some(embed);
-        if weights.gemm_layout {
-            head.pack_for_inference()?;
-            for p in [&mut project_in, &mut project_out].into_iter().flatten() {
-                p.pack_for_inference()?;
-            }
-            // A tied head's packed panels hold the embedding's rows: the lookup reads them
-            // there, so the embedding is held once (a 262k-token vocabulary is GBs).
-            if tied && head.packed.is_some() {
-                embed = None;
-            }
-        }
         let decoder = Decoder {
             project_in,
             project_out,
