@@ -9,12 +9,14 @@
 #   3. clone x2 time / `cp -r` of its output, noisy and symmetric (goal <= 1.3)
 #   4. `verify --dtype f64` of the x2 clone: verdict, seconds, peak RSS (goal < 2 GiB)
 #   5. `generate` of 64 tokens on the x2 clone: time, time per token and peak RSS / transformers'
+#   6. the packed linear's f32 schedules against each other (AVX-512F; identical logits):
+#      whether another than the default is faster on this CPU (benches/packed_schedules.sh)
 #
 # It starts with the machine: lscpu's model, family/model numbers and SIMD flags, and
 # PyTorch's version and CPU capability, so the figures can be stated with their machine.
-# PARTS picks sections (default "1 2 3 4 5"). THREADS (default 2) is the thread count of both sides; PY the Python with torch and
+# PARTS picks sections (default "1 2 3 4 5 6"). THREADS (default 2) is the thread count of both sides; PY the Python with torch and
 # transformers (default: scripts/pyenv.sh's). Nothing else should run meanwhile.
-# A full run takes about 10 minutes on 2 cores. Output: stdout and $OUT_DIR/acceptance.txt
+# A full run takes about 15 minutes on 2 cores. Output: stdout and $OUT_DIR/acceptance.txt
 # (OUT_DIR defaults to a fresh temporary folder, which also holds the clone).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -28,7 +30,7 @@ model=${1:-$("$PY" tests/fixtures/smollm2.py | tail -1)}
 out=${OUT_DIR:-$(mktemp -d)}
 mkdir -p "$out"
 report=$out/acceptance.txt
-parts=" ${PARTS:-1 2 3 4 5} "
+parts=" ${PARTS:-1 2 3 4 5 6} "
 want() { [[ $parts == *" $1 "* ]]; }
 
 {
@@ -71,5 +73,10 @@ want() { [[ $parts == *" $1 "* ]]; }
     HYPERCLONE_BIN=$bin "$PY" benches/generate_vs_torch.py "$out/x2" --threads "$threads" --tokens 64
   fi
   rm -rf "$out/x2"
+
+  if want 6; then
+    echo "== 6. packed f32 schedules (same logits; is the default the fastest here?)"
+    THREADS=$threads HYPERCLONE_BIN=$bin PY=$PY benches/packed_schedules.sh "$model"
+  fi
 } 2>&1 | tee "$report"
 echo "report: $report"

@@ -290,7 +290,7 @@ impl CustomOp2 for CrossEntropyRows {
             let g = match p {
                 CpuStorage::F32(mut p) => {
                     let coef = grad_res.flatten_all()?.to_vec1::<f32>()?;
-                    Self::grad_from_softmax(&mut p, &t, &coef, v, |p, g| crate::vexp::scale(p, g));
+                    Self::grad_from_softmax(&mut p, &t, &coef, v, crate::vexp::scale);
                     Tensor::from_vec(p, logits.shape(), logits.device())?
                 }
                 CpuStorage::F64(mut p) => {

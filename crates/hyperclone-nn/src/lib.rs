@@ -16,6 +16,7 @@ pub(crate) mod bf16_kernel;
 pub mod check;
 pub mod corpus;
 pub mod error;
+pub(crate) mod f32_kernel;
 pub(crate) mod fused;
 pub mod generate;
 pub mod init;

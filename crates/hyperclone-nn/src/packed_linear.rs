@@ -15,6 +15,7 @@
 //! keep candle's path.
 
 use crate::bf16_kernel;
+use crate::f32_kernel;
 use crate::fused::cpu_slice;
 use candle_core::{DType, Device, Result, Tensor, WithDType};
 use half::bf16;
@@ -102,6 +103,83 @@ pub(crate) fn packable(w: &Tensor) -> bool {
         DType::BF16 => bf16_kernel::kernels().is_some() && w.dim(1).is_ok_and(|k| k % 2 == 0),
         _ => false,
     }
+}
+
+/// How the f32 products on AVX-512 panels are run. Every schedule gives the same bits: each
+/// output element is one fused multiply-add chain over the input columns in order (a test
+/// holds them to gemm's kernel bit for bit); they differ in what stays in which cache, which
+/// depends on the CPU. The default is gemm's kernel over all input columns at once, the
+/// fastest measured (AMD Zen 4); `HYPERCLONE_PACKED_SCHEDULE` picks another, to measure them
+/// on a new CPU (`benches/acceptance.sh` part 6):
+///   gemm            gemm's microkernel, 64 rows x 6 tokens, all input columns at once
+///   own             f32_kernel's, the same shape (to time the kernel itself)
+///   kblock:KC       f32_kernel's, input columns in blocks of KC: a block's slice of the
+///                   panel (64 x KC floats) stays in L1 while the task's tokens pass over it
+///   half, half:KC   f32_kernel's on half panels, 32 rows x 12 tokens (half the weight
+///                   stream per multiply-add, twice the activation broadcasts), all columns
+///                   at once or in blocks of KC
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Schedule {
+    Gemm,
+    Own { half: bool, kc: Option<usize> },
+}
+
+impl Schedule {
+    const VAR: &'static str = "HYPERCLONE_PACKED_SCHEDULE";
+
+    fn parse(s: &str) -> std::result::Result<Schedule, String> {
+        let kc = |v: &str| match v.parse::<usize>() {
+            Ok(kc) if kc > 0 => Ok(Some(kc)),
+            _ => Err(format!(
+                "{}={s}: KC must be a whole number above 0",
+                Self::VAR
+            )),
+        };
+        match s.split_once(':') {
+            None if s == "gemm" || s.is_empty() => Ok(Schedule::Gemm),
+            None if s == "own" => Ok(Schedule::Own {
+                half: false,
+                kc: None,
+            }),
+            None if s == "half" => Ok(Schedule::Own {
+                half: true,
+                kc: None,
+            }),
+            Some(("kblock", v)) => Ok(Schedule::Own {
+                half: false,
+                kc: kc(v)?,
+            }),
+            Some(("half", v)) => Ok(Schedule::Own {
+                half: true,
+                kc: kc(v)?,
+            }),
+            _ => Err(format!(
+                "{}={s}: expected gemm, own, kblock:KC, half or half:KC",
+                Self::VAR
+            )),
+        }
+    }
+}
+
+/// The schedule `HYPERCLONE_PACKED_SCHEDULE` names (read once), or why it names none; an
+/// own-kernel schedule needs AVX-512F.
+fn schedule() -> Result<Schedule> {
+    static CHOSEN: std::sync::OnceLock<std::result::Result<Schedule, String>> =
+        std::sync::OnceLock::new();
+    let chosen = CHOSEN.get_or_init(|| {
+        let s = match std::env::var(Schedule::VAR) {
+            Ok(v) => Schedule::parse(v.trim())?,
+            Err(_) => Schedule::Gemm,
+        };
+        if s != Schedule::Gemm && f32_kernel::kernels().is_none() {
+            return Err(format!(
+                "{}: {s:?} needs a CPU with AVX-512F",
+                Schedule::VAR
+            ));
+        }
+        Ok(s)
+    });
+    chosen.clone().map_err(candle_core::Error::Msg)
 }
 
 /// A task's activation rows stay in L2 (512 KiB) while its panel passes over them.
@@ -294,7 +372,7 @@ impl PackedWeight {
         match &self.panels {
             Panels::F32 { kernels, panels } => {
                 let x = cpu_slice::<f32>(&storage, layout, "packed linear")?;
-                let ys = self.run_f32(kernels, panels, x, tokens);
+                let ys = self.run_f32(kernels, panels, x, tokens, schedule()?);
                 ys.into_iter()
                     .zip(&self.parts)
                     .map(|(y, part)| Tensor::from_vec(y, shape(part), &Device::Cpu))
@@ -315,6 +393,20 @@ impl PackedWeight {
     /// parallel tasks of one panel over a group of chunks; every (token, output row) of
     /// every weight lies in exactly one block.
     fn for_each_block(&self, tokens: usize, nr: usize, block: impl Fn(Block) + Sync) {
+        self.for_each_task(tokens, nr, |task| {
+            for t0 in (task.t0..task.t0 + task.cols).step_by(nr) {
+                block(Block {
+                    t0,
+                    cols: nr.min(task.t0 + task.cols - t0),
+                    ..task
+                });
+            }
+        });
+    }
+
+    /// Calls `task` for every parallel task: one panel over a group of tokens (a whole
+    /// number of `nr`-token chunks but for the last), as a [`Block`] of `cols` tokens.
+    fn for_each_task(&self, tokens: usize, nr: usize, task: impl Fn(Block) + Sync) {
         let mr = self.panels.mr();
         // Panel index -> (its weight, its first output row there).
         let panel_rows: Vec<(usize, usize)> = self
@@ -335,22 +427,18 @@ impl PackedWeight {
         let group = chunks.div_ceil(per_panel).clamp(1, fit_l2) * nr;
         let token_groups = tokens.div_ceil(group);
         // Task order: consecutive tasks share a token group (its rows stay cached).
-        (0..token_groups * panels).into_par_iter().for_each(|task| {
-            let (tg, panel) = (task / panels, task % panels);
+        (0..token_groups * panels).into_par_iter().for_each(|t| {
+            let (tg, panel) = (t / panels, t % panels);
             let (part, row0) = panel_rows[panel];
-            let rows = mr.min(self.parts[part].out - row0);
-            let t_end = ((tg + 1) * group).min(tokens);
-            for t0 in (tg * group..t_end).step_by(nr) {
-                let cols = nr.min(t_end - t0);
-                block(Block {
-                    part,
-                    row0,
-                    rows,
-                    panel,
-                    t0,
-                    cols,
-                });
-            }
+            let t0 = tg * group;
+            task(Block {
+                part,
+                row0,
+                rows: mr.min(self.parts[part].out - row0),
+                panel,
+                t0,
+                cols: group.min(tokens - t0),
+            });
         });
     }
 
@@ -376,16 +464,63 @@ impl PackedWeight {
         ys
     }
 
-    /// y_i [tokens, out_i] (row-major) for x [tokens, in] (row-major), f32.
+    /// y_i [tokens, out_i] (row-major) for x [tokens, in] (row-major), f32, by `schedule`
+    /// on AVX-512 panels (gemm's kernels otherwise).
     fn run_f32(
         &self,
         kernels: &Kernels,
         panels: &[f32],
         x: &[f32],
         tokens: usize,
+        schedule: Schedule,
     ) -> Vec<Vec<f32>> {
         let (inp, mr) = (self.inp, kernels.mr);
         let (ys, y_ptrs) = self.outputs::<f32>(tokens);
+        if let (Schedule::Own { half, kc }, Some(own)) = (schedule, f32_kernel::kernels()) {
+            if mr == f32_kernel::MR {
+                let (nr, kernels, halves) = match half {
+                    false => (f32_kernel::NR, &own.by_cols[..], &[(0, f32_kernel::MR)][..]),
+                    true => (
+                        2 * f32_kernel::NR,
+                        &own.half_by_cols[..],
+                        &[(0, 32), (32, 32)][..],
+                    ),
+                };
+                let kc = kc.unwrap_or(inp).max(1);
+                self.for_each_task(tokens, nr, |task| {
+                    let out = self.parts[task.part].out;
+                    let panel = &panels[task.panel * mr * inp..(task.panel + 1) * mr * inp];
+                    for &(r0, height) in halves.iter().filter(|(r0, _)| *r0 < task.rows) {
+                        let rows = height.min(task.rows - r0);
+                        // Each block of input columns passes over every chunk of the task's
+                        // tokens while its slice of the panel is cached, continuing the sums.
+                        for k0 in (0..inp).step_by(kc) {
+                            for t0 in (task.t0..task.t0 + task.cols).step_by(nr) {
+                                let cols = nr.min(task.t0 + task.cols - t0);
+                                // SAFETY: the kernel reads rows r0.. of the panel's columns
+                                // k0..k0+kn and x rows t0..t0+cols at columns k0.., all in
+                                // bounds, and reads then writes y_part[t0..t0+cols][row0 + r0
+                                // ..+rows] (accumulating only after the first block wrote
+                                // it): this task's, which no other writes. avx512f checked.
+                                unsafe {
+                                    (kernels[cols - 1])(
+                                        rows,
+                                        kc.min(inp - k0),
+                                        y_ptrs[task.part].get().add(t0 * out + task.row0 + r0),
+                                        out,
+                                        panel.as_ptr().add(k0 * mr + r0),
+                                        x.as_ptr().add(t0 * inp + k0),
+                                        inp,
+                                        k0 > 0,
+                                    );
+                                }
+                            }
+                        }
+                    }
+                });
+                return self.written(ys, tokens);
+            }
+        }
         self.for_each_block(tokens, kernels.by_cols.len(), |b| {
             let out = self.parts[b.part].out;
             let panel = &panels[b.panel * mr * inp..(b.panel + 1) * mr * inp];
@@ -748,6 +883,70 @@ mod tests {
             assert!(group.rows(&[0]).is_err());
             let other = Tensor::rand(-1f32, 1f32, (5, 41), &Device::Cpu).unwrap();
             assert!(PackedWeight::with_kernels(&[&ws[0], &other], kernels).is_err());
+        }
+    }
+
+    /// Every schedule gives gemm's kernel's bits: weights with partial panels (and a
+    /// partial half panel), an odd number of input columns, token counts that leave partial
+    /// chunks of 6 and 12, and column blocks that do not divide the inputs.
+    #[test]
+    fn every_schedule_gives_gemms_bits() {
+        let Some(avx512) = supported().into_iter().find(|k| k.mr == f32_kernel::MR) else {
+            return;
+        };
+        let inp = 77;
+        let ws: Vec<Tensor> = [150, 20, 64]
+            .iter()
+            .map(|&out| Tensor::rand(-1f32, 1f32, (out, inp), &Device::Cpu).unwrap())
+            .collect();
+        let refs: Vec<&Tensor> = ws.iter().collect();
+        let packed = PackedWeight::with_kernels(&refs, avx512).unwrap();
+        let Panels::F32 { panels, .. } = &packed.panels else {
+            unreachable!("f32 weights")
+        };
+        let bits = |ys: Vec<Vec<f32>>| -> Vec<Vec<u32>> {
+            ys.iter()
+                .map(|y| y.iter().map(|f| f.to_bits()).collect())
+                .collect()
+        };
+        for tokens in [1, 5, 13, 130] {
+            let x: Vec<f32> = uniform_values(tokens * inp, tokens as u64)
+                .iter()
+                .map(|&v| v as f32)
+                .collect();
+            let want = bits(packed.run_f32(avx512, panels, &x, tokens, Schedule::Gemm));
+            for s in [
+                "own",
+                "kblock:16",
+                "kblock:77",
+                "kblock:200",
+                "half",
+                "half:10",
+            ] {
+                let schedule = Schedule::parse(s).unwrap();
+                let got = bits(packed.run_f32(avx512, panels, &x, tokens, schedule));
+                assert!(got == want, "{s}, {tokens} tokens");
+            }
+        }
+    }
+
+    #[test]
+    fn schedules_parse_or_name_the_choices() {
+        let own = |half, kc| Schedule::Own { half, kc };
+        assert_eq!(Schedule::parse("gemm"), Ok(Schedule::Gemm));
+        assert_eq!(Schedule::parse(""), Ok(Schedule::Gemm));
+        assert_eq!(Schedule::parse("own"), Ok(own(false, None)));
+        assert_eq!(Schedule::parse("kblock:128"), Ok(own(false, Some(128))));
+        assert_eq!(Schedule::parse("half"), Ok(own(true, None)));
+        assert_eq!(Schedule::parse("half:64"), Ok(own(true, Some(64))));
+        for bad in [
+            "kblock", "kblock:0", "kblock:x", "half:-1", "fast", "gemm:3",
+        ] {
+            let e = Schedule::parse(bad).unwrap_err();
+            assert!(
+                e.starts_with(&format!("HYPERCLONE_PACKED_SCHEDULE={bad}: ")),
+                "{e}"
+            );
         }
     }
 

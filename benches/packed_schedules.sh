@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The packed linear's f32 schedules against each other on this CPU (AVX-512F only): every
+# schedule gives the same logits bit for bit (checked here first), so the only question is
+# which is fastest; the default (gemm) was the fastest on AMD Zen 4. See
+# crates/hyperclone-nn/src/packed_linear.rs, `Schedule`.
+#
+#   benches/packed_schedules.sh [MODEL_DIR]    (default: SmolLM2-135M from tests/fixtures/smollm2.py)
+#
+# For each schedule, ROUNDS (default 2) interleaved rounds of `hyperclone forward` at 1x128
+# (20 passes) and 4x512 (3 passes), seconds per pass; THREADS (default 2) threads;
+# SCHEDULES overrides the list. Reports every round and the best per schedule.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+bin=${HYPERCLONE_BIN:-$root/target/release/hyperclone}
+[ -x "$bin" ] || cargo build --release -q
+PY=${PY:-$(scripts/pyenv.sh | tail -1)}
+model=${1:-$("$PY" tests/fixtures/smollm2.py | tail -1)}
+schedules=${SCHEDULES:-gemm own kblock:128 kblock:256 half half:128}
+rounds=${ROUNDS:-2}
+export RAYON_NUM_THREADS=${THREADS:-2}
+grep -qw avx512f /proc/cpuinfo || { echo "no AVX-512F: only the gemm schedule runs here"; exit 0; }
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+logits() { HYPERCLONE_PACKED_SCHEDULE=$1 "$bin" forward "$model" --random-tokens 300 --out "$2" >/dev/null; }
+logits gemm "$tmp/reference.safetensors"
+for s in $schedules; do
+  logits "$s" "$tmp/$s.safetensors"
+  cmp -s "$tmp/reference.safetensors" "$tmp/$s.safetensors" ||
+    { echo "error: schedule $s gave other logits than gemm" >&2; exit 1; }
+done
+echo "every schedule: logits identical to gemm's (300 tokens)"
+
+seconds() {
+  HYPERCLONE_PACKED_SCHEDULE=$1 "$bin" forward "$model" --random-tokens "$3" --batch "$2" --repeat "$4" --json |
+    tail -1 | "$PY" -c 'import json,sys; print("%.4f" % json.load(sys.stdin)["seconds_per_forward"])'
+}
+printf '%-12s %6s %9s %9s\n' schedule round 1x128_s 4x512_s
+for r in $(seq "$rounds"); do
+  for s in $schedules; do
+    printf '%-12s %6s %9s %9s\n' "$s" "$r" "$(seconds "$s" 1 128 20)" "$(seconds "$s" 4 512 3)"
+  done
+done | tee "$tmp/rows"
+echo "best per schedule:"
+sort -k1,1 -k3,3n "$tmp/rows" | awk '!seen1[$1]++ {b1[$1]=$3} {if (!($1 in b4) || $4 < b4[$1]) b4[$1]=$4} END {for (s in b1) printf "%-12s 1x128 %s s  4x512 %s s\n", s, b1[s], b4[s]}' | sort
