@@ -22,7 +22,8 @@ fn exp_poly(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0;
     let x = if x < -87.0 { -87.0 } else { x };
     let x = if x > 88.0 { 88.0 } else { x };
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
     // ln 2 split in two so that n * ln2 is exact to f32 precision.
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let r2 = r * r;
@@ -33,7 +34,11 @@ fn exp_poly(x: f32) -> f32 {
         * r2
         + r
         + 1.0;
-    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    // n as an integer from t's bits (t lies in [2^23, 2^24), where the unit in the last
+    // place is 1), not `n as i32`: Rust's saturating float-to-int cast compiles to scalar
+    // code and kept the whole loop from being vectorized.
+    let n_int = t.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
+    p * f32::from_bits((n_int.wrapping_add(127) << 23) as u32)
 }
 
 /// e^x in f64 for |x| <= 700 (clamped beyond; NaN kept): 2^n e^r with |r| <= ln2/2, r
