@@ -10,6 +10,7 @@ macro_rules! bail {
     };
 }
 
+pub(crate) mod adamw_kernels;
 pub mod arch;
 pub mod attention;
 pub(crate) mod bf16_kernel;

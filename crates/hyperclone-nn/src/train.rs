@@ -227,8 +227,9 @@ impl AdamW {
     /// parameters only, all in one pass per parameter.
     ///
     /// Arithmetic is f64 per element, rounded once to the parameter's f32 storage. The norm
-    /// is one sequential sum, so the result does not depend on the thread count; the
-    /// element-wise update runs on all cores.
+    /// is summed in a fixed order (per parameter, then over parameters), so the result does
+    /// not depend on the thread count; the norm and the element-wise update run on all
+    /// cores in vector code (`adamw_kernels`).
     pub fn step<G>(
         &mut self,
         params: &[Param],
@@ -239,15 +240,13 @@ impl AdamW {
     where
         G: Copy + Into<f64> + Send + Sync,
     {
-        let norm = grads
-            .iter()
-            .flatten()
-            .map(|&g| {
-                let g: f64 = g.into();
-                g * g
-            })
-            .sum::<f64>()
-            .sqrt();
+        // Each parameter's sum of squares (8 interleaved partial sums), then their sum in
+        // parameter order: the same bits on any thread count.
+        let squares: Vec<f64> = grads
+            .par_iter()
+            .map(|g| crate::adamw_kernels::sum_squares(g))
+            .collect();
+        let norm = squares.iter().sum::<f64>().sqrt();
         let clip = if cfg.grad_clip > 0.0 && norm > cfg.grad_clip {
             cfg.grad_clip / norm
         } else {
@@ -262,22 +261,21 @@ impl AdamW {
             let mut w: Vec<f32> = p.var.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
             let decay = if p.decay { cfg.weight_decay } else { 0.0 };
             let (m, v, g) = (&mut self.m[i], &mut self.v[i], &grads[i]);
+            let u = crate::adamw_kernels::Update {
+                clip,
+                b1,
+                b2,
+                c1,
+                c2,
+                eps: cfg.adam_epsilon,
+                lr,
+                decay,
+            };
             w.par_chunks_mut(CHUNK)
                 .zip(m.par_chunks_mut(CHUNK))
                 .zip(v.par_chunks_mut(CHUNK))
                 .zip(g.par_chunks(CHUNK))
-                .for_each(|(((w, m), v), g)| {
-                    for k in 0..w.len() {
-                        let gk = g[k].into() * clip;
-                        let mk = b1 * m[k] as f64 + (1.0 - b1) * gk;
-                        let vk = b2 * v[k] as f64 + (1.0 - b2) * gk * gk;
-                        m[k] = mk as f32;
-                        v[k] = vk as f32;
-                        let update = (mk / c1) / ((vk / c2).sqrt() + cfg.adam_epsilon);
-                        let wk = w[k] as f64;
-                        w[k] = (wk - lr * (update + decay * wk)) as f32;
-                    }
-                });
+                .for_each(|(((w, m), v), g)| crate::adamw_kernels::update(w, m, v, g, &u));
             let t = Tensor::from_vec(w, p.var.shape(), p.var.device())?.to_dtype(p.var.dtype())?;
             p.var.set(&t)?;
         }
@@ -495,9 +493,7 @@ pub fn train_step_cut(
             .zip(piece_grads.par_iter())
             .for_each(|(acc, g)| {
                 if let Some(g) = g {
-                    for (a, &b) in acc.iter_mut().zip(g) {
-                        *a += w * b as f64;
-                    }
+                    crate::adamw_kernels::add_weighted(acc, g, w);
                 }
             });
         Ok(())

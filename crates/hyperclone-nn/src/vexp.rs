@@ -191,14 +191,15 @@ kernels!(avx512, "avx512f");
 kernels!(avx2, "avx2", "fma");
 kernels!(plain,);
 
+/// The widest instruction set this CPU runs, for the run-time dispatch of vectorized loops.
 #[derive(Clone, Copy, PartialEq)]
-enum Level {
+pub(crate) enum Level {
     Avx512,
     Avx2,
     Plain,
 }
 
-fn level() -> Level {
+pub(crate) fn level() -> Level {
     #[cfg(target_arch = "x86_64")]
     {
         static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
