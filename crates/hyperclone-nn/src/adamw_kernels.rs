@@ -146,7 +146,8 @@ mod tests {
             decay: 0.1,
         };
         let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-        let run = |f: &dyn Fn(&mut [f32], &mut [f32], &mut [f32])| {
+        type Step<'a> = &'a dyn Fn(&mut [f32], &mut [f32], &mut [f32]);
+        let run = |f: Step| {
             let (mut w, mut m, mut v) = (w0.clone(), m0.clone(), v0.clone());
             f(&mut w, &mut m, &mut v);
             (bits(&w), bits(&m), bits(&v))
