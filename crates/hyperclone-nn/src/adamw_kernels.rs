@@ -6,7 +6,7 @@
 //! are the same IEEE operations in the same order on every path (Rust never fuses a
 //! multiply and an add), so they give the same bits as before and on every CPU.
 
-use crate::vexp::{level, Level};
+use crate::vexp::dispatch;
 
 /// The scalars of one AdamW update (see `train::AdamW::step`).
 #[derive(Clone, Copy)]
@@ -83,21 +83,6 @@ kernels!(avx512, "avx512f");
 #[cfg(target_arch = "x86_64")]
 kernels!(avx2, "avx2", "fma");
 kernels!(plain,);
-
-macro_rules! dispatch {
-    ($f:ident($($arg:expr),*)) => {
-        // SAFETY: each branch runs only where `level` detected its instruction set.
-        unsafe {
-            match level() {
-                #[cfg(target_arch = "x86_64")]
-                Level::Avx512 => avx512::$f($($arg),*),
-                #[cfg(target_arch = "x86_64")]
-                Level::Avx2 => avx2::$f($($arg),*),
-                _ => plain::$f($($arg),*),
-            }
-        }
-    };
-}
 
 /// One AdamW update over the shortest of the four slices.
 pub(crate) fn update<G: Copy + Into<f64>>(

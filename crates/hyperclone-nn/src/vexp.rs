@@ -218,20 +218,23 @@ pub(crate) fn level() -> Level {
     Level::Plain
 }
 
+/// Calls `$f` from the caller's `avx512`, `avx2` or `plain` module (one body compiled per
+/// instruction set, as `kernels!` here and in `adamw_kernels` make them), as this CPU runs.
 macro_rules! dispatch {
     ($f:ident($($arg:expr),*)) => {
         // SAFETY: each branch runs only where `level` detected its instruction set.
         unsafe {
-            match level() {
+            match $crate::vexp::level() {
                 #[cfg(target_arch = "x86_64")]
-                Level::Avx512 => avx512::$f($($arg),*),
+                $crate::vexp::Level::Avx512 => avx512::$f($($arg),*),
                 #[cfg(target_arch = "x86_64")]
-                Level::Avx2 => avx2::$f($($arg),*),
+                $crate::vexp::Level::Avx2 => avx2::$f($($arg),*),
                 _ => plain::$f($($arg),*),
             }
         }
     };
 }
+pub(crate) use dispatch;
 
 /// sum_j e^(x_j - max) in f64.
 pub fn exp_sum(x: &[f32], max: f32) -> f64 {
