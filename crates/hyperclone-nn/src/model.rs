@@ -833,16 +833,16 @@ impl Decoder {
             let rest = name.strip_prefix(arch.layers)?.strip_prefix('.')?;
             rest.split('.').next()?.parse().ok()
         };
-        let deferred = |t: &&SourceTensor| {
-            weights.gemm_layout && layer_of(&t.info.name).is_some_and(|l| l < spec.layers)
-        };
         let mut by_layer: Vec<Vec<&SourceTensor>> = vec![Vec::new(); spec.layers];
-        for t in ckpt.tensors.iter().filter(deferred) {
-            if let Some(l) = layer_of(&t.info.name) {
-                by_layer[l].push(t);
+        let mut now = Vec::new();
+        for t in &ckpt.tensors {
+            let layer = layer_of(&t.info.name).filter(|&l| weights.gemm_layout && l < spec.layers);
+            match layer {
+                Some(l) => by_layer[l].push(t),
+                None => now.push(t),
             }
         }
-        for t in ckpt.tensors.iter().filter(|t| !deferred(t)) {
+        for t in now {
             let mut tensor = decode(ckpt, t, dtype, device, perturb)?;
             if trainable {
                 let var = Var::from_tensor(&tensor)?;
@@ -896,11 +896,10 @@ impl Decoder {
                 layer.pack_for_inference()?;
             }
             layers.push(layer);
-            if weights.gemm_layout {
-                // The layer holds its own (transposed) copies now: drop the stored ones, so
-                // the load peaks at the weights plus one layer, not twice the weights.
-                let prefix = format!("{}.", layer_prefix(&arch, l));
-                weights.map.retain(|name, _| !name.starts_with(&prefix));
+            // The layer holds its own (packed) copies now: drop the stored ones, so the
+            // load peaks at the weights plus one layer, not twice the weights.
+            for t in deferred {
+                weights.map.remove(&t.info.name);
             }
         }
         let mut frame = Frame::new(spec, dtype, device, &arch);
