@@ -10,7 +10,8 @@
 #   4. `verify --dtype f64` of the x2 clone: verdict, seconds, peak RSS (goal < 2 GiB)
 #   5. `generate` of 64 tokens on the x2 clone: time, time per token and peak RSS / transformers'
 #   6. the packed linear's f32 schedules against each other (AVX-512F; identical logits):
-#      whether another than the default is faster on this CPU (benches/packed_schedules.sh)
+#      what the load's timing (`auto`) chose, and whether whole forwards agree with it
+#      (benches/packed_schedules.sh)
 #
 # It starts with the machine: lscpu's model, family/model numbers and SIMD flags, and
 # PyTorch's version and CPU capability, so the figures can be stated with their machine.
@@ -75,7 +76,7 @@ want() { [[ $parts == *" $1 "* ]]; }
   rm -rf "$out/x2"
 
   if want 6; then
-    echo "== 6. packed f32 schedules (same logits; is the default the fastest here?)"
+    echo "== 6. packed f32 schedules (same logits; did auto pick the fastest here?)"
     THREADS=$threads HYPERCLONE_BIN=$bin PY=$PY benches/packed_schedules.sh "$model"
   fi
 } 2>&1 | tee "$report"

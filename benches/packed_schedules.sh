@@ -1,8 +1,9 @@
-#!/usr/bin/env bash
 # The packed linear's f32 schedules against each other on this CPU (AVX-512F only): every
 # schedule gives the same logits bit for bit (checked here first), so the only question is
-# which is fastest; the default (gemm) was the fastest on AMD Zen 4. See
-# crates/hyperclone-nn/src/packed_linear.rs, `Schedule`.
+# which is fastest. By default (`auto`) a load times the candidates on a small product of
+# each input width and keeps the fastest (see crates/hyperclone-nn/src/packed_schedule.rs);
+# this checks that choice against whole forwards under each fixed schedule, and prints what
+# `auto` chose with its timings.
 #
 #   benches/packed_schedules.sh [MODEL_DIR]    (default: SmolLM2-135M from tests/fixtures/smollm2.py)
 #
@@ -16,7 +17,7 @@ bin=${HYPERCLONE_BIN:-$root/target/release/hyperclone}
 [ -x "$bin" ] || cargo build --release -q
 PY=${PY:-$(scripts/pyenv.sh | tail -1)}
 model=${1:-$("$PY" tests/fixtures/smollm2.py | tail -1)}
-schedules=${SCHEDULES:-gemm own kblock:128 kblock:256 half half:128}
+schedules=${SCHEDULES:-auto gemm own kblock:64 kblock:128 kblock:256 half half:128}
 rounds=${ROUNDS:-2}
 export RAYON_NUM_THREADS=${THREADS:-2}
 grep -qw avx512f /proc/cpuinfo || { echo "no AVX-512F: only the gemm schedule runs here"; exit 0; }
@@ -31,6 +32,11 @@ for s in $schedules; do
     { echo "error: schedule $s gave other logits than gemm" >&2; exit 1; }
 done
 echo "every schedule: logits identical to gemm's (300 tokens)"
+echo "auto's timing at load (seconds of one product per candidate, best of its rounds):"
+HYPERCLONE_PACKED_SCHEDULE=auto "$bin" forward "$model" --random-tokens 8 --json | tail -1 | "$PY" -c '
+import json, sys
+for t in json.load(sys.stdin)["packed_schedules"]:
+    print("  %5d inputs: chose %-10s %s" % (t["inputs"], t["chosen"], "  ".join("%s %.3f ms" % (s, 1e3 * v) for s, v in t["seconds"].items())))'
 
 seconds() {
   HYPERCLONE_PACKED_SCHEDULE=$1 "$bin" forward "$model" --random-tokens "$3" --batch "$2" --repeat "$4" --json |

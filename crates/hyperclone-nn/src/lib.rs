@@ -24,6 +24,7 @@ pub mod init;
 pub mod model;
 pub mod optimizer_carry;
 pub(crate) mod packed_linear;
+pub mod packed_schedule;
 pub mod rng;
 pub mod shard;
 pub mod softmax;

@@ -902,6 +902,11 @@ impl Decoder {
                 weights.map.remove(&t.info.name);
             }
         }
+        if weights.gemm_layout {
+            // Which f32 schedule is fastest here, for each input width just packed (speed
+            // only: every schedule gives the same bits).
+            crate::packed_linear::tune_schedules()?;
+        }
         let mut frame = Frame::new(spec, dtype, device, &arch);
         frame.inference = weights.gemm_layout;
         let decoder = Decoder {

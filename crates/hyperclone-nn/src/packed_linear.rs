@@ -17,6 +17,7 @@
 use crate::bf16_kernel;
 use crate::f32_kernel;
 use crate::fused::cpu_slice;
+use crate::packed_schedule::{self, Schedule};
 use candle_core::{DType, Device, Result, Tensor, WithDType};
 use half::bf16;
 use rayon::prelude::*;
@@ -105,81 +106,56 @@ pub(crate) fn packable(w: &Tensor) -> bool {
     }
 }
 
-/// How the f32 products on AVX-512 panels are run. Every schedule gives the same bits: each
-/// output element is one fused multiply-add chain over the input columns in order (a test
-/// holds them to gemm's kernel bit for bit); they differ in what stays in which cache, which
-/// depends on the CPU. The default is gemm's kernel over all input columns at once, the
-/// fastest measured (AMD Zen 4); `HYPERCLONE_PACKED_SCHEDULE` picks another, to measure them
-/// on a new CPU (`benches/acceptance.sh` part 6):
-///   gemm            gemm's microkernel, 64 rows x 6 tokens, all input columns at once
-///   own             f32_kernel's, the same shape (to time the kernel itself)
-///   kblock:KC       f32_kernel's, input columns in blocks of KC: a block's slice of the
-///                   panel (64 x KC floats) stays in L1 while the task's tokens pass over it
-///   half, half:KC   f32_kernel's on half panels, 32 rows x 12 tokens (half the weight
-///                   stream per multiply-add, twice the activation broadcasts), all columns
-///                   at once or in blocks of KC
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) enum Schedule {
-    Gemm,
-    Own { half: bool, kc: Option<usize> },
+thread_local! {
+    /// The input widths of f32 weights packed on this thread since [`tune_schedules`] last
+    /// ran here.
+    static UNTIMED_WIDTHS: std::cell::RefCell<std::collections::BTreeSet<usize>> =
+        const { std::cell::RefCell::new(std::collections::BTreeSet::new()) };
 }
 
-impl Schedule {
-    const VAR: &'static str = "HYPERCLONE_PACKED_SCHEDULE";
+/// The product timed per candidate schedule: a weight of this many rows (16 panels) over
+/// this many tokens (24 chunks of 6), at the width being timed. At SmolLM2's 576 inputs
+/// that is 0.17 GFLOP, about 1 ms on 2 Zen 4 cores; the tasks have the shape of a real
+/// forward's (one panel over up to ~200 tokens).
+const TIMED_ROWS: usize = 1024;
+const TIMED_TOKENS: usize = 144;
 
-    fn parse(s: &str) -> std::result::Result<Schedule, String> {
-        let kc = |v: &str| match v.parse::<usize>() {
-            Ok(kc) if kc > 0 => Ok(Some(kc)),
-            _ => Err(format!(
-                "{}={s}: KC must be a whole number above 0",
-                Self::VAR
-            )),
-        };
-        match s.split_once(':') {
-            None if s == "gemm" || s.is_empty() => Ok(Schedule::Gemm),
-            None if s == "own" => Ok(Schedule::Own {
-                half: false,
-                kc: None,
-            }),
-            None if s == "half" => Ok(Schedule::Own {
-                half: true,
-                kc: None,
-            }),
-            Some(("kblock", v)) => Ok(Schedule::Own {
-                half: false,
-                kc: kc(v)?,
-            }),
-            Some(("half", v)) => Ok(Schedule::Own {
-                half: true,
-                kc: kc(v)?,
-            }),
-            _ => Err(format!(
-                "{}={s}: expected gemm, own, kblock:KC, half or half:KC",
-                Self::VAR
-            )),
-        }
+/// Times the f32 schedules ([`packed_schedule`]) for every input width packed on this
+/// thread since the last call and not timed before in this process, so later products of
+/// that width run the fastest on this CPU (the same bits whichever). Only with AVX-512F
+/// (the other kernels have one schedule) and where `HYPERCLONE_PACKED_SCHEDULE` fixes none.
+/// Costs about 20 products per width (~40 ms for SmolLM2's two widths on 2 Zen 4 cores).
+pub(crate) fn tune_schedules() -> Result<()> {
+    let widths = UNTIMED_WIDTHS.with(|w| std::mem::take(&mut *w.borrow_mut()));
+    let own = f32_kernel::kernels().is_some();
+    if !own || packed_schedule::requested(own) != Ok(packed_schedule::Request::Auto) {
+        return Ok(());
     }
-}
-
-/// The schedule `HYPERCLONE_PACKED_SCHEDULE` names (read once), or why it names none; an
-/// own-kernel schedule needs AVX-512F.
-fn schedule() -> Result<Schedule> {
-    static CHOSEN: std::sync::OnceLock<std::result::Result<Schedule, String>> =
-        std::sync::OnceLock::new();
-    let chosen = CHOSEN.get_or_init(|| {
-        let s = match std::env::var(Schedule::VAR) {
-            Ok(v) => Schedule::parse(v.trim())?,
-            Err(_) => Schedule::Gemm,
+    let Some(avx512) = kernels().filter(|k| k.mr == f32_kernel::MR) else {
+        return Ok(());
+    };
+    // Values in [-1, 1) on a coarse grid: normal numbers, no denormal slow paths.
+    let values = |n: usize, salt: usize| -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i.wrapping_mul(2_654_435_761) ^ salt) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    };
+    for inp in widths.into_iter().filter(|&inp| inp > 0) {
+        let w = Tensor::from_vec(values(TIMED_ROWS * inp, 1), (TIMED_ROWS, inp), &Device::Cpu)?;
+        let packed = PackedWeight::with_kernels(&[&w], avx512)?;
+        let Panels::F32 { panels, .. } = &packed.panels else {
+            continue;
         };
-        if s != Schedule::Gemm && f32_kernel::kernels().is_none() {
-            return Err(format!(
-                "{}: {s:?} needs a CPU with AVX-512F",
-                Schedule::VAR
-            ));
-        }
-        Ok(s)
-    });
-    chosen.clone().map_err(candle_core::Error::Msg)
+        let x = values(TIMED_TOKENS * inp, 2);
+        packed_schedule::tune(inp, |schedule| {
+            let start = std::time::Instant::now();
+            let ys = packed.run_f32(avx512, panels, &x, TIMED_TOKENS, schedule);
+            let seconds = start.elapsed().as_secs_f64();
+            std::hint::black_box(ys);
+            seconds
+        });
+    }
+    Ok(())
 }
 
 /// A task's activation rows stay in L2 (512 KiB) while its panel passes over them.
@@ -279,7 +255,9 @@ impl PackedWeight {
                 let Some(kernels) = kernels() else {
                     candle_core::bail!("packed linear: no AVX-512F or AVX2+FMA on this CPU");
                 };
-                Self::with_kernels(ws, kernels)
+                let packed = Self::with_kernels(ws, kernels)?;
+                UNTIMED_WIDTHS.with(|w| w.borrow_mut().insert(packed.inp));
+                Ok(packed)
             }
         }
     }
@@ -372,7 +350,9 @@ impl PackedWeight {
         match &self.panels {
             Panels::F32 { kernels, panels } => {
                 let x = cpu_slice::<f32>(&storage, layout, "packed linear")?;
-                let ys = self.run_f32(kernels, panels, x, tokens, schedule()?);
+                let schedule =
+                    packed_schedule::for_width(self.inp, f32_kernel::kernels().is_some())?;
+                let ys = self.run_f32(kernels, panels, x, tokens, schedule);
                 ys.into_iter()
                     .zip(&self.parts)
                     .map(|(y, part)| Tensor::from_vec(y, shape(part), &Device::Cpu))
@@ -923,31 +903,56 @@ mod tests {
                 "half",
                 "half:10",
             ] {
-                let schedule = Schedule::parse(s).unwrap();
+                let packed_schedule::Request::Fixed(schedule) =
+                    packed_schedule::Request::parse(s).unwrap()
+                else {
+                    unreachable!("{s} names a schedule")
+                };
                 let got = bits(packed.run_f32(avx512, panels, &x, tokens, schedule));
                 assert!(got == want, "{s}, {tokens} tokens");
             }
         }
     }
 
+    /// A width packed through `new` is timed once by `tune_schedules` (AVX-512F, `auto`),
+    /// every candidate gets a time, and products of that width still give gemm's bits.
     #[test]
-    fn schedules_parse_or_name_the_choices() {
-        let own = |half, kc| Schedule::Own { half, kc };
-        assert_eq!(Schedule::parse("gemm"), Ok(Schedule::Gemm));
-        assert_eq!(Schedule::parse(""), Ok(Schedule::Gemm));
-        assert_eq!(Schedule::parse("own"), Ok(own(false, None)));
-        assert_eq!(Schedule::parse("kblock:128"), Ok(own(false, Some(128))));
-        assert_eq!(Schedule::parse("half"), Ok(own(true, None)));
-        assert_eq!(Schedule::parse("half:64"), Ok(own(true, Some(64))));
-        for bad in [
-            "kblock", "kblock:0", "kblock:x", "half:-1", "fast", "gemm:3",
-        ] {
-            let e = Schedule::parse(bad).unwrap_err();
-            assert!(
-                e.starts_with(&format!("HYPERCLONE_PACKED_SCHEDULE={bad}: ")),
-                "{e}"
-            );
+    fn packed_widths_are_timed_once() {
+        let own = f32_kernel::kernels().is_some();
+        if !own || packed_schedule::requested(own) != Ok(packed_schedule::Request::Auto) {
+            return;
         }
+        let inp = 333; // a width no other test packs through `new`
+        let w = Tensor::rand(-1f32, 1f32, (70, inp), &Device::Cpu).unwrap();
+        let x = Tensor::rand(-1f32, 1f32, (13, inp), &Device::Cpu).unwrap();
+        let p = PackedWeight::new(&w).unwrap();
+        let before = p
+            .matmul(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        tune_schedules().unwrap();
+        let t = packed_schedule::tunings()
+            .into_iter()
+            .find(|t| t.inputs == inp)
+            .expect("the packed width was timed");
+        assert_eq!(t.seconds.len(), packed_schedule::CANDIDATES.len());
+        assert!(
+            t.seconds.iter().all(|(_, s)| s.is_finite() && *s > 0.0),
+            "{t:?}"
+        );
+        assert!(UNTIMED_WIDTHS.with(|w| w.borrow().is_empty()));
+        let after = p
+            .matmul(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&before), bits(&after));
     }
 
     /// The same input gives the same bits on 1 and 3 threads (each element is one chain).

@@ -75,6 +75,9 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
             "out": a.out.map(|p| p.display().to_string()),
             "seconds_per_forward": seconds_per_forward,
             "tokens_per_second": tokens_per_second,
+            // Which packed f32 schedule the load timed fastest, per input width (speed
+            // only; empty where none was timed): see packed_schedule.rs.
+            "packed_schedules": packed_schedules(),
         });
         outln!("{summary}");
         return Ok(());
@@ -99,6 +102,21 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The packed-schedule timings of this process, for `--json`.
+fn packed_schedules() -> Vec<serde_json::Value> {
+    hyperclone_nn::packed_schedule::tunings()
+        .into_iter()
+        .map(|t| {
+            let seconds: serde_json::Map<String, serde_json::Value> = t
+                .seconds
+                .into_iter()
+                .map(|(s, secs)| (s, json!(secs)))
+                .collect();
+            json!({"inputs": t.inputs, "chosen": t.chosen, "seconds": seconds})
+        })
+        .collect()
 }
 
 /// Runs the verification of BIG against SMALL on the probe INPUT chooses (see
