@@ -231,7 +231,11 @@ mod tests {
     ) -> Result<Tensor> {
         let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
         scores
-            .apply_op1(CausalSoftmax { window, offset })?
+            .apply_op1(CausalSoftmax {
+                window,
+                offset,
+                scale: None,
+            })?
             .matmul(v)
     }
 

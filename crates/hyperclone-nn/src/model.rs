@@ -1250,15 +1250,29 @@ impl Frame {
         let attended = if fused {
             crate::attention::causal_attention(&q, &k, &v, scale, window, offset)?
         } else {
-            let mut scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
-            if let Some(c) = s.attn_softcap {
-                scores = ((scores / c)?.tanh()? * c)?;
-            }
-            let probs = if cpu_float {
-                scores.apply_op1(CausalSoftmax { window, offset })?
-            } else {
-                let mask = self.mask(offset, t, window)?.repeat((group, 1))?;
-                softmax_last_dim(&scores.broadcast_add(&mask)?)?
+            let raw = q.matmul(&k.t()?.contiguous()?)?;
+            let softcapped = |scores: Tensor, c: f64| (scores / c)?.tanh()? * c;
+            let probs = match (cpu_float, s.attn_softcap) {
+                // The scaling inside the fused softmax: the same bits, one pass less each
+                // way (see `CausalSoftmax::scale`).
+                (true, None) => raw.apply_op1(CausalSoftmax {
+                    window,
+                    offset,
+                    scale: Some(scale),
+                })?,
+                (true, Some(c)) => softcapped((raw * scale)?, c)?.apply_op1(CausalSoftmax {
+                    window,
+                    offset,
+                    scale: None,
+                })?,
+                (false, softcap) => {
+                    let mut scores = (raw * scale)?;
+                    if let Some(c) = softcap {
+                        scores = softcapped(scores, c)?;
+                    }
+                    let mask = self.mask(offset, t, window)?.repeat((group, 1))?;
+                    softmax_last_dim(&scores.broadcast_add(&mask)?)?
+                }
             };
             probs.matmul(&v)?
         };

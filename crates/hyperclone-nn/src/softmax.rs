@@ -13,6 +13,10 @@ pub struct CausalSoftmax {
     pub window: Option<usize>,
     /// Positions before the first query (0 without a KV cache).
     pub offset: usize,
+    /// Scores scaled first, `x * scale + 0` in their dtype, as `Tensor * f64` (candle's
+    /// affine) computes them: softmax(q kᵀ · scale) without a pass that writes the scaled
+    /// scores, and a backward that scales its result in the same pass.
+    pub scale: Option<f64>,
 }
 
 impl CausalSoftmax {
@@ -25,14 +29,22 @@ impl CausalSoftmax {
         row: impl Fn(&mut [T], &[T]) + Sync,
     ) -> Vec<T> {
         let queries = keys - self.offset;
+        let scale = self.scale.map(|s| (T::from_f64(s), T::zero()));
         let mut out = vec![T::zero(); x.len()];
         out.par_chunks_mut(keys)
             .zip(x.par_chunks(keys))
             .enumerate()
-            .for_each(|(r, (o, xs))| {
+            .for_each_init(Vec::new, |scaled, (r, (o, xs))| {
                 let i = self.offset + r % queries;
                 let lo = self.window.map_or(0, |w| (i + 1).saturating_sub(w));
-                row(&mut o[lo..=i], &xs[lo..=i]);
+                match scale {
+                    Some((mul, add)) => {
+                        scaled.clear();
+                        scaled.extend(xs[lo..=i].iter().map(|&v| v * mul + add));
+                        row(&mut o[lo..=i], scaled);
+                    }
+                    None => row(&mut o[lo..=i], &xs[lo..=i]),
+                }
             });
         out
     }
@@ -91,10 +103,85 @@ impl CustomOp1 for CausalSoftmax {
         Ok((out, layout.shape().clone()))
     }
 
-    /// d softmax: dx = y * (dy - sum(dy * y)); masked entries have y = 0, so dx = 0 there.
+    /// d softmax: dx = y * (dy - sum(dy * y)) (then * scale + 0, the affine's backward);
+    /// masked entries have y = 0, so dx = 0 there. The row sums are candle's (its summation
+    /// order, hence its bits); the rest is one pass instead of three (four when scaled).
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let dot = (grad_res * res)?.sum_keepdim(D::Minus1)?;
-        Ok(Some((res * grad_res.broadcast_sub(&dot)?)?))
+        let g = grad_res.contiguous()?;
+        let dot = (&g * res)?.sum_keepdim(D::Minus1)?;
+        let grad = res.apply_op3_no_bwd(&g, &dot, &SoftmaxGrad { scale: self.scale })?;
+        Ok(Some(grad))
+    }
+}
+
+/// y * (g - dot) per row (then * scale + 0), for y, g [.., keys] and dot [.., 1]: the
+/// unfused chain's operations on each element in its order, so its bits.
+struct SoftmaxGrad {
+    scale: Option<f64>,
+}
+
+impl SoftmaxGrad {
+    fn rows<T: num_like::Float>(&self, y: &[T], g: &[T], dot: &[T]) -> Vec<T> {
+        let keys = y.len() / dot.len().max(1);
+        let scale = self.scale.map(|s| (T::from_f64(s), T::zero()));
+        let mut out = vec![T::zero(); y.len()];
+        out.par_chunks_mut(keys.max(1))
+            .zip(y.par_chunks(keys.max(1)).zip(g.par_chunks(keys.max(1))))
+            .zip(dot.par_iter())
+            .for_each(|((o, (y, g)), &d)| {
+                for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
+                    let dx = y * (g - d);
+                    *o = match scale {
+                        Some((mul, add)) => dx * mul + add,
+                        None => dx,
+                    };
+                }
+            });
+        out
+    }
+}
+
+impl candle_core::CustomOp3 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "causal-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let keys = *l1.dims().last().unwrap_or(&0);
+        let rows = l1.shape().elem_count() / keys.max(1);
+        if l2.dims() != l1.dims() || l3.shape().elem_count() != rows || keys == 0 {
+            candle_core::bail!(
+                "causal-softmax-grad: y {:?}, g {:?}, dot {:?}",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
+        }
+        let part = |l: &Layout| match l.contiguous_offsets() {
+            Some((a, b)) => Ok(a..b),
+            None => Err(candle_core::Error::Msg(
+                "causal-softmax-grad needs contiguous tensors".into(),
+            )),
+        };
+        let (r1, r2, r3) = (part(l1)?, part(l2)?, part(l3)?);
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(y), CpuStorage::F32(g), CpuStorage::F32(d)) => {
+                CpuStorage::F32(self.rows(&y[r1], &g[r2], &d[r3]))
+            }
+            (CpuStorage::F64(y), CpuStorage::F64(g), CpuStorage::F64(d)) => {
+                CpuStorage::F64(self.rows(&y[r1], &g[r2], &d[r3]))
+            }
+            _ => candle_core::bail!("causal-softmax-grad: only f32 or f64, all the same"),
+        };
+        Ok((out, l1.shape().clone()))
     }
 }
 
@@ -188,9 +275,11 @@ mod tests {
             // [B=2, K=1, g*T = 2*5, T] scores, as grouped-query attention produces them.
             let x = Var::from_tensor(&Tensor::randn(0f64, 2.0, (2, 1, 2 * t, t), &Device::Cpu)?)?;
             let w = Tensor::randn(0f64, 1.0, (2, 1, 2 * t, t), &Device::Cpu)?;
-            let fused = x
-                .as_tensor()
-                .apply_op1(CausalSoftmax { window, offset: 0 })?;
+            let fused = x.as_tensor().apply_op1(CausalSoftmax {
+                window,
+                offset: 0,
+                scale: None,
+            })?;
             let plain = reference(x.as_tensor(), t, window)?;
             let diff = max_abs_diff(&fused, &plain);
             assert!(diff < 1e-15, "forward differs by {diff}");
@@ -204,6 +293,7 @@ mod tests {
         let op = || CausalSoftmax {
             window: Some(3),
             offset: 0,
+            scale: None,
         };
         let want = x.apply_op1(op())?;
         let got = x
@@ -216,6 +306,7 @@ mod tests {
             Tensor::ones((1, 3, 3), DType::F32, &Device::Cpu)?.apply_op1(CausalSoftmax {
                 window: None,
                 offset: 0,
+                scale: None,
             })?;
         assert_eq!(f32_out.to_vec3::<f32>()?[0][2], vec![1.0 / 3.0; 3]);
         // With 3 cached positions, 2 new queries (positions 3 and 4) over 5 keys: the rows
@@ -224,14 +315,51 @@ mod tests {
         let full = x.apply_op1(CausalSoftmax {
             window: Some(2),
             offset: 0,
+            scale: None,
         })?;
         let rows = Tensor::cat(&[x.narrow(1, 3, 2)?, x.narrow(1, 8, 2)?], 1)?;
         let cached = rows.apply_op1(CausalSoftmax {
             window: Some(2),
             offset: 3,
+            scale: None,
         })?;
         let want = Tensor::cat(&[full.narrow(1, 3, 2)?, full.narrow(1, 8, 2)?], 1)?;
         assert_eq!(cached.to_vec3::<f64>()?, want.to_vec3::<f64>()?);
+        Ok(())
+    }
+
+    /// The scaled op is `Tensor * scale` then the softmax, bit for bit, in value and in
+    /// gradient (the gradient against the unfused backward written out: the softmax's
+    /// y * (g - sum(g * y)), then the affine's * scale + 0), f32 and f64.
+    #[test]
+    fn scaled_softmax_is_the_scaled_scores_softmax_bit_for_bit() -> Result<()> {
+        let (t, scale) = (7, 0.125f64.sqrt());
+        for dtype in [DType::F32, DType::F64] {
+            for window in [None, Some(3)] {
+                let x =
+                    Tensor::randn(0f64, 2.0, (2, 2, 2 * t, t), &Device::Cpu)?.to_dtype(dtype)?;
+                let w =
+                    Tensor::randn(0f64, 1.0, (2, 2, 2 * t, t), &Device::Cpu)?.to_dtype(dtype)?;
+                let x = Var::from_tensor(&x)?;
+                let op = |scale| CausalSoftmax {
+                    window,
+                    offset: 0,
+                    scale,
+                };
+                let fused = x.as_tensor().apply_op1(op(Some(scale)))?;
+                let plain = (x.as_tensor() * scale)?.apply_op1(op(None))?;
+                let bits = |t: &Tensor| -> Result<Vec<u64>> {
+                    let v = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                    Ok(v.iter().map(|x| x.to_bits()).collect())
+                };
+                assert_eq!(bits(&fused)?, bits(&plain)?, "{dtype:?} {window:?} forward");
+                let grads = (&fused * &w)?.sum_all()?.backward()?;
+                let got = grads.get(x.as_tensor()).expect("a gradient");
+                let dot = (&w * &fused)?.sum_keepdim(D::Minus1)?;
+                let want = ((&fused * w.broadcast_sub(&dot)?)? * scale)?;
+                assert_eq!(bits(got)?, bits(&want)?, "{dtype:?} {window:?} gradient");
+            }
+        }
         Ok(())
     }
 }
