@@ -63,6 +63,7 @@ pub fn fusable(x: &Tensor) -> bool {
 }
 
 mod cross_entropy;
+mod rms_kernels;
 pub use cross_entropy::CrossEntropyRows;
 
 /// Splits a flat two-part result [a | b] into tensors shaped like `sa` and `sb`.
@@ -79,26 +80,13 @@ pub struct RmsNorm {
     pub eps: f64,
 }
 
-/// 1 / sqrt(mean(x^2) + eps) of one row, in the row's dtype as the unfused chain computes it.
-fn inv_rms<T: Float>(row: &[T], eps: f64) -> T {
-    let ss = row.iter().fold(T::zero(), |s, &x| s + x * x);
-    T::one() / (ss / T::from_f64(row.len() as f64) + T::from_f64(eps)).sqrt()
-}
-
 impl RmsNorm {
     fn forward<T: Float>(&self, x: &[T], w: &[T]) -> Vec<T> {
         let d = w.len();
         let mut out = vec![T::zero(); x.len()];
         out.par_chunks_mut(d * ROWS_PER_TASK)
             .zip(x.par_chunks(d * ROWS_PER_TASK))
-            .for_each(|(o, xs)| {
-                for (o, row) in o.chunks_mut(d).zip(xs.chunks(d)) {
-                    let r = inv_rms(row, self.eps);
-                    for ((o, &x), &w) in o.iter_mut().zip(row).zip(w) {
-                        *o = x * r * w;
-                    }
-                }
-            });
+            .for_each(|(o, xs)| rms_kernels::forward(o, xs, w, self.eps));
         out
     }
 
@@ -111,22 +99,7 @@ impl RmsNorm {
             .par_chunks_mut(d * ROWS_PER_TASK)
             .zip(x.par_chunks(d * ROWS_PER_TASK))
             .zip(g.par_chunks(d * ROWS_PER_TASK))
-            .map(|((dx, xs), gs)| {
-                let mut dw = vec![T::zero(); d];
-                for ((dx, row), g) in dx.chunks_mut(d).zip(xs.chunks(d)).zip(gs.chunks(d)) {
-                    let r = inv_rms(row, self.eps);
-                    let mut dot = T::zero();
-                    for k in 0..d {
-                        dot = dot + g[k] * w[k] * row[k];
-                        dw[k] = dw[k] + g[k] * row[k] * r;
-                    }
-                    let c = r * r * dot / T::from_f64(d as f64);
-                    for k in 0..d {
-                        dx[k] = r * (g[k] * w[k] - row[k] * c);
-                    }
-                }
-                dw
-            })
+            .map(|((dx, xs), gs)| rms_kernels::backward(dx, xs, gs, w, self.eps))
             .collect();
         // In chunk order: the same sum on any number of threads.
         let mut dw = vec![T::zero(); d];
