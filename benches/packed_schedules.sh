@@ -32,11 +32,12 @@ for s in $schedules; do
     { echo "error: schedule $s gave other logits than gemm" >&2; exit 1; }
 done
 echo "every schedule: logits identical to gemm's (300 tokens)"
-echo "auto's timing at load (seconds of one product per candidate, best of its rounds):"
+echo "auto's timing at load (per candidate: median time / gemm's in the same round; best ms):"
 HYPERCLONE_PACKED_SCHEDULE=auto "$bin" forward "$model" --random-tokens 8 --json | tail -1 | "$PY" -c '
 import json, sys
 for t in json.load(sys.stdin)["packed_schedules"]:
-    print("  %5d inputs: chose %-10s %s" % (t["inputs"], t["chosen"], "  ".join("%s %.3f ms" % (s, 1e3 * v) for s, v in t["seconds"].items())))'
+    print("  %5d inputs: chose %-10s %s" % (t["inputs"], t["chosen"], "  ".join(
+        "%s %.3f (%.3f ms)" % (s, r, 1e3 * t["best_seconds"][s]) for s, r in t["median_ratio_to_gemm"].items())))'
 
 seconds() {
   HYPERCLONE_PACKED_SCHEDULE=$1 "$bin" forward "$model" --random-tokens "$3" --batch "$2" --repeat "$4" --json |

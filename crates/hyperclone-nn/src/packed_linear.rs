@@ -124,7 +124,7 @@ const TIMED_TOKENS: usize = 144;
 /// thread since the last call and not timed before in this process, so later products of
 /// that width run the fastest on this CPU (the same bits whichever). Only with AVX-512F
 /// (the other kernels have one schedule) and where `HYPERCLONE_PACKED_SCHEDULE` fixes none.
-/// Costs about 20 products per width (~40 ms for SmolLM2's two widths on 2 Zen 4 cores).
+/// Costs 30 products per width (about 0.1 s for SmolLM2's two widths on 2 Zen 4 cores).
 pub(crate) fn tune_schedules() -> Result<()> {
     let widths = UNTIMED_WIDTHS.with(|w| std::mem::take(&mut *w.borrow_mut()));
     let own = f32_kernel::kernels().is_some();

@@ -106,8 +106,9 @@ pub(crate) fn requested(own: bool) -> Result<Request, String> {
 }
 
 /// The candidates timed at load: the default first, then column blocks whose panel slice
-/// (64 x KC floats) is 16 and 32 KiB, for L1 caches of 32-48 KiB, and the half panels.
-pub(crate) const CANDIDATES: [Schedule; 4] = [
+/// (64 x KC floats) is 16 and 32 KiB, for L1 caches of 32-48 KiB, the half panels, and our
+/// kernel in gemm's shape (the same work in other instructions).
+pub(crate) const CANDIDATES: [Schedule; 5] = [
     Schedule::Gemm,
     Schedule::Own {
         half: false,
@@ -121,15 +122,22 @@ pub(crate) const CANDIDATES: [Schedule; 4] = [
         half: true,
         kc: None,
     },
+    Schedule::Own {
+        half: false,
+        kc: None,
+    },
 ];
 
-/// Timed rounds per candidate (after one untimed run each); the candidates alternate
-/// within a round, so a slow moment of the machine falls on all of them alike.
-pub(crate) const ROUNDS: usize = 4;
+/// Timed rounds (after one untimed run of each candidate). Each round runs every
+/// candidate once, starting at a different one each round, so neither a slow moment of the
+/// machine nor the position in the round favors one.
+pub(crate) const ROUNDS: usize = 5;
 
-/// Another candidate replaces the default only when its best time is at least this much
-/// below the default's: within it the timings cannot tell them apart on a shared machine.
-const MARGIN: f64 = 0.04;
+/// Another candidate replaces the default only when its median time, as a fraction of the
+/// default's in the same round, is at least this much below 1: on a shared virtual machine
+/// single timings of equal schedules differ by up to ~10%, and a smaller gain is not worth
+/// the risk of a wrong pick (half panels are 3-9% slower in whole forwards on Zen 4).
+const MARGIN: f64 = 0.08;
 
 /// What the timing found for one input width.
 #[derive(Clone, Debug)]
@@ -139,6 +147,8 @@ pub struct Tuning {
     pub chosen: String,
     /// Each candidate's best seconds over the rounds, in candidate order.
     pub seconds: Vec<(String, f64)>,
+    /// Each candidate's median over the rounds of its time / the default's in that round.
+    pub ratios: Vec<(String, f64)>,
 }
 
 /// The schedule per input width chosen so far in this process.
@@ -147,21 +157,24 @@ fn tuned() -> &'static Mutex<BTreeMap<usize, (Schedule, Tuning)>> {
     TUNED.get_or_init(|| Mutex::new(BTreeMap::new()))
 }
 
-/// Picks from each candidate's best time: the fastest, unless the default (the first) is
-/// within [`MARGIN`] of it.
-fn pick(best: &[(Schedule, f64)]) -> Schedule {
-    let Some(&(default, base)) = best.first() else {
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => 0.5 * (v[n / 2 - 1] + v[n / 2]),
+    }
+}
+
+/// Picks from each candidate's median ratio to the default (the first, ratio 1): the
+/// lowest, when it is below 1 - [`MARGIN`]; the default otherwise.
+fn pick(ratios: &[(Schedule, f64)]) -> Schedule {
+    let Some(&(default, _)) = ratios.first() else {
         return Schedule::Gemm;
     };
-    let (fastest, t) = best
-        .iter()
-        .copied()
-        .min_by(|a, b| a.1.total_cmp(&b.1))
-        .unwrap_or((default, base));
-    if t < base * (1.0 - MARGIN) {
-        fastest
-    } else {
-        default
+    match ratios.iter().copied().min_by(|a, b| a.1.total_cmp(&b.1)) {
+        Some((fastest, r)) if r < 1.0 - MARGIN => fastest,
+        _ => default,
     }
 }
 
@@ -171,20 +184,41 @@ pub(crate) fn tune(inputs: usize, mut run: impl FnMut(Schedule) -> f64) {
     if tuned().lock().map_or(true, |t| t.contains_key(&inputs)) {
         return;
     }
-    let mut best = CANDIDATES.map(|s| (s, f64::INFINITY));
-    for round in 0..=ROUNDS {
-        for (s, b) in best.iter_mut() {
-            let secs = run(*s);
-            if round > 0 {
-                *b = b.min(secs);
-            }
-        }
+    let n = CANDIDATES.len();
+    for s in CANDIDATES {
+        run(s);
     }
-    let chosen = pick(&best);
+    // times[round][candidate]
+    let times: Vec<Vec<f64>> = (0..ROUNDS)
+        .map(|round| {
+            let mut row = vec![0.0; n];
+            for i in 0..n {
+                let c = (round + i) % n;
+                row[c] = run(CANDIDATES[c]);
+            }
+            row
+        })
+        .collect();
+    let column = |c: usize| times.iter().map(move |row| row[c]);
+    let ratios: Vec<(Schedule, f64)> = (0..n)
+        .map(|c| {
+            let r = median(times.iter().map(|row| row[c] / row[0]).collect());
+            (CANDIDATES[c], r)
+        })
+        .collect();
+    let chosen = pick(&ratios);
     let tuning = Tuning {
         inputs,
         chosen: chosen.to_string(),
-        seconds: best.iter().map(|(s, t)| (s.to_string(), *t)).collect(),
+        seconds: (0..n)
+            .map(|c| {
+                (
+                    CANDIDATES[c].to_string(),
+                    column(c).fold(f64::INFINITY, f64::min),
+                )
+            })
+            .collect(),
+        ratios: ratios.iter().map(|(s, r)| (s.to_string(), *r)).collect(),
     };
     if let Ok(mut t) = tuned().lock() {
         t.entry(inputs).or_insert((chosen, tuning));
@@ -242,26 +276,27 @@ mod tests {
 
     #[test]
     fn the_default_stays_unless_another_is_clearly_faster() {
-        let [gemm, k64, k128, half] = CANDIDATES;
-        assert_eq!(pick(&[(gemm, 1.0), (k64, 0.97), (k128, 1.2)]), gemm);
-        assert_eq!(pick(&[(gemm, 1.0), (k64, 0.95), (k128, 0.90)]), k128);
+        let [gemm, k64, k128, half, _own] = CANDIDATES;
+        assert_eq!(pick(&[(gemm, 1.0), (k64, 0.95), (k128, 1.2)]), gemm);
+        assert_eq!(pick(&[(gemm, 1.0), (k64, 0.91), (k128, 0.85)]), k128);
         assert_eq!(pick(&[(gemm, 1.0), (half, 1.5)]), gemm);
         assert_eq!(pick(&[]), gemm);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
     }
 
-    /// The best of the timed rounds counts (the untimed first run does not), each width is
-    /// timed once, and the choice is what `for_width` returns under `auto`.
+    /// The untimed first runs do not count, each width is timed once, the choice is what
+    /// `for_width` returns under `auto`, and a slow moment of the default in one round does
+    /// not make another look faster (the median of the paired ratios decides).
     #[test]
     fn tuning_records_one_choice_per_width() {
-        let inputs = 1_000_003; // a width no other test loads
+        let (a, b) = (1_000_003, 1_000_033); // widths no other test loads
         let k128 = CANDIDATES[2];
         let mut calls = Vec::new();
-        let mut n = 0;
-        tune(inputs, |s| {
+        // Width a: the untimed runs favor gemm; then k128 takes half the time.
+        tune(a, |s| {
             calls.push(s);
-            n += 1;
-            // The untimed first round makes gemm look fastest; the timed ones favor k128.
-            match (n <= CANDIDATES.len(), s == k128) {
+            match (calls.len() <= CANDIDATES.len(), s == k128) {
                 (true, _) => (s != Schedule::Gemm) as u8 as f64,
                 (false, true) => 0.5,
                 (false, false) => 1.0,
@@ -269,13 +304,32 @@ mod tests {
         });
         assert_eq!(calls.len(), CANDIDATES.len() * (ROUNDS + 1));
         assert_eq!(&calls[..CANDIDATES.len()], &CANDIDATES);
-        tune(inputs, |_| panic!("timed twice"));
-        let t = tunings().into_iter().find(|t| t.inputs == inputs).unwrap();
-        assert_eq!(t.chosen, "kblock:128");
-        assert_eq!(t.seconds[2], ("kblock:128".to_string(), 0.5));
+        // Each round starts one candidate further.
+        assert_eq!(calls[CANDIDATES.len() * 2], CANDIDATES[1]);
+        tune(a, |_| panic!("timed twice"));
+        // Width b: all equal, but gemm's first timed run is 10x slow.
+        let mut n = 0;
+        tune(b, |s| {
+            n += 1;
+            if n == CANDIDATES.len() + 1 {
+                assert_eq!(s, Schedule::Gemm);
+                10.0
+            } else {
+                1.0
+            }
+        });
+        let found = |w| tunings().into_iter().find(|t| t.inputs == w).unwrap();
+        let (ta, tb) = (found(a), found(b));
+        assert_eq!(ta.chosen, "kblock:128");
+        assert_eq!(ta.seconds[2], ("kblock:128".to_string(), 0.5));
+        assert_eq!(ta.ratios[2], ("kblock:128".to_string(), 0.5));
+        assert_eq!(ta.ratios[0], ("gemm".to_string(), 1.0));
+        assert_eq!(tb.chosen, "gemm");
+        assert!(tb.ratios.iter().all(|(_, r)| *r == 1.0), "{tb:?}");
         if requested(true) == Ok(Request::Auto) {
-            assert_eq!(for_width(inputs, true).unwrap(), k128);
-            assert_eq!(for_width(inputs, false).unwrap(), Schedule::Gemm);
+            assert_eq!(for_width(a, true).unwrap(), k128);
+            assert_eq!(for_width(a, false).unwrap(), Schedule::Gemm);
+            assert_eq!(for_width(b, true).unwrap(), Schedule::Gemm);
         }
     }
 }

@@ -109,12 +109,15 @@ fn packed_schedules() -> Vec<serde_json::Value> {
     hyperclone_nn::packed_schedule::tunings()
         .into_iter()
         .map(|t| {
-            let seconds: serde_json::Map<String, serde_json::Value> = t
-                .seconds
-                .into_iter()
-                .map(|(s, secs)| (s, json!(secs)))
-                .collect();
-            json!({"inputs": t.inputs, "chosen": t.chosen, "seconds": seconds})
+            let map = |v: Vec<(String, f64)>| -> serde_json::Map<String, serde_json::Value> {
+                v.into_iter().map(|(s, x)| (s, json!(x))).collect()
+            };
+            json!({
+                "inputs": t.inputs,
+                "chosen": t.chosen,
+                "best_seconds": map(t.seconds),
+                "median_ratio_to_gemm": map(t.ratios),
+            })
         })
         .collect()
 }
