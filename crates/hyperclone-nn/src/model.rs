@@ -1250,7 +1250,7 @@ impl Frame {
         let attended = if fused {
             crate::attention::causal_attention(&q, &k, &v, scale, window, offset)?
         } else {
-            let raw = q.matmul(&k.t()?.contiguous()?)?;
+            let raw = q.matmul(&k.t()?)?;
             let softcapped = |scores: Tensor, c: f64| (scores / c)?.tanh()? * c;
             let probs = match (cpu_float, s.attn_softcap) {
                 // The scaling inside the fused softmax: the same bits, one pass less each
