@@ -349,7 +349,10 @@ pub struct ForwardArgs {
     /// Time R forward passes after one warm-up and report seconds per pass.
     #[arg(long, value_name = "R", default_value_t = 0)]
     pub repeat: usize,
-    /// Print a JSON summary (shape, last position's top 5).
+    /// Print a JSON summary (shape, last position's top 5, seconds per pass, and which
+    /// packed f32 schedule the load timed fastest on this CPU: `packed_schedules`; set
+    /// HYPERCLONE_PACKED_SCHEDULE=gemm, own, kblock:KC, half or half:KC to fix one, same
+    /// logits whichever).
     #[arg(long)]
     pub json: bool,
 }
