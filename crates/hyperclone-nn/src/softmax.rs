@@ -124,19 +124,23 @@ impl SoftmaxGrad {
     fn rows<T: num_like::Float>(&self, y: &[T], g: &[T], dot: &[T]) -> Vec<T> {
         let keys = y.len() / dot.len().max(1);
         let scale = self.scale.map(|s| (T::from_f64(s), T::zero()));
-        let mut out = vec![T::zero(); y.len()];
-        out.par_chunks_mut(keys.max(1))
+        let mut out = Vec::with_capacity(y.len());
+        out.spare_capacity_mut()[..y.len()]
+            .par_chunks_mut(keys.max(1))
             .zip(y.par_chunks(keys.max(1)).zip(g.par_chunks(keys.max(1))))
             .zip(dot.par_iter())
             .for_each(|((o, (y, g)), &d)| {
                 for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
                     let dx = y * (g - d);
-                    *o = match scale {
+                    o.write(match scale {
                         Some((mul, add)) => dx * mul + add,
                         None => dx,
-                    };
+                    });
                 }
             });
+        // SAFETY: cpu_fwd checked y and g of one shape with one dot per row of `keys`, so
+        // the chunks above cover y.len() elements and each was written.
+        unsafe { out.set_len(y.len()) };
         out
     }
 }

@@ -83,10 +83,14 @@ pub struct RmsNorm {
 impl RmsNorm {
     fn forward<T: Float>(&self, x: &[T], w: &[T]) -> Vec<T> {
         let d = w.len();
-        let mut out = vec![T::zero(); x.len()];
-        out.par_chunks_mut(d * ROWS_PER_TASK)
+        let mut out = Vec::with_capacity(x.len());
+        out.spare_capacity_mut()[..x.len()]
+            .par_chunks_mut(d * ROWS_PER_TASK)
             .zip(x.par_chunks(d * ROWS_PER_TASK))
             .for_each(|(o, xs)| rms_kernels::forward(o, xs, w, self.eps));
+        // SAFETY: the chunks cover x.len() elements and the kernel writes every element of
+        // its chunk (as many as its rows of x; x is whole rows of d, the op checked).
+        unsafe { out.set_len(x.len()) };
         out
     }
 
@@ -94,13 +98,16 @@ impl RmsNorm {
     /// dx = r (g w - x r^2 mean(g w x)), dw = sum over rows of g x r.
     fn backward<T: Float>(&self, x: &[T], w: &[T], g: &[T]) -> Vec<T> {
         let d = w.len();
-        let mut dx = vec![T::zero(); x.len()];
-        let partial_dw: Vec<Vec<T>> = dx
+        // Room for dw after dx, so appending it does not move dx.
+        let mut dx = Vec::with_capacity(x.len() + d);
+        let partial_dw: Vec<Vec<T>> = dx.spare_capacity_mut()[..x.len()]
             .par_chunks_mut(d * ROWS_PER_TASK)
             .zip(x.par_chunks(d * ROWS_PER_TASK))
             .zip(g.par_chunks(d * ROWS_PER_TASK))
             .map(|((dx, xs), gs)| rms_kernels::backward(dx, xs, gs, w, self.eps))
             .collect();
+        // SAFETY: as in forward: every element of every chunk of dx was written.
+        unsafe { dx.set_len(x.len()) };
         // In chunk order: the same sum on any number of threads.
         let mut dw = vec![T::zero(); d];
         for p in partial_dw {
@@ -168,6 +175,16 @@ impl CustomOp3 for RmsNormGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let d = l2.shape().dims1()?;
+        // The backward writes dx uninitialised: x and g must be whole rows of the same shape.
+        if l1.dims().last() != Some(&d) || l3.dims() != l1.dims() {
+            candle_core::bail!(
+                "rms-norm grad: x {:?}, w {:?}, g {:?}",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
+        }
         let norm = RmsNorm { eps: self.eps };
         let n = l1.shape().elem_count() + l2.shape().elem_count();
         let out = float_args!(

@@ -8,6 +8,7 @@
 
 use crate::softmax::num_like::Float;
 use crate::vexp::dispatch;
+use std::mem::MaybeUninit;
 
 /// Rows whose sequential sums run side by side.
 const LANES: usize = 8;
@@ -23,6 +24,7 @@ macro_rules! kernels {
     ($mod:ident, $($feature:literal),*) => {
         mod $mod {
             use super::{inv_rms_of, Float, LANES};
+            use std::mem::MaybeUninit;
 
             /// 1 / sqrt(mean(x^2) + eps) of each row of `rows` (d columns each).
             $(#[target_feature(enable = $feature)])*
@@ -46,23 +48,23 @@ macro_rules! kernels {
                 out
             }
 
-            /// y = x r w for each row of xs into o.
+            /// y = x r w for each row of xs into o (every element of o written).
             $(#[target_feature(enable = $feature)])*
-            pub unsafe fn forward<T: Float>(o: &mut [T], xs: &[T], w: &[T], eps: f64) {
+            pub unsafe fn forward<T: Float>(o: &mut [MaybeUninit<T>], xs: &[T], w: &[T], eps: f64) {
                 let d = w.len();
                 let rs = inv_rms_rows(xs, d, eps);
                 for ((o, row), &r) in o.chunks_mut(d).zip(xs.chunks(d)).zip(&rs) {
                     for ((o, &x), &w) in o.iter_mut().zip(row).zip(w) {
-                        *o = x * r * w;
+                        o.write(x * r * w);
                     }
                 }
             }
 
-            /// dx of each row into dx; returns these rows' dw (each column's sum over the
-            /// rows in order).
+            /// dx of each row into dx (every element written); returns these rows' dw
+            /// (each column's sum over the rows in order).
             $(#[target_feature(enable = $feature)])*
             pub unsafe fn backward<T: Float>(
-                dx: &mut [T],
+                dx: &mut [MaybeUninit<T>],
                 xs: &[T],
                 gs: &[T],
                 w: &[T],
@@ -91,7 +93,7 @@ macro_rules! kernels {
                     let c = r * r * dot / T::from_f64(d as f64);
                     for k in 0..d {
                         dw[k] = dw[k] + g[k] * row[k] * r;
-                        dx[k] = r * (g[k] * w[k] - row[k] * c);
+                        dx[k].write(r * (g[k] * w[k] - row[k] * c));
                     }
                 }
                 dw
@@ -106,13 +108,21 @@ kernels!(avx512, "avx512f");
 kernels!(avx2, "avx2", "fma");
 kernels!(plain,);
 
-/// RMSNorm of a task's rows (d = w.len() columns each) into o.
-pub(super) fn forward<T: Float>(o: &mut [T], xs: &[T], w: &[T], eps: f64) {
+/// RMSNorm of a task's rows (d = w.len() columns each) into o, writing all of o (as many
+/// elements as xs).
+pub(super) fn forward<T: Float>(o: &mut [MaybeUninit<T>], xs: &[T], w: &[T], eps: f64) {
     dispatch!(forward(o, xs, w, eps))
 }
 
-/// RMSNorm's input gradient of a task's rows into dx, and their share of dw.
-pub(super) fn backward<T: Float>(dx: &mut [T], xs: &[T], gs: &[T], w: &[T], eps: f64) -> Vec<T> {
+/// RMSNorm's input gradient of a task's rows into dx (writing all of it, as many elements
+/// as xs), and their share of dw.
+pub(super) fn backward<T: Float>(
+    dx: &mut [MaybeUninit<T>],
+    xs: &[T],
+    gs: &[T],
+    w: &[T],
+    eps: f64,
+) -> Vec<T> {
     dispatch!(backward(dx, xs, gs, w, eps))
 }
 
@@ -133,17 +143,21 @@ mod tests {
             };
             let (x, g) = (v(1), v(2));
             let w: Vec<f32> = (0..d).map(|i| 1.0 + (i % 7) as f32 * 0.1).collect();
-            let mut want = vec![0f32; n];
-            let mut want_dx = vec![0f32; n];
+            let buf = || vec![MaybeUninit::<f32>::uninit(); n];
+            // SAFETY: forward and backward write every element of their n-element output.
+            let done = |v: Vec<MaybeUninit<f32>>| -> Vec<f32> {
+                v.into_iter().map(|x| unsafe { x.assume_init() }).collect()
+            };
+            let (mut want, mut want_dx) = (buf(), buf());
             // SAFETY: the plain path needs no CPU feature.
             let want_dw = unsafe {
                 plain::forward(&mut want, &x, &w, 1e-5);
                 plain::backward(&mut want_dx, &x, &g, &w, 1e-5)
             };
-            let mut got = vec![0f32; n];
-            let mut got_dx = vec![0f32; n];
+            let (mut got, mut got_dx) = (buf(), buf());
             forward(&mut got, &x, &w, 1e-5);
             let got_dw = backward(&mut got_dx, &x, &g, &w, 1e-5);
+            let (want, want_dx, got, got_dx) = (done(want), done(want_dx), done(got), done(got_dx));
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want), "forward {rows}x{d}");
             assert_eq!(bits(&got_dx), bits(&want_dx), "dx {rows}x{d}");
