@@ -127,8 +127,7 @@ const TIMED_TOKENS: usize = 144;
 /// Costs 30 products per width (about 0.1 s for SmolLM2's two widths on 2 Zen 4 cores).
 pub(crate) fn tune_schedules() -> Result<()> {
     let widths = UNTIMED_WIDTHS.with(|w| std::mem::take(&mut *w.borrow_mut()));
-    let own = f32_kernel::kernels().is_some();
-    if !own || packed_schedule::requested(own) != Ok(packed_schedule::Request::Auto) {
+    if !packed_schedule::timing_wanted() {
         return Ok(());
     }
     let Some(avx512) = kernels().filter(|k| k.mr == f32_kernel::MR) else {
@@ -350,8 +349,7 @@ impl PackedWeight {
         match &self.panels {
             Panels::F32 { kernels, panels } => {
                 let x = cpu_slice::<f32>(&storage, layout, "packed linear")?;
-                let schedule =
-                    packed_schedule::for_width(self.inp, f32_kernel::kernels().is_some())?;
+                let schedule = packed_schedule::for_width(self.inp)?;
                 let ys = self.run_f32(kernels, panels, x, tokens, schedule);
                 ys.into_iter()
                     .zip(&self.parts)
@@ -918,21 +916,22 @@ mod tests {
     /// every candidate gets a time, and products of that width still give gemm's bits.
     #[test]
     fn packed_widths_are_timed_once() {
-        let own = f32_kernel::kernels().is_some();
-        if !own || packed_schedule::requested(own) != Ok(packed_schedule::Request::Auto) {
+        if !packed_schedule::timing_wanted() {
             return;
         }
         let inp = 333; // a width no other test packs through `new`
         let w = Tensor::rand(-1f32, 1f32, (70, inp), &Device::Cpu).unwrap();
         let x = Tensor::rand(-1f32, 1f32, (13, inp), &Device::Cpu).unwrap();
         let p = PackedWeight::new(&w).unwrap();
-        let before = p
-            .matmul(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let product_bits = || -> Vec<u32> {
+            let y = p.matmul(&x).unwrap().flatten_all().unwrap();
+            y.to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|f| f.to_bits())
+                .collect()
+        };
+        let before = product_bits();
         tune_schedules().unwrap();
         let t = packed_schedule::tunings()
             .into_iter()
@@ -944,15 +943,7 @@ mod tests {
             "{t:?}"
         );
         assert!(UNTIMED_WIDTHS.with(|w| w.borrow().is_empty()));
-        let after = p
-            .matmul(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&before), bits(&after));
+        assert_eq!(before, product_bits());
     }
 
     /// The same input gives the same bits on 1 and 3 threads (each element is one chain).

@@ -33,22 +33,12 @@ impl fmt::Display for Schedule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
             Schedule::Gemm => write!(f, "gemm"),
-            Schedule::Own {
-                half: false,
-                kc: None,
-            } => write!(f, "own"),
-            Schedule::Own {
-                half: false,
-                kc: Some(kc),
-            } => write!(f, "kblock:{kc}"),
-            Schedule::Own {
-                half: true,
-                kc: None,
-            } => write!(f, "half"),
-            Schedule::Own {
-                half: true,
-                kc: Some(kc),
-            } => write!(f, "half:{kc}"),
+            Schedule::Own { half, kc } => match (half, kc) {
+                (false, None) => write!(f, "own"),
+                (false, Some(kc)) => write!(f, "kblock:{kc}"),
+                (true, None) => write!(f, "half"),
+                (true, Some(kc)) => write!(f, "half:{kc}"),
+            },
         }
     }
 }
@@ -84,10 +74,14 @@ impl Request {
     }
 }
 
-/// The request in `HYPERCLONE_PACKED_SCHEDULE` (read once), or why it names none. `own`
-/// tells whether this CPU runs f32_kernel's kernels (AVX-512F), which a fixed schedule
-/// other than gemm needs.
-pub(crate) fn requested(own: bool) -> Result<Request, String> {
+/// Whether this CPU runs f32_kernel's kernels (AVX-512F), which every schedule but gemm's
+/// needs.
+fn own() -> bool {
+    crate::f32_kernel::kernels().is_some()
+}
+
+/// The request in `HYPERCLONE_PACKED_SCHEDULE` (read once), or why it names none.
+pub(crate) fn requested() -> Result<Request, String> {
     static REQUEST: OnceLock<Result<Request, String>> = OnceLock::new();
     REQUEST
         .get_or_init(|| {
@@ -96,7 +90,7 @@ pub(crate) fn requested(own: bool) -> Result<Request, String> {
                 Err(_) => Request::Auto,
             };
             match r {
-                Request::Fixed(s) if s != Schedule::Gemm && !own => {
+                Request::Fixed(s) if s != Schedule::Gemm && !own() => {
                     Err(format!("{VAR}={s}: needs a CPU with AVX-512F"))
                 }
                 r => Ok(r),
@@ -227,16 +221,22 @@ pub(crate) fn tune(inputs: usize, mut run: impl FnMut(Schedule) -> f64) {
 
 /// The schedule for products of this input width: the fixed one when asked, else the one
 /// timed at load (gemm's where none was).
-pub(crate) fn for_width(inputs: usize, own: bool) -> candle_core::Result<Schedule> {
-    match requested(own).map_err(candle_core::Error::Msg)? {
+pub(crate) fn for_width(inputs: usize) -> candle_core::Result<Schedule> {
+    match requested().map_err(candle_core::Error::Msg)? {
         Request::Fixed(s) => Ok(s),
-        Request::Auto if !own => Ok(Schedule::Gemm),
+        Request::Auto if !own() => Ok(Schedule::Gemm),
         Request::Auto => Ok(tuned()
             .lock()
             .ok()
             .and_then(|t| t.get(&inputs).map(|(s, _)| *s))
             .unwrap_or(Schedule::Gemm)),
     }
+}
+
+/// Whether loads time the candidates: on AVX-512F (the other kernels have one schedule)
+/// where `HYPERCLONE_PACKED_SCHEDULE` fixes none.
+pub(crate) fn timing_wanted() -> bool {
+    own() && requested() == Ok(Request::Auto)
 }
 
 /// Every timing made in this process, by input width (none where a schedule was fixed or
@@ -326,10 +326,11 @@ mod tests {
         assert_eq!(ta.ratios[0], ("gemm".to_string(), 1.0));
         assert_eq!(tb.chosen, "gemm");
         assert!(tb.ratios.iter().all(|(_, r)| *r == 1.0), "{tb:?}");
-        if requested(true) == Ok(Request::Auto) {
-            assert_eq!(for_width(a, true).unwrap(), k128);
-            assert_eq!(for_width(a, false).unwrap(), Schedule::Gemm);
-            assert_eq!(for_width(b, true).unwrap(), Schedule::Gemm);
+        if requested() == Ok(Request::Auto) {
+            // Without AVX-512F the timing is not used: gemm's kernels have no other schedule.
+            let want_a = if own() { k128 } else { Schedule::Gemm };
+            assert_eq!(for_width(a).unwrap(), want_a);
+            assert_eq!(for_width(b).unwrap(), Schedule::Gemm);
         }
     }
 }

@@ -169,22 +169,11 @@ impl candle_core::CustomOp3 for SoftmaxGrad {
                 l3.dims()
             );
         }
-        let part = |l: &Layout| match l.contiguous_offsets() {
-            Some((a, b)) => Ok(a..b),
-            None => Err(candle_core::Error::Msg(
-                "causal-softmax-grad needs contiguous tensors".into(),
-            )),
-        };
-        let (r1, r2, r3) = (part(l1)?, part(l2)?, part(l3)?);
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(y), CpuStorage::F32(g), CpuStorage::F32(d)) => {
-                CpuStorage::F32(self.rows(&y[r1], &g[r2], &d[r3]))
-            }
-            (CpuStorage::F64(y), CpuStorage::F64(g), CpuStorage::F64(d)) => {
-                CpuStorage::F64(self.rows(&y[r1], &g[r2], &d[r3]))
-            }
-            _ => candle_core::bail!("causal-softmax-grad: only f32 or f64, all the same"),
-        };
+        let out = crate::fused::float_args!(
+            "causal-softmax-grad",
+            [(s1, l1, y), (s2, l2, g), (s3, l3, dot)],
+            self.rows(y, g, dot)
+        );
         Ok((out, l1.shape().clone()))
     }
 }

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 const ROWS_PER_TASK: usize = 16;
 
 /// The contiguous slice of a storage that a layout covers.
-fn contiguous<'a, T>(x: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
+pub(crate) fn contiguous<'a, T>(x: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&x[a..b]),
         None => candle_core::bail!("{what}: needs a contiguous tensor"),
@@ -37,25 +37,26 @@ pub(crate) fn cpu_slice<'a, T: candle_core::WithDType>(
 /// The float storages of an op, as contiguous slices of one type bound to the given names:
 /// `float_args!(what, [(s1, l1, x), (s2, l2, w)], body)` evaluates `body` with x, w as
 /// &[f32] or &[f64] and wraps its Vec in the matching storage; the `f32: .., f64: ..` form
-/// takes a body per dtype.
+/// takes a body per dtype. Used by the ops here and by `softmax`'s.
 macro_rules! float_args {
     ($what:expr, [$(($s:expr, $l:expr, $a:ident)),+], f32: $b32:expr, f64: $b64:expr) => {
         match ($($s,)+) {
-            ($(CpuStorage::F32($a),)+) => {
-                $(let $a = contiguous($a, $l, $what)?;)+
-                CpuStorage::F32($b32)
+            ($(candle_core::CpuStorage::F32($a),)+) => {
+                $(let $a = $crate::fused::contiguous($a, $l, $what)?;)+
+                candle_core::CpuStorage::F32($b32)
             }
-            ($(CpuStorage::F64($a),)+) => {
-                $(let $a = contiguous($a, $l, $what)?;)+
-                CpuStorage::F64($b64)
+            ($(candle_core::CpuStorage::F64($a),)+) => {
+                $(let $a = $crate::fused::contiguous($a, $l, $what)?;)+
+                candle_core::CpuStorage::F64($b64)
             }
             _ => candle_core::bail!("{}: only f32 or f64, all the same", $what),
         }
     };
     ($what:expr, [$(($s:expr, $l:expr, $a:ident)),+], $body:expr) => {
-        float_args!($what, [$(($s, $l, $a)),+], f32: $body, f64: $body)
+        $crate::fused::float_args!($what, [$(($s, $l, $a)),+], f32: $body, f64: $body)
     };
 }
+pub(crate) use float_args;
 
 /// Whether the fused ops can run on `x` (CPU, f32 or f64).
 pub fn fusable(x: &Tensor) -> bool {
