@@ -383,7 +383,7 @@ impl KvCache {
 
 /// Edits a weight's values (decoded to f64) before the decoder takes them. It must act
 /// element by element: the layer-streamed forward passes it a tensor's rows in pieces.
-pub type Perturb<'a> = dyn Fn(&mut [f64]) + 'a;
+pub type Perturb<'a> = dyn Fn(&mut [f64]) + Sync + 'a;
 
 /// The family's layout and the numeric switches of a checkpoint, with the norm epsilon
 /// settled (its default depends on the norm kind).
@@ -930,9 +930,11 @@ impl Decoder {
     /// Forward with optional (training) dropout on each attention and MLP output.
     pub fn forward_with(&self, ids: &Tensor, dropout: Option<&Dropout>) -> Result<ForwardOutput> {
         let (b, t) = ids.dims2()?;
-        let (residual, h) = self.body(ids, dropout, None)?;
-        let logits = self.softcap(self.head.forward(&h)?)?;
-        self.output(logits, residual, h, b, t)
+        crate::shard::on_pool(|| {
+            let (residual, h) = self.body(ids, dropout, None)?;
+            let logits = self.softcap(self.head.forward(&h)?)?;
+            self.output(logits, residual, h, b, t)
+        })
     }
 
     /// An empty cache for [`Decoder::forward_next`].
@@ -948,12 +950,14 @@ impl Decoder {
     /// numbers as a full forward over the whole sequence, up to summation order.
     pub fn forward_next(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let (_, h) = self.body(ids, None, Some(cache))?;
-        let last = h
-            .reshape((b, t, h.dim(1)?))?
-            .narrow(1, t - 1, 1)?
-            .squeeze(1)?;
-        self.softcap(self.head.forward(&last)?)
+        crate::shard::on_pool(|| {
+            let (_, h) = self.body(ids, None, Some(cache))?;
+            let last = h
+                .reshape((b, t, h.dim(1)?))?
+                .narrow(1, t - 1, 1)?
+                .squeeze(1)?;
+            self.softcap(self.head.forward(&last)?)
+        })
     }
 
     /// Embedding and blocks: the residual stream after the embedding and each layer, and

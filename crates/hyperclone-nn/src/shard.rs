@@ -49,6 +49,14 @@ pub fn in_waves<I: Sync, T: Send>(
     Ok(())
 }
 
+/// Runs `f` on a thread of rayon's pool (in place when the caller is one of its threads).
+/// The kernels of a forward or a training step split their work with rayon; called from
+/// outside the pool, each split hands its job over and puts the caller to sleep until it
+/// is done: two thread switches for each of the ~300 splits of a SmolLM2 forward.
+pub(crate) fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
+
 /// candle's CPU kernels run element-wise ops on a pool of their own, one op at a time
 /// (behind a lock): shards running side by side would queue on it. This turns that pool off
 /// unless the user set `CANDLE_NUM_THREADS`; call it before the first candle op, while no

@@ -68,6 +68,21 @@ pub fn forward_streamed_in_chunks(
     head_chunk: usize,
     cancel: &AtomicBool,
 ) -> Result<ForwardOutput> {
+    crate::shard::on_pool(|| {
+        streamed_on_pool(ckpt, dtype, device, perturb, ids, head_chunk, cancel)
+    })
+}
+
+/// [`forward_streamed_in_chunks`]' work, on a thread of rayon's pool.
+fn streamed_on_pool(
+    ckpt: &Checkpoint,
+    dtype: DType,
+    device: &Device,
+    perturb: Option<&Perturb<'_>>,
+    ids: &Tensor,
+    head_chunk: usize,
+    cancel: &AtomicBool,
+) -> Result<ForwardOutput> {
     let stop = || stop_if_cancelled(cancel);
     let (arch, frame) = Frame::of(ckpt, dtype, device)?;
     let (b, t) = ids.dims2()?;

@@ -418,6 +418,21 @@ pub fn train_step_cut(
     cut: &[std::ops::Range<usize>],
     data: Vec<(Vec<u32>, Vec<u32>)>,
 ) -> Result<StepStats> {
+    crate::shard::on_pool(|| step_on_pool(model, params, opt, cfg, step, batch, cut, data))
+}
+
+/// [`train_step_cut`]'s work, on a thread of rayon's pool.
+#[allow(clippy::too_many_arguments)]
+fn step_on_pool(
+    model: &Decoder,
+    params: &[Param],
+    opt: &mut AdamW,
+    cfg: &TrainOptions,
+    step: u64,
+    batch: usize,
+    cut: &[std::ops::Range<usize>],
+    data: Vec<(Vec<u32>, Vec<u32>)>,
+) -> Result<StepStats> {
     let k = data.len() as u64;
     let lr = cfg.lr_at(step);
     let seq = data[0].0.len() / batch.max(1);
