@@ -12,6 +12,7 @@
 //! Training and verification keep the unfused path (it has a backward; verification's
 //! resident and streamed forwards agree bit for bit).
 
+use crate::f32_kernel;
 use crate::fused::cpu_slice;
 use crate::softmax::{num_like::Float, CausalSoftmax};
 use candle_core::{DType, Result, Shape, Tensor, WithDType};
@@ -70,8 +71,11 @@ pub fn causal_attention(
         scale,
     };
     match q.dtype() {
-        DType::F32 => geometry.attend(&q, &k, &v, shape, CausalSoftmax::row_f32),
-        DType::F64 => geometry.attend(&q, &k, &v, shape, CausalSoftmax::row::<f64>),
+        DType::F32 => match PackedKeys::for_head_dim(d) {
+            Some(packed) => geometry.attend(&q, &k, &v, shape, CausalSoftmax::row_f32, packed),
+            None => geometry.attend(&q, &k, &v, shape, CausalSoftmax::row_f32, Gemm),
+        },
+        DType::F64 => geometry.attend(&q, &k, &v, shape, CausalSoftmax::row::<f64>, Gemm),
         other => candle_core::bail!("causal attention: only f32, f64 and bf16, not {other:?}"),
     }
 }
@@ -114,6 +118,128 @@ fn matmul<T: Float + WithDType>(
     }
 }
 
+/// How a block's scores, q_block kᵀ, are computed: each element the same multiply-add
+/// chain over the head dimension as candle's (gemm's) matmul in the unfused path.
+trait BlockScores<T>: Sync {
+    /// What the products need of one kv head's keys, made once for all its query rows.
+    type Keys: Send + Sync;
+
+    /// `k`: the kv head's `keys` x d keys, row-major.
+    fn keys(&self, k: &[T], keys: usize, d: usize) -> Self::Keys;
+
+    /// s (n x seen, row-major) = q (n x d, row-major) times the first `seen` keys' kᵀ.
+    #[allow(clippy::too_many_arguments)]
+    fn block(
+        &self,
+        prepared: &Self::Keys,
+        k: &[T],
+        q: &[T],
+        d: usize,
+        s: &mut [T],
+        n: usize,
+        seen: usize,
+    );
+}
+
+/// gemm on the keys as they lie (it packs the ones a block sees, for every block).
+struct Gemm;
+
+impl<T: Float + WithDType> BlockScores<T> for Gemm {
+    type Keys = ();
+
+    fn keys(&self, _: &[T], _: usize, _: usize) {}
+
+    fn block(&self, _: &(), k: &[T], q: &[T], d: usize, s: &mut [T], n: usize, seen: usize) {
+        matmul((n, seen, d), s, q, (d, 1), k, (1, d));
+    }
+}
+
+/// f32 with AVX-512F: each kv head's keys laid out once in gemm's panel layout (64 keys side
+/// by side per head-dimension column), and every block's scores run f32_kernel on them,
+/// 64 keys by up to 6 query rows at a time. gemm packed the keys a block sees for every
+/// block and every query head of the group again (1.4% of a 4x512 SmolLM2 forward).
+#[derive(Clone, Copy)]
+struct PackedKeys(&'static f32_kernel::Kernels);
+
+impl PackedKeys {
+    /// Head dimensions up to this are one gemm pass over the head dimension (no split of
+    /// the sum into blocks), where f32_kernel's chain is gemm's bit for bit (a test).
+    const MAX_HEAD_DIM: usize = 256;
+
+    /// Whether gemm computes an n x seen block of scores with its microkernels, whose
+    /// chains f32_kernel's repeat: it takes other routes for small products (dot products
+    /// when n * seen <= 256, a matrix-vector product for one query row or one key, rank
+    /// updates for d <= 2; gemm-common 0.19's gemm_basic_generic), each summing in another
+    /// order. Those blocks stay gemm's, so every score keeps its bits.
+    fn gemm_runs_its_kernels(n: usize, seen: usize, d: usize) -> bool {
+        n * seen > 256 && n > 1 && seen > 1 && d > 2
+    }
+
+    fn for_head_dim(d: usize) -> Option<PackedKeys> {
+        f32_kernel::kernels()
+            .filter(|_| d <= Self::MAX_HEAD_DIM)
+            .map(PackedKeys)
+    }
+}
+
+impl BlockScores<f32> for PackedKeys {
+    type Keys = Vec<f32>;
+
+    fn keys(&self, k: &[f32], keys: usize, d: usize) -> Vec<f32> {
+        const MR: usize = f32_kernel::MR;
+        // Zeros past the last key: the kernel reads whole panels but writes `rows` keys.
+        let mut panels = vec![0f32; keys.div_ceil(MR) * MR * d];
+        for (key, row) in k.chunks_exact(d).take(keys).enumerate() {
+            let panel = &mut panels[key / MR * MR * d..][..MR * d];
+            for (c, &x) in row.iter().enumerate() {
+                panel[c * MR + key % MR] = x;
+            }
+        }
+        panels
+    }
+
+    fn block(
+        &self,
+        panels: &Vec<f32>,
+        k: &[f32],
+        q: &[f32],
+        d: usize,
+        s: &mut [f32],
+        n: usize,
+        seen: usize,
+    ) {
+        const MR: usize = f32_kernel::MR;
+        const NR: usize = f32_kernel::NR;
+        if !Self::gemm_runs_its_kernels(n, seen, d) {
+            return Gemm.block(&(), k, q, d, s, n, seen);
+        }
+        assert!(
+            s.len() >= n * seen && q.len() >= n * d && panels.len() >= seen.div_ceil(MR) * MR * d
+        );
+        for key0 in (0..seen).step_by(MR) {
+            let panel = &panels[key0 * d..][..MR * d];
+            for t0 in (0..n).step_by(NR) {
+                let cols = NR.min(n - t0);
+                // SAFETY: the kernel reads the panel (MR x d, column stride MR) and q rows
+                // t0..t0+cols (stride d), and writes s[t0..t0+cols][key0..key0+rows] (row
+                // stride seen), all inside the slices (asserted above). avx512f: kernels().
+                unsafe {
+                    (self.0.by_cols[cols - 1])(
+                        MR.min(seen - key0),
+                        d,
+                        s.as_mut_ptr().add(t0 * seen + key0),
+                        seen,
+                        panel.as_ptr(),
+                        q.as_ptr().add(t0 * d),
+                        d,
+                        false,
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// The shapes of one call.
 #[derive(Clone, Copy)]
 struct Geometry {
@@ -139,6 +265,7 @@ impl Geometry {
         v: &Tensor,
         shape: Shape,
         row: impl Fn(&mut [T], &[T]) + Sync,
+        scores: impl BlockScores<T>,
     ) -> Result<Tensor> {
         let out = {
             let ((qs, ql), (ks, kl), (vs, vl)) = (
@@ -148,40 +275,48 @@ impl Geometry {
             );
             let data = |s, l| cpu_slice::<T>(s, l, "causal attention");
             let (q, k, v) = (data(&qs, ql)?, data(&ks, kl)?, data(&vs, vl)?);
-            self.run(q, k, v, row)
+            self.run(q, k, v, row, &scores)
         };
         Tensor::from_vec(out, shape, q.device())
     }
 
     /// Every (kv head, query head in its group) pair's T rows as one task, in parallel.
-    fn run<T: Float + WithDType>(
+    fn run<T: Float + WithDType, S: BlockScores<T>>(
         self,
         q: &[T],
         k: &[T],
         v: &[T],
         row: impl Fn(&mut [T], &[T]) + Sync,
+        scores: &S,
     ) -> Vec<T> {
         let (t, d) = (self.t, self.d);
+        let kv_len = self.keys * d;
+        let prepared: Vec<S::Keys> = k
+            .par_chunks(kv_len)
+            .map(|k| scores.keys(k, self.keys, d))
+            .collect();
         let mut out = vec![<T as Float>::zero(); self.kv_heads * self.rows * d];
         out.par_chunks_mut(t * d)
             .zip(q.par_chunks(t * d))
             .enumerate()
             .for_each(|(task, (out, q))| {
                 let kv_head = task / (self.rows / t);
-                let kv = kv_head * self.keys * d..(kv_head + 1) * self.keys * d;
-                self.group_rows(q, &k[kv.clone()], &v[kv], out, &row);
+                let kv = kv_head * kv_len..(kv_head + 1) * kv_len;
+                let keys = (&prepared[kv_head], &k[kv.clone()]);
+                self.group_rows(q, keys, &v[kv], out, &row, scores);
             });
         out
     }
 
     /// One query head's T rows against its kv head's keys, a block of rows at a time.
-    fn group_rows<T: Float + WithDType>(
+    fn group_rows<T: Float + WithDType, S: BlockScores<T>>(
         &self,
         q: &[T],
-        k: &[T],
+        (prepared, k): (&S::Keys, &[T]),
         v: &[T],
         out: &mut [T],
         row: &impl Fn(&mut [T], &[T]),
+        scorer: &S,
     ) {
         let d = self.d;
         let scale = <T as Float>::from_f64(self.scale);
@@ -193,7 +328,7 @@ impl Geometry {
             let seen = self.offset + q0 + n;
             let (s, p) = (&mut scores[..n * seen], &mut probs[..n * seen]);
             // scores = q_block kᵀ (n x seen), as the unfused matmul computes each element.
-            matmul((n, seen, d), s, &q[q0 * d..], (d, 1), k, (1, d));
+            scorer.block(prepared, k, &q[q0 * d..], d, s, n, seen);
             for (r, (s, p)) in s
                 .chunks_exact_mut(seen)
                 .zip(p.chunks_exact_mut(seen))
@@ -237,6 +372,65 @@ mod tests {
                 scale: None,
             })?
             .matmul(v)
+    }
+
+    #[test]
+    fn packed_keys_give_gemms_scores_bit_for_bit() -> Result<()> {
+        let Some(packed) = PackedKeys::for_head_dim(1) else {
+            return Ok(()); // no AVX-512F here: the packed path is never taken
+        };
+        let values = |n: usize| -> Result<Vec<f32>> {
+            Tensor::randn(0f32, 1.0, n, &Device::Cpu)?.to_vec1::<f32>()
+        };
+        // (query rows, keys held, keys seen): gemm's other routes (one row, one key, n x seen
+        // <= 256) and their edges, partial panels, token tails, fewer keys seen than held.
+        const CASES: [(usize, usize, usize); 16] = [
+            (1, 1, 1),
+            (1, 70, 70),
+            (1, 600, 513),
+            (2, 1, 1),
+            (3, 5, 5),
+            (6, 1, 1),
+            (4, 64, 64),
+            (4, 65, 65),
+            (16, 16, 16),
+            (17, 16, 16),
+            (2, 129, 129),
+            (5, 70, 70),
+            (64, 64, 64),
+            (64, 200, 130),
+            (13, 129, 128),
+            (64, 600, 512),
+        ];
+        for d in [
+            1,
+            2,
+            3,
+            7,
+            32,
+            64,
+            80,
+            96,
+            128,
+            200,
+            PackedKeys::MAX_HEAD_DIM,
+        ] {
+            // (query rows, keys, keys seen): partial panels, token tails, fewer seen than held.
+            for (n, keys, seen) in CASES {
+                let (q, k) = (values(n * d)?, values(keys * d)?);
+                let mut want = vec![0f32; n * seen];
+                let mut got = vec![f32::NAN; n * seen];
+                Gemm.block(&(), &k, &q, d, &mut want, n, seen);
+                packed.block(&packed.keys(&k, keys, d), &k, &q, d, &mut got, n, seen);
+                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "d {d}, {n} rows, {seen} of {keys} keys"
+                );
+            }
+        }
+        Ok(())
     }
 
     #[test]
