@@ -6,8 +6,8 @@
 //! 7 GB of memory traffic per forward, and half of both products is spent on masked keys.
 //! Here a block of query rows sees only the keys up to its last position, and its scores
 //! and probabilities stay in a buffer the size of the block. The scores and probabilities
-//! are the unfused path's bit for bit (the same gemm over the head dimension, the same
-//! scaling and softmax); the product with the values sums over the keys a block can see
+//! are the unfused path's bit for bit (the same multiply-add chains over the head dimension
+//! as its gemm, on keys packed once per kv head; the same scaling and softmax); the product with the values sums over the keys a block can see
 //! rather than over all of them with zeros, so the output may differ in the last bits.
 //! Training and verification keep the unfused path (it has a backward; verification's
 //! resident and streamed forwards agree bit for bit).

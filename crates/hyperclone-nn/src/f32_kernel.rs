@@ -1,4 +1,5 @@
-//! An f32 microkernel for the packed linear (packed_linear.rs) on x86-64 CPUs with AVX-512F,
+//! An f32 microkernel for the packed linear (packed_linear.rs) and the inference attention's
+//! scores (attention.rs, on keys packed once per kv head) on x86-64 CPUs with AVX-512F,
 //! on gemm's panel layout (MR = 64 output rows side by side for each input column), that can
 //! continue a sum: with `accumulate` it starts from the partial sums already in dst instead
 //! of zero. Each output element is the same fused multiply-add chain over the input columns
