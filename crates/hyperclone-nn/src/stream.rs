@@ -58,7 +58,8 @@ pub fn forward_streamed_cancellable(
 
 /// The streamed forward pass itself: [`forward_streamed`] with the head decoded `head_chunk`
 /// elements (whole rows, at least one) at a time (tests split a tiny vocabulary into several
-/// uneven chunks), stopping before the next layer once `cancel` is set.
+/// uneven chunks), stopping before the next layer once `cancel` is set. Runs on a thread of
+/// rayon's pool ([`crate::shard::on_pool`]).
 pub fn forward_streamed_in_chunks(
     ckpt: &Checkpoint,
     dtype: DType,
@@ -69,90 +70,77 @@ pub fn forward_streamed_in_chunks(
     cancel: &AtomicBool,
 ) -> Result<ForwardOutput> {
     crate::shard::on_pool(|| {
-        streamed_on_pool(ckpt, dtype, device, perturb, ids, head_chunk, cancel)
-    })
-}
-
-/// [`forward_streamed_in_chunks`]' work, on a thread of rayon's pool.
-fn streamed_on_pool(
-    ckpt: &Checkpoint,
-    dtype: DType,
-    device: &Device,
-    perturb: Option<&Perturb<'_>>,
-    ids: &Tensor,
-    head_chunk: usize,
-    cancel: &AtomicBool,
-) -> Result<ForwardOutput> {
-    let stop = || stop_if_cancelled(cancel);
-    let (arch, frame) = Frame::of(ckpt, dtype, device)?;
-    let (b, t) = ids.dims2()?;
-    frame.check_ids(ids)?;
-    let stored = |name: &str| -> Result<&SourceTensor> {
-        ckpt.find(name).ok_or_else(|| {
-            NnError::Input(format!("{}: tensor `{name}` missing", ckpt.dir.display()))
-        })
-    };
-    let tokens: Vec<usize> = ids
-        .flatten_all()?
-        .to_vec1::<u32>()?
-        .into_iter()
-        .map(|i| i as usize)
-        .collect();
-    let embed = stored(&format!("{}.weight", arch.embed))?;
-    let rows = decode_rows(ckpt, embed, &tokens, dtype, device, perturb)?;
-    let position_table = match arch.positions {
-        Some((name, offset)) => Some((stored(&format!("{name}.weight"))?, offset)),
-        None => None,
-    };
-    let positions = match position_table {
-        Some((table, offset)) => {
-            let at: Vec<usize> = frame
-                .position_ids(b, t, offset)?
-                .to_vec1::<u32>()?
-                .into_iter()
-                .map(|p| p as usize)
-                .collect();
-            Some(decode_rows(ckpt, table, &at, dtype, device, perturb)?)
+        let stop = || stop_if_cancelled(cancel);
+        let (arch, frame) = Frame::of(ckpt, dtype, device)?;
+        let (b, t) = ids.dims2()?;
+        frame.check_ids(ids)?;
+        let stored = |name: &str| -> Result<&SourceTensor> {
+            ckpt.find(name).ok_or_else(|| {
+                NnError::Input(format!("{}: tensor `{name}` missing", ckpt.dir.display()))
+            })
+        };
+        let tokens: Vec<usize> = ids
+            .flatten_all()?
+            .to_vec1::<u32>()?
+            .into_iter()
+            .map(|i| i as usize)
+            .collect();
+        let embed = stored(&format!("{}.weight", arch.embed))?;
+        let rows = decode_rows(ckpt, embed, &tokens, dtype, device, perturb)?;
+        let position_table = match arch.positions {
+            Some((name, offset)) => Some((stored(&format!("{name}.weight"))?, offset)),
+            None => None,
+        };
+        let positions = match position_table {
+            Some((table, offset)) => {
+                let at: Vec<usize> = frame
+                    .position_ids(b, t, offset)?
+                    .to_vec1::<u32>()?
+                    .into_iter()
+                    .map(|p| p as usize)
+                    .collect();
+                Some(decode_rows(ckpt, table, &at, dtype, device, perturb)?)
+            }
+            None => None,
+        };
+        let head = ckpt.find(&format!("{}.weight", arch.head)).unwrap_or(embed);
+        // Tables read by rows stay out of the small tensors loaded whole.
+        let tables: Vec<&str> = [Some(embed), Some(head), position_table.map(|(t, _)| t)]
+            .into_iter()
+            .flatten()
+            .map(|t| t.info.name.as_str())
+            .collect();
+        let rest = outside_layers(ckpt, &arch, &tables, dtype, device, perturb)?;
+        let mut x = frame.input(rows, rest.projection(arch.project_in).as_ref(), positions)?;
+        let ropes = frame.rope_tables(0, t)?;
+        let d = x.dim(1)?;
+        let mut residual = vec![x.reshape((b, t, d))?];
+        for l in 0..frame.spec.layers {
+            stop()?;
+            // This layer's weights live only for this iteration.
+            let w = layer_weights(ckpt, &arch, l, dtype, device, perturb)?;
+            let layer = build_layer(&arch, &frame.spec, device, l, &w)?;
+            x = frame.layer_forward(l, &layer, x, b, t, ropes.of(&frame.spec, l), None, None)?;
+            residual.push(x.reshape((b, t, d))?);
         }
-        None => None,
-    };
-    let head = ckpt.find(&format!("{}.weight", arch.head)).unwrap_or(embed);
-    // Tables read by rows stay out of the small tensors loaded whole.
-    let tables: Vec<&str> = [Some(embed), Some(head), position_table.map(|(t, _)| t)]
-        .into_iter()
-        .flatten()
-        .map(|t| t.info.name.as_str())
-        .collect();
-    let rest = outside_layers(ckpt, &arch, &tables, dtype, device, perturb)?;
-    let mut x = frame.input(rows, rest.projection(arch.project_in).as_ref(), positions)?;
-    let ropes = frame.rope_tables(0, t)?;
-    let d = x.dim(1)?;
-    let mut residual = vec![x.reshape((b, t, d))?];
-    for l in 0..frame.spec.layers {
         stop()?;
-        // This layer's weights live only for this iteration.
-        let w = layer_weights(ckpt, &arch, l, dtype, device, perturb)?;
-        let layer = build_layer(&arch, &frame.spec, device, l, &w)?;
-        x = frame.layer_forward(l, &layer, x, b, t, ropes.of(&frame.spec, l), None, None)?;
-        residual.push(x.reshape((b, t, d))?);
-    }
-    stop()?;
-    let h = frame.head_input(
-        &x,
-        rest.norm(arch.final_norm).as_ref(),
-        rest.projection(arch.project_out).as_ref(),
-    )?;
-    let bias = rest.opt(&format!("{}.bias", arch.head));
-    let logits = chunked_logits(
-        ckpt,
-        head,
-        bias.as_ref(),
-        &h,
-        head_chunk,
-        (dtype, device, perturb),
-    )?;
-    let logits = frame.softcap(logits)?;
-    frame.output(logits, residual, h, b, t)
+        let h = frame.head_input(
+            &x,
+            rest.norm(arch.final_norm).as_ref(),
+            rest.projection(arch.project_out).as_ref(),
+        )?;
+        let bias = rest.opt(&format!("{}.bias", arch.head));
+        let logits = chunked_logits(
+            ckpt,
+            head,
+            bias.as_ref(),
+            &h,
+            head_chunk,
+            (dtype, device, perturb),
+        )?;
+        let logits = frame.softcap(logits)?;
+        frame.output(logits, residual, h, b, t)
+    })
 }
 
 /// Every tensor of layer `l`, in the working dtype.

@@ -406,7 +406,7 @@ pub fn train_step(
 }
 
 /// [`train_step`] with the micro-batches given and cut at `cut` (row ranges covering
-/// `0..batch` in order).
+/// `0..batch` in order). Runs on a thread of rayon's pool ([`crate::shard::on_pool`]).
 #[allow(clippy::too_many_arguments)]
 pub fn train_step_cut(
     model: &Decoder,
@@ -418,111 +418,98 @@ pub fn train_step_cut(
     cut: &[std::ops::Range<usize>],
     data: Vec<(Vec<u32>, Vec<u32>)>,
 ) -> Result<StepStats> {
-    crate::shard::on_pool(|| step_on_pool(model, params, opt, cfg, step, batch, cut, data))
-}
-
-/// [`train_step_cut`]'s work, on a thread of rayon's pool.
-#[allow(clippy::too_many_arguments)]
-fn step_on_pool(
-    model: &Decoder,
-    params: &[Param],
-    opt: &mut AdamW,
-    cfg: &TrainOptions,
-    step: u64,
-    batch: usize,
-    cut: &[std::ops::Range<usize>],
-    data: Vec<(Vec<u32>, Vec<u32>)>,
-) -> Result<StepStats> {
-    let k = data.len() as u64;
-    let lr = cfg.lr_at(step);
-    let seq = data[0].0.len() / batch.max(1);
-    let piece_loss = |p: &Piece| -> Result<Tensor> {
-        let dropout = Dropout {
-            p: cfg.dropout,
-            key: crate::rng::mix64(cfg.seed ^ crate::rng::mix64(step * 1024 + p.micro)),
-            first_row: p.rows.start as u64,
+    crate::shard::on_pool(|| {
+        let k = data.len() as u64;
+        let lr = cfg.lr_at(step);
+        let seq = data[0].0.len() / batch.max(1);
+        let piece_loss = |p: &Piece| -> Result<Tensor> {
+            let dropout = Dropout {
+                p: cfg.dropout,
+                key: crate::rng::mix64(cfg.seed ^ crate::rng::mix64(step * 1024 + p.micro)),
+                first_row: p.rows.start as u64,
+            };
+            let (inputs, targets) = &data[p.micro as usize];
+            let cols = p.rows.start * seq..p.rows.end * seq;
+            batch_loss(
+                model,
+                &inputs[cols.clone()],
+                &targets[cols],
+                p.rows.len(),
+                (cfg.dropout > 0.0).then_some(&dropout),
+            )
         };
-        let (inputs, targets) = &data[p.micro as usize];
-        let cols = p.rows.start * seq..p.rows.end * seq;
-        batch_loss(
-            model,
-            &inputs[cols.clone()],
-            &targets[cols],
-            p.rows.len(),
-            (cfg.dropout > 0.0).then_some(&dropout),
-        )
-    };
-    let pieces: Vec<Piece> = (0..k)
-        .flat_map(|micro| {
-            cut.iter().map(move |rows| Piece {
-                micro,
-                rows: rows.clone(),
+        let pieces: Vec<Piece> = (0..k)
+            .flat_map(|micro| {
+                cut.iter().map(move |rows| Piece {
+                    micro,
+                    rows: rows.clone(),
+                })
             })
-        })
-        .collect();
-    if pieces.len() == 1 {
-        // One piece: the f32 gradients go to the optimizer as they are (converting them to
-        // f64 first gives the same numbers and cost 10% of a step in copies).
-        let loss = piece_loss(&pieces[0])?;
-        let store = loss.backward()?;
-        let grads = params
+            .collect();
+        if pieces.len() == 1 {
+            // One piece: the f32 gradients go to the optimizer as they are (converting them to
+            // f64 first gives the same numbers and cost 10% of a step in copies).
+            let loss = piece_loss(&pieces[0])?;
+            let store = loss.backward()?;
+            let grads = params
+                .iter()
+                .map(|p| match store.get(p.var.as_tensor()) {
+                    Some(g) => Ok(g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+                    None => Ok(vec![0.0f32; p.var.elem_count()]),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let grad_norm = opt.step(params, &grads, cfg, lr)?;
+            return Ok(StepStats {
+                loss: loss.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+                grad_norm,
+                lr,
+            });
+        }
+        // A piece's weight is its share of the step's tokens (every row has `seq` tokens).
+        let total_rows = (batch * k as usize) as f64;
+        // A piece's gradients stay the backward's tensors (f32, contiguous): the weighted sum
+        // reads them in place (copying them out first was 1.3% of a study-large step).
+        let run = |p: &Piece| -> Result<(f64, Vec<Option<Tensor>>)> {
+            let loss = piece_loss(p)?;
+            let store = loss.backward()?;
+            let grads = params
+                .iter()
+                .map(|q| {
+                    store
+                        .get(q.var.as_tensor())
+                        .map(|g| g.flatten_all()?.to_dtype(DType::F32)?.contiguous())
+                        .transpose()
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, grads))
+        };
+        let mut grads: Vec<Vec<f64>> = params
             .iter()
-            .map(|p| match store.get(p.var.as_tensor()) {
-                Some(g) => Ok(g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
-                None => Ok(vec![0.0f32; p.var.elem_count()]),
-            })
-            .collect::<Result<Vec<_>>>()?;
+            .map(|p| vec![0.0; p.var.elem_count()])
+            .collect();
+        let mut loss = 0.0;
+        in_waves(&pieces, run, |p, (piece_loss, piece_grads)| {
+            let w = p.rows.len() as f64 / total_rows;
+            loss += w * piece_loss;
+            grads
+                .par_iter_mut()
+                .zip(piece_grads.par_iter())
+                .try_for_each(|(acc, g)| -> candle_core::Result<()> {
+                    if let Some(g) = g {
+                        let (storage, layout) = g.storage_and_layout();
+                        let g = crate::fused::cpu_slice::<f32>(&storage, layout, "gradient")?;
+                        crate::adamw_kernels::add_weighted(acc, g, w);
+                    }
+                    Ok(())
+                })?;
+            Ok(())
+        })?;
         let grad_norm = opt.step(params, &grads, cfg, lr)?;
-        return Ok(StepStats {
-            loss: loss.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+        Ok(StepStats {
+            loss,
             grad_norm,
             lr,
-        });
-    }
-    // A piece's weight is its share of the step's tokens (every row has `seq` tokens).
-    let total_rows = (batch * k as usize) as f64;
-    // A piece's gradients stay the backward's tensors (f32, contiguous): the weighted sum
-    // reads them in place (copying them out first was 1.3% of a study-large step).
-    let run = |p: &Piece| -> Result<(f64, Vec<Option<Tensor>>)> {
-        let loss = piece_loss(p)?;
-        let store = loss.backward()?;
-        let grads = params
-            .iter()
-            .map(|q| {
-                store
-                    .get(q.var.as_tensor())
-                    .map(|g| g.flatten_all()?.to_dtype(DType::F32)?.contiguous())
-                    .transpose()
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, grads))
-    };
-    let mut grads: Vec<Vec<f64>> = params
-        .iter()
-        .map(|p| vec![0.0; p.var.elem_count()])
-        .collect();
-    let mut loss = 0.0;
-    in_waves(&pieces, run, |p, (piece_loss, piece_grads)| {
-        let w = p.rows.len() as f64 / total_rows;
-        loss += w * piece_loss;
-        grads
-            .par_iter_mut()
-            .zip(piece_grads.par_iter())
-            .try_for_each(|(acc, g)| -> candle_core::Result<()> {
-                if let Some(g) = g {
-                    let (storage, layout) = g.storage_and_layout();
-                    let g = crate::fused::cpu_slice::<f32>(&storage, layout, "gradient")?;
-                    crate::adamw_kernels::add_weighted(acc, g, w);
-                }
-                Ok(())
-            })?;
-        Ok(())
-    })?;
-    let grad_norm = opt.step(params, &grads, cfg, lr)?;
-    Ok(StepStats {
-        loss,
-        grad_norm,
-        lr,
+        })
     })
 }
 
