@@ -7,8 +7,9 @@
 //! Here a block of query rows sees only the keys up to its last position, and its scores
 //! and probabilities stay in a buffer the size of the block. The scores and probabilities
 //! are the unfused path's bit for bit (the same multiply-add chains over the head dimension
-//! as its gemm, on keys packed once per kv head; the same scaling and softmax); the product with the values sums over the keys a block can see
-//! rather than over all of them with zeros, so the output may differ in the last bits.
+//! as its gemm, on keys packed once per kv head; the same scaling and softmax); the product
+//! with the values sums over the keys a block can see rather than over all of them with
+//! zeros, so the output may differ in the last bits.
 //! Training and verification keep the unfused path (it has a backward; verification's
 //! resident and streamed forwards agree bit for bit).
 
@@ -71,7 +72,7 @@ pub fn causal_attention(
         scale,
     };
     match q.dtype() {
-        DType::F32 => match PackedKeys::for_head_dim(d) {
+        DType::F32 => match PackedKeys::for_call(&geometry) {
             Some(packed) => geometry.attend(&q, &k, &v, shape, CausalSoftmax::row_f32, packed),
             None => geometry.attend(&q, &k, &v, shape, CausalSoftmax::row_f32, Gemm),
         },
@@ -179,6 +180,17 @@ impl PackedKeys {
         f32_kernel::kernels()
             .filter(|_| d <= Self::MAX_HEAD_DIM)
             .map(PackedKeys)
+    }
+
+    /// The packed keys for a call where some block runs gemm's kernels; none where every
+    /// block takes another route (a decoding step's single query row), which would pack
+    /// the keys for nothing.
+    fn for_call(g: &Geometry) -> Option<PackedKeys> {
+        let kernels_somewhere = (0..g.t).step_by(BLOCK).any(|q0| {
+            let n = BLOCK.min(g.t - q0);
+            Self::gemm_runs_its_kernels(n, g.offset + q0 + n, g.d)
+        });
+        Self::for_head_dim(g.d).filter(|_| kernels_somewhere)
     }
 }
 
@@ -431,6 +443,25 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    #[test]
+    fn decoding_steps_do_not_pack_keys() {
+        let g = |t, offset| Geometry {
+            kv_heads: 3,
+            rows: 3 * t,
+            keys: offset + t,
+            t,
+            d: 64,
+            offset,
+            window: None,
+            scale: 0.125,
+        };
+        // One query row per head: every block is gemm's matrix-vector route.
+        assert!(PackedKeys::for_call(&g(1, 500)).is_none());
+        // A prompt's 128 rows: two blocks of 64 x 64+ run gemm's kernels.
+        let avx512 = f32_kernel::kernels().is_some();
+        assert_eq!(PackedKeys::for_call(&g(128, 0)).is_some(), avx512);
     }
 
     #[test]
