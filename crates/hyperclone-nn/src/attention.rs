@@ -15,6 +15,7 @@
 
 use crate::f32_kernel;
 use crate::fused::cpu_slice;
+use crate::packed_linear;
 use crate::softmax::{num_like::Float, CausalSoftmax};
 use candle_core::{DType, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -201,12 +202,7 @@ impl BlockScores<f32> for PackedKeys {
         const MR: usize = f32_kernel::MR;
         // Zeros past the last key: the kernel reads whole panels but writes `rows` keys.
         let mut panels = vec![0f32; keys.div_ceil(MR) * MR * d];
-        for (key, row) in k.chunks_exact(d).take(keys).enumerate() {
-            let panel = &mut panels[key / MR * MR * d..][..MR * d];
-            for (c, &x) in row.iter().enumerate() {
-                panel[c * MR + key % MR] = x;
-            }
-        }
+        packed_linear::pack_rows(k, (keys, d), MR, &packed_linear::f32_slot(MR), &mut panels);
         panels
     }
 

@@ -198,7 +198,7 @@ impl Panels {
 }
 
 /// Where element (row i of a panel, input column kk) sits in the panel.
-fn f32_slot(mr: usize) -> impl Fn(usize, usize) -> usize + Sync {
+pub(crate) fn f32_slot(mr: usize) -> impl Fn(usize, usize) -> usize + Sync {
     move |i, kk| kk * mr + i
 }
 
@@ -606,19 +606,33 @@ fn pack<T: WithDType, S: Fn(usize, usize) -> usize + Sync>(
         let rows = cpu_slice::<T>(&storage, layout, "packed linear")?;
         let out = part.out;
         let region = &mut panels[part.first_panel * panel_len..][..out.div_ceil(mr) * panel_len];
-        region
-            .par_chunks_mut(panel_len.max(1))
-            .enumerate()
-            .for_each(|(p, panel)| {
-                for i in 0..mr.min(out - p * mr) {
-                    let row = &rows[(p * mr + i) * inp..(p * mr + i + 1) * inp];
-                    for (kk, &x) in row.iter().enumerate() {
-                        panel[slot(i, kk)] = x;
-                    }
-                }
-            });
+        pack_rows(rows, (out, inp), mr, &slot, region);
     }
     Ok((inp, parts, panels))
+}
+
+/// Lays `rows` ([out, inp], row-major) into `region`'s out.div_ceil(mr) panels of mr * inp
+/// elements, element (row i of a panel, column kk) at `slot(i, kk)`; the slots of rows past
+/// `out` in the last panel keep what `region` holds. Also lays out the inference
+/// attention's keys.
+pub(crate) fn pack_rows<T: Copy + Send + Sync>(
+    rows: &[T],
+    (out, inp): (usize, usize),
+    mr: usize,
+    slot: &(impl Fn(usize, usize) -> usize + Sync),
+    region: &mut [T],
+) {
+    region
+        .par_chunks_mut((mr * inp).max(1))
+        .enumerate()
+        .for_each(|(p, panel)| {
+            for i in 0..mr.min(out - p * mr) {
+                let row = &rows[(p * mr + i) * inp..(p * mr + i + 1) * inp];
+                for (kk, &x) in row.iter().enumerate() {
+                    panel[slot(i, kk)] = x;
+                }
+            }
+        });
 }
 
 /// An output buffer's pointer, shared by tasks that write disjoint blocks of it.
